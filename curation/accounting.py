@@ -1,0 +1,153 @@
+"""Accounting: every input row ends in exactly one place, a kept sample or a drop row naming stage and reason.
+
+Each stage that can drop rows writes, per unit of work, a *ledger* part (``RUN/<stage>/_ledger/<unit>.parquet``)
+with one row per key it received: kept, or dropped with a reason from :data:`schemas.DROP_REASONS`.  The ledger
+part is the last file a unit writes, so it also marks the unit complete.  From the ledgers we derive
+
+* the keys a stage passes on (:func:`kept_keys`),
+* ``stats/drops.parquet`` (every dropped row of every stage) and ``stats/funnel.parquet`` (rows in / kept /
+  dropped per stage), rebuilt after each stage by :func:`update_stats`,
+* the invariant checks of :func:`check_invariants`: each key appears once per stage, and a stage received
+  exactly the keys the previous stage kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.config import STAGE_ORDER
+from curation.storage import read_tables, write_table
+from schemas.tables import DROP_REASONS, LEDGER
+
+# Stages that judge rows (and so write ledgers), in pipeline order.
+LEDGER_STAGES = ("download", "filter", "hash", "dedup", "retrieve")
+
+
+class AccountingError(RuntimeError):
+    pass
+
+
+def ledger_dir(root: Path, stage: str) -> Path:
+    return Path(root) / stage / "_ledger"
+
+
+def ledger_path(root: Path, stage: str, unit_id: str) -> Path:
+    return ledger_dir(root, stage) / f"{unit_id}.parquet"
+
+
+def make_ledger(
+    stage: str,
+    keys: Sequence[str],
+    urls: Sequence[str | None],
+    reasons: Sequence[str | None],
+    details: Sequence[str | None] | None = None,
+) -> pa.Table:
+    """Build a ledger table; a row whose reason is None is kept."""
+    allowed = set(DROP_REASONS[stage])
+    bad = {r for r in reasons if r is not None and r not in allowed}
+    if bad:
+        raise AccountingError(f"stage {stage!r} used reasons outside its vocabulary: {sorted(bad)}")
+    n = len(keys)
+    if details is None:
+        details = [None] * n
+    return pa.table(
+        {
+            "stage": pa.array([stage] * n, pa.string()),
+            "key": pa.array(list(keys), pa.string()),
+            "url": pa.array(list(urls), pa.string()),
+            "kept": pa.array([r is None for r in reasons], pa.bool_()),
+            "reason": pa.array(list(reasons), pa.string()),
+            "detail": pa.array(list(details), pa.string()),
+        },
+        schema=LEDGER,
+    )
+
+
+def write_ledger(root: Path, stage: str, unit_id: str, table: pa.Table) -> None:
+    write_table(ledger_path(root, stage, unit_id), table, "ledger")
+
+
+def read_ledger(root: Path, stage: str) -> pa.Table:
+    return read_tables(sorted(ledger_dir(root, stage).glob("*.parquet")), "ledger")
+
+
+def kept_keys(root: Path, stage: str) -> pa.Table:
+    """Keys (and urls) the stage passed on, sorted by key."""
+    t = read_ledger(root, stage)
+    t = t.filter(t["kept"]).select(["key", "url"])
+    return t.sort_by("key")
+
+
+def previous_ledger_stage(stage: str) -> str | None:
+    """The nearest ledger stage before `stage` (whose kept keys are `stage`'s input)."""
+    earlier = [s for s in LEDGER_STAGES if STAGE_ORDER.index(s) < STAGE_ORDER.index(stage)]
+    return earlier[-1] if earlier else None
+
+
+def completed_ledger_stages(root: Path) -> list[str]:
+    return [s for s in LEDGER_STAGES if any(ledger_dir(root, s).glob("*.parquet"))]
+
+
+def check_invariants(root: Path, stages: Iterable[str] | None = None) -> None:
+    """Raise AccountingError if a key is judged twice by one stage, or a stage's input differs from the previous
+    stage's kept keys."""
+    stages = list(stages) if stages is not None else completed_ledger_stages(root)
+    prev_kept = None
+    for stage in stages:
+        t = read_ledger(root, stage)
+        keys = t["key"]
+        if len(pc.unique(keys)) != len(keys):
+            raise AccountingError(f"stage {stage!r}: some keys have more than one ledger row")
+        if prev_kept is not None:
+            got = set(keys.to_pylist())
+            if got != prev_kept:
+                missing, extra = prev_kept - got, got - prev_kept
+                raise AccountingError(
+                    f"stage {stage!r}: input differs from the previous stage's kept keys "
+                    f"({len(missing)} never judged, e.g. {sorted(missing)[:3]}; {len(extra)} unexpected, "
+                    f"e.g. {sorted(extra)[:3]})"
+                )
+        prev_kept = set(t.filter(t["kept"])["key"].to_pylist())
+
+
+def update_stats(root: Path) -> tuple[pa.Table, pa.Table]:
+    """Rebuild stats/funnel.parquet and stats/drops.parquet from the ledgers present; return (funnel, drops)."""
+    root = Path(root)
+    funnel_rows = {"order": [], "stage": [], "rows_in": [], "kept": [], "dropped": []}
+    drops = []
+    for stage in completed_ledger_stages(root):
+        t = read_ledger(root, stage)
+        n_kept = pc.sum(t["kept"]).as_py() or 0
+        funnel_rows["order"].append(STAGE_ORDER.index(stage))
+        funnel_rows["stage"].append(stage)
+        funnel_rows["rows_in"].append(t.num_rows)
+        funnel_rows["kept"].append(n_kept)
+        funnel_rows["dropped"].append(t.num_rows - n_kept)
+        drops.append(t.filter(pc.invert(t["kept"])).select(["stage", "key", "url", "reason", "detail"]))
+    funnel = write_table(root / "stats" / "funnel.parquet", pa.table(funnel_rows), "funnel")
+    drops_t = pa.concat_tables(drops) if drops else None
+    if drops_t is None:
+        from schemas import empty
+
+        drops_t = empty("drops")
+    drops_t = write_table(root / "stats" / "drops.parquet", drops_t.sort_by([("stage", "ascending"), ("key", "ascending")]), "drops")
+    return funnel, drops_t
+
+
+def format_funnel(funnel: pa.Table, drops: pa.Table | None = None) -> str:
+    """A plain-text funnel: one line per stage, with the top drop reasons."""
+    lines = [f"{'stage':<10} {'in':>9} {'kept':>9} {'dropped':>9}  top drop reasons"]
+    by_stage = {}
+    if drops is not None and drops.num_rows:
+        counts = drops.group_by(["stage", "reason"]).aggregate([("key", "count")]).to_pylist()
+        for row in counts:
+            by_stage.setdefault(row["stage"], []).append((row["key_count"], row["reason"]))
+    for row in funnel.sort_by("order").to_pylist():
+        reasons = sorted(by_stage.get(row["stage"], []), reverse=True)
+        text = ", ".join(f"{r} {n}" for n, r in reasons[:6])
+        lines.append(f"{row['stage']:<10} {row['rows_in']:>9} {row['kept']:>9} {row['dropped']:>9}  {text}")
+    return "\n".join(lines)

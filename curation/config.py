@@ -1,0 +1,327 @@
+"""The curation config: a YAML file validated by pydantic before any work starts.
+
+Every section forbids unknown keys, every number carries its bounds, and paths that must exist are checked, so a
+typo or an impossible value fails at once with one line naming the key path (``download.timeout_s: ...``).
+
+Relative paths are resolved against the directory the command runs in.  Under ``ray job submit --working-dir``
+the job runs in a copy of that directory, so give ``run_root`` as an absolute path (or pass ``--run-root``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STAGE_ORDER = ("download", "filter", "hash", "sscd", "dedup", "embed", "retrieve", "shards", "report")
+StageName = Literal["download", "filter", "hash", "sscd", "dedup", "embed", "retrieve", "shards", "report"]
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class ConfigError(ValueError):
+    """A config problem, worded as one line naming the key path."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputConfig(Section):
+    url_list: list[Path] = Field(description="Parquet or CSV files (or folders of them) with one URL per row")
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+
+    @field_validator("url_list", mode="before")
+    @classmethod
+    def _listify(cls, v):
+        return [v] if isinstance(v, (str, Path)) else v
+
+    @field_validator("url_list")
+    @classmethod
+    def _exist(cls, paths):
+        if not paths:
+            raise ValueError("at least one URL list is required")
+        for p in paths:
+            if not p.exists():
+                raise ValueError(f"path does not exist: {p}")
+        return paths
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS or an in-process Ray")
+    max_in_flight: PositiveInt = Field(8, description="at most this many shard tasks queued or running at once")
+    max_retries: Annotated[int, Field(ge=0)] = Field(2, description="retries of a failed or lost shard task")
+    cpus_per_task: Annotated[float, Field(gt=0)] = 1.0
+    local: bool = Field(False, description="run shard tasks in this process, without Ray (debugging)")
+
+
+class DownloadConfig(Section):
+    shard_size: PositiveInt = Field(10_000, description="URLs per download shard")
+    threads: PositiveInt = Field(32, description="download threads per shard task")
+    timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    retries: Annotated[int, Field(ge=0)] = 0
+    max_side: Annotated[int, Field(ge=16)] = Field(512, description="resize so the longer side is at most this")
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 95
+    max_image_pixels: PositiveInt = Field(89_478_485, description="declared pixels above this = decompression bomb")
+    max_bytes: PositiveInt = Field(50_000_000, description="larger downloads are dropped")
+    drop_animated: bool = True
+    user_agent_token: str = "lvd"
+    disallowed_header_directives: list[str] = ["noai", "noimageai"]
+    allow_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs exempt from the private-address refusal (tests and the demo allow 127.0.0.1/32)",
+    )
+    blocklist_domains: list[str] = Field(default_factory=list, description="refused domains, subdomains included")
+    blocklist_file: Path | None = Field(None, description="a text file with one blocked domain per line")
+    use_env_proxy: bool = False
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _cidrs(cls, nets):
+        for n in nets:
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError as err:
+                raise ValueError(f"not a network: {n!r} ({err})") from None
+        return nets
+
+    @field_validator("blocklist_file")
+    @classmethod
+    def _blockfile(cls, p):
+        if p is not None and not p.exists():
+            raise ValueError(f"path does not exist: {p}")
+        return p
+
+
+class FilterConfig(Section):
+    min_side: PositiveInt = Field(64, description="drop images whose shorter side is below this")
+    max_aspect: Annotated[float, Field(ge=1.0)] = Field(4.0, description="drop images with long/short above this")
+    max_image_pixels: PositiveInt = 89_478_485
+    detector: Literal["nudenet", "none"] = "nudenet"
+    on_missing_detector: Literal["warn", "fail"] = "warn"
+    nsfw_threshold: Fraction = 0.8
+    face_threshold: Fraction = 0.5
+    blur_faces: bool = True
+    batch_size: PositiveInt = 32
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 95
+
+
+class HashConfig(Section):
+    method: Literal["pca", "phash"] = "pca"
+    bits: PositiveInt = Field(64, description="PCA-hash bits (64 or 128 are typical)")
+    thumb_side: Annotated[int, Field(ge=8)] = 32
+    hamming_threshold: Annotated[int, Field(ge=0)] = Field(4, description="hashes this close are duplicates")
+    pca_sample: PositiveInt = Field(100_000, description="thumbnails used to fit the principal components")
+
+
+class SSCDConfig(Section):
+    weights: Path | None = Field(
+        None, description="sscd_disc_mixup.torchscript.pt or .torchvision.pt; null = random weights (testing only)"
+    )
+    preprocess: Literal["square320", "short288"] = "square320"
+    batch_size: PositiveInt = 256
+    device: Device = "auto"
+    num_workers: Annotated[int, Field(ge=0)] = 4
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, p):
+        if p is not None and not p.exists():
+            raise ValueError(f"path does not exist: {p}")
+        return p
+
+
+class EvalSetConfig(Section):
+    name: str
+    path: Path
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, p):
+        if not p.exists():
+            raise ValueError(f"path does not exist: {p}")
+        return p
+
+
+class DedupConfig(Section):
+    k: PositiveInt = 64
+    threshold: Fraction = Field(0.6, description="self-dedup: an edge where cosine similarity > threshold")
+    eval_threshold: Fraction = Field(0.45, description="relative dedup against evaluation sets")
+    eval_sets: list[EvalSetConfig] = Field(default_factory=list)
+    descriptor: Literal["sscd", "pixels"] = Field(
+        "sscd", description="'pixels' is a fixed function of pixels with known quality, for tests and the demo"
+    )
+
+
+class EmbedConfig(Section):
+    model: str = Field("vit_huge_patch14_224", description="a timm model name, or 'lvd' for our trainer's export")
+    checkpoint: Path | None = Field(None, description="local weights; null = random init (testing only)")
+    img_size: PositiveInt = 224
+    pooling: Literal["cls", "mean", "both"] = "cls"
+    batch_size: PositiveInt = 256
+    device: Device = "auto"
+    num_workers: Annotated[int, Field(ge=0)] = 4
+
+
+class AnchorSetConfig(Section):
+    name: str
+    path: Path
+    format: Literal["auto", "folder", "webdataset", "parquet"] = "auto"
+    method: Literal["sample", "cluster", "as_is"] = "sample"
+    k: PositiveInt = 4
+    clusters: PositiveInt = 100_000
+    min_anchors_per_cluster: Annotated[int, Field(ge=0)] = 3
+    per_cluster: PositiveInt = 10_000
+    cap: PositiveInt = 1_000_000
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, p):
+        if not p.exists():
+            raise ValueError(f"path does not exist: {p}")
+        return p
+
+
+class BalancedConfig(Section):
+    target_size: PositiveInt
+    levels: list[PositiveInt] = Field(default_factory=lambda: [1000, 100])
+    resampling_steps: Annotated[int, Field(ge=0)] = 1
+
+
+class RetrieveConfig(Section):
+    anchor_sets: list[AnchorSetConfig] = Field(default_factory=list)
+    balanced: BalancedConfig | None = None
+    index: Literal["exact", "ivf_flat", "ivf_pq"] = "exact"
+    recall_sample: PositiveInt = 1000
+
+    @model_validator(mode="after")
+    def _names(self):
+        names = [a.name for a in self.anchor_sets]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"anchor set names must be unique, repeated: {sorted(dup)}")
+        return self
+
+
+class ShardsConfig(Section):
+    samples_per_shard: PositiveInt = 10_000
+
+
+class ReportConfig(Section):
+    grid_anchors: PositiveInt = 8
+    grid_neighbors: PositiveInt = 4
+
+
+class CurateConfig(Section):
+    run_root: Path
+    seed: int = 0
+    stages: list[StageName] = Field(default_factory=lambda: list(STAGE_ORDER))
+    input: InputConfig
+    ray: RayConfig = RayConfig()
+    download: DownloadConfig = DownloadConfig()
+    filter: FilterConfig = FilterConfig()
+    hash: HashConfig = HashConfig()
+    sscd: SSCDConfig = SSCDConfig()
+    dedup: DedupConfig = DedupConfig()
+    embed: EmbedConfig = EmbedConfig()
+    retrieve: RetrieveConfig = RetrieveConfig()
+    shards: ShardsConfig = ShardsConfig()
+    report: ReportConfig = ReportConfig()
+
+    @field_validator("stages")
+    @classmethod
+    def _ordered(cls, stages):
+        if not stages:
+            raise ValueError("at least one stage is required")
+        if len(set(stages)) != len(stages):
+            raise ValueError("a stage is listed twice")
+        return sorted(stages, key=STAGE_ORDER.index)
+
+    def identity(self) -> dict[str, Any]:
+        """The part of the config that fixes a run's output: everything but run-time choices (stages, ray)."""
+        d = self.model_dump(mode="json")
+        for k in ("stages", "ray"):
+            d.pop(k)
+        return d
+
+
+# -------------------------------------------------------------------------------------------------------------
+
+
+def _format_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in e and not isinstance(e["input"], (dict, list)):
+            msg = f"{msg} (got {e['input']!r})"
+        parts.append(f"{loc}: {msg}")
+    return "config error: " + "; ".join(parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"config error: override {text!r} must look like key.path=value")
+    key, _, value = text.partition("=")
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> CurateConfig:
+    """Load, override and validate; raise ConfigError with one line naming every bad key path."""
+    if data is None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config error: config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config error: {path} is not valid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError("config error: the top level must be a mapping of sections")
+    data = apply_overrides(dict(data), list(overrides))
+    try:
+        return CurateConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def dump_config(cfg: CurateConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def check_resume(cfg: CurateConfig, saved_text: str) -> None:
+    """Refuse to continue a run whose saved config differs (outside run-time choices); show a diff."""
+    saved = yaml.safe_load(saved_text) or {}
+    for k in ("stages", "ray"):
+        saved.pop(k, None)
+    a = yaml.safe_dump(saved, sort_keys=True).splitlines()
+    b = yaml.safe_dump(cfg.identity(), sort_keys=True).splitlines()
+    if a != b:
+        diff = "\n".join(difflib.unified_diff(a, b, "RUN/config.yaml (saved)", "this config", lineterm="", n=1))
+        raise ConfigError(
+            "config error: this run root was started with a different config; use a new run_root or the saved "
+            f"config:\n{diff}"
+        )

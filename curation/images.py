@@ -1,0 +1,124 @@
+"""Turning untrusted bytes into a plain RGB image, or a clear reason why not.
+
+Every stage that decodes images goes through :func:`decode_image`, so a corrupt, truncated, empty, animated or
+oversized file is refused the same way everywhere, with a reason from the drop vocabulary:
+
+* ``empty`` - zero bytes; ``undecodable`` - not an image PIL can identify or decode;
+* ``truncated`` - the data ends early; ``decompression_bomb`` - the *declared* pixel count exceeds the limit
+  (checked from the header, before any pixel is decoded);
+* ``animated`` - more than one frame (when animated images are refused);
+* ``unsupported_mode`` - a pixel format with no sensible RGB conversion.
+
+CMYK (including Adobe's inverted CMYK JPEGs), 16-bit and floating-point greyscale, palette and alpha images are
+converted to RGB: alpha is composited over white, 16-bit values are scaled to 8 bits.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+class ImageRejected(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if mode == "F":
+            hi = max(float(arr.max()), 1.0)
+        else:
+            hi = 65535.0 if (mode.startswith("I;16") or arr.max() > 255) else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode in ("1", "L", "P", "CMYK", "YCbCr", "LAB", "HSV"):
+        return im.convert("RGB")
+    try:
+        return im.convert("RGB")
+    except (ValueError, OSError) as err:
+        raise ImageRejected("unsupported_mode", f"cannot convert mode {mode} to RGB: {err}") from None
+
+
+def decode_image(
+    data: bytes,
+    max_pixels: int = 89_478_485,
+    drop_animated: bool = True,
+    draft_size: int | None = None,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode `data` to an RGB image; return (image, original (width, height)).
+
+    `draft_size` lets JPEG decoding skip detail beyond what a later resize to that longer side keeps."""
+    if not data:
+        raise ImageRejected("empty", "zero bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as err:
+            raise ImageRejected("decompression_bomb", str(err)) from None
+        except UnidentifiedImageError:
+            raise ImageRejected("undecodable", f"not an image ({len(data)} bytes, starts {data[:8]!r})") from None
+        except (OSError, ValueError, SyntaxError) as err:
+            raise ImageRejected("undecodable", str(err)) from None
+        width, height = im.size
+        if width < 1 or height < 1:
+            raise ImageRejected("undecodable", f"declared size {width}x{height}")
+        if width * height > max_pixels:
+            raise ImageRejected(
+                "decompression_bomb", f"declared size {width}x{height} = {width * height} pixels > {max_pixels}"
+            )
+        frames = getattr(im, "n_frames", 1)
+        if frames > 1 and drop_animated:
+            raise ImageRejected("animated", f"{im.format} with {frames} frames")
+        if draft_size and im.format == "JPEG" and max(width, height) >= 2 * draft_size:
+            scale = draft_size / max(width, height)
+            im.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
+        try:
+            im.load()
+        except OSError as err:
+            text = str(err)
+            if "truncated" in text or "broken data stream" in text or "premature end" in text.lower():
+                raise ImageRejected("truncated", text) from None
+            raise ImageRejected("undecodable", text) from None
+        except (ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            raise ImageRejected("undecodable", str(err)) from None
+    return _to_rgb(im), (width, height)
+
+
+def resize_max_side(im: Image.Image, max_side: int) -> Image.Image:
+    """Shrink so the longer side is at most `max_side`, keeping the aspect ratio; never enlarge."""
+    w, h = im.size
+    if max(w, h) <= max_side:
+        return im
+    scale = max_side / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return im.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def encode_jpeg(im: Image.Image, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def pixel_sha256(im: Image.Image) -> str:
+    """Hash of the decoded pixels (exact-duplicate detection that ignores container bytes)."""
+    import hashlib
+
+    h = hashlib.sha256(f"{im.mode}{im.size}".encode())
+    h.update(im.tobytes())
+    return h.hexdigest()

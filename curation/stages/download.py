@@ -1,0 +1,245 @@
+"""download: URL lists -> WebDataset shards, one status row per URL.
+
+Planning (in the driver, once): read the URL lists, number every row (``row_id``, its key is the zero-padded
+row id, stable across reruns), refuse malformed URLs, repeated URLs, blocklisted domains and literal private IPs
+before any fetch (ledger unit ``precheck``), and cut the rest into shards of ``download.shard_size`` rows, written
+as Arrow IPC files under ``download/_inputs/``.
+
+Each shard is one task: img2dataset's per-shard ``Downloader`` fetches with its thread pool (and its
+``X-Robots-Tag`` opt-out check), through a urllib opener that re-checks every connection and redirect against the
+address policy (:mod:`curation.urlsafety`).  Bytes are decoded by :func:`curation.images.decode_image` (our
+"resizer": bombs, truncation, animation, CMYK/16-bit/alpha handled there), resized to ``max_side`` and stored as
+JPEG.  Outputs, each written atomically: ``NNNNN.tar`` (``key.jpg`` + ``key.json``), ``NNNNN.parquet`` (status
+rows, schema ``download_status``), then the ledger part that marks the shard complete.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
+
+import json
+import re
+from functools import partial
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from curation import accounting
+from curation.images import ImageRejected, decode_image, encode_jpeg, resize_max_side
+from curation.stages.base import Stage, Unit
+from curation.storage import TarShardWriter, atomic_path, write_json, write_table
+from curation.urlsafety import Refused, UrlPolicy, install_safe_opener
+
+KEY_DIGITS = 10
+
+
+def make_key(row_id: int) -> str:
+    return f"{row_id:0{KEY_DIGITS}d}"
+
+
+def _url_files(paths) -> list[Path]:
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(x for x in p.rglob("*") if x.suffix.lower() in (".parquet", ".csv", ".tsv"))
+        else:
+            files.append(p)
+    return files
+
+
+def read_url_lists(paths, url_col: str = "url", caption_col: str | None = "caption") -> pa.Table:
+    """Concatenate URL lists (Parquet/CSV/TSV) in sorted order into (row_id, url, caption)."""
+    urls, captions = [], []
+    for f in _url_files(paths):
+        suffix = f.suffix.lower()
+        if suffix == ".parquet":
+            t = pq.read_table(f)
+        elif suffix in (".csv", ".tsv"):
+            opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
+            t = pacsv.read_csv(f, parse_options=opts, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+        else:
+            raise ValueError(f"{f}: URL lists must be .parquet, .csv or .tsv")
+        if url_col not in t.column_names:
+            raise ValueError(f"{f}: no column {url_col!r} (columns: {t.column_names}); set input.url_col")
+        urls += [None if u is None else str(u) for u in t.column(url_col).to_pylist()]
+        if caption_col and caption_col in t.column_names:
+            captions += [None if c is None else str(c) for c in t.column(caption_col).to_pylist()]
+        else:
+            captions += [None] * t.num_rows
+    return pa.table(
+        {"row_id": pa.array(range(len(urls)), pa.int64()), "url": pa.array(urls, pa.string()),
+         "caption": pa.array(captions, pa.string())}
+    )
+
+
+_HTTP = re.compile(r"HTTP Error (\d{3})")
+
+
+def reason_from_error(message: str) -> tuple[str, str]:
+    """Map an img2dataset/urllib error message to (reason, detail)."""
+    m = re.search(r"lvd:([a-z_]+): ?(.*)", message, re.S)
+    if m:
+        reason, detail = m.group(1), m.group(2).rstrip(">").strip()
+        return reason, detail
+    if "X-Robots-Tag" in message:
+        return "opted_out", message
+    m = _HTTP.search(message)
+    if m:
+        return "http_error", message
+    low = message.lower()
+    if "timed out" in low or "timeout" in low:
+        return "timeout", message
+    if "redirect" in low and "infinite loop" in low:
+        return "network_error", message
+    return "network_error", message
+
+
+class ImageNormalizer:
+    """img2dataset 'resizer': bytes -> (jpeg, w, h, orig_w, orig_h, error) using our decoder."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        data = img_stream.read()
+        cfg = self.cfg
+        try:
+            if len(data) > cfg.max_bytes:
+                raise ImageRejected("too_large_file", f"{len(data)} bytes > {cfg.max_bytes}")
+            im, (ow, oh) = decode_image(data, cfg.max_image_pixels, cfg.drop_animated, draft_size=cfg.max_side)
+            im = resize_max_side(im, cfg.max_side)
+            return encode_jpeg(im, cfg.jpeg_quality), im.width, im.height, ow, oh, None
+        except ImageRejected as err:
+            return None, None, None, None, None, f"lvd:{err.reason}: {err.detail}"
+
+
+class _ShardWriter:
+    """img2dataset sample-writer interface, writing our tar and collecting status rows."""
+
+    def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format, *, sink):
+        self.sink = sink
+        self.tar = TarShardWriter(sink["tar"])
+
+    def write(self, img_str, key, caption, meta):
+        status = meta.get("status")
+        err = meta.get("error_message")
+        lvd_key = meta["lvd_key"]
+        row = {
+            "key": lvd_key, "row_id": int(meta["row_id"]), "url": meta.get("url"), "caption": caption,
+            "status": "success" if status == "success" else "dropped", "reason": None, "error_message": err,
+            "width": meta.get("width"), "height": meta.get("height"),
+            "original_width": meta.get("original_width"), "original_height": meta.get("original_height"),
+            "sha256": meta.get("sha256"),
+        }
+        if status == "success":
+            info = {k: row[k] for k in ("key", "url", "caption", "width", "height", "original_width",
+                                        "original_height", "sha256")}
+            self.tar.write(lvd_key, {"jpg": img_str, "json": info})
+        else:
+            row["reason"], row["error_message"] = reason_from_error(err or "unknown error")
+        self.sink["rows"].append(row)
+
+    def close(self):
+        self.tar.close()
+
+
+class DownloadStage(Stage):
+    name = "download"
+
+    def __init__(self, cfg, root=None):
+        super().__init__(cfg, root)
+        self.dl = cfg.download
+        self.inputs = self.dir / "_inputs"
+
+    # -- planning ----------------------------------------------------------------------------------------------
+    def plan(self) -> list[Unit]:
+        plan_file = self.inputs / "plan.json"
+        if not plan_file.exists():
+            self._make_plan(plan_file)
+        plan = json.loads(plan_file.read_text())
+        return [Unit(s, {"rows": n}) for s, n in plan["shards"]]
+
+    def _make_plan(self, plan_file: Path) -> None:
+        table = read_url_lists(self.cfg.input.url_list, self.cfg.input.url_col, self.cfg.input.caption_col)
+        policy = UrlPolicy.from_config(self.dl)
+        seen: dict[str, int] = {}
+        keys, urls, reasons, details, ok = [], [], [], [], []
+        for row_id, url in zip(table["row_id"].to_pylist(), table["url"].to_pylist()):
+            reason = detail = None
+            try:
+                policy.check_url(url)
+            except Refused as err:
+                reason, detail = err.reason, err.detail
+            if reason is None:
+                if url in seen:
+                    reason, detail = "duplicate_url", f"same URL as key {make_key(seen[url])}"
+                else:
+                    seen[url] = row_id
+            keys.append(make_key(row_id))
+            urls.append(url)
+            reasons.append(reason)
+            details.append(detail)
+            ok.append(reason is None)
+        refused = accounting.make_ledger("download", keys, urls, reasons, details)
+        refused = refused.filter(pa.compute.invert(refused["kept"]))
+        keep = table.filter(pa.array(ok))
+        keep = keep.append_column("lvd_key", pa.array([make_key(r) for r in keep["row_id"].to_pylist()], pa.string()))
+        self.inputs.mkdir(parents=True, exist_ok=True)
+        shards = []
+        for i, start in enumerate(range(0, keep.num_rows, self.dl.shard_size)):
+            part = keep.slice(start, self.dl.shard_size)
+            sid = f"{i:05d}"
+            with atomic_path(self.inputs / f"{sid}.arrow") as tmp:
+                with ipc.new_file(tmp, part.schema) as w:
+                    w.write_table(part)
+            shards.append((sid, part.num_rows))
+        accounting.write_ledger(self.root, "download", "precheck", refused)
+        write_json(plan_file, {"shards": shards, "rows": table.num_rows, "refused_before_fetch": refused.num_rows})
+
+    # -- one shard ---------------------------------------------------------------------------------------------
+    def is_done(self, unit: Unit) -> bool:
+        return accounting.ledger_path(self.root, self.name, unit.id).exists()
+
+    def run_unit(self, unit: Unit) -> dict:
+        from img2dataset.downloader import Downloader
+
+        install_safe_opener(UrlPolicy.from_config(self.dl), self.dl.use_env_proxy)
+        sink = {"tar": self.dir / f"{unit.id}.tar", "rows": []}
+        columns = ["url", "caption", "lvd_key", "row_id"]
+        downloader = Downloader(
+            sample_writer_class=partial(_ShardWriter, sink=sink),
+            resizer=ImageNormalizer(self.dl),
+            thread_count=self.dl.threads,
+            save_caption=True,
+            extract_exif=False,
+            output_folder=str(self.dir),
+            column_list=columns,
+            timeout=self.dl.timeout_s,
+            number_sample_per_shard=max(self.dl.shard_size, 10),
+            oom_shard_count=5,
+            compute_hash="sha256",
+            verify_hash_type=None,
+            encode_format="jpg",
+            retries=self.dl.retries,
+            user_agent_token=self.dl.user_agent_token,
+            disallowed_header_directives=self.dl.disallowed_header_directives,
+        )
+        ok, _ = downloader((int(unit.id), str(self.inputs / f"{unit.id}.arrow")))
+        if not ok:
+            raise RuntimeError(f"img2dataset failed on shard {unit.id} (traceback above)")
+        rows = sorted(sink["rows"], key=lambda r: r["row_id"])
+        if len(rows) != unit.payload["rows"]:
+            raise RuntimeError(f"shard {unit.id}: {len(rows)} status rows for {unit.payload['rows']} URLs")
+        write_table(self.dir / f"{unit.id}.parquet", pa.Table.from_pylist(rows), "download_status")
+        ledger = accounting.make_ledger(
+            "download", [r["key"] for r in rows], [r["url"] for r in rows], [r["reason"] for r in rows],
+            [r["error_message"] if r["reason"] else None for r in rows],
+        )
+        accounting.write_ledger(self.root, self.name, unit.id, ledger)
+        n_ok = sum(r["status"] == "success" for r in rows)
+        return {"ok": n_ok, "failed": len(rows) - n_ok}

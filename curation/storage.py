@@ -1,0 +1,153 @@
+"""Atomic file output: every file a stage writes appears under its final name only when complete.
+
+A writer writes `NAME.tmp-<pid>-<rand>` beside the target and renames it with `os.replace`, which is atomic on
+POSIX filesystems (the run root of a cluster run is a shared POSIX mount).  A run killed mid-write leaves only
+temporary files, which :func:`clean_temporaries` removes when the stage starts again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import secrets
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import conform
+
+TMP_MARK = ".tmp-"
+
+
+def tmp_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path; on success rename it to `path`, on error remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_table(path: str | os.PathLike, table: pa.Table, schema: pa.Schema | str | None = None) -> pa.Table:
+    """Validate `table` against `schema` (a name from schemas.SCHEMAS or a pa.Schema) and write it atomically."""
+    if schema is not None:
+        table = conform(table, schema)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return table
+
+
+def read_table(path: str | os.PathLike, schema: pa.Schema | str | None = None) -> pa.Table:
+    table = pq.read_table(path)
+    return conform(table, schema) if schema is not None else table
+
+
+def read_tables(paths, schema: pa.Schema | str) -> pa.Table:
+    """Concatenate many parquet files of one schema (an empty table of that schema when there are none)."""
+    from schemas import empty
+
+    tables = [read_table(p, schema) for p in paths]
+    return pa.concat_tables(tables) if tables else empty(schema)
+
+
+def clean_temporaries(directory: str | os.PathLike) -> int:
+    """Remove leftovers of interrupted atomic writes below `directory`; return how many were removed."""
+    directory = Path(directory)
+    if not directory.exists():
+        return 0
+    removed = 0
+    for p in directory.rglob(f"*{TMP_MARK}*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+class TarShardWriter:
+    """Write a WebDataset tar shard atomically: samples are `key.ext` members, grouped by key."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = tmp_path(self.path)
+        self._tar = tarfile.open(self._tmp, "w")
+        self.count = 0
+
+    def write(self, key: str, members: dict[str, bytes | str | dict]) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+        for ext, value in members.items():
+            if isinstance(value, dict):
+                value = json.dumps(value, sort_keys=True).encode()
+            elif isinstance(value, str):
+                value = value.encode()
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(value)
+            info.mtime = 0  # deterministic bytes: reruns give identical shards
+            info.mode = 0o644
+            self._tar.addfile(info, io.BytesIO(value))
+        self.count += 1
+
+    def close(self) -> None:
+        self._tar.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._tar.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: bytes}) for each sample of a WebDataset tar, members of one key being adjacent."""
+    current_key, current = None, {}
+    with tarfile.open(path, "r") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            name = info.name.rsplit("/", 1)[-1]
+            key, _, ext = name.partition(".")
+            data = tar.extractfile(info).read()
+            if key != current_key and current_key is not None:
+                yield current_key, current
+                current = {}
+            current_key = key
+            current[ext] = data
+    if current_key is not None:
+        yield current_key, current

@@ -1,0 +1,246 @@
+"""The Arrow schema of every table lvd writes.
+
+Writers call :func:`validate` (or :func:`conform`) before a table reaches disk, and tests read tables back and
+check them against the same definitions, so a column cannot drift silently.  Nullable columns are marked as such;
+everything else must be present and non-null.
+
+Drop reasons are a closed vocabulary (:data:`DROP_REASONS`): a stage that wants a new reason adds it here first.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# ---------------------------------------------------------------------------------------------------------------
+# Drop reasons, by the stage that emits them.  The `detail` column carries the free-text specifics.
+DROP_REASONS: dict[str, tuple[str, ...]] = {
+    "download": (
+        "bad_url",  # malformed or unsupported URL (no scheme/host, not http/https)
+        "duplicate_url",  # exact repeat of an earlier row's URL; the first occurrence is kept
+        "blocked_domain",  # host (or a redirect target's host) is on the blocklist
+        "private_address",  # host resolves to a private/loopback/link-local/metadata address not allowed by config
+        "opted_out",  # X-Robots-Tag noai / noimageai
+        "http_error",  # 4xx/5xx
+        "timeout",  # connect or read timed out
+        "network_error",  # any other transport failure (DNS, reset, too many redirects...)
+        "empty",  # zero bytes
+        "too_large_file",  # more bytes than download.max_bytes
+        "undecodable",  # not an image PIL can identify
+        "truncated",  # an image whose data ends early
+        "decompression_bomb",  # declared pixel count above the limit
+        "animated",  # more than one frame
+        "unsupported_mode",  # a pixel format we cannot convert to RGB
+    ),
+    "filter": (
+        "too_small",
+        "bad_aspect",
+        "undecodable",
+        "decompression_bomb",
+        "nsfw",
+    ),
+    "hash": ("exact_duplicate", "near_duplicate"),
+    "dedup": ("copy_duplicate", "eval_contamination"),
+    "embed": ("embed_failed",),
+    "retrieve": ("not_selected",),
+}
+ALL_DROP_REASONS = sorted({r for rs in DROP_REASONS.values() for r in rs})
+
+# ---------------------------------------------------------------------------------------------------------------
+# Accounting
+LEDGER = pa.schema(
+    [
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("kept", pa.bool_(), nullable=False),
+        pa.field("reason", pa.string()),  # null when kept
+        pa.field("detail", pa.string()),
+    ]
+)
+"""One row per input row of a stage unit: the stage's verdict on that key.  Written last, so its presence marks
+the unit complete."""
+
+DROPS = pa.schema(
+    [
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+    ]
+)
+
+FUNNEL = pa.schema(
+    [
+        pa.field("order", pa.int32(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("rows_in", pa.int64(), nullable=False),
+        pa.field("kept", pa.int64(), nullable=False),
+        pa.field("dropped", pa.int64(), nullable=False),
+    ]
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# download
+DOWNLOAD_STATUS = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("row_id", pa.int64(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("status", pa.string(), nullable=False),  # success | dropped
+        pa.field("reason", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("original_width", pa.int32()),
+        pa.field("original_height", pa.int32()),
+        pa.field("sha256", pa.string()),  # of the bytes as downloaded
+    ]
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# hash / sscd / dedup
+HASHES = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("pixel_sha256", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("thumb", pa.binary(), nullable=False),  # grayscale thumbnail, uint8, row-major side*side
+        pa.field("pca_hash", pa.binary()),  # packed sign bits, filled by the grouping step
+        pa.field("phash", pa.string()),
+    ]
+)
+
+DESCRIPTORS = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # "pool" or "eval/<set>" or "anchors/<set>"
+        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+"""Descriptor / embedding tables (sscd/, embed/): one fixed-length float32 vector per key."""
+
+COMPONENTS = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("component", pa.int64(), nullable=False),
+        pa.field("component_size", pa.int64(), nullable=False),
+        pa.field("kept", pa.bool_(), nullable=False),
+        pa.field("reason", pa.string()),
+        pa.field("nearest_key", pa.string()),
+        pa.field("nearest_similarity", pa.float32()),
+    ]
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# retrieve
+NEIGHBORS = pa.schema(
+    [
+        pa.field("anchor_set", pa.string(), nullable=False),
+        pa.field("anchor_key", pa.string(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("pool_key", pa.string(), nullable=False),
+        pa.field("similarity", pa.float32(), nullable=False),
+    ]
+)
+
+SELECTION = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # "pool" or "anchors/<set>" for as_is sets
+        pa.field("url", pa.string()),
+        pa.field("anchor_set", pa.string(), nullable=False),
+        pa.field("anchor_key", pa.string()),
+        pa.field("rank", pa.int32()),
+        pa.field("similarity", pa.float32()),
+        pa.field("cluster", pa.int64()),
+    ]
+)
+
+RETRIEVAL_STATS = pa.schema(
+    [
+        pa.field("anchor_set", pa.string(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("anchors", pa.int64(), nullable=False),
+        pa.field("retrieved", pa.int64(), nullable=False),
+        pa.field("unique", pa.int64(), nullable=False),
+        pa.field("overlap_other_sets", pa.int64(), nullable=False),
+        pa.field("similarity_p05", pa.float32()),
+        pa.field("similarity_p50", pa.float32()),
+        pa.field("similarity_p95", pa.float32()),
+        pa.field("recall_at_k_vs_exact", pa.float32()),
+    ]
+)
+
+CLUSTER_STATS = pa.schema(
+    [
+        pa.field("anchor_set", pa.string(), nullable=False),
+        pa.field("cluster", pa.int64(), nullable=False),
+        pa.field("size", pa.int64(), nullable=False),
+        pa.field("anchors", pa.int64(), nullable=False),
+        pa.field("selected", pa.int64(), nullable=False),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "ledger": LEDGER,
+    "drops": DROPS,
+    "funnel": FUNNEL,
+    "download_status": DOWNLOAD_STATUS,
+    "hashes": HASHES,
+    "descriptors": DESCRIPTORS,
+    "components": COMPONENTS,
+    "neighbors": NEIGHBORS,
+    "selection": SELECTION,
+    "retrieval_stats": RETRIEVAL_STATS,
+    "cluster_stats": CLUSTER_STATS,
+}
+
+
+class SchemaError(ValueError):
+    pass
+
+
+def conform(table: pa.Table, schema: pa.Schema | str) -> pa.Table:
+    """Return `table` with exactly `schema`'s columns, in order and types; raise SchemaError naming the problem.
+
+    Columns missing from the table, extra columns, casts that lose information and nulls in non-nullable columns
+    are all errors."""
+    if isinstance(schema, str):
+        schema = SCHEMAS[schema]
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    extra = [c for c in table.column_names if c not in schema.names]
+    if missing or extra:
+        raise SchemaError(f"table does not match schema: missing columns {missing}, unexpected columns {extra}")
+    columns = []
+    for field in schema:
+        col = table.column(field.name)
+        if not col.type.equals(field.type):
+            try:
+                col = col.cast(field.type, safe=True)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                raise SchemaError(f"column {field.name!r}: cannot cast {col.type} to {field.type}: {err}") from err
+        if not field.nullable and col.null_count:
+            raise SchemaError(f"column {field.name!r} is not nullable but holds {col.null_count} nulls")
+        columns.append(col)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def validate(table: pa.Table, schema: pa.Schema | str) -> None:
+    """Raise SchemaError unless `table` already has exactly `schema` (names, order, types, no illegal nulls)."""
+    if isinstance(schema, str):
+        schema = SCHEMAS[schema]
+    if not table.schema.remove_metadata().equals(schema.remove_metadata()):
+        raise SchemaError(f"schema mismatch:\n  got      {table.schema}\n  expected {schema}")
+    for field in schema:
+        if not field.nullable and table.column(field.name).null_count:
+            raise SchemaError(f"column {field.name!r} is not nullable but holds nulls")
+
+
+def empty(schema: pa.Schema | str) -> pa.Table:
+    if isinstance(schema, str):
+        schema = SCHEMAS[schema]
+    return schema.empty_table()
