@@ -21,6 +21,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports al
 
 import json
 import re
+import urllib.request
 from functools import partial
 from pathlib import Path
 
@@ -206,9 +207,16 @@ class DownloadStage(Stage):
         return accounting.ledger_path(self.root, self.name, unit.id).exists()
 
     def run_unit(self, unit: Unit) -> dict:
+        previous_opener = urllib.request._opener  # restored after: in-process runs must not leak the policy
+        install_safe_opener(UrlPolicy.from_config(self.dl), self.dl.use_env_proxy)
+        try:
+            return self._download(unit)
+        finally:
+            urllib.request.install_opener(previous_opener)
+
+    def _download(self, unit: Unit) -> dict:
         from img2dataset.downloader import Downloader
 
-        install_safe_opener(UrlPolicy.from_config(self.dl), self.dl.use_env_proxy)
         sink = {"tar": self.dir / f"{unit.id}.tar", "rows": []}
         columns = ["url", "caption", "lvd_key", "row_id"]
         downloader = Downloader(

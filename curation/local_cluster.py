@@ -1,0 +1,139 @@
+"""A real local Ray head for the demo and the tests, and `ray job submit` against it.
+
+Ray 2.60 turns on token authentication for `ray start --head` as soon as ``~/.ray/auth_token`` exists, which any
+earlier local ``ray.init()`` creates; a client without ``RAY_AUTH_MODE=token`` is then refused.  We make both
+sides agree: a token is generated when missing and every ray command we run gets ``RAY_AUTH_MODE=token``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["RAY_AUTH_MODE"] = "token"
+    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    bindir = str(Path(sys.executable).parent)
+    if not env.get("PATH", "").startswith(bindir):
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env.update(extra or {})
+    return env
+
+
+def _ray_bin() -> str:
+    candidate = Path(sys.executable).parent / "ray"
+    return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
+
+
+def ensure_token() -> None:
+    subprocess.run([_ray_bin(), "get-auth-token", "--generate"], env=ray_env(), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class RayJobClient:
+    """Submits jobs to a Ray cluster's dashboard (http://HEAD:8265) with `ray job submit`."""
+
+    def __init__(self, dashboard_url: str):
+        self._dashboard_url = dashboard_url
+
+    @property
+    def dashboard_url(self) -> str:
+        return self._dashboard_url
+
+    def submit(self, entrypoint: list[str], working_dir: str | None = None, stream=None,
+               timeout: float | None = None) -> tuple[int, str]:
+        """`ray job submit` and wait; return (exit code, log).  `stream` (a file) receives the log live."""
+        cmd = [_ray_bin(), "job", "submit", "--address", self.dashboard_url]
+        if working_dir:
+            cmd += ["--working-dir", working_dir]
+        cmd += ["--", *entrypoint]
+        proc = subprocess.Popen(cmd, env=ray_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        deadline = time.time() + timeout if timeout else None
+        for line in proc.stdout:
+            lines.append(line)
+            if stream is not None:
+                stream.write(line)
+                stream.flush()
+            if deadline and time.time() > deadline:
+                proc.kill()
+                break
+        rc = proc.wait()
+        return rc, "".join(lines)
+
+
+class LocalRayHead(RayJobClient):
+    """`ray start --head` on 127.0.0.1 with free ports; `stop()` runs `ray stop` (only if we started it)."""
+
+    def __init__(self, num_cpus: int | None = None, temp_dir: str | None = None):
+        self.num_cpus = num_cpus
+        self.temp_dir = temp_dir
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self.started = False
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start(self) -> "LocalRayHead":
+        ensure_token()
+        cmd = [
+            _ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+            "--disable-usage-stats",
+        ]
+        if self.num_cpus is not None:
+            cmd.append(f"--num-cpus={self.num_cpus}")
+        if self.temp_dir:
+            cmd.append(f"--temp-dir={self.temp_dir}")
+        proc = subprocess.run(cmd, env=ray_env(), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ray start failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        self.started = True
+        self._wait_dashboard()
+        return self
+
+    def _wait_dashboard(self, timeout: float = 90.0) -> None:
+        import urllib.error
+        import urllib.request
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2):
+                    return
+            except urllib.error.HTTPError:
+                return  # answering (401 without a token): it is up
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"Ray dashboard did not come up at {self.dashboard_url}")
+
+    def stop(self) -> None:
+        if self.started:
+            subprocess.run([_ray_bin(), "stop", "--force"], env=ray_env(), capture_output=True)
+            self.started = False
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
