@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -104,13 +105,28 @@ class FilterConfig(Section):
     min_side: PositiveInt = Field(64, description="drop images whose shorter side is below this")
     max_aspect: Annotated[float, Field(ge=1.0)] = Field(4.0, description="drop images with long/short above this")
     max_image_pixels: PositiveInt = 89_478_485
-    detector: Literal["nudenet", "none"] = "nudenet"
-    on_missing_detector: Literal["warn", "fail"] = "warn"
+    detector: str = Field(
+        "nudenet",
+        description="'nudenet' (optional extra lvd[detect]), 'none', or 'package.module:Class' implementing "
+        "curation.detectors.Detector (constructed with no arguments)",
+    )
+    on_missing_detector: Literal["warn", "fail"] = Field(
+        "warn", description="detector 'nudenet' without the extra installed: warn once and skip, or fail at start"
+    )
     nsfw_threshold: Fraction = 0.8
     face_threshold: Fraction = 0.5
     blur_faces: bool = True
-    batch_size: PositiveInt = 32
-    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 95
+    batch_size: PositiveInt = Field(32, description="images per detector call")
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = Field(95, description="re-encoding of face-blurred images")
+
+    @field_validator("detector")
+    @classmethod
+    def _detector(cls, v):
+        import re
+
+        if v not in ("nudenet", "none") and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
+            raise ValueError(f"must be 'nudenet', 'none' or 'package.module:Class', got {v!r}")
+        return v
 
 
 class HashConfig(Section):
@@ -128,7 +144,9 @@ class SSCDConfig(Section):
     preprocess: Literal["square320", "short288"] = "square320"
     batch_size: PositiveInt = 256
     device: Device = "auto"
-    num_workers: Annotated[int, Field(ge=0)] = 4
+    num_workers: Annotated[int, Field(ge=0)] = Field(4, description="CPU decode workers (torch DataLoader) per task")
+    bf16: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs fp32)")
+    channels_last: bool = Field(True, description="channels-last memory format on CUDA (faster convolutions)")
 
     @field_validator("weights")
     @classmethod
@@ -158,16 +176,48 @@ class DedupConfig(Section):
     descriptor: Literal["sscd", "pixels"] = Field(
         "sscd", description="'pixels' is a fixed function of pixels with known quality, for tests and the demo"
     )
+    device: Device = Field("auto", description="k-NN search device: faiss on CPU, chunked torch matmul on CUDA")
+    stats_thresholds: list[Fraction] = Field(
+        default_factory=lambda: [0.3, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9],
+        description="similarities reported in stats/dedup_thresholds.parquet",
+    )
+
+    @model_validator(mode="after")
+    def _eval_names(self):
+        names = [e.name for e in self.eval_sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluation set names must be unique: {names}")
+        return self
 
 
 class EmbedConfig(Section):
-    model: str = Field("vit_huge_patch14_224", description="a timm model name, or 'lvd' for our trainer's export")
+    model: str = Field(
+        "vit_huge_patch14_224",
+        description="a timm model name; 'lvd' for a backbone exported by our trainer (or an official DINOv2 "
+        "backbone file); 'pixels' for a fixed pixel-thumbnail descriptor (tests and the demo)",
+    )
     checkpoint: Path | None = Field(None, description="local weights; null = random init (testing only)")
     img_size: PositiveInt = 224
     pooling: Literal["cls", "mean", "both"] = "cls"
     batch_size: PositiveInt = 256
     device: Device = "auto"
     num_workers: Annotated[int, Field(ge=0)] = 4
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
+    prefetch_factor: PositiveInt = Field(4, description="batches each DataLoader worker prepares ahead")
+    pixel_grid: Annotated[int, Field(ge=2, le=64)] = Field(8, description="thumbnail side of the 'pixels' model")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _ckpt(cls, p):
+        if p is not None and not p.exists():
+            raise ValueError(f"path does not exist: {p}")
+        return p
+
+    @model_validator(mode="after")
+    def _lvd(self):
+        if self.model == "lvd" and self.checkpoint is None:
+            raise ValueError("model 'lvd' needs a checkpoint (a backbone exported by `lvd export`)")
+        return self
 
 
 class AnchorSetConfig(Section):
@@ -181,6 +231,13 @@ class AnchorSetConfig(Section):
     per_cluster: PositiveInt = 10_000
     cap: PositiveInt = 1_000_000
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, n):
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", n):
+            raise ValueError(f"use letters, digits, '_' and '-' only (it names folders and sample keys): {n!r}")
+        return n
+
     @field_validator("path")
     @classmethod
     def _exists(cls, p):
@@ -190,9 +247,27 @@ class AnchorSetConfig(Section):
 
 
 class BalancedConfig(Section):
+    """Hierarchical k-means + balanced sampling of the pool (Vo et al. 2024, arXiv 2405.15613); no anchors."""
+
+    name: str = Field("balanced", description="its name in the selection and stats tables")
     target_size: PositiveInt
-    levels: list[PositiveInt] = Field(default_factory=lambda: [1000, 100])
+    levels: list[PositiveInt] = Field(
+        default_factory=lambda: [1000, 100], description="clusters per level, finest first (each clamped)"
+    )
     resampling_steps: Annotated[int, Field(ge=0)] = 1
+    resample_sizes: list[PositiveInt] | None = Field(
+        None, description="per level: points closest to each centroid kept in a resampling step; "
+        "null = half the mean cluster size of that level (at least 2)",
+    )
+    leaf_sampling: Literal["random", "closest"] = Field("random", description="how a leaf cluster fills its budget")
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if not self.levels:
+            raise ValueError("levels needs at least one level")
+        if self.resample_sizes is not None and len(self.resample_sizes) != len(self.levels):
+            raise ValueError("resample_sizes needs one entry per level")
+        return self
 
 
 class RetrieveConfig(Section):
@@ -200,10 +275,17 @@ class RetrieveConfig(Section):
     balanced: BalancedConfig | None = None
     index: Literal["exact", "ivf_flat", "ivf_pq"] = "exact"
     recall_sample: PositiveInt = 1000
+    nlist: Annotated[int, Field(ge=0)] = Field(0, description="IVF lists; 0 = about 4 * sqrt(pool size)")
+    nprobe: PositiveInt = Field(32, description="IVF lists visited per query")
+    pq_m: Annotated[int, Field(ge=0)] = Field(0, description="PQ sub-quantizers (divides the dim); 0 = dim / 8")
+    kmeans_iters: PositiveInt = 20
+    device: Device = "auto"
 
     @model_validator(mode="after")
     def _names(self):
         names = [a.name for a in self.anchor_sets]
+        if self.balanced is not None:
+            names.append(self.balanced.name)
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"anchor set names must be unique, repeated: {sorted(dup)}")
@@ -212,11 +294,15 @@ class RetrieveConfig(Section):
 
 class ShardsConfig(Section):
     samples_per_shard: PositiveInt = 10_000
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = Field(
+        95, description="only for images that are not JPEG already (as-is anchors in PNG...); JPEGs are copied"
+    )
 
 
 class ReportConfig(Section):
     grid_anchors: PositiveInt = 8
     grid_neighbors: PositiveInt = 4
+    thumb_size: Annotated[int, Field(ge=16)] = Field(96, description="side of a grid image, pixels")
 
 
 class CurateConfig(Section):

@@ -41,7 +41,7 @@ DROP_REASONS: dict[str, tuple[str, ...]] = {
     "hash": ("exact_duplicate", "near_duplicate"),
     "dedup": ("copy_duplicate", "eval_contamination"),
     "embed": ("embed_failed",),
-    "retrieve": ("not_selected",),
+    "retrieve": ("not_selected", "embed_failed"),
 }
 ALL_DROP_REASONS = sorted({r for rs in DROP_REASONS.values() for r in rs})
 
@@ -110,6 +110,9 @@ HASHES = pa.schema(
         pa.field("thumb", pa.binary(), nullable=False),  # grayscale thumbnail, uint8, row-major side*side
         pa.field("pca_hash", pa.binary()),  # packed sign bits, filled by the grouping step
         pa.field("phash", pa.string()),
+        # size before download's resize (from the sample json), the "largest resolution" of the keep rule
+        pa.field("original_width", pa.int32()),
+        pa.field("original_height", pa.int32()),
     ]
 )
 
@@ -121,6 +124,17 @@ DESCRIPTORS = pa.schema(
     ]
 )
 """Descriptor / embedding tables (sscd/, embed/): one fixed-length float32 vector per key."""
+
+EMBED_FAILURES = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),  # the decode_image reason (undecodable, truncated...)
+        pa.field("detail", pa.string()),
+    ]
+)
+"""embed/<pool|anchors/<set>|eval/<set>>/failed/part-NNNNN.parquet: images the embedder could not decode; retrieve
+drops such pool keys with reason ``embed_failed``."""
 
 COMPONENTS = pa.schema(
     [
@@ -134,6 +148,42 @@ COMPONENTS = pa.schema(
         pa.field("nearest_similarity", pa.float32()),
     ]
 )
+
+HASH_GROUPS = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("pixel_sha256", pa.string(), nullable=False),
+        pa.field("hash", pa.binary(), nullable=False),  # packed bits: the PCA hash (or the pHash)
+        pa.field("group", pa.int64(), nullable=False),  # smallest row index in the duplicate group
+        pa.field("group_size", pa.int64(), nullable=False),
+        pa.field("kept", pa.bool_(), nullable=False),
+        pa.field("kept_key", pa.string(), nullable=False),  # the group's kept image (itself when kept)
+        pa.field("hamming_to_kept", pa.int32(), nullable=False),
+        pa.field("reason", pa.string()),  # exact_duplicate | near_duplicate | null (kept)
+    ]
+)
+"""hash/groups.parquet: every image the hash stage judged, with its duplicate group."""
+
+DEDUP_THRESHOLDS = pa.schema(
+    [
+        pa.field("kind", pa.string(), nullable=False),  # "self" (pool -> pool) or "eval/<set>" (pool -> eval set)
+        pa.field("threshold", pa.float32(), nullable=False),
+        pa.field("images_above", pa.int64(), nullable=False),  # pool images whose nearest similarity > threshold
+        pa.field("fraction_above", pa.float64(), nullable=False),
+        pa.field("edges_above", pa.int64(), nullable=False),  # k-NN edges with similarity > threshold
+    ]
+)
+"""stats/dedup_thresholds.parquet: how many pool images would be caught at each similarity threshold."""
+
+COMPONENT_SIZES = pa.schema(
+    [
+        pa.field("component_size", pa.int64(), nullable=False),
+        pa.field("components", pa.int64(), nullable=False),
+        pa.field("images", pa.int64(), nullable=False),
+        pa.field("with_eval", pa.int64(), nullable=False),  # components of this size holding an eval image
+    ]
+)
+"""stats/component_sizes.parquet: the histogram of dedup component sizes (pool and eval images together)."""
 
 # ---------------------------------------------------------------------------------------------------------------
 # retrieve
@@ -185,6 +235,27 @@ CLUSTER_STATS = pa.schema(
     ]
 )
 
+SHARD_INDEX = pa.schema(
+    [
+        pa.field("shard", pa.string(), nullable=False),  # shards/lvd-NNNNNN.tar
+        pa.field("sample_key", pa.string(), nullable=False),  # the key inside the tar
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("anchor_set", pa.string(), nullable=False),
+    ]
+)
+"""shards/index.parquet: where each selected image went."""
+
+TAR_INDEX = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("ext", pa.string(), nullable=False),
+        pa.field("offset", pa.int64(), nullable=False),  # byte offset of the member's data in the tar
+        pa.field("size", pa.int64(), nullable=False),
+    ]
+)
+"""_tarindex/<stage>/NNNNN.parquet: members of a WebDataset tar, for random access by key."""
+
 SCHEMAS: dict[str, pa.Schema] = {
     "ledger": LEDGER,
     "drops": DROPS,
@@ -192,11 +263,17 @@ SCHEMAS: dict[str, pa.Schema] = {
     "download_status": DOWNLOAD_STATUS,
     "hashes": HASHES,
     "descriptors": DESCRIPTORS,
+    "embed_failures": EMBED_FAILURES,
     "components": COMPONENTS,
+    "hash_groups": HASH_GROUPS,
+    "dedup_thresholds": DEDUP_THRESHOLDS,
+    "component_sizes": COMPONENT_SIZES,
     "neighbors": NEIGHBORS,
     "selection": SELECTION,
     "retrieval_stats": RETRIEVAL_STATS,
     "cluster_stats": CLUSTER_STATS,
+    "shard_index": SHARD_INDEX,
+    "tar_index": TAR_INDEX,
 }
 
 

@@ -1,0 +1,118 @@
+"""Embedding tables and nearest-neighbour search shared by the embed, retrieve, shards and report stages.
+
+* Descriptor tables (schema ``descriptors``) hold one L2-normalised float32 vector per key;
+  :func:`descriptor_table` / :func:`load_descriptors` convert between them and ``(keys, float32 [N, D])``.
+* :func:`knn` is the one call site for exact inner-product k-NN.  It uses ``curation.knn.knn_search`` (FAISS flat
+  on CPU, chunked torch matmul + top-k on CUDA) when that module exists, else an equivalent local fallback.
+* :func:`input_stage` names the ledger stage whose kept keys are a stage's input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation import accounting
+from curation.config import STAGE_ORDER
+from curation.storage import read_table
+
+
+def descriptor_table(keys: Sequence[str], vectors: np.ndarray, source: str) -> pa.Table:
+    """(keys, float32 [N, D]) -> a ``descriptors`` table (one part holds well under 2**31 floats)."""
+    n = len(keys)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(n, -1)
+    offsets = pa.array(np.arange(n + 1, dtype=np.int64) * vectors.shape[1], pa.int32())
+    emb = pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1)), type=pa.list_(pa.float32()))
+    return pa.table({"key": pa.array(list(keys), pa.string()), "source": pa.array([source] * n, pa.string()),
+                     "embedding": emb})
+
+
+def table_vectors(t: pa.Table) -> np.ndarray:
+    """The ``embedding`` column as float32 [N, D], chunk by chunk (a whole pool exceeds int32 list offsets)."""
+    parts = []
+    d = None
+    for chunk in t.column("embedding").chunks:
+        if len(chunk) == 0:
+            continue
+        lengths = pc.list_value_length(chunk).to_numpy(zero_copy_only=False)
+        d = int(lengths[0]) if d is None else d
+        if (lengths != d).any():
+            raise ValueError("descriptor table holds vectors of different lengths")
+        parts.append(pc.list_flatten(chunk).to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d))
+    if not parts:
+        return np.zeros((0, 0), np.float32)
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def load_descriptors(paths: Iterable[Path], keys: Iterable[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """Concatenate descriptor parts -> (keys, float32 [N, D]), optionally restricted to `keys`, sorted by key."""
+    tables = [read_table(p, "descriptors") for p in sorted(map(Path, paths))]
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return [], np.zeros((0, 0), np.float32)
+    t = pa.concat_tables(tables)
+    if keys is not None:
+        t = t.filter(pc.is_in(t["key"], value_set=pa.array(list(keys), pa.string())))
+    order = pc.sort_indices(t["key"]).to_numpy()
+    keys_sorted = np.asarray(t["key"].to_pylist(), dtype=object)[order].tolist()
+    return keys_sorted, table_vectors(t)[order]
+
+
+# ------------------------------------------------------------------------------------------------- k-NN
+def _knn_fallback(queries: np.ndarray, database: np.ndarray, k: int, device: str = "auto"):
+    import torch
+
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    nq, n = len(queries), len(database)
+    if use_cuda:
+        db = torch.as_tensor(database, device="cuda", dtype=torch.float16)
+        sims, ids = [], []
+        chunk = max(1, min(nq, int(2e9 // max(1, n * 2))))  # ~2 GB of fp16 scores per chunk
+        for s in range(0, nq, chunk):
+            q = torch.as_tensor(queries[s:s + chunk], device="cuda", dtype=torch.float16)
+            v, i = torch.topk((q @ db.T).float(), k, dim=1)
+            sims.append(v.cpu())
+            ids.append(i.cpu())
+        return torch.cat(sims).numpy(), torch.cat(ids).numpy().astype(np.int64)
+    import faiss
+
+    index = faiss.IndexFlatIP(database.shape[1])
+    index.add(np.ascontiguousarray(database, dtype=np.float32))
+    sims, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return sims.astype(np.float32), ids.astype(np.int64)
+
+
+def knn(queries: np.ndarray, database: np.ndarray, k: int, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product k-NN: (sims float32 [nq, k'], ids int64 [nq, k']) with k' = min(k, len(database)),
+    best first."""
+    k = min(int(k), len(database))
+    if len(queries) == 0 or k == 0:
+        return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
+    try:
+        from curation.knn import knn_search
+    except ImportError:
+        knn_search = _knn_fallback
+    sims, ids = knn_search(np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(database, np.float32),
+                           k, device=device)
+    return np.asarray(sims, np.float32), np.asarray(ids, np.int64)
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+def input_stage(root: Path, stage: str) -> str | None:
+    """The ledger stage whose kept keys `stage` receives: the nearest earlier ledger stage that has run (the
+    configured previous one, or an earlier one when stages were left out of the run), as check_invariants
+    compares consecutive completed ledger stages."""
+    done = [s for s in accounting.completed_ledger_stages(root) if STAGE_ORDER.index(s) < STAGE_ORDER.index(stage)]
+    return done[-1] if done else accounting.previous_ledger_stage(stage)
+
+
+def input_keys(root: Path, stage: str) -> pa.Table:
+    """(key, url) of the pool images `stage` receives, sorted by key."""
+    prev = input_stage(root, stage)
+    if prev is None:
+        raise RuntimeError(f"stage {stage!r} has no earlier ledger stage to take its input from")
+    return accounting.kept_keys(root, prev)

@@ -1,0 +1,64 @@
+"""Shared fixtures: the generated demo corpus, served from a real HTTP server on 127.0.0.1, and one download of it.
+
+Session-scoped so the corpus is generated, served and downloaded once for all curation tests.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from curation.config import load_config
+from curation.runner import run_pipeline
+
+SLOW_SECONDS = 4.0  # the demo server's slow route; the download timeout below is shorter
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory) -> Path:
+    from curation.demo.corpus import generate_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    generate_corpus(out, seed=0, scale=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_corpus):
+    """The corpus served on 127.0.0.1, with urls.parquet and truth.parquet written for the bound port."""
+    from curation.demo.corpus import write_url_list
+    from curation.demo.server import DemoServer
+
+    with DemoServer(demo_corpus, slow_seconds=SLOW_SECONDS) as server:
+        write_url_list(demo_corpus, server.base_url)
+        yield server
+
+
+def base_config(corpus: Path, run_root: Path, **sections) -> dict:
+    """A config dict for the demo corpus that runs in-process (no Ray); sections override whole sections."""
+    cfg = {
+        "run_root": str(run_root),
+        "input": {"url_list": str(corpus / "urls.parquet")},
+        "ray": {"local": True},
+        "download": {
+            "shard_size": 64, "threads": 16, "timeout_s": 2.0, "max_side": 256,
+            "allow_networks": ["127.0.0.1/32"], "blocklist_domains": ["blocked.example"],
+        },
+        "filter": {"min_side": 48, "max_aspect": 4.0},
+        "dedup": {"descriptor": "pixels", "eval_sets": [{"name": "heldout", "path": str(corpus / "eval" / "heldout")}]},
+    }
+    for name, value in sections.items():
+        cfg[name] = value
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def demo_download(demo_server, demo_corpus, tmp_path_factory) -> dict:
+    """The download stage run once over the served corpus: {'root', 'corpus', 'config' (dict), 'truth'}."""
+    root = tmp_path_factory.mktemp("run") / "run"
+    cfg = base_config(demo_corpus, root, stages=["download"])
+    run_pipeline(load_config(data=copy.deepcopy(cfg)), progress=False)
+    return {"root": root, "corpus": demo_corpus, "config": cfg, "truth": pq.read_table(demo_corpus / "truth.parquet")}

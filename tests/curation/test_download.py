@@ -1,0 +1,90 @@
+"""download over the served demo corpus: every bad input ends as one drop row with its specific reason."""
+
+import io
+from collections import Counter
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from curation import accounting
+from curation.samples import iter_shard_samples
+from schemas import validate
+
+
+def _drops(root):
+    return {r["key"]: r for r in pq.read_table(root / "stats" / "drops.parquet").to_pylist()}
+
+
+def test_every_url_is_accounted_for(demo_download):
+    root, truth = demo_download["root"], demo_download["truth"]
+    ledger = accounting.read_ledger(root, "download")
+    assert ledger.num_rows == truth.num_rows  # one verdict per input URL row
+    assert sorted(ledger["key"].to_pylist()) == [f"{i:010d}" for i in range(truth.num_rows)]
+    funnel = pq.read_table(root / "stats" / "funnel.parquet").to_pylist()
+    row = [r for r in funnel if r["stage"] == "download"][0]
+    n_tar = sum(1 for t in sorted((root / "download").glob("*.tar")) for _ in iter_shard_samples(t))
+    assert row["rows_in"] == truth.num_rows == n_tar + row["dropped"]
+    assert row["kept"] == n_tar
+    accounting.check_invariants(root)
+
+
+def test_bad_inputs_get_their_specific_reason(demo_download):
+    root, truth = demo_download["root"], demo_download["truth"].to_pylist()
+    drops = _drops(root)
+    expected_download = [t for t in truth if t["expected_stage"] == "download"]
+    assert len(expected_download) >= 15
+    wrong = []
+    for t in expected_download:
+        key = f"{t['row_id']:010d}"
+        got = drops.get(key)
+        if got is None or got["stage"] != "download" or got["reason"] != t["expected_reason"]:
+            wrong.append((key, t["url"], t["expected_reason"], got and got["reason"], got and got["detail"]))
+    assert not wrong, wrong
+    # and nothing else was dropped at download
+    expected_keys = {f"{t['row_id']:010d}" for t in expected_download}
+    extra = {k: (d["reason"], d["detail"]) for k, d in drops.items() if d["stage"] == "download" and k not in expected_keys}
+    assert not extra, extra
+    reasons = Counter(drops[f"{t['row_id']:010d}"]["reason"] for t in expected_download)
+    for reason in ("http_error", "timeout", "undecodable", "truncated", "empty", "decompression_bomb", "animated",
+                   "private_address", "opted_out", "blocked_domain", "bad_url", "duplicate_url"):
+        assert reasons[reason] >= 1, f"no planted {reason} input"
+
+
+def test_redirects_to_private_addresses_are_refused(demo_download):
+    root, truth = demo_download["root"], demo_download["truth"].to_pylist()
+    drops = _drops(root)
+    redirects = [t for t in truth if t["path"] and t["path"].startswith("/redirect/")]
+    assert redirects
+    for t in redirects:
+        d = drops[f"{t['row_id']:010d}"]
+        assert d["reason"] == "private_address"
+        assert "169.254.169.254" in d["detail"] or "10.0.0.7" in d["detail"], d
+
+
+def test_kept_images_are_rgb_jpegs_within_max_side(demo_download):
+    root, truth = demo_download["root"], demo_download["truth"].to_pylist()
+    special = {f"{t['row_id']:010d}" for t in truth if t["role"] == "special_kept"}
+    assert len(special) >= 3
+    seen = set()
+    for tar in sorted((root / "download").glob("*.tar")):
+        for s in iter_shard_samples(tar):
+            im = Image.open(io.BytesIO(s.data))
+            assert im.format == "JPEG" and im.mode == "RGB"
+            assert max(im.size) <= 256
+            assert s.meta["sha256"] and s.meta["url"]
+            seen.add(s.key)
+    assert special <= seen  # CMYK, 16-bit and alpha images are converted and kept
+
+
+def test_status_tables_match_their_schema(demo_download):
+    root = demo_download["root"]
+    n = 0
+    for p in sorted((root / "download").glob("*.parquet")):
+        t = pq.read_table(p)
+        validate(t, "download_status")
+        n += t.num_rows
+    validate(pq.read_table(root / "stats" / "drops.parquet"), "drops")
+    validate(pq.read_table(root / "stats" / "funnel.parquet"), "funnel")
+    precheck = accounting.read_ledger(root, "download").filter(
+        accounting.read_ledger(root, "download")["detail"].is_valid())
+    assert n > 0 and precheck.num_rows > 0

@@ -1,0 +1,61 @@
+"""Helpers shared by the trainer tests (imported by name: tests/training has no __init__.py)."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+
+TINY_CFG = {
+    "model": {"arch": "vit_tiny_patch14", "embed_dim": 48, "depth": 2, "num_heads": 3, "drop_path_rate": 0.1},
+    "head": {"n_prototypes": 128, "hidden_dim": 64, "bottleneck_dim": 32},
+    "teacher": {"warmup_teacher_temp_epochs": 1},
+    "optim": {"epochs": 2, "iters_per_epoch": 4, "batch_size_per_gpu": 4, "base_lr": 0.002, "lr_scaling": "none",
+              "warmup_epochs": 0.5, "freeze_last_layer_epochs": 0.5},
+    "crops": {"global_crops_size": 28, "local_crops_number": 2, "local_crops_size": 14},
+    "masking": {"min_num_patches": 1},
+    "data": {"shuffle_buffer": 8, "num_workers": 0},
+    "checkpoint": {"period_iters": 2, "keep_last": 2},
+    "progress_bar": False,
+}
+
+
+def random_image(rng: np.random.Generator, h: int = 40, w: int = 48) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def write_shards(out: Path, n_shards: int = 3, per_shard: int = 10, seed: int = 0, ext: str = "jpg") -> list[Path]:
+    """Curated-shard layout: key.jpg + key.json per sample."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(n_shards):
+        p = out / f"lvd-{s:06d}.tar"
+        with tarfile.open(p, "w") as tf:
+            for i in range(per_shard):
+                key = f"{s:06d}{i:04d}"
+                buf = io.BytesIO()
+                random_image(rng).save(buf, "JPEG" if ext == "jpg" else "PNG")
+                meta = json.dumps({"source": "test", "anchor_set": "none", "similarity": 0.5}).encode()
+                for name, data in ((f"{key}.{ext}", buf.getvalue()), (f"{key}.json", meta)):
+                    ti = tarfile.TarInfo(name)
+                    ti.size = len(data)
+                    tf.addfile(ti, io.BytesIO(data))
+        paths.append(p)
+    return paths
+
+
+def write_yaml(path: Path, cfg: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_metrics(path: Path, kind: str = "train") -> list[dict]:
+    return [r for r in (json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()) if r["type"] == kind]

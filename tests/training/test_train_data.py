@@ -1,0 +1,157 @@
+"""Mask generator, multi-crop augmentation decisions, collate, and the shard / folder stream."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from lvd_train_testutils import random_image, write_shards
+
+from training.augment import AugmentConfig, MultiCropAugmentation
+from training.data import MultiCropStream, make_loader, resolve_sources
+from training.masking import MaskingGenerator, collate_multicrop
+
+
+def test_mask_generator_counts_and_shapes():
+    gen = MaskingGenerator(16)
+    assert gen.max_num_patches == 128
+    rng = random.Random(0)
+    for target in (0, 10, 40, 100):
+        for _ in range(20):
+            m = gen(target, rng)
+            assert m.shape == (16, 16) and m.dtype == bool
+            n = int(m.sum())
+            assert n <= target + 0 or target == 0
+            if target == 0:
+                assert n == 0
+            else:
+                assert n >= min(target, 4) * 0.5  # reaches (most of) the target with >= 4-patch blocks
+    # rectangles: every masked patch belongs to a masked 2x2 block or a line of >= 2 (no isolated pixels)
+    m = gen(60, rng)
+    assert m.sum() > 0
+
+
+def test_collate_half_masked_stratified_ratios():
+    grid = 14
+    gen = MaskingGenerator(grid)
+    n_tok = grid * grid
+    B = 8  # 16 global crops -> 8 masked
+    samples = [{"global_crops": [torch.zeros(3, 4, 4)] * 2, "local_crops": [torch.zeros(3, 2, 2)] * 3}
+               for _ in range(B)]
+    ratios_by_rank = [[] for _ in range(8)]
+    for seed in range(30):
+        out = collate_multicrop(samples, gen, random.Random(seed), (0.1, 0.5), 0.5)
+        masks = out["masks"]
+        assert out["global_crops"].shape == (2 * B, 3, 4, 4) and out["local_crops"].shape == (3 * B, 3, 2, 2)
+        assert masks.shape == (2 * B, n_tok)
+        counts = masks.sum(1)
+        assert int((counts > 0).sum()) == B  # exactly half of the global crops are masked
+        assert torch.equal(out["mask_indices"], masks.flatten().nonzero().flatten())
+        w = out["masks_weight"]
+        assert w.shape[0] == int(masks.sum())
+        per_img = torch.zeros(2 * B).index_add_(0, masks.nonzero()[:, 0], w)
+        assert torch.allclose(per_img[counts > 0], torch.ones(B))
+        r = sorted((counts[counts > 0].float() / n_tok).tolist())
+        for i, v in enumerate(r):
+            ratios_by_rank[i].append(v)
+        assert max(r) <= 0.5 + 1e-6 and min(r) >= 0.05
+    # stratified: the i-th smallest ratio sits near the i-th sub-interval of [0.1, 0.5]
+    edges = np.linspace(0.1, 0.5, 9)
+    for i in range(8):
+        assert edges[i] - 0.06 <= np.mean(ratios_by_rank[i]) <= edges[i + 1] + 0.01
+
+
+def test_augmentation_decision_probabilities():
+    aug = MultiCropAugmentation(AugmentConfig(global_crops_size=14, local_crops_size=7, local_crops_number=2))
+    img = random_image(np.random.default_rng(0), 20, 24)
+    rng = random.Random(0)
+    n = 1000
+    stats = {"g1": [], "g2": [], "loc": []}
+    for _ in range(n):
+        d = aug(img, rng=rng, return_decisions=True)["decisions"]
+        stats["g1"].append(d["global"][0])
+        stats["g2"].append(d["global"][1])
+        stats["loc"] += d["local"]
+    freq = {v: {k: np.mean([x[k] for x in stats[v]]) for k in ("flip", "jitter", "grayscale", "blur", "solarize")}
+            for v in stats}
+    tol = 0.05
+    for v in stats:
+        assert abs(freq[v]["flip"] - 0.5) < tol
+        assert abs(freq[v]["jitter"] - 0.8) < tol
+        assert abs(freq[v]["grayscale"] - 0.2) < tol
+    assert freq["g1"]["blur"] == 1.0
+    assert abs(freq["g2"]["blur"] - 0.1) < tol
+    assert abs(freq["loc"]["blur"] - 0.5) < tol
+    assert abs(freq["g2"]["solarize"] - 0.2) < tol
+    assert freq["g1"]["solarize"] == 0.0 and freq["loc"]["solarize"] == 0.0
+    # crop scales: the fraction of the image area covered by the crop
+    area = 20 * 24
+    g_area = [x["crop"][2] * x["crop"][3] / area for x in stats["g1"] + stats["g2"]]
+    l_area = [x["crop"][2] * x["crop"][3] / area for x in stats["loc"]]
+    assert 0.25 < min(g_area) and max(g_area) <= 1.0
+    assert min(l_area) < 0.1 and max(l_area) < 0.42
+
+
+def test_augmentation_outputs_and_determinism():
+    aug = MultiCropAugmentation(AugmentConfig(global_crops_size=28, local_crops_size=14, local_crops_number=3))
+    img = random_image(np.random.default_rng(1))
+    a = aug(img, rng=random.Random(5))
+    b = aug(img, rng=random.Random(5))
+    assert len(a["global_crops"]) == 2 and len(a["local_crops"]) == 3
+    assert a["global_crops"][0].shape == (3, 28, 28) and a["local_crops"][0].shape == (3, 14, 14)
+    for x, y in zip(a["global_crops"] + a["local_crops"], b["global_crops"] + b["local_crops"]):
+        assert torch.equal(x, y)
+    # ImageNet normalisation: values are no longer in [0, 1]
+    assert float(torch.stack(a["global_crops"]).min()) < -0.5
+
+
+def _stream(data, start_batch=0, **kw):
+    aug = MultiCropAugmentation(AugmentConfig(global_crops_size=28, local_crops_size=14, local_crops_number=2))
+    return MultiCropStream(data, aug, batch_size=4, mask_generator=MaskingGenerator(2, min_num_patches=1),
+                           seed=3, shuffle_buffer=8, start_batch=start_batch, **kw)
+
+
+def _take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_stream_over_shards_and_folder(tmp_path):
+    write_shards(tmp_path / "shards", n_shards=2, per_shard=6)
+    write_shards(tmp_path / "png", n_shards=1, per_shard=3, ext="png")
+    kind, units = resolve_sources(str(tmp_path / "shards"))
+    assert kind == "tar" and len(units) == 2
+    batches = _take(make_loader(_stream(str(tmp_path / "shards"))), 5)  # 20 samples > 12: wraps to a new pass
+    b = batches[0]
+    assert b["global_crops"].shape == (8, 3, 28, 28) and b["local_crops"].shape == (8, 3, 14, 14)
+    assert b["masks"].shape == (8, 4) and len(b["keys"]) == 4
+    keys = [k for x in batches for k in x["keys"]]
+    assert len(set(keys)) == 12  # every sample seen (the shuffle buffer mixes consecutive passes)
+    assert len(_take(make_loader(_stream(str(tmp_path / "png" / "lvd-000000.tar"))), 1)[0]["keys"]) == 4
+    # an image folder
+    folder = tmp_path / "folder" / "sub"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        random_image(rng).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+    assert resolve_sources(str(tmp_path / "folder"))[0] == "files"
+    assert _take(make_loader(_stream(str(tmp_path / "folder"))), 2)[1]["global_crops"].shape[0] == 8
+    # glob pattern
+    assert resolve_sources(str(tmp_path / "shards" / "lvd-*.tar"))[1] == units
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_resume_skips_consumed_batches_exactly(tmp_path, workers):
+    write_shards(tmp_path / "s", n_shards=3, per_shard=5)
+    full = _take(make_loader(_stream(str(tmp_path / "s")), workers), 6)
+    resumed = _take(make_loader(_stream(str(tmp_path / "s"), start_batch=3), workers), 3)
+    for a, b in zip(full[3:], resumed):
+        assert a["keys"] == b["keys"] and a["batch_index"] == b["batch_index"]
+        assert torch.equal(a["global_crops"], b["global_crops"]) and torch.equal(a["masks"], b["masks"])
+        assert torch.equal(a["local_crops"], b["local_crops"])
+
+
+def test_stream_splits_by_rank(tmp_path):
+    write_shards(tmp_path / "s", n_shards=4, per_shard=4)
+    k0 = {k for b in _take(make_loader(_stream(str(tmp_path / "s"), rank=0, world_size=2)), 2) for k in b["keys"]}
+    k1 = {k for b in _take(make_loader(_stream(str(tmp_path / "s"), rank=1, world_size=2)), 2) for k in b["keys"]}
+    assert len(k0) == 8 and len(k1) == 8 and not (k0 & k1)

@@ -1,0 +1,154 @@
+"""DINOv2 multi-crop augmentation with explicit, seedable random decisions.
+
+Per image: 2 global crops (224 px, scale 0.32-1.0) and 8 local crops (98 px, scale 0.05-0.32), bicubic
+random-resized crops; horizontal flip p=0.5; colour jitter (brightness 0.4, contrast 0.4, saturation 0.2,
+hue 0.1, in random order as torchvision does) with p=0.8; grayscale p=0.2; Gaussian blur (kernel 9,
+sigma 0.1-2.0) with p=1.0 on global 1, 0.1 on global 2, 0.5 on local crops (the paper's intent; the reference
+code swaps them by mistake); solarize (threshold 128) p=0.2 on global 2 only; ImageNet normalisation.
+
+Every random draw comes from a ``random.Random`` passed in (or seeded per sample by the data pipeline), so
+a given (seed, sample position) always gives the same crops: this is what makes resume exact and lets the
+tests count the decisions (``return_decisions=True``).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+__all__ = ["AugmentConfig", "ViewSpec", "MultiCropAugmentation", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+
+@dataclass
+class ViewSpec:
+    size: int
+    scale: tuple[float, float]
+    blur_p: float
+    solarize_p: float = 0.0
+
+
+@dataclass
+class AugmentConfig:
+    global_crops_size: int = 224
+    global_crops_scale: tuple[float, float] = (0.32, 1.0)
+    local_crops_number: int = 8
+    local_crops_size: int = 98
+    local_crops_scale: tuple[float, float] = (0.05, 0.32)
+    flip_p: float = 0.5
+    color_jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global 1, global 2, local
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel_size: int = 9
+    solarize_p: float = 0.2  # global 2 only
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _rrc_params(rng: random.Random, width: int, height: int, scale, ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params, drawing from ``rng``."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = rng.randint(0, height - h)
+            j = rng.randint(0, width - w)
+            return i, j, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class MultiCropAugmentation:
+    def __init__(self, cfg: AugmentConfig | None = None, **kwargs: Any):
+        cfg = cfg or AugmentConfig(**kwargs)
+        self.cfg = cfg
+        g1 = ViewSpec(cfg.global_crops_size, tuple(cfg.global_crops_scale), cfg.blur_p[0], 0.0)
+        g2 = ViewSpec(cfg.global_crops_size, tuple(cfg.global_crops_scale), cfg.blur_p[1], cfg.solarize_p)
+        loc = ViewSpec(cfg.local_crops_size, tuple(cfg.local_crops_scale), cfg.blur_p[2], 0.0)
+        self.global_specs = [g1, g2]
+        self.local_spec = loc
+
+    def view(self, img: Image.Image, spec: ViewSpec, rng: random.Random) -> tuple[torch.Tensor, dict[str, Any]]:
+        c = self.cfg
+        d: dict[str, Any] = {}
+        i, j, h, w = _rrc_params(rng, img.width, img.height, spec.scale)
+        d["crop"] = (i, j, h, w)
+        out = TF.resized_crop(img, i, j, h, w, [spec.size, spec.size], interpolation=InterpolationMode.BICUBIC,
+                              antialias=True)
+        d["flip"] = rng.random() < c.flip_p
+        if d["flip"]:
+            out = TF.hflip(out)
+        d["jitter"] = rng.random() < c.color_jitter_p
+        if d["jitter"]:
+            order = list(range(4))
+            rng.shuffle(order)
+            b = rng.uniform(max(0.0, 1 - c.brightness), 1 + c.brightness)
+            ct = rng.uniform(max(0.0, 1 - c.contrast), 1 + c.contrast)
+            s = rng.uniform(max(0.0, 1 - c.saturation), 1 + c.saturation)
+            hu = rng.uniform(-c.hue, c.hue)
+            for op in order:
+                if op == 0 and c.brightness > 0:
+                    out = TF.adjust_brightness(out, b)
+                elif op == 1 and c.contrast > 0:
+                    out = TF.adjust_contrast(out, ct)
+                elif op == 2 and c.saturation > 0:
+                    out = TF.adjust_saturation(out, s)
+                elif op == 3 and c.hue > 0:
+                    out = TF.adjust_hue(out, hu)
+        d["grayscale"] = rng.random() < c.grayscale_p
+        if d["grayscale"]:
+            out = TF.rgb_to_grayscale(out, num_output_channels=3)
+        d["blur"] = rng.random() < spec.blur_p
+        if d["blur"]:
+            sigma = rng.uniform(*c.blur_sigma)
+            k = c.blur_kernel_size
+            out = TF.gaussian_blur(out, [k, k], [sigma, sigma])
+        d["solarize"] = rng.random() < spec.solarize_p
+        if d["solarize"]:
+            out = TF.solarize(out, 128)
+        t = TF.normalize(TF.to_tensor(out), c.mean, c.std)
+        return t, d
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None, return_decisions: bool = False):
+        rng = rng if rng is not None else random.Random()
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        glob, loc, dec = [], [], {"global": [], "local": []}
+        for spec in self.global_specs:
+            t, d = self.view(img, spec, rng)
+            glob.append(t)
+            dec["global"].append(d)
+        for _ in range(self.cfg.local_crops_number):
+            t, d = self.view(img, self.local_spec, rng)
+            loc.append(t)
+            dec["local"].append(d)
+        out = {"global_crops": glob, "local_crops": loc}
+        if return_decisions:
+            out["decisions"] = dec
+        return out

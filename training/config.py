@@ -1,0 +1,267 @@
+"""Trainer configuration: pydantic models (unknown keys, wrong types and impossible values are rejected).
+
+Defaults are the reference DINOv2 values (``ssl_default_config.yaml`` with patch 14 / 98-px local crops);
+``pipelines/configs/train_vitl.yaml`` spells out the ViT-L/14 recipe and ``train_demo.yaml`` a CPU-sized run.
+An "epoch" is ``optim.iters_per_epoch`` iterations (the reference's OFFICIAL_EPOCH_LENGTH = 1250).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .models.vision_transformer import ARCHS
+
+__all__ = ["TrainConfig", "ConfigError", "load_config", "apply_overrides", "format_validation_error"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    arch: str = "vit_large_patch14"
+    patch_size: int = Field(14, gt=0)
+    img_size: int | None = Field(None, gt=0, description="stored pos-embed grid; default = global crop size")
+    drop_path_rate: float = Field(0.3, ge=0, lt=1)
+    layerscale: float = Field(1e-5, gt=0)
+    ffn_layer: Literal["mlp", "swiglu", "swiglufused"] | None = None
+    num_register_tokens: int | None = Field(None, ge=0)
+    embed_dim: int | None = Field(None, gt=0)
+    depth: int | None = Field(None, gt=0)
+    num_heads: int | None = Field(None, gt=0)
+    mlp_ratio: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; known: {', '.join(sorted(ARCHS))}")
+        dim = self.embed_dim or ARCHS[self.arch]["embed_dim"]
+        heads = self.num_heads or ARCHS[self.arch]["num_heads"]
+        if dim % heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {heads}")
+        return self
+
+    def build_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"patch_size": self.patch_size, "drop_path_rate": self.drop_path_rate,
+                              "init_values": self.layerscale}
+        for k in ("ffn_layer", "num_register_tokens", "embed_dim", "depth", "num_heads", "mlp_ratio"):
+            v = getattr(self, k)
+            if v is not None:
+                kw[k] = v
+        return kw
+
+
+class HeadConfig(_Strict):
+    n_prototypes: int = Field(65536, gt=0)
+    hidden_dim: int = Field(2048, gt=0)
+    bottleneck_dim: int = Field(256, gt=0)
+    nlayers: int = Field(3, ge=1)
+    ibot_separate_head: bool = False
+    ibot_n_prototypes: int = Field(65536, gt=0)
+    ibot_hidden_dim: int = Field(2048, gt=0)
+    ibot_bottleneck_dim: int = Field(256, gt=0)
+
+
+class LossConfig(_Strict):
+    dino_weight: float = Field(1.0, ge=0)
+    ibot_weight: float = Field(1.0, ge=0)
+    koleo_weight: float = Field(0.1, ge=0)
+    student_temp: float = Field(0.1, gt=0)
+    centering: Literal["centering", "sinkhorn_knopp"] = "centering"
+    center_momentum: float = Field(0.9, ge=0, le=1)
+
+
+class TeacherConfig(_Strict):
+    momentum_teacher: float = Field(0.992, ge=0, le=1)
+    final_momentum_teacher: float = Field(1.0, ge=0, le=1)
+    warmup_teacher_temp: float = Field(0.04, gt=0)
+    teacher_temp: float = Field(0.07, gt=0)
+    warmup_teacher_temp_epochs: float = Field(30, ge=0)
+
+
+class OptimConfig(_Strict):
+    epochs: float = Field(100, gt=0)
+    iters_per_epoch: int = Field(1250, gt=0)
+    batch_size_per_gpu: int = Field(64, gt=0)
+    base_lr: float = Field(0.004, gt=0)
+    lr_scaling: Literal["sqrt_wrt_1024", "linear_wrt_256", "none"] = "sqrt_wrt_1024"
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(10, ge=0)
+    weight_decay: float = Field(0.04, ge=0)
+    weight_decay_end: float = Field(0.4, ge=0)
+    layerwise_decay: float = Field(0.9, gt=0, le=1)
+    patch_embed_lr_mult: float = Field(0.2, ge=0)
+    clip_grad: float = Field(3.0, ge=0, description="0 disables clipping")
+    freeze_last_layer_epochs: float = Field(1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError("betas must lie in [0, 1)")
+        return self
+
+
+def _range(v: tuple[float, float], name: str, lo: float = 0.0, hi: float = 1.0) -> None:
+    if not (lo <= v[0] <= v[1] <= hi):
+        raise ValueError(f"{name} must satisfy {lo} <= min <= max <= {hi}, got {list(v)}")
+
+
+class CropsConfig(_Strict):
+    global_crops_size: int = Field(224, gt=0)
+    global_crops_scale: tuple[float, float] = (0.32, 1.0)
+    local_crops_number: int = Field(8, ge=0)
+    local_crops_size: int = Field(98, gt=0)
+    local_crops_scale: tuple[float, float] = (0.05, 0.32)
+    flip_p: float = Field(0.5, ge=0, le=1)
+    color_jitter_p: float = Field(0.8, ge=0, le=1)
+    brightness: float = Field(0.4, ge=0)
+    contrast: float = Field(0.4, ge=0)
+    saturation: float = Field(0.2, ge=0)
+    hue: float = Field(0.1, ge=0, le=0.5)
+    grayscale_p: float = Field(0.2, ge=0, le=1)
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = Field(0.2, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        _range(self.global_crops_scale, "global_crops_scale")
+        _range(self.local_crops_scale, "local_crops_scale")
+        if not all(0 <= p <= 1 for p in self.blur_p):
+            raise ValueError("blur_p values must lie in [0, 1]")
+        return self
+
+
+class MaskingConfig(_Strict):
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
+    mask_probability: float = Field(0.5, ge=0, le=1)
+    min_num_patches: int = Field(4, ge=1)
+    min_aspect: float = Field(0.3, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        _range(self.mask_ratio_min_max, "mask_ratio_min_max")
+        return self
+
+
+class DataConfig(_Strict):
+    shuffle_buffer: int = Field(1000, ge=1)
+    num_workers: int = Field(4, ge=0)
+
+
+class EvalConfig(_Strict):
+    train_dir: str | None = None
+    val_dir: str | None = None
+    period_iters: int = Field(0, ge=0, description="0: only at the end (when eval dirs are set)")
+    at_start: bool = False
+    img_size: int | None = Field(None, gt=0, description="default: global crop size")
+    center_crop_ratio: float = Field(0.875, gt=0, le=1)
+    knn_k: int = Field(20, gt=0)
+    knn_temp: float = Field(0.07, gt=0)
+    linear_probe: bool = True
+    batch_size: int = Field(128, gt=0)
+
+
+class CheckpointConfig(_Strict):
+    period_iters: int = Field(1250, gt=0)
+    keep_last: int = Field(3, ge=1)
+
+
+class TrainConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    head: HeadConfig = HeadConfig()
+    loss: LossConfig = LossConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    optim: OptimConfig = OptimConfig()
+    crops: CropsConfig = CropsConfig()
+    masking: MaskingConfig = MaskingConfig()
+    data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    seed: int = 0
+    max_steps: int | None = Field(None, ge=0, description="stop after this iteration (default: epochs * iters)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    deterministic: bool = False
+    log_every: int = Field(10, ge=1)
+    progress_bar: bool = True
+
+    @model_validator(mode="after")
+    def _check(self):
+        p = self.model.patch_size
+        for name, size in (("crops.global_crops_size", self.crops.global_crops_size),
+                           ("crops.local_crops_size", self.crops.local_crops_size)):
+            if size % p:
+                raise ValueError(f"{name} ({size}) must be a multiple of model.patch_size ({p})")
+        return self
+
+    @property
+    def total_iters(self) -> int:
+        return int(round(self.optim.epochs * self.optim.iters_per_epoch))
+
+
+class ConfigError(ValueError):
+    """One line naming the key path: ``config error: optim.base_lr: Input should be greater than 0 (got -1)``."""
+
+
+def format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        if e["type"] == "extra_forbidden":
+            parts.append(f"{loc}: unknown key")
+        elif isinstance(got, (int, float, str, bool)) or got is None:
+            parts.append(f"{loc}: {msg} (got {got!r})")
+        else:
+            parts.append(f"{loc}: {msg}")
+    return "config error: " + "; ".join(parts)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict."""
+    raw = dict(raw)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"config error: override {ov!r} is not of the form key.path=value")
+        key, val = ov.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = {} if nxt is None else nxt
+                if not isinstance(nxt, dict):
+                    raise ConfigError(f"config error: {key}: {part} is not a section")
+            node[part] = dict(nxt)
+            node = node[part]
+        node[parts[-1]] = _parse_value(val)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                raw: dict[str, Any] | None = None) -> TrainConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config error: {path} must hold a mapping at the top level")
+    if raw:
+        data = {**data, **raw}
+    data = apply_overrides(data, overrides or [])
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None

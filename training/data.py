@@ -1,0 +1,190 @@
+"""Training data: WebDataset tar shards (``key.jpg`` + ``key.json``; .jpeg/.png/.webp accepted) or an image folder.
+
+The stream is infinite (as the reference's infinite sampler; an "epoch" for the schedules is a fixed number of
+iterations, ``optim.iters_per_epoch``). Determinism and resume:
+
+* Reading slots: ``slot = rank * num_workers + worker``. Each pass over the data (a *data epoch*) shuffles the
+  shard order with ``seed + data_epoch``; with at least as many shards as slots each slot reads every
+  ``n_slots``-th shard, otherwise every slot reads all shards and keeps every ``n_slots``-th sample.
+* A shuffle buffer (seeded per slot) mixes samples across shards and data epochs.
+* Each worker builds whole batches. Batch ``g`` of a rank comes from worker ``g % num_workers`` (the DataLoader
+  takes workers round-robin), so the data position is simply the number of batches consumed (``start_batch``):
+  on resume each worker skips its share of raw samples *before* decoding, and everything after is identical.
+* Per-sample augmentation randomness is ``random.Random(f"{seed}-{slot}-{n}")`` for the slot's n-th sample;
+  per-batch mask randomness is seeded with (seed, rank, batch index). No global RNG is involved.
+"""
+from __future__ import annotations
+
+import glob as _glob
+import io
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .augment import MultiCropAugmentation
+from .masking import MaskingGenerator, collate_multicrop
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+__all__ = ["resolve_sources", "MultiCropStream", "make_loader", "decode_image", "IMAGE_EXTS"]
+
+
+def resolve_sources(data: str | os.PathLike | list[str]) -> tuple[str, list[str]]:
+    """Return ``("tar", shard paths)`` or ``("files", image paths)`` for a dir, glob, brace pattern or list."""
+    if isinstance(data, (list, tuple)):
+        paths = [str(p) for p in data]
+        kind = "tar" if all(p.endswith(".tar") for p in paths) else "files"
+        return kind, sorted(paths)
+    data = str(data)
+    p = Path(data)
+    if p.is_dir():
+        tars = sorted(str(x) for x in p.rglob("*.tar"))
+        if tars:
+            return "tar", tars
+        files = sorted(str(x) for x in p.rglob("*") if x.suffix.lower().lstrip(".") in IMAGE_EXTS)
+        if not files:
+            raise FileNotFoundError(f"no .tar shards and no images (.jpg/.jpeg/.png/.webp) under {data}")
+        return "files", files
+    if p.is_file():
+        return ("tar", [data]) if data.endswith(".tar") else ("files", [data])
+    import braceexpand
+
+    paths: list[str] = []
+    for pat in braceexpand.braceexpand(data):
+        paths += sorted(_glob.glob(pat)) if any(c in pat for c in "*?[") else ([pat] if os.path.exists(pat) else [])
+    if not paths:
+        raise FileNotFoundError(f"--data {data!r} matches no shard or image")
+    kind = "tar" if all(x.endswith(".tar") for x in paths) else "files"
+    return kind, sorted(paths)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB")
+
+
+def _iter_unit(kind: str, unit: str) -> Iterator[tuple[str, bytes]]:
+    if kind == "files":
+        with open(unit, "rb") as f:
+            yield unit, f.read()
+        return
+    from webdataset.tariterators import tarfile_samples
+
+    for sample in tarfile_samples([{"url": unit}]):
+        for ext in IMAGE_EXTS:
+            if ext in sample:
+                yield sample["__key__"], sample[ext]
+                break
+
+
+class MultiCropStream(IterableDataset):
+    def __init__(
+        self,
+        data: str | list[str],
+        augment: MultiCropAugmentation,
+        batch_size: int,
+        mask_generator: MaskingGenerator,
+        mask_ratio_min_max: tuple[float, float] = (0.1, 0.5),
+        mask_probability: float = 0.5,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+        start_batch: int = 0,
+    ):
+        self.kind, self.units = resolve_sources(data)
+        self.augment = augment
+        self.batch_size = batch_size
+        self.mask_generator = mask_generator
+        self.mask_ratio_min_max = tuple(mask_ratio_min_max)
+        self.mask_probability = mask_probability
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle_buffer = max(int(shuffle_buffer), 1)
+        self.start_batch = start_batch
+
+    # raw (undecoded) samples of one slot, forever
+    def _raw(self, slot: int, n_slots: int) -> Iterator[tuple[str, bytes]]:
+        data_epoch = 0
+        while True:
+            order = list(self.units)
+            random.Random(self.seed * 1_000_003 + data_epoch).shuffle(order)
+            yielded = 0
+            if len(order) >= n_slots:
+                for unit in order[slot::n_slots]:
+                    for s in _iter_unit(self.kind, unit):
+                        yielded += 1
+                        yield s
+            else:
+                i = 0
+                for unit in order:
+                    for s in _iter_unit(self.kind, unit):
+                        if i % n_slots == slot:
+                            yielded += 1
+                            yield s
+                        i += 1
+            if yielded == 0:
+                raise RuntimeError(f"data slot {slot}/{n_slots} got no sample: dataset too small for "
+                                   f"{self.world_size} rank(s) x workers, or no readable images in {self.units[:3]}")
+            data_epoch += 1
+
+    def _shuffled(self, slot: int, n_slots: int) -> Iterator[tuple[str, bytes]]:
+        rng = random.Random(f"shuffle-{self.seed}-{slot}")
+        buf: list[tuple[str, bytes]] = []
+        for s in self._raw(slot, n_slots):
+            if len(buf) < self.shuffle_buffer:
+                buf.append(s)
+                if len(buf) < self.shuffle_buffer:
+                    continue
+            i = rng.randrange(len(buf))
+            out, buf[i] = buf[i], buf[-1]
+            buf.pop()
+            yield out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)
+        slot, n_slots = self.rank * nw + wid, self.world_size * nw
+        # batches g < start_batch with g % nw == wid were consumed before the resume
+        skip_batches = max(0, (self.start_batch - wid + nw - 1) // nw)
+        to_skip = skip_batches * self.batch_size
+        local_batch = skip_batches
+        n = 0  # raw sample counter of this slot
+        batch: list[dict[str, Any]] = []
+        for key, data in self._shuffled(slot, n_slots):
+            n += 1
+            if to_skip > 0:
+                to_skip -= 1
+                continue
+            try:
+                img = decode_image(data)
+            except Exception as e:  # a corrupt image is skipped the same way on every run
+                log.warning("skipping undecodable sample %s: %s", key, e)
+                continue
+            sample = self.augment(img, rng=random.Random(f"{self.seed}-{slot}-{n}"))
+            sample["key"] = key
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                g = local_batch * nw + wid
+                out = collate_multicrop(batch, self.mask_generator, random.Random(f"mask-{self.seed}-{self.rank}-{g}"),
+                                        self.mask_ratio_min_max, self.mask_probability)
+                out["batch_index"] = g
+                yield out
+                batch = []
+                local_batch += 1
+
+
+def make_loader(stream: MultiCropStream, num_workers: int = 0) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
+                      pin_memory=torch.cuda.is_available(), prefetch_factor=2 if num_workers > 0 else None)

@@ -1,0 +1,32 @@
+"""``lvd export``: write a trained backbone in the official DINOv2 layout (see training.models.vision_transformer)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .checkpoint import export_backbone
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lvd export",
+        description="Export the EMA-teacher backbone of a DINOv2 training checkpoint as a plain state dict with the "
+                    "official DINOv2 key names (OUT.pth) plus a JSON sidecar (OUT.json: arch, img_size, patch_size, "
+                    "num_register_tokens). Load it with training.models.vision_transformer.load_official_checkpoint.")
+    p.add_argument("checkpoint", help="a checkpoint_*.pt file, or a training output dir (its newest checkpoint)")
+    p.add_argument("-o", "--output", required=True, help="output .pth path (the sidecar goes next to it)")
+    p.add_argument("--student", action="store_true", help="export the student instead of the EMA teacher")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = export_backbone(args.checkpoint, args.output, which="student" if args.student else "teacher")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""DINOv2 pretraining loop (``lvd train`` / ``pipelines/train.py``).
+
+One iteration (as the reference ``SSLMetaArch.forward_backward``):
+
+1. Teacher (EMA, eval mode: no drop-path; global crops only, no masks): CLS tokens -> DINO head; patch tokens at
+   the student's masked positions -> iBOT head (the DINO head when shared). Probabilities by centering (centre
+   momentum 0.9, updated after use, as an explicit step) or Sinkhorn-Knopp, at the scheduled teacher temperature.
+2. Student (train mode, drop-path): global crops with masks and local crops through the backbone in one call
+   (a list of batches); CLS tokens -> DINO head; masked patch tokens -> iBOT head.
+3. Loss = dino_w * DINO (18 pairs) + ibot_w * iBOT + koleo_w * sum over the 2 global crops of KoLeo(pre-head CLS).
+   A non-finite term stops the run with an error naming it.
+4. Backward, gradient clip 3.0 per module (backbone, dino head, ibot head; as the reference), prototype layer
+   frozen (no update at all) during ``freeze_last_layer_epochs``, AdamW step with scheduled lr / wd per group,
+   EMA update of the teacher with the scheduled momentum.
+
+Multi-process runs (torchrun / Ray Train set RANK, WORLD_SIZE, MASTER_ADDR): gradients are averaged with
+all_reduce after backward (plain data parallel; FSDP2 sharding is future work), centres and Sinkhorn-Knopp are
+distribution-aware, each rank reads its own share of the shards.
+Metrics: one JSON object per line in ``OUTPUT/metrics.jsonl`` (``"type": "train"`` per iteration and
+``"type": "eval"``), plus a tqdm bar.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from .augment import AugmentConfig, MultiCropAugmentation
+from .checkpoint import find_latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import ConfigError, TrainConfig, load_config
+from .data import MultiCropStream, make_loader
+from .heads import DINOHead
+from .losses import DINOLoss, dino_multicrop_loss, ibot_masked_loss, iBOTPatchLoss, koleo_loss
+from .masking import MaskingGenerator
+from .models.vision_transformer import build_backbone
+from .optim import apply_schedules, build_optimizer, get_param_groups
+from .schedules import build_schedules, scaled_lr
+
+log = logging.getLogger("lvd.train")
+__all__ = ["main", "train", "build_models", "ema_update", "NonFiniteLossError", "build_parser"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+# ---------------------------------------------------------------------- models
+def build_models(cfg: TrainConfig) -> tuple[nn.ModuleDict, nn.ModuleDict, dict[str, Any]]:
+    kw = cfg.model.build_kwargs()
+    kw["img_size"] = cfg.model.img_size or cfg.crops.global_crops_size
+    backbone = build_backbone(cfg.model.arch, **kw)
+    dim = backbone.embed_dim
+    h = cfg.head
+    student = nn.ModuleDict({
+        "backbone": backbone,
+        "dino_head": DINOHead(dim, h.n_prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers),
+    })
+    if h.ibot_separate_head and cfg.loss.ibot_weight > 0:
+        student["ibot_head"] = DINOHead(dim, h.ibot_n_prototypes, h.ibot_hidden_dim, h.ibot_bottleneck_dim, h.nlayers)
+    teacher = nn.ModuleDict({k: _clone(v) for k, v in student.items()})
+    teacher.load_state_dict(student.state_dict())
+    teacher.backbone.set_drop_path(0.0)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return student, teacher, {"arch": cfg.model.arch, "kwargs": kw}
+
+
+def _clone(m: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(m)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter (same names)."""
+    t_params = dict(teacher.named_parameters())
+    tl, sl = [], []
+    for name, sp in student.named_parameters():
+        tl.append(t_params[name])
+        sl.append(sp.detach())
+    torch._foreach_mul_(tl, momentum)
+    torch._foreach_add_(tl, sl, alpha=1.0 - momentum)
+
+
+# ---------------------------------------------------------------------- distributed
+def _init_distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, (dist.get_world_size() if dist.is_initialized() else 1), local_rank
+
+
+# ---------------------------------------------------------------------- one step
+def _head_logits(heads: nn.ModuleDict, cls: list[torch.Tensor], patches: torch.Tensor | None):
+    """Run the DINO head on the CLS tokens (and the iBOT head on the patches; one pass when shared)."""
+    n_cls = [c.shape[0] for c in cls]
+    if patches is None:
+        return list(heads["dino_head"](torch.cat(cls)).split(n_cls)), None
+    if "ibot_head" in heads:
+        return list(heads["dino_head"](torch.cat(cls)).split(n_cls)), heads["ibot_head"](patches)
+    out = heads["dino_head"](torch.cat(cls + [patches]))
+    parts = out.split(n_cls + [patches.shape[0]])
+    return list(parts[:-1]), parts[-1]
+
+
+def forward_losses(student, teacher, dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, batch: dict[str, Any],
+                   cfg: TrainConfig, teacher_temp: float, device: torch.device, autocast) -> dict[str, torch.Tensor]:
+    gc = batch["global_crops"].to(device, non_blocking=True)
+    lc = batch["local_crops"].to(device, non_blocking=True)
+    do_ibot = cfg.loss.ibot_weight > 0 and batch["n_masked_patches"] > 0
+    masks = batch["masks"].to(device) if do_ibot else None
+    mask_idx = batch["mask_indices"].to(device) if do_ibot else None
+    centering = cfg.loss.centering
+    n_local = lc.shape[0]
+
+    with torch.no_grad(), autocast():
+        t = teacher["backbone"].forward_features(gc)
+        t_patch = t["x_norm_patchtokens"].flatten(0, 1)[mask_idx] if do_ibot else None
+        (t_cls_logits,), t_patch_logits = _head_logits(teacher, [t["x_norm_clstoken"]], t_patch)
+        t_cls_logits = t_cls_logits.float()
+        dino_probs = dino_loss.teacher_probs(t_cls_logits, teacher_temp, centering)
+        ibot_probs = ibot_loss.teacher_probs(t_patch_logits.float(), teacher_temp, centering) if do_ibot else None
+        if centering == "centering":
+            dino_loss.update_center(t_cls_logits)
+            if do_ibot:
+                ibot_loss.update_center(t_patch_logits.float())
+
+    with autocast():
+        inputs = [gc, lc] if n_local else [gc]
+        outs = student["backbone"].forward_features(inputs, masks=[masks, None] if n_local else [masks])
+        s_g = outs[0]
+        s_g_cls = s_g["x_norm_clstoken"]
+        cls = [s_g_cls] + ([outs[1]["x_norm_clstoken"]] if n_local else [])
+        s_patch = s_g["x_norm_patchtokens"].flatten(0, 1)[mask_idx] if do_ibot else None
+        cls_logits, s_patch_logits = _head_logits(student, cls, s_patch)
+
+    terms: dict[str, torch.Tensor] = {}
+    st = cfg.loss.student_temp
+    terms["dino"] = dino_multicrop_loss(cls_logits[0], cls_logits[1] if n_local else None, dino_probs, st)
+    if cfg.loss.koleo_weight > 0:
+        terms["koleo"] = sum(koleo_loss(c) for c in s_g_cls.chunk(2))
+    if do_ibot:
+        terms["ibot"] = ibot_masked_loss(s_patch_logits, ibot_probs, masks, st, batch["masks_weight"].to(device))
+    weights = {"dino": cfg.loss.dino_weight, "koleo": cfg.loss.koleo_weight, "ibot": cfg.loss.ibot_weight}
+    total = sum(weights[k] * v for k, v in terms.items())
+    terms["loss"] = total
+    return terms
+
+
+def check_finite(terms: dict[str, torch.Tensor], iteration: int) -> None:
+    for name, v in terms.items():
+        if name != "loss" and not torch.isfinite(v).all():
+            raise NonFiniteLossError(
+                f"non-finite {name} loss ({float(v)}) at iteration {iteration}: stopping. Lower the lr, check the "
+                f"inputs (normalised?) or use fp32 (precision=fp32).")
+    if not torch.isfinite(terms["loss"]).all():
+        raise NonFiniteLossError(f"non-finite total loss at iteration {iteration}: stopping.")
+
+
+# ---------------------------------------------------------------------- metrics
+class MetricsWriter:
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+
+    def truncate_after(self, iteration: int) -> None:
+        """On resume drop rows of iterations after the checkpoint (they are recomputed identically)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a half-written last line from a killed run
+            if int(row.get("iteration", 0)) <= iteration:
+                keep.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        os.replace(tmp, self.path)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------------- training
+def train(cfg: TrainConfig, data: str | list[str], output_dir: str | os.PathLike) -> dict[str, Any]:
+    """Train (resuming from the newest checkpoint in ``output_dir`` when there is one); returns a summary."""
+    rank, world, local_rank = _init_distributed()
+    out = Path(output_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)  # drop-path differs per rank; weights are broadcast below
+
+    student, teacher, backbone_info = build_models(cfg)
+    student.to(device)
+    teacher.to(device)
+    if world > 1:
+        for p in list(student.parameters()) + list(teacher.parameters()):
+            dist.broadcast(p.data, 0)
+    teacher.eval()
+    student.train()
+    dino_loss = DINOLoss(cfg.head.n_prototypes, cfg.loss.student_temp, cfg.loss.center_momentum).to(device)
+    ibot_dim = cfg.head.ibot_n_prototypes if "ibot_head" in student else cfg.head.n_prototypes
+    ibot_loss = iBOTPatchLoss(ibot_dim, cfg.loss.student_temp, cfg.loss.center_momentum).to(device)
+
+    depth = student["backbone"].depth
+    groups = get_param_groups(student, depth, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
+    optimizer = build_optimizer(groups, cfg.optim.betas)
+    bs = cfg.optim.batch_size_per_gpu
+    lr = scaled_lr(cfg.optim.base_lr, bs * world, cfg.optim.lr_scaling)
+    o, tc = cfg.optim, cfg.teacher
+    sched = build_schedules(lr=lr, min_lr=o.min_lr, epochs=o.epochs, iters_per_epoch=o.iters_per_epoch,
+                            warmup_epochs=o.warmup_epochs, weight_decay=o.weight_decay,
+                            weight_decay_end=o.weight_decay_end, momentum_teacher=tc.momentum_teacher,
+                            final_momentum_teacher=tc.final_momentum_teacher,
+                            warmup_teacher_temp=tc.warmup_teacher_temp, teacher_temp=tc.teacher_temp,
+                            warmup_teacher_temp_epochs=tc.warmup_teacher_temp_epochs,
+                            freeze_last_layer_epochs=o.freeze_last_layer_epochs)
+    freeze_iters = int(round(o.freeze_last_layer_epochs * o.iters_per_epoch))
+    total_iters = cfg.total_iters if cfg.max_steps is None else min(cfg.max_steps, cfg.total_iters)
+
+    metrics = MetricsWriter(out / "metrics.jsonl", enabled=rank == 0)
+    start_iter = 0
+    latest = find_latest_checkpoint(out)
+    if latest is not None:
+        ck = load_checkpoint(latest, map_location="cpu")
+        student.load_state_dict(ck["student"])
+        teacher.load_state_dict(ck["teacher"])
+        optimizer.load_state_dict(ck["optimizer"])
+        dino_loss.center.copy_(ck["dino_center"].to(device))
+        ibot_loss.center.copy_(ck["ibot_center"].to(device))
+        start_iter = int(ck["iteration"])
+        if ck["data_position"].get("world_size", 1) == world:
+            set_rng_state(ck["rng"] if world == 1 else ck.get("rng_per_rank", {}).get(rank, ck["rng"]))
+        log.info("resumed from %s at iteration %d", latest, start_iter)
+        metrics.truncate_after(start_iter)
+        del ck
+    if rank == 0:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+    c = cfg.crops
+    augment = MultiCropAugmentation(AugmentConfig(
+        global_crops_size=c.global_crops_size, global_crops_scale=tuple(c.global_crops_scale),
+        local_crops_number=c.local_crops_number, local_crops_size=c.local_crops_size,
+        local_crops_scale=tuple(c.local_crops_scale), flip_p=c.flip_p, color_jitter_p=c.color_jitter_p,
+        brightness=c.brightness, contrast=c.contrast, saturation=c.saturation, hue=c.hue,
+        grayscale_p=c.grayscale_p, blur_p=tuple(c.blur_p), blur_sigma=tuple(c.blur_sigma), solarize_p=c.solarize_p))
+    grid = c.global_crops_size // cfg.model.patch_size
+    mask_gen = MaskingGenerator(grid, min_num_patches=cfg.masking.min_num_patches, min_aspect=cfg.masking.min_aspect)
+    # samples consumed before a resume on the same world size are skipped exactly (start_batch = iteration)
+    stream = MultiCropStream(data, augment, bs, mask_gen, tuple(cfg.masking.mask_ratio_min_max),
+                             cfg.masking.mask_probability, seed=cfg.seed, rank=rank, world_size=world,
+                             shuffle_buffer=cfg.data.shuffle_buffer, start_batch=start_iter)
+    loader = make_loader(stream, cfg.data.num_workers)
+
+    def run_eval(iteration: int) -> dict[str, Any] | None:
+        e = cfg.eval
+        if not e.train_dir or rank != 0:
+            return None
+        from .evaluate import evaluate_backbone
+
+        res = evaluate_backbone(teacher["backbone"], e.train_dir, e.val_dir, e.img_size or c.global_crops_size,
+                                e.knn_k, e.knn_temp, e.linear_probe, e.batch_size, e.center_crop_ratio, device)
+        row = {"type": "eval", "iteration": iteration, **res}
+        metrics.write(row)
+        log.info("eval at iteration %d: %s", iteration, res)
+        return row
+
+    def save(iteration: int) -> None:
+        if rank != 0:
+            return
+        save_checkpoint(out, {
+            "iteration": iteration,
+            "student": student.state_dict(),
+            "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "dino_center": dino_loss.center.cpu(),
+            "ibot_center": ibot_loss.center.cpu(),
+            "data_position": {"batches_consumed": iteration, "samples_consumed": iteration * bs * world,
+                              "batch_size_per_rank": bs, "world_size": world},
+            "rng": rng_state(),
+            "config": cfg.model_dump(mode="json"),
+            "backbone": backbone_info,
+        }, keep_last=cfg.checkpoint.keep_last)
+
+    last_eval = None
+    if cfg.eval.at_start and start_iter == 0:
+        last_eval = run_eval(0)
+    params_by_module = {k: [p for p in m.parameters() if p.requires_grad] for k, m in student.items()}
+    last_layer_params = [p for g in optimizer.param_groups if g["is_last_layer"] for p in g["params"]]
+    all_params = [p for ps in params_by_module.values() for p in ps]
+
+    bar = None
+    if rank == 0 and cfg.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_iters, initial=start_iter, desc="train", dynamic_ncols=True)
+    it = start_iter
+    t0 = time.time()
+    last_row: dict[str, Any] = {}
+    data_iter = iter(loader)
+    try:
+        while it < total_iters:
+            batch = next(data_iter)
+            lr_it, wd_it, mom_it = sched["lr"][it], sched["wd"][it], sched["momentum"][it]
+            ll_lr, temp_it = sched["last_layer_lr"][it], sched["teacher_temp"][it]
+            apply_schedules(optimizer, lr_it, wd_it, ll_lr)
+            optimizer.zero_grad(set_to_none=True)
+            terms = forward_losses(student, teacher, dino_loss, ibot_loss, batch, cfg, temp_it, device, autocast)
+            check_finite(terms, it)
+            terms["loss"].backward()
+            if world > 1:
+                for p in all_params:
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad.div_(world)
+            grad_norms = {}
+            if cfg.optim.clip_grad > 0:
+                for name, ps in params_by_module.items():
+                    grad_norms[name] = float(torch.nn.utils.clip_grad_norm_(ps, cfg.optim.clip_grad))
+            if it < freeze_iters:
+                for p in last_layer_params:
+                    p.grad = None
+            optimizer.step()
+            ema_update(teacher, student, mom_it)
+            row = {"type": "train", "step": it, "iteration": it + 1, "epoch": it / cfg.optim.iters_per_epoch,
+                   **{f"{k}_loss" if k != "loss" else "loss": float(v.detach()) for k, v in terms.items()},
+                   "lr": lr_it, "wd": wd_it, "momentum": mom_it, "teacher_temp": temp_it,
+                   "n_masked_patches": int(batch["n_masked_patches"]), "time": time.time() - t0,
+                   **{f"grad_norm_{k}": v for k, v in grad_norms.items()}}
+            metrics.write(row)
+            last_row = row
+            it += 1
+            if bar is not None:
+                bar.update(1)
+                if it % cfg.log_every == 0 or it == total_iters:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr_it:.2e}")
+            if cfg.eval.period_iters and it % cfg.eval.period_iters == 0 and it < total_iters:
+                last_eval = run_eval(it)
+            if it % cfg.checkpoint.period_iters == 0 or it == total_iters:
+                save(it)
+    finally:
+        if bar is not None:
+            bar.close()
+    if it > start_iter or last_eval is None:
+        last_eval = run_eval(it) if cfg.eval.train_dir else None
+    return {"iterations": it, "last": last_row, "eval": last_eval, "output_dir": str(out)}
+
+
+# ---------------------------------------------------------------------- CLI
+def build_parser(prog: str = "lvd train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="DINOv2 pretraining (EMA teacher, DINO + iBOT + KoLeo losses) on WebDataset shards or an image "
+                    "folder. Resumes automatically from the newest checkpoint in --output.",
+        epilog="Overrides are dotted YAML keys, e.g. optim.base_lr=0.002 crops.local_crops_number=6 "
+               "model.arch=vit_small_patch14. Run as a Ray job with: ray job submit -- python pipelines/train.py ...")
+    p.add_argument("--config", required=True, help="YAML config (see pipelines/configs/train_*.yaml)")
+    p.add_argument("--data", required=True, help="shard dir, glob / brace pattern of .tar shards, or image folder")
+    p.add_argument("--output", default="runs/train", help="output dir: checkpoints/, metrics.jsonl, config.yaml")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many iterations in total")
+    p.add_argument("--eval-train-dir", default=None, help="labelled folder (class subfolders) for k-NN / linear probe")
+    p.add_argument("--eval-val-dir", default=None, help="labelled validation folder (default: split of train dir)")
+    p.add_argument("--export", default=None, help="after training, export the teacher backbone to this .pth")
+    p.add_argument("overrides", nargs="*", help="key.path=value config overrides")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    if args.eval_train_dir:
+        overrides.append(f"eval.train_dir={args.eval_train_dir}")
+    if args.eval_val_dir:
+        overrides.append(f"eval.val_dir={args.eval_val_dir}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    try:
+        summary = train(cfg, args.data, args.output)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if args.export:
+        from .checkpoint import export_backbone
+
+        path = export_backbone(args.output, args.export)
+        summary["export"] = str(path)
+    print(json.dumps({k: v for k, v in summary.items() if k != "last"} | {"loss": summary["last"].get("loss")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
