@@ -204,7 +204,7 @@ class EmbedConfig(Section):
     num_workers: Annotated[int, Field(ge=0)] = 4
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
     prefetch_factor: PositiveInt = Field(4, description="batches each DataLoader worker prepares ahead")
-    pixel_grid: Annotated[int, Field(ge=2, le=64)] = Field(8, description="thumbnail side of the 'pixels' model")
+    pixel_bins: Annotated[int, Field(ge=2, le=32)] = Field(12, description="colour-histogram levels per channel of 'pixels'")
 
     @field_validator("checkpoint")
     @classmethod
@@ -278,6 +278,9 @@ class RetrieveConfig(Section):
     nlist: Annotated[int, Field(ge=0)] = Field(0, description="IVF lists; 0 = about 4 * sqrt(pool size)")
     nprobe: PositiveInt = Field(32, description="IVF lists visited per query")
     pq_m: Annotated[int, Field(ge=0)] = Field(0, description="PQ sub-quantizers (divides the dim); 0 = dim / 8")
+    pq_rerank: Annotated[int, Field(ge=0)] = Field(
+        4, description="ivf_pq: re-rank this many x k PQ candidates with the exact vectors (0 or 1 = off)"
+    )
     kmeans_iters: PositiveInt = 20
     device: Device = "auto"
 

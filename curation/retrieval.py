@@ -44,7 +44,7 @@ def build_ivf(database: np.ndarray, kind: str, nlist: int = 0, nprobe: int = 32,
 
     n, d = database.shape
     desc = ivf_factory(n, d, kind, nlist, pq_m)
-    index = faiss.downcast_index(faiss.index_factory(d, desc, faiss.METRIC_INNER_PRODUCT))
+    index = faiss.index_factory(d, desc, faiss.METRIC_INNER_PRODUCT)  # already the concrete class
     if hasattr(index, "do_polysemous_training"):  # DESIGN 7: polysemous training makes PQ training ~30x slower
         index.do_polysemous_training = False
         index.polysemous_ht = 0
@@ -78,13 +78,24 @@ class SearchResult:
 
 def search(queries: np.ndarray, database: np.ndarray, k: int, index: str = "exact", *, nlist: int = 0,
            nprobe: int = 32, pq_m: int = 0, recall_sample: int = 1000, seed: int = 0,
-           device: str = "auto") -> SearchResult:
+           device: str = "auto", rerank: int = 4) -> SearchResult:
     k = min(int(k), len(database))
     if index == "exact" or len(database) < 2 or len(queries) == 0:
         sims, ids = knn(queries, database, k, device=device)
         return SearchResult(sims, ids, None, "exact")
     idx, desc = build_ivf(database, index, nlist, nprobe, pq_m, seed)
-    sims, ids = idx.search(np.ascontiguousarray(queries, np.float32), k)
+    q = np.ascontiguousarray(queries, np.float32)
+    if index == "ivf_pq" and rerank > 1:
+        # PQ codes rank coarsely: take rerank * k candidates, re-rank them with the exact vectors (held anyway)
+        kk = min(len(database), rerank * k)
+        _, cand = idx.search(q, kk)
+        exact = np.einsum("qd,qkd->qk", q, database[np.maximum(cand, 0)])
+        exact[cand < 0] = -np.inf
+        top = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        sims, ids = np.take_along_axis(exact, top, 1), np.take_along_axis(cand, top, 1)
+        desc += f",rerank{kk}"
+    else:
+        sims, ids = idx.search(q, k)
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(queries), min(recall_sample, len(queries)), replace=False))
     _, exact = knn(queries[sample], database, k, device=device)

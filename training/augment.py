@@ -94,25 +94,37 @@ class MultiCropAugmentation:
         self.global_specs = [g1, g2]
         self.local_spec = loc
 
-    def view(self, img: Image.Image, spec: ViewSpec, rng: random.Random) -> tuple[torch.Tensor, dict[str, Any]]:
+    def draw(self, spec: ViewSpec, rng: random.Random, width: int, height: int) -> dict[str, Any]:
+        """All random decisions of one view (drawn before any pixel work, so they can be counted cheaply)."""
         c = self.cfg
-        d: dict[str, Any] = {}
-        i, j, h, w = _rrc_params(rng, img.width, img.height, spec.scale)
-        d["crop"] = (i, j, h, w)
-        out = TF.resized_crop(img, i, j, h, w, [spec.size, spec.size], interpolation=InterpolationMode.BICUBIC,
-                              antialias=True)
+        d: dict[str, Any] = {"crop": _rrc_params(rng, width, height, spec.scale)}
         d["flip"] = rng.random() < c.flip_p
-        if d["flip"]:
-            out = TF.hflip(out)
         d["jitter"] = rng.random() < c.color_jitter_p
         if d["jitter"]:
             order = list(range(4))
             rng.shuffle(order)
-            b = rng.uniform(max(0.0, 1 - c.brightness), 1 + c.brightness)
-            ct = rng.uniform(max(0.0, 1 - c.contrast), 1 + c.contrast)
-            s = rng.uniform(max(0.0, 1 - c.saturation), 1 + c.saturation)
-            hu = rng.uniform(-c.hue, c.hue)
-            for op in order:
+            d["jitter_order"] = order
+            d["jitter_factors"] = (rng.uniform(max(0.0, 1 - c.brightness), 1 + c.brightness),
+                                   rng.uniform(max(0.0, 1 - c.contrast), 1 + c.contrast),
+                                   rng.uniform(max(0.0, 1 - c.saturation), 1 + c.saturation),
+                                   rng.uniform(-c.hue, c.hue))
+        d["grayscale"] = rng.random() < c.grayscale_p
+        d["blur"] = rng.random() < spec.blur_p
+        if d["blur"]:
+            d["blur_sigma"] = rng.uniform(*c.blur_sigma)
+        d["solarize"] = rng.random() < spec.solarize_p
+        return d
+
+    def apply(self, img: Image.Image, spec: ViewSpec, d: dict[str, Any]) -> torch.Tensor:
+        c = self.cfg
+        i, j, h, w = d["crop"]
+        out = TF.resized_crop(img, i, j, h, w, [spec.size, spec.size], interpolation=InterpolationMode.BICUBIC,
+                              antialias=True)
+        if d["flip"]:
+            out = TF.hflip(out)
+        if d["jitter"]:
+            b, ct, s, hu = d["jitter_factors"]
+            for op in d["jitter_order"]:
                 if op == 0 and c.brightness > 0:
                     out = TF.adjust_brightness(out, b)
                 elif op == 1 and c.contrast > 0:
@@ -121,19 +133,23 @@ class MultiCropAugmentation:
                     out = TF.adjust_saturation(out, s)
                 elif op == 3 and c.hue > 0:
                     out = TF.adjust_hue(out, hu)
-        d["grayscale"] = rng.random() < c.grayscale_p
         if d["grayscale"]:
             out = TF.rgb_to_grayscale(out, num_output_channels=3)
-        d["blur"] = rng.random() < spec.blur_p
         if d["blur"]:
-            sigma = rng.uniform(*c.blur_sigma)
             k = c.blur_kernel_size
-            out = TF.gaussian_blur(out, [k, k], [sigma, sigma])
-        d["solarize"] = rng.random() < spec.solarize_p
+            out = TF.gaussian_blur(out, [k, k], [d["blur_sigma"]] * 2)
         if d["solarize"]:
             out = TF.solarize(out, 128)
-        t = TF.normalize(TF.to_tensor(out), c.mean, c.std)
-        return t, d
+        return TF.normalize(TF.to_tensor(out), c.mean, c.std)
+
+    def view(self, img: Image.Image, spec: ViewSpec, rng: random.Random) -> tuple[torch.Tensor, dict[str, Any]]:
+        d = self.draw(spec, rng, img.width, img.height)
+        return self.apply(img, spec, d), d
+
+    def draw_all(self, rng: random.Random, width: int, height: int) -> dict[str, list[dict[str, Any]]]:
+        """The decisions ``__call__`` would take for an image of this size, without touching pixels."""
+        return {"global": [self.draw(s, rng, width, height) for s in self.global_specs],
+                "local": [self.draw(self.local_spec, rng, width, height) for _ in range(self.cfg.local_crops_number)]}
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None, return_decisions: bool = False):
         rng = rng if rng is not None else random.Random()

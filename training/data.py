@@ -3,15 +3,18 @@
 The stream is infinite (as the reference's infinite sampler; an "epoch" for the schedules is a fixed number of
 iterations, ``optim.iters_per_epoch``). Determinism and resume:
 
-* Reading slots: ``slot = rank * num_workers + worker``. Each pass over the data (a *data epoch*) shuffles the
-  shard order with ``seed + data_epoch``; with at least as many shards as slots each slot reads every
-  ``n_slots``-th shard, otherwise every slot reads all shards and keeps every ``n_slots``-th sample.
-* A shuffle buffer (seeded per slot) mixes samples across shards and data epochs.
-* Each worker builds whole batches. Batch ``g`` of a rank comes from worker ``g % num_workers`` (the DataLoader
-  takes workers round-robin), so the data position is simply the number of batches consumed (``start_batch``):
-  on resume each worker skips its share of raw samples *before* decoding, and everything after is identical.
-* Per-sample augmentation randomness is ``random.Random(f"{seed}-{slot}-{n}")`` for the slot's n-th sample;
-  per-batch mask randomness is seeded with (seed, rank, batch index). No global RNG is involved.
+* Ranks: each pass over the data (a *data epoch*) shuffles the shard order with ``seed + data_epoch``; with at
+  least as many shards as ranks each rank reads every ``world_size``-th shard, otherwise every rank reads all
+  shards and keeps every ``world_size``-th sample. A shuffle buffer (seeded per rank) mixes samples across
+  shards and passes. This gives one deterministic raw sample sequence per rank.
+* Batch ``g`` of a rank is samples ``[g * B, (g + 1) * B)`` of that sequence. DataLoader workers all walk the
+  raw sequence (cheap: no decoding) and each decodes / augments only its own batches (worker ``k % W`` builds
+  the k-th batch after ``start_batch``, matching the DataLoader's round-robin), so a batch's content depends
+  only on ``g``: the data position is the number of batches consumed, and a resume (with any worker count)
+  skips them exactly.
+* Per-sample augmentation randomness is ``random.Random(f"{seed}-{rank}-{n}")`` for the rank's n-th sample;
+  per-batch mask randomness is seeded with (seed, rank, g). No global RNG is involved. An undecodable image is
+  replaced by a grey image (logged), so batch boundaries never shift.
 """
 from __future__ import annotations
 
@@ -155,34 +158,29 @@ class MultiCropStream(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
             torch.set_num_threads(1)
-        slot, n_slots = self.rank * nw + wid, self.world_size * nw
-        # batches g < start_batch with g % nw == wid were consumed before the resume
-        skip_batches = max(0, (self.start_batch - wid + nw - 1) // nw)
-        to_skip = skip_batches * self.batch_size
-        local_batch = skip_batches
-        n = 0  # raw sample counter of this slot
+        bs = self.batch_size
         batch: list[dict[str, Any]] = []
-        for key, data in self._shuffled(slot, n_slots):
-            n += 1
-            if to_skip > 0:
-                to_skip -= 1
+        # every worker walks the rank's raw (undecoded) stream; batch g = samples [g*bs, (g+1)*bs) and the
+        # resumed loader's k-th batch (start_batch + k) is built by worker k % nw, which the DataLoader reads
+        # round-robin from worker 0: so batch contents depend only on g, whatever the worker count.
+        for n, (key, data) in enumerate(self._shuffled(self.rank, self.world_size)):
+            g = n // bs
+            if g < self.start_batch or (g - self.start_batch) % nw != wid:
                 continue
             try:
                 img = decode_image(data)
-            except Exception as e:  # a corrupt image is skipped the same way on every run
-                log.warning("skipping undecodable sample %s: %s", key, e)
-                continue
-            sample = self.augment(img, rng=random.Random(f"{self.seed}-{slot}-{n}"))
+            except Exception as e:  # deterministic stand-in, so batch boundaries never shift
+                log.warning("undecodable sample %s replaced by a grey image: %s", key, e)
+                img = Image.new("RGB", (64, 64), (128, 128, 128))
+            sample = self.augment(img, rng=random.Random(f"{self.seed}-{self.rank}-{n}"))
             sample["key"] = key
             batch.append(sample)
-            if len(batch) == self.batch_size:
-                g = local_batch * nw + wid
+            if len(batch) == bs:
                 out = collate_multicrop(batch, self.mask_generator, random.Random(f"mask-{self.seed}-{self.rank}-{g}"),
                                         self.mask_ratio_min_max, self.mask_probability)
                 out["batch_index"] = g
                 yield out
                 batch = []
-                local_batch += 1
 
 
 def make_loader(stream: MultiCropStream, num_workers: int = 0) -> DataLoader:

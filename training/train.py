@@ -257,6 +257,7 @@ def train(cfg: TrainConfig, data: str | list[str], output_dir: str | os.PathLike
 
     metrics = MetricsWriter(out / "metrics.jsonl", enabled=rank == 0)
     start_iter = 0
+    resume_rng = None
     latest = find_latest_checkpoint(out)
     if latest is not None:
         ck = load_checkpoint(latest, map_location="cpu")
@@ -266,8 +267,8 @@ def train(cfg: TrainConfig, data: str | list[str], output_dir: str | os.PathLike
         dino_loss.center.copy_(ck["dino_center"].to(device))
         ibot_loss.center.copy_(ck["ibot_center"].to(device))
         start_iter = int(ck["iteration"])
-        if ck["data_position"].get("world_size", 1) == world:
-            set_rng_state(ck["rng"] if world == 1 else ck.get("rng_per_rank", {}).get(rank, ck["rng"]))
+        if ck["data_position"].get("world_size", 1) == world and world == 1:
+            resume_rng = ck["rng"]  # restored right before the loop (creating the loader iterator draws a seed)
         log.info("resumed from %s at iteration %d", latest, start_iter)
         metrics.truncate_after(start_iter)
         del ck
@@ -335,6 +336,8 @@ def train(cfg: TrainConfig, data: str | list[str], output_dir: str | os.PathLike
     t0 = time.time()
     last_row: dict[str, Any] = {}
     data_iter = iter(loader)
+    if resume_rng is not None:
+        set_rng_state(resume_rng)
     try:
         while it < total_iters:
             batch = next(data_iter)

@@ -76,21 +76,32 @@ class Preprocess:
 
 
 class PixelDescriptor(nn.Module):
-    """A fixed, weight-free descriptor of pixels: a low-resolution colour thumbnail (``grid`` x ``grid`` area
-    means of the centre crop, in [0, 1]), with each channel's image mean removed and divided by a global scale,
-    concatenated with the channel means themselves.  Robust to mild crops, blur, JPEG and small colour shifts;
-    images that look alike at low resolution are near each other, which is what the demo corpus plants."""
+    """A fixed, weight-free descriptor of pixels for tests and the demo, whose quality is measured there
+    (precision@4 of sample-based retrieval on the demo corpus, tests/curation/test_retrieve.py):
 
-    def __init__(self, grid: int = 8):
+    * a joint RGB colour histogram of the centre crop (``bins`` levels per channel), square-rooted (Hellinger) and
+      L2-normalised: robust to layout changes, sharp on small hue differences;
+    * plus, at weight ``thumb_weight``, a ``grid`` x ``grid`` colour thumbnail (channel-mean-free detail and the
+      channel means), L2-normalised: coarse layout.
+
+    Chosen by measurement on the demo corpus: a thumbnail alone gets ~0.6-0.8 precision@4 (sibling anchors of a
+    concept differ mostly in hue), the histogram ~1.0 / 0.97 on the two anchor sets."""
+
+    def __init__(self, bins: int = 12, grid: int = 4, thumb_weight: float = 0.5):
         super().__init__()
-        self.grid = grid
-        self.num_features = 3 * grid * grid + 3
+        self.bins, self.grid, self.thumb_weight = bins, grid, thumb_weight
+        self.num_features = bins ** 3 + 3 * grid * grid + 3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: float [B, 3, S, S] in [0, 1]
+        b = self.bins
+        q = (x * 255.0).round().clamp(0, 255).long() * b // 256  # [B, 3, S, S] bin per channel
+        idx = (q[:, 0] * b * b + q[:, 1] * b + q[:, 2]).flatten(1)
+        hist = torch.zeros(x.shape[0], b ** 3, device=x.device).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
+        hist = F.normalize(hist.sqrt(), dim=1)
         t = F.adaptive_avg_pool2d(x, self.grid)
         means = t.mean(dim=(2, 3))
-        detail = (t - means[:, :, None, None]).flatten(1)
-        return torch.cat([detail, means * 0.5 * self.grid], dim=1)
+        thumb = torch.cat([(t - means[:, :, None, None]).flatten(1), means * 2.0 * self.grid], dim=1)
+        return torch.cat([hist, self.thumb_weight * F.normalize(thumb, dim=1)], dim=1)
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -223,8 +234,7 @@ def build_embedder(cfg, device: str | None = None) -> Embedder:
     precision = getattr(cfg, "precision", "auto")
     name = cfg.model
     if name == "pixels":
-        return Embedder(PixelDescriptor(getattr(cfg, "pixel_grid", 8)), "pixels", cfg.img_size, "cls", dev,
-                        "fp32")
+        return Embedder(PixelDescriptor(getattr(cfg, "pixel_bins", 12)), "pixels", cfg.img_size, "cls", dev, "fp32")
     if name == "lvd":
         if cfg.checkpoint is None:
             raise ValueError("embed.model 'lvd' needs embed.checkpoint: a backbone exported by `lvd export` "

@@ -77,7 +77,7 @@ class FilterStage(Stage):
             except DetectorUnavailable:
                 if self.fc.on_missing_detector == "fail":
                     raise
-                _warn_missing_once()
+                # the driver printed the warning in plan(); unit tasks (Ray workers) stay quiet
                 self._detector = NullDetector()
         return self._detector
 

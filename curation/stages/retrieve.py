@@ -142,7 +142,8 @@ class RetrieveStage(Stage):
         rc = self.cfg.retrieve
         akeys, avecs = _anchor_vectors(self.root, acfg.name)
         res = R.search(avecs, pvecs, acfg.k, rc.index, nlist=rc.nlist, nprobe=rc.nprobe, pq_m=rc.pq_m,
-                       recall_sample=rc.recall_sample, seed=self.cfg.seed, device=rc.device)
+                       recall_sample=rc.recall_sample, seed=self.cfg.seed, device=rc.device,
+                       rerank=rc.pq_rerank)
         nq, k = res.ids.shape
         ok = res.ids.reshape(-1) >= 0
         pk = np.asarray(pkeys, dtype=object)

@@ -63,7 +63,10 @@ class ShardsStage(Stage):
             with TarShardWriter(path) as w:
                 for s in iter_image_set(acfg.path, acfg.format):
                     if s.key in keys:
-                        w.write(s.key, {"jpg" if _is_jpeg(s.data) else "img": s.data})
+                        data = s.data
+                        if not _is_jpeg(data):  # PNG/WebP... anchors: re-encoded once, here
+                            data = encode_jpeg(decode_image(data)[0], self.cfg.shards.jpeg_quality)
+                        w.write(s.key, {"jpg": data})
         return path
 
     def _make_plan(self) -> None:

@@ -62,3 +62,19 @@ def demo_download(demo_server, demo_corpus, tmp_path_factory) -> dict:
     cfg = base_config(demo_corpus, root, stages=["download"])
     run_pipeline(load_config(data=copy.deepcopy(cfg)), progress=False)
     return {"root": root, "corpus": demo_corpus, "config": cfg, "truth": pq.read_table(demo_corpus / "truth.parquet")}
+
+
+@pytest.fixture(scope="session")
+def demo_cleaned(demo_download, tmp_path_factory) -> dict:
+    """filter, hash, sscd (pixels descriptor) and dedup run once on a copy of the demo download:
+    {'root', 'corpus', 'config' (dict), 'truth'} like demo_download."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("cleaned") / "run"
+    shutil.copytree(demo_download["root"], root)
+    (root / "config.yaml").unlink()
+    cfg = base_config(demo_download["corpus"], root, stages=["download", "filter", "hash", "sscd", "dedup"],
+                      sscd={"num_workers": 1, "batch_size": 64})
+    cfg["filter"] = {**cfg["filter"], "detector": "none"}
+    run_pipeline(load_config(data=copy.deepcopy(cfg)), progress=False)
+    return {"root": root, "corpus": demo_download["corpus"], "config": cfg, "truth": demo_download["truth"]}

@@ -1,0 +1,323 @@
+"""`lvd report RUN`: a static HTML page of a run's statistics, ``RUN/stats/report.html``, with PNG plots beside it.
+
+Everything comes from the run's tables, so the page can be rebuilt at any time (the report stage calls the same
+:func:`build_report`):
+
+* the funnel (``stats/funnel.parquet``) and drops by stage and reason (``stats/drops.parquet``);
+* dedup component sizes (``stats/component_sizes.parquet``, when the dedup stage wrote it);
+* per anchor set: retrieval statistics (``stats/retrieval_stats.parquet``), a histogram of similarities (neighbours
+  of sample-based sets, best-anchor similarity of cluster-based ones), cluster sizes (``stats/cluster_stats.parquet``);
+* image grids: ``report.grid_anchors`` random anchors of each searched set beside their ``report.grid_neighbors``
+  best retrieved pool images, with similarities (pool images read by offset through :mod:`curation.tarindex`).
+
+The page uses relative links only (``report.html`` and ``*.png`` in the same folder), no scripts, no network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+PLOTS = ("funnel", "drops", "components", "similarity", "clusters")
+
+
+def _read(path: Path):
+    return pq.read_table(path).to_pandas() if path.exists() else None
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> str:
+    from curation.storage import write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    _plt().close(fig)
+    write_bytes(path, buf.getvalue())
+    return path.name
+
+
+def plot_funnel(funnel, out: Path) -> str | None:
+    if funnel is None or not len(funnel):
+        return None
+    plt = _plt()
+    f = funnel.sort_values("order")
+    labels = ["input"] + list(f["stage"])
+    values = [int(f["rows_in"].iloc[0])] + [int(v) for v in f["kept"]]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1))
+    bars = ax.barh(labels[::-1], values[::-1], color="#4c72b0")
+    for b, v in zip(bars, values[::-1]):
+        ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {v:,}", va="center")
+    ax.set_xlabel("images kept after each stage")
+    ax.set_title("Funnel")
+    return _save(fig, out / "funnel.png")
+
+
+def plot_drops(drops, out: Path) -> str | None:
+    if drops is None or not len(drops):
+        return None
+    plt = _plt()
+    c = drops.groupby(["stage", "reason"]).size().sort_values()
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(c) + 1))
+    ax.barh([f"{s}: {r}" for s, r in c.index], c.values, color="#dd8452")
+    for i, v in enumerate(c.values):
+        ax.text(v, i, f" {v:,}", va="center")
+    ax.set_xlabel("dropped images")
+    ax.set_title("Drops by stage and reason")
+    return _save(fig, out / "drops.png")
+
+
+def plot_components(comp, out: Path) -> str | None:
+    if comp is None or not len(comp):
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(comp["component_size"].astype(str), comp["components"], color="#55a868")
+    ax.set_yscale("log")
+    ax.set_xlabel("duplicate-component size (images)")
+    ax.set_ylabel("components")
+    ax.set_title("Dedup component sizes")
+    return _save(fig, out / "components.png")
+
+
+def set_similarities(root: Path) -> dict[str, np.ndarray]:
+    """Similarities per anchor set: every neighbour of a sample-based set, the best-anchor similarity of each
+    image a cluster-based set selected."""
+    out: dict[str, np.ndarray] = {}
+    nb = _read(root / "retrieve" / "neighbors.parquet")
+    if nb is not None:
+        for name, g in nb.groupby("anchor_set"):
+            out[name] = g["similarity"].to_numpy(np.float32)
+    sets = root / "retrieve" / "sets"
+    for d in sorted(sets.glob("*")) if sets.exists() else []:
+        if d.name in out or not (d / "selection.parquet").exists():
+            continue
+        s = pq.read_table(d / "selection.parquet", columns=["similarity"]).column("similarity").to_numpy(
+            zero_copy_only=False)
+        s = np.asarray([x for x in s if x is not None and np.isfinite(x)], np.float32)
+        if len(s):
+            out[d.name] = s
+    return out
+
+
+def plot_similarity(sims: dict[str, np.ndarray], out: Path) -> str | None:
+    if not sims:
+        return None
+    plt = _plt()
+    n = len(sims)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3), squeeze=False)
+    for ax, (name, s) in zip(axes[0], sims.items()):
+        ax.hist(s, bins=30, color="#8172b3")
+        ax.set_title(f"{name} (n={len(s):,})")
+        ax.set_xlabel("cosine similarity")
+    axes[0][0].set_ylabel("pairs")
+    return _save(fig, out / "similarity.png")
+
+
+def plot_clusters(cs, out: Path) -> str | None:
+    if cs is None or not len(cs):
+        return None
+    plt = _plt()
+    names = list(dict.fromkeys(cs["anchor_set"]))
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        g = cs[cs["anchor_set"] == name]
+        sizes = g["size"].to_numpy()
+        bins = np.unique(np.geomspace(1, max(2, sizes.max() + 1), 20).astype(int))
+        ax.hist(sizes, bins=bins, color="#937860", label="all clusters")
+        ax.hist(sizes[g["selected"].to_numpy() > 0], bins=bins, color="#c44e52", alpha=0.8, label="with selections")
+        ax.set_xscale("log")
+        ax.set_title(f"{name}: {len(g)} clusters")
+        ax.set_xlabel("pool images per cluster")
+        ax.legend(fontsize=7)
+    return _save(fig, out / "clusters.png")
+
+
+def _anchor_images(acfg, keys: set[str]) -> dict[str, bytes]:
+    from curation.samples import iter_image_set
+
+    found = {}
+    for s in iter_image_set(acfg.path, acfg.format):
+        if s.key in keys:
+            found[s.key] = s.data
+            if len(found) == len(keys):
+                break
+    return found
+
+
+def _thumb(data: bytes | None, size: int):
+    from PIL import Image
+
+    from curation.images import decode_image
+    from curation.models.embedder import resize_center_crop
+
+    if data is None:
+        return np.full((size, size, 3), 200, np.uint8)
+    try:
+        im, _ = decode_image(data)
+    except Exception:  # noqa: BLE001 - a grid shows a grey square for an unreadable image
+        return np.full((size, size, 3), 200, np.uint8)
+    return np.asarray(resize_center_crop(im, size).convert("RGB"), dtype=np.uint8) if isinstance(im, Image.Image) else im
+
+
+def plot_grids(root: Path, cfg, out: Path, seed: int = 0) -> list[tuple[str, str]]:
+    """One PNG per searched anchor set: sampled anchors (left column) and their best retrieved pool images."""
+    from curation.tarindex import MemberReader, pool_image_locations
+
+    if cfg is None:
+        return []
+    rc, rep = cfg.retrieve, cfg.report
+    nb = _read(root / "retrieve" / "neighbors.parquet")
+    grids = []
+    for acfg in rc.anchor_sets:
+        if acfg.method == "as_is":
+            continue
+        if acfg.method == "sample" and nb is not None:
+            pairs = nb[nb["anchor_set"] == acfg.name].rename(columns={"pool_key": "key"})
+        else:
+            p = root / "retrieve" / "sets" / acfg.name / "selection.parquet"
+            if not p.exists():
+                continue
+            pairs = pq.read_table(p).to_pandas()
+            pairs = pairs[pairs["anchor_key"].notna()]
+        if not len(pairs):
+            continue
+        anchors = sorted(set(pairs["anchor_key"]))
+        rng = np.random.default_rng(seed)
+        picked = sorted(rng.choice(anchors, min(rep.grid_anchors, len(anchors)), replace=False).tolist())
+        rows = []
+        for a in picked:
+            g = pairs[pairs["anchor_key"] == a].sort_values("similarity", ascending=False).head(rep.grid_neighbors)
+            rows.append((a, list(zip(g["key"], g["similarity"]))))
+        want = {k for _, r in rows for k, _ in r}
+        loc = pool_image_locations(root, want)
+        aimg = _anchor_images(acfg, set(picked))
+        plt = _plt()
+        ncol = 1 + rep.grid_neighbors
+        fig, axes = plt.subplots(len(rows), ncol, figsize=(1.5 * ncol, 1.65 * len(rows)), squeeze=False)
+        with MemberReader() as reader:
+            for i, (a, nbrs) in enumerate(rows):
+                axes[i][0].imshow(_thumb(aimg.get(a), rep.thumb_size))
+                axes[i][0].set_title(f"anchor {a}"[:22], fontsize=6, color="#1f4e9c")
+                for j in range(rep.grid_neighbors):
+                    ax = axes[i][j + 1]
+                    if j < len(nbrs):
+                        key, sim = nbrs[j]
+                        data = reader.read(*loc[key]) if key in loc else None
+                        ax.imshow(_thumb(data, rep.thumb_size))
+                        ax.set_title(f"{sim:.3f}", fontsize=7)
+                for ax in axes[i]:
+                    ax.axis("off")
+        fig.suptitle(f"{acfg.name}: anchors and retrieved pool images (cosine similarity)", fontsize=8)
+        grids.append((acfg.name, _save(fig, out / f"grid_{acfg.name}.png")))
+    return grids
+
+
+def _table_html(df, floatfmt="{:.3f}") -> str:
+    if df is None or not len(df):
+        return "<p><em>none</em></p>"
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = []
+    for row in df.itertuples(index=False):
+        cells = []
+        for v in row:
+            if isinstance(v, float):
+                cells.append("" if np.isnan(v) else floatfmt.format(v))
+            else:
+                cells.append(html.escape(str(v)))
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f0f0f0}img{max-width:100%;border:1px solid #ddd;margin:4px 0}h2{border-bottom:1px solid #ccc}"""
+
+
+def build_report(root: str | Path, cfg=None) -> Path:
+    """Write RUN/stats/report.html and its PNGs; return the page's path."""
+    from curation.storage import write_text
+
+    root = Path(root)
+    if cfg is None and (root / "config.yaml").exists():
+        from curation.config import ConfigError, load_config
+
+        try:
+            cfg = load_config(root / "config.yaml")
+        except ConfigError as err:  # e.g. anchor folders moved: the page is built without image grids
+            print(f"lvd report: no image grids ({err})", file=sys.stderr)
+    out = root / "stats"
+    out.mkdir(parents=True, exist_ok=True)
+    funnel, drops = _read(out / "funnel.parquet"), _read(out / "drops.parquet")
+    stats, cs = _read(out / "retrieval_stats.parquet"), _read(out / "cluster_stats.parquet")
+    comp = _read(out / "component_sizes.parquet")
+    sims = set_similarities(root)
+    imgs = {
+        "funnel": plot_funnel(funnel, out), "drops": plot_drops(drops, out),
+        "components": plot_components(comp, out), "similarity": plot_similarity(sims, out),
+        "clusters": plot_clusters(cs, out),
+    }
+    grids = plot_grids(root, cfg, out, seed=cfg.seed if cfg is not None else 0)
+    manifest = root / "shards" / "manifest.json"
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lvd report: {html.escape(str(root))}</title>"
+             f"<style>{CSS}</style></head><body>",
+             f"<h1>Curation report</h1><p>run root <code>{html.escape(str(root))}</code></p>"]
+    if manifest.exists():
+        import json
+
+        m = json.loads(manifest.read_text())
+        parts.append(f"<p>Curated dataset: <b>{m['samples']:,}</b> images in {m['shards']} shards "
+                     f"(<code>shards/{html.escape(m['pattern'])}</code>).</p>")
+
+    def section(title, key, extra=""):
+        parts.append(f"<h2>{title}</h2>{extra}")
+        if imgs.get(key):
+            parts.append(f"<img id='plot-{key}' src='{imgs[key]}' alt='{title}'>")
+        elif not extra:
+            parts.append("<p><em>no data</em></p>")
+
+    section("Funnel", "funnel", _table_html(funnel.sort_values("order").drop(columns=["order"])) if funnel is not None else "")
+    dtab = drops.groupby(["stage", "reason"]).size().reset_index(name="images") if drops is not None and len(drops) else None
+    section("Drops by reason", "drops", _table_html(dtab))
+    if comp is not None:
+        section("Duplicate components", "components", _table_html(comp))
+    section("Retrieval", "similarity", _table_html(stats))
+    if cs is not None and len(cs):
+        section("Cluster sizes", "clusters")
+    if grids:
+        parts.append("<h2>Anchors and their retrieved images</h2>")
+        for name, png in grids:
+            parts.append(f"<h3>{html.escape(name)}</h3><img class='grid' src='{png}' alt='grid {html.escape(name)}'>")
+    parts.append("</body></html>")
+    page = out / "report.html"
+    write_text(page, "\n".join(parts))
+    return page
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="lvd report", description="write RUN/stats/report.html from a run's tables")
+    p.add_argument("run_root", type=Path)
+    args = p.parse_args(argv)
+    if not args.run_root.exists():
+        print(f"lvd report: no such run root: {args.run_root}", file=sys.stderr)
+        return 2
+    page = build_report(args.run_root)
+    print(page)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
