@@ -133,7 +133,9 @@ class HashConfig(Section):
     method: Literal["pca", "phash"] = "pca"
     bits: PositiveInt = Field(64, description="PCA-hash bits (64 or 128 are typical)")
     thumb_side: Annotated[int, Field(ge=8)] = 32
-    hamming_threshold: Annotated[int, Field(ge=0)] = Field(4, description="hashes this close are duplicates")
+    hamming_threshold: Annotated[int, Field(ge=0)] = Field(
+        6, description="hashes at most this many bits apart are duplicates (demo corpus, 64 bits: resize/JPEG/colour "
+        "copies <= 5, unrelated images >= 11)")
     pca_sample: PositiveInt = Field(100_000, description="thumbnails used to fit the principal components")
 
 

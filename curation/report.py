@@ -211,7 +211,7 @@ def plot_grids(root: Path, cfg, out: Path, seed: int = 0) -> list[tuple[str, str
         with MemberReader() as reader:
             for i, (a, nbrs) in enumerate(rows):
                 axes[i][0].imshow(_thumb(aimg.get(a), rep.thumb_size))
-                axes[i][0].set_title(f"anchor {a}"[:22], fontsize=6, color="#1f4e9c")
+                axes[i][0].set_title(a if len(a) <= 20 else "..." + a[-18:], fontsize=6, color="#1f4e9c")
                 for j in range(rep.grid_neighbors):
                     ax = axes[i][j + 1]
                     if j < len(nbrs):

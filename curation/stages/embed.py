@@ -41,15 +41,18 @@ class ImageStream(IterableDataset):
     """Decoded, preprocessed images of one source, split across DataLoader workers (worker w of n takes samples
     w, w + n, ...).  Yields (key, uint8 tensor or None, error or None)."""
 
-    def __init__(self, kind: str, path: str, preprocess, keys: set[str] | None = None, fmt: str = "auto"):
-        self.kind, self.path, self.preprocess, self.keys, self.fmt = kind, str(path), preprocess, keys, fmt
+    def __init__(self, kind: str, path, preprocess, keys: set[str] | None = None, fmt: str = "auto"):
+        """kind 'tar': `path` is a WebDataset tar or a list of them; kind 'set': an anchor / evaluation set."""
+        self.kind, self.preprocess, self.keys, self.fmt = kind, preprocess, keys, fmt
+        self.path = [str(p) for p in path] if isinstance(path, (list, tuple)) else str(path)
 
     def _raw(self) -> Iterator[tuple[str, bytes | Path]]:
-        path = Path(self.path)
         if self.kind == "tar":
-            for s in iter_shard_samples(path, self.keys):
-                yield s.key, s.data
+            for tar in self.path if isinstance(self.path, list) else [self.path]:
+                for s in iter_shard_samples(Path(tar), self.keys):
+                    yield s.key, s.data
             return
+        path = Path(self.path)
         fmt = detect_format(path) if self.fmt == "auto" else self.fmt
         if fmt == "folder":  # file paths only: each worker reads just its own files (same keys as iter_image_set)
             for p in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS):

@@ -48,7 +48,10 @@ def base_config(corpus: Path, run_root: Path, **sections) -> dict:
             "allow_networks": ["127.0.0.1/32"], "blocklist_domains": ["blocked.example"],
         },
         "filter": {"min_side": 48, "max_aspect": 4.0},
-        "dedup": {"descriptor": "pixels", "eval_sets": [{"name": "heldout", "path": str(corpus / "eval" / "heldout")}]},
+        # The weight-free pixels descriptor has its own similarity scale (the paper's 0.6 / 0.45 are for SSCD): on the
+        # demo corpus copies score >= 0.88 and unrelated images <= 0.70 (siblings) / <= 0.48 (against eval images).
+        "dedup": {"descriptor": "pixels", "threshold": 0.75, "eval_threshold": 0.6,
+                  "eval_sets": [{"name": "heldout", "path": str(corpus / "eval" / "heldout")}]},
     }
     for name, value in sections.items():
         cfg[name] = value

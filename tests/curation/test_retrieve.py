@@ -4,7 +4,6 @@ selection on embeddings of known structure, and the ledger / stats tables."""
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
