@@ -68,12 +68,19 @@ class RayExecutor:
         self.max_retries = max_retries
         self._remote = ray.remote(run_unit_task)
 
+    def fit_to_cluster(self, res: dict[str, float]) -> dict[str, float]:
+        """Clamp a request to the largest node: asking for more CPUs/GPUs than any node has would queue forever."""
+        nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
+        max_cpu = max((n.get("CPU", 0) for n in nodes), default=1) or 1
+        max_gpu = max((n.get("GPU", 0) for n in nodes), default=0)
+        return {"num_cpus": min(res.get("num_cpus", 1), max_cpu), "num_gpus": min(res.get("num_gpus", 0), max_gpu)}
+
     def map(self, stage: Stage, units: Sequence[Unit], on_done):
         ray = self.ray
         cfg_json = stage.cfg.model_dump(mode="json")
-        res = stage.resources()
+        res = self.fit_to_cluster(stage.resources())
         task = self._remote.options(
-            num_cpus=res.get("num_cpus", 1), num_gpus=res.get("num_gpus", 0),
+            num_cpus=res["num_cpus"], num_gpus=res["num_gpus"],
             max_retries=self.max_retries, retry_exceptions=True, name=f"lvd-{stage.name}",
         )
         pending = list(units)[::-1]
@@ -151,6 +158,7 @@ def run_stage(stage: Stage, executor, progress: bool = True) -> dict[str, Any]:
             f"first error: {failures[0][1]}. Completed units are kept: rerun the same command to retry the rest."
         )
     stage.finalize()
+    totals.pop("seconds", None)
     return {"units": len(units), "skipped": skipped, "ran": len(todo), "seconds": round(time.time() - t0, 2), **totals}
 
 

@@ -1,11 +1,16 @@
-"""`ray job submit` of pipelines/curate.py to a real local Ray head, as a user on a cluster would."""
+"""`ray job submit` of pipelines/curate.py to a real local Ray head, as a user on a cluster would: the whole
+pipeline on the served demo corpus, reconciled URL by URL."""
 
+import io
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import webdataset as wds
 import yaml
+from PIL import Image
 
+from curation import accounting
 from curation.local_cluster import LocalRayHead
 from tests.curation.conftest import base_config
 
@@ -19,19 +24,43 @@ def ray_head():
 
 
 @pytest.mark.slow
-def test_curate_job_via_ray_job_submit(ray_head, demo_download, tmp_path):
+def test_whole_pipeline_via_ray_job_submit(ray_head, demo_download, tmp_path):
     corpus = demo_download["corpus"]
     root = tmp_path / "run"
-    cfg = base_config(corpus, root, stages=["download"])
+    cfg = base_config(corpus, root)  # every stage
     cfg.pop("ray")
+    cfg["embed"] = {"model": "pixels", "batch_size": 64, "num_workers": 1}
+    cfg["sscd"] = {"num_workers": 1, "batch_size": 64}
+    cfg["retrieve"] = {"anchor_sets": [
+        {"name": "objects", "path": str(corpus / "anchors" / "objects"), "method": "sample", "k": 4},
+        {"name": "scenes", "path": str(corpus / "anchors" / "scenes"), "method": "cluster", "clusters": 12,
+         "min_anchors_per_cluster": 1, "per_cluster": 25},
+    ]}
+    cfg["shards"] = {"samples_per_shard": 50}
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     rc, log = ray_head.submit(["python", "pipelines/curate.py", "--config", str(cfg_path), "--no-progress"],
-                              working_dir=str(REPO), timeout=400)
+                              working_dir=str(REPO), timeout=600)
     assert rc == 0, log[-4000:]
     assert "succeeded" in log
+
+    # the download funnel equals the in-process run's
     funnel = {r["stage"]: r for r in pq.read_table(root / "stats" / "funnel.parquet").to_pylist()}
-    truth = demo_download["truth"]
-    assert funnel["download"]["rows_in"] == truth.num_rows
     ref = {r["stage"]: r for r in pq.read_table(demo_download["root"] / "stats" / "funnel.parquet").to_pylist()}
-    assert funnel == ref
+    assert funnel["download"] == ref["download"]
+    accounting.check_invariants(root)
+
+    # every input URL is either in the final shards or in exactly one drop row
+    truth = demo_download["truth"]
+    drops = pq.read_table(root / "stats" / "drops.parquet")
+    dropped = drops["key"].to_pylist()
+    assert len(dropped) == len(set(dropped))
+    shard_keys = []
+    for sample in wds.WebDataset([str(p) for p in sorted((root / "shards").glob("*.tar"))], shardshuffle=False):
+        shard_keys.append(sample["__key__"])
+        assert Image.open(io.BytesIO(sample["jpg"])).mode == "RGB"
+    pool_keys = [k for k in shard_keys if k.isdigit()]
+    assert len(shard_keys) == len(set(shard_keys))
+    assert sorted(pool_keys + dropped) == [f"{i:010d}" for i in range(truth.num_rows)]
+    assert funnel["retrieve"]["kept"] == len(pool_keys)
+    assert (root / "stats" / "report.html").exists()
