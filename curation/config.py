@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 STAGE_ORDER = ("download", "filter", "hash", "sscd", "dedup", "embed", "retrieve", "shards", "report")
 StageName = Literal["download", "filter", "hash", "sscd", "dedup", "embed", "retrieve", "shards", "report"]
@@ -24,6 +24,15 @@ StageName = Literal["download", "filter", "hash", "sscd", "dedup", "embed", "ret
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(ge=1)]
 Device = Literal["auto", "cpu", "cuda"]
+
+
+def _must_exist(p: Path) -> Path:
+    if not p.exists():
+        raise ValueError(f"path does not exist: {p}")
+    return p
+
+
+ExistingPath = Annotated[Path, AfterValidator(_must_exist)]
 
 
 class ConfigError(ValueError):
@@ -35,7 +44,7 @@ class Section(BaseModel):
 
 
 class InputConfig(Section):
-    url_list: list[Path] = Field(description="Parquet or CSV files (or folders of them) with one URL per row")
+    url_list: list[ExistingPath] = Field(description="Parquet or CSV files (or folders of them) with one URL per row")
     url_col: str = "url"
     caption_col: str | None = "caption"
 
@@ -49,9 +58,6 @@ class InputConfig(Section):
     def _exist(cls, paths):
         if not paths:
             raise ValueError("at least one URL list is required")
-        for p in paths:
-            if not p.exists():
-                raise ValueError(f"path does not exist: {p}")
         return paths
 
 
@@ -80,7 +86,7 @@ class DownloadConfig(Section):
         description="CIDRs exempt from the private-address refusal (tests and the demo allow 127.0.0.1/32)",
     )
     blocklist_domains: list[str] = Field(default_factory=list, description="refused domains, subdomains included")
-    blocklist_file: Path | None = Field(None, description="a text file with one blocked domain per line")
+    blocklist_file: ExistingPath | None = Field(None, description="a text file with one blocked domain per line")
     use_env_proxy: bool = False
 
     @field_validator("allow_networks")
@@ -93,12 +99,6 @@ class DownloadConfig(Section):
                 raise ValueError(f"not a network: {n!r} ({err})") from None
         return nets
 
-    @field_validator("blocklist_file")
-    @classmethod
-    def _blockfile(cls, p):
-        if p is not None and not p.exists():
-            raise ValueError(f"path does not exist: {p}")
-        return p
 
 
 class FilterConfig(Section):
@@ -140,7 +140,7 @@ class HashConfig(Section):
 
 
 class SSCDConfig(Section):
-    weights: Path | None = Field(
+    weights: ExistingPath | None = Field(
         None, description="sscd_disc_mixup.torchscript.pt or .torchvision.pt; null = random weights (testing only)"
     )
     preprocess: Literal["square320", "short288"] = "square320"
@@ -150,24 +150,12 @@ class SSCDConfig(Section):
     bf16: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs fp32)")
     channels_last: bool = Field(True, description="channels-last memory format on CUDA (faster convolutions)")
 
-    @field_validator("weights")
-    @classmethod
-    def _weights(cls, p):
-        if p is not None and not p.exists():
-            raise ValueError(f"path does not exist: {p}")
-        return p
 
 
 class EvalSetConfig(Section):
     name: str
-    path: Path
+    path: ExistingPath
 
-    @field_validator("path")
-    @classmethod
-    def _exists(cls, p):
-        if not p.exists():
-            raise ValueError(f"path does not exist: {p}")
-        return p
 
 
 class DedupConfig(Section):
@@ -198,7 +186,7 @@ class EmbedConfig(Section):
         description="a timm model name; 'lvd' for a backbone exported by our trainer (or an official DINOv2 "
         "backbone file); 'pixels' for a fixed pixel-thumbnail descriptor (tests and the demo)",
     )
-    checkpoint: Path | None = Field(None, description="local weights; null = random init (testing only)")
+    checkpoint: ExistingPath | None = Field(None, description="local weights; null = random init (testing only)")
     img_size: PositiveInt = 224
     pooling: Literal["cls", "mean", "both"] = "cls"
     batch_size: PositiveInt = 256
@@ -208,12 +196,6 @@ class EmbedConfig(Section):
     prefetch_factor: PositiveInt = Field(4, description="batches each DataLoader worker prepares ahead")
     pixel_bins: Annotated[int, Field(ge=2, le=32)] = Field(12, description="colour-histogram levels per channel of 'pixels'")
 
-    @field_validator("checkpoint")
-    @classmethod
-    def _ckpt(cls, p):
-        if p is not None and not p.exists():
-            raise ValueError(f"path does not exist: {p}")
-        return p
 
     @model_validator(mode="after")
     def _lvd(self):
@@ -224,7 +206,7 @@ class EmbedConfig(Section):
 
 class AnchorSetConfig(Section):
     name: str
-    path: Path
+    path: ExistingPath
     format: Literal["auto", "folder", "webdataset", "parquet"] = "auto"
     method: Literal["sample", "cluster", "as_is"] = "sample"
     k: PositiveInt = 4
@@ -240,12 +222,6 @@ class AnchorSetConfig(Section):
             raise ValueError(f"use letters, digits, '_' and '-' only (it names folders and sample keys): {n!r}")
         return n
 
-    @field_validator("path")
-    @classmethod
-    def _exists(cls, p):
-        if not p.exists():
-            raise ValueError(f"path does not exist: {p}")
-        return p
 
 
 class BalancedConfig(Section):
@@ -355,7 +331,7 @@ def _format_error(err: ValidationError) -> str:
             msg = "unknown key"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        elif "input" in e and not isinstance(e["input"], (dict, list)):
+        elif "input" in e and not isinstance(e["input"], (dict, list)) and str(e["input"]) not in msg:
             msg = f"{msg} (got {e['input']!r})"
         parts.append(f"{loc}: {msg}")
     return "config error: " + "; ".join(parts)

@@ -55,7 +55,7 @@ def test_bad_values_name_the_key(base, patch, key):
 
 
 def test_missing_paths_and_keys(base, tmp_path):
-    assert "input.url_list: Value error, path does not exist" in error_for(
+    assert "input.url_list.0: Value error, path does not exist" in error_for(
         {**base, "input": {"url_list": str(tmp_path / "nope.parquet")}})
     assert "input: required key is missing" in error_for({"run_root": "x"})
 
