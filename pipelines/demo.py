@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
 from pathlib import Path
 
 import yaml
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -102,7 +104,8 @@ def main(argv=None) -> int:
                 train_out = run_root / "train"
                 rc, _ = client.submit(
                     ["python", "pipelines/train.py", "--config", str(args.train_config.resolve()),
-                     "--data", str(run_root / "shards"), "--output", str(train_out)],
+                     "--data", str(run_root / "shards"), "--output", str(train_out),
+                     "--export", str(train_out / "backbone.pth")],
                     working_dir=str(REPO), stream=sys.stdout,
                 )
                 if rc != 0:
@@ -112,8 +115,8 @@ def main(argv=None) -> int:
             if head is not None:
                 head.stop()
 
-    if not args.no_train:
-        _check_export(run_root / "train")
+    if not args.no_train and not _check_export(run_root / "train", run_root / "shards"):
+        return 1
     funnel, drops = accounting.update_stats(run_root)
     print("\n[demo] funnel (rows in, kept, dropped per stage):")
     print(accounting.format_funnel(funnel, drops))
@@ -127,17 +130,32 @@ def main(argv=None) -> int:
     return 0
 
 
-def _check_export(train_dir: Path) -> None:
-    """Load the exported backbone with the curation embedder, as a user feeding it back would."""
-    exports = sorted(train_dir.rglob("*backbone*.pth"))
-    if not exports:
-        print(f"[demo] no exported backbone found under {train_dir}", file=sys.stderr)
-        return
+def _check_export(train_dir: Path, shards: Path) -> bool:
+    """Embed a few curated images with the exported backbone through the curation embedder, as a user feeding the
+    trained model back into curation would."""
+    export = train_dir / "backbone.pth"
+    if not export.exists():
+        print(f"[demo] the training job wrote no exported backbone at {export}", file=sys.stderr)
+        return False
     from curation.config import EmbedConfig
     from curation.models.embedder import build_embedder
+    from curation.storage import iter_tar_samples
 
-    embedder = build_embedder(EmbedConfig(model="lvd", checkpoint=exports[-1], img_size=112, device="cpu"))
-    print(f"[demo] the curation embedder loads the trained backbone {exports[-1]} ({type(embedder).__name__})")
+    embedder = build_embedder(EmbedConfig(model="lvd", checkpoint=export, img_size=112, device="cpu"))
+    images = []
+    for shard in sorted(shards.glob("*.tar")):
+        for _key, sample in iter_tar_samples(shard):
+            data = next((v for k, v in sample.items() if k in ("jpg", "jpeg", "png", "webp")), None)
+            if data is not None:
+                images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+            if len(images) == 4:
+                break
+        if len(images) == 4:
+            break
+    vectors = embedder.embed_images(images)
+    print(f"[demo] the curation embedder loads the trained backbone {export}: {len(images)} curated images -> "
+          f"{vectors.shape[1]}-d embeddings")
+    return True
 
 
 if __name__ == "__main__":

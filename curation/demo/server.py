@@ -49,6 +49,9 @@ def _is_loopback(host: str) -> bool:
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # stop() must not wait for a request sleeping in /slow/
+    # socketserver's default listen backlog is 5: with several download shards of 16+ threads connecting at once the
+    # kernel drops SYNs, clients retry after 1 s then 3 s, and healthy images time out. Loopback can take many more.
+    request_queue_size = 512
 
     def handle_error(self, request, client_address):  # a client that hangs up early is not an error worth printing
         exc = sys.exc_info()[1]

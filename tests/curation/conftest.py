@@ -14,7 +14,7 @@ import pytest
 from curation.config import load_config
 from curation.runner import run_pipeline
 
-SLOW_SECONDS = 4.0  # the demo server's slow route; the download timeout below is shorter
+SLOW_SECONDS = 8.0  # the demo server's slow route; the download timeout below is shorter
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +44,7 @@ def base_config(corpus: Path, run_root: Path, **sections) -> dict:
         "input": {"url_list": str(corpus / "urls.parquet")},
         "ray": {"local": True},
         "download": {
-            "shard_size": 64, "threads": 16, "timeout_s": 2.0, "max_side": 256,
+            "shard_size": 64, "threads": 16, "timeout_s": 4.0, "max_side": 256,
             "allow_networks": ["127.0.0.1/32"], "blocklist_domains": ["blocked.example"],
         },
         "filter": {"min_side": 48, "max_aspect": 4.0},

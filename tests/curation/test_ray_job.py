@@ -47,6 +47,11 @@ def test_whole_pipeline_via_ray_job_submit(ray_head, demo_download, tmp_path):
     # the download funnel equals the in-process run's
     funnel = {r["stage"]: r for r in pq.read_table(root / "stats" / "funnel.parquet").to_pylist()}
     ref = {r["stage"]: r for r in pq.read_table(demo_download["root"] / "stats" / "funnel.parquet").to_pylist()}
+    def download_reasons(run_root):
+        rows = pq.read_table(run_root / "stats" / "drops.parquet").to_pylist()
+        return sorted((r["reason"], r["key"]) for r in rows if r["stage"] == "download")
+
+    assert download_reasons(root) == download_reasons(demo_download["root"])
     assert funnel["download"] == ref["download"]
     accounting.check_invariants(root)
 
