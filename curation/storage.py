@@ -134,15 +134,20 @@ class TarShardWriter:
             self.abort()
 
 
+def iter_tar_members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """Yield (key, ext, member) for each regular file of an open WebDataset tar (``dir/key.ext.more`` ->
+    key ``key``, ext ``ext.more``), in archive order."""
+    for info in tar:
+        if info.isfile():
+            key, _, ext = info.name.rsplit("/", 1)[-1].partition(".")
+            yield key, ext, info
+
+
 def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {ext: bytes}) for each sample of a WebDataset tar, members of one key being adjacent."""
     current_key, current = None, {}
     with tarfile.open(path, "r") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            name = info.name.rsplit("/", 1)[-1]
-            key, _, ext = name.partition(".")
+        for key, ext, info in iter_tar_members(tar):
             data = tar.extractfile(info).read()
             if key != current_key and current_key is not None:
                 yield current_key, current

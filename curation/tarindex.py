@@ -14,17 +14,13 @@ from pathlib import Path
 import pyarrow as pa
 
 from curation.samples import pool_shards
-from curation.storage import read_table, write_table
+from curation.storage import iter_tar_members, read_table, write_table
 
 
 def scan_tar(path: str | Path) -> pa.Table:
     keys, exts, offsets, sizes = [], [], [], []
     with tarfile.open(path, "r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            name = info.name.rsplit("/", 1)[-1]
-            key, _, ext = name.partition(".")
+        for key, ext, info in iter_tar_members(tar):
             keys.append(key)
             exts.append(ext)
             offsets.append(info.offset_data)
