@@ -1,6 +1,16 @@
-"""Training checkpoints: ``OUTPUT/checkpoints/checkpoint_NNNNNNNN.pt`` (N = completed iterations).
+"""Training checkpoints under ``OUTPUT/checkpoints/`` (N = completed iterations), in two layouts:
 
-A checkpoint is one ``torch.save``-d dict::
+* single process: ``checkpoint_NNNNNNNN.pt``, one ``torch.save``-d dict (below);
+* several processes: ``checkpoint_NNNNNNNN/``, a ``torch.distributed.checkpoint`` (DCP) directory: the
+  ``student``, ``teacher`` and ``optimizer`` state dicts (from ``get_state_dict``: FQN keys, each shard written by
+  the rank holding it, so FSDP2 shards are never gathered), plus ``meta.pt`` (rank 0: everything else of the
+  dict below) and ``rng_rank{r}.pt`` (every rank's RNG state). All ranks write into ``.checkpoint_NNNNNNNN.tmp/``
+  which rank 0 renames once every rank is done: a directory with the final name is complete. DCP reshards on
+  load, so a checkpoint written by R ranks resumes on any number of ranks (one included), and
+  ``load_checkpoint`` / ``export_backbone`` read it as the single-process dict (full tensors) without any
+  process group. The multi-process directories need a filesystem shared by the ranks.
+
+The single-process checkpoint is one ``torch.save``-d dict::
 
     {"format": "lvd-dinov2-train/1", "iteration": int, "student": state_dict, "teacher": state_dict,
      "optimizer": state_dict, "dino_center": Tensor, "ibot_center": Tensor,
@@ -15,16 +25,19 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["checkpoint_dir", "save_checkpoint", "find_latest_checkpoint", "load_checkpoint", "rng_state",
-           "set_rng_state", "export_backbone"]
+__all__ = ["checkpoint_dir", "save_checkpoint", "save_distributed_checkpoint", "find_latest_checkpoint",
+           "load_checkpoint", "load_checkpoint_meta", "load_training_state", "rng_state", "set_rng_state",
+           "export_backbone"]
 
-_PAT = re.compile(r"^checkpoint_(\d{8,})\.pt$")
+_PAT = re.compile(r"^checkpoint_(\d{8,})(\.pt)?$")
+_MODEL_KEYS = ("student", "teacher", "optimizer")
 FORMAT = "lvd-dinov2-train/1"
 
 
@@ -54,8 +67,19 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     d = checkpoint_dir(output_dir)
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _PAT.match(p.name))]
-    return [p for _, p in sorted(found)]
+    found = []
+    for p in d.iterdir():
+        m = _PAT.match(p.name)
+        if m and (p.is_dir() != bool(m.group(2))):  # .pt files, directories without a suffix
+            found.append((int(m.group(1)), p.stat().st_mtime, p))
+    return [p for *_, p in sorted(found)]
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
 
 
 def save_checkpoint(output_dir: str | os.PathLike, state: dict[str, Any], keep_last: int = 3) -> Path:
@@ -69,22 +93,153 @@ def save_checkpoint(output_dir: str | os.PathLike, state: dict[str, Any], keep_l
         os.fsync(f.fileno())
     os.replace(tmp, path)
     for old in list_checkpoints(output_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
+        _remove(old)
     return path
 
 
+def save_distributed_checkpoint(output_dir: str | os.PathLike, app_state: dict[str, Any], meta: dict[str, Any],
+                                rng: dict[str, Any], keep_last: int = 3) -> Path:
+    """Collective (every rank calls it): DCP-save ``app_state`` (``student``/``teacher``/``optimizer`` state
+    dicts from ``get_state_dict``), ``meta`` (rank 0) and this rank's ``rng``; atomic by directory rename."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    rank = dist.get_rank()
+    d = checkpoint_dir(output_dir)
+    name = f"checkpoint_{int(meta['iteration']):08d}"
+    tmp, final = d / f".{name}.tmp", d / name
+    if rank == 0:
+        d.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a killed run
+        tmp.mkdir()
+    dist.barrier()
+    torch.save(rng, tmp / f"rng_rank{rank}.pt")
+    dcp.save(app_state, checkpoint_id=str(tmp))
+    if rank == 0:
+        torch.save({"format": FORMAT, **meta}, tmp / "meta.pt")
+    dist.barrier()  # every rank's files are written
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            _remove(old)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """Everything but the model / optimizer state: cheap for a directory checkpoint (a full load for a file)."""
+    p = Path(path)
+    if not p.is_dir():
+        return load_checkpoint(p)
+    if not (p / ".metadata").is_file():
+        raise ValueError(f"{p} is not a complete distributed checkpoint (no .metadata)")
+    meta = torch.load(p / "meta.pt", map_location="cpu", weights_only=False)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{p} is not an lvd training checkpoint")
+    return meta
+
+
+def load_rng(path: str | os.PathLike, rank: int) -> dict[str, Any] | None:
+    """Rank ``rank``'s RNG state from a checkpoint (``None`` when it has none for that rank)."""
+    p = Path(path)
+    if p.is_dir():
+        f = p / f"rng_rank{rank}.pt"
+        return torch.load(f, weights_only=False) if f.exists() else None
+    return load_checkpoint(p).get("rng") if rank == 0 else None
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    ck = torch.load(path, map_location=map_location, weights_only=False)
+    """The single-process checkpoint dict; a directory (DCP) checkpoint is read with full (unsharded) tensors,
+    no process group needed; its ``optimizer`` is keyed by parameter name and ``rng`` is rank 0's."""
+    p = Path(path)
+    if p.is_dir():
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+        ck = load_checkpoint_meta(p)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ck.update(_load_state_dict_from_keys(set(_MODEL_KEYS), checkpoint_id=str(p)))
+        ck["rng"] = load_rng(p, 0)
+        return ck
+    ck = torch.load(p, map_location=map_location, weights_only=False)
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise ValueError(f"{path} is not an lvd training checkpoint")
     return ck
+
+
+def _named_optimizer_state(optimizer: torch.optim.Optimizer, osd: dict[str, Any]) -> dict[str, Any]:
+    """A plain (index-keyed) optimizer state dict re-keyed by parameter names (the groups' ``names``)."""
+    names = [n for g in optimizer.param_groups for n in g["names"]]
+    groups = []
+    for g in osd["param_groups"]:
+        groups.append({**g, "params": [names[i] for i in g["params"]]})
+    return {"state": {names[i]: st for i, st in osd["state"].items()}, "param_groups": groups}
+
+
+def _drop_unsaved_state(optimizer: torch.optim.Optimizer, saved_names: set[str]) -> None:
+    """Forget optimizer state of parameters the checkpoint had none for (``get_state_dict`` initialised it)."""
+    for g in optimizer.param_groups:
+        for name, p in zip(g["names"], g["params"]):
+            if name not in saved_names:
+                optimizer.state.pop(p, None)
+
+
+def load_training_state(path: str | os.PathLike, student: torch.nn.Module, teacher: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load model and optimizer state from either layout into (possibly FSDP2-sharded) modules, on any number
+    of ranks (collective when a process group exists); returns the checkpoint's meta dict (no tensors of the
+    models)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    p = Path(path)
+    if p.is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        msd, osd = get_state_dict(student, optimizer)  # initialises optimizer state for every parameter
+        tsd = get_model_state_dict(teacher)
+        # parameters that had no optimizer step yet when saved (the prototype layer during the freeze, the mask
+        # token before any masked batch) have no state in the checkpoint: they get none (as before the save)
+        saved = dcp.FileSystemReader(str(p)).read_metadata().state_dict_metadata
+        osd["state"] = {fqn: st for fqn, st in osd["state"].items()
+                        if all(f"optimizer.state.{fqn}.{k}" in saved for k in st)}
+        state = {"student": msd, "teacher": tsd, "optimizer": osd}
+        import warnings
+
+        with warnings.catch_warnings():  # one process without a process group: DCP warns that it loads locally
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(p))
+        set_model_state_dict(student, state["student"])
+        set_model_state_dict(teacher, state["teacher"])
+        set_optimizer_state_dict(student, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
+        _drop_unsaved_state(optimizer, set(state["optimizer"]["state"]))
+        return load_checkpoint_meta(p)
+    ck = load_checkpoint(p)
+    sharded = any(hasattr(t, "to_local") for t in student.parameters())
+    if not sharded:
+        student.load_state_dict(ck["student"])
+        teacher.load_state_dict(ck["teacher"])
+        optimizer.load_state_dict(ck["optimizer"])
+    else:  # a single-process checkpoint resumed on several ranks: full state dicts, sharded on load
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(student, ck["student"], options=full)
+        set_model_state_dict(teacher, ck["teacher"], options=full)
+        named = _named_optimizer_state(optimizer, ck["optimizer"])
+        set_optimizer_state_dict(student, optimizer, named, options=StateDictOptions(full_state_dict=True, strict=False))
+        _drop_unsaved_state(optimizer, set(named["state"]))
+    return {k: v for k, v in ck.items() if k not in _MODEL_KEYS}
 
 
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """Newest readable checkpoint (a truncated newest file, e.g. from a full disk, falls back to the previous)."""
     for p in reversed(list_checkpoints(output_dir)):
         try:
-            load_checkpoint(p)
+            load_checkpoint_meta(p)
             return p
         except Exception:
             continue

@@ -173,6 +173,12 @@ class CheckpointConfig(_Strict):
     keep_last: int = Field(3, ge=1)
 
 
+class DistributedConfig(_Strict):
+    """Multi-process runs (torchrun / Ray Train); ignored on one process. See training/distributed.py."""
+    strategy: Literal["auto", "fsdp", "ddp_allreduce"] = Field(
+        "auto", description="auto: fsdp (FSDP2 sharding) on several processes; ddp_allreduce: full replicas")
+
+
 class TrainConfig(_Strict):
     model: ModelConfig = ModelConfig()
     head: HeadConfig = HeadConfig()
@@ -184,6 +190,7 @@ class TrainConfig(_Strict):
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
     seed: int = 0
     max_steps: int | None = Field(None, ge=0, description="stop after this iteration (default: epochs * iters)")
     device: Literal["auto", "cpu", "cuda"] = "auto"

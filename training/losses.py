@@ -10,8 +10,9 @@ Conventions (same as the reference implementation):
   crops (masked or not).
 * KoLeo: fp32 whatever the input dtype, nearest neighbour by inner product among L2-normalised rows, excluding
   self; ``-mean(log(||x - x_nn + 1e-8|| + 1e-8))`` (``nn.PairwiseDistance(eps=1e-8)`` as in the reference).
-* Centering / Sinkhorn-Knopp are distribution-aware: sums are all-reduced and the batch size is summed over
-  ranks when ``torch.distributed`` is initialised.
+* Centering / Sinkhorn-Knopp are distribution-aware: sums and row counts are all-reduced over ranks when
+  ``torch.distributed`` is initialised, so several ranks give the single-process result on the global batch
+  (ranks may hold different numbers of rows, e.g. masked patches, zero included).
 """
 from __future__ import annotations
 
@@ -72,9 +73,15 @@ def sinkhorn_knopp(teacher_logits: Tensor, temp: float, n_iterations: int = 3) -
 
 @torch.no_grad()
 def update_center(center: Tensor, teacher_output: Tensor, momentum: float = 0.9) -> Tensor:
-    """EMA of the batch mean of the teacher logits (all-reduced across ranks); returns the new centre [1, K]."""
+    """EMA of the global batch mean of the teacher logits (sums and row counts all-reduced across ranks, so
+    uneven per-rank counts, e.g. of masked patches, give the global-batch mean); returns the new centre [1, K]."""
     batch_sum = _all_reduce(torch.sum(teacher_output.float(), dim=0, keepdim=True))
-    count = teacher_output.shape[0] * _world_size()
+    if _world_size() > 1:
+        count = _all_reduce(torch.tensor(float(teacher_output.shape[0]), device=batch_sum.device))
+    else:
+        count = teacher_output.shape[0]
+    if float(count) == 0:
+        return center.clone()
     return center * momentum + (batch_sum / count) * (1 - momentum)
 
 

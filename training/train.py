@@ -13,9 +13,17 @@ One iteration (as the reference ``SSLMetaArch.forward_backward``):
    frozen (no update at all) during ``freeze_last_layer_epochs``, AdamW step with scheduled lr / wd per group,
    EMA update of the teacher with the scheduled momentum.
 
-Multi-process runs (torchrun / Ray Train set RANK, WORLD_SIZE, MASTER_ADDR): gradients are averaged with
-all_reduce after backward (plain data parallel; FSDP2 sharding is future work), centres and Sinkhorn-Knopp are
-distribution-aware, each rank reads its own share of the shards.
+Several processes (``torchrun --nproc-per-node N pipelines/train.py ...``, or ``--ray-workers N`` for Ray Train,
+see training/ray_launch.py): by default student and teacher are sharded with FSDP2 (``fully_shard`` per
+transformer block, then the backbone; each head on its own), gradients are reduce-scattered, the gradient-clip
+norm is the global one over shards, and the EMA runs on the local shards without communication;
+``distributed.strategy=ddp_allreduce`` keeps full replicas and all-reduces gradients instead (training/
+distributed.py). Centres, Sinkhorn-Knopp and the decision to run iBOT at all use global-batch sums and counts,
+so N ranks with B images each compute the single-process step on the N * B images (up to float rounding), except
+for what is per rank by design: KoLeo (within each rank's batch, as the reference) and drop-path randomness.
+Logged losses are averaged over ranks. Each rank reads its own share of the shards. Checkpoints of multi-process
+runs are ``torch.distributed.checkpoint`` directories (training/checkpoint.py), resumable on any number of ranks.
+One iteration is ``Trainer.train_step(batch, it)``; ``train()`` adds data, resume, metrics and checkpoints.
 Metrics: one JSON object per line in ``OUTPUT/metrics.jsonl`` (``"type": "train"`` per iteration and
 ``"type": "eval"``), plus a tqdm bar.
 """
@@ -40,9 +48,12 @@ import yaml
 from torch import nn
 
 from .augment import AugmentConfig, MultiCropAugmentation
-from .checkpoint import find_latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (find_latest_checkpoint, load_rng, load_training_state, rng_state, save_checkpoint,
+                         save_distributed_checkpoint, set_rng_state)
 from .config import ConfigError, TrainConfig, load_config
 from .data import MultiCropStream, make_loader
+from .distributed import (DistInfo, all_reduce_mean, all_reduce_sum, allreduce_gradients, broadcast_module,
+                          clip_grad_norm, ema_update, init_distributed, reshard, resolve_strategy, shard_models)
 from .heads import DINOHead
 from .losses import DINOLoss, dino_multicrop_loss, ibot_masked_loss, iBOTPatchLoss, koleo_loss
 from .masking import MaskingGenerator
@@ -51,7 +62,7 @@ from .optim import apply_schedules, build_optimizer, get_param_groups
 from .schedules import build_schedules, scaled_lr
 
 log = logging.getLogger("lvd.train")
-__all__ = ["main", "train", "build_models", "ema_update", "NonFiniteLossError", "build_parser"]
+__all__ = ["main", "train", "Trainer", "build_models", "ema_update", "NonFiniteLossError", "build_parser"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -85,29 +96,6 @@ def _clone(m: nn.Module) -> nn.Module:
     return copy.deepcopy(m)
 
 
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter (same names)."""
-    t_params = dict(teacher.named_parameters())
-    tl, sl = [], []
-    for name, sp in student.named_parameters():
-        tl.append(t_params[name])
-        sl.append(sp.detach())
-    torch._foreach_mul_(tl, momentum)
-    torch._foreach_add_(tl, sl, alpha=1.0 - momentum)
-
-
-# ---------------------------------------------------------------------- distributed
-def _init_distributed() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, (dist.get_world_size() if dist.is_initialized() else 1), local_rank
-
-
 # ---------------------------------------------------------------------- one step
 def _head_logits(heads: nn.ModuleDict, cls: list[torch.Tensor], patches: torch.Tensor | None):
     """Run the DINO head on the CLS tokens (and the iBOT head on the patches; one pass when shared)."""
@@ -125,7 +113,12 @@ def forward_losses(student, teacher, dino_loss: DINOLoss, ibot_loss: iBOTPatchLo
                    cfg: TrainConfig, teacher_temp: float, device: torch.device, autocast) -> dict[str, torch.Tensor]:
     gc = batch["global_crops"].to(device, non_blocking=True)
     lc = batch["local_crops"].to(device, non_blocking=True)
-    do_ibot = cfg.loss.ibot_weight > 0 and batch["n_masked_patches"] > 0
+    # decided on the global batch: every rank runs the same modules and collectives (a rank without masked
+    # patches contributes zero rows to the iBOT head, the Sinkhorn-Knopp sums and the centre)
+    n_masked = int(batch["n_masked_patches"])
+    if dist.is_initialized():  # on the device: NCCL reduces CUDA tensors only
+        n_masked = int(all_reduce_sum(torch.tensor([float(n_masked)], device=device)).item())
+    do_ibot = cfg.loss.ibot_weight > 0 and n_masked > 0
     masks = batch["masks"].to(device) if do_ibot else None
     mask_idx = batch["mask_indices"].to(device) if do_ibot else None
     centering = cfg.loss.centering
@@ -135,6 +128,7 @@ def forward_losses(student, teacher, dino_loss: DINOLoss, ibot_loss: iBOTPatchLo
         t = teacher["backbone"].forward_features(gc)
         t_patch = t["x_norm_patchtokens"].flatten(0, 1)[mask_idx] if do_ibot else None
         (t_cls_logits,), t_patch_logits = _head_logits(teacher, [t["x_norm_clstoken"]], t_patch)
+        reshard(teacher)  # FSDP2 keeps roots unsharded after forward; the teacher has no backward
         t_cls_logits = t_cls_logits.float()
         dino_probs = dino_loss.teacher_probs(t_cls_logits, teacher_temp, centering)
         ibot_probs = ibot_loss.teacher_probs(t_patch_logits.float(), teacher_temp, centering) if do_ibot else None
@@ -165,13 +159,14 @@ def forward_losses(student, teacher, dino_loss: DINOLoss, ibot_loss: iBOTPatchLo
     return terms
 
 
-def check_finite(terms: dict[str, torch.Tensor], iteration: int) -> None:
+def check_finite(terms: dict[str, torch.Tensor | float], iteration: int) -> None:
+    """Raise on a non-finite term (on several ranks: give the rank-averaged terms, so all ranks stop together)."""
     for name, v in terms.items():
-        if name != "loss" and not torch.isfinite(v).all():
+        if name != "loss" and not math.isfinite(float(v)):
             raise NonFiniteLossError(
                 f"non-finite {name} loss ({float(v)}) at iteration {iteration}: stopping. Lower the lr, check the "
                 f"inputs (normalised?) or use fp32 (precision=fp32).")
-    if not torch.isfinite(terms["loss"]).all():
+    if not math.isfinite(float(terms["loss"])):
         raise NonFiniteLossError(f"non-finite total loss at iteration {iteration}: stopping.")
 
 
@@ -203,75 +198,184 @@ class MetricsWriter:
                 f.write(json.dumps(row) + "\n")
 
 
-# ---------------------------------------------------------------------- training
+# ---------------------------------------------------------------------- trainer
+class Trainer:
+    """Models, losses, optimizer and schedules of one run, on this process's share of the ranks.
+
+    ``train_step(batch, it)`` is one iteration on this rank's batch (see the module docstring); it returns the
+    metrics row (loss terms averaged over ranks, which for equal per-rank batches is the global-batch loss).
+    ``load`` / ``save`` handle checkpoints (collective on several ranks).
+    """
+
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None):
+        self.cfg = cfg
+        self.dist = d = dist_info or DistInfo()
+        self.rank, self.world = d.rank, d.world
+        if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+            self.device = torch.device("cuda", d.local_rank % max(torch.cuda.device_count(), 1))
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        use_bf16 = self.device.type == "cuda" and cfg.precision in ("auto", "bf16")
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            if self.device.type == "cuda":
+                torch.backends.cudnn.benchmark = False
+        # bf16 autocast around the forward passes; parameters, gradients, optimizer state and the EMA stay fp32
+        # (also under FSDP2: no MixedPrecisionPolicy, so shards are all-gathered and reduce-scattered in fp32)
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and rank 0's are broadcast)
+        student, teacher, self.backbone_info = build_models(cfg)
+        student.to(self.device)
+        teacher.to(self.device)
+        self.strategy = resolve_strategy(cfg.distributed.strategy, self.world)
+        if self.world > 1:
+            broadcast_module(student)
+            broadcast_module(teacher)
+            torch.manual_seed(cfg.seed + self.rank)  # drop-path differs per rank
+        if self.strategy == "fsdp":
+            shard_models(student, teacher)
+        teacher.eval()
+        student.train()
+        self.student, self.teacher = student, teacher
+        h = cfg.head
+        self.dino_loss = DINOLoss(h.n_prototypes, cfg.loss.student_temp, cfg.loss.center_momentum).to(self.device)
+        ibot_dim = h.ibot_n_prototypes if "ibot_head" in student else h.n_prototypes
+        self.ibot_loss = iBOTPatchLoss(ibot_dim, cfg.loss.student_temp, cfg.loss.center_momentum).to(self.device)
+
+        o, tc = cfg.optim, cfg.teacher
+        groups = get_param_groups(student, student["backbone"].depth, o.layerwise_decay, o.patch_embed_lr_mult)
+        self.optimizer = build_optimizer(groups, o.betas)
+        self.batch_size = o.batch_size_per_gpu
+        lr = scaled_lr(o.base_lr, self.batch_size * self.world, o.lr_scaling)
+        self.sched = build_schedules(
+            lr=lr, min_lr=o.min_lr, epochs=o.epochs, iters_per_epoch=o.iters_per_epoch,
+            warmup_epochs=o.warmup_epochs, weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end,
+            momentum_teacher=tc.momentum_teacher, final_momentum_teacher=tc.final_momentum_teacher,
+            warmup_teacher_temp=tc.warmup_teacher_temp, teacher_temp=tc.teacher_temp,
+            warmup_teacher_temp_epochs=tc.warmup_teacher_temp_epochs,
+            freeze_last_layer_epochs=o.freeze_last_layer_epochs)
+        self.freeze_iters = int(round(o.freeze_last_layer_epochs * o.iters_per_epoch))
+        self.params_by_module = {k: [p for p in m.parameters() if p.requires_grad] for k, m in student.items()}
+        self.last_layer_params = [p for g in self.optimizer.param_groups if g["is_last_layer"] for p in g["params"]]
+        self.all_params = [p for ps in self.params_by_module.values() for p in ps]
+
+    # ------------------------------------------------------------------ one iteration
+    def train_step(self, batch: dict[str, Any], it: int) -> dict[str, Any]:
+        cfg, sched = self.cfg, self.sched
+        lr_it, wd_it, mom_it = sched["lr"][it], sched["wd"][it], sched["momentum"][it]
+        ll_lr, temp_it = sched["last_layer_lr"][it], sched["teacher_temp"][it]
+        apply_schedules(self.optimizer, lr_it, wd_it, ll_lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = forward_losses(self.student, self.teacher, self.dino_loss, self.ibot_loss, batch, cfg, temp_it,
+                               self.device, self.autocast)
+        values = all_reduce_mean(terms)  # global-batch loss values; every rank sees the same
+        check_finite(values, it)
+        terms["loss"].backward()
+        if self.strategy == "ddp_allreduce":
+            allreduce_gradients(self.all_params, self.world)
+        grad_norms = {}
+        if cfg.optim.clip_grad > 0:  # per module, as the reference; the global norm over shards
+            for name, ps in self.params_by_module.items():
+                grad_norms[name] = clip_grad_norm(ps, cfg.optim.clip_grad)
+        if it < self.freeze_iters:
+            for p in self.last_layer_params:
+                p.grad = None
+        self.optimizer.step()
+        ema_update(self.teacher, self.student, mom_it)
+        return {"type": "train", "step": it, "iteration": it + 1, "epoch": it / cfg.optim.iters_per_epoch,
+                **{f"{k}_loss" if k != "loss" else "loss": v for k, v in values.items()},
+                "lr": lr_it, "wd": wd_it, "momentum": mom_it, "teacher_temp": temp_it,
+                "n_masked_patches": int(batch["n_masked_patches"]),
+                **{f"grad_norm_{k}": v for k, v in grad_norms.items()}}
+
+    # ------------------------------------------------------------------ state
+    def full_state_dict(self, which: str = "teacher") -> dict[str, torch.Tensor]:
+        """Unsharded CPU state dict of the teacher / student (collective when sharded; full on rank 0 only)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        model = self.teacher if which == "teacher" else self.student
+        if self.strategy != "fsdp":
+            return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save(self, out: Path, iteration: int, data_position: dict[str, Any]) -> None:
+        meta = {"iteration": iteration, "dino_center": self.dino_loss.center.cpu(),
+                "ibot_center": self.ibot_loss.center.cpu(), "data_position": data_position,
+                "config": self.cfg.model_dump(mode="json"), "backbone": self.backbone_info,
+                "world_size": self.world, "strategy": self.strategy}
+        keep = self.cfg.checkpoint.keep_last
+        if self.world == 1:
+            save_checkpoint(out, {**meta, "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                                  "optimizer": self.optimizer.state_dict(), "rng": rng_state()}, keep_last=keep)
+            return
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        msd, osd = get_state_dict(self.student, self.optimizer)
+        app_state = {"student": msd, "teacher": get_model_state_dict(self.teacher), "optimizer": osd}
+        save_distributed_checkpoint(out, app_state, meta, rng_state(), keep_last=keep)
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """Restore models, optimizer and centres from either checkpoint layout (any writer world size); returns
+        the checkpoint's meta dict."""
+        meta = load_training_state(path, self.student, self.teacher, self.optimizer)
+        self.dino_loss.center.copy_(meta["dino_center"].to(self.device))
+        self.ibot_loss.center.copy_(meta["ibot_center"].to(self.device))
+        return meta
+
+
+def _latest_checkpoint(out: Path, world: int) -> Path | None:
+    """Rank 0's choice, so that every rank resumes from the same checkpoint."""
+    latest = find_latest_checkpoint(out)
+    if world > 1:
+        box = [str(latest) if latest is not None else None]
+        dist.broadcast_object_list(box, 0)
+        latest = Path(box[0]) if box[0] is not None else None
+    return latest
+
+
 def train(cfg: TrainConfig, data: str | list[str], output_dir: str | os.PathLike) -> dict[str, Any]:
-    """Train (resuming from the newest checkpoint in ``output_dir`` when there is one); returns a summary."""
-    rank, world, local_rank = _init_distributed()
-    out = Path(output_dir)
+    """Train (resuming from the newest checkpoint in ``output_dir`` when there is one); returns a summary.
+
+    Joins an existing process group (Ray Train, tests) or creates one from the torchrun environment."""
+    info = init_distributed()
+    try:
+        return _train(cfg, data, Path(output_dir), info)
+    finally:
+        if info.created_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -> dict[str, Any]:
+    rank, world = info.rank, info.world
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = False
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed + rank)  # drop-path differs per rank; weights are broadcast below
-
-    student, teacher, backbone_info = build_models(cfg)
-    student.to(device)
-    teacher.to(device)
+    trainer = Trainer(cfg, info)
     if world > 1:
-        for p in list(student.parameters()) + list(teacher.parameters()):
-            dist.broadcast(p.data, 0)
-    teacher.eval()
-    student.train()
-    dino_loss = DINOLoss(cfg.head.n_prototypes, cfg.loss.student_temp, cfg.loss.center_momentum).to(device)
-    ibot_dim = cfg.head.ibot_n_prototypes if "ibot_head" in student else cfg.head.n_prototypes
-    ibot_loss = iBOTPatchLoss(ibot_dim, cfg.loss.student_temp, cfg.loss.center_momentum).to(device)
-
-    depth = student["backbone"].depth
-    groups = get_param_groups(student, depth, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
-    optimizer = build_optimizer(groups, cfg.optim.betas)
-    bs = cfg.optim.batch_size_per_gpu
-    lr = scaled_lr(cfg.optim.base_lr, bs * world, cfg.optim.lr_scaling)
-    o, tc = cfg.optim, cfg.teacher
-    sched = build_schedules(lr=lr, min_lr=o.min_lr, epochs=o.epochs, iters_per_epoch=o.iters_per_epoch,
-                            warmup_epochs=o.warmup_epochs, weight_decay=o.weight_decay,
-                            weight_decay_end=o.weight_decay_end, momentum_teacher=tc.momentum_teacher,
-                            final_momentum_teacher=tc.final_momentum_teacher,
-                            warmup_teacher_temp=tc.warmup_teacher_temp, teacher_temp=tc.teacher_temp,
-                            warmup_teacher_temp_epochs=tc.warmup_teacher_temp_epochs,
-                            freeze_last_layer_epochs=o.freeze_last_layer_epochs)
-    freeze_iters = int(round(o.freeze_last_layer_epochs * o.iters_per_epoch))
+        log.info("rank %d/%d: strategy %s on %s", rank, world, trainer.strategy, trainer.device)
+    bs = trainer.batch_size
     total_iters = cfg.total_iters if cfg.max_steps is None else min(cfg.max_steps, cfg.total_iters)
 
     metrics = MetricsWriter(out / "metrics.jsonl", enabled=rank == 0)
-    start_iter = 0
+    start_iter = start_batch = 0
     resume_rng = None
-    latest = find_latest_checkpoint(out)
+    latest = _latest_checkpoint(out, world)
     if latest is not None:
-        ck = load_checkpoint(latest, map_location="cpu")
-        student.load_state_dict(ck["student"])
-        teacher.load_state_dict(ck["teacher"])
-        optimizer.load_state_dict(ck["optimizer"])
-        dino_loss.center.copy_(ck["dino_center"].to(device))
-        ibot_loss.center.copy_(ck["ibot_center"].to(device))
-        start_iter = int(ck["iteration"])
-        if ck["data_position"].get("world_size", 1) == world and world == 1:
-            resume_rng = ck["rng"]  # restored right before the loop (creating the loader iterator draws a seed)
+        meta = trainer.load(latest)
+        start_iter = start_batch = int(meta["iteration"])
+        pos = meta["data_position"]
+        if pos.get("world_size", 1) == world:
+            resume_rng = load_rng(latest, rank)  # restored right before the loop (the loader draws a seed)
+        else:  # another world size reads other shards: skip about as many samples as were consumed
+            start_batch = int(pos.get("samples_consumed", start_iter * bs)) // (bs * world)
+            log.info("checkpoint written by %s rank(s), resumed on %d: data position approximate",
+                     pos.get("world_size", 1), world)
         log.info("resumed from %s at iteration %d", latest, start_iter)
         metrics.truncate_after(start_iter)
-        del ck
     if rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
@@ -287,45 +391,39 @@ def train(cfg: TrainConfig, data: str | list[str], output_dir: str | os.PathLike
     # samples consumed before a resume on the same world size are skipped exactly (start_batch = iteration)
     stream = MultiCropStream(data, augment, bs, mask_gen, tuple(cfg.masking.mask_ratio_min_max),
                              cfg.masking.mask_probability, seed=cfg.seed, rank=rank, world_size=world,
-                             shuffle_buffer=cfg.data.shuffle_buffer, start_batch=start_iter)
+                             shuffle_buffer=cfg.data.shuffle_buffer, start_batch=start_batch)
     loader = make_loader(stream, cfg.data.num_workers)
 
     def run_eval(iteration: int) -> dict[str, Any] | None:
         e = cfg.eval
-        if not e.train_dir or rank != 0:
+        if not e.train_dir:
             return None
         from .evaluate import evaluate_backbone
 
-        res = evaluate_backbone(teacher["backbone"], e.train_dir, e.val_dir, e.img_size or c.global_crops_size,
-                                e.knn_k, e.knn_temp, e.linear_probe, e.batch_size, e.center_crop_ratio, device)
+        backbone = trainer.teacher["backbone"]
+        if trainer.strategy == "fsdp":  # gather the sharded teacher (collective), evaluate a full copy on rank 0
+            full = trainer.full_state_dict("teacher")
+            if rank != 0:
+                return None
+            kw = dict(trainer.backbone_info["kwargs"])
+            backbone = build_backbone(trainer.backbone_info["arch"], **kw).to(trainer.device).eval()
+            backbone.load_state_dict({k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")})
+        elif rank != 0:
+            return None
+        res = evaluate_backbone(backbone, e.train_dir, e.val_dir, e.img_size or c.global_crops_size,
+                                e.knn_k, e.knn_temp, e.linear_probe, e.batch_size, e.center_crop_ratio, trainer.device)
         row = {"type": "eval", "iteration": iteration, **res}
         metrics.write(row)
         log.info("eval at iteration %d: %s", iteration, res)
         return row
 
     def save(iteration: int) -> None:
-        if rank != 0:
-            return
-        save_checkpoint(out, {
-            "iteration": iteration,
-            "student": student.state_dict(),
-            "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "dino_center": dino_loss.center.cpu(),
-            "ibot_center": ibot_loss.center.cpu(),
-            "data_position": {"batches_consumed": iteration, "samples_consumed": iteration * bs * world,
-                              "batch_size_per_rank": bs, "world_size": world},
-            "rng": rng_state(),
-            "config": cfg.model_dump(mode="json"),
-            "backbone": backbone_info,
-        }, keep_last=cfg.checkpoint.keep_last)
+        trainer.save(out, iteration, {"batches_consumed": iteration, "samples_consumed": iteration * bs * world,
+                                      "batch_size_per_rank": bs, "world_size": world})
 
     last_eval = None
     if cfg.eval.at_start and start_iter == 0:
         last_eval = run_eval(0)
-    params_by_module = {k: [p for p in m.parameters() if p.requires_grad] for k, m in student.items()}
-    last_layer_params = [p for g in optimizer.param_groups if g["is_last_layer"] for p in g["params"]]
-    all_params = [p for ps in params_by_module.values() for p in ps]
 
     bar = None
     if rank == 0 and cfg.progress_bar:
@@ -341,39 +439,15 @@ def train(cfg: TrainConfig, data: str | list[str], output_dir: str | os.PathLike
     try:
         while it < total_iters:
             batch = next(data_iter)
-            lr_it, wd_it, mom_it = sched["lr"][it], sched["wd"][it], sched["momentum"][it]
-            ll_lr, temp_it = sched["last_layer_lr"][it], sched["teacher_temp"][it]
-            apply_schedules(optimizer, lr_it, wd_it, ll_lr)
-            optimizer.zero_grad(set_to_none=True)
-            terms = forward_losses(student, teacher, dino_loss, ibot_loss, batch, cfg, temp_it, device, autocast)
-            check_finite(terms, it)
-            terms["loss"].backward()
-            if world > 1:
-                for p in all_params:
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad.div_(world)
-            grad_norms = {}
-            if cfg.optim.clip_grad > 0:
-                for name, ps in params_by_module.items():
-                    grad_norms[name] = float(torch.nn.utils.clip_grad_norm_(ps, cfg.optim.clip_grad))
-            if it < freeze_iters:
-                for p in last_layer_params:
-                    p.grad = None
-            optimizer.step()
-            ema_update(teacher, student, mom_it)
-            row = {"type": "train", "step": it, "iteration": it + 1, "epoch": it / cfg.optim.iters_per_epoch,
-                   **{f"{k}_loss" if k != "loss" else "loss": float(v.detach()) for k, v in terms.items()},
-                   "lr": lr_it, "wd": wd_it, "momentum": mom_it, "teacher_temp": temp_it,
-                   "n_masked_patches": int(batch["n_masked_patches"]), "time": time.time() - t0,
-                   **{f"grad_norm_{k}": v for k, v in grad_norms.items()}}
+            row = trainer.train_step(batch, it)
+            row["time"] = time.time() - t0
             metrics.write(row)
             last_row = row
             it += 1
             if bar is not None:
                 bar.update(1)
                 if it % cfg.log_every == 0 or it == total_iters:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr_it:.2e}")
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
             if cfg.eval.period_iters and it % cfg.eval.period_iters == 0 and it < total_iters:
                 last_eval = run_eval(it)
             if it % cfg.checkpoint.period_iters == 0 or it == total_iters:
@@ -383,7 +457,8 @@ def train(cfg: TrainConfig, data: str | list[str], output_dir: str | os.PathLike
             bar.close()
     if it > start_iter or last_eval is None:
         last_eval = run_eval(it) if cfg.eval.train_dir else None
-    return {"iterations": it, "last": last_row, "eval": last_eval, "output_dir": str(out)}
+    return {"iterations": it, "last": last_row, "eval": last_eval, "output_dir": str(out), "world_size": world,
+            "rank": rank, "strategy": trainer.strategy}
 
 
 # ---------------------------------------------------------------------- CLI
@@ -393,7 +468,9 @@ def build_parser(prog: str = "lvd train") -> argparse.ArgumentParser:
         description="DINOv2 pretraining (EMA teacher, DINO + iBOT + KoLeo losses) on WebDataset shards or an image "
                     "folder. Resumes automatically from the newest checkpoint in --output.",
         epilog="Overrides are dotted YAML keys, e.g. optim.base_lr=0.002 crops.local_crops_number=6 "
-               "model.arch=vit_small_patch14. Run as a Ray job with: ray job submit -- python pipelines/train.py ...")
+               "model.arch=vit_small_patch14. Several processes: torchrun --nproc-per-node N pipelines/train.py ..., or "
+               "Ray Train with --ray-workers N (also as a Ray job: ray job submit --working-dir . -- python "
+               "pipelines/train.py --ray-workers N ...).")
     p.add_argument("--config", required=True, help="YAML config (see pipelines/configs/train_*.yaml)")
     p.add_argument("--data", required=True, help="shard dir, glob / brace pattern of .tar shards, or image folder")
     p.add_argument("--output", default="runs/train", help="output dir: checkpoints/, metrics.jsonl, config.yaml")
@@ -401,6 +478,10 @@ def build_parser(prog: str = "lvd train") -> argparse.ArgumentParser:
     p.add_argument("--eval-train-dir", default=None, help="labelled folder (class subfolders) for k-NN / linear probe")
     p.add_argument("--eval-val-dir", default=None, help="labelled validation folder (default: split of train dir)")
     p.add_argument("--export", default=None, help="after training, export the teacher backbone to this .pth")
+    p.add_argument("--ray-workers", type=int, default=0,
+                   help="train on N Ray Train workers (TorchTrainer; GPUs when the cluster has them, else CPU)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join with --ray-workers (default: the "
+                   "job's cluster under `ray job submit`, else a local Ray instance)")
     p.add_argument("overrides", nargs="*", help="key.path=value config overrides")
     return p
 
@@ -421,10 +502,17 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 2
     try:
-        summary = train(cfg, args.data, args.output)
+        if args.ray_workers > 0:
+            from .ray_launch import run_ray_train
+
+            summary = run_ray_train(cfg, args.data, args.output, args.ray_workers, args.ray_address)
+        else:
+            summary = train(cfg, args.data, args.output)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    if summary.get("rank", 0) != 0:
+        return 0  # torchrun: rank 0 exports and prints the summary
     if args.export:
         from .checkpoint import export_backbone
 

@@ -1,0 +1,241 @@
+"""Multi-process training on CPU (gloo): 2 ranks against 1 process, DCP checkpoints across world sizes, launchers.
+
+Ranks are started with ``torch.multiprocessing.spawn`` (the process group is created here and ``train()`` /
+``Trainer`` join it, as under Ray Train), with ``torchrun`` (the CLI creates the group from the environment) and
+as a Ray job (``--ray-workers 2``).
+"""
+import copy
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from lvd_train_testutils import REPO, TINY_CFG, read_metrics, write_shards, write_yaml
+
+from training.checkpoint import export_backbone, find_latest_checkpoint, load_checkpoint
+from training.config import load_config
+from training.distributed import DistInfo, init_distributed, shard_batch
+from training.train import Trainer, train
+
+WORLD = 2
+B = 4  # images per rank; the single process gets WORLD * B
+N_STEPS = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join_group(rank: int, world: int, port: int) -> DistInfo:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    return init_distributed()
+
+
+def _spawn(fn, *args):
+    mp.spawn(fn, args=(WORLD, _free_port(), *args), nprocs=WORLD, join=True)
+
+
+# ---------------------------------------------------------------------- 2 ranks == 1 process
+def _equality_cfg(**changes):
+    raw = copy.deepcopy(TINY_CFG)
+    # per-rank by design, so off for the comparison: KoLeo (within each rank's batch, as the reference) and
+    # drop-path (per-rank RNG)
+    raw["model"]["drop_path_rate"] = 0.0
+    raw["loss"] = {"koleo_weight": 0.0}
+    raw["teacher"].update({"momentum_teacher": 0.9})  # a visible EMA in 4 steps
+    raw["optim"].update({"epochs": 1, "iters_per_epoch": N_STEPS, "base_lr": 0.01, "clip_grad": 0.05,
+                         "freeze_last_layer_epochs": 0.5})  # clipping active, prototypes frozen for 2 steps
+    raw.update({"device": "cpu", "precision": "fp32"})
+    for key, value in changes.items():
+        section, name = key.split("__")
+        raw.setdefault(section, {})[name] = value
+    return raw
+
+
+CASES = {
+    "fsdp_centering": _equality_cfg(distributed__strategy="fsdp"),
+    "fsdp_sinkhorn_separate_ibot_head": _equality_cfg(
+        distributed__strategy="fsdp", loss__centering="sinkhorn_knopp", head__ibot_separate_head=True,
+        head__ibot_n_prototypes=96, head__ibot_hidden_dim=64, head__ibot_bottleneck_dim=32),
+    "ddp_allreduce_centering": _equality_cfg(distributed__strategy="ddp_allreduce"),
+}
+
+
+def _global_batches(g: int = WORLD * B, n_tokens: int = 4):
+    """Deterministic collated global batches (crop-major rows). Step 1 masks only the first half of the images
+    (rank 1 has no masked patch: iBOT, its centre and Sinkhorn-Knopp must still match); step 3 masks none."""
+    gen = torch.Generator().manual_seed(123)
+    for step in range(N_STEPS):
+        masks = torch.rand(2 * g, n_tokens, generator=gen) < 0.4
+        masks[0, 0] = masks[g + 1, 3] = True
+        if step == 1:
+            masks[:] = False
+            masks[[0, 1, g, g + 2], [1, 2, 0, 3]] = True
+        if step == 3:
+            masks[:] = False
+        batch = {"global_crops": torch.randn(2 * g, 3, 28, 28, generator=gen),
+                 "local_crops": torch.randn(2 * g, 3, 14, 14, generator=gen), "masks": masks, "batch_size": g}
+        yield shard_batch(batch, 0, 1)  # mask indices / weights / counts of the whole batch
+
+
+def _run_steps(raw: dict, info: DistInfo) -> dict:
+    raw = copy.deepcopy(raw)
+    raw["optim"]["batch_size_per_gpu"] = B * WORLD // info.world
+    trainer = Trainer(load_config(raw=raw), info)
+    rows = []
+    for it, gb in enumerate(_global_batches()):
+        batch = shard_batch(gb, info.rank, info.world) if info.world > 1 else gb
+        rows.append(trainer.train_step(batch, it))
+    cls_token = trainer.student["backbone"].cls_token
+    return {"rows": rows, "teacher": trainer.full_state_dict("teacher"), "student": trainer.full_state_dict("student"),
+            "dino_center": trainer.dino_loss.center.clone(), "ibot_center": trainer.ibot_loss.center.clone(),
+            "sharded": type(cls_token).__name__ == "DTensor", "strategy": trainer.strategy}
+
+
+def _equality_rank(rank, world, port, out):
+    info = _join_group(rank, world, port)
+    results = {name: _run_steps(raw, info) for name, raw in CASES.items()}
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path):
+    out = tmp_path / "ranks.pt"
+    _spawn(_equality_rank, str(out))
+    got = torch.load(out, weights_only=False)
+    refs = {}
+    for name, raw in CASES.items():
+        key = (raw["loss"].get("centering"), raw["head"].get("ibot_separate_head"))  # strategy: no-op on 1 process
+        if key not in refs:
+            refs[key] = _run_steps(raw, DistInfo())
+        ref, res = refs[key], got[name]
+        assert res["strategy"] == name.split("_")[0].replace("ddp", "ddp_allreduce")
+        assert res["sharded"] == name.startswith("fsdp")
+        for step, (r, g) in enumerate(zip(ref["rows"], res["rows"])):
+            assert ("ibot_loss" in r) == ("ibot_loss" in g) == (step != 3), (name, step)
+            for k, v in r.items():
+                if k.endswith("_loss") or k == "loss" or k.startswith("grad_norm_"):
+                    assert g[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (name, step, k)
+        for which in ("teacher", "student"):
+            assert ref[which].keys() == res[which].keys()
+            for k, v in ref[which].items():
+                torch.testing.assert_close(res[which][k], v, rtol=1e-4, atol=2e-6, msg=f"{name} {which} {k}")
+        for c in ("dino_center", "ibot_center"):
+            torch.testing.assert_close(res[c], ref[c], rtol=1e-5, atol=1e-7)
+        # training moved the weights (the comparison is not vacuous)
+        assert (ref["teacher"]["backbone.pos_embed"] - ref["student"]["backbone.pos_embed"]).abs().max() > 0
+
+
+# ---------------------------------------------------------------------- checkpoints across world sizes
+def _resume_cfg():
+    raw = copy.deepcopy(TINY_CFG)  # drop-path on: per-rank RNG states are checkpointed
+    raw.update({"deterministic": True, "device": "cpu"})
+    return raw
+
+
+def _train_rank(rank, world, port, data, out):
+    info = _join_group(rank, world, port)
+    cfg = load_config(raw=_resume_cfg())
+    train(cfg.model_copy(update={"max_steps": 2}), data, out)  # writes checkpoint_00000002/ (DCP)
+    train(cfg.model_copy(update={"max_steps": 4}), data, out)  # resumes it on 2 ranks
+    assert info.world == WORLD and dist.is_initialized()  # train() left the caller's group alone
+    dist.destroy_process_group()
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _losses(out):
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+
+
+@pytest.mark.slow
+def test_dcp_checkpoints_resume_on_two_ranks_and_on_one(tmp_path):
+    data = tmp_path / "shards"
+    write_shards(data, n_shards=3, per_shard=10)
+    cfg_path = write_yaml(tmp_path / "cfg.yaml", _resume_cfg())
+
+    # uninterrupted 2-rank run with torchrun (process group from the environment), exported by rank 0
+    ref = tmp_path / "ref"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(REPO / "pipelines" / "train.py"), "--config", str(cfg_path), "--data", str(data),
+                        "--output", str(ref), "--max-steps", "4", "--export", str(tmp_path / "ref.pth")],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.count('"iterations": 4') == 1  # one summary line (rank 0)
+    assert (tmp_path / "ref.pth").exists()
+
+    # stopped at 2 and resumed on 2 ranks: the same losses step for step (per-rank RNG and data position restored)
+    out = tmp_path / "out"
+    _spawn(_train_rank, str(data), str(out))
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert _losses(out) == pytest.approx(_losses(ref), rel=1e-6, abs=1e-7)
+    ck_dir = out / "checkpoints"
+    assert sorted(p.name for p in ck_dir.iterdir()) == ["checkpoint_00000002", "checkpoint_00000004"]
+    latest = find_latest_checkpoint(out)
+    assert latest == ck_dir / "checkpoint_00000004" and (latest / "rng_rank1.pt").exists()
+
+    # read without a process group: full tensors, exportable, identical to the torchrun run's checkpoint
+    ck = load_checkpoint(latest)
+    assert ck["iteration"] == 4 and ck["data_position"]["world_size"] == 2 and ck["world_size"] == 2
+    ck_ref = load_checkpoint(find_latest_checkpoint(ref))
+    for k, v in ck["teacher"].items():
+        torch.testing.assert_close(v, ck_ref["teacher"][k], rtol=1e-5, atol=1e-7)
+    exported = export_backbone(out, tmp_path / "b.pth")
+    sd = torch.load(exported, weights_only=True)
+    torch.testing.assert_close(sd["pos_embed"], ck["teacher"]["backbone.pos_embed"])
+
+    # the 2-rank checkpoint loads exactly into one process (DCP reshards), optimizer state included
+    trainer = Trainer(load_config(raw=_resume_cfg()))
+    meta = trainer.load(latest)
+    assert meta["iteration"] == 4
+    for k, v in trainer.teacher.state_dict().items():
+        assert torch.equal(v, ck["teacher"][k]), k
+    torch.testing.assert_close(trainer.dino_loss.center, ck["dino_center"])
+    name = "backbone.blocks.1.mlp.fc1.weight"
+    param = dict(trainer.student.named_parameters())[name]
+    assert torch.equal(trainer.optimizer.state[param]["exp_avg"], ck["optimizer"]["state"][name]["exp_avg"])
+
+    # ... and training continues there on 1 rank
+    summary = train(load_config(raw=_resume_cfg()).model_copy(update={"max_steps": 6}), str(data), out)
+    assert summary["iterations"] == 6 and summary["world_size"] == 1
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert sorted(p.name for p in ck_dir.iterdir()) == ["checkpoint_00000004", "checkpoint_00000006.pt"]
+    assert load_checkpoint(ck_dir / "checkpoint_00000006.pt")["iteration"] == 6
+
+
+# ---------------------------------------------------------------------- Ray Train as a Ray job
+@pytest.mark.slow
+def test_ray_train_two_workers_via_ray_job_submit(tmp_path):
+    from curation.local_cluster import LocalRayHead
+
+    data = tmp_path / "shards"
+    write_shards(data, n_shards=2, per_shard=8)
+    cfg_path = write_yaml(tmp_path / "cfg.yaml", {**TINY_CFG, "device": "cpu"})
+    out = tmp_path / "out"
+    with LocalRayHead(num_cpus=2) as head:
+        rc, log = head.submit(["python", "pipelines/train.py", "--config", str(cfg_path), "--data", str(data),
+                               "--output", str(out), "--max-steps", "2", "--ray-workers", "2"],
+                              working_dir=str(REPO), timeout=300)
+    assert rc == 0, log[-4000:]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1]
+    latest = find_latest_checkpoint(out)
+    assert latest is not None and latest.name == "checkpoint_00000002" and latest.is_dir()
+    ck = load_checkpoint(latest)
+    assert ck["world_size"] == 2 and ck["strategy"] == "fsdp"
