@@ -429,7 +429,10 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
     if rank == 0 and cfg.progress_bar:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_iters, initial=start_iter, desc="train", dynamic_ncols=True)
+        # in a log (ray job logs, CI, a file) every redraw becomes a line: redraw at most every 10 s there
+        interactive = sys.stderr.isatty()
+        bar = tqdm(total=total_iters, initial=start_iter, desc="train", dynamic_ncols=True,
+                   mininterval=0.1 if interactive else 10.0)
     it = start_iter
     t0 = time.time()
     last_row: dict[str, Any] = {}
@@ -445,9 +448,9 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
             last_row = row
             it += 1
             if bar is not None:
-                bar.update(1)
                 if it % cfg.log_every == 0 or it == total_iters:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
+                bar.update(1)  # redraws (with the postfix) at most every mininterval
             if cfg.eval.period_iters and it % cfg.eval.period_iters == 0 and it < total_iters:
                 last_eval = run_eval(it)
             if it % cfg.checkpoint.period_iters == 0 or it == total_iters:
