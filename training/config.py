@@ -33,6 +33,9 @@ class ModelConfig(_Strict):
     depth: int | None = Field(None, gt=0)
     num_heads: int | None = Field(None, gt=0)
     mlp_ratio: float | None = Field(None, gt=0)
+    packed_attention: bool | Literal["auto"] = Field(
+        False, description="student crop groups through each block in one packed pass (block-diagonal attention); "
+                           "auto: on CUDA only. See training/models/vision_transformer.py")
 
     @model_validator(mode="after")
     def _check(self):
@@ -51,6 +54,8 @@ class ModelConfig(_Strict):
             v = getattr(self, k)
             if v is not None:
                 kw[k] = v
+        if self.packed_attention is not False:  # default: kwargs (and checkpoint metadata) as before
+            kw["packed_attention"] = self.packed_attention
         return kw
 
 

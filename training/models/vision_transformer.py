@@ -42,6 +42,17 @@ Decisions written down here:
   ``max(int(B * (1 - p)), 1)`` samples and its output is added back scaled by ``B / kept`` (the reference's
   ``drop_add_residual_stochastic_depth``); the same rate in every block ("uniform" drop path).
 * Attention is ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
+* Packed multi-crop attention (``packed_attention=True``, or ``"auto"``: only for CUDA inputs): for a list of
+  crop groups (e.g. 2B global crops of 1+R+256 tokens and 8B local crops of 1+R+49 tokens) every image's tokens
+  are concatenated into one sequence ``[1, T, D]`` and each block runs once on it. LayerNorm, the linear layers,
+  the FFN and LayerScale are per token; attention gets a block-diagonal mask (token i may attend to token j iff
+  both belong to the same image), so the result equals the per-group forward. The mask is a FlexAttention
+  ``BlockMask`` (document-id ``mask_mod``) used with a compiled ``flex_attention`` on CUDA; on CPU (FlexAttention
+  has no CPU backward in this torch, and eager it materialises the scores anyway) it is a boolean ``[T, T]`` mask
+  for ``scaled_dot_product_attention``. Masks are cached per (group sizes, device). Stochastic depth stays per
+  image: each block draws, per group, the same random subsets as the unpacked path (same RNG calls, same order),
+  runs the branch on the packed tokens of the kept images only (with their own block-diagonal mask) and adds it
+  back scaled by ``B_group / kept``. A single tensor input is never packed.
 """
 from __future__ import annotations
 
@@ -55,6 +66,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+try:  # FlexAttention (torch >= 2.5)
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch: packed attention uses the boolean-mask SDPA path
+    BlockMask = create_block_mask = flex_attention = None
+
 __all__ = [
     "VisionTransformer",
     "build_backbone",
@@ -64,6 +80,8 @@ __all__ = [
     "load_backbone",
     "sidecar_path",
     "official_key_list",
+    "PackedLayout",
+    "block_diagonal_mask",
 ]
 
 
@@ -95,11 +113,89 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | BlockMask | None = None) -> Tensor:
+        """``attn_mask``: None, a boolean ``[N, N]`` mask (True = may attend) or a FlexAttention ``BlockMask``."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        if attn_mask is not None and BlockMask is not None and isinstance(attn_mask, BlockMask):
+            x = _flex_attention_fn(x.device)(qkv[0], qkv[1], qkv[2], block_mask=attn_mask)
+        else:
+            x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _flex_attention_fn(device: torch.device):
+    """``flex_attention``, compiled on CUDA (eager it materialises the whole score matrix)."""
+    if device.type != "cuda":
+        return flex_attention
+    if "flex" not in _COMPILED:
+        _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED["flex"]
+
+
+def _create_block_mask_fn(device: torch.device):
+    """``create_block_mask``, compiled on CUDA so that the dense [T, T] mask is never materialised."""
+    if device.type != "cuda":
+        return create_block_mask
+    if "block_mask" not in _COMPILED:
+        _COMPILED["block_mask"] = torch.compile(create_block_mask)
+    return _COMPILED["block_mask"]
+
+
+def image_ids(sizes: Sequence[tuple[int, int]], device: torch.device | str = "cpu") -> Tensor:
+    """Image index of every token of a packed sequence; ``sizes`` = (images, tokens per image) per group."""
+    lengths = torch.tensor([n for b, n in sizes for _ in range(b)], dtype=torch.long)
+    return torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(device=device, dtype=torch.int32)
+
+
+def block_diagonal_mask(sizes: Sequence[tuple[int, int]], device: torch.device | str, flex: bool):
+    """The packed sequence's attention mask: a FlexAttention ``BlockMask`` (``flex``) or a boolean [T, T] tensor."""
+    device = torch.device(device)
+    ids = image_ids(sizes, device)
+    if not flex:
+        return ids[:, None] == ids[None, :]
+    total = ids.numel()
+
+    def same_image(b, h, q_idx, kv_idx):
+        return ids[q_idx] == ids[kv_idx]
+
+    return _create_block_mask_fn(device)(same_image, None, None, total, total, device=device)
+
+
+class PackedLayout:
+    """How crop groups lie in a packed ``[1, T, D]`` sequence (group-major, image-major, token order kept).
+
+    ``sizes`` holds (images, tokens per image) per group; ``mask`` is the block-diagonal attention mask, built
+    once per layout by ``mask_fn(sizes)`` (the model's cache)."""
+
+    def __init__(self, sizes: Sequence[tuple[int, int]], mask_fn):
+        self.sizes = tuple((int(b), int(n)) for b, n in sizes)
+        self.mask_fn = mask_fn
+        self._mask = None
+
+    @property
+    def mask(self):
+        if self._mask is None:
+            self._mask = self.mask_fn(self.sizes)
+        return self._mask
+
+    @property
+    def offsets(self) -> list[int]:
+        out, o = [], 0
+        for b, n in self.sizes:
+            out.append(o)
+            o += b * n
+        return out
+
+    def pack(self, groups: Sequence[Tensor]) -> Tensor:
+        return torch.cat([g.reshape(1, -1, g.shape[-1]) for g in groups], dim=1)
+
+    def unpack(self, x: Tensor) -> list[Tensor]:
+        parts = x.split([b * n for b, n in self.sizes], dim=1)
+        return [p.reshape(b, n, x.shape[-1]) for p, (b, n) in zip(parts, self.sizes)]
 
 
 class Mlp(nn.Module):
@@ -157,14 +253,21 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = drop_path
 
-    def _attn_branch(self, x: Tensor) -> Tensor:
-        return self.ls1(self.attn(self.norm1(x)))
+    def _attn_branch(self, x: Tensor, attn_mask=None) -> Tensor:
+        return self.ls1(self.attn(self.norm1(x), attn_mask))
 
-    def _ffn_branch(self, x: Tensor) -> Tensor:
+    def _ffn_branch(self, x: Tensor, attn_mask=None) -> Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.training and self.drop_path > 0.0:
+    def forward(self, x: Tensor, packed: PackedLayout | None = None) -> Tensor:
+        """``x``: ``[B, N, D]``, or a packed ``[1, T, D]`` sequence laid out as ``packed`` says."""
+        drop = self.training and self.drop_path > 0.0
+        if packed is not None:
+            if drop:
+                return _packed_drop_path(x, packed, self._attn_branch, self._ffn_branch, self.drop_path)
+            x = x + self._attn_branch(x, packed.mask)
+            return x + self._ffn_branch(x)
+        if drop:
             x = _drop_add_residual(x, self._attn_branch, self.drop_path)
             x = _drop_add_residual(x, self._ffn_branch, self.drop_path)
         else:
@@ -181,6 +284,26 @@ def _drop_add_residual(x: Tensor, branch, p: float) -> Tensor:
     residual = branch(x[idx])
     out = torch.index_add(x.flatten(1), 0, idx, residual.to(x.dtype).flatten(1), alpha=b / kept)
     return out.view_as(x)
+
+
+def _packed_drop_path(x: Tensor, packed: PackedLayout, attn_branch, ffn_branch, p: float) -> Tensor:
+    """Efficient stochastic depth on a packed sequence, per image: per group the same random subsets as
+    :func:`_drop_add_residual` draws on the unpacked groups (same calls, same order), each branch run once on the
+    packed tokens of the kept images and added back scaled by ``B_group / kept``."""
+    picks = []
+    for b, _ in packed.sizes:  # the unpacked path draws attn then ffn subsets group by group
+        kept = max(int(b * (1.0 - p)), 1)
+        picks.append([torch.randperm(b, device=x.device)[:kept] for _ in range(2)])
+    for which, branch in enumerate((attn_branch, ffn_branch)):
+        toks = [(off + pick[which][:, None] * n + torch.arange(n, device=x.device)).flatten()
+                for (_, n), off, pick in zip(packed.sizes, packed.offsets, picks)]
+        sub = PackedLayout([(pick[which].numel(), n) for (_, n), pick in zip(packed.sizes, picks)], packed.mask_fn)
+        residual = branch(x[:, torch.cat(toks)], sub.mask).to(x.dtype)
+        out = x.clone()
+        for tok, res, (b, _), pick in zip(toks, residual.split([t.numel() for t in toks], dim=1), packed.sizes, picks):
+            out.index_add_(1, tok, res, alpha=b / pick[which].numel())  # as _drop_add_residual: fp32 alpha
+        x = out
+    return x
 
 
 class VisionTransformer(nn.Module):
@@ -202,8 +325,13 @@ class VisionTransformer(nn.Module):
         num_register_tokens: int = 0,
         interpolate_offset: float = 0.1,
         interpolate_antialias: bool = False,
+        packed_attention: bool | str = False,
     ):
         super().__init__()
+        if packed_attention not in (True, False, "auto"):
+            raise ValueError(f"packed_attention must be True, False or 'auto', got {packed_attention!r}")
+        self.packed_attention = packed_attention
+        self._mask_cache: dict[tuple, Any] = {}
         self.img_size = img_size
         self.patch_size = patch_size
         self.embed_dim = self.num_features = embed_dim
@@ -305,8 +433,15 @@ class VisionTransformer(nn.Module):
                 masks = [None] * len(x)
             assert len(masks) == len(x), "give one mask tensor (or None) per input batch"
             tokens = [self.prepare_tokens_with_masks(xi, mi) for xi, mi in zip(x, masks)]
-            for blk in self.blocks:
-                tokens = [blk(t) for t in tokens]
+            if self.uses_packing(tokens):
+                layout = PackedLayout([t.shape[:2] for t in tokens], self._packed_mask_fn(tokens[0].device))
+                seq = layout.pack(tokens)
+                for blk in self.blocks:
+                    seq = blk(seq, layout)
+                tokens = layout.unpack(seq)
+            else:
+                for blk in self.blocks:
+                    tokens = [blk(t) for t in tokens]
             return [self._outputs(t, m) for t, m in zip(tokens, masks)]
         x = self.prepare_tokens_with_masks(x, masks)
         for blk in self.blocks:
@@ -315,6 +450,27 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x)["x_norm_clstoken"])
+
+    # ------------------------------------------------------------------ packing
+    def uses_packing(self, tokens: Sequence[Tensor]) -> bool:
+        """Whether a list of token groups goes through the blocks packed (see the module docstring)."""
+        if len(tokens) < 2 or self.packed_attention is False:
+            return False
+        return self.packed_attention is True or tokens[0].device.type == "cuda"
+
+    def _packed_mask_fn(self, device: torch.device):
+        flex = device.type == "cuda" and flex_attention is not None
+
+        @torch.compiler.disable  # a cache lookup (and, rarely, a mask build): eager under torch.compile
+        def mask_for(sizes: tuple[tuple[int, int], ...]):
+            key = (sizes, str(device), flex)
+            if key not in self._mask_cache:
+                if len(self._mask_cache) >= 16:  # a handful of layouts per run (full, drop-path subset)
+                    self._mask_cache.pop(next(iter(self._mask_cache)))
+                self._mask_cache[key] = block_diagonal_mask(sizes, device, flex)
+            return self._mask_cache[key]
+
+        return mask_for
 
     def save_backbone(self, path: str | os.PathLike) -> None:
         save_backbone(self, path)
@@ -371,6 +527,9 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
+_RUNTIME_OPTIONS = ("drop_path_rate", "packed_attention")  # not part of the architecture: kept out of sidecars
+
+
 def backbone_metadata(model: VisionTransformer) -> dict[str, Any]:
     return {
         "arch": model.arch,
@@ -381,7 +540,7 @@ def backbone_metadata(model: VisionTransformer) -> dict[str, Any]:
         "depth": model.depth,
         "num_heads": model.num_heads,
         "ffn_layer": model.ffn_layer,
-        "overrides": {k: v for k, v in model.build_overrides.items() if k != "drop_path_rate"},
+        "overrides": {k: v for k, v in model.build_overrides.items() if k not in _RUNTIME_OPTIONS},
     }
 
 
