@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import json
 import tarfile
 from pathlib import Path
@@ -59,3 +60,10 @@ def write_yaml(path: Path, cfg: dict) -> Path:
 
 def read_metrics(path: Path, kind: str = "train") -> list[dict]:
     return [r for r in (json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()) if r["type"] == kind]
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for a trainer subprocess: the repo importable, one thread per process, fixed hash seed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env

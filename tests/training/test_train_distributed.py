@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from lvd_train_testutils import REPO, TINY_CFG, read_metrics, write_shards, write_yaml
+from lvd_train_testutils import REPO, TINY_CFG, read_metrics, write_shards, write_yaml, subprocess_env
 
 from training.checkpoint import export_backbone, find_latest_checkpoint, load_checkpoint
 from training.config import load_config
@@ -152,12 +152,6 @@ def _train_rank(rank, world, port, data, out):
     dist.destroy_process_group()
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _losses(out):
     return [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
 
@@ -173,7 +167,7 @@ def test_dcp_checkpoints_resume_on_two_ranks_and_on_one(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         str(REPO / "pipelines" / "train.py"), "--config", str(cfg_path), "--data", str(data),
                         "--output", str(ref), "--max-steps", "4", "--export", str(tmp_path / "ref.pth")],
-                       capture_output=True, text=True, env=_env(), timeout=300)
+                       capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stdout.count('"iterations": 4') == 1  # one summary line (rank 0)
     assert (tmp_path / "ref.pth").exists()

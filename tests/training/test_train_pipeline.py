@@ -1,23 +1,16 @@
 """pipelines/train.py on tar shards, then export and reload with the backbone loader."""
 import copy
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from lvd_train_testutils import REPO, TINY_CFG, read_metrics, write_shards, write_yaml
+from lvd_train_testutils import REPO, TINY_CFG, read_metrics, write_shards, write_yaml, subprocess_env
 
 from training.checkpoint import find_latest_checkpoint, load_checkpoint
 from training.export import main as export_main
 from training.models.vision_transformer import build_backbone, load_official_checkpoint
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 @pytest.mark.slow
@@ -30,7 +23,7 @@ def test_train_script_on_shards_then_export_and_reload(tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(REPO / "pipelines" / "train.py"), "--config", str(cfg_path),
                         "--data", str(data), "--output", str(out), "--max-steps", "3", "optim.base_lr=0.001"],
-                       capture_output=True, text=True, env=_env(), timeout=300)
+                       capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_metrics(out / "metrics.jsonl")
     assert [x["step"] for x in rows] == [0, 1, 2]
@@ -68,7 +61,7 @@ def test_demo_config_runs_on_shards(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "pipelines" / "train.py"), "--config",
                         str(REPO / "pipelines" / "configs" / "train_demo.yaml"), "--data", str(data),
                         "--output", str(tmp_path / "out"), "--max-steps", "2", "--export", str(tmp_path / "b.pth")],
-                       capture_output=True, text=True, env=_env(), timeout=300)
+                       capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(read_metrics(tmp_path / "out" / "metrics.jsonl")) == 2
     assert load_official_checkpoint(tmp_path / "b.pth").embed_dim == 96

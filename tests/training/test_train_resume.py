@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from lvd_train_testutils import REPO, TINY_CFG, read_metrics, write_shards, write_yaml
+from lvd_train_testutils import REPO, TINY_CFG, read_metrics, write_shards, write_yaml, subprocess_env
 
 TOTAL = 12
 
@@ -25,14 +25,8 @@ def _cmd(cfg_path, data, out, *extra):
             "--output", str(out), *extra]
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _run(cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -68,7 +62,7 @@ def test_resume_after_stop_and_after_sigkill_matches_uninterrupted(tmp_path):
     # 2) SIGKILL right after the first checkpoint was written, then restart
     kill = tmp_path / "kill"
     proc = subprocess.Popen(_cmd(cfg_path, data, kill), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=_env())
+                            env=subprocess_env())
     ck = kill / "checkpoints" / "checkpoint_00000002.pt"
     deadline = time.time() + 240
     while not ck.exists() and proc.poll() is None and time.time() < deadline:
