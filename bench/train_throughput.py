@@ -124,11 +124,12 @@ def make_config(args, arch: str, batch: int, optimised: bool, device: torch.devi
     iters = args.warmup + args.steps + 1
     return TrainConfig.model_validate({
         "model": {"arch": arch, "drop_path_rate": args.drop_path, "packed_attention": optimised,
+                  "compile": bool(optimised and args.compile),
                   **({"embed_dim": args.embed_dim} if args.embed_dim else {}),
                   **({"depth": args.depth} if args.depth else {})},
         "head": {"n_prototypes": args.n_prototypes},
         "optim": {"epochs": 1, "iters_per_epoch": iters, "batch_size_per_gpu": batch, "warmup_epochs": 0,
-                  "freeze_last_layer_epochs": 0},
+                  "freeze_last_layer_epochs": 0, "fused_adamw": optimised},
         "teacher": {"warmup_teacher_temp_epochs": 0},
         "crops": {"global_crops_size": args.global_size, "local_crops_size": args.local_size,
                   "local_crops_number": args.local_crops},
@@ -156,15 +157,6 @@ def make_batch(cfg, device: torch.device, seed: int = 0) -> dict[str, Any]:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _use_fused_adamw(trainer) -> None:
-    from training.optim import get_param_groups
-
-    o = trainer.cfg.optim
-    groups = get_param_groups(trainer.student, trainer.student["backbone"].depth, o.layerwise_decay,
-                              o.patch_embed_lr_mult)
-    trainer.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas), weight_decay=0.0, fused=True)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -182,12 +174,6 @@ def run_config(args, arch: str, batch: int, optimised: bool, device: torch.devic
     trainer = None
     try:
         trainer = Trainer(cfg)
-        if optimised:
-            _use_fused_adamw(trainer)
-            if args.compile:
-                for model in (trainer.student, trainer.teacher):
-                    for blk in model["backbone"].blocks:
-                        blk.compile()
         data = make_batch(cfg, device, args.seed)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -36,6 +36,8 @@ class ModelConfig(_Strict):
     packed_attention: bool | Literal["auto"] = Field(
         False, description="student crop groups through each block in one packed pass (block-diagonal attention); "
                            "auto: on CUDA only. See training/models/vision_transformer.py")
+    compile: bool = Field(False, description="torch.compile each transformer block of student and teacher "
+                                             "(first steps are slow while it compiles)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -102,6 +104,8 @@ class OptimConfig(_Strict):
     clip_grad: float = Field(3.0, ge=0, description="0 disables clipping")
     freeze_last_layer_epochs: float = Field(1, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
+    fused_adamw: bool | Literal["auto"] = Field(
+        "auto", description="torch's fused AdamW kernel (one launch for all parameters); auto: on CUDA")
 
     @model_validator(mode="after")
     def _check(self):

@@ -54,8 +54,10 @@ def get_param_groups(model: nn.Module, depth: int, layerwise_decay: float = 0.9,
     return list(fused.values())
 
 
-def build_optimizer(groups: Iterable[dict[str, Any]], betas=(0.9, 0.999)) -> torch.optim.AdamW:
-    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas), weight_decay=0.0)
+def build_optimizer(groups: Iterable[dict[str, Any]], betas=(0.9, 0.999), fused: bool = False) -> torch.optim.AdamW:
+    """AdamW whose lr / weight decay are set per group every iteration by :func:`apply_schedules`; ``fused``: the
+    single-kernel implementation (CUDA; on CPU torch also has one)."""
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas), weight_decay=0.0, fused=fused or None)
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float) -> None:

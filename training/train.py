@@ -239,6 +239,10 @@ class Trainer:
             torch.manual_seed(cfg.seed + self.rank)  # drop-path differs per rank
         if self.strategy == "fsdp":
             shard_models(student, teacher)
+        if cfg.model.compile:  # per block (after sharding, so FSDP2's hooks stay outside the compiled graphs)
+            for model in (student, teacher):
+                for block in model["backbone"].blocks:
+                    block.compile()
         teacher.eval()
         student.train()
         self.student, self.teacher = student, teacher
@@ -249,7 +253,8 @@ class Trainer:
 
         o, tc = cfg.optim, cfg.teacher
         groups = get_param_groups(student, student["backbone"].depth, o.layerwise_decay, o.patch_embed_lr_mult)
-        self.optimizer = build_optimizer(groups, o.betas)
+        fused = o.fused_adamw is True or (o.fused_adamw == "auto" and self.device.type == "cuda")
+        self.optimizer = build_optimizer(groups, o.betas, fused=fused)
         self.batch_size = o.batch_size_per_gpu
         lr = scaled_lr(o.base_lr, self.batch_size * self.world, o.lr_scaling)
         self.sched = build_schedules(

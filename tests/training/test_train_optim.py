@@ -112,6 +112,26 @@ def test_ema_update():
         assert torch.allclose(p, 0.9 * before[n] + 0.1 * sp[n], atol=1e-7)
 
 
+def test_fused_adamw_steps_like_the_default():
+    torch.manual_seed(0)
+    ref, fused_model = _student(1), _student(1)
+    fused_model.load_state_dict(ref.state_dict())
+    opts = []
+    for model, fused in ((ref, False), (fused_model, True)):
+        opt = build_optimizer(get_param_groups(model, 1, 0.9, 0.2), fused=fused)
+        assert all(g.get("fused") is (True if fused else None) for g in opt.param_groups)
+        apply_schedules(opt, 1e-3, 0.04, 1e-3)
+        opts.append(opt)
+    x = torch.randn(2, 3, 28, 28)
+    for model, opt in zip((ref, fused_model), opts):
+        for _ in range(2):
+            opt.zero_grad()
+            model["dino_head"](model["backbone"](x)).square().mean().backward()
+            opt.step()
+    for (n, a), b in zip(ref.named_parameters(), fused_model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
 def test_nan_guard_names_the_term():
     terms = {"dino": torch.tensor(1.0), "ibot": torch.tensor(float("nan")), "loss": torch.tensor(float("nan"))}
     with pytest.raises(NonFiniteLossError, match="ibot"):
