@@ -8,8 +8,9 @@ iterations, ``optim.iters_per_epoch``). Determinism and resume:
   shards and keeps every ``world_size``-th sample. A shuffle buffer (seeded per rank) mixes samples across
   shards and passes. This gives one deterministic raw sample sequence per rank.
 * Batch ``g`` of a rank is samples ``[g * B, (g + 1) * B)`` of that sequence. DataLoader workers all walk the
-  raw sequence (cheap: no decoding) and each decodes / augments only its own batches (worker ``k % W`` builds
-  the k-th batch after ``start_batch``, matching the DataLoader's round-robin), so a batch's content depends
+  raw sequence (cheap: tar headers only; no image bytes read, nothing decoded) and each reads, decodes and
+  augments only its own batches (worker ``k % W`` builds the k-th batch after ``start_batch``, matching the
+  DataLoader's round-robin), so a batch's content depends
   only on ``g``: the data position is the number of batches consumed, and a resume (with any worker count)
   skips them exactly.
 * Per-sample augmentation randomness is ``random.Random(f"{seed}-{rank}-{n}")`` for the rank's n-th sample;
@@ -23,8 +24,10 @@ import io
 import logging
 import os
 import random
+import tarfile
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from PIL import Image
@@ -74,18 +77,36 @@ def decode_image(data: bytes) -> Image.Image:
     return img.convert("RGB")
 
 
-def _iter_unit(kind: str, unit: str) -> Iterator[tuple[str, bytes]]:
-    if kind == "files":
-        with open(unit, "rb") as f:
-            yield unit, f.read()
-        return
-    from webdataset.tariterators import tarfile_samples
+def _read_range(path: str, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
 
-    for sample in tarfile_samples([{"url": unit}]):
-        for ext in IMAGE_EXTS:
-            if ext in sample:
-                yield sample["__key__"], sample[ext]
-                break
+
+def _iter_unit(kind: str, unit: str) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(key, read) per image of a shard or file; ``read()`` fetches the bytes. Only tar headers are read while
+    walking, so the DataLoader workers that all walk the stream each read just the images they decode."""
+    if kind == "files":
+        yield unit, partial(_read_range, unit, 0, -1)
+        return
+    with tarfile.open(unit, "r:") as tar:  # seekable: iterating skips member data
+        key, best = None, None  # members of one sample are adjacent; keep its preferred image extension
+
+        def pick() -> Iterator[tuple[str, Callable[[], bytes]]]:
+            if best is not None:
+                yield key, partial(_read_range, unit, best[1].offset_data, best[1].size)
+
+        for info in tar:
+            if not info.isfile():
+                continue
+            k, _, ext = info.name.rsplit("/", 1)[-1].partition(".")
+            if k != key:
+                yield from pick()
+                key, best = k, None
+            rank = IMAGE_EXTS.index(ext.lower()) if ext.lower() in IMAGE_EXTS else None
+            if rank is not None and (best is None or rank < best[0]):
+                best = (rank, info)
+        yield from pick()
 
 
 class MultiCropStream(IterableDataset):
@@ -116,7 +137,7 @@ class MultiCropStream(IterableDataset):
         self.start_batch = start_batch
 
     # raw (undecoded) samples of one slot, forever
-    def _raw(self, slot: int, n_slots: int) -> Iterator[tuple[str, bytes]]:
+    def _raw(self, slot: int, n_slots: int) -> Iterator[tuple[str, Callable[[], bytes]]]:
         data_epoch = 0
         while True:
             order = list(self.units)
@@ -140,9 +161,9 @@ class MultiCropStream(IterableDataset):
                                    f"{self.world_size} rank(s) x workers, or no readable images in {self.units[:3]}")
             data_epoch += 1
 
-    def _shuffled(self, slot: int, n_slots: int) -> Iterator[tuple[str, bytes]]:
+    def _shuffled(self, slot: int, n_slots: int) -> Iterator[tuple[str, Callable[[], bytes]]]:
         rng = random.Random(f"shuffle-{self.seed}-{slot}")
-        buf: list[tuple[str, bytes]] = []
+        buf: list[tuple[str, Callable[[], bytes]]] = []
         for s in self._raw(slot, n_slots):
             if len(buf) < self.shuffle_buffer:
                 buf.append(s)
@@ -163,12 +184,12 @@ class MultiCropStream(IterableDataset):
         # every worker walks the rank's raw (undecoded) stream; batch g = samples [g*bs, (g+1)*bs) and the
         # resumed loader's k-th batch (start_batch + k) is built by worker k % nw, which the DataLoader reads
         # round-robin from worker 0: so batch contents depend only on g, whatever the worker count.
-        for n, (key, data) in enumerate(self._shuffled(self.rank, self.world_size)):
+        for n, (key, read) in enumerate(self._shuffled(self.rank, self.world_size)):
             g = n // bs
             if g < self.start_batch or (g - self.start_batch) % nw != wid:
                 continue
             try:
-                img = decode_image(data)
+                img = decode_image(read())
             except Exception as e:  # deterministic stand-in, so batch boundaries never shift
                 log.warning("undecodable sample %s replaced by a grey image: %s", key, e)
                 img = Image.new("RGB", (64, 64), (128, 128, 128))

@@ -62,7 +62,7 @@ from .optim import apply_schedules, build_optimizer, get_param_groups
 from .schedules import build_schedules, scaled_lr
 
 log = logging.getLogger("lvd.train")
-__all__ = ["main", "train", "Trainer", "build_models", "ema_update", "NonFiniteLossError", "build_parser"]
+__all__ = ["main", "train", "Trainer", "build_models", "build_stream", "ema_update", "NonFiniteLossError", "build_parser"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -196,6 +196,26 @@ class MetricsWriter:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------------- data
+def build_stream(cfg: TrainConfig, data: str | list[str], rank: int = 0, world: int = 1,
+                 start_batch: int = 0) -> MultiCropStream:
+    """The multi-crop, masked batch stream of this rank as the config describes it (augmentations of
+    DESIGN.md section 4, block masks on the global crops)."""
+    c = cfg.crops
+    augment = MultiCropAugmentation(AugmentConfig(
+        global_crops_size=c.global_crops_size, global_crops_scale=tuple(c.global_crops_scale),
+        local_crops_number=c.local_crops_number, local_crops_size=c.local_crops_size,
+        local_crops_scale=tuple(c.local_crops_scale), flip_p=c.flip_p, color_jitter_p=c.color_jitter_p,
+        brightness=c.brightness, contrast=c.contrast, saturation=c.saturation, hue=c.hue,
+        grayscale_p=c.grayscale_p, blur_p=tuple(c.blur_p), blur_sigma=tuple(c.blur_sigma), solarize_p=c.solarize_p))
+    grid = c.global_crops_size // cfg.model.patch_size
+    mask_gen = MaskingGenerator(grid, min_num_patches=cfg.masking.min_num_patches, min_aspect=cfg.masking.min_aspect)
+    return MultiCropStream(data, augment, cfg.optim.batch_size_per_gpu, mask_gen,
+                           tuple(cfg.masking.mask_ratio_min_max), cfg.masking.mask_probability, seed=cfg.seed,
+                           rank=rank, world_size=world, shuffle_buffer=cfg.data.shuffle_buffer,
+                           start_batch=start_batch)
 
 
 # ---------------------------------------------------------------------- trainer
@@ -384,19 +404,8 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
     if rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
-    c = cfg.crops
-    augment = MultiCropAugmentation(AugmentConfig(
-        global_crops_size=c.global_crops_size, global_crops_scale=tuple(c.global_crops_scale),
-        local_crops_number=c.local_crops_number, local_crops_size=c.local_crops_size,
-        local_crops_scale=tuple(c.local_crops_scale), flip_p=c.flip_p, color_jitter_p=c.color_jitter_p,
-        brightness=c.brightness, contrast=c.contrast, saturation=c.saturation, hue=c.hue,
-        grayscale_p=c.grayscale_p, blur_p=tuple(c.blur_p), blur_sigma=tuple(c.blur_sigma), solarize_p=c.solarize_p))
-    grid = c.global_crops_size // cfg.model.patch_size
-    mask_gen = MaskingGenerator(grid, min_num_patches=cfg.masking.min_num_patches, min_aspect=cfg.masking.min_aspect)
     # samples consumed before a resume on the same world size are skipped exactly (start_batch = iteration)
-    stream = MultiCropStream(data, augment, bs, mask_gen, tuple(cfg.masking.mask_ratio_min_max),
-                             cfg.masking.mask_probability, seed=cfg.seed, rank=rank, world_size=world,
-                             shuffle_buffer=cfg.data.shuffle_buffer, start_batch=start_batch)
+    stream = build_stream(cfg, data, rank=rank, world=world, start_batch=start_batch)
     loader = make_loader(stream, cfg.data.num_workers)
 
     def run_eval(iteration: int) -> dict[str, Any] | None:
@@ -415,7 +424,7 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
             backbone.load_state_dict({k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")})
         elif rank != 0:
             return None
-        res = evaluate_backbone(backbone, e.train_dir, e.val_dir, e.img_size or c.global_crops_size,
+        res = evaluate_backbone(backbone, e.train_dir, e.val_dir, e.img_size or cfg.crops.global_crops_size,
                                 e.knn_k, e.knn_temp, e.linear_probe, e.batch_size, e.center_crop_ratio, trainer.device)
         row = {"type": "eval", "iteration": iteration, **res}
         metrics.write(row)

@@ -159,3 +159,21 @@ def test_stream_splits_by_rank(tmp_path):
     k0 = {k for b in _take(make_loader(_stream(str(tmp_path / "s"), rank=0, world_size=2, shuffle_buffer=1)), 2) for k in b["keys"]}
     k1 = {k for b in _take(make_loader(_stream(str(tmp_path / "s"), rank=1, world_size=2, shuffle_buffer=1)), 2) for k in b["keys"]}
     assert len(k0) == 8 and len(k1) == 8 and not (k0 & k1)  # one pass: each rank reads its own 2 shards
+
+
+def test_data_bench_smoke(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from lvd_train_testutils import REPO, subprocess_env
+
+    out = tmp_path / "data.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "train_data_bench.py"), "--workers", "0", "1",
+                        "--batch", "2", "--batches", "2", "--images", "8", "--src-size", "64x48",
+                        "--global-size", "28", "--local-size", "14", "--local-crops", "2", "--out", str(out)],
+                       capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [x["workers"] for x in rows] == [0, 1]
+    assert all(x["images_per_s"] > 0 and x["batch"] == 2 and x["crops"] == "2x28+2x14" for x in rows)
