@@ -177,3 +177,23 @@ def test_data_bench_smoke(tmp_path):
     rows = json.loads(out.read_text())
     assert [x["workers"] for x in rows] == [0, 1]
     assert all(x["images_per_s"] > 0 and x["batch"] == 2 and x["crops"] == "2x28+2x14" for x in rows)
+
+
+def test_gaussian_blur_matches_torchvision():
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    from training.augment import gaussian_blur
+
+    rng = np.random.default_rng(0)
+    differing, total = 0, 0
+    for h, w in ((224, 224), (98, 98), (31, 40)):
+        for sigma in (0.1, 0.7, 1.3, 2.0):
+            im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            ref = np.asarray(TF.gaussian_blur(im, [9, 9], [sigma, sigma])).astype(int)
+            got = np.asarray(gaussian_blur(im, 9, sigma)).astype(int)
+            assert got.shape == ref.shape and np.abs(got - ref).max() <= 1  # float rounding at .5 only
+            differing += int((got != ref).sum())
+            total += ref.size
+    assert differing / total < 1e-4
