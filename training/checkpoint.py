@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ import torch
 
 __all__ = ["checkpoint_dir", "save_checkpoint", "save_distributed_checkpoint", "find_latest_checkpoint",
            "load_checkpoint", "load_checkpoint_meta", "load_training_state", "rng_state", "set_rng_state",
-           "export_backbone"]
+           "export_backbone", "backbone_from_state"]
 
 _PAT = re.compile(r"^checkpoint_(\d{8,})(\.pt)?$")
 _MODEL_KEYS = ("student", "teacher", "optimizer")
@@ -143,12 +144,9 @@ def load_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_rng(path: str | os.PathLike, rank: int) -> dict[str, Any] | None:
-    """Rank ``rank``'s RNG state from a checkpoint (``None`` when it has none for that rank)."""
-    p = Path(path)
-    if p.is_dir():
-        f = p / f"rng_rank{rank}.pt"
-        return torch.load(f, weights_only=False) if f.exists() else None
-    return load_checkpoint(p).get("rng") if rank == 0 else None
+    """Rank ``rank``'s RNG state from a directory (DCP) checkpoint (``None`` when it has none for that rank)."""
+    f = Path(path) / f"rng_rank{rank}.pt"
+    return torch.load(f, weights_only=False) if f.exists() else None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -159,8 +157,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
         ck = load_checkpoint_meta(p)
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ck.update(_load_state_dict_from_keys(set(_MODEL_KEYS), checkpoint_id=str(p)))
@@ -193,7 +189,7 @@ def load_training_state(path: str | os.PathLike, student: torch.nn.Module, teach
                         optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load model and optimizer state from either layout into (possibly FSDP2-sharded) modules, on any number
     of ranks (collective when a process group exists); returns the checkpoint's meta dict (no tensors of the
-    models)."""
+    models) with ``rng``: this rank's saved RNG state (rank 0's for a single-process file), or None."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
 
@@ -209,8 +205,6 @@ def load_training_state(path: str | os.PathLike, student: torch.nn.Module, teach
         osd["state"] = {fqn: st for fqn, st in osd["state"].items()
                         if all(f"optimizer.state.{fqn}.{k}" in saved for k in st)}
         state = {"student": msd, "teacher": tsd, "optimizer": osd}
-        import warnings
-
         with warnings.catch_warnings():  # one process without a process group: DCP warns that it loads locally
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(p))
@@ -218,7 +212,11 @@ def load_training_state(path: str | os.PathLike, student: torch.nn.Module, teach
         set_model_state_dict(teacher, state["teacher"])
         set_optimizer_state_dict(student, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
         _drop_unsaved_state(optimizer, set(state["optimizer"]["state"]))
-        return load_checkpoint_meta(p)
+        import torch.distributed as dist
+
+        meta = load_checkpoint_meta(p)
+        meta["rng"] = load_rng(p, dist.get_rank() if dist.is_initialized() else 0)
+        return meta
     ck = load_checkpoint(p)
     sharded = any(hasattr(t, "to_local") for t in student.parameters())
     if not sharded:
@@ -249,7 +247,7 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 def export_backbone(checkpoint: str | os.PathLike | dict[str, Any], out_path: str | os.PathLike,
                     which: str = "teacher") -> Path:
     """Write the teacher (or student) backbone of a training checkpoint in the official DINOv2 layout + sidecar."""
-    from .models.vision_transformer import build_backbone, save_backbone
+    from .models.vision_transformer import save_backbone
 
     if not isinstance(checkpoint, dict):
         p = Path(checkpoint)
@@ -259,10 +257,17 @@ def export_backbone(checkpoint: str | os.PathLike | dict[str, Any], out_path: st
                 raise FileNotFoundError(f"no training checkpoint under {p}")
             p = latest
         checkpoint = load_checkpoint(p)
-    info = checkpoint["backbone"]
+    return save_backbone(backbone_from_state(checkpoint["backbone"], checkpoint[which]), out_path)
+
+
+def backbone_from_state(info: dict[str, Any], model_state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The backbone a checkpoint's ``backbone`` info describes (``arch`` + build kwargs), loaded strictly with the
+    ``backbone.*`` weights of a student / teacher state dict (no drop path: for export and evaluation)."""
+    from .models.vision_transformer import build_backbone
+
     kwargs = dict(info["kwargs"])
     kwargs.pop("drop_path_rate", None)
     model = build_backbone(info["arch"], **kwargs)
-    sd = {k[len("backbone."):]: v for k, v in checkpoint[which].items() if k.startswith("backbone.")}
-    model.load_state_dict(sd, strict=True)
-    return save_backbone(model, out_path)
+    model.load_state_dict({k[len("backbone."):]: v for k, v in model_state.items() if k.startswith("backbone.")},
+                          strict=True)
+    return model

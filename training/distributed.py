@@ -20,7 +20,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -217,6 +217,3 @@ def shard_batch(batch: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
         out["keys"] = list(batch["keys"])[rank * per:(rank + 1) * per]
     return out
 
-
-def params_of(modules: Iterable[nn.Module]) -> list[Tensor]:
-    return [p for m in modules for p in m.parameters() if p.requires_grad]

@@ -48,8 +48,8 @@ import yaml
 from torch import nn
 
 from .augment import AugmentConfig, MultiCropAugmentation
-from .checkpoint import (find_latest_checkpoint, load_rng, load_training_state, rng_state, save_checkpoint,
-                         save_distributed_checkpoint, set_rng_state)
+from .checkpoint import (backbone_from_state, find_latest_checkpoint, load_training_state, rng_state,
+                         save_checkpoint, save_distributed_checkpoint, set_rng_state)
 from .config import ConfigError, TrainConfig, load_config
 from .data import MultiCropStream, make_loader
 from .distributed import (DistInfo, all_reduce_mean, all_reduce_sum, allreduce_gradients, broadcast_module,
@@ -394,7 +394,7 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
         start_iter = start_batch = int(meta["iteration"])
         pos = meta["data_position"]
         if pos.get("world_size", 1) == world:
-            resume_rng = load_rng(latest, rank)  # restored right before the loop (the loader draws a seed)
+            resume_rng = meta["rng"]  # restored right before the loop (the loader draws a seed)
         else:  # another world size reads other shards: skip about as many samples as were consumed
             start_batch = int(pos.get("samples_consumed", start_iter * bs)) // (bs * world)
             log.info("checkpoint written by %s rank(s), resumed on %d: data position approximate",
@@ -419,9 +419,7 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
             full = trainer.full_state_dict("teacher")
             if rank != 0:
                 return None
-            kw = dict(trainer.backbone_info["kwargs"])
-            backbone = build_backbone(trainer.backbone_info["arch"], **kw).to(trainer.device).eval()
-            backbone.load_state_dict({k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")})
+            backbone = backbone_from_state(trainer.backbone_info, full).to(trainer.device).eval()
         elif rank != 0:
             return None
         res = evaluate_backbone(backbone, e.train_dir, e.val_dir, e.img_size or cfg.crops.global_crops_size,
