@@ -271,7 +271,9 @@ def build_report(root: str | Path, cfg=None) -> Path:
         "clusters": plot_clusters(cs, out),
     }
     grids = plot_grids(root, cfg, out, seed=cfg.seed if cfg is not None else 0)
-    manifest = root / "shards" / "manifest.json"
+    from curation.stages.shards import META
+
+    manifest = root / META / "manifest.json"
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lvd report: {html.escape(str(root))}</title>"
              f"<style>{CSS}</style></head><body>",
              f"<h1>Curation report</h1><p>run root <code>{html.escape(str(root))}</code></p>"]
