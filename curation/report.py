@@ -86,7 +86,9 @@ def plot_components(comp, out: Path) -> str | None:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(comp["component_size"].astype(str), comp["components"], color="#55a868")
+    x = np.arange(len(comp))  # one bar per size, evenly spaced; numeric positions (string categories make
+    ax.bar(x, comp["components"], color="#55a868")  # matplotlib log "Using categorical units" on every report)
+    ax.set_xticks(x, [str(v) for v in comp["component_size"]])
     ax.set_yscale("log")
     ax.set_xlabel("duplicate-component size (images)")
     ax.set_ylabel("components")

@@ -50,3 +50,20 @@ def test_ray_job_upload_skips_git_and_venv():
         assert excluded(rel), rel
     for rel in ("curation/runner.py", "pipelines/curate.py", "pipelines/configs/demo.yaml", "schemas/tables.py"):
         assert not excluded(rel), rel
+
+
+def test_report_component_plot_logs_nothing(tmp_path, caplog):
+    """Component sizes are numbers: plotted as string categories, matplotlib logs "Using categorical units" twice
+    in every run's log."""
+    import logging
+
+    import pandas as pd
+
+    from curation.report import plot_components
+
+    comp = pd.DataFrame({"component_size": [1, 2, 5], "components": [40, 6, 1], "images": [40, 12, 5],
+                         "with_eval": [0, 1, 0]})
+    with caplog.at_level(logging.INFO):
+        png = plot_components(comp, tmp_path)
+    assert png and (tmp_path / png).exists()
+    assert "categorical units" not in caplog.text
