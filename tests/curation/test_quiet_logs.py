@@ -45,7 +45,7 @@ def test_ray_job_upload_skips_git_and_venv():
     def excluded(rel: str) -> bool:
         return any(f(REPO / rel) for f in excludes)
 
-    for rel in (".git/objects/pack/pack-1.pack", ".venv/lib/python3.11/site-packages/torch/lib/libtorch.so",
+    for rel in (".git", ".venv", ".git/objects/pack/pack-1.pack", ".venv/lib/python3.11/site-packages/torch/lib/libtorch.so",
                 "demo-run/run/download/00000.tar"):
         assert excluded(rel), rel
     for rel in ("curation/runner.py", "pipelines/curate.py", "pipelines/configs/demo.yaml", "schemas/tables.py"):
