@@ -98,7 +98,8 @@ def detector_available(kind: str) -> bool:
 
 
 def detection_warning(stages, filter_cfg) -> str | None:
-    """One plain line when a run with these stages and ``filter`` section will not blur faces or drop NSFW images."""
+    """One plain line when a pipeline of these stages and this ``filter`` section will not blur faces or drop NSFW
+    images (None when it will)."""
     if "filter" not in stages:
         return "the filter stage is not in the run: faces are NOT blurred and NSFW images are NOT dropped"
     if filter_cfg.detector == "none":

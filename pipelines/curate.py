@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         from curation.detectors import detection_warning
 
         print(dump_config(cfg))
-        faces = detection_warning(stages or cfg.stages, cfg.filter)
+        faces = detection_warning(cfg.stages, cfg.filter)
         if faces:
             print(f"warning: {faces}", file=sys.stderr)
         return 0
