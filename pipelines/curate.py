@@ -69,8 +69,12 @@ def main(argv=None) -> int:
         return 2
     if args.check:
         from curation.config import dump_config
+        from curation.detectors import detection_warning
 
         print(dump_config(cfg))
+        faces = detection_warning(cfg.stages, cfg.filter)
+        if faces:
+            print(f"warning: {faces}", file=sys.stderr)
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
