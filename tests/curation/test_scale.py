@@ -14,7 +14,7 @@ from curation.edge_components import edge_batches, streamed_components
 from curation.knn import knn_search
 from curation.partitions import plan_keys, plan_partitions, read_partition
 from curation.vectors import load_descriptors
-from tests.curation.scale_data import planted_pool, write_shards
+from curation.synthetic_pool import planted_pool, write_shards
 
 N, D = 6000, 64
 THRESHOLD = 0.75  # 6 standard deviations of the cosine of two random directions in 64-d: planted copies only

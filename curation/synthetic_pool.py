@@ -1,5 +1,5 @@
-"""Synthetic pools for the scale tests and benchmark: planted copy clusters with known nearest neighbours, written
-as per-shard ``descriptors`` files."""
+"""Synthetic pools for the scale tests and bench/scale_bench.py: planted copy clusters with known nearest neighbours,
+written as per-shard ``descriptors`` files."""
 
 from __future__ import annotations
 
