@@ -87,7 +87,7 @@ def main(argv=None):
     ap.add_argument("--rows-per-partition", type=int, default=25_000)
     ap.add_argument("--shard-rows", type=int, default=5_000)
     ap.add_argument("--block", type=int, default=16_384)
-    ap.add_argument("--nprobe", type=int, default=16)
+    ap.add_argument("--nprobe", type=int, default=32)
     ap.add_argument("--recall-sample", type=int, default=1000)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--out", type=Path, help="append the JSON lines to this file too")

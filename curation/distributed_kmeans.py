@@ -30,8 +30,17 @@ class KMeansResult:
     inertia: float  # summed squared distance at the last Lloyd step
 
 
-def _sample_rows(plan: PartitionPlan, workers: Workers, rows: np.ndarray) -> np.ndarray:
-    """The vectors at sorted global `rows`, fetched from the partitions that hold them."""
+def take_rows(plan: PartitionPlan, workers: Workers, rows) -> np.ndarray:
+    """The vectors at global `rows` (any order), fetched from the partitions that hold them."""
+    rows = np.asarray(rows, np.int64)
+    order = np.argsort(rows, kind="stable")
+    got = _sorted_rows(plan, workers, rows[order])
+    out = np.empty_like(got)
+    out[order] = got
+    return out
+
+
+def _sorted_rows(plan: PartitionPlan, workers: Workers, rows: np.ndarray) -> np.ndarray:
     out = []
     for w, wave in enumerate(workers.waves):
         local = [rows[(rows >= p.offset) & (rows < p.offset + p.rows)] - p.offset for p in wave]
@@ -47,13 +56,13 @@ def partitioned_kmeans(plan: PartitionPlan, workers: Workers, k: int, niter: int
     k = max(1, min(int(k), n))
     rng = np.random.default_rng(seed)
     m = min(n, init_sample or 64 * k)
-    sample = _sample_rows(plan, workers, np.sort(rng.choice(n, m, replace=False)))
+    sample = _sorted_rows(plan, workers, np.sort(rng.choice(n, m, replace=False)))
     init = kmeans_pp_init(sample, k, rng)
     cents = init if init is not None else sample[np.sort(rng.choice(m, k, replace=False))]
     cents = np.ascontiguousarray(cents, np.float32)
     train = None
     if train_sample and train_sample < n:
-        train = _sample_rows(plan, workers, np.sort(rng.choice(n, train_sample, replace=False)))
+        train = _sorted_rows(plan, workers, np.sort(rng.choice(n, train_sample, replace=False)))
     it = inertia = 0
     for it in range(1, niter + 1):
         if train is not None:

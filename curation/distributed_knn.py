@@ -6,8 +6,9 @@ cluster scale).
   IVF index of the partition; CUDA: fp32 torch matmul + top-k on the device) and serves the Lloyd steps of
   :mod:`curation.distributed_kmeans`.
 * :class:`Workers` places them: on Ray one actor per partition (``num_gpus=1`` each when the cluster has GPUs, else
-  one CPU; SPREAD over nodes), at most ``searchers`` partitions at once; more partitions run in *waves*.  Without
-  Ray the partitions are loaded one at a time in this process.
+  Ray's ``memory`` resource = the worker budget, single-threaded FAISS; SPREAD over nodes), at most ``searchers``
+  partitions at once (auto: one per GPU, else one per cluster CPU as far as cluster memory holds the budgets); more
+  partitions run in *waves*.  Without Ray the partitions are loaded one at a time in this process.
 * :func:`partitioned_knn` streams query blocks through every partition and merges each query's top-k exactly
   (order: similarity, then smaller global id, so the result does not depend on how the pool is partitioned).
   Each finished block is one Parquet file (written under a temporary name and renamed); a rerun skips finished
@@ -70,7 +71,8 @@ class PartitionWorker:
     """One partition in memory: k-NN search and Lloyd statistics against it (a Ray actor or a local object)."""
 
     def __init__(self, part: Partition, keys_filter=None, device: str = "cpu", index: str = "exact",
-                 nlist: int = 0, nprobe: int = 32, seed: int = 0, threads: int = 0):
+                 nlist: int = 0, nprobe: int = 32, seed: int = 0, threads: int = 0, pq_m: int = 0,
+                 rerank: int = 0):
         import faiss
 
         if threads:
@@ -83,7 +85,10 @@ class PartitionWorker:
         if index != "exact" and len(self.x) >= 2:
             from curation.retrieval import build_ivf
 
-            self.ivf, self.index = build_ivf(self.x, index, nlist, nprobe, seed=seed)
+            self.ivf, self.index = build_ivf(self.x, index, nlist, nprobe, pq_m, seed=seed)
+        self.rerank = rerank if index == "ivf_pq" else 0
+        if self.rerank > 1:
+            self.index += f",rerank{self.rerank}x"
         self.xt = None
         if device.startswith("cuda"):
             import torch
@@ -108,6 +113,13 @@ class PartitionWorker:
         q = np.ascontiguousarray(q, np.float32)
         if kk == 0 or len(q) == 0:
             sims, ids = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        elif self.ivf is not None and self.rerank > 1:
+            # PQ codes rank coarsely: rerank * k candidates re-ranked with the exact vectors this worker holds
+            _, cand = self.ivf.search(q, min(n, self.rerank * kk))
+            sims = np.einsum("qd,qkd->qk", q, self.x[np.maximum(cand, 0)])
+            sims[cand < 0] = -np.inf
+            top = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
+            sims, ids = np.take_along_axis(sims, top, 1), np.take_along_axis(cand, top, 1)
         elif self.ivf is not None:
             sims, ids = self.ivf.search(q, kk)
         elif self.xt is not None:
@@ -185,6 +197,8 @@ class Placement:
     index: str = "exact"
     nlist: int = 0
     nprobe: int = 32
+    pq_m: int = 0
+    rerank: int = 0  # ivf_pq: re-rank this many x k candidates exactly
     seed: int = 0
 
 
@@ -202,8 +216,12 @@ class Workers:
             self.ray = ray
             total = ray.cluster_resources()
             self.gpu = placement.device != "cpu" and total.get("GPU", 0) >= 1
-            avail = ray.available_resources()
-            auto = int(total.get("GPU", 0)) if self.gpu else int(avail.get("CPU", 0))
+            # CPU searchers ask for the memory budget, not a CPU: the unit task that drives them holds one, and
+            # several units may run at once; waiting for CPUs they hold would deadlock
+            node_mem = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+            self.memory = int(min(plan.budget_bytes, 0.9 * node_mem)) if node_mem else 0
+            fit = int(total.get("memory", 0) // self.memory) if self.memory else len(plan.partitions)
+            auto = int(total.get("GPU", 0)) if self.gpu else max(1, min(int(total.get("CPU", 1)), fit))
         else:
             self.ray = None
             self.gpu = placement.device.startswith("cuda") or (placement.device == "auto" and _local_cuda())
@@ -219,11 +237,12 @@ class Workers:
     def open(self, parts: list[Partition]) -> list:
         pl = self.pl
         args = dict(keys_filter=self.plan.keys_filter, device=self.device, index=pl.index, nlist=pl.nlist,
-                    nprobe=pl.nprobe, seed=pl.seed)
+                    nprobe=pl.nprobe, seed=pl.seed, pq_m=pl.pq_m, rerank=pl.rerank)
         if self.ray is None:
             return [PartitionWorker(p, **args) for p in parts]
         actor = self.ray.remote(PartitionWorker).options(
-            num_cpus=0 if self.gpu else 1, num_gpus=1 if self.gpu else 0, scheduling_strategy="SPREAD")
+            num_cpus=0, num_gpus=1 if self.gpu else 0, memory=0 if self.gpu else self.memory,
+            scheduling_strategy="SPREAD")
         return [actor.remote(p, threads=0 if self.gpu else 1, **args) for p in parts]
 
     def call(self, handles: list, method: str, *args) -> list:
