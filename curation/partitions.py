@@ -91,7 +91,12 @@ def plan_partitions(paths: Iterable[str | Path], worker_memory_gb: float,
     A single file larger than that share is an error naming the file (split the shards smaller)."""
     budget = budget_bytes(worker_memory_gb)
     limit = budget * VECTOR_SHARE
-    keys_filter = None if keys is None else pa.array(keys, pa.string()) if not isinstance(keys, pa.Array) else keys
+    if keys is None or isinstance(keys, pa.Array):
+        keys_filter = keys
+    elif isinstance(keys, pa.ChunkedArray):
+        keys_filter = keys.combine_chunks()
+    else:
+        keys_filter = pa.array(list(keys), pa.string())
     files = sorted(str(p) for p in paths)
     dim = 0
     for f in files:

@@ -1,0 +1,105 @@
+"""Issue 10: the retrieve stage searches and clusters a pool larger than one worker's budget by partitions, with
+the same sample-based result as the in-process path; a pool within the budget keeps the in-process path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from curation.config import load_config
+from curation.runner import run_pipeline
+from curation.storage import write_table
+from curation.vectors import descriptor_table
+from tests.curation.fakerun import make_run, random_images
+
+N, D, SHARD = 2400, 32, 400
+EPS32 = np.finfo(np.float32).eps
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _run(tmp, worker_memory_gb=None, **retrieve):
+    rng = np.random.default_rng(5)
+    centers = _unit(rng.normal(size=(30, D)))
+    pool = _unit(centers[rng.integers(0, 30, N)] + 0.3 * rng.normal(size=(N, D)))
+    anchors = _unit(centers[rng.integers(0, 10, 60)] + 0.3 * rng.normal(size=(60, D)))
+    images = random_images(N, size=(8, 8))
+    sets = [{"name": "near", "path": str(tmp / "near"), "method": "sample", "k": 4},
+            {"name": "topics", "path": str(tmp / "topics"), "method": "cluster", "clusters": 20,
+             "min_anchors_per_cluster": 1, "per_cluster": 30}]
+    extra = {"scale": {"worker_memory_gb": worker_memory_gb}} if worker_memory_gb else {}
+    cfg = make_run(tmp, images, shard_size=SHARD, stages=["retrieve"],
+                   retrieve={"anchor_sets": sets, "kmeans_iters": 8, **retrieve}, **extra)
+    root = tmp / "run"
+    keys = [k for k, _ in images]
+    for i, s in enumerate(range(0, N, SHARD)):
+        write_table(root / "embed" / "pool" / f"part-{i:05d}.parquet",
+                    descriptor_table(keys[s:s + SHARD], pool[s:s + SHARD], "pool"), "descriptors")
+    for name in ("near", "topics"):
+        write_table(root / "embed" / "anchors" / name / "part-00000.parquet",
+                    descriptor_table([f"a{i:05d}" for i in range(60)], anchors, f"anchors/{name}"), "descriptors")
+        (tmp / name).mkdir(exist_ok=True)
+    run_pipeline(load_config(data=cfg), progress=False)
+    return root, pool
+
+
+def _three_partitions_gb():
+    return 2 * SHARD * D * 4 * 3 / 2**30  # a third of it holds two shards
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    whole = _run(tmp_path_factory.mktemp("whole"))
+    parts = _run(tmp_path_factory.mktemp("parts"), _three_partitions_gb())
+    return whole, parts
+
+
+def _neighbors(root):
+    t = pq.read_table(root / "retrieve" / "neighbors.parquet").to_pylist()
+    return {(r["anchor_key"], r["rank"]): (r["pool_key"], r["similarity"]) for r in t}
+
+
+def test_sample_retrieval_by_partitions_equals_the_in_process_search(runs):
+    (whole, _), (parts, _) = runs
+    assert not (whole / "retrieve" / "_partitioned").exists(), "a pool within the budget stays in-process"
+    assert list((parts / "retrieve" / "_partitioned" / "near").glob("block-*.parquet"))
+    a, b = _neighbors(whole), _neighbors(parts)
+    assert a.keys() == b.keys() and len(a) == 60 * 4
+    tol = 4 * D * EPS32
+    for key in a:
+        assert abs(a[key][1] - b[key][1]) <= tol
+    # ids may differ only between neighbours whose similarities tie within rounding
+    differ = [k for k in a if a[k][0] != b[k][0]]
+    for anchor, rank in differ:
+        assert abs(a[(anchor, rank)][1] - a.get((anchor, rank + 1), a.get((anchor, rank - 1)))[1]) <= 2 * tol
+    sel = lambda r: {x["key"] for x in pq.read_table(r / "retrieve" / "sets" / "near" / "selection.parquet").to_pylist()}  # noqa: E731
+    if not differ:
+        assert sel(whole) == sel(parts)
+    stats = pq.read_table(parts / "stats" / "retrieval_stats.parquet").to_pylist()
+    assert {s["anchor_set"]: s["recall_at_k_vs_exact"] for s in stats}["near"] == 1.0
+
+
+def test_cluster_retrieval_by_partitions_runs_lloyd_over_them(runs):
+    _, (parts, pool) = runs
+    cache = list((parts / "retrieve" / "_kmeans").glob("*-lloyd.npz"))
+    assert len(cache) == 1
+    z = np.load(cache[0])
+    cents, labels = z["centroids"], z["labels"]
+    assert cents.shape == (20, D) and labels.shape == (N,)
+    d2 = ((pool[:, None, :] - cents[None]) ** 2).sum(-1)  # pool rows are in file order = key order here
+    assert (d2[np.arange(N), labels] <= d2.min(1) + 16 * D * EPS32).all()
+    cl = pq.read_table(parts / "stats" / "cluster_stats.parquet").to_pylist()
+    assert sum(r["size"] for r in cl) == N
+    sel = pq.read_table(parts / "retrieve" / "sets" / "topics" / "selection.parquet").to_pylist()
+    anchors_of = {r["cluster"]: r["anchors"] for r in cl}
+    assert sel and all(anchors_of[r["cluster"]] > 1 for r in sel)
+    assert all(r["similarity"] is not None and r["anchor_key"] for r in sel)
+
+
+def test_ivf_by_partitions_measures_recall(tmp_path):
+    root, _ = _run(tmp_path, _three_partitions_gb(), index="ivf_flat", nlist=8, nprobe=1, recall_sample=60)
+    stats = {s["anchor_set"]: s for s in pq.read_table(root / "stats" / "retrieval_stats.parquet").to_pylist()}
+    assert 0.0 < stats["near"]["recall_at_k_vs_exact"] < 1.0
