@@ -337,13 +337,13 @@ def _search_block(workers: "Workers", handles: list, out: Path, start: int, q: n
         ids.append(pi)
     s, i = merge_topk(sims, ids, kk)
     if w < last:
-        _write_block(out / _block_name(start, w), start, s, i)
+        write_block(out / _block_name(start, w), start, s, i)
     else:
         if exclude_self:
             s, i = drop_self(s, i, start)
         if edge_threshold is not None:
-            _write_edges(out / "edges" / _block_name(start), start, s, i, edge_threshold)
-        _write_block(out / _block_name(start), start, s, i)
+            write_edges(out / "edges" / _block_name(start), start, s, i, edge_threshold)
+        write_block(out / _block_name(start), start, s, i)
     if w > 0:
         (out / _block_name(start, w - 1)).unlink(missing_ok=True)
 
@@ -352,7 +352,7 @@ def _block_name(start: int, wave: int | None = None) -> str:
     return f"block-{start:012d}" + ("" if wave is None else f".w{wave:04d}") + ".parquet"
 
 
-def _write_block(path: Path, start: int, sims: np.ndarray, ids: np.ndarray) -> None:
+def write_block(path: Path, start: int, sims: np.ndarray, ids: np.ndarray) -> None:
     n, k = ids.shape
     table = pa.table({
         "query": pa.array(np.arange(start, start + n, dtype=np.int64)),
@@ -373,7 +373,7 @@ def read_block(path: Path) -> tuple[int, np.ndarray, np.ndarray]:
     return int(t["query"][0].as_py()), sims.astype(np.float32), ids.astype(np.int64)
 
 
-def _write_edges(path: Path, start: int, sims: np.ndarray, ids: np.ndarray, threshold: float) -> None:
+def write_edges(path: Path, start: int, sims: np.ndarray, ids: np.ndarray, threshold: float) -> None:
     mask = (sims > threshold) & (ids >= 0)
     src = np.repeat(np.arange(start, start + len(ids), dtype=np.int64), ids.shape[1])[mask.ravel()]
     table = pa.table({"src": pa.array(src), "dst": pa.array(ids[mask]), "sim": pa.array(sims[mask])})

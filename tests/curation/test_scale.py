@@ -219,3 +219,30 @@ def test_partitioned_kmeans_equals_the_single_partition_run(pool):
     # training on an explicit sample only
     s = partitioned_kmeans(four, Workers(four, Placement()), 40, niter=8, seed=3, train_sample=2000)
     assert s.labels.shape == (N,) and len(np.unique(s.labels)) > 20
+
+
+@pytest.mark.parametrize("n_eval", [0, 40])
+def test_partitioned_dedup_graph_equals_the_stage_graph(pool, tmp_path, n_eval):
+    from curation.partitioned_dedup import partitioned_dedup_graph
+    from curation.stages.dedup import dedup_graph
+
+    x, group, paths = pool
+    rng = np.random.default_rng(4)
+    # evaluation images: near copies of some planted pool images, and unrelated ones
+    evals = x[rng.choice(np.flatnonzero(group >= 0), n_eval // 2, replace=False)] + 0.02 * rng.standard_normal(
+        (n_eval // 2, D)).astype(np.float32)
+    evals = np.concatenate([evals, rng.standard_normal((n_eval - n_eval // 2, D)).astype(np.float32)])
+    evals = (evals / np.maximum(np.linalg.norm(evals, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    evals = evals.reshape(n_eval, D)
+    four = plan_partitions(paths, _budget_gb(N, D, 4))
+    got = partitioned_dedup_graph(four, evals, 6, THRESHOLD, 0.45, tmp_path / "g", Placement(searchers=2),
+                                  block=1000)
+    ref = dedup_graph(x, evals, 6, THRESHOLD, 0.45, device="cpu")
+    assert np.array_equal(got["labels"], ref["labels"])
+    _same_neighbours(ref["self_sims"], ref["self_ids"], got["self_sims"], got["self_ids"], D)
+    if n_eval:
+        _same_neighbours(ref["eval_sims"], ref["eval_ids"], got["eval_sims"], got["eval_ids"], D)
+        np.testing.assert_allclose(got["eval_nn_sims"], ref["eval_nn_sims"], atol=_tol(D), rtol=0)
+        # the copied evaluation images pull their pool group into one component
+        assert len(np.unique(got["labels"][N:N + n_eval // 2])) == n_eval // 2
+    assert len(got["self_edge_files"]) == 8  # 4 partitions of 1500 rows, blocks of 1000
