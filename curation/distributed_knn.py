@@ -115,11 +115,10 @@ class PartitionWorker:
             sims, ids = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         elif self.ivf is not None and self.rerank > 1:
             # PQ codes rank coarsely: rerank * k candidates re-ranked with the exact vectors this worker holds
+            from curation.retrieval import rerank_exact
+
             _, cand = self.ivf.search(q, min(n, self.rerank * kk))
-            sims = np.einsum("qd,qkd->qk", q, self.x[np.maximum(cand, 0)])
-            sims[cand < 0] = -np.inf
-            top = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
-            sims, ids = np.take_along_axis(sims, top, 1), np.take_along_axis(cand, top, 1)
+            sims, ids = rerank_exact(q, self.x, cand, kk)
         elif self.ivf is not None:
             sims, ids = self.ivf.search(q, kk)
         elif self.xt is not None:

@@ -129,6 +129,12 @@ def test_ivf_partitions_report_recall_against_exact(pool, tmp_path):
                           placement=Placement(index="ivf_flat", nlist=16, nprobe=1)).results()
     r = recall_at_k(low[1], exact[1])
     assert 0.05 < r < 1.0  # one list of 16: approximate, measurably
+    # IVF-PQ: re-ranking 4 k PQ candidates with the partition's exact vectors finds more of the true neighbours
+    pq_runs = {rr: partitioned_knn(four, four, 5, tmp_path / f"pq{rr}", block=2048, placement=Placement(
+        index="ivf_pq", nlist=16, nprobe=16, rerank=rr)) for rr in (0, 4)}
+    assert all(",rerank4x" in i["index"] for i in pq_runs[4].worker_infos)
+    r0, r4 = (recall_at_k(pq_runs[rr].results()[1], exact[1]) for rr in (0, 4))
+    assert r0 < r4 <= 1.0
 
 
 class _Killed(RuntimeError):
