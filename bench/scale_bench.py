@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from curation.distributed_knn import Placement, partitioned_knn  # noqa: E402
+from curation.distributed_knn import Placement, partitioned_knn, read_block  # noqa: E402
 from curation.edge_components import edge_batches, streamed_components  # noqa: E402
 from curation.local_cluster import LocalRayHead  # noqa: E402
 from curation.partitions import VECTOR_SHARE, plan_partitions  # noqa: E402
@@ -35,13 +35,36 @@ from curation.retrieval import recall_at_k  # noqa: E402
 from curation.synthetic_pool import planted_pool, write_shards  # noqa: E402
 
 
+def _make_pool(n: int, dim: int, shards: Path, shard_rows: int, sample: np.ndarray, sample_path: Path) -> None:
+    """In a child process, so that the driver's peak RSS is the pipeline's, not the generator's."""
+    x, _ = planted_pool(n, dim, n_sources=n // 50, copies=2, seed=n)
+    write_shards(x, shards, shard_rows)
+    np.save(sample_path, x[sample])
+
+
+def _sample_ids(run, sample: np.ndarray) -> np.ndarray:
+    """The result rows of the sampled queries, block by block (never the whole n x k table)."""
+    out = []
+    for p in run.blocks:
+        start, _, ids = read_block(p)
+        mine = sample[(sample >= start) & (sample < start + len(ids))]
+        out.append(ids[mine - start])
+    return np.concatenate(out)
+
+
 def run_one(n: int, index: str, args, work: Path) -> dict:
-    x, _ = planted_pool(n, args.dim, n_sources=n // 50, copies=2, seed=n)
+    import multiprocessing as mp
+
     shards = work / f"pool-{n}"
-    paths = write_shards(x, shards, args.shard_rows)
     sample = np.sort(np.random.default_rng(0).choice(n, min(args.recall_sample, n), replace=False))
-    q_sample = x[sample]
-    del x
+    child = mp.get_context("spawn").Process(target=_make_pool, args=(n, args.dim, shards, args.shard_rows, sample,
+                                                                      work / "sample.npy"))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError("generating the synthetic pool failed")
+    paths = sorted(shards.glob("part-*.parquet"))
+    q_sample = np.load(work / "sample.npy")
     budget_gb = args.rows_per_partition * args.dim * 4 / VECTOR_SHARE / 2**30
     plan = plan_partitions(paths, budget_gb)
     pl = Placement(use_ray=True, device="cpu", index=index, nprobe=args.nprobe)
@@ -54,12 +77,12 @@ def run_one(n: int, index: str, args, work: Path) -> dict:
     labels = streamed_components(n, edge_batches(run.edges))
     t_cc = time.perf_counter() - t0
     # recall on the sample: its rows of the run against an exact search of the sample over the whole pool
-    _, ids = run.results()
+    ids = _sample_ids(run, sample)
     exact = partitioned_knn(q_sample, plan, args.k + 1, work / f"exact-{n}-{index}",
                             placement=Placement(use_ray=True, device="cpu"), block=args.block)
     _, eids = exact.results()
     eids = np.stack([row[row != s][:args.k] for row, s in zip(eids, sample)])
-    recall = recall_at_k(ids[sample], eids)
+    recall = recall_at_k(ids, eids)
     peak = max(i["peak_rss_bytes"] for i in run.worker_infos)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work / f"exact-{n}-{index}", ignore_errors=True)
@@ -67,7 +90,7 @@ def run_one(n: int, index: str, args, work: Path) -> dict:
     return {
         "pool": n, "dim": args.dim, "k": args.k, "index": run.index if index == "exact" else
         sorted({i["index"] for i in run.worker_infos})[0], "partitions": run.partitions, "waves": run.waves,
-        "searchers": len(run.worker_infos) // max(1, run.waves), "search_s": round(t_search, 2),
+        "searchers": run.searchers, "search_s": round(t_search, 2),
         "components_s": round(t_cc, 3), "queries_per_s": round(n / t_search, 1),
         "components": int(np.unique(labels).size), "budget_mb": round(budget_gb * 1024, 1),
         "partition_mb": round(max(p.nbytes for p in plan.partitions) / 2**20, 1),

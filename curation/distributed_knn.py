@@ -387,6 +387,7 @@ class KnnRun:
     edges: list[Path]  # edge files (with edge_threshold), in query order
     partitions: int
     waves: int
+    searchers: int  # partitions held at once
     worker_infos: list[dict]
     index: str
 
@@ -454,7 +455,7 @@ def partitioned_knn(queries, db: PartitionPlan, k: int, out_dir: str | Path, *, 
             workers.release()
     edges = [out / "edges" / _block_name(s) for s in starts] if edge_threshold is not None else []
     return KnnRun(out, [out / _block_name(s) for s in starts], edges, len(db.partitions), len(waves),
-                  workers.infos, placement.index)
+                  workers.width, workers.infos, placement.index)
 
 
 def _read_json(path: Path) -> dict:

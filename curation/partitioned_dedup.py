@@ -40,7 +40,7 @@ def _pool_vs_eval(pool: PartitionPlan, evals: np.ndarray, k: int, eval_threshold
         sims, ids = knn_search(q, evals, k, device="cpu")
         write_edges(edges[-1], start, sims, ids, eval_threshold)
         write_block(blocks[-1], start, sims, ids)
-    return KnnRun(out, blocks, edges, 1, 1, [], "exact")
+    return KnnRun(out, blocks, edges, 1, 1, 1, [], "exact")
 
 
 def partitioned_dedup_graph(pool: PartitionPlan, evals: np.ndarray, k: int, threshold: float,
