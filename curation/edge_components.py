@@ -6,6 +6,9 @@ vectorised hook-and-compress of :func:`curation.components.connected_components`
 (smallest node) of every node, the batch's edges between roots (label[src], label[dst]) are labelled over the n
 nodes, and ``label = batch_label[label]`` composes the two.  Roots only decrease, so the result is the smallest node
 index of each component, exactly as a single call over all edges would give (independent of batch order).
+
+Each batch costs O(nodes) besides its edges, so batches should hold about as many edges as there are nodes (memory:
+int64 labels, 8 bytes per node, plus 16 bytes per batched edge).
 """
 
 from __future__ import annotations

@@ -60,9 +60,10 @@ def partitioned_dedup_graph(pool: PartitionPlan, evals: np.ndarray, k: int, thre
                                  placement=placement).results()
         else:
             eval_run, nn = None, (np.full((m, 1), -np.inf, np.float32), np.full((m, 1), -1, np.int64))
-    batches = edge_batches(self_run.edges)
+    batch = max(4_000_000, n + m)  # each batch costs O(nodes): batches of >= n edges keep that amortised
+    batches = edge_batches(self_run.edges, batch_edges=batch)
     if eval_run is not None:
-        batches = itertools.chain(batches, edge_batches(eval_run.edges, dst_offset=n))
+        batches = itertools.chain(batches, edge_batches(eval_run.edges, dst_offset=n, batch_edges=batch))
     labels = streamed_components(n + m, batches)
     self_sims, self_ids = self_run.results() if n else (np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64))
     if n and n <= k:  # fewer rows than k + 1: drop the padding columns, as an unpadded search would
