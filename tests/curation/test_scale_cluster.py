@@ -18,8 +18,9 @@ from curation.local_cluster import LocalRayHead, processes_of_cluster
 from curation.partitions import plan_partitions
 from curation.synthetic_pool import planted_pool, write_shards
 
-N, D, K = 50_000, 64, 8
-THRESHOLD = 0.8  # planted copies ~0.86-0.93; two random 64-d directions exceed 0.8 with probability ~1e-10
+N, D, K = 50_000, 32, 8
+NOISE = 0.03  # planted copies: cosine ~0.986 to their original, ~0.97 to each other
+THRESHOLD = 0.9  # two random 32-d directions exceed 0.9 with probability < 1e-11
 EPS32 = np.finfo(np.float32).eps
 
 
@@ -28,7 +29,7 @@ def test_two_node_partitioned_dedup_graph_and_kmeans_equal_the_in_process_run(tm
     import ray
 
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    x, group = planted_pool(N, D, n_sources=2000, copies=2, seed=7)
+    x, group = planted_pool(N, D, n_sources=2000, copies=2, seed=7, noise=NOISE)
     paths = write_shards(x, tmp_path / "pool", rows_per_shard=2500)
     one = plan_partitions(paths, 16.0)
     budget = N / 4 * D * 4 * 3 / 2**30  # a third of it holds a quarter of the pool
