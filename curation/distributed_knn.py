@@ -414,7 +414,8 @@ def partitioned_knn(queries, db: PartitionPlan, k: int, out_dir: str | Path, *, 
     kk = k + 1 if exclude_self else k
     sig = {"db": db.signature(), "queries": queries.signature() if isinstance(queries, PartitionPlan) else
            f"array:{len(queries)}", "k": k, "exclude_self": exclude_self, "edge_threshold": edge_threshold,
-           "block": block, "index": placement.index, "nlist": placement.nlist, "nprobe": placement.nprobe}
+           "block": block, "index": placement.index, "nlist": placement.nlist, "nprobe": placement.nprobe,
+           "pq_m": placement.pq_m, "rerank": placement.rerank, "seed": placement.seed}
     sig_path = out / "plan.json"
     if sig_path.exists() and _read_json(sig_path) != sig:
         shutil.rmtree(out)
