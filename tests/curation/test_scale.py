@@ -252,3 +252,25 @@ def test_partitioned_dedup_graph_equals_the_stage_graph(pool, tmp_path, n_eval):
         # the copied evaluation images pull their pool group into one component
         assert len(np.unique(got["labels"][N:N + n_eval // 2])) == n_eval // 2
     assert len(got["self_edge_files"]) == 8  # 4 partitions of 1500 rows, blocks of 1000
+
+
+def test_scale_section_validates_and_may_change_on_resume(tmp_path):
+    import pyarrow as pa
+    import yaml
+
+    from curation.config import ConfigError, check_resume, dump_config, load_config
+
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1/a.jpg"]}), urls)
+    base = {"run_root": str(tmp_path / "run"), "input": {"url_list": str(urls)}}
+    cfg = load_config(data=base)
+    assert cfg.scale.worker_memory_gb == 16.0 and cfg.scale.searchers == 0
+    with pytest.raises(ConfigError, match="scale.worker_memory_gb"):
+        load_config(data={**base, "scale": {"worker_memory_gb": 0}})
+    other = load_config(data={**base, "scale": {"worker_memory_gb": 1, "searchers": 4}})
+    check_resume(other, dump_config(cfg))  # where the work runs, not what it produces
+    saved = yaml.safe_load(dump_config(cfg))
+    saved.pop("scale")
+    check_resume(other, yaml.safe_dump(saved))  # a run started before the section existed resumes
+    with pytest.raises(ConfigError):
+        check_resume(load_config(data={**base, "seed": 1}), dump_config(cfg))
