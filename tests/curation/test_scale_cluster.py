@@ -17,6 +17,9 @@ from curation.edge_components import edge_batches, streamed_components
 from curation.local_cluster import LocalRayHead, processes_of_cluster
 from curation.partitions import plan_partitions
 from curation.synthetic_pool import planted_pool, write_shards
+from tests.curation.test_scale_retrieve import retrieve_run
+from tests.curation.test_scale_retrieve import three_partitions_gb
+from tests.curation.test_scale_retrieve import assert_same_sample_retrieval
 
 N, D, K = 50_000, 32, 8
 NOISE = 0.03  # planted copies: cosine ~0.986 to their original, ~0.97 to each other
@@ -53,6 +56,8 @@ def test_two_node_partitioned_dedup_graph_and_kmeans_equal_the_in_process_run(tm
         with Workers(four, pl) as w:
             km = partitioned_kmeans(four, w, 64, niter=6, seed=1)
         infos = run.worker_infos
+        # the retrieve stage as Ray unit tasks on the two nodes, its searchers started from inside them
+        staged, _ = retrieve_run(tmp_path / "staged", three_partitions_gb(), ray_address=head.address)
         ray.shutdown()
     finally:
         ray.shutdown()
@@ -83,6 +88,9 @@ def test_two_node_partitioned_dedup_graph_and_kmeans_equal_the_in_process_run(tm
     assert np.array_equal(lab1, lab4)
     assert np.unique(lab4[planted]).size == 2000 and (lab4[planted] == lab4[group[planted]]).all()
     assert np.unique(lab4[~planted]).size == (~planted).sum()
+    # the retrieve stage by partitions on the cluster finds what the in-process stage finds
+    assert_same_sample_retrieval(retrieve_run(tmp_path / "whole")[0], staged)
+    assert list((staged / "retrieve" / "_kmeans").glob("*-lloyd.npz"))
     # Lloyd k-means over the two nodes equals the in-process run
     assert km.iterations == ref_km.iterations
     assert np.array_equal(km.labels, ref_km.labels)

@@ -21,7 +21,7 @@ def _unit(x):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _run(tmp, worker_memory_gb=None, **retrieve):
+def retrieve_run(tmp, worker_memory_gb=None, ray_address=None, **retrieve):
     rng = np.random.default_rng(5)
     centers = _unit(rng.normal(size=(30, D)))
     pool = _unit(centers[rng.integers(0, 30, N)] + 0.3 * rng.normal(size=(N, D)))
@@ -31,6 +31,8 @@ def _run(tmp, worker_memory_gb=None, **retrieve):
             {"name": "topics", "path": str(tmp / "topics"), "method": "cluster", "clusters": 20,
              "min_anchors_per_cluster": 1, "per_cluster": 30}]
     extra = {"scale": {"worker_memory_gb": worker_memory_gb}} if worker_memory_gb else {}
+    if ray_address:
+        extra["ray"] = {"address": ray_address, "max_retries": 0}
     cfg = make_run(tmp, images, shard_size=SHARD, stages=["retrieve"],
                    retrieve={"anchor_sets": sets, "kmeans_iters": 8, **retrieve}, **extra)
     root = tmp / "run"
@@ -46,14 +48,14 @@ def _run(tmp, worker_memory_gb=None, **retrieve):
     return root, pool
 
 
-def _three_partitions_gb():
+def three_partitions_gb():
     return 2 * SHARD * D * 4 * 3 / 2**30  # a third of it holds two shards
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    whole = _run(tmp_path_factory.mktemp("whole"))
-    parts = _run(tmp_path_factory.mktemp("parts"), _three_partitions_gb())
+    whole = retrieve_run(tmp_path_factory.mktemp("whole"))
+    parts = retrieve_run(tmp_path_factory.mktemp("parts"), three_partitions_gb())
     return whole, parts
 
 
@@ -65,6 +67,10 @@ def _neighbors(root):
 def test_sample_retrieval_by_partitions_equals_the_in_process_search(runs):
     (whole, _), (parts, _) = runs
     assert not (whole / "retrieve" / "_partitioned").exists(), "a pool within the budget stays in-process"
+    assert_same_sample_retrieval(whole, parts)
+
+
+def assert_same_sample_retrieval(whole, parts):
     assert list((parts / "retrieve" / "_partitioned" / "near").glob("block-*.parquet"))
     a, b = _neighbors(whole), _neighbors(parts)
     assert a.keys() == b.keys() and len(a) == 60 * 4
@@ -100,6 +106,6 @@ def test_cluster_retrieval_by_partitions_runs_lloyd_over_them(runs):
 
 
 def test_ivf_by_partitions_measures_recall(tmp_path):
-    root, _ = _run(tmp_path, _three_partitions_gb(), index="ivf_flat", nlist=8, nprobe=1, recall_sample=60)
+    root, _ = retrieve_run(tmp_path, three_partitions_gb(), index="ivf_flat", nlist=8, nprobe=1, recall_sample=60)
     stats = {s["anchor_set"]: s for s in pq.read_table(root / "stats" / "retrieval_stats.parquet").to_pylist()}
     assert 0.0 < stats["near"]["recall_at_k_vs_exact"] < 1.0
