@@ -257,10 +257,14 @@ class Workers:
         return self.ray.get([getattr(h, method).remote(a) for h, a in zip(handles, per_handle_args)])
 
     def close(self, handles: list) -> None:
-        self.infos += self.call(handles, "info")
-        if self.ray is not None:
-            for h in handles:
-                self.ray.kill(h)
+        try:
+            self.infos += self.call(handles, "info")
+        except Exception:  # noqa: BLE001 - a lost searcher has nothing to report; the others are stopped anyway
+            pass
+        finally:
+            if self.ray is not None:
+                for h in handles:
+                    self.ray.kill(h)
 
     @contextlib.contextmanager
     def opened(self, wave: int):

@@ -22,6 +22,9 @@ def _unit(x):
 
 
 def retrieve_run(tmp, worker_memory_gb=None, ray_address=None, **retrieve):
+    """Run the retrieve stage on a clustered pool of N vectors in N / SHARD embed files (in-process unless
+    `ray_address`); returns (run root, pool vectors)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(5)
     centers = _unit(rng.normal(size=(30, D)))
     pool = _unit(centers[rng.integers(0, 30, N)] + 0.3 * rng.normal(size=(N, D)))
