@@ -3,6 +3,8 @@ the same sample-based result as the in-process path; a pool within the budget ke
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -112,3 +114,5 @@ def test_ivf_by_partitions_measures_recall(tmp_path):
     root, _ = retrieve_run(tmp_path, three_partitions_gb(), index="ivf_flat", nlist=8, nprobe=1, recall_sample=60)
     stats = {s["anchor_set"]: s for s in pq.read_table(root / "stats" / "retrieval_stats.parquet").to_pylist()}
     assert 0.0 < stats["near"]["recall_at_k_vs_exact"] < 1.0
+    summary = json.loads((root / "retrieve" / "sets" / "near" / "summary.json").read_text())
+    assert summary["index"].startswith("IVF8,Flat") and summary["index"].endswith("per partition x3")
