@@ -30,7 +30,10 @@ import pyarrow.parquet as pq
 
 from curation import accounting
 from curation.components import connected_components, pick_one_per_component
+from curation.distributed_knn import Placement
 from curation.knn import knn_search, resolve_device
+from curation.partitioned_dedup import partitioned_dedup_graph
+from curation.partitioned_pool import in_ray, pool_plan
 from curation.stages.base import Stage, Unit
 from curation.stages.sscd import read_descriptors
 from curation.storage import write_table
@@ -133,7 +136,14 @@ class DedupStage(Stage):
         n, m = len(keys), len(eval_keys)
         E = np.concatenate(eval_vecs) if eval_vecs else np.zeros((0, X.shape[1] if X.size else 1), np.float32)
         device = resolve_device(dc.device)
-        g = dedup_graph(X, E, dc.k, dc.threshold, dc.eval_threshold, device=device)
+        plan = pool_plan(sorted((self.root / "sscd" / "pool").glob("part-*.parquet")), None,
+                         self.cfg.scale.worker_memory_gb)
+        if plan is None:
+            g = dedup_graph(X, E, dc.k, dc.threshold, dc.eval_threshold, device=device)
+        else:  # issue 10: the k-NN search by partitions on searcher actors (X is still read whole for the details)
+            g = partitioned_dedup_graph(plan, E, dc.k, dc.threshold, dc.eval_threshold, self.dir / "_partitioned",
+                                        Placement(use_ray=in_ray() and not self.cfg.ray.local, device=dc.device,
+                                                  searchers=self.cfg.scale.searchers), self.cfg.scale.query_block)
         labels = g["labels"]
         node_keys = np.array(keys + eval_keys, dtype=object)
 
