@@ -82,6 +82,9 @@ class ScaleConfig(Section):
     searchers: Annotated[int, Field(ge=0)] = Field(
         0, description="partitions held at once (one searcher actor each); 0 = one per GPU, else per CPU of the "
         "cluster")
+    partitioned: Literal["auto", "always"] = Field(
+        "auto", description="auto: the partitioned path only for a pool larger than one partition; always: also "
+        "for one (cluster retrieval then runs Lloyd k-means, as at scale, instead of in-process FAISS k-means)")
 
 
 class DownloadConfig(Section):

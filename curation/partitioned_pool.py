@@ -20,10 +20,11 @@ from curation.partitions import PartitionPlan, plan_keys, plan_partitions
 from curation.retrieval import SearchResult, recall_at_k
 
 
-def pool_plan(files, keys, worker_memory_gb: float) -> PartitionPlan | None:
-    """The partitions of the pool `files` restricted to `keys`, or None when one partition holds it all."""
-    plan = plan_partitions(files, worker_memory_gb, keys=keys)
-    return plan if len(plan.partitions) > 1 else None
+def pool_plan(files, keys, scale) -> PartitionPlan | None:
+    """The partitions of the pool `files` restricted to `keys` under the ``scale`` config section, or None when
+    one partition holds it all (unless ``scale.partitioned`` is 'always')."""
+    plan = plan_partitions(files, scale.worker_memory_gb, keys=keys)
+    return plan if len(plan.partitions) > 1 or (scale.partitioned == "always" and plan.rows) else None
 
 
 def in_ray() -> bool:

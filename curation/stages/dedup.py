@@ -136,8 +136,7 @@ class DedupStage(Stage):
         n, m = len(keys), len(eval_keys)
         E = np.concatenate(eval_vecs) if eval_vecs else np.zeros((0, X.shape[1] if X.size else 1), np.float32)
         device = resolve_device(dc.device)
-        plan = pool_plan(sorted((self.root / "sscd" / "pool").glob("part-*.parquet")), None,
-                         self.cfg.scale.worker_memory_gb)
+        plan = pool_plan(sorted((self.root / "sscd" / "pool").glob("part-*.parquet")), None, self.cfg.scale)
         if plan is None:
             g = dedup_graph(X, E, dc.k, dc.threshold, dc.eval_threshold, device=device)
         else:  # issue 10: the k-NN search by partitions on searcher actors (X is still read whole for the details)

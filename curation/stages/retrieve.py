@@ -114,7 +114,7 @@ class RetrieveStage(Stage):
         if method not in ("sample", "cluster"):
             return None
         files = sorted((self.root / "embed" / "pool").glob("part-*.parquet"))
-        plan = pool_plan(files, input_keys(self.root, self.name)["key"], self.cfg.scale.worker_memory_gb)
+        plan = pool_plan(files, input_keys(self.root, self.name)["key"], self.cfg.scale)
         return PartitionedPool(plan, self.cfg, self.dir / "_partitioned", self.cfg.retrieve.device) if plan else None
 
     # -- one anchor set ----------------------------------------------------------------------------------------

@@ -118,13 +118,18 @@ def test_ivf_by_partitions_measures_recall(tmp_path):
     assert summary["index"].startswith("IVF8,Flat") and summary["index"].endswith("per partition x3")
 
 
-def test_demo_corpus_retrieval_by_four_partitions_equals_the_in_process_run(demo_corpus, tmp_path):
-    """The demo corpus's pool (embed stage, pixels embedder) retrieved by >= 4 partitions: the same matches."""
+def test_demo_corpus_retrieval_by_four_partitions_equals_the_one_partition_run(demo_corpus, tmp_path):
+    """The demo corpus's pool (embed stage, pixels embedder) retrieved by >= 4 partitions: the same sample matches
+    as the in-process run, and the same cluster selection (Lloyd k-means) as the partitioned path on one
+    partition (``scale.partitioned: always``)."""
     from curation.partitions import plan_partitions
     from tests.curation.fakerun import corpus_pool
 
     images, _ = corpus_pool(demo_corpus)
-    sets = [{"name": "near", "path": str(demo_corpus / "anchors" / "objects"), "method": "sample", "k": 4}]
+    anchors = demo_corpus / "anchors"
+    sets = [{"name": "near", "path": str(anchors / "objects"), "method": "sample", "k": 4},
+            {"name": "topics", "path": str(anchors / "scenes"), "method": "cluster", "clusters": 12,
+             "min_anchors_per_cluster": 1, "per_cluster": 25}]
 
     def run(sub, **extra):
         (tmp_path / sub).mkdir()
@@ -140,7 +145,18 @@ def test_demo_corpus_retrieval_by_four_partitions_equals_the_in_process_run(demo
     gb = 2 * rows * dim * 4 * 3 / 2**30  # a partition holds two files
     assert len(plan_partitions(files, gb).partitions) >= 4
     parts = run("parts", scale={"worker_memory_gb": gb})
+    one = run("one", scale={"partitioned": "always"})
     assert not (whole / "retrieve" / "_partitioned").exists()
     assert_same_sample_retrieval(whole, parts, 12 * 4, dim)  # 12 object anchors, k = 4
-    ledger = lambda r: pq.read_table(r / "stats" / "funnel.parquet").to_pylist()  # noqa: E731
-    assert ledger(whole) == ledger(parts)
+    assert_same_sample_retrieval(one, parts, 12 * 4, dim)
+
+    def selected(root, name):
+        t = pq.read_table(root / "retrieve" / "sets" / name / "selection.parquet")
+        return sorted(zip(t["key"].to_pylist(), t["cluster"].to_pylist()))
+
+    assert [len(list((r / "retrieve" / "_kmeans").glob("*-lloyd.npz"))) for r in (whole, one, parts)] == [0, 1, 1]
+    assert selected(one, "topics") and selected(one, "topics") == selected(parts, "topics")
+    clusters = lambda r: pq.read_table(r / "stats" / "cluster_stats.parquet").to_pylist()  # noqa: E731
+    assert clusters(one) == clusters(parts)
+    funnel = lambda r: pq.read_table(r / "stats" / "funnel.parquet").to_pylist()  # noqa: E731
+    assert funnel(one) == funnel(parts)
