@@ -1,7 +1,8 @@
 """The stage runner: runs the configured stages in order, unit by unit, on Ray or in-process.
 
-* Units already complete (their ledger / marker exists) are skipped, so a killed run resumes where it stopped
-  and rerunning a finished run does nothing.
+* Units already complete (their ledger exists and their completion marker matches their outputs, see
+  :mod:`curation.markers`) are skipped, so a killed run resumes where it stopped and rerunning a finished run does
+  nothing; a unit whose outputs were truncated or altered since is redone.
 * At most ``ray.max_in_flight`` unit tasks are queued at once (back-pressure), each retried up to
   ``ray.max_retries`` times by Ray, whether it raised or its worker died.
 * A unit that still fails is reported by name at the end of its stage; the other units finish first, and the
@@ -20,11 +21,11 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from curation import accounting
+from curation import accounting, markers, storage
 from curation.config import CurateConfig, check_resume, dump_config
 from curation.stages import stage_class
 from curation.stages.base import Stage, Unit
-from curation.storage import clean_temporaries, write_text
+from curation.storage import clean_temporaries, crash_point, write_text
 
 log = logging.getLogger("lvd")
 
@@ -38,7 +39,9 @@ def run_unit_task(stage_name: str, cfg_json: dict, root: str, unit: Unit) -> dic
     cfg = CurateConfig.model_validate(cfg_json)
     stage = stage_class(stage_name)(cfg, Path(root))
     t0 = time.time()
-    summary = stage.run_unit(unit) or {}
+    with storage.recording() as outputs:
+        summary = stage.run_unit(unit) or {}
+    markers.write_marker(stage.root, stage_name, unit.id, dict.fromkeys(outputs))
     summary["seconds"] = round(time.time() - t0, 3)
     return summary
 
@@ -123,16 +126,36 @@ def prepare_run_root(cfg: CurateConfig) -> Path:
     return root
 
 
-def run_stage(stage: Stage, executor, progress: bool = True) -> dict[str, Any]:
+def unit_complete(stage: Stage, unit: Unit, verify: bool = False) -> bool:
+    """The stage says the unit is done and its completion marker matches its outputs (a unit whose outputs were
+    altered since is announced and redone)."""
+    if not stage.is_done(unit):
+        return False
+    problem = markers.marker_problem(stage.root, stage.name, unit.id, verify)
+    if problem and markers.marker_path(stage.root, stage.name, unit.id).exists():
+        print(f"[{stage.name}] unit {unit.id} is redone: {problem}", flush=True)
+    return problem is None
+
+
+def check_finalized(stage: Stage, verify: bool = False) -> None:
+    """Remove the outputs of a finished `finalize` when one no longer matches its marker, so it runs again."""
+    if not markers.marker_path(stage.root, stage.name, markers.FINALIZE).exists():
+        return
+    problem = markers.marker_problem(stage.root, stage.name, markers.FINALIZE, verify)
+    if problem:
+        print(f"[{stage.name}] the stage's global step is redone: {problem}", flush=True)
+        for p in markers.marked_outputs(stage.root, stage.name, markers.FINALIZE):
+            p.unlink(missing_ok=True)
+        markers.marker_path(stage.root, stage.name, markers.FINALIZE).unlink(missing_ok=True)
+
+
+def run_stage(stage: Stage, executor, progress: bool = True, verify: bool = False) -> dict[str, Any]:
     t0 = time.time()
-    removed = clean_temporaries(stage.dir)
+    crash_point()
     units = stage.plan()
-    todo = [u for u in units if not stage.is_done(u)]
+    todo = [u for u in units if not unit_complete(stage, u, verify)]
     skipped = len(units) - len(todo)
-    msg = f"[{stage.name}] {len(units)} units, {skipped} already complete"
-    if removed:
-        msg += f", removed {removed} partial files of an interrupted run"
-    print(msg, flush=True)
+    print(f"[{stage.name}] {len(units)} units, {skipped} already complete", flush=True)
     failures: list[tuple[Unit, Exception]] = []
     totals: dict[str, float] = {}
     bar = tqdm(total=len(todo), desc=stage.name, unit="shard", disable=not progress or not todo, file=sys.stderr)
@@ -157,14 +180,23 @@ def run_stage(stage: Stage, executor, progress: bool = True) -> dict[str, Any]:
             f"stage {stage.name!r}: {len(failures)} of {len(units)} units failed after retries ({names}); "
             f"first error: {failures[0][1]}. Completed units are kept: rerun the same command to retry the rest."
         )
-    stage.finalize()
+    check_finalized(stage, verify)
+    with storage.recording() as outputs:
+        stage.finalize()
+    if outputs:
+        markers.write_marker(stage.root, stage.name, markers.FINALIZE, dict.fromkeys(outputs))
     totals.pop("seconds", None)
     return {"units": len(units), "skipped": skipped, "ran": len(todo), "seconds": round(time.time() - t0, 2), **totals}
 
 
-def run_pipeline(cfg: CurateConfig, stages: Sequence[str] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run `stages` (default: the config's) in pipeline order; return per-stage summaries."""
+def run_pipeline(cfg: CurateConfig, stages: Sequence[str] | None = None, progress: bool = True,
+                 verify: bool = False) -> dict[str, Any]:
+    """Run `stages` (default: the config's) in pipeline order; return per-stage summaries.  `verify`: check the
+    content hash of every finished output against its marker (sizes are always checked)."""
     root = prepare_run_root(cfg)
+    removed = clean_temporaries(root)  # stage folders, stats/, markers...: one driver per run root
+    if removed:
+        print(f"removed {removed} partial files of an interrupted run", flush=True)
     names = list(stages) if stages else list(cfg.stages)
     executor = None
     summaries = {}
@@ -172,7 +204,7 @@ def run_pipeline(cfg: CurateConfig, stages: Sequence[str] | None = None, progres
         stage = stage_class(name)(cfg, root)
         if executor is None:
             executor = make_executor(cfg)
-        summaries[name] = run_stage(stage, executor, progress=progress)
+        summaries[name] = run_stage(stage, executor, progress=progress, verify=verify)
         accounting.update_stats(root)
-        accounting.check_invariants(root)
+        accounting.check_invariants(root, upto=name)
     return summaries

@@ -1,13 +1,17 @@
 """Kill the curate driver with SIGKILL mid-download, rerun: finished shards are not fetched again and the final
-tables equal an uninterrupted run's."""
+tables equal an uninterrupted run's; and kill -9 at random points of the whole pipeline (plus the resume bugs of
+issue 13: lost inputs, deleted ledgers, altered outputs)."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -67,3 +71,86 @@ def test_sigkill_then_resume(demo_download, tmp_path):
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert f"{n_units} units, {n_units} already complete" in again.stdout
+
+
+# -- kill -9 at random points of the whole pipeline ------------------------------------------------------------
+
+KILL_TRIALS = 20
+KILL_SEED = 13
+
+
+def _run_files(root: Path) -> dict:
+    """Every file of a run root (temporaries must be gone), compared by what it means: Parquet as rows, tars as
+    {member: bytes} (a download shard holds its samples in the order img2dataset's threads finished, and every
+    file derived from it follows that order: filter tars, their member offsets, checksums), markers as their
+    outputs' names and sizes, config.yaml without run_root, the shards plan without tar paths and offsets; img2dataset's own timing files are left out."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.name.endswith("_stats.json"):
+            continue
+        rel = p.relative_to(root).as_posix()
+        if rel.startswith("_tarindex/"):
+            out[rel] = sorted((r["key"], r["ext"], r["size"]) for r in pq.read_table(p).to_pylist())
+        elif rel == "shards/_plan.parquet":  # where each image is: its run root's tar, at an order-dependent offset
+            out[rel] = pq.read_table(p).drop_columns(["tar", "offset"]).to_pylist()
+        elif p.suffix == ".parquet":
+            out[rel] = pq.read_table(p).to_pylist()
+        elif p.suffix == ".tar":
+            with tarfile.open(p) as tar:
+                out[rel] = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+        elif rel.startswith("_markers/"):
+            out[rel] = {k: v["size"] for k, v in json.loads(p.read_text())["outputs"].items()}
+        elif rel == "config.yaml":
+            out[rel] = {k: v for k, v in yaml.safe_load(p.read_text()).items() if k != "run_root"}
+        else:
+            out[rel] = p.read_bytes()
+    return out
+
+
+def _small_pipeline_config(corpus: Path, tmp_path: Path) -> dict:
+    """The demo corpus cut to 100 URLs (no slow route), shards of 25: every stage but the report, in-process."""
+    urls = pq.read_table(corpus / "urls.parquet")
+    urls = urls.filter(pa.array(["/slow" not in u for u in urls["url"].to_pylist()])).slice(0, 100)
+    pq.write_table(urls, tmp_path / "urls.parquet")
+    stages = ["download", "filter", "hash", "sscd", "dedup", "embed", "retrieve", "shards"]
+    cfg = base_config(corpus, tmp_path / "unused", stages=stages, sscd={"num_workers": 0, "batch_size": 32},
+                      embed={"model": "pixels", "num_workers": 0, "batch_size": 32},
+                      shards={"samples_per_shard": 20})
+    cfg["input"] = {"url_list": str(tmp_path / "urls.parquet")}
+    cfg["download"] = {**cfg["download"], "shard_size": 25}
+    cfg["filter"] = {**cfg["filter"], "detector": "none"}
+    cfg["retrieve"] = {"anchor_sets": [
+        {"name": "objects", "path": str(corpus / "anchors" / "objects"), "method": "sample", "k": 3},
+        {"name": "scenes", "path": str(corpus / "anchors" / "scenes"), "method": "cluster", "clusters": 4,
+         "min_anchors_per_cluster": 1, "per_cluster": 10},
+    ]}
+    return cfg
+
+
+@pytest.mark.slow
+def test_kill9_at_random_points_resumes_to_identical_output(demo_server, demo_corpus, tmp_path):
+    """20 seeded kill points over every atomic commit and stage boundary of download..shards (so also between a
+    unit's last output and its completion marker, and between img2dataset consuming its input and the ledger):
+    each killed run, rerun, ends with exactly the files of an uninterrupted run."""
+    spec = {"work": str(tmp_path), "seed": KILL_SEED, "trials": KILL_TRIALS,
+            "config": _small_pipeline_config(demo_corpus, tmp_path)}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("LVD_CRASH_AT", None)
+    proc = subprocess.run([sys.executable, "-m", "tests.curation.killrun", str(tmp_path / "spec.json"),
+                           str(tmp_path / "out.json")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["reference"] == "exit 0", (tmp_path / "reference.log").read_text()[-3000:]
+    assert len(result["trials"]) == KILL_TRIALS
+    reference = _run_files(tmp_path / "reference")
+    assert any(k.startswith("shards/") and k.endswith(".tar") for k in reference)
+    for t in result["trials"]:
+        log = Path(t["log"]).read_text()[-3000:]
+        assert t["killed"] == "killed", f"kill point {t['kill_at']}: {t['killed']}\n{log}"
+        assert t["resumed"] == "exit 0", f"kill point {t['kill_at']}: resume {t['resumed']}\n{log}"
+        got = _run_files(Path(t["root"]))
+        assert sorted(got) == sorted(reference), f"kill point {t['kill_at']}: files differ"
+        differ = [k for k in reference if got[k] != reference[k]]
+        assert not differ, f"kill point {t['kill_at']}: contents differ: {differ}"

@@ -1,0 +1,68 @@
+"""Completion markers: what a finished unit wrote, with a checksum per output, verified when a run resumes.
+
+After a unit's ``run_unit`` returns, the runner writes ``RUN/_markers/<stage>/<unit>.json`` listing every file the
+unit committed (path relative to the run root, size, sha256).  A unit counts as complete only when its stage says
+so (its ledger / output exists) *and* its marker exists and still matches: the size of every output is checked on
+each resume (cheap), the content hash too with ``--verify``.  A truncated, altered or deleted output therefore
+makes the unit run again instead of passing silently.  A run killed between a unit's last output and its marker
+simply redoes that unit (outputs are deterministic and written atomically).
+
+The same holds for a stage's ``finalize`` (``_finalize.json``): when one of its outputs no longer matches, the
+listed outputs are removed so that the idempotent ``finalize`` computes them again.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from curation.storage import file_sha256, write_json
+
+FINALIZE = "_finalize"
+
+
+def marker_dir(root: Path, stage: str) -> Path:
+    return Path(root) / "_markers" / stage
+
+
+def marker_path(root: Path, stage: str, unit_id: str) -> Path:
+    return marker_dir(root, stage) / f"{unit_id}.json"
+
+
+def write_marker(root: Path, stage: str, unit_id: str, outputs: Iterable[Path]) -> None:
+    root = Path(root)
+    files = {}
+    for p in outputs:
+        p = Path(p)
+        rel = p.resolve().relative_to(root.resolve()).as_posix()
+        files[rel] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+    write_json(marker_path(root, stage, unit_id), {"stage": stage, "unit": unit_id, "outputs": files})
+
+
+def marker_problem(root: Path, stage: str, unit_id: str, verify: bool = False) -> str | None:
+    """None when the unit's marker exists and its outputs match it; else what is wrong, in a few words."""
+    path = marker_path(root, stage, unit_id)
+    if not path.exists():
+        return "no completion marker"
+    try:
+        files = json.loads(path.read_text())["outputs"]
+    except (ValueError, KeyError, TypeError):
+        return f"unreadable completion marker {path}"
+    for rel, want in files.items():
+        p = Path(root) / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != want["size"]:
+            return f"{rel} has {p.stat().st_size} bytes, {want['size']} when written"
+        if verify and file_sha256(p) != want["sha256"]:
+            return f"{rel} changed since it was written (sha256)"
+    return None
+
+
+def marked_outputs(root: Path, stage: str, unit_id: str) -> list[Path]:
+    path = marker_path(root, stage, unit_id)
+    try:
+        return [Path(root) / rel for rel in json.loads(path.read_text())["outputs"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
