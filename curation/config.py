@@ -32,7 +32,10 @@ def _must_exist(p: Path) -> Path:
     return p
 
 
-ExistingPath = Annotated[Path, AfterValidator(_must_exist)]
+# Sections are strict (``threads: true`` or ``seed: "3"`` are refused, not converted); paths come from YAML as
+# strings, so path fields alone accept them.
+LaxPath = Annotated[Path, Field(strict=False)]
+ExistingPath = Annotated[Path, Field(strict=False), AfterValidator(_must_exist)]
 
 
 class ConfigError(ValueError):
@@ -40,7 +43,7 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class InputConfig(Section):
@@ -71,8 +74,8 @@ class RayConfig(Section):
 
 class DownloadConfig(Section):
     shard_size: PositiveInt = Field(10_000, description="URLs per download shard")
-    threads: PositiveInt = Field(32, description="download threads per shard task")
-    timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    threads: Annotated[int, Field(ge=1, le=1024)] = Field(32, description="download threads per shard task")
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(10.0, description="per request, seconds")
     retries: Annotated[int, Field(ge=0)] = 0
     max_side: Annotated[int, Field(ge=16)] = Field(512, description="resize so the longer side is at most this")
     jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 95
@@ -287,8 +290,8 @@ class ReportConfig(Section):
 
 
 class CurateConfig(Section):
-    run_root: Path
-    seed: int = 0
+    run_root: LaxPath
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = Field(0, description="numpy/torch seeds take 32 bits")
     stages: list[StageName] = Field(default_factory=lambda: list(STAGE_ORDER))
     input: InputConfig
     ray: RayConfig = RayConfig()

@@ -2,8 +2,10 @@
 tables equal an uninterrupted run's; and kill -9 at random points of the whole pipeline (plus the resume bugs of
 issue 13: lost inputs, deleted ledgers, altered outputs)."""
 
+import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from curation import accounting
+from curation.config import load_config
+from curation.runner import run_pipeline
 from tests.curation.conftest import base_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -154,3 +159,102 @@ def test_kill9_at_random_points_resumes_to_identical_output(demo_server, demo_co
         assert sorted(got) == sorted(reference), f"kill point {t['kill_at']}: files differ"
         differ = [k for k in reference if got[k] != reference[k]]
         assert not differ, f"kill point {t['kill_at']}: contents differ: {differ}"
+
+
+# -- issue 13: lost inputs, deleted ledgers, altered outputs ---------------------------------------------------
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    (dst / "config.yaml").unlink()  # it names the original run_root
+    return dst
+
+
+def _rerun(cfg: dict, root: Path, capsys=None, **kw) -> str:
+    cfg = {**copy.deepcopy(cfg), "run_root": str(root)}
+    run_pipeline(load_config(data=cfg), progress=False, **kw)
+    return capsys.readouterr().out if capsys else ""
+
+
+def _ledger_rows(root: Path) -> dict:
+    return {s: sorted(map(str, accounting.read_ledger(root, s).to_pylist()))
+            for s in accounting.completed_ledger_stages(root)}
+
+
+def test_download_inputs_outlive_their_unit(demo_download, tmp_path):
+    """img2dataset deletes the shard file it is given; a kill after that delete and before the ledger, or a deleted
+    ledger, used to make every rerun fail with `No such file ... _inputs/00000.arrow`."""
+    src = demo_download["root"]
+    plan = json.loads((src / "download" / "_inputs" / "plan.json").read_text())
+    assert all((src / "download" / "_inputs" / f"{s}.arrow").exists() for s, _ in plan["shards"])
+    root = _copy_run(src, tmp_path / "run")
+    for unit in ("00000", "00002"):  # the state of a run killed inside these units' completion window
+        accounting.ledger_path(root, "download", unit).unlink()
+    _rerun(demo_download["config"], root)
+    assert _tables(root) == _tables(src)
+
+
+def test_lost_download_input_is_planned_again(demo_download, tmp_path):
+    """A run left by the old code (input consumed, ledger missing) resumes: planning is redone, identically."""
+    root = _copy_run(demo_download["root"], tmp_path / "run")
+    (root / "download" / "_inputs" / "00001.arrow").unlink()
+    accounting.ledger_path(root, "download", "00001").unlink()
+    _rerun(demo_download["config"], root)
+    assert _tables(root) == _tables(demo_download["root"])
+
+
+def test_deleted_precheck_is_recomputed_not_lost(demo_download, tmp_path):
+    """Deleting download/_ledger/precheck.parquet used to shrink the funnel silently (252 of 261 rows)."""
+    root = _copy_run(demo_download["root"], tmp_path / "run")
+    refused = accounting.read_ledger(root, "download").filter(pa.compute.invert(
+        accounting.read_ledger(root, "download")["kept"])).num_rows
+    accounting.ledger_path(root, "download", "precheck").unlink()
+    _rerun(demo_download["config"], root)
+    assert _tables(root) == _tables(demo_download["root"])
+    assert refused > 0 and pq.read_table(root / "stats" / "funnel.parquet")["rows_in"][0].as_py() == \
+        demo_download["truth"].num_rows
+
+
+def test_missing_download_ledger_fails_loudly(demo_download, tmp_path):
+    """The accounting refuses a download ledger that does not hold one row per planned URL."""
+    root = _copy_run(demo_download["root"], tmp_path / "run")
+    accounting.ledger_path(root, "download", "precheck").unlink()
+    with pytest.raises(accounting.AccountingError, match="ledger rows for 261 input URLs"):
+        accounting.check_invariants(root)
+
+
+def test_deleted_later_stage_ledgers_are_recomputed(demo_cleaned, tmp_path):
+    """A deleted filter ledger part and the hash and dedup final ledgers are redone; the run used to stop with
+    `input differs from the previous stage's kept keys (60 never judged)`."""
+    src = demo_cleaned["root"]
+    root = _copy_run(src, tmp_path / "run")
+    for stage, unit in (("filter", "00002"), ("hash", "final"), ("dedup", "final")):
+        accounting.ledger_path(root, stage, unit).unlink()
+    _rerun(demo_cleaned["config"], root)
+    assert _ledger_rows(root) == _ledger_rows(src)
+    assert pq.read_table(root / "stats" / "funnel.parquet") == pq.read_table(src / "stats" / "funnel.parquet")
+
+
+def test_altered_outputs_are_detected_and_redone(demo_download, tmp_path, capsys):
+    """A truncated shard is noticed by its size on every resume, a same-size alteration by its sha256 with
+    verify=True (`--verify`); both units are redone and the shards hold the same samples again."""
+    src = demo_download["root"]
+    root = _copy_run(src, tmp_path / "run")
+    cfg = demo_download["config"]
+    members = lambda p: sorted((m.name, m.size) for m in tarfile.open(p))  # noqa: E731
+    truncated, altered = root / "download" / "00000.tar", root / "download" / "00001.tar"
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    data = bytearray(altered.read_bytes())
+    data[2000] ^= 0xFF  # inside the first image: same size, other content
+    altered.write_bytes(bytes(data))
+
+    out = _rerun(cfg, root, capsys)
+    assert "unit 00000 is redone: download/00000.tar has 5000 bytes" in out
+    assert "00001" not in out  # the size matches: only --verify reads the content
+    assert members(truncated) == members(src / "download" / "00000.tar")
+
+    out = _rerun(cfg, root, capsys, verify=True)
+    assert "unit 00001 is redone: download/00001.tar changed since it was written (sha256)" in out
+    assert members(altered) == members(src / "download" / "00001.tar")
+    assert _tables(root) == _tables(src)
+    assert "redone" not in _rerun(cfg, root, capsys, verify=True)
