@@ -9,6 +9,7 @@ the job runs in a copy of that directory, so give ``run_root`` as an absolute pa
 
 from __future__ import annotations
 
+import copy
 import difflib
 import ipaddress
 import re
@@ -340,22 +341,50 @@ def _format_error(err: ValidationError) -> str:
     return "config error: " + "; ".join(parts)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where ``1e12`` (no dot) is a string; config numbers follow YAML 1.2: it is a float."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"config error: override {text!r} must look like key.path=value")
     key, _, value = text.partition("=")
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        return key.strip().split("."), parse_yaml(value)
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise ConfigError(f"config error: override {text!r}: the value is not valid YAML ({problem})") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each ``key.path=value``; a number in the path indexes a list (``retrieve.anchor_sets.0.k=8``)."""
     for text in overrides:
         path, value = parse_override(text)
         node = data
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    where = ".".join(path[:i]) or "(top level)"
+                    raise ConfigError(f"config error: override {text!r}: {where} is a list of {len(node)}, "
+                                      f"{part!r} is not an index of it")
+                part = int(part)
+            elif not last and not isinstance(node.get(part), (dict, list)):
                 node[part] = {}
-            node = node[part]
-        node[path[-1]] = value
+            if last:
+                node[part] = value
+            else:
+                node[part] = copy.deepcopy(node[part])  # never alter the caller's nested data
+                node = node[part]
     return data
 
 
@@ -365,8 +394,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config error: config file not found: {path}")
+        if not path.is_file():
+            raise ConfigError(f"config error: {path} is not a file (give the YAML config file)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = parse_yaml(path.read_text()) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config error: {path} is not a text file (give the YAML config file)") from None
+        except OSError as err:
+            raise ConfigError(f"config error: cannot read {path}: {err.strerror}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config error: {path} is not valid YAML: {err}".replace("\n", " ")) from None
     if not isinstance(data, dict):

@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from curation import accounting, markers, storage
-from curation.config import CurateConfig, check_resume, dump_config
+from curation.config import ConfigError, CurateConfig, check_resume, dump_config
 from curation.stages import stage_class
 from curation.stages.base import Stage, Unit
 from curation.storage import clean_temporaries, crash_point, write_text
@@ -103,6 +104,24 @@ class RayExecutor:
                     on_done(unit, result, None)
 
 
+def describe_ray_target(address: str | None) -> str:
+    """Say which Ray this driver is about to use: ray.init() without an address silently joins a cluster already
+    running on this machine (`ray start`), and starts a private one only when there is none."""
+    if address:
+        source = "ray.address" if address != os.environ.get("RAY_ADDRESS") else "RAY_ADDRESS"
+        return f"ray: connecting to the cluster at {address} (from {source})"
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        running = canonicalize_bootstrap_address(None)
+    except Exception:  # noqa: BLE001 - a private Ray helper: only the wording of this line depends on it
+        running = None
+    if running:
+        return (f"ray: joining the Ray cluster already running on this machine at {running} (ray start); set "
+                "ray.address or --ray-address to choose another, or --local to run without Ray")
+    return "ray: no cluster running here; starting a private Ray for this run (ends with it)"
+
+
 def make_executor(cfg: CurateConfig):
     if cfg.ray.local:
         return LocalExecutor()
@@ -110,19 +129,39 @@ def make_executor(cfg: CurateConfig):
 
     if not ray.is_initialized():
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+        print(describe_ray_target(address), flush=True)
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     return RayExecutor(cfg.ray.max_in_flight, cfg.ray.max_retries)
 
 
+def in_ray_job() -> bool:
+    """True in the driver of a `ray job submit` job (Ray's job supervisor sets this variable for it)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
 def prepare_run_root(cfg: CurateConfig) -> Path:
-    """Create the run root and write (or check) RUN/config.yaml."""
+    """Create the run root and write (or check) RUN/config.yaml; a run root that cannot be used is a ConfigError
+    (one line), as is a relative one inside a Ray job."""
     root = Path(cfg.run_root)
-    root.mkdir(parents=True, exist_ok=True)
+    if in_ray_job() and not root.is_absolute():
+        raise ConfigError(
+            f"config error: run_root {str(root)!r} is relative: inside a Ray job it would land in the job's "
+            f"temporary copy of the working directory ({os.getcwd()}) and be lost; give an absolute path on storage "
+            "every node shares (or --run-root)")
     saved = root / "config.yaml"
-    if saved.exists():
-        check_resume(cfg, saved.read_text())
-    else:
-        write_text(saved, dump_config(cfg))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if saved.exists():
+            check_resume(cfg, saved.read_text())
+        else:
+            write_text(saved, dump_config(cfg))
+    except FileExistsError:
+        raise ConfigError(f"config error: run_root {root} is a file, not a folder") from None
+    except NotADirectoryError:
+        raise ConfigError(f"config error: run_root {root} lies under a file, not a folder") from None
+    except OSError as err:
+        raise ConfigError(f"config error: run_root {root} is not usable: {err.strerror} "
+                          f"({err.filename or root})") from None
     return root
 
 
@@ -205,6 +244,19 @@ def run_pipeline(cfg: CurateConfig, stages: Sequence[str] | None = None, progres
         if executor is None:
             executor = make_executor(cfg)
         summaries[name] = run_stage(stage, executor, progress=progress, verify=verify)
-        accounting.update_stats(root)
+        _, drops = accounting.update_stats(root)
         accounting.check_invariants(root, upto=name)
+        if name == "download" and name != names[-1]:
+            stop_if_nothing_survived(root, drops)
     return summaries
+
+
+def stop_if_nothing_survived(root: Path, drops) -> None:
+    """Stop a run whose download kept no image: later stages would only process the anchor sets."""
+    if accounting.kept_keys(root, "download").num_rows:
+        return
+    counts = drops.filter(pc.equal(drops["stage"], "download")).group_by("reason").aggregate(
+        [("key", "count")]).sort_by([("key_count", "descending")]).to_pylist()
+    reasons = ", ".join(f"{r['reason']} {r['key_count']}" for r in counts[:5]) or "no URLs in the input"
+    raise StageFailed(f"nothing survived download ({reasons}); later stages were not run. See "
+                      f"{Path(root) / 'stats' / 'drops.parquet'} for every URL's reason and detail.")

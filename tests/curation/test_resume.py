@@ -258,3 +258,48 @@ def test_altered_outputs_are_detected_and_redone(demo_download, tmp_path, capsys
     assert members(altered) == members(src / "download" / "00001.tar")
     assert _tables(root) == _tables(src)
     assert "redone" not in _rerun(cfg, root, capsys, verify=True)
+
+
+def test_ctrl_c_says_rerun_to_resume(tmp_path):
+    """SIGINT while a download is in flight: one line "interrupted; rerun to resume", exit 130, no traceback; the
+    rerun then finishes the run.  The server holds the request until the interrupt has been sent."""
+    import http.server
+    import threading
+
+    asked, interrupted = threading.Event(), threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            asked.set()
+            if self.path == "/hold":
+                interrupted.wait(60)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        urls = tmp_path / "urls.csv"
+        urls.write_text(f"url\nhttp://127.0.0.1:{port}/hold\n")
+        cfg = {"run_root": str(tmp_path / "run"), "input": {"url_list": str(urls)}, "stages": ["download"],
+               "ray": {"local": True}, "download": {"allow_networks": ["127.0.0.1/32"], "timeout_s": 120}}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        cmd = [sys.executable, str(REPO / "pipelines" / "curate.py"), "--config", str(tmp_path / "c.yaml"),
+               "--no-progress"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert asked.wait(300), "the download never reached the server"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        interrupted.set()
+        assert proc.returncode == 130, err[-2000:]
+        assert err.strip().splitlines()[-1] == "interrupted; rerun to resume" and "Traceback" not in err, err
+        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert "download           1         0         1  http_error 1" in rerun.stdout
+    finally:
+        interrupted.set()
+        server.shutdown()
