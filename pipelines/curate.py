@@ -81,9 +81,11 @@ def _main(argv=None) -> int:
     if args.check:
         from curation.checks import preflight_warnings
         from curation.config import dump_config
+        from curation.detectors import detection_warning
 
         print(dump_config(cfg))
-        for warning in preflight_warnings(cfg):
+        faces = detection_warning(cfg.stages, cfg.filter)
+        for warning in ([faces] if faces else []) + preflight_warnings(cfg):
             print(f"warning: {warning}", file=sys.stderr)
         return 0
 

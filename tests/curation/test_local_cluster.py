@@ -1,18 +1,40 @@
-"""The local Ray head of the demo and the tests listens on loopback only (issue 13 item 21).
+"""A local Ray head stops exactly its own processes: another cluster on the same machine keeps running; and it
+listens on loopback only (issue 13 item 21).
 
-Starts a real `ray start --head`: run it only where no other Ray on the machine matters (its `stop()` is
-`ray stop --force`, as in test_ray_job.py)."""
+(`ray stop --force`, which the helper used before, kills every Ray process on the machine: another test session's,
+or a user's own cluster when `make demo` finished.)"""
+
+from __future__ import annotations
 
 import os
-import tempfile
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from curation.local_cluster import LocalRayHead
+from curation.local_cluster import LocalRayHead, _ray_bin, processes_of_cluster, ray_env
 
 
-def _listening_inodes() -> dict[str, str]:
+def _status(head: LocalRayHead) -> subprocess.CompletedProcess:
+    return subprocess.run([_ray_bin(), "status", "--address", head.address], env=ray_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_stopping_one_local_head_leaves_another_running():
+    with LocalRayHead(num_cpus=1) as keeper:
+        first = LocalRayHead(num_cpus=1).start()
+        first_marks = [first.temp_dir, f":{first.gcs_port} "]
+        assert processes_of_cluster(first_marks), "the started head's processes are found"
+        first.stop()
+        assert processes_of_cluster(first_marks) == []
+        kept = _status(keeper)
+        assert kept.returncode == 0, kept.stdout + kept.stderr
+        assert processes_of_cluster([keeper.temp_dir])
+    assert processes_of_cluster([keeper.temp_dir]) == []
+
+
+def _listening_sockets() -> dict[str, str]:
     """{socket inode: local address} of every listening TCP socket (IPv4 and IPv6) of this machine."""
     out = {}
     for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
@@ -24,43 +46,35 @@ def _listening_inodes() -> dict[str, str]:
             if state != "0A":  # LISTEN
                 continue
             host = local.split(":")[0]
-            if v6:
-                words = [host[i:i + 8] for i in range(0, 32, 8)]
-                addr = ":".join(w[6:8] + w[4:6] + w[2:4] + w[0:2] for w in words)  # little-endian 32-bit words
-                addr = {"00000000000000000000000000000000": "::", "00000000000000000000000001000000": "::1"}.get(
-                    host, addr)
+            if not v6:
+                addr = ".".join(str(int(host[i:i + 2], 16)) for i in (6, 4, 2, 0))  # little-endian
+            elif host == "00000000000000000000000001000000":
+                addr = "::1"
             else:
-                addr = ".".join(str(int(host[i:i + 2], 16)) for i in (6, 4, 2, 0))
+                addr = f"[{host}]"  # any other IPv6 address (:: included) counts as beyond loopback
             out[inode] = addr
     return out
 
 
-def _sockets_of_processes_mentioning(text: str) -> list[tuple[int, str]]:
-    """(pid, listening address) for every process whose command line contains `text`."""
-    listening = _listening_inodes()
-    found = []
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            if text not in (pid_dir / "cmdline").read_bytes().decode(errors="replace"):
-                continue
-            for fd in (pid_dir / "fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("socket:[") and target[8:-1] in listening:
-                    found.append((int(pid_dir.name), listening[target[8:-1]]))
-        except OSError:  # the process ended, or is not ours to read
-            continue
-    return found
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets from Linux /proc")
 def test_local_head_listens_on_loopback_only():
-    temp_dir = tempfile.mkdtemp(prefix="lvdray", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
-    with LocalRayHead(num_cpus=1, temp_dir=temp_dir) as head:
-        sockets = _sockets_of_processes_mentioning(temp_dir)
-        assert head.address.startswith("127.0.0.1:")
-    assert sockets, "no listening socket found for the head's processes"
-    exposed = [(pid, addr) for pid, addr in sockets if addr not in ("127.0.0.1", "::1")]
+    """Ray turns --node-ip-address=127.0.0.1 into the machine's address and listens on every interface unless told
+    not to: every listening socket of the head's processes must be on 127.0.0.1 or ::1."""
+    with LocalRayHead(num_cpus=1) as head:
+        listening = _listening_sockets()
+        found = []
+        for pid in processes_of_cluster([head.temp_dir, f":{head.gcs_port} "]):
+            try:
+                fds = list(Path(f"/proc/{pid}/fd").iterdir())
+            except OSError:  # ended meanwhile
+                continue
+            for fd in fds:
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith("socket:[") and target[8:-1] in listening:
+                    found.append((pid, listening[target[8:-1]]))
+    assert found, "no listening socket found for the head's processes"
+    exposed = [(pid, addr) for pid, addr in found if addr not in ("127.0.0.1", "::1")]
     assert not exposed, f"Ray head processes listening beyond loopback: {exposed}"
