@@ -96,8 +96,8 @@ def _run_files(root: Path) -> dict:
         rel = p.relative_to(root).as_posix()
         if rel.startswith("_tarindex/"):
             out[rel] = sorted((r["key"], r["ext"], r["size"]) for r in pq.read_table(p).to_pylist())
-        elif rel == "shards/_plan.parquet":  # where each image is: its run root's tar, at an order-dependent offset
-            out[rel] = pq.read_table(p).drop_columns(["tar", "offset"]).to_pylist()
+        elif rel == "shards_meta/_plan.parquet":  # where each image is: its run root's tar, at an order-dependent offset
+            out[rel] = pq.read_table(p).drop_columns(["tar", "offset", "json_offset"]).to_pylist()
         elif p.suffix == ".parquet":
             out[rel] = pq.read_table(p).to_pylist()
         elif p.suffix == ".tar":
