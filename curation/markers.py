@@ -7,8 +7,9 @@ each resume (cheap), the content hash too with ``--verify``.  A truncated, alter
 makes the unit run again instead of passing silently.  A run killed between a unit's last output and its marker
 simply redoes that unit (outputs are deterministic and written atomically).
 
-The same holds for a stage's ``finalize`` (``_finalize.json``): when one of its outputs no longer matches, the
-listed outputs are removed so that the idempotent ``finalize`` computes them again.
+The same holds for a stage's ``plan`` and ``finalize`` (``_plan.json``, ``_finalize.json``: the download's input
+shards and precheck ledger, a global grouping, the shards plan...): when one of their outputs no longer matches,
+the listed outputs are removed so that the idempotent step computes them again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Iterable
 
 from curation.storage import file_sha256, write_json
 
-FINALIZE = "_finalize"
+PLAN, FINALIZE = "_plan", "_finalize"
 
 
 def marker_dir(root: Path, stage: str) -> Path:

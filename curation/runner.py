@@ -176,22 +176,28 @@ def unit_complete(stage: Stage, unit: Unit, verify: bool = False) -> bool:
     return problem is None
 
 
-def check_finalized(stage: Stage, verify: bool = False) -> None:
-    """Remove the outputs of a finished `finalize` when one no longer matches its marker, so it runs again."""
-    if not markers.marker_path(stage.root, stage.name, markers.FINALIZE).exists():
-        return
-    problem = markers.marker_problem(stage.root, stage.name, markers.FINALIZE, verify)
+def run_global_step(stage: Stage, step: str, fn: Callable[[], Any], verify: bool = False) -> Any:
+    """Run a stage's `plan` or `finalize` (`step`, both idempotent: they skip work whose outputs exist) with a
+    marker of what it writes.  When an output recorded earlier no longer matches, all of that step's outputs are
+    removed first, so the step computes them again."""
+    path = markers.marker_path(stage.root, stage.name, step)
+    problem = markers.marker_problem(stage.root, stage.name, step, verify) if path.exists() else None
     if problem:
-        print(f"[{stage.name}] the stage's global step is redone: {problem}", flush=True)
-        for p in markers.marked_outputs(stage.root, stage.name, markers.FINALIZE):
+        print(f"[{stage.name}] {step.strip('_')} is redone: {problem}", flush=True)
+        for p in markers.marked_outputs(stage.root, stage.name, step):
             p.unlink(missing_ok=True)
-        markers.marker_path(stage.root, stage.name, markers.FINALIZE).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+    with storage.recording() as outputs:
+        result = fn()
+    if outputs:
+        markers.write_marker(stage.root, stage.name, step, dict.fromkeys(outputs))
+    return result
 
 
 def run_stage(stage: Stage, executor, progress: bool = True, verify: bool = False) -> dict[str, Any]:
     t0 = time.time()
     crash_point()
-    units = stage.plan()
+    units = run_global_step(stage, markers.PLAN, stage.plan, verify)
     todo = [u for u in units if not unit_complete(stage, u, verify)]
     skipped = len(units) - len(todo)
     print(f"[{stage.name}] {len(units)} units, {skipped} already complete", flush=True)
@@ -219,11 +225,7 @@ def run_stage(stage: Stage, executor, progress: bool = True, verify: bool = Fals
             f"stage {stage.name!r}: {len(failures)} of {len(units)} units failed after retries ({names}); "
             f"first error: {failures[0][1]}. Completed units are kept: rerun the same command to retry the rest."
         )
-    check_finalized(stage, verify)
-    with storage.recording() as outputs:
-        stage.finalize()
-    if outputs:
-        markers.write_marker(stage.root, stage.name, markers.FINALIZE, dict.fromkeys(outputs))
+    run_global_step(stage, markers.FINALIZE, stage.finalize, verify)
     totals.pop("seconds", None)
     return {"units": len(units), "skipped": skipped, "ran": len(todo), "seconds": round(time.time() - t0, 2), **totals}
 

@@ -215,6 +215,17 @@ def test_deleted_precheck_is_recomputed_not_lost(demo_download, tmp_path):
         demo_download["truth"].num_rows
 
 
+def test_truncated_plan_output_is_recomputed(demo_download, tmp_path, capsys):
+    """The download's planning outputs (input shards, precheck ledger, plan) are checked like a unit's: a truncated
+    precheck ledger used to stop every rerun with an Arrow error; now planning is redone."""
+    root = _copy_run(demo_download["root"], tmp_path / "run")
+    precheck = accounting.ledger_path(root, "download", "precheck")
+    precheck.write_bytes(precheck.read_bytes()[:100])
+    out = _rerun(demo_download["config"], root, capsys)
+    assert "[download] plan is redone: download/_ledger/precheck.parquet has 100 bytes" in out
+    assert _tables(root) == _tables(demo_download["root"])
+
+
 def test_missing_download_ledger_fails_loudly(demo_download, tmp_path):
     """The accounting refuses a download ledger that does not hold one row per planned URL."""
     root = _copy_run(demo_download["root"], tmp_path / "run")
