@@ -31,14 +31,31 @@ def marker_path(root: Path, stage: str, unit_id: str) -> Path:
     return marker_dir(root, stage) / f"{unit_id}.json"
 
 
+#: caches a step may fill on the way, reused by whichever step comes next, so not one step's outputs: tar member
+#: indexes (checked against their tar's mtime) and retrieve's k-means fits (named by their parameters)
+CACHE_DIRS = ("_tarindex/", "retrieve/_kmeans/")
+
+
+def _rel(root: Path, p: Path) -> str:
+    return Path(p).resolve().relative_to(Path(root).resolve()).as_posix()
+
+
+def _outputs(root: Path, paths: Iterable[Path]) -> dict[str, Path]:
+    rels = {_rel(root, p): Path(p) for p in paths}
+    return {r: p for r, p in rels.items() if not r.startswith(CACHE_DIRS)}
+
+
 def write_marker(root: Path, stage: str, unit_id: str, outputs: Iterable[Path]) -> None:
-    root = Path(root)
-    files = {}
-    for p in outputs:
-        p = Path(p)
-        rel = p.resolve().relative_to(root.resolve()).as_posix()
-        files[rel] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
-    write_json(marker_path(root, stage, unit_id), {"stage": stage, "unit": unit_id, "outputs": files})
+    files = {rel: {"size": p.stat().st_size, "sha256": file_sha256(p)} for rel, p in _outputs(root, outputs).items()}
+    write_json(marker_path(root, stage, unit_id), {"stage": stage, "unit": unit_id, "outputs": files,
+                                                   "complete": True})
+
+
+def write_pending(root: Path, stage: str, step: str, outputs: Iterable[Path]) -> None:
+    """Before a global step commits an output: list every output it may have written so far, marked incomplete,
+    so that a step killed at any point is undone (its listed outputs removed) and run again."""
+    files = dict.fromkeys(_outputs(root, outputs))
+    write_json(marker_path(root, stage, step), {"stage": stage, "unit": step, "outputs": files, "complete": False})
 
 
 def marker_problem(root: Path, stage: str, unit_id: str, verify: bool = False) -> str | None:
@@ -47,9 +64,12 @@ def marker_problem(root: Path, stage: str, unit_id: str, verify: bool = False) -
     if not path.exists():
         return "no completion marker"
     try:
-        files = json.loads(path.read_text())["outputs"]
+        marker = json.loads(path.read_text())
+        files = marker["outputs"]
     except (ValueError, KeyError, TypeError):
         return f"unreadable completion marker {path}"
+    if not marker.get("complete", True):
+        return "it was interrupted"
     for rel, want in files.items():
         p = Path(root) / rel
         if not p.is_file():

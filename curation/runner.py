@@ -178,8 +178,9 @@ def unit_complete(stage: Stage, unit: Unit, verify: bool = False) -> bool:
 
 def run_global_step(stage: Stage, step: str, fn: Callable[[], Any], verify: bool = False) -> Any:
     """Run a stage's `plan` or `finalize` (`step`, both idempotent: they skip work whose outputs exist) with a
-    marker of what it writes.  When an output recorded earlier no longer matches, all of that step's outputs are
-    removed first, so the step computes them again."""
+    marker of what it writes, announced before each output is committed.  When the step was interrupted, or an
+    output recorded earlier no longer matches, all of that step's outputs are removed first, so the step computes
+    them again."""
     path = markers.marker_path(stage.root, stage.name, step)
     problem = markers.marker_problem(stage.root, stage.name, step, verify) if path.exists() else None
     if problem:
@@ -187,7 +188,13 @@ def run_global_step(stage: Stage, step: str, fn: Callable[[], Any], verify: bool
         for p in markers.marked_outputs(stage.root, stage.name, step):
             p.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
-    with storage.recording() as outputs:
+    announced: list[Path] = []
+
+    def before_commit(p: Path) -> None:
+        announced.append(p)
+        markers.write_pending(stage.root, stage.name, step, dict.fromkeys(announced))
+
+    with storage.recording(before_commit) as outputs:
         result = fn()
     if outputs:
         markers.write_marker(stage.root, stage.name, step, dict.fromkeys(outputs))

@@ -29,7 +29,8 @@ TMP_MARK = ".tmp-"
 #: kill -9 resume test uses it to stop a run at a chosen point deterministically
 CRASH_ENV = "LVD_CRASH_AT"
 _crash_count = 0
-_recorders: list[list[Path]] = []
+_recorders: list[tuple[list[Path], object]] = []  # (committed paths, callback before each commit or None)
+_announcing = False
 
 
 def crash_point() -> int:
@@ -43,21 +44,32 @@ def crash_point() -> int:
 
 def commit(tmp: Path, path: Path) -> None:
     """Rename a finished temporary file to its final name (atomic) and record it for :func:`recording`."""
+    global _announcing
+    recorders = [] if _announcing else list(_recorders)  # a callback's own writes are not recorded
+    for _, before in recorders:
+        if before is not None:
+            _announcing = True
+            try:
+                before(Path(path))
+            finally:
+                _announcing = False
     crash_point()
     os.replace(tmp, path)
-    for paths in _recorders:
+    for paths, _ in recorders:
         paths.append(Path(path))
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[list[Path]]:
-    """Collect the paths committed by this process while the block runs (a unit's outputs, for its marker)."""
+def recording(before_commit=None) -> Iterator[list[Path]]:
+    """Collect the paths committed by this process while the block runs (a unit's outputs, for its marker).
+    `before_commit(path)` is called before each rename (a write-ahead list of what the block may have written)."""
     paths: list[Path] = []
-    _recorders.append(paths)
+    entry = (paths, before_commit)
+    _recorders.append(entry)
     try:
         yield paths
     finally:
-        _recorders.remove(paths)
+        _recorders.remove(entry)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

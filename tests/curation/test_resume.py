@@ -88,7 +88,7 @@ def _run_files(root: Path) -> dict:
     """Every file of a run root (temporaries must be gone), compared by what it means: Parquet as rows, tars as
     {member: bytes} (a download shard holds its samples in the order img2dataset's threads finished, and every
     file derived from it follows that order: filter tars, their member offsets, checksums), markers as their
-    outputs' names and sizes, config.yaml without run_root, the shards plan without tar paths and offsets; img2dataset's own timing files are left out."""
+    outputs' names and sizes (the shards plan's size follows its tar paths), config.yaml without run_root, the shards plan without tar paths and offsets; img2dataset's own timing files are left out."""
     out = {}
     for p in sorted(root.rglob("*")):
         if not p.is_file() or p.name.endswith("_stats.json"):
@@ -104,7 +104,9 @@ def _run_files(root: Path) -> dict:
             with tarfile.open(p) as tar:
                 out[rel] = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
         elif rel.startswith("_markers/"):
-            out[rel] = {k: v["size"] for k, v in json.loads(p.read_text())["outputs"].items()}
+            marker = json.loads(p.read_text())
+            out[rel] = (marker["complete"], {k: None if k == "shards_meta/_plan.parquet" else v["size"]
+                                             for k, v in marker["outputs"].items()})
         elif rel == "config.yaml":
             out[rel] = {k: v for k, v in yaml.safe_load(p.read_text()).items() if k != "run_root"}
         else:
