@@ -167,6 +167,9 @@ class DedupConfig(Section):
         "sscd", description="'pixels' is a fixed function of pixels with known quality, for tests and the demo"
     )
     device: Device = Field("auto", description="k-NN search device: faiss on CPU, chunked torch matmul on CUDA")
+    survivor: Literal["original", "resolution"] = Field(
+        "original", description="the image a duplicate component keeps: 'original' = least border/padding fill, then "
+        "resolution, then the SSCD medoid, then key (see curation/stages/dedup.py); 'resolution' = largest, then key")
     stats_thresholds: list[Fraction] = Field(
         default_factory=lambda: [0.3, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9],
         description="similarities reported in stats/dedup_thresholds.parquet",

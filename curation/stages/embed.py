@@ -15,7 +15,9 @@ with reason ``embed_failed``.
 Throughput: decoding and resize/crop run in ``embed.num_workers`` DataLoader worker processes, each taking every
 n-th sample of the unit's stream; batches travel as uint8 (4x less than float32) through pinned memory and are
 normalised on the GPU; the model runs under bf16 autocast on CUDA with ``embed.batch_size`` images per step, so the
-GPU is fed ``prefetch_factor`` batches ahead.  The model is built once per worker process (``cached_embedder``).
+GPU is fed ``prefetch_factor`` batches ahead.  On CPU a ViT is the bottleneck, so the task's cores are split by
+:func:`curation.cpus.cpu_split` (on 2 cores: decode inline, both cores for the model).  The model is built once
+per worker process (``cached_embedder``).  A pool shard whose images were all dropped earlier writes an empty part.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from curation.cpus import cpu_split, torch_threads
 from curation.images import ImageRejected, decode_image
 from curation.samples import IMAGE_EXTS, detect_format, iter_image_set, iter_shard_samples, path_key, pool_shards
 from curation.stages.base import Stage, Unit
@@ -95,6 +98,17 @@ def _worker_init(_):
 
 def embed_stream(embedder, stream: ImageStream, batch_size: int, num_workers: int, prefetch_factor: int = 4):
     """Run `embedder` over `stream` -> (keys, float32 [N, D], failures [(key, reason, detail)]), sorted by key."""
+    threads = None
+    if embedder.kind != "pixels":  # the pixels descriptor is decode-bound: it keeps its workers
+        num_workers, threads = cpu_split(embedder.device.type, num_workers)
+    with torch_threads(threads):
+        keys, vecs, failed = _embed_batches(embedder, stream, batch_size, num_workers, prefetch_factor)
+    vectors = np.concatenate(vecs) if vecs else np.zeros((0, embedder.dim), np.float32)
+    order = np.argsort(np.asarray(keys, dtype=object), kind="stable") if keys else np.zeros(0, np.int64)
+    return [keys[i] for i in order], vectors[order], sorted(failed)
+
+
+def _embed_batches(embedder, stream, batch_size, num_workers, prefetch_factor):
     loader = DataLoader(
         stream, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
         pin_memory=embedder.device.type == "cuda", worker_init_fn=_worker_init if num_workers else None,
@@ -106,9 +120,7 @@ def embed_stream(embedder, stream: ImageStream, batch_size: int, num_workers: in
         if k:
             keys += k
             vecs.append(embedder.embed(x))
-    vectors = np.concatenate(vecs) if vecs else np.zeros((0, embedder.dim), np.float32)
-    order = np.argsort(np.asarray(keys, dtype=object), kind="stable") if keys else np.zeros(0, np.int64)
-    return [keys[i] for i in order], vectors[order], sorted(failed)
+    return keys, vecs, failed
 
 
 def _failures_table(failed, source: str) -> pa.Table:
