@@ -31,8 +31,8 @@ from curation.images import decode_image
 from curation.knn import knn_search
 from curation.models.sscd import build_sscd_random, sscd_transform
 from curation.samples import iter_shard_samples
-from curation.cpus import cpu_split
-from curation.stages.sscd import _MODEL_CACHE, CPU_BATCH, compute_descriptors
+from curation.cpus import torch_threads
+from curation.stages.sscd import _MODEL_CACHE, compute_descriptors, loader_plan
 from curation.storage import TarShardWriter
 
 
@@ -85,15 +85,15 @@ def main(argv=None):
         compute_descriptors(partial(iter, warm), "sscd", batch_size=args.batch, num_workers=0, device=dev,
                             preprocess=args.preprocess)
         _sync(dev)
+        workers, threads, batch = loader_plan("sscd", dev, args.workers, args.batch)  # as the sscd stage runs it
         t0 = time.perf_counter()
-        keys, vec, _ = compute_descriptors(partial(_iter_all, shards), "sscd", batch_size=args.batch,
-                                           num_workers=args.workers, device=dev, preprocess=args.preprocess)
-        _sync(dev)
+        with torch_threads(threads):
+            keys, vec, _ = compute_descriptors(partial(_iter_all, shards), "sscd", batch_size=batch,
+                                               num_workers=workers, device=dev, preprocess=args.preprocess)
+            _sync(dev)
         t_pipe = time.perf_counter() - t0
         assert len(keys) == args.images
         amp = "bf16 autocast, channels-last" if dev.startswith("cuda") else "fp32"
-        workers, threads = cpu_split(dev, args.workers)
-        batch = args.batch if dev.startswith("cuda") else min(args.batch, CPU_BATCH)
         split = f"{workers} decode workers" + (f", {threads} torch threads" if threads else "")
         print(f"pipeline: {args.images} images in {t_pipe:.2f} s = {args.images / t_pipe:.2f} img/s "
               f"(batch {batch}, {split}, {amp}, {args.preprocess}, {name})")

@@ -98,17 +98,6 @@ def _worker_init(_):
 
 def embed_stream(embedder, stream: ImageStream, batch_size: int, num_workers: int, prefetch_factor: int = 4):
     """Run `embedder` over `stream` -> (keys, float32 [N, D], failures [(key, reason, detail)]), sorted by key."""
-    threads = None
-    if embedder.kind != "pixels":  # the pixels descriptor is decode-bound: it keeps its workers
-        num_workers, threads = cpu_split(embedder.device.type, num_workers)
-    with torch_threads(threads):
-        keys, vecs, failed = _embed_batches(embedder, stream, batch_size, num_workers, prefetch_factor)
-    vectors = np.concatenate(vecs) if vecs else np.zeros((0, embedder.dim), np.float32)
-    order = np.argsort(np.asarray(keys, dtype=object), kind="stable") if keys else np.zeros(0, np.int64)
-    return [keys[i] for i in order], vectors[order], sorted(failed)
-
-
-def _embed_batches(embedder, stream, batch_size, num_workers, prefetch_factor):
     loader = DataLoader(
         stream, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
         pin_memory=embedder.device.type == "cuda", worker_init_fn=_worker_init if num_workers else None,
@@ -120,7 +109,9 @@ def _embed_batches(embedder, stream, batch_size, num_workers, prefetch_factor):
         if k:
             keys += k
             vecs.append(embedder.embed(x))
-    return keys, vecs, failed
+    vectors = np.concatenate(vecs) if vecs else np.zeros((0, embedder.dim), np.float32)
+    order = np.argsort(np.asarray(keys, dtype=object), kind="stable") if keys else np.zeros(0, np.int64)
+    return [keys[i] for i in order], vectors[order], sorted(failed)
 
 
 def _failures_table(failed, source: str) -> pa.Table:
@@ -168,7 +159,11 @@ class EmbedStage(Stage):
             keys = set(input_keys(self.root, self.name)["key"].to_pylist())
         stream = ImageStream(p["kind"], p["path"], embedder.preprocess, keys, p.get("format", "auto"))
         t0 = time.time()
-        ks, vecs, failed = embed_stream(embedder, stream, ec.batch_size, ec.num_workers, ec.prefetch_factor)
+        workers, threads = ec.num_workers, None
+        if embedder.kind != "pixels":  # a model on CPU gets the task's cores (the pixels descriptor is decode-bound)
+            workers, threads = cpu_split(embedder.device.type, ec.num_workers)
+        with torch_threads(threads):
+            ks, vecs, failed = embed_stream(embedder, stream, ec.batch_size, workers, ec.prefetch_factor)
         out = self._out(unit)
         if failed:
             write_table(out.parent / "failed" / out.name, _failures_table(failed, p["source"]), "embed_failures")

@@ -135,10 +135,6 @@ def compute_descriptors(
     else:
         raise ValueError(f"unknown descriptor {descriptor!r}")
     bs = 1 if (descriptor == "sscd" and preprocess == "short288") else batch_size
-    threads = None
-    if model is not None and not dev.startswith("cuda"):
-        num_workers, threads = cpu_split(dev, num_workers)
-        bs = min(bs, CPU_BATCH)
     loader = DataLoader(
         _decode_stream(factory, transform, max_pixels), batch_size=bs, num_workers=num_workers,
         collate_fn=_collate, pin_memory=dev.startswith("cuda"),
@@ -146,10 +142,20 @@ def compute_descriptors(
     )
     keys, outs, failed = [], [], []
     cuda = dev.startswith("cuda")
-    with torch_threads(threads):
-        _run(loader, model, dev, cuda and channels_last, cuda and bf16, keys, outs, failed)
+    _run(loader, model, dev, cuda and channels_last, cuda and bf16, keys, outs, failed)
     d = outs[0].shape[1] if outs else 0
     return keys, (np.concatenate(outs) if outs else np.zeros((0, d), np.float32)).astype(np.float32), failed
+
+
+def loader_plan(descriptor: str, device: str, num_workers: int, batch_size: int) -> tuple[int, int | None, int]:
+    """(decode workers, torch threads or None, batch size) the stage runs with: on CPU the SSCD model gets the
+    task's cores (:func:`curation.cpus.cpu_split`) and batches of at most :data:`CPU_BATCH`; the pixels descriptor
+    has no model and keeps its decode workers."""
+    if descriptor != "sscd":
+        return num_workers, None, batch_size
+    dev = resolve_device(device)
+    workers, threads = cpu_split(dev, num_workers)
+    return workers, threads, batch_size if dev.startswith("cuda") else min(batch_size, CPU_BATCH)
 
 
 def _run(loader, model, dev, channels_last, bf16, keys, outs, failed) -> None:
@@ -218,11 +224,13 @@ class SSCDStage(Stage):
             factory = partial(iter_image_set, Path(unit.payload["path"]))
             source = f"eval/{unit.payload['set']}"
             keys = None
-        out_keys, vec, failed = compute_descriptors(
-            factory, dc.descriptor, weights=sc.weights, preprocess=sc.preprocess, batch_size=sc.batch_size,
-            num_workers=sc.num_workers, device=sc.device, bf16=sc.bf16, channels_last=sc.channels_last,
-            max_pixels=self.cfg.filter.max_image_pixels,
-        )
+        workers, threads, batch = loader_plan(dc.descriptor, sc.device, sc.num_workers, sc.batch_size)
+        with torch_threads(threads):
+            out_keys, vec, failed = compute_descriptors(
+                factory, dc.descriptor, weights=sc.weights, preprocess=sc.preprocess, batch_size=batch,
+                num_workers=workers, device=sc.device, bf16=sc.bf16, channels_last=sc.channels_last,
+                max_pixels=self.cfg.filter.max_image_pixels,
+            )
         if failed:
             if keys is not None:  # pool images were decoded by the filter: a failure here is a real error
                 raise RuntimeError(f"sscd {unit.id}: {len(failed)} pool images failed to decode, e.g. {failed[0]}")

@@ -156,3 +156,12 @@ def test_pixel_descriptor_quality_on_the_corpus(demo_cleaned):
     assert mins["crop"] > 0.6
     assert min(ev_sims) > 0.8 and max(unrelated_ev) < demo_cleaned["config"]["dedup"]["eval_threshold"]
     assert np.quantile(unrelated, 0.99) < 0.45
+
+
+def test_loader_plan_gives_the_cpu_model_the_task_cores():
+    from curation.cpus import cpu_split
+    from curation.stages.sscd import CPU_BATCH, loader_plan
+
+    assert loader_plan("sscd", "cpu", 4, 256) == (*cpu_split("cpu", 4), CPU_BATCH)
+    assert loader_plan("sscd", "cpu", 4, 2) == (*cpu_split("cpu", 4), 2)
+    assert loader_plan("pixels", "cpu", 3, 64) == (3, None, 64)  # no model: decoding is the work
