@@ -146,7 +146,8 @@ class SSCDConfig(Section):
     preprocess: Literal["square320", "short288"] = "square320"
     batch_size: PositiveInt = 256
     device: Device = "auto"
-    num_workers: Annotated[int, Field(ge=0)] = Field(4, description="CPU decode workers (torch DataLoader) per task")
+    num_workers: Annotated[int, Field(ge=0)] = Field(4, description="decode workers (torch DataLoader) per task; on a "
+                                                     "CPU device at most one per 8 of the task's cores (curation.cpus)")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs fp32)")
     channels_last: bool = Field(True, description="channels-last memory format on CUDA (faster convolutions)")
 
