@@ -34,6 +34,13 @@ close to it and less close to each other; (4) the smallest key.  ``resolution`` 
 resolution, then smallest key (it keeps a bordered, padded or rotated copy over its source).  No rule can tell an
 upscaled copy from its source by pixels alone: both rules keep the larger.
 
+Measured (tests/curation/test_duplicate_graph.py corpora: tiles of three photographs with real edits through the
+real hash stage, SSCD similarities modelled as copy.source 0.85, copy.copy 0.72): in 12 source + one copy pairs
+(border, padding, rotation, half size, JPEG q40, text) the source survives in 8 under ``original``, 2 under
+``resolution`` and 2 under medoid-first (a pair's medoid is a tie, so resolution decides); the 4 misses are the
+same-size JPEG and text pairs, where the key decides.  In 4 groups of a source and 3-5 edits the source survives in
+4 under ``original`` and medoid-first, 0 under ``resolution``.
+
 Outputs: ``dedup/components.parquet`` (schema ``components``: every pool and evaluation image with its component,
 component size, kept flag, reason, nearest neighbour and similarity; evaluation rows have ``kept`` false and no
 reason, and their keys are written ``eval/<set>/<key>`` wherever they appear as a neighbour),

@@ -244,6 +244,33 @@ def test_largest_resolution_rule_keeps_a_larger_canvas_copy(family_run, tmp_path
     assert led["g_color"]["kept"] and not led["g_z_src"]["kept"]
 
 
+def test_pairs_keep_their_source_when_the_copy_is_bordered_padded_rotated_or_smaller(tmp_path):
+    """Source + one copy: a pair's medoid is a tie, so border fill and resolution decide.  Each source is a tile of a
+    photograph; copy keys sort before their sources.  A same-size re-encode is the documented limit: nothing in the
+    pixels names its source, so the smaller key wins."""
+    edits = {"border": bordered, "pad": padded, "rot": rotated, "half": half}
+    images, pairs = [], []
+    for n in range(8):
+        im = Image.open(PHOTOS[n // 4]).convert("RGB")
+        w, h = im.size
+        tx, ty = n % 2, (n // 2) % 2
+        tile = im.crop((tx * w // 2, ty * h // 2, (tx + 1) * w // 2, (ty + 1) * h // 2))
+        edit = list(edits)[n % 4]
+        src, cp = f"p{n}_b_src", f"p{n}_a_{edit}"
+        images += [(src, _jpeg(tile)), (cp, _jpeg(edits[edit](tile)))]
+        pairs.append((src, cp))
+    tile = _photo(2).crop((0, 0, 160, 120))
+    images += [("p8_b_src", _jpeg(tile)), ("p8_a_jpeg", _jpeg(tile, 40))]
+    fillers = [(f"{i:010d}", _jpeg(_filler(1100 + i))) for i in range(40)]
+    root, cfg = _run_until_hash(tmp_path, fillers + sorted(images))
+    source_of = {k: k.split("_")[0] + "_b_src" for k, _ in images}
+    led = _judge(root, cfg, _family_vectors(sorted(images), source_of, [k for k, _ in fillers]))
+    for src, cp in pairs:
+        assert led[src]["kept"] and not led[cp]["kept"], (src, cp, led[cp])
+        assert led[cp]["detail"].startswith(f"duplicate of {src} ")
+    assert led["p8_a_jpeg"]["kept"] and not led["p8_b_src"]["kept"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 def test_a_shard_of_duplicates_and_an_empty_pool_run_through(tmp_path):
     """Issue 14, bug 1: a shard whose images are all duplicates of another shard's (before: the hash stage dropped
