@@ -97,17 +97,27 @@ def test_groups_and_idempotence(tmp_path, method):
     assert (root / "hash" / "groups.parquet").stat().st_mtime_ns == mtime  # finalize skipped
 
 
+def _one_pixel_ring(size) -> float:
+    """Share of the image in a one-pixel ring at border_fill's 128 px measuring scale: the rounding of each edge of
+    the fill region (a boundary pixel mixes fill and image when area-averaged)."""
+    s = 128 / max(size)
+    w, h = size[0] * s, size[1] * s
+    return 2 * (w + h) / (w * h)
+
+
 def test_border_fill_measures_added_borders_padding_and_rotation_corners():
     im = _img(5, 200, 150)
     assert border_fill(im) == 0.0
     bordered = ImageOps.expand(im, border=20, fill=(255, 255, 255))  # 240 x 190, 200 x 150 of it the image
-    assert border_fill(bordered) == pytest.approx(1 - 200 * 150 / (240 * 190), abs=0.02)  # 1/128 px rounding
+    assert border_fill(bordered) == pytest.approx(1 - 200 * 150 / (240 * 190), abs=_one_pixel_ring(bordered.size))
     padded = Image.new("RGB", (200, 200))
     padded.paste(im, (0, 25))
-    assert border_fill(padded) == pytest.approx(0.25, abs=0.02)
-    rotated = im.rotate(15, expand=True, fillcolor=(0, 0, 0))
-    w, h = rotated.size
-    assert border_fill(rotated) == pytest.approx(1 - 200 * 150 / (w * h), abs=0.03)  # rotation keeps the area
+    assert border_fill(padded) == pytest.approx(0.25, abs=_one_pixel_ring(padded.size))
+    rotated = im.rotate(15, expand=True, fillcolor=(0, 0, 0))  # rotation keeps the image's area
+    assert border_fill(rotated) == pytest.approx(1 - 200 * 150 / (rotated.width * rotated.height),
+                                                 abs=_one_pixel_ring(rotated.size))
+    # a coloured flat frame is content, not fill: a crop that trims it must not look like its source
+    assert border_fill(ImageOps.expand(im, border=20, fill=(200, 120, 40))) == 0.0
 
 
 # -- the demo corpus ------------------------------------------------------------------------------------------------
