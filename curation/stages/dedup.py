@@ -265,7 +265,8 @@ class DedupStage(Stage):
                 reasons.append("eval_contamination")
                 e = pool_eval[i]
                 sim = float(X[i] @ E[e - n])
-                details.append(f"duplicate component with evaluation image {node_keys[e]} (cosine {sim:.3f})")
+                via = "" if sim > dc.eval_threshold else ", joined through its duplicates"
+                details.append(f"duplicate component with evaluation image {node_keys[e]} (cosine {sim:.3f}{via})")
             elif keep[i]:
                 reasons.append(None)
                 details.append(None)

@@ -91,12 +91,15 @@ def _run_until_hash(tmp: Path, images: list[tuple[str, bytes]], **sections) -> t
     return tmp / "run", cfg
 
 
-def _judge(root: Path, cfg: dict, vectors: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
-    """Run dedup (after sscd, or on the given modelled pool descriptors) -> {key: ledger row}."""
+def _judge(root: Path, cfg: dict, vectors: dict[str, np.ndarray] | None = None,
+           evals: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, dict]:
+    """Run dedup (after sscd, or on the given modelled pool and evaluation descriptors) -> {key: ledger row}."""
     if vectors is not None:
-        keys = sorted(vectors)
-        write_table(root / "sscd" / "pool" / "part-00000.parquet",
-                    descriptor_table(keys, np.stack([vectors[k] for k in keys]), "pool"), "descriptors")
+        for out, vecs, source in [(root / "sscd" / "pool", vectors, "pool")] + [
+                (root / "sscd" / "eval" / name, v, f"eval/{name}") for name, v in (evals or {}).items()]:
+            keys = sorted(vecs)
+            write_table(out / "part-00000.parquet", descriptor_table(keys, np.stack([vecs[k] for k in keys]), source),
+                        "descriptors")
         stages = ["dedup"]
     else:
         stages = ["sscd", "dedup"]
@@ -106,29 +109,49 @@ def _judge(root: Path, cfg: dict, vectors: dict[str, np.ndarray] | None = None) 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def _smaller_brighter(im):
+    """A hash-near copy (the PCA hash ignores brightness and scale) that copy detection may still score low."""
+    return ImageEnhance.Brightness(im.resize((im.width * 4 // 5, im.height * 4 // 5), Image.Resampling.BOX)).enhance(1.15)
+
+
 def test_chain_through_a_hash_copy_is_one_component(tmp_path):
     """original O -> H (a smaller, brightened copy: hash-near, but modelled SSCD 0.5) -> C (a crop of H: SSCD 0.65
-    to H, 0.55 to O).  Only the hash link joins C to O; before, the hash stage dropped H and C survived."""
+    to H, 0.55 to O).  Only the hash link joins C to O; before, the hash stage dropped H and C survived.
+    Likewise an evaluation image's copy R1 (SSCD 0.5 to it) and R1's hash-near copy R2 (SSCD 0.2 to the evaluation
+    image, 0.36 to R1): R2 is contamination through the hash link; before, it was a near_duplicate."""
     o = _photo(0)
-    h = ImageEnhance.Brightness(o.resize((o.width * 4 // 5, o.height * 4 // 5), Image.Resampling.BOX)).enhance(1.15)
+    h = _smaller_brighter(o)
     c = h.crop((10, 10, h.width - 10, h.height - 10))
+    r1 = _photo(1)
+    evald = tmp_path / "eval"
+    evald.mkdir()
+    r1.save(evald / "e.jpg")
     images = [(f"{i:010d}", _jpeg(_filler(500 + i))) for i in range(40)]
-    images += [("o", _jpeg(o)), ("p_hash_copy", _jpeg(h)), ("q_sscd_copy", _jpeg(c))]
-    root, cfg = _run_until_hash(tmp_path, images)
+    images += [("o", _jpeg(o)), ("p_hash_copy", _jpeg(h)), ("q_sscd_copy", _jpeg(c)),
+               ("r1", _jpeg(r1)), ("r2_hash_copy", _jpeg(_smaller_brighter(r1)))]
+    root, cfg = _run_until_hash(tmp_path, images, dedup={"threshold": 0.6, "eval_threshold": 0.45, "eval_sets": [
+        {"name": "ev", "path": str(evald)}]})
     groups = {r["key"]: r["group"] for r in pq.read_table(root / "hash" / "groups.parquet").to_pylist()}
     assert groups["o"] == groups["p_hash_copy"] != groups["q_sscd_copy"]
+    assert groups["r1"] == groups["r2_hash_copy"]
 
-    base = _orthonormal(len(images) + 3, 64, seed=0)
+    base = _orthonormal(len(images) + 6, 64, seed=0)
     vec = {k: base[i] for i, (k, _) in enumerate(images)}
     e1, e2, e3 = vec["o"], base[-2], base[-1]
     vec["p_hash_copy"] = 0.5 * e1 + np.sqrt(1 - 0.25) * e2
     b = (0.65 - 0.5 * 0.55) / np.sqrt(0.75)  # C . H = 0.65 with C . O = 0.55
     vec["q_sscd_copy"] = 0.55 * e1 + b * e2 + np.sqrt(1 - 0.55**2 - b**2) * e3
-    led = _judge(root, cfg, vec)
+    e4, e5, e6 = base[-5], base[-4], base[-3]
+    vec["r1"] = 0.5 * e4 + np.sqrt(0.75) * e5
+    vec["r2_hash_copy"] = 0.2 * e4 + 0.3 * e5 + np.sqrt(1 - 0.04 - 0.09) * e6
+    led = _judge(root, cfg, vec, {"ev": {"e": e4}})
     assert led["o"]["kept"]
     assert led["p_hash_copy"]["reason"] == "near_duplicate" and "duplicate of o (pca hash" in led["p_hash_copy"]["detail"]
     assert led["q_sscd_copy"]["reason"] == "copy_duplicate" and led["q_sscd_copy"]["detail"].startswith("duplicate of o ")
-    assert sum(not r["kept"] for r in led.values()) == 2
+    assert led["r1"]["reason"] == led["r2_hash_copy"]["reason"] == "eval_contamination"
+    assert "evaluation image eval/ev/e (cosine 0.500)" in led["r1"]["detail"]
+    assert led["r2_hash_copy"]["detail"].endswith("(cosine 0.200, joined through its duplicates)")
+    assert sum(not r["kept"] for r in led.values()) == 4
     comp = {r["key"]: r for r in pq.read_table(root / "dedup" / "components.parquet").to_pylist()}
     assert comp["o"]["component"] == comp["q_sscd_copy"]["component"] and comp["o"]["component_size"] == 3
 
@@ -156,6 +179,7 @@ def test_eval_copies_removed_at_hash_level_count_as_contamination(tmp_path):
     assert led["u1"]["kept"] and led["u2_twin"]["reason"] == "exact_duplicate"
     assert led["u2_twin"]["detail"] == "duplicate of u1 (same pixels)"
     assert sum(not r["kept"] for r in led.values()) == 4  # the fillers are untouched
+    assert "joined through" not in led["c1"]["detail"]  # its own similarity to the evaluation image is above 0.6
     drops = pq.read_table(root / "stats" / "drops.parquet").to_pylist()
     assert sorted(r["key"] for r in drops if r["reason"] == "eval_contamination") == ["c1", "c2_twin", "c3_half"]
 
