@@ -95,8 +95,6 @@ def reason_from_error(message: str) -> tuple[str, str]:
     low = message.lower()
     if "timed out" in low or "timeout" in low:
         return "timeout", message
-    if "redirect" in low and "infinite loop" in low:
-        return "network_error", message
     return "network_error", message
 
 
@@ -208,7 +206,8 @@ class DownloadStage(Stage):
 
     def run_unit(self, unit: Unit) -> dict:
         previous_opener = urllib.request._opener  # restored after: in-process runs must not leak the policy
-        install_safe_opener(UrlPolicy.from_config(self.dl), self.dl.use_env_proxy)
+        install_safe_opener(UrlPolicy.from_config(self.dl), self.dl.use_env_proxy, self.dl.max_bytes,
+                            self.dl.deadline_s or 3 * self.dl.timeout_s)
         try:
             return self._download(unit)
         finally:
