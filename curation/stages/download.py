@@ -110,7 +110,9 @@ class ImageNormalizer:
         try:
             if len(data) > cfg.max_bytes:
                 raise ImageRejected("too_large_file", f"{len(data)} bytes > {cfg.max_bytes}")
-            im, (ow, oh) = decode_image(data, cfg.max_image_pixels, cfg.drop_animated, draft_size=cfg.max_side)
+            im, (ow, oh) = decode_image(
+                data, cfg.max_image_pixels, cfg.drop_animated, draft_size=cfg.max_side, orient=True
+            )
             im = resize_max_side(im, cfg.max_side)
             return encode_jpeg(im, cfg.jpeg_quality), im.width, im.height, ow, oh, None
         except ImageRejected as err:

@@ -88,3 +88,54 @@ def test_status_tables_match_their_schema(demo_download):
     precheck = accounting.read_ledger(root, "download").filter(
         accounting.read_ledger(root, "download")["detail"].is_valid())
     assert n > 0 and precheck.num_rows > 0
+
+
+# -- issue 13.6 / 13.7: what the download decoder makes of hostile and rotated images --------------------------
+def _jpeg(arr, **save) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(arr, dtype="uint8")).save(buf, "JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+def _normalize(data, **dl):
+    from curation.config import DownloadConfig
+    from curation.stages.download import ImageNormalizer, reason_from_error
+
+    jpeg, w, h, ow, oh, err = ImageNormalizer(DownloadConfig(max_side=256, **dl))(io.BytesIO(data))
+    return (reason_from_error(err)[0], None) if err else (None, (Image.open(io.BytesIO(jpeg)), (w, h), (ow, oh)))
+
+
+def test_jpeg_claiming_a_huge_size_with_a_tiny_scan_is_truncated():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = bytearray(_jpeg(rng.integers(0, 256, (16, 16, 3))))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (9000).to_bytes(2, "big") * 2  # the header now claims 9000x9000; the scan fills 16x16
+    assert len(data) < 1000
+    reason, _ = _normalize(bytes(data))
+    assert reason == "truncated"
+    # a genuine photo-like image with a uniform (but not padding-grey) lower half is kept
+    arr = rng.integers(0, 256, (300, 200, 3))
+    arr[100:] = (40, 90, 200)
+    reason, kept = _normalize(_jpeg(arr))
+    assert reason is None and kept[2] == (200, 300)
+
+
+def test_exif_orientation_is_applied_once_at_download():
+    import numpy as np
+
+    arr = np.zeros((40, 100, 3), dtype="uint8")  # stored landscape 100x40, left half red, right half blue
+    arr[:, :50] = (255, 0, 0)
+    arr[:, 50:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the photo is portrait 40x100, red on top
+    reason, kept = _normalize(_jpeg(arr, exif=exif.tobytes()))
+    assert reason is None
+    im, size, original = kept
+    assert im.size == size == (40, 100) and original == (40, 100)
+    top, bottom = np.asarray(im)[5].mean(0), np.asarray(im)[-5].mean(0)
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60, (top, bottom)
+    assert im.getexif().get(0x0112) is None  # stored without the tag: no later stage rotates it again
