@@ -69,9 +69,13 @@ def main(argv=None) -> int:
         return 2
     if args.check:
         from curation.config import dump_config
+        from curation.urllists import check_url_lists
 
         print(dump_config(cfg))
-        return 0
+        problems = check_url_lists(cfg.input)
+        for line in problems:  # unreadable URL files or a missing url column, one line each
+            print(line, file=sys.stderr)
+        return 2 if problems else 0
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from curation import accounting

@@ -26,14 +26,13 @@ from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
 
 from curation import accounting
 from curation.images import ImageRejected, decode_image, encode_jpeg, resize_max_side
 from curation.stages.base import Stage, Unit
 from curation.storage import TarShardWriter, atomic_path, write_json, write_table
+from curation.urllists import read_url_lists
 from curation.urlsafety import Refused, UrlPolicy, install_safe_opener
 
 KEY_DIGITS = 10
@@ -41,41 +40,6 @@ KEY_DIGITS = 10
 
 def make_key(row_id: int) -> str:
     return f"{row_id:0{KEY_DIGITS}d}"
-
-
-def _url_files(paths) -> list[Path]:
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(x for x in p.rglob("*") if x.suffix.lower() in (".parquet", ".csv", ".tsv"))
-        else:
-            files.append(p)
-    return files
-
-
-def read_url_lists(paths, url_col: str = "url", caption_col: str | None = "caption") -> pa.Table:
-    """Concatenate URL lists (Parquet/CSV/TSV) in sorted order into (row_id, url, caption)."""
-    urls, captions = [], []
-    for f in _url_files(paths):
-        suffix = f.suffix.lower()
-        if suffix == ".parquet":
-            t = pq.read_table(f)
-        elif suffix in (".csv", ".tsv"):
-            opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
-            t = pacsv.read_csv(f, parse_options=opts, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
-        else:
-            raise ValueError(f"{f}: URL lists must be .parquet, .csv or .tsv")
-        if url_col not in t.column_names:
-            raise ValueError(f"{f}: no column {url_col!r} (columns: {t.column_names}); set input.url_col")
-        urls += [None if u is None else str(u) for u in t.column(url_col).to_pylist()]
-        if caption_col and caption_col in t.column_names:
-            captions += [None if c is None else str(c) for c in t.column(caption_col).to_pylist()]
-        else:
-            captions += [None] * t.num_rows
-    return pa.table(
-        {"row_id": pa.array(range(len(urls)), pa.int64()), "url": pa.array(urls, pa.string()),
-         "caption": pa.array(captions, pa.string())}
-    )
 
 
 _HTTP = re.compile(r"HTTP Error (\d{3})")
@@ -170,9 +134,12 @@ class DownloadStage(Stage):
         policy = UrlPolicy.from_config(self.dl)
         seen: dict[str, int] = {}
         keys, urls, reasons, details, ok = [], [], [], [], []
-        for row_id, url in zip(table["row_id"].to_pylist(), table["url"].to_pylist()):
+        rows = zip(table["row_id"].to_pylist(), table["url"].to_pylist(), table["url_error"].to_pylist())
+        for row_id, url, url_error in rows:
             reason = detail = None
             try:
+                if url_error:
+                    raise Refused("bad_url", url_error)
                 policy.check_url(url)
             except Refused as err:
                 reason, detail = err.reason, err.detail
@@ -188,7 +155,7 @@ class DownloadStage(Stage):
             ok.append(reason is None)
         refused = accounting.make_ledger("download", keys, urls, reasons, details)
         refused = refused.filter(pa.compute.invert(refused["kept"]))
-        keep = table.filter(pa.array(ok))
+        keep = table.drop_columns(["url_error"]).filter(pa.array(ok, pa.bool_()))
         keep = keep.append_column("lvd_key", pa.array([make_key(r) for r in keep["row_id"].to_pylist()], pa.string()))
         self.inputs.mkdir(parents=True, exist_ok=True)
         shards = []

@@ -139,3 +139,108 @@ def test_exif_orientation_is_applied_once_at_download():
     top, bottom = np.asarray(im)[5].mean(0), np.asarray(im)[-5].mean(0)
     assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60, (top, bottom)
     assert im.getexif().get(0x0112) is None  # stored without the tag: no later stage rotates it again
+
+
+# -- issue 13.8 / 13.9: URL lists ------------------------------------------------------------------------------
+import http.server  # noqa: E402
+import threading  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+class _OneImage(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self):  # noqa: N802
+        import numpy as np
+
+        body = _jpeg(np.full((64, 80, 3), (200, 30, 30)))
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OneImage)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def _run_download(tmp_path, url_list, **download):
+    from curation.config import load_config
+    from curation.runner import run_pipeline
+
+    cfg = {"run_root": str(tmp_path / "run"), "input": {"url_list": [str(p) for p in url_list]},
+           "ray": {"local": True}, "stages": ["download"],
+           "download": {"shard_size": 4, "threads": 2, "timeout_s": 5.0, "max_side": 64,
+                        "allow_networks": ["127.0.0.1/32"], **download}}
+    run_pipeline(load_config(data=cfg), progress=False)
+    return tmp_path / "run"
+
+
+def test_undecodable_urls_drop_only_their_rows(tmp_path, image_server):
+    import pyarrow as pa
+
+    csv = tmp_path / "a.csv"
+    csv.write_bytes(f"url,caption\n{image_server}/0.jpg,zero\n{image_server}/\xff1.jpg,one\n"
+                    f"{image_server}/2.jpg,caf\xe9\n".encode("latin-1"))
+    parquet = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"url": pa.array([f"{image_server}/3.jpg".encode(), b"http://x/\xfe\xff",
+                                              f"{image_server}/5.jpg".encode()], pa.binary())}), parquet)
+    root = _run_download(tmp_path, [csv, parquet])
+    ledger = {r["key"]: r for r in accounting.read_ledger(root, "download").to_pylist()}
+    assert sorted(ledger) == [f"{i:010d}" for i in range(6)]
+    dropped = {k: (r["reason"], r["detail"]) for k, r in ledger.items() if not r["kept"]}
+    assert set(dropped) == {"0000000001", "0000000004"}, dropped
+    assert all(reason == "bad_url" and "UTF-8" in detail for reason, detail in dropped.values())
+    captions = {s.key: s.meta["caption"] for t in (root / "download").glob("*.tar") for s in iter_shard_samples(t)}
+    assert captions["0000000000"] == "zero" and captions["0000000002"].startswith("caf")
+
+
+def test_empty_url_lists_run(tmp_path, image_server):
+    import pyarrow as pa
+
+    (tmp_path / "h.csv").write_text("url,caption\n")
+    pq.write_table(pa.table({"url": pa.array([], pa.string())}), tmp_path / "z.parquet")
+    root = _run_download(tmp_path, [tmp_path / "h.csv", tmp_path / "z.parquet"])
+    row = [r for r in pq.read_table(root / "stats" / "funnel.parquet").to_pylist() if r["stage"] == "download"][0]
+    assert row["rows_in"] == row["kept"] == row["dropped"] == 0
+
+
+@pytest.mark.parametrize(
+    "name, content, problem",
+    [
+        ("empty.csv", b"", "empty file"),
+        ("ragged.csv", b"url,caption\nhttp://a/1.jpg,x\nhttp://a/2.jpg,y,z\n", "Expected 2 columns"),
+        ("empty.parquet", b"", "not a readable Parquet file"),
+        ("corrupt.parquet", b"PAR1 this is not parquet", "not a readable Parquet file"),
+        ("nourl.csv", b"link,caption\nhttp://a/1.jpg,x\n", "no column 'url'"),
+    ],
+)
+def test_unreadable_url_lists_fail_with_one_line(tmp_path, capsys, name, content, problem):
+    import yaml
+
+    from curation.config import ConfigError
+    from pipelines.curate import main
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        _run_download(tmp_path, [path])
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and problem in message, message
+    # --check finds the same problem without downloading anything
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"run_root": str(tmp_path / "run2"), "input": {"url_list": str(path)}}))
+    assert main(["--config", str(config), "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(path) in err, err
+    assert not (tmp_path / "run2").exists()
