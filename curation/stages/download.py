@@ -10,7 +10,8 @@ Each shard is one task: img2dataset's per-shard ``Downloader`` fetches with its 
 address policy (:mod:`curation.urlsafety`).  Bytes are decoded by :func:`curation.images.decode_image` (our
 "resizer": bombs, truncation, animation, CMYK/16-bit/alpha handled there), resized to ``max_side`` and stored as
 JPEG.  Outputs, each written atomically: ``NNNNN.tar`` (``key.jpg`` + ``key.json``), ``NNNNN.parquet`` (status
-rows, schema ``download_status``), then the ledger part that marks the shard complete.
+rows, schema ``download_status``: one per input URL of the shard's row range, those refused before the fetch
+included), then the ledger part that marks the shard complete.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
 
 from curation import accounting
 from curation.images import ImageRejected, decode_image, encode_jpeg, resize_max_side
@@ -158,16 +161,35 @@ class DownloadStage(Stage):
         keep = table.drop_columns(["url_error"]).filter(pa.array(ok, pa.bool_()))
         keep = keep.append_column("lvd_key", pa.array([make_key(r) for r in keep["row_id"].to_pylist()], pa.string()))
         self.inputs.mkdir(parents=True, exist_ok=True)
-        shards = []
-        for i, start in enumerate(range(0, keep.num_rows, self.dl.shard_size)):
+        shards, row_ranges = [], {}
+        # at least one shard when there are rows at all: its status table also lists the URLs refused before fetch
+        starts = range(0, keep.num_rows or min(table.num_rows, 1), self.dl.shard_size)
+        for i, start in enumerate(starts):
             part = keep.slice(start, self.dl.shard_size)
             sid = f"{i:05d}"
             with atomic_path(self.inputs / f"{sid}.arrow") as tmp:
                 with ipc.new_file(tmp, part.schema) as w:
                     w.write_table(part)
             shards.append((sid, part.num_rows))
+            # input rows [lo, hi) belong to this shard: its fetched rows and the refused ones between them
+            nxt = start + self.dl.shard_size
+            row_ranges[sid] = [0 if i == 0 else keep["row_id"][start].as_py(),
+                               keep["row_id"][nxt].as_py() if nxt < keep.num_rows else table.num_rows]
         accounting.write_ledger(self.root, "download", "precheck", refused)
-        write_json(plan_file, {"shards": shards, "rows": table.num_rows, "refused_before_fetch": refused.num_rows})
+        write_json(plan_file, {"shards": shards, "rows": table.num_rows, "refused_before_fetch": refused.num_rows,
+                               "row_ranges": row_ranges})
+
+    def _refused_status_rows(self, unit: Unit) -> list[dict]:
+        """Status rows for the URLs of this shard's row range that were refused before any fetch."""
+        lo, hi = json.loads((self.inputs / "plan.json").read_text())["row_ranges"][unit.id]
+        ledger = pq.read_table(accounting.ledger_path(self.root, self.name, "precheck"))
+        ledger = ledger.filter((pc.field("key") >= make_key(lo)) & (pc.field("key") < make_key(hi)))
+        return [
+            {"key": r["key"], "row_id": int(r["key"]), "url": r["url"], "caption": None, "status": "dropped",
+             "reason": r["reason"], "error_message": r["detail"], "width": None, "height": None,
+             "original_width": None, "original_height": None, "sha256": None}
+            for r in ledger.to_pylist()
+        ]
 
     # -- one shard ---------------------------------------------------------------------------------------------
     def is_done(self, unit: Unit) -> bool:
@@ -211,7 +233,8 @@ class DownloadStage(Stage):
         rows = sorted(sink["rows"], key=lambda r: r["row_id"])
         if len(rows) != unit.payload["rows"]:
             raise RuntimeError(f"shard {unit.id}: {len(rows)} status rows for {unit.payload['rows']} URLs")
-        write_table(self.dir / f"{unit.id}.parquet", pa.Table.from_pylist(rows), "download_status")
+        status = sorted(rows + self._refused_status_rows(unit), key=lambda r: r["row_id"])
+        write_table(self.dir / f"{unit.id}.parquet", pa.Table.from_pylist(status), "download_status")
         ledger = accounting.make_ledger(
             "download", [r["key"] for r in rows], [r["url"] for r in rows], [r["reason"] for r in rows],
             [r["error_message"] if r["reason"] else None for r in rows],

@@ -244,3 +244,22 @@ def test_unreadable_url_lists_fail_with_one_line(tmp_path, capsys, name, content
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(path) in err, err
     assert not (tmp_path / "run2").exists()
+
+
+def test_status_tables_hold_one_row_per_url(demo_download, tmp_path):
+    """issue 14.5: download/NNNNN.parquet together list every input URL once, those refused before fetch included."""
+    root, truth = demo_download["root"], demo_download["truth"]
+    status = [r for p in sorted((root / "download").glob("[0-9]*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert sorted(r["key"] for r in status) == [f"{i:010d}" for i in range(truth.num_rows)]
+    ledger = {r["key"]: r for r in accounting.read_ledger(root, "download").to_pylist()}
+    for r in status:
+        assert (r["status"] == "success") == ledger[r["key"]]["kept"] and r["reason"] == ledger[r["key"]]["reason"]
+    refused = [r for r in status if r["reason"] in ("bad_url", "blocked_domain", "duplicate_url")]
+    assert refused and all(r["error_message"] for r in refused)
+
+
+def test_status_table_when_every_url_is_refused(tmp_path):
+    (tmp_path / "u.csv").write_text("url\nhtp://broken\nhttp://10.0.0.1/a.jpg\n")
+    root = _run_download(tmp_path, [tmp_path / "u.csv"])
+    status = pq.read_table(root / "download" / "00000.parquet").to_pylist()
+    assert [(r["key"], r["reason"]) for r in status] == [("0000000000", "bad_url"), ("0000000001", "private_address")]
