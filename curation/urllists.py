@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,6 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from curation.config import ConfigError
+from curation.storage import write_json
 
 SUFFIXES = (".parquet", ".csv", ".tsv")
 
@@ -116,13 +118,47 @@ def check_url_lists(input_cfg) -> list[str]:
     return problems
 
 
-def fingerprint_url_lists(paths) -> dict[str, str]:
-    """{path: 'SIZE:SHA256'} of every URL file (the content hash, so a rewrite at the same path is seen)."""
+INPUTS_FILE = "inputs.json"
+
+
+def _sha256(f: Path) -> str:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint_url_lists(paths, previous: dict | None = None) -> dict[str, dict]:
+    """{path: {size, mtime_ns, sha256}} of every URL file.  A file whose size and mtime match `previous` keeps its
+    recorded hash (resuming costs a stat per file); any other file is hashed, so a rewrite at the same path, or a
+    copy with the old size, is seen."""
     out = {}
     for f in url_files(paths):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        out[str(f.resolve())] = f"{f.stat().st_size}:{h.hexdigest()}"
+        st = f.stat()
+        entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        old = (previous or {}).get(str(f.resolve()))
+        same_stat = old and {k: old.get(k) for k in entry} == entry
+        out[str(f.resolve())] = {**entry, "sha256": old["sha256"] if same_stat else _sha256(f)}
     return out
+
+
+def check_inputs(root: Path, input_cfg) -> None:
+    """Record the URL lists' fingerprint in RUN/inputs.json at the first start; on a rerun refuse changed inputs
+    (a changed list would silently reuse the old plan)."""
+    path = Path(root) / INPUTS_FILE
+    if not path.exists():
+        write_json(path, fingerprint_url_lists(input_cfg.url_list))
+        return
+    saved = json.loads(path.read_text())
+    now = fingerprint_url_lists(input_cfg.url_list, saved)
+    changed = sorted(f for f in saved.keys() & now.keys() if (saved[f]["size"], saved[f]["sha256"]) !=
+                     (now[f]["size"], now[f]["sha256"]))
+    added, removed = sorted(now.keys() - saved.keys()), sorted(saved.keys() - now.keys())
+    if changed or added or removed:
+        what = "; ".join(f"{label}: {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}"
+                         for label, files in (("changed", changed), ("added", added), ("removed", removed)) if files)
+        raise ConfigError(f"input error: the URL lists differ from those this run root was started with ({what}); "
+                          f"use a new run_root, or restore the original lists (fingerprints in {path})")
+    if now != saved:
+        write_json(path, now)  # same content, new mtimes: remember them so the next start stats only

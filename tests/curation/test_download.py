@@ -263,3 +263,26 @@ def test_status_table_when_every_url_is_refused(tmp_path):
     root = _run_download(tmp_path, [tmp_path / "u.csv"])
     status = pq.read_table(root / "download" / "00000.parquet").to_pylist()
     assert [(r["key"], r["reason"]) for r in status] == [("0000000000", "bad_url"), ("0000000001", "private_address")]
+
+
+def test_a_changed_url_list_is_refused_on_rerun(tmp_path, image_server):
+    """issue 13.10: rewriting the URL list at the same path must not silently resume the old run."""
+    from curation.config import ConfigError
+
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    urls = lists / "u.csv"
+    text = "url\n" + "".join(f"{image_server}/{i}.jpg\n" for i in range(3))
+    urls.write_text(text)
+    root = _run_download(tmp_path, [lists])
+    urls.write_text(text)  # same content, new mtime: resumes
+    _run_download(tmp_path, [lists])
+    urls.write_text("url\n" + "".join(f"{image_server}/{i}.jpg\n" for i in range(2)))
+    with pytest.raises(ConfigError) as info:
+        _run_download(tmp_path, [lists])
+    assert "changed" in str(info.value) and str(urls.resolve()) in str(info.value)
+    urls.write_text(text)
+    (lists / "more.csv").write_text(text)  # a new file in an input folder
+    with pytest.raises(ConfigError, match="added"):
+        _run_download(tmp_path, [lists])
+    assert accounting.read_ledger(root, "download").num_rows == 3
