@@ -287,9 +287,12 @@ class BoundedResponse(http.client.HTTPResponse):
     def read(self, amt=None):
         if amt is not None and amt >= 0 or self.max_bytes is None:
             return super().read(amt)
-        if self.length is not None and self.length > self.max_bytes:
-            self.close()
-            raise Refused("too_large_file", f"Content-Length {self.length} bytes > {self.max_bytes} (download.max_bytes)")
+        if self.length is not None:
+            if self.length > self.max_bytes:
+                self.close()
+                raise Refused("too_large_file",
+                              f"Content-Length {self.length} bytes > {self.max_bytes} (download.max_bytes)")
+            return super().read()  # one allocation of the declared size
         chunks, total = [], 0
         while True:
             chunk = super().read(min(1 << 20, self.max_bytes + 1 - total))
