@@ -1,14 +1,17 @@
 """download over the served demo corpus: every bad input ends as one drop row with its specific reason."""
 
+import http.server
 import io
 from collections import Counter
 
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from curation import accounting
 from curation.samples import iter_shard_samples
 from schemas import validate
+from tests.curation.loopback import serve
 
 
 def _drops(root):
@@ -142,10 +145,6 @@ def test_exif_orientation_is_applied_once_at_download():
 
 
 # -- issue 13.8 / 13.9: URL lists ------------------------------------------------------------------------------
-import http.server  # noqa: E402
-import threading  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 class _OneImage(http.server.BaseHTTPRequestHandler):
@@ -167,11 +166,8 @@ class _OneImage(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def image_server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OneImage)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
+    with serve(_OneImage) as (base, _):
+        yield base
 
 
 def _run_download(tmp_path, url_list, **download):

@@ -8,6 +8,7 @@ import urllib.request
 import pytest
 
 from curation.urlsafety import Refused, UrlPolicy, build_safe_opener
+from tests.curation.loopback import serve
 
 
 @pytest.mark.parametrize(
@@ -65,10 +66,8 @@ class _Redirect(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirect)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
+    with serve(_Redirect) as (base, _):
+        yield base
 
 
 def test_redirect_targets_are_checked(server):
@@ -232,11 +231,8 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def hostile():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", srv.server_address[1]
-    srv.shutdown()
+    with serve(_Hostile) as server:
+        yield server
 
 
 def _reason_of(opener, url):
