@@ -135,11 +135,14 @@ def fingerprint_url_lists(paths, previous: dict | None = None) -> dict[str, dict
     copy with the old size, is seen."""
     out = {}
     for f in url_files(paths):
-        st = f.stat()
-        entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        old = (previous or {}).get(str(f.resolve()))
-        same_stat = old and {k: old.get(k) for k in entry} == entry
-        out[str(f.resolve())] = {**entry, "sha256": old["sha256"] if same_stat else _sha256(f)}
+        try:
+            st = f.stat()
+            entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            old = (previous or {}).get(str(f.resolve()))
+            same_stat = old and {k: old.get(k) for k in entry} == entry
+            out[str(f.resolve())] = {**entry, "sha256": old["sha256"] if same_stat else _sha256(f)}
+        except OSError as err:
+            raise ConfigError(f"input error: {f}: cannot read: {_one_line(err)}") from None
     return out
 
 

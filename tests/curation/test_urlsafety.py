@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 
 from curation.urlsafety import Refused, UrlPolicy, build_safe_opener
-from tests.curation.loopback import serve
+from tests.curation.loopback import serve, tls_cert
 
 
 @pytest.mark.parametrize(
@@ -293,3 +293,14 @@ def test_per_url_deadline_covers_headers_and_body(hostile, path):
     # each byte arrives well within the 2 s socket timeout, so only a wall deadline can stop the 4 s response
     opener = build_safe_opener(UrlPolicy(allow_networks=["127.0.0.1/32"]), deadline_s=1.0)
     assert _reason_of(opener, f"{hostile[0]}{path}") == "timeout"
+
+
+def test_bounds_hold_over_https(tmp_path, monkeypatch):
+    cert = tls_cert(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert[0]))  # urllib's default context trusts the test certificate
+    with serve(_Hostile, tls=cert) as (base, _):
+        opener = build_safe_opener(UrlPolicy(allow_networks=["127.0.0.1/32"]), max_bytes=1 << 20, deadline_s=1.0)
+        assert opener.open(f"{base}/final", timeout=5).read() == b"final"
+        assert _reason_of(opener, f"{base}/big") == "too_large_file"
+        assert _reason_of(opener, f"{base}/dribble-body") == "timeout"
+        assert _reason_of(opener, f"{base}/to-file") == "bad_redirect"
