@@ -5,8 +5,8 @@ oversized file is refused the same way everywhere, with a reason from the drop v
 
 * ``empty`` - zero bytes; ``undecodable`` - not an image PIL can identify or decode;
 * ``truncated`` - the data ends early, including JPEGs whose scan ends (with an end marker) before the declared
-  size is filled: libjpeg pads the rest with neutral grey, and an image whose lower half or more is that padding
-  is refused rather than kept as a flat grey picture; ``decompression_bomb`` - the *declared* pixel count exceeds the limit
+  size is filled: libjpeg pads the rest with neutral grey, and an image that is half or more that padding
+  (counted from the end, in decoding order) is refused rather than kept as a flat grey picture; ``decompression_bomb`` - the *declared* pixel count exceeds the limit
   (checked from the header, before any pixel is decoded);
 * ``animated`` - more than one frame (when animated images are refused);
 * ``unsupported_mode`` - a pixel format with no sensible RGB conversion.
@@ -60,19 +60,24 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         raise ImageRejected("unsupported_mode", f"cannot convert mode {mode} to RGB: {err}") from None
 
 
-def padded_rows(im: Image.Image) -> int:
-    """How many bottom rows of a decoded JPEG are entirely libjpeg's padding grey (0 for other formats)."""
+def padding_fraction(im: Image.Image) -> float:
+    """The fraction of a decoded JPEG that is libjpeg's padding for a scan that ended early: the padding grey that
+    runs, in decoding order, from some pixel to the bottom-right corner (0.0 for other formats and the common case,
+    where that corner is not padding - one pixel looked at)."""
     pad = _JPEG_PADDING.get(im.mode)
     if im.format != "JPEG" or pad is None:
-        return 0
+        return 0.0
     w, h = im.size
-    if not (np.asarray(im.crop((0, h - 1, w, h))) == pad).all():
-        return 0  # the common case: one row looked at
-    arr = np.asarray(im)
-    n = 0
-    while n < h and (arr[h - 1 - n] == pad).all():
-        n += 1
-    return n
+    if not (np.asarray(im.crop((w - 1, h - 1, w, h))) == pad).all():
+        return 0.0
+    match = np.asarray(im) == pad
+    if match.ndim == 3:
+        match = match.all(axis=2)
+    reversed_rows = match[:, ::-1]
+    trailing = np.where(reversed_rows.all(axis=1), w, reversed_rows.argmin(axis=1))  # padding at each row's end
+    real_last = np.flatnonzero(~match[:, -1])  # rows ending in a real pixel: the padded tail starts below them
+    start = real_last[-1] + 1 if len(real_last) else 0
+    return float(trailing[start:].sum()) / (w * h)
 
 
 def decode_image(
@@ -120,10 +125,10 @@ def decode_image(
             raise ImageRejected("undecodable", text) from None
         except (ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise ImageRejected("undecodable", str(err)) from None
-        padded = padded_rows(im)
-        if padded >= MAX_PADDING_FRACTION * im.height:
+        padded = padding_fraction(im)
+        if padded >= MAX_PADDING_FRACTION:
             raise ImageRejected(
-                "truncated", f"{padded} of {im.height} decoded rows are decoder padding: the data ends early "
+                "truncated", f"{padded:.0%} of the decoded image is decoder padding: the data ends early "
                 f"({len(data)} bytes for a declared {width}x{height})",
             )
         if orient:

@@ -120,11 +120,15 @@ def test_jpeg_claiming_a_huge_size_with_a_tiny_scan_is_truncated():
     assert len(data) < 1000
     reason, _ = _normalize(bytes(data))
     assert reason == "truncated"
+    data[sof + 5:sof + 9] = (16).to_bytes(2, "big") + (9000).to_bytes(2, "big")  # 9000 wide, 16 high: one MCU row
+    assert _normalize(bytes(data))[0] == "truncated"
     # a genuine photo-like image with a uniform (but not padding-grey) lower half is kept
     arr = rng.integers(0, 256, (300, 200, 3))
     arr[100:] = (40, 90, 200)
     reason, kept = _normalize(_jpeg(arr))
     assert reason is None and kept[2] == (200, 300)
+    arr[:, 180:] = 128  # a mid-grey right border, ending at the bottom-right corner like padding, but 10% of it
+    assert _normalize(_jpeg(arr))[0] is None
 
 
 def test_exif_orientation_is_applied_once_at_download():
