@@ -5,7 +5,7 @@
 A loopback server answers every URL with a big body (a third with an honest Content-Length, a third streamed
 without one, a third just under ``download.max_bytes`` so it is read whole and then found undecodable).  For each
 thread count the download stage runs in a fresh child process (in-process executor, one shard); the child prints
-one JSON line: its RSS after imports (``baseline_mb``), its peak RSS (``peak_mb``), the bound
+one JSON line: its RSS after a warm-up run (``baseline_mb``), its peak RSS (``peak_mb``), the bound
 ``threads x max_bytes`` and the drop reasons.  Before issue 13.4 each body was buffered whole (peak ~ threads x
 body size).
 """
@@ -60,8 +60,9 @@ def worker(args) -> None:
     sys.path.insert(0, str(REPO))
     from curation.config import load_config
     from curation.runner import run_pipeline
-    import img2dataset.downloader  # noqa: F401 - imported lazily by the stage; counted in the baseline, with a
-    # warm-up run below (the first run also loads PIL plugins, pyarrow kernels and glibc arenas)
+
+    # The baseline is taken after a warm-up run on two tiny bodies: the stage imports img2dataset (and its stack)
+    # lazily, and the first run also loads PIL plugins, pyarrow kernels and per-thread malloc arenas.
 
     def config(name, url_list):
         return {"run_root": str(Path(args.tmp) / f"{name}-{args.threads[0]}"), "input": {"url_list": url_list},
