@@ -75,8 +75,6 @@ class ImageNormalizer:
         data = img_stream.read()
         cfg = self.cfg
         try:
-            if len(data) > cfg.max_bytes:
-                raise ImageRejected("too_large_file", f"{len(data)} bytes > {cfg.max_bytes}")
             im, (ow, oh) = decode_image(
                 data, cfg.max_image_pixels, cfg.drop_animated, draft_size=cfg.max_side, orient=True
             )

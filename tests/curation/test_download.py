@@ -155,8 +155,31 @@ class _OneImage(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
 
     def do_GET(self):  # noqa: N802
+        import time
+
         import numpy as np
 
+        if self.path.startswith("/big"):  # 3 MiB without a Content-Length
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for _ in range(3):
+                    self.wfile.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+            return
+        if self.path.startswith("/dribble"):  # 30 bytes at 0.1 s each: every read is quick, the whole is not
+            self.send_response(200)
+            self.send_header("Content-Length", "30")
+            self.end_headers()
+            try:
+                for _ in range(30):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:
+                pass
+            return
         body = _jpeg(np.full((64, 80, 3), (200, 30, 30)))
         self.send_response(200)
         self.send_header("Content-Type", "image/jpeg")
@@ -286,3 +309,13 @@ def test_a_changed_url_list_is_refused_on_rerun(tmp_path, image_server):
     with pytest.raises(ConfigError, match="added"):
         _run_download(tmp_path, [lists])
     assert accounting.read_ledger(root, "download").num_rows == 3
+
+
+def test_stage_bounds_body_size_and_time_per_url(tmp_path, image_server):
+    """issue 13.4 / 13.5 through the stage: download.max_bytes and download.deadline_s reach the fetch."""
+    (tmp_path / "u.csv").write_text(f"url\n{image_server}/big/0\n{image_server}/dribble/1\n{image_server}/2.jpg\n")
+    root = _run_download(tmp_path, [tmp_path / "u.csv"], max_bytes=1 << 20, timeout_s=2.0, deadline_s=1.0)
+    status = {r["key"]: r for r in pq.read_table(root / "download" / "00000.parquet").to_pylist()}
+    assert status["0000000000"]["reason"] == "too_large_file"
+    assert status["0000000001"]["reason"] == "timeout" and "deadline" in status["0000000001"]["error_message"]
+    assert status["0000000002"]["status"] == "success"
