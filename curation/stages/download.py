@@ -180,8 +180,10 @@ class DownloadStage(Stage):
     def _refused_status_rows(self, unit: Unit) -> list[dict]:
         """Status rows for the URLs of this shard's row range that were refused before any fetch."""
         lo, hi = json.loads((self.inputs / "plan.json").read_text())["row_ranges"][unit.id]
-        ledger = pq.read_table(accounting.ledger_path(self.root, self.name, "precheck"))
-        ledger = ledger.filter((pc.field("key") >= make_key(lo)) & (pc.field("key") < make_key(hi)))
+        ledger = pq.read_table(  # keys are sorted: row-group statistics skip the other shards' rows
+            accounting.ledger_path(self.root, self.name, "precheck"),
+            filters=(pc.field("key") >= make_key(lo)) & (pc.field("key") < make_key(hi)),
+        )
         return [
             {"key": r["key"], "row_id": int(r["key"]), "url": r["url"], "caption": None, "status": "dropped",
              "reason": r["reason"], "error_message": r["detail"], "width": None, "height": None,
