@@ -11,7 +11,40 @@ import http.server
 import ipaddress
 import ssl
 import threading
+import time
 from pathlib import Path
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """A quiet HTTP/1.0 request handler with a one-call reply."""
+
+    protocol_version = "HTTP/1.0"
+
+    def reply(self, code: int, body: bytes = b"", headers: dict | None = None) -> None:
+        self.send_response(code)
+        for name, value in (headers or {}).items():
+            self.send_header(name, str(value))
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_repeated(self, chunk: bytes, count: int, delay: float = 0.0) -> int:
+        """Write `chunk` `count` times, each flushed, `delay` s apart; return the bytes sent before the client hung
+        up (a big body cut short, or a body dribbled slowly)."""
+        sent = 0
+        try:
+            for _ in range(count):
+                self.wfile.write(chunk)
+                self.wfile.flush()
+                sent += len(chunk)
+                if delay:
+                    time.sleep(delay)
+        except OSError:
+            pass
+        return sent
+
+    def log_message(self, *args):
+        pass
 
 
 @contextlib.contextmanager

@@ -1,6 +1,5 @@
 """download over the served demo corpus: every bad input ends as one drop row with its specific reason."""
 
-import http.server
 import io
 from collections import Counter
 
@@ -11,7 +10,7 @@ from PIL import Image
 from curation import accounting
 from curation.samples import iter_shard_samples
 from schemas import validate
-from tests.curation.loopback import serve
+from tests.curation.loopback import Handler, serve
 
 
 def _drops(root):
@@ -151,44 +150,22 @@ def test_exif_orientation_is_applied_once_at_download():
 # -- issue 13.8 / 13.9: URL lists ------------------------------------------------------------------------------
 
 
-class _OneImage(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"
-
+class _OneImage(Handler):
     def do_GET(self):  # noqa: N802
-        import time
-
         import numpy as np
 
         if self.path.startswith("/big"):  # 3 MiB without a Content-Length
             self.send_response(200)
             self.end_headers()
-            try:
-                for _ in range(3):
-                    self.wfile.write(b"\0" * (1 << 20))
-            except OSError:
-                pass
+            self.send_repeated(b"\0" * (1 << 20), 3)
             return
         if self.path.startswith("/dribble"):  # 30 bytes at 0.1 s each: every read is quick, the whole is not
             self.send_response(200)
             self.send_header("Content-Length", "30")
             self.end_headers()
-            try:
-                for _ in range(30):
-                    self.wfile.write(b"x")
-                    self.wfile.flush()
-                    time.sleep(0.1)
-            except OSError:
-                pass
+            self.send_repeated(b"x", 30, delay=0.1)
             return
-        body = _jpeg(np.full((64, 80, 3), (200, 30, 30)))
-        self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        self.reply(200, _jpeg(np.full((64, 80, 3), (200, 30, 30))), {"Content-Type": "image/jpeg"})
 
 
 @pytest.fixture(scope="module")

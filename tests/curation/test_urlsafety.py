@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 
 from curation.urlsafety import Refused, UrlPolicy, build_safe_opener
-from tests.curation.loopback import serve, tls_cert
+from tests.curation.loopback import Handler, serve, tls_cert
 
 
 @pytest.mark.parametrize(
@@ -47,21 +47,14 @@ def test_public_and_allowed():
         policy.check_url("http://127.0.0.2/a.jpg")
 
 
-class _Redirect(http.server.BaseHTTPRequestHandler):
+class _Redirect(Handler):
     def do_GET(self):  # noqa: N802
         targets = {"/meta": "http://169.254.169.254/latest/meta-data/", "/ten": "http://10.0.0.7/x.jpg",
                    "/blocked": "http://blocked.example/x.jpg", "/ok": "/final"}
         if self.path in targets:
-            self.send_response(302)
-            self.send_header("Location", targets[self.path])
-            self.end_headers()
+            self.reply(302, headers={"Location": targets[self.path]})
         else:
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"final")
-
-    def log_message(self, *args):
-        pass
+            self.reply(200, b"final")
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +144,7 @@ def test_public_ipv4_inside_ipv6_is_allowed():
 
 
 # -- a loopback server for the fetch-level checks ---------------------------------------------------------------
-class _Hostile(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"
+class _Hostile(Handler):
     seen_hosts: list = []
     big_sent: list = []
     big_done = threading.Event()
@@ -179,56 +171,28 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
             return self._big(declare=self.path == "/big-declared")
         if self.path.startswith("/dribble"):
             return self._dribble(headers=self.path == "/dribble-headers")
-        self.send_response(200)
-        self.send_header("Content-Length", "5")
-        self.end_headers()
-        self.wfile.write(b"final")
+        self.reply(200, b"final")
 
     def _redirect(self, location):
-        self.send_response(302)
-        self.send_header("Location", location)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+        self.reply(302, headers={"Location": location})
 
     big_mib = 64
 
     def _big(self, declare):
-        chunk, sent = b"\0" * (1 << 20), 0
         self.send_response(200)
         if declare:
             self.send_header("Content-Length", str(self.big_mib << 20))
         self.end_headers()
-        try:
-            for _ in range(self.big_mib):
-                self.wfile.write(chunk)
-                sent += len(chunk)
-        except OSError:
-            pass
-        finally:
-            type(self).big_sent.append(sent)
-            type(self).big_done.set()
+        type(self).big_sent.append(self.send_repeated(b"\0" * (1 << 20), self.big_mib))
+        type(self).big_done.set()
 
     def _dribble(self, headers):
-        import time
-
-        try:
-            self.wfile.write(b"HTTP/1.0 200 OK\r\n")
-            if headers:
-                for _ in range(40):  # 4 s of header bytes, each well inside the client's 2 s socket timeout
-                    self.wfile.write(b"X")
-                    self.wfile.flush()
-                    time.sleep(0.1)
-                self.wfile.write(b"-A: b\r\n")
-            self.wfile.write(b"Content-Length: 40\r\n\r\n")
-            for _ in range(40):
-                self.wfile.write(b"x")
-                self.wfile.flush()
-                time.sleep(0.1)
-        except OSError:
-            pass
-
-    def log_message(self, *args):
-        pass
+        self.wfile.write(b"HTTP/1.0 200 OK\r\n")
+        # 4 s of header bytes, each well inside the client's 2 s socket timeout (stop when the client hangs up)
+        if headers and self.send_repeated(b"X", 40, delay=0.1) < 40:
+            return
+        if self.send_repeated(b"-A: b\r\nContent-Length: 40\r\n\r\n", 1):
+            self.send_repeated(b"x", 40, delay=0.1)
 
 
 @pytest.fixture(scope="module")
