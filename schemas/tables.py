@@ -240,14 +240,15 @@ CLUSTER_STATS = pa.schema(
 
 SHARD_INDEX = pa.schema(
     [
-        pa.field("shard", pa.string(), nullable=False),  # shards/lvd-NNNNNN.tar
+        pa.field("shard", pa.string(), nullable=False),  # lvd-NNNNNN.tar under shards/
         pa.field("sample_key", pa.string(), nullable=False),  # the key inside the tar
         pa.field("key", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),
         pa.field("anchor_set", pa.string(), nullable=False),
     ]
 )
-"""shards/index.parquet: where each selected image went."""
+"""shards_meta/index.parquet: where each selected image went (sample_key: the key in the tar and its json; key: the
+image's key in its source, as in retrieve/selection.parquet)."""
 
 TAR_INDEX = pa.schema(
     [

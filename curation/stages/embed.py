@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from curation.images import ImageRejected, decode_image
 from curation.samples import IMAGE_EXTS, detect_format, iter_image_set, iter_shard_samples, path_key, pool_shards
+from curation.workers import loader_workers
 from curation.stages.base import Stage, Unit
 from curation.storage import write_table
 from curation.vectors import descriptor_table, input_keys
@@ -95,6 +96,7 @@ def _worker_init(_):
 
 def embed_stream(embedder, stream: ImageStream, batch_size: int, num_workers: int, prefetch_factor: int = 4):
     """Run `embedder` over `stream` -> (keys, float32 [N, D], failures [(key, reason, detail)]), sorted by key."""
+    num_workers = loader_workers(num_workers)
     loader = DataLoader(
         stream, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
         pin_memory=embedder.device.type == "cuda", worker_init_fn=_worker_init if num_workers else None,

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from curation import accounting
 from curation.images import ImageRejected, decode_image
 from curation.samples import iter_image_set, iter_shard_samples, pool_shards
+from curation.workers import loader_workers
 from curation.stages.base import Stage, Unit
 from curation.storage import read_tables, write_table
 
@@ -130,6 +131,7 @@ def compute_descriptors(
     else:
         raise ValueError(f"unknown descriptor {descriptor!r}")
     bs = 1 if (descriptor == "sscd" and preprocess == "short288") else batch_size
+    num_workers = loader_workers(num_workers)
     loader = DataLoader(
         _decode_stream(factory, transform, max_pixels), batch_size=bs, num_workers=num_workers,
         collate_fn=_collate, pin_memory=dev.startswith("cuda"),

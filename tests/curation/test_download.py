@@ -241,8 +241,8 @@ def test_unreadable_url_lists_fail_with_one_line(tmp_path, capsys, name, content
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"run_root": str(tmp_path / "run2"), "input": {"url_list": str(path)}}))
     assert main(["--config", str(config), "--check"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and str(path) in err, err
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning:")]
+    assert len(err) == 1 and str(path) in err[0] and problem in err[0], err
     assert not (tmp_path / "run2").exists()
 
 
