@@ -73,6 +73,9 @@ class DownloadConfig(Section):
     shard_size: PositiveInt = Field(10_000, description="URLs per download shard")
     threads: PositiveInt = Field(32, description="download threads per shard task")
     timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    deadline_s: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="wall-clock limit per URL: connect, redirects, headers and body (default 3 x timeout_s)"
+    )
     retries: Annotated[int, Field(ge=0)] = 0
     max_side: Annotated[int, Field(ge=16)] = Field(512, description="resize so the longer side is at most this")
     jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 95
