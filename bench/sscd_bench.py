@@ -5,7 +5,7 @@
 
 * **pipeline**: :func:`curation.stages.sscd.compute_descriptors` - JPEG decode + resize in DataLoader worker
   processes, batches pinned and copied non-blocking, bf16 autocast + channels-last on CUDA; on CPU fp32, with the
-  process's cores split between decode workers and torch threads by :func:`curation.cpus.cpu_split` (on 2 cores:
+  process's cores split between decode workers and torch threads by :func:`curation.workers.cpu_split` (on 2 cores:
   no decode worker, both cores for the model) and batches of at most ``CPU_BATCH``.
 * **naive**: decode in the main process, batch 1, eager fp32, synchronous - what a first implementation does.
 * **knn**: :func:`curation.knn.knn_search` exact inner-product top-k (faiss flat on CPU, chunked torch on CUDA).
@@ -31,7 +31,7 @@ from curation.images import decode_image
 from curation.knn import knn_search
 from curation.models.sscd import build_sscd_random, sscd_transform
 from curation.samples import iter_shard_samples
-from curation.cpus import torch_threads
+from curation.workers import torch_threads
 from curation.stages.sscd import _MODEL_CACHE, compute_descriptors, loader_plan
 from curation.storage import TarShardWriter
 

@@ -73,6 +73,9 @@ class DownloadConfig(Section):
     shard_size: PositiveInt = Field(10_000, description="URLs per download shard")
     threads: PositiveInt = Field(32, description="download threads per shard task")
     timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    deadline_s: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="wall-clock limit per URL: connect, redirects, headers and body (default 3 x timeout_s)"
+    )
     retries: Annotated[int, Field(ge=0)] = 0
     max_side: Annotated[int, Field(ge=16)] = Field(512, description="resize so the longer side is at most this")
     jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 95
@@ -147,7 +150,7 @@ class SSCDConfig(Section):
     batch_size: PositiveInt = 256
     device: Device = "auto"
     num_workers: Annotated[int, Field(ge=0)] = Field(4, description="decode workers (torch DataLoader) per task; on a "
-                                                     "CPU device at most one per 8 of the task's cores (curation.cpus)")
+                                                     "CPU device at most one per 8 of the task's cores (curation.workers)")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs fp32)")
     channels_last: bool = Field(True, description="channels-last memory format on CUDA (faster convolutions)")
 

@@ -25,6 +25,7 @@ from curation.config import CurateConfig, check_resume, dump_config
 from curation.stages import stage_class
 from curation.stages.base import Stage, Unit
 from curation.storage import clean_temporaries, write_text
+from curation.urllists import check_inputs
 
 log = logging.getLogger("lvd")
 
@@ -112,13 +113,14 @@ def make_executor(cfg: CurateConfig):
 
 
 def prepare_run_root(cfg: CurateConfig) -> Path:
-    """Create the run root and write (or check) RUN/config.yaml."""
+    """Create the run root and write (or check) RUN/config.yaml and the URL lists' fingerprint RUN/inputs.json."""
     root = Path(cfg.run_root)
     root.mkdir(parents=True, exist_ok=True)
     saved = root / "config.yaml"
     if saved.exists():
         check_resume(cfg, saved.read_text())
-    else:
+    check_inputs(root, cfg.input)  # a changed URL list is refused like a changed config
+    if not saved.exists():
         write_text(saved, dump_config(cfg))
     return root
 

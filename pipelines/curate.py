@@ -69,9 +69,17 @@ def main(argv=None) -> int:
         return 2
     if args.check:
         from curation.config import dump_config
+        from curation.detectors import detection_warning
+        from curation.urllists import check_url_lists
 
         print(dump_config(cfg))
-        return 0
+        faces = detection_warning(cfg.stages, cfg.filter)
+        if faces:
+            print(f"warning: {faces}", file=sys.stderr)
+        problems = check_url_lists(cfg.input)
+        for line in problems:  # unreadable URL files or a missing url column, one line each
+            print(line, file=sys.stderr)
+        return 2 if problems else 0
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from curation import accounting

@@ -19,10 +19,13 @@ DROP_REASONS: dict[str, tuple[str, ...]] = {
         "duplicate_url",  # exact repeat of an earlier row's URL; the first occurrence is kept
         "blocked_domain",  # host (or a redirect target's host) is on the blocklist
         "private_address",  # host resolves to a private/loopback/link-local/metadata address not allowed by config
+        "bad_redirect",  # a redirect to a non-http(s) URL (file:, ftp:, data:, gopher: ...)
+        "redirect_loop",  # a redirect back to a URL already visited in the same chain
+        "too_many_redirects",  # a redirect chain longer than the downloader follows
         "opted_out",  # X-Robots-Tag noai / noimageai
         "http_error",  # 4xx/5xx
-        "timeout",  # connect or read timed out
-        "network_error",  # any other transport failure (DNS, reset, too many redirects...)
+        "timeout",  # connect or read timed out, or the per-URL deadline (download.deadline_s) passed
+        "network_error",  # any other transport failure (DNS, reset...)
         "empty",  # zero bytes
         "too_large_file",  # more bytes than download.max_bytes
         "undecodable",  # not an image PIL can identify
@@ -235,14 +238,15 @@ CLUSTER_STATS = pa.schema(
 
 SHARD_INDEX = pa.schema(
     [
-        pa.field("shard", pa.string(), nullable=False),  # shards/lvd-NNNNNN.tar
+        pa.field("shard", pa.string(), nullable=False),  # lvd-NNNNNN.tar under shards/
         pa.field("sample_key", pa.string(), nullable=False),  # the key inside the tar
         pa.field("key", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),
         pa.field("anchor_set", pa.string(), nullable=False),
     ]
 )
-"""shards/index.parquet: where each selected image went."""
+"""shards_meta/index.parquet: where each selected image went (sample_key: the key in the tar and its json; key: the
+image's key in its source, as in retrieve/selection.parquet)."""
 
 TAR_INDEX = pa.schema(
     [

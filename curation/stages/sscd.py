@@ -12,7 +12,7 @@ Descriptor (``dedup.descriptor``):
   worker takes every num_workers-th sample of the stream, so shards are read streaming), batches of
   ``sscd.batch_size`` go to the device pinned and non-blocking; on CUDA under bf16 autocast with channels-last
   memory (``sscd.bf16``, ``sscd.channels_last``).  On CPU it runs fp32 with the task's cores split by
-  :func:`curation.cpus.cpu_split` (on 2 cores: decode inline, both cores for the model) and batches of at most
+  :func:`curation.workers.cpu_split` (on 2 cores: decode inline, both cores for the model) and batches of at most
   :data:`CPU_BATCH`.  ``short288`` preprocessing keeps the aspect ratio, so it runs batch 1.
 * ``pixels`` - :func:`curation.models.sscd.pixel_descriptor`, computed in the same workers (no model).
 
@@ -32,9 +32,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from curation import accounting
-from curation.cpus import cpu_split, torch_threads
 from curation.images import ImageRejected, decode_image
 from curation.samples import iter_image_set, iter_shard_samples, pool_shards
+from curation.workers import cpu_split, loader_workers, torch_threads
 from curation.stages.base import Stage, Unit
 from curation.storage import write_table
 from curation.vectors import descriptor_table, input_stage
@@ -135,6 +135,7 @@ def compute_descriptors(
     else:
         raise ValueError(f"unknown descriptor {descriptor!r}")
     bs = 1 if (descriptor == "sscd" and preprocess == "short288") else batch_size
+    num_workers = loader_workers(num_workers)
     loader = DataLoader(
         _decode_stream(factory, transform, max_pixels), batch_size=bs, num_workers=num_workers,
         collate_fn=_collate, pin_memory=dev.startswith("cuda"),
@@ -149,7 +150,7 @@ def compute_descriptors(
 
 def loader_plan(descriptor: str, device: str, num_workers: int, batch_size: int) -> tuple[int, int | None, int]:
     """(decode workers, torch threads or None, batch size) the stage runs with: on CPU the SSCD model gets the
-    task's cores (:func:`curation.cpus.cpu_split`) and batches of at most :data:`CPU_BATCH`; the pixels descriptor
+    task's cores (:func:`curation.workers.cpu_split`) and batches of at most :data:`CPU_BATCH`; the pixels descriptor
     has no model and keeps its decode workers."""
     if descriptor != "sscd":
         return num_workers, None, batch_size

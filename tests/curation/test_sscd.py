@@ -159,7 +159,7 @@ def test_pixel_descriptor_quality_on_the_corpus(demo_cleaned):
 
 
 def test_loader_plan_gives_the_cpu_model_the_task_cores():
-    from curation.cpus import cpu_split
+    from curation.workers import cpu_split
     from curation.stages.sscd import CPU_BATCH, loader_plan
 
     assert loader_plan("sscd", "cpu", 4, 256) == (*cpu_split("cpu", 4), CPU_BATCH)

@@ -1,10 +1,10 @@
-"""How a model stage splits a task's cores between decode workers and torch threads (curation.cpus)."""
+"""How a model stage splits a task's cores between decode workers and torch threads (curation.workers)."""
 
 import os
 
 import torch
 
-from curation.cpus import CORES_PER_DECODE_WORKER, cpu_split, task_cores, torch_threads
+from curation.workers import CORES_PER_DECODE_WORKER, cpu_split, task_cores, torch_threads
 
 
 def test_cpu_split_gives_the_model_the_cores_on_cpu_and_leaves_cuda_alone():
