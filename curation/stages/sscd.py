@@ -1,6 +1,6 @@
 """sscd: copy-detection descriptors for the pool and every evaluation set.
 
-Units: one per pool shard (``pool-NNNNN``: the keys the hash stage kept, read from ``filter/NNNNN.tar``, or
+Units: one per pool shard (``pool-NNNNN``: the keys the filter kept, read from ``filter/NNNNN.tar``, or
 ``download/`` when the filter did not run) and one per evaluation set (``eval-<name>``, read with
 :func:`curation.samples.iter_image_set`).  Outputs (schema ``descriptors``): ``sscd/pool/part-NNNNN.parquet`` and
 ``sscd/eval/<set>/part-00000.parquet``; a unit is complete when its part exists.
