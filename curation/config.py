@@ -149,7 +149,8 @@ class SSCDConfig(Section):
     preprocess: Literal["square320", "short288"] = "square320"
     batch_size: PositiveInt = 256
     device: Device = "auto"
-    num_workers: Annotated[int, Field(ge=0)] = Field(4, description="CPU decode workers (torch DataLoader) per task")
+    num_workers: Annotated[int, Field(ge=0)] = Field(4, description="decode workers (torch DataLoader) per task; on a "
+                                                     "CPU device at most one per 8 of the task's cores (curation.workers)")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs fp32)")
     channels_last: bool = Field(True, description="channels-last memory format on CUDA (faster convolutions)")
 
@@ -170,6 +171,9 @@ class DedupConfig(Section):
         "sscd", description="'pixels' is a fixed function of pixels with known quality, for tests and the demo"
     )
     device: Device = Field("auto", description="k-NN search device: faiss on CPU, chunked torch matmul on CUDA")
+    survivor: Literal["original", "resolution"] = Field(
+        "original", description="the image a duplicate component keeps: 'original' = least border/padding fill, then "
+        "resolution, then the SSCD medoid, then key (see curation/stages/dedup.py); 'resolution' = largest, then key")
     stats_thresholds: list[Fraction] = Field(
         default_factory=lambda: [0.3, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9],
         description="similarities reported in stats/dedup_thresholds.parquet",
