@@ -213,7 +213,8 @@ def build_stream(cfg: TrainConfig, data: str | list[str], rank: int = 0, world: 
     grid = c.global_crops_size // cfg.model.patch_size
     mask_gen = MaskingGenerator(grid, min_num_patches=cfg.masking.min_num_patches, min_aspect=cfg.masking.min_aspect)
     return MultiCropStream(data, augment, cfg.optim.batch_size_per_gpu, mask_gen,
-                           tuple(cfg.masking.mask_ratio_min_max), cfg.masking.mask_probability, seed=cfg.seed,
+                           tuple(cfg.masking.mask_ratio_min_max),
+                           0.0 if cfg.mode == "distill" else cfg.masking.mask_probability, seed=cfg.seed,
                            rank=rank, world_size=world, shuffle_buffer=cfg.data.shuffle_buffer,
                            start_batch=start_batch)
 
@@ -250,6 +251,11 @@ class Trainer:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and rank 0's are broadcast)
         student, teacher, self.backbone_info = build_models(cfg)
+        self.distill_teacher = None  # mode distill: the frozen teacher (``teacher`` is then the student's EMA)
+        if cfg.mode == "distill":
+            from .distill import build_distill_teacher
+
+            self.distill_teacher = build_distill_teacher(cfg, student, teacher).to(self.device)
         student.to(self.device)
         teacher.to(self.device)
         self.strategy = resolve_strategy(cfg.distributed.strategy, self.world)
@@ -296,8 +302,13 @@ class Trainer:
         ll_lr, temp_it = sched["last_layer_lr"][it], sched["teacher_temp"][it]
         apply_schedules(self.optimizer, lr_it, wd_it, ll_lr)
         self.optimizer.zero_grad(set_to_none=True)
-        terms = forward_losses(self.student, self.teacher, self.dino_loss, self.ibot_loss, batch, cfg, temp_it,
-                               self.device, self.autocast)
+        if self.distill_teacher is not None:
+            from .distill import distill_forward_losses
+
+            terms = distill_forward_losses(self, batch, temp_it)
+        else:
+            terms = forward_losses(self.student, self.teacher, self.dino_loss, self.ibot_loss, batch, cfg, temp_it,
+                                   self.device, self.autocast)
         values = all_reduce_mean(terms)  # global-batch loss values; every rank sees the same
         check_finite(values, it)
         terms["loss"].backward()

@@ -79,6 +79,7 @@ __all__ = [
     "save_backbone",
     "load_official_checkpoint",
     "load_backbone",
+    "backbone_from_official_state",
     "sidecar_path",
     "official_key_list",
     "PackedLayout",
@@ -616,11 +617,17 @@ def load_official_checkpoint(
     sd = torch.load(path, map_location=map_location, weights_only=True)
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
-    sd = _strip_prefixes(dict(sd))
-    meta: dict[str, Any] = {}
     side = sidecar_path(path)
-    if side.exists():
-        meta = json.loads(side.read_text())
+    meta = json.loads(side.read_text()) if side.exists() else {}
+    return backbone_from_official_state(sd, meta, arch, img_size, strict, **overrides)
+
+
+def backbone_from_official_state(sd: dict[str, Tensor], meta: dict[str, Any] | None = None, arch: str | None = None,
+                                 img_size: int | None = None, strict: bool = True,
+                                 **overrides: Any) -> VisionTransformer:
+    """:func:`load_official_checkpoint` on a state dict already in memory (``meta``: a sidecar's contents)."""
+    sd = _strip_prefixes(dict(sd))
+    meta = meta or {}
     kwargs: dict[str, Any] = {}
     if arch is None and meta.get("arch"):
         arch = meta["arch"]
