@@ -52,6 +52,7 @@ from .checkpoint import (backbone_from_state, find_latest_checkpoint, load_train
                          save_checkpoint, save_distributed_checkpoint, set_rng_state)
 from .config import ConfigError, TrainConfig, load_config
 from .data import MultiCropStream, make_loader
+from . import high_res
 from .distributed import (DistInfo, all_reduce_mean, all_reduce_sum, allreduce_gradients, broadcast_module,
                           clip_grad_norm, ema_update, init_distributed, reshard, resolve_strategy, shard_models)
 from .heads import DINOHead
@@ -251,6 +252,7 @@ class Trainer:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and rank 0's are broadcast)
         student, teacher, self.backbone_info = build_models(cfg)
+        self.high_res = False  # inside the high-resolution phase (training/high_res.py)
         self.distill_teacher = None  # mode distill: the frozen teacher (``teacher`` is then the student's EMA)
         if cfg.mode == "distill":
             from .distill import build_distill_teacher
@@ -391,6 +393,8 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, info)
+    high_res.check_supported(trainer)
+    hr_start = high_res.phase_start(cfg)
     if world > 1:
         log.info("rank %d/%d: strategy %s on %s", rank, world, trainer.strategy, trainer.device)
     bs = trainer.batch_size
@@ -401,6 +405,8 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
     resume_rng = None
     latest = _latest_checkpoint(out, world)
     if latest is not None:
+        if high_res.in_phase(cfg, latest):
+            high_res.enter_high_res(trainer)  # the checkpoint holds the high-resolution grid
         meta = trainer.load(latest)
         start_iter = start_batch = int(meta["iteration"])
         pos = meta["data_position"]
@@ -416,8 +422,10 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
     # samples consumed before a resume on the same world size are skipped exactly (start_batch = iteration)
-    stream = build_stream(cfg, data, rank=rank, world=world, start_batch=start_batch)
-    loader = make_loader(stream, cfg.data.num_workers)
+    def open_data(first_batch: int):
+        stream = build_stream(high_res.phase_config(cfg) if trainer.high_res else cfg, data, rank=rank, world=world,
+                              start_batch=first_batch)
+        return iter(make_loader(stream, cfg.data.num_workers))
 
     def run_eval(iteration: int) -> dict[str, Any] | None:
         e = cfg.eval
@@ -459,11 +467,16 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
     it = start_iter
     t0 = time.time()
     last_row: dict[str, Any] = {}
-    data_iter = iter(loader)
+    data_iter = open_data(start_batch)
     if resume_rng is not None:
         set_rng_state(resume_rng)
     try:
         while it < total_iters:
+            if it == hr_start and not trainer.high_res:
+                if it % cfg.checkpoint.period_iters and it > start_iter:
+                    save(it)  # the checkpoint the phase starts from
+                high_res.enter_high_res(trainer)
+                data_iter = open_data(start_batch + it - start_iter)
             batch = next(data_iter)
             row = trainer.train_step(batch, it)
             row["time"] = time.time() - t0
