@@ -102,33 +102,39 @@ def load_teacher(path: str | Path, arch: str | None = None) -> nn.ModuleDict:
     return teacher.eval()
 
 
+def _fail(msg: str):
+    raise ConfigError(f"config error: distill: {msg}")
+
+
+def _prototypes(head: DINOHead) -> int:
+    return head.last_layer.weight_v.shape[0]
+
+
 def build_distill_teacher(cfg, student: nn.ModuleDict, student_ema: nn.ModuleDict) -> nn.ModuleDict:
     """Load the frozen teacher for ``cfg`` and adapt the student (no drop path; a ``distill_head`` trained alongside
     when the teacher has no heads, its EMA copied into ``student_ema``). Raises ``ConfigError`` (one line) when the
     teacher's heads do not fit the student's."""
     teacher = load_teacher(cfg.distill.teacher, cfg.distill.teacher_arch)
     student["backbone"].set_drop_path(0.0)
+    tp, sp = teacher["backbone"].patch_size, cfg.model.patch_size
+    if tp != sp and cfg.loss.ibot_weight > 0:
+        _fail(f"the teacher's patch size ({tp}) differs from model.patch_size ({sp}): the iBOT loss pairs their "
+              f"patch tokens (or set loss.ibot_weight=0)")
     h = cfg.head
     if "dino_head" in teacher:
-        k = teacher["dino_head"].last_layer.weight_v.shape[0]
-        if k != h.n_prototypes:
-            raise ConfigError(f"config error: distill: head.n_prototypes ({h.n_prototypes}) must equal the teacher's DINO head "
-                             f"prototypes ({k})")
-        if "ibot_head" in student:
-            src = teacher["ibot_head"] if "ibot_head" in teacher else teacher["dino_head"]
-            k = src.last_layer.weight_v.shape[0]
-            if k != h.ibot_n_prototypes:
-                raise ConfigError(f"config error: distill: head.ibot_n_prototypes ({h.ibot_n_prototypes}) must equal the teacher's "
-                                 f"iBOT prototypes ({k})")
-        elif "ibot_head" in teacher and cfg.loss.ibot_weight > 0:
-            k = teacher["ibot_head"].last_layer.weight_v.shape[0]
-            if k != h.n_prototypes:  # the student's iBOT logits come from its DINO head
-                raise ConfigError(f"config error: distill: the teacher's iBOT head has {k} prototypes; set head.ibot_separate_head="
-                                 f"true and head.ibot_n_prototypes={k}")
+        if _prototypes(teacher["dino_head"]) != h.n_prototypes:
+            _fail(f"head.n_prototypes ({h.n_prototypes}) must equal the teacher's DINO head prototypes "
+                  f"({_prototypes(teacher['dino_head'])})")
+        t_ibot = teacher["ibot_head"] if "ibot_head" in teacher else teacher["dino_head"]
+        s_ibot = ("head.ibot_n_prototypes", h.ibot_n_prototypes) if "ibot_head" in student \
+            else ("head.n_prototypes", h.n_prototypes)  # the student's iBOT logits come from its DINO head
+        if cfg.loss.ibot_weight > 0 and _prototypes(t_ibot) != s_ibot[1]:
+            _fail(f"{s_ibot[0]} ({s_ibot[1]}) must equal the teacher's iBOT prototypes ({_prototypes(t_ibot)}); "
+                  f"see head.ibot_separate_head / head.ibot_n_prototypes")
     else:
         if "ibot_head" in student:
-            raise ConfigError("config error: distill: a teacher without heads trains one DINO head alongside, which also gives the "
-                             "iBOT targets; set head.ibot_separate_head=false")
+            _fail("a teacher without heads trains one DINO head alongside, which also gives the iBOT targets; set "
+                  "head.ibot_separate_head=false")
         head = DINOHead(teacher["backbone"].embed_dim, h.n_prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers)
         student["distill_head"] = head
         ema = DINOHead(teacher["backbone"].embed_dim, h.n_prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers)
