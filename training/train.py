@@ -550,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except (ConfigError, FileNotFoundError) as e:  # found while setting up (distill teacher, high_res phase)
+        print(str(e) if isinstance(e, ConfigError) else f"error: {e}", file=sys.stderr)
+        return 2
     if summary.get("rank", 0) != 0:
         return 0  # torchrun: rank 0 exports and prints the summary
     if args.export:

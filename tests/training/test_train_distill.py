@@ -155,3 +155,17 @@ def test_distill_config_errors(tmp_path):
     pre.save(tmp_path / "pre", 0, {})
     with pytest.raises(ConfigError, match=r"head.n_prototypes \(64\) must equal the teacher's DINO head prototypes"):
         Trainer(_tiny(mode="distill", distill={"teacher": str(tmp_path / "pre")}, head={"n_prototypes": 64}))
+
+
+def test_cli_stops_with_one_line_when_the_teacher_does_not_fit(tmp_path, capsys):
+    from lvd_train_testutils import REPO
+    from training.train import main
+
+    pre = Trainer(_tiny())  # heads with 128 prototypes
+    pre.save(tmp_path / "pre", 0, {})
+    rc = main(["--config", str(REPO / "pipelines" / "configs" / "train_demo.yaml"), "--data", str(tmp_path),
+               "--output", str(tmp_path / "out"), "mode=distill", f"distill.teacher={tmp_path / 'pre'}",
+               "head.n_prototypes=64", "model.arch=vit_tiny_patch14", "model.embed_dim=48", "model.depth=1",
+               "model.num_heads=3"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("config error: distill: head.n_prototypes (64)") and "\n" not in err, err
