@@ -149,6 +149,7 @@ def build_distill_teacher(cfg, student: nn.ModuleDict, student_ema: nn.ModuleDic
 
 def distill_forward_losses(trainer, batch: dict[str, Any], teacher_temp: float) -> dict[str, torch.Tensor]:
     """One distillation step's loss terms (see the module docstring); the counterpart of ``forward_losses``."""
+    from .distributed import reshard
     from .train import _head_logits
 
     cfg, device = trainer.cfg, trainer.device
@@ -166,6 +167,7 @@ def distill_forward_losses(trainer, batch: dict[str, Any], teacher_temp: float) 
         t_cls = t["x_norm_clstoken"]
         t_patch = t["x_norm_patchtokens"].flatten(0, 1) if do_ibot else None
         (t_cls_logits,), t_patch_logits = _head_logits(t_heads, [t_cls], t_patch)
+        reshard(t_heads)  # the EMA head trained alongside is FSDP2-sharded with the student's EMA: no backward
         t_cls_logits = t_cls_logits.float()
         dino_probs = dino_loss.teacher_probs(t_cls_logits, teacher_temp, centering)
         ibot_probs = ibot_loss.teacher_probs(t_patch_logits.float(), teacher_temp, centering) if do_ibot else None
