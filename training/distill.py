@@ -150,16 +150,14 @@ def build_distill_teacher(cfg, student: nn.ModuleDict, student_ema: nn.ModuleDic
 def distill_forward_losses(trainer, batch: dict[str, Any], teacher_temp: float) -> dict[str, torch.Tensor]:
     """One distillation step's loss terms (see the module docstring); the counterpart of ``forward_losses``."""
     from .distributed import reshard
-    from .train import _head_logits
+    from .train import _head_logits, teacher_probs
 
     cfg, device = trainer.cfg, trainer.device
     student, teacher, ema = trainer.student, trainer.distill_teacher, trainer.teacher
-    dino_loss, ibot_loss = trainer.dino_loss, trainer.ibot_loss
     gc = batch["global_crops"].to(device, non_blocking=True)
     lc = batch["local_crops"].to(device, non_blocking=True)
     n_local = lc.shape[0]
     do_ibot = cfg.loss.ibot_weight > 0
-    centering = cfg.loss.centering
     # targets: the teacher's heads, or the EMA of the head trained alongside
     t_heads = teacher if "dino_head" in teacher else nn.ModuleDict({"dino_head": ema["distill_head"]})
     with torch.no_grad(), trainer.autocast():
@@ -168,13 +166,8 @@ def distill_forward_losses(trainer, batch: dict[str, Any], teacher_temp: float) 
         t_patch = t["x_norm_patchtokens"].flatten(0, 1) if do_ibot else None
         (t_cls_logits,), t_patch_logits = _head_logits(t_heads, [t_cls], t_patch)
         reshard(t_heads)  # the EMA head trained alongside is FSDP2-sharded with the student's EMA: no backward
-        t_cls_logits = t_cls_logits.float()
-        dino_probs = dino_loss.teacher_probs(t_cls_logits, teacher_temp, centering)
-        ibot_probs = ibot_loss.teacher_probs(t_patch_logits.float(), teacher_temp, centering) if do_ibot else None
-        if centering == "centering":
-            dino_loss.update_center(t_cls_logits)
-            if do_ibot:
-                ibot_loss.update_center(t_patch_logits.float())
+        dino_probs, ibot_probs = teacher_probs(trainer.dino_loss, trainer.ibot_loss, t_cls_logits, t_patch_logits,
+                                               teacher_temp, cfg.loss.centering)
 
     with trainer.autocast():
         inputs = [gc, lc] if n_local else [gc]

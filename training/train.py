@@ -110,6 +110,20 @@ def _head_logits(heads: nn.ModuleDict, cls: list[torch.Tensor], patches: torch.T
     return list(parts[:-1]), parts[-1]
 
 
+def teacher_probs(dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, cls_logits: torch.Tensor,
+                  patch_logits: torch.Tensor | None, temp: float, centering: str):
+    """The teacher's DINO (and iBOT) probabilities at temperature ``temp``; with centering, the centres are
+    updated after use."""
+    cls_logits = cls_logits.float()
+    dino_probs = dino_loss.teacher_probs(cls_logits, temp, centering)
+    ibot_probs = None if patch_logits is None else ibot_loss.teacher_probs(patch_logits.float(), temp, centering)
+    if centering == "centering":
+        dino_loss.update_center(cls_logits)
+        if patch_logits is not None:
+            ibot_loss.update_center(patch_logits.float())
+    return dino_probs, ibot_probs
+
+
 def forward_losses(student, teacher, dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, batch: dict[str, Any],
                    cfg: TrainConfig, teacher_temp: float, device: torch.device, autocast) -> dict[str, torch.Tensor]:
     gc = batch["global_crops"].to(device, non_blocking=True)
@@ -130,13 +144,8 @@ def forward_losses(student, teacher, dino_loss: DINOLoss, ibot_loss: iBOTPatchLo
         t_patch = t["x_norm_patchtokens"].flatten(0, 1)[mask_idx] if do_ibot else None
         (t_cls_logits,), t_patch_logits = _head_logits(teacher, [t["x_norm_clstoken"]], t_patch)
         reshard(teacher)  # FSDP2 keeps roots unsharded after forward; the teacher has no backward
-        t_cls_logits = t_cls_logits.float()
-        dino_probs = dino_loss.teacher_probs(t_cls_logits, teacher_temp, centering)
-        ibot_probs = ibot_loss.teacher_probs(t_patch_logits.float(), teacher_temp, centering) if do_ibot else None
-        if centering == "centering":
-            dino_loss.update_center(t_cls_logits)
-            if do_ibot:
-                ibot_loss.update_center(t_patch_logits.float())
+        dino_probs, ibot_probs = teacher_probs(dino_loss, ibot_loss, t_cls_logits, t_patch_logits, teacher_temp,
+                                               centering)
 
     with autocast():
         inputs = [gc, lc] if n_local else [gc]

@@ -28,6 +28,7 @@ def _random_feature_teacher(path):
     return t
 
 
+@pytest.mark.slow
 def test_distilled_student_knn_approaches_the_teachers(tmp_path):
     write_digits(tmp_path, 28, {"ssl": 800, "knn_train": 300, "knn_val": 300})
     teacher = _random_feature_teacher(tmp_path / "teacher.pth")

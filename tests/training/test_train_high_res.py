@@ -21,6 +21,7 @@ def _cfg(**top):
     return load_config(raw=raw)
 
 
+@pytest.mark.slow
 def test_high_res_phase_resizes_once_continues_the_schedules_and_resumes(tmp_path):
     write_shards(tmp_path / "shards")
     cfg = _cfg()
