@@ -70,7 +70,7 @@ def load_teacher(path: str | Path, arch: str | None = None) -> nn.ModuleDict:
     if not p.exists():
         raise FileNotFoundError(f"distill.teacher: {p} does not exist")
     if p.is_dir() and not (p / ".metadata").is_file():  # a training output dir: its newest checkpoint
-        latest = find_latest_checkpoint(p)
+        latest = find_latest_checkpoint(p) or find_latest_checkpoint(p.parent)  # OUT or OUT/checkpoints
         if latest is None:
             raise FileNotFoundError(f"distill.teacher: no training checkpoint under {p}")
         p = latest

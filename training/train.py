@@ -24,6 +24,8 @@ for what is per rank by design: KoLeo (within each rank's batch, as the referenc
 Logged losses are averaged over ranks. Each rank reads its own share of the shards. Checkpoints of multi-process
 runs are ``torch.distributed.checkpoint`` directories (training/checkpoint.py), resumable on any number of ranks.
 One iteration is ``Trainer.train_step(batch, it)``; ``train()`` adds data, resume, metrics and checkpoints.
+Variants: ``mode: distill`` takes the targets from a frozen pretrained teacher and keeps the student's EMA as the
+run's teacher (training/distill.py); ``high_res`` runs the last iterations at bigger crops (training/high_res.py).
 Metrics: one JSON object per line in ``OUTPUT/metrics.jsonl`` (``"type": "train"`` per iteration and
 ``"type": "eval"``), plus a tqdm bar.
 """
