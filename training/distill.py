@@ -27,7 +27,9 @@ iBOT targets (so ``head.ibot_separate_head`` must be false there). Gradients of 
 """
 from __future__ import annotations
 
+import json
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +66,7 @@ def load_teacher(path: str | Path, arch: str | None = None) -> nn.ModuleDict:
     """The frozen teacher as a ModuleDict: ``backbone`` and, when the checkpoint has them, ``dino_head`` /
     ``ibot_head`` (see the module docstring for the accepted files)."""
     from .checkpoint import FORMAT, backbone_from_state, find_latest_checkpoint, load_checkpoint
-    from .models.vision_transformer import backbone_from_official_state, load_official_checkpoint
+    from .models.vision_transformer import backbone_from_official_state, sidecar_path
 
     p = Path(path)
     if not p.exists():
@@ -77,7 +79,10 @@ def load_teacher(path: str | Path, arch: str | None = None) -> nn.ModuleDict:
     if p.is_dir():
         ck = load_checkpoint(p)
     else:
-        ck = torch.load(p, map_location="cpu", weights_only=False)
+        try:  # backbone files and reference checkpoints hold tensors only
+            ck = torch.load(p, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # an lvd training checkpoint (it also holds the RNG states)
+            ck = load_checkpoint(p)
         if not isinstance(ck, dict):
             raise ValueError(f"distill.teacher: {p} holds no state dict")
     modules: dict[str, nn.Module] = {}
@@ -89,9 +94,11 @@ def load_teacher(path: str | Path, arch: str | None = None) -> nn.ModuleDict:
         if any(k.startswith("teacher.backbone.") for k in sd):  # reference training checkpoint
             state = _sub(sd, "teacher.")
             modules["backbone"] = backbone_from_official_state(_sub(state, "backbone."), arch=arch)
-        else:  # a backbone file (lvd export or official)
+        else:  # a backbone file (lvd export, with its sidecar, or official)
             state = {}
-            modules["backbone"] = load_official_checkpoint(p, arch=arch)
+            side = sidecar_path(p)
+            meta = json.loads(side.read_text()) if side.is_file() else None
+            modules["backbone"] = backbone_from_official_state(sd, meta, arch=arch)
     for name in ("dino_head", "ibot_head"):
         head = _sub(state, name + ".")
         if head:

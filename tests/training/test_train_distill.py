@@ -32,9 +32,8 @@ def _random_feature_teacher(path):
 def test_distilled_student_knn_approaches_the_teachers(tmp_path):
     write_digits(tmp_path, 28, {"ssl": 800, "knn_train": 300, "knn_val": 300})
     teacher = _random_feature_teacher(tmp_path / "teacher.pth")
-    knn = lambda m: evaluate_backbone(m, tmp_path / "knn_train", tmp_path / "knn_val", 28, 20, 0.07, False, 128,  # noqa: E731
-                                      1.0, "cpu")["knn_top1"]
-    teacher_knn = knn(teacher)
+    teacher_knn = evaluate_backbone(teacher, tmp_path / "knn_train", tmp_path / "knn_val", 28, 20, 0.07, False, 128,
+                                    1.0, "cpu")["knn_top1"]  # k=20, T=0.07 as the run's evaluations
     cfg = load_config(raw={
         "mode": "distill", "distill": {"teacher": str(tmp_path / "teacher.pth")},
         "model": {"arch": "vit_tiny_patch14", "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 3,
@@ -88,7 +87,7 @@ def test_distill_step_freezes_the_teacher_and_applies_ibot_on_every_global_patch
     write_shards(tmp_path / "shards", n_shards=1, per_shard=8)
     pre = Trainer(_tiny(head={"ibot_separate_head": True, "ibot_n_prototypes": 96}))
     pre.save(tmp_path / "pre", 0, {})
-    cfg = _tiny(mode="distill", distill={"teacher": str(tmp_path / "pre")},
+    cfg = _tiny(mode="distill", distill={"teacher": str(tmp_path / "pre" / "checkpoints" / "checkpoint_00000000.pt")},
                 model={"embed_dim": 24, "num_heads": 2, "drop_path_rate": 0.3},
                 head={"ibot_separate_head": True, "ibot_n_prototypes": 96},
                 loss={"centering": "centering", "koleo_weight": 0.0})
