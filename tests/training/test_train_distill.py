@@ -128,7 +128,7 @@ def test_distill_step_freezes_the_teacher_and_applies_ibot_on_every_global_patch
 
 def test_reference_training_checkpoint_gives_backbone_and_heads(tmp_path):
     """A reference DINOv2 training checkpoint: ``model`` holds ``teacher.backbone.*`` / ``teacher.dino_head.*`` (with
-    the weight-norm ``weight_g``)."""
+    the weight-norm ``weight_g``); an official backbone file has no heads."""
     tr = Trainer(_tiny(model={"embed_dim": 192}))  # a standard width (vit_tiny): the architecture is inferred
     sd = {f"teacher.{k}": v for k, v in tr.teacher.state_dict().items()}
     sd["teacher.dino_head.last_layer.weight_g"] = torch.ones(128, 1)
@@ -140,6 +140,12 @@ def test_reference_training_checkpoint_gives_backbone_and_heads(tmp_path):
     with torch.no_grad():
         ref = tr.teacher["dino_head"](tr.teacher["backbone"](x))
         assert torch.equal(t["dino_head"](t["backbone"](x)), ref)
+    # an official backbone-only file (no sidecar, no heads): the architecture from the shapes, heads trained alongside
+    torch.save(tr.teacher["backbone"].state_dict(), tmp_path / "dinov2_vitt14_pretrain.pth")
+    t = load_teacher(tmp_path / "dinov2_vitt14_pretrain.pth")
+    assert set(t) == {"backbone"} and t["backbone"].arch == "vit_tiny_patch14" and t["backbone"].depth == 2
+    with torch.no_grad():
+        assert torch.equal(t["backbone"](x), tr.teacher["backbone"](x))
 
 
 def test_distill_config_errors(tmp_path):
