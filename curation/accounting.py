@@ -25,7 +25,8 @@ from curation.storage import read_tables, write_table
 from schemas.tables import DROP_REASONS, LEDGER
 
 # Stages that judge rows (and so write ledgers), in pipeline order.
-LEDGER_STAGES = ("download", "filter", "hash", "dedup", "retrieve")
+# (hash drops nothing: its groups are edges of the dedup stage's duplicate graph, which judges them)
+LEDGER_STAGES = ("download", "filter", "dedup", "retrieve")
 
 
 class AccountingError(RuntimeError):

@@ -77,6 +77,9 @@ class DownloadConfig(Section):
     shard_size: PositiveInt = Field(10_000, description="URLs per download shard")
     threads: Annotated[int, Field(ge=1, le=1024)] = Field(32, description="download threads per shard task")
     timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(10.0, description="per request, seconds")
+    deadline_s: Annotated[float, Field(gt=0, le=86400)] | None = Field(
+        None, description="wall-clock limit per URL: connect, redirects, headers and body (default 3 x timeout_s)"
+    )
     retries: Annotated[int, Field(ge=0)] = 0
     max_side: Annotated[int, Field(ge=16)] = Field(512, description="resize so the longer side is at most this")
     jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 95
@@ -150,7 +153,8 @@ class SSCDConfig(Section):
     preprocess: Literal["square320", "short288"] = "square320"
     batch_size: PositiveInt = 256
     device: Device = "auto"
-    num_workers: Annotated[int, Field(ge=0)] = Field(4, description="CPU decode workers (torch DataLoader) per task")
+    num_workers: Annotated[int, Field(ge=0)] = Field(4, description="decode workers (torch DataLoader) per task; on a "
+                                                     "CPU device at most one per 8 of the task's cores (curation.workers)")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs fp32)")
     channels_last: bool = Field(True, description="channels-last memory format on CUDA (faster convolutions)")
 
@@ -171,6 +175,9 @@ class DedupConfig(Section):
         "sscd", description="'pixels' is a fixed function of pixels with known quality, for tests and the demo"
     )
     device: Device = Field("auto", description="k-NN search device: faiss on CPU, chunked torch matmul on CUDA")
+    survivor: Literal["original", "resolution"] = Field(
+        "original", description="the image a duplicate component keeps: 'original' = least border/padding fill, then "
+        "resolution, then the SSCD medoid, then key (see curation/stages/dedup.py); 'resolution' = largest, then key")
     stats_thresholds: list[Fraction] = Field(
         default_factory=lambda: [0.3, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9],
         description="similarities reported in stats/dedup_thresholds.parquet",

@@ -27,6 +27,7 @@ from curation.config import ConfigError, CurateConfig, check_resume, dump_config
 from curation.stages import stage_class
 from curation.stages.base import Stage, Unit
 from curation.storage import clean_temporaries, crash_point, write_text
+from curation.urllists import check_inputs
 
 log = logging.getLogger("lvd")
 
@@ -140,8 +141,8 @@ def in_ray_job() -> bool:
 
 
 def prepare_run_root(cfg: CurateConfig) -> Path:
-    """Create the run root and write (or check) RUN/config.yaml; a run root that cannot be used is a ConfigError
-    (one line), as is a relative one inside a Ray job."""
+    """Create the run root and write (or check) RUN/config.yaml and the URL lists' fingerprint RUN/inputs.json; a
+    run root that cannot be used is a ConfigError (one line), as is a relative one inside a Ray job."""
     root = Path(cfg.run_root)
     if in_ray_job() and not root.is_absolute():
         raise ConfigError(
@@ -162,6 +163,7 @@ def prepare_run_root(cfg: CurateConfig) -> Path:
     except OSError as err:
         raise ConfigError(f"config error: run_root {root} is not usable: {err.strerror} "
                           f"({err.filename or root})") from None
+    check_inputs(root, cfg.input)  # a changed URL list is refused like a changed config
     return root
 
 

@@ -82,12 +82,16 @@ def _main(argv=None) -> int:
         from curation.checks import preflight_warnings
         from curation.config import dump_config
         from curation.detectors import detection_warning
+        from curation.urllists import check_url_lists
 
         print(dump_config(cfg))
         faces = detection_warning(cfg.stages, cfg.filter)
         for warning in ([faces] if faces else []) + preflight_warnings(cfg):
             print(f"warning: {warning}", file=sys.stderr)
-        return 0
+        problems = check_url_lists(cfg.input)
+        for line in problems:  # unreadable URL files or a missing url column, one line each
+            print(line, file=sys.stderr)
+        return 2 if problems else 0
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from curation import accounting

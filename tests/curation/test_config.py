@@ -220,10 +220,6 @@ def test_check_warns_about_likely_mistakes(tmp_path):
     quiet = {**data, "download": {"allow_networks": ["127.0.0.1/32"]}, "dedup": {"descriptor": "pixels"},
              "embed": {"model": "pixels"}}
     assert preflight_warnings(load_config(data=quiet)) == []
-    links = tmp_path / "links.csv"
-    links.write_text("link\nhttp://example.com/a.jpg\n")
-    warnings = preflight_warnings(load_config(data={**quiet, "input": {"url_list": str(links)}}))
-    assert warnings == [f"{links}: no column 'url' (columns: ['link']); set input.url_col"]
 
 
 def test_run_stops_when_nothing_survives_download(tmp_path):
