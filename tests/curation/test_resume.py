@@ -238,14 +238,16 @@ def test_missing_download_ledger_fails_loudly(demo_download, tmp_path):
 
 
 def test_deleted_later_stage_ledgers_are_recomputed(demo_cleaned, tmp_path):
-    """A deleted filter ledger part and the hash and dedup final ledgers are redone; the run used to stop with
-    `input differs from the previous stage's kept keys (60 never judged)`."""
+    """A deleted filter ledger part, the hash stage's groups and the dedup final ledger are redone; the run used to
+    stop with `input differs from the previous stage's kept keys (60 never judged)`."""
     src = demo_cleaned["root"]
     root = _copy_run(src, tmp_path / "run")
-    for stage, unit in (("filter", "00002"), ("hash", "final"), ("dedup", "final")):
+    for stage, unit in (("filter", "00002"), ("dedup", "final")):
         accounting.ledger_path(root, stage, unit).unlink()
+    (root / "hash" / "groups.parquet").unlink()
     _rerun(demo_cleaned["config"], root)
     assert _ledger_rows(root) == _ledger_rows(src)
+    assert pq.read_table(root / "hash" / "groups.parquet") == pq.read_table(src / "hash" / "groups.parquet")
     assert pq.read_table(root / "stats" / "funnel.parquet") == pq.read_table(src / "stats" / "funnel.parquet")
 
 
