@@ -9,6 +9,7 @@ the job runs in a copy of that directory, so give ``run_root`` as an absolute pa
 
 from __future__ import annotations
 
+import copy
 import difflib
 import ipaddress
 import re
@@ -32,7 +33,10 @@ def _must_exist(p: Path) -> Path:
     return p
 
 
-ExistingPath = Annotated[Path, AfterValidator(_must_exist)]
+# Sections are strict (``threads: true`` or ``seed: "3"`` are refused, not converted); paths come from YAML as
+# strings, so path fields alone accept them.
+LaxPath = Annotated[Path, Field(strict=False)]
+ExistingPath = Annotated[Path, Field(strict=False), AfterValidator(_must_exist)]
 
 
 class ConfigError(ValueError):
@@ -40,7 +44,7 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class InputConfig(Section):
@@ -71,9 +75,9 @@ class RayConfig(Section):
 
 class DownloadConfig(Section):
     shard_size: PositiveInt = Field(10_000, description="URLs per download shard")
-    threads: PositiveInt = Field(32, description="download threads per shard task")
-    timeout_s: Annotated[float, Field(gt=0)] = 10.0
-    deadline_s: Annotated[float, Field(gt=0)] | None = Field(
+    threads: Annotated[int, Field(ge=1, le=1024)] = Field(32, description="download threads per shard task")
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(10.0, description="per request, seconds")
+    deadline_s: Annotated[float, Field(gt=0, le=86400)] | None = Field(
         None, description="wall-clock limit per URL: connect, redirects, headers and body (default 3 x timeout_s)"
     )
     retries: Annotated[int, Field(ge=0)] = 0
@@ -294,8 +298,8 @@ class ReportConfig(Section):
 
 
 class CurateConfig(Section):
-    run_root: Path
-    seed: int = 0
+    run_root: LaxPath
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = Field(0, description="numpy/torch seeds take 32 bits")
     stages: list[StageName] = Field(default_factory=lambda: list(STAGE_ORDER))
     input: InputConfig
     ray: RayConfig = RayConfig()
@@ -344,22 +348,50 @@ def _format_error(err: ValidationError) -> str:
     return "config error: " + "; ".join(parts)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where ``1e12`` (no dot) is a string; config numbers follow YAML 1.2: it is a float."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"config error: override {text!r} must look like key.path=value")
     key, _, value = text.partition("=")
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        return key.strip().split("."), parse_yaml(value)
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise ConfigError(f"config error: override {text!r}: the value is not valid YAML ({problem})") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each ``key.path=value``; a number in the path indexes a list (``retrieve.anchor_sets.0.k=8``)."""
     for text in overrides:
         path, value = parse_override(text)
         node = data
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    where = ".".join(path[:i]) or "(top level)"
+                    raise ConfigError(f"config error: override {text!r}: {where} is a list of {len(node)}, "
+                                      f"{part!r} is not an index of it")
+                part = int(part)
+            elif not last and not isinstance(node.get(part), (dict, list)):
                 node[part] = {}
-            node = node[part]
-        node[path[-1]] = value
+            if last:
+                node[part] = value
+            else:
+                node[part] = copy.deepcopy(node[part])  # never alter the caller's nested data
+                node = node[part]
     return data
 
 
@@ -369,8 +401,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config error: config file not found: {path}")
+        if not path.is_file():
+            raise ConfigError(f"config error: {path} is not a file (give the YAML config file)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = parse_yaml(path.read_text()) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config error: {path} is not a text file (give the YAML config file)") from None
+        except OSError as err:
+            raise ConfigError(f"config error: cannot read {path}: {err.strerror}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config error: {path} is not valid YAML: {err}".replace("\n", " ")) from None
     if not isinstance(data, dict):

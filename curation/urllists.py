@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from curation.config import ConfigError
-from curation.storage import write_json
+from curation.storage import file_sha256, write_json
 
 SUFFIXES = (".parquet", ".csv", ".tsv")
 
@@ -121,14 +120,6 @@ def check_url_lists(input_cfg) -> list[str]:
 INPUTS_FILE = "inputs.json"
 
 
-def _sha256(f: Path) -> str:
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fingerprint_url_lists(paths, previous: dict | None = None) -> dict[str, dict]:
     """{path: {size, mtime_ns, sha256}} of every URL file.  A file whose size and mtime match `previous` keeps its
     recorded hash (resuming costs a stat per file); any other file is hashed, so a rewrite at the same path, or a
@@ -140,7 +131,7 @@ def fingerprint_url_lists(paths, previous: dict | None = None) -> dict[str, dict
             entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
             old = (previous or {}).get(str(f.resolve()))
             same_stat = old and {k: old.get(k) for k in entry} == entry
-            out[str(f.resolve())] = {**entry, "sha256": old["sha256"] if same_stat else _sha256(f)}
+            out[str(f.resolve())] = {**entry, "sha256": old["sha256"] if same_stat else file_sha256(f)}
         except OSError as err:
             raise ConfigError(f"input error: {f}: cannot read: {_one_line(err)}") from None
     return out

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from curation import accounting
 from curation.images import ImageRejected, decode_image, encode_jpeg, resize_max_side
 from curation.stages.base import Stage, Unit
-from curation.storage import TarShardWriter, atomic_path, write_json, write_table
+from curation.storage import TarShardWriter, atomic_path, temporary_link, write_json, write_table
 from curation.urllists import read_url_lists
 from curation.urlsafety import Refused, UrlPolicy, install_safe_opener
 
@@ -128,6 +128,15 @@ class DownloadStage(Stage):
         if not plan_file.exists():
             self._make_plan(plan_file)
         plan = json.loads(plan_file.read_text())
+        lost = [s for s, _ in plan["shards"] if not (self.inputs / f"{s}.arrow").exists()]
+        if lost or not accounting.ledger_path(self.root, self.name, "precheck").exists():
+            # an input shard or the precheck drops were deleted: planning is deterministic, so redo it (never
+            # shrink the accounting), and refuse if it no longer gives the same plan
+            self._make_plan(plan_file)
+            again = json.loads(plan_file.read_text())
+            if again != plan:
+                raise RuntimeError(f"{plan_file}: re-planning the lost inputs gave a different plan (the URL lists "
+                                   "changed since the run started); use a new run_root")
         return [Unit(s, {"rows": n}) for s, n in plan["shards"]]
 
     def _make_plan(self, plan_file: Path) -> None:
@@ -227,7 +236,10 @@ class DownloadStage(Stage):
             user_agent_token=self.dl.user_agent_token,
             disallowed_header_directives=self.dl.disallowed_header_directives,
         )
-        ok, _ = downloader((int(unit.id), str(self.inputs / f"{unit.id}.arrow")))
+        # img2dataset deletes the shard file it was given: hand it a temporary link, so the input outlives the
+        # unit's completion marker (a unit killed after that delete, or whose ledger is removed, can be redone).
+        with temporary_link(self.inputs / f"{unit.id}.arrow") as consumable:
+            ok, _ = downloader((int(unit.id), str(consumable)))
         if not ok:
             raise RuntimeError(f"img2dataset failed on shard {unit.id} (traceback above)")
         rows = sorted(sink["rows"], key=lambda r: r["row_id"])
