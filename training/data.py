@@ -117,12 +117,19 @@ def _iter_unit(kind: str, unit: str) -> Iterator[tuple[str, Callable[[], bytes]]
         yield from pick()
 
 
+_WARNED: set[str] = set()
+
+
 def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    """The members up to the first unreadable header (a truncated or corrupt shard ends there)."""
+    """The members up to the first unreadable header (a truncated or corrupt shard ends there; logged once per
+    process, as every DataLoader worker walks the same shards)."""
     try:
         yield from tar
-    except (tarfile.TarError, OSError, EOFError):
-        return
+    except (tarfile.TarError, OSError, EOFError) as e:
+        if tar.name not in _WARNED:
+            _WARNED.add(tar.name)
+            log.warning("shard %s is unreadable past byte %d (%s): its remaining samples are skipped", tar.name,
+                        tar.offset, e)
 
 
 class MultiCropStream(IterableDataset):

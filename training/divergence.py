@@ -39,8 +39,9 @@ def grad_norm(params: list[torch.Tensor]) -> float:
 
 def _check(what: str, value: float, bound: float, key: str, iteration: int) -> None:
     if not math.isfinite(value) or (bound > 0 and value > bound):
+        shown = f"{value:.3g}" if math.isfinite(value) else f"{value} (non-finite values, or beyond float32 range)"
         raise DivergenceError(
-            f"training diverged at iteration {iteration + 1}: {what} is {value:.3g} (bound {key}={bound:g}); "
+            f"training diverged at iteration {iteration + 1}: {what} is {shown} (bound {key}={bound:g}); "
             f"stopping without saving a checkpoint. Lower optim.base_lr (or raise {key} if this norm is expected)")
 
 

@@ -24,8 +24,10 @@ for what is per rank by design: KoLeo (within each rank's batch, as the referenc
 Logged losses are averaged over ranks. Each rank reads its own share of the shards. Checkpoints of multi-process
 runs are ``torch.distributed.checkpoint`` directories (training/checkpoint.py), resumable on any number of ranks.
 One iteration is ``Trainer.train_step(batch, it)``; ``train()`` adds data, resume, metrics and checkpoints.
-Metrics: one JSON object per line in ``OUTPUT/metrics.jsonl`` (``"type": "train"`` per iteration and
-``"type": "eval"``), plus a tqdm bar.
+Metrics: one JSON object per line in ``OUTPUT/metrics.jsonl`` (``"type": "train"`` per iteration,
+``"type": "eval"``, and ``"type": "data"`` per (re)start: the data check of training/shard_check.py and the
+parameter counts), plus a tqdm bar; ``lvd plot OUTPUT`` draws them (training/plot.py). A run stops, without
+saving, on a non-finite loss or exploding gradient / weight norms (training/divergence.py).
 """
 from __future__ import annotations
 

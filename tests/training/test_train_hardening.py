@@ -63,6 +63,23 @@ def test_garbage_and_truncated_shards_are_skipped_and_counted(tmp_path):
     assert len(train_rows) == 2 and all(r["undecodable_samples"] == 0 for r in train_rows)
 
 
+def test_large_datasets_walk_a_sample_of_shards_but_still_find_damaged_ones(tmp_path):
+    from training.shard_check import check_sources
+
+    data = tmp_path / "shards"
+    shards = write_shards(data, n_shards=6, per_shard=5)
+    shards[3].write_bytes(os.urandom(1500))
+    with tarfile.open(shards[4]) as tf:
+        second = [m for m in tf.getmembers() if m.name.endswith(".jpg")][1]
+    shards[4].write_bytes(shards[4].read_bytes()[: second.offset_data + 100])  # 1 sample left, 1 cut, 3 gone
+    full = check_sources(str(data))
+    assert (full.samples, full.samples_estimated, full.lost_samples) == (4 * 5 + 1, False, 1)
+    quick = check_sources(str(data), full_scan_shards=2)  # walks shards 0, 3 (+ 4: its size is not whole blocks)
+    assert list(quick.bad_units) == [str(shards[3])] and quick.truncated_units == [str(shards[4])]
+    assert quick.samples_estimated and quick.samples == 5 + 1 + 3 * 5  # 3 unwalked shards estimated at 5 each
+    assert quick.readable == full.readable
+
+
 def test_no_readable_shard_fails_with_one_line(tmp_path, capsys):
     data = tmp_path / "shards"
     for p in write_shards(data, n_shards=2, per_shard=2):
