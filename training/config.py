@@ -279,7 +279,9 @@ def _reset_arch_dims(data: dict[str, Any], overrides: list[str]) -> dict[str, An
     ``model.{embed_dim,depth,...}`` described the file's architecture and are dropped, unless overridden too."""
     keys = {ov.split("=", 1)[0].strip(): ov.split("=", 1)[1] for ov in overrides if "=" in ov}
     model = data.get("model")
-    if "model.arch" not in keys or not isinstance(model, dict) or _parse_value(keys["model.arch"]) == model.get("arch"):
+    if "model.arch" not in keys or not isinstance(model, dict):
+        return data
+    if _parse_value(keys["model.arch"]) == model.get("arch"):
         return data
     dropped = [k for k in ARCH_KEYS if k in model and f"model.{k}" not in keys]
     if dropped:

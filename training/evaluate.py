@@ -23,8 +23,8 @@ from torchvision.transforms import functional as TF
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .data import IMAGE_EXTS
 
-__all__ = ["list_labelled_folder", "check_eval_folders", "extract_features", "knn_classify", "knn_accuracy", "linear_probe_accuracy",
-           "evaluate_backbone"]
+__all__ = ["list_labelled_folder", "check_eval_folders", "extract_features", "knn_classify", "knn_accuracy",
+           "linear_probe_accuracy", "evaluate_backbone"]
 
 
 def list_labelled_folder(root: str | Path) -> tuple[list[str], list[int], list[str]]:

@@ -50,7 +50,8 @@ class SourceReport:
 
     def summary(self) -> str:
         what = "shards" if self.kind == "tar" else "image files"
-        text = (f"dataset: {'~' if self.samples_estimated else ''}{self.samples} samples in {len(self.readable)} {what} "
+        approx = "~" if self.samples_estimated else ""
+        text = (f"dataset: {approx}{self.samples} samples in {len(self.readable)} {what} "
                 f"({self.total_bytes / 2**20:.1f} MiB)")
         if self.bad_units:
             text += f"; skipped {len(self.bad_units)} unreadable {what}"

@@ -379,10 +379,10 @@ def _log_start(trainer: Trainer, source: SourceReport, metrics: MetricsWriter, s
         log.warning("skipped unreadable %s: %s", unit, reason)
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in trainer.student.items()}
     bb = trainer.student["backbone"]
+    heads = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items() if k != "backbone")
     log.info("model: %s (embed_dim %d, depth %d, %d heads) %.2fM params; heads %s; student %.2fM params, teacher "
-             "the same (EMA)", trainer.cfg.model.arch, bb.embed_dim, bb.depth, bb.num_heads, counts["backbone"] / 1e6,
-             ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items() if k != "backbone"),
-             sum(counts.values()) / 1e6)
+             "the same (EMA)", trainer.cfg.model.arch, bb.embed_dim, bb.depth, bb.num_heads,
+             counts["backbone"] / 1e6, heads, sum(counts.values()) / 1e6)
     metrics.write({"type": "data", "iteration": start_iter, **source.row(),
                    "params": counts, "global_batch": trainer.batch_size * trainer.world})
 
@@ -429,11 +429,16 @@ def train(cfg: TrainConfig, data: str | list[str], output_dir: str | os.PathLike
 
 def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -> dict[str, Any]:
     rank, world = info.rank, info.world
+    # before creating anything: bad --data fails fast (DataError, one line), a one-class eval folder too
+    source = check_sources(data)
+    if cfg.eval.train_dir:
+        from .evaluate import check_eval_folders
+
+        check_eval_folders(cfg.eval.train_dir, cfg.eval.val_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for p in remove_stale_temporaries(out):
             log.info("removed %s, left by an interrupted checkpoint save", p)
-    source = check_sources(data)  # before building the models: bad --data fails fast, with one line
     trainer = Trainer(cfg, info)
     if world > 1:
         log.info("rank %d/%d: strategy %s on %s", rank, world, trainer.strategy, trainer.device)

@@ -228,6 +228,7 @@ def test_exploding_gradient_bound_is_configurable(tmp_path, capsys):
 def test_missing_data_and_export_paths_fail_with_one_line(tmp_path, capsys):
     assert _train(tmp_path, tmp_path / "nope", tmp_path / "out") == 2
     assert str(tmp_path / "nope") in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
     assert export_main([str(tmp_path / "nope"), "-o", str(tmp_path / "b.pth")]) == 2
     assert "no such checkpoint" in _one_line(capsys.readouterr().err)
     (tmp_path / "empty").mkdir()
