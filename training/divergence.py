@@ -13,7 +13,8 @@ import math
 
 import torch
 
-__all__ = ["DivergenceError", "weight_norm", "grad_norm", "check_grad_norms", "check_weight_norm"]
+__all__ = ["DivergenceError", "weight_norm", "grad_norm", "check_grad_norms", "check_weight_norm",
+           "check_resumed_weights"]
 
 
 class DivergenceError(FloatingPointError):
@@ -37,19 +38,35 @@ def grad_norm(params: list[torch.Tensor]) -> float:
     return _total_norm([p.grad for p in params if p.grad is not None])
 
 
-def _check(what: str, value: float, bound: float, key: str, iteration: int) -> None:
-    if not math.isfinite(value) or (bound > 0 and value > bound):
-        shown = f"{value:.3g}" if math.isfinite(value) else f"{value} (non-finite values, or beyond float32 range)"
-        raise DivergenceError(
-            f"training diverged at iteration {iteration + 1}: {what} is {shown} (bound {key}={bound:g}); "
-            f"stopping without saving a checkpoint. Lower optim.base_lr (or raise {key} if this norm is expected)")
+def _describe(what: str, value: float, bound: float, key: str) -> str | None:
+    """None when ``value`` is within ``bound``, else the text naming the norm, its value and the bound."""
+    if math.isfinite(value) and not (bound > 0 and value > bound):
+        return None
+    shown = f"{value:.3g}" if math.isfinite(value) else f"{value} (non-finite values, or beyond float32 range)"
+    return f"{what} is {shown} (bound {key}={bound:g})"
+
+
+def _raise_diverged(problem: str | None, key: str, iteration: int) -> None:
+    if problem is not None:
+        raise DivergenceError(f"training diverged at iteration {iteration + 1}: {problem}; stopping without saving "
+                              f"a checkpoint. Lower optim.base_lr (or raise {key} if this norm is expected)")
 
 
 def check_grad_norms(norms: dict[str, float], bound: float, iteration: int) -> None:
     """``norms``: pre-clip gradient norm per module (``backbone``, ``dino_head``, ...)."""
     for name, value in norms.items():
-        _check(f"the {name} gradient norm", value, bound, "optim.max_grad_norm", iteration)
+        _raise_diverged(_describe(f"the {name} gradient norm", value, bound, "optim.max_grad_norm"),
+                        "optim.max_grad_norm", iteration)
 
 
 def check_weight_norm(value: float, bound: float, iteration: int) -> None:
-    _check("the student weight norm", value, bound, "optim.max_weight_norm", iteration)
+    _raise_diverged(_describe("the student weight norm", value, bound, "optim.max_weight_norm"),
+                    "optim.max_weight_norm", iteration)
+
+
+def check_resumed_weights(value: float, bound: float, checkpoint: str) -> None:
+    """A checkpoint written without this guard (or with a higher bound) may hold diverged weights."""
+    problem = _describe("the student weight norm", value, bound, "optim.max_weight_norm")
+    if problem is not None:
+        raise DivergenceError(f"checkpoint {checkpoint} holds diverged weights: {problem}. Delete it to resume "
+                              f"from the one before, or start in a new --output with a lower optim.base_lr")

@@ -55,7 +55,8 @@ from .checkpoint import (backbone_from_state, find_latest_checkpoint, load_train
                          set_rng_state)
 from .config import ConfigError, TrainConfig, load_config
 from .data import MultiCropStream, make_loader
-from .divergence import DivergenceError, check_grad_norms, check_weight_norm, grad_norm, weight_norm
+from .divergence import (DivergenceError, check_grad_norms, check_resumed_weights, check_weight_norm, grad_norm,
+                         weight_norm)
 from .shard_check import DataError, SourceReport, check_sources
 from .distributed import (DistInfo, all_reduce_mean, all_reduce_sum, allreduce_gradients, broadcast_module,
                           clip_grad_norm, ema_update, init_distributed, reshard, resolve_strategy, shard_models)
@@ -451,6 +452,8 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
     latest = _latest_checkpoint(out, world)
     if latest is not None:
         meta = trainer.load(latest)
+        if cfg.optim.max_weight_norm > 0:
+            check_resumed_weights(weight_norm(trainer.all_params), cfg.optim.max_weight_norm, str(latest))
         start_iter = start_batch = int(meta["iteration"])
         pos = meta["data_position"]
         if pos.get("world_size", 1) == world:

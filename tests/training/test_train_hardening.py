@@ -212,6 +212,15 @@ def test_exploding_lr_stops_before_saving_exploded_weights(tmp_path, capsys):
     assert _train(tmp_path, data, out, "--max-steps", "3", cfg=cfg) == 0
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [1, 2, 3] and all(0 < r["weight_norm"] < 1e3 for r in rows)
+    # a checkpoint of exploded weights written without the guard (as before it existed) is named on resume
+    old = tmp_path / "old"
+    off = ("optim.max_weight_norm=0", "optim.max_grad_norm=0")
+    assert _train(tmp_path, data, old, "--max-steps", "3", "optim.base_lr=1e30", *off, cfg=cfg) == 3
+    capsys.readouterr()
+    assert (old / "checkpoints" / "checkpoint_00000002.pt").exists()
+    assert _train(tmp_path, data, old, "--max-steps", "3", cfg=cfg) == 3
+    line = _one_line(capsys.readouterr().err)
+    assert "checkpoint_00000002.pt holds diverged weights" in line and "optim.max_weight_norm" in line
 
 
 def test_exploding_gradient_bound_is_configurable(tmp_path, capsys):
