@@ -4,7 +4,9 @@ torch's own check (``ManagerWatchdog``) runs only between two fetches, so a work
 (a shard on a stalled filesystem, a big decode) outlives a killed parent. ``exit_with_parent`` (the
 ``worker_init_fn`` of ``training.data.make_loader``) closes that gap twice: on Linux the kernel sends the worker
 SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``; checked once after the call, for a parent that died
-before it), and on every platform a daemon thread polls the parent once a second and ends the worker.
+before it), and on every platform a daemon thread polls the parent once a second and ends the worker. (The
+kernel signal follows the *thread* that started the workers: the one iterating the loader, which lives as long as
+the loader is used, also in a Ray Train worker.)
 """
 from __future__ import annotations
 
