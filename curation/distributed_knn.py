@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.partitions import Partition, PartitionPlan, iter_query_blocks, read_partition
-from curation.storage import atomic_path, write_json
+from curation.storage import tmp_path
 
 SCORE_BYTES = 64 * 2**20  # the torch path scores at most this many bytes of a query block at once
 
@@ -355,6 +355,24 @@ def _block_name(start: int, wave: int | None = None) -> str:
     return f"block-{start:012d}" + ("" if wave is None else f".w{wave:04d}") + ".parquet"
 
 
+def _scratch(path: Path, write) -> None:
+    """Write a working file atomically (temporary name, rename) without recording it as a unit output: block
+    results and partial waves are the search's resumable state, not the stage's outputs (partials are deleted)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj) -> None:
+    _scratch(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, sort_keys=True)))
+
+
 def write_block(path: Path, start: int, sims: np.ndarray, ids: np.ndarray) -> None:
     n, k = ids.shape
     table = pa.table({
@@ -362,8 +380,7 @@ def write_block(path: Path, start: int, sims: np.ndarray, ids: np.ndarray) -> No
         "ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), k),
         "sims": pa.FixedSizeListArray.from_arrays(pa.array(sims.reshape(-1)), k),
     })
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    _scratch(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_block(path: Path) -> tuple[int, np.ndarray, np.ndarray]:
@@ -380,8 +397,7 @@ def write_edges(path: Path, start: int, sims: np.ndarray, ids: np.ndarray, thres
     mask = (sims > threshold) & (ids >= 0)
     src = np.repeat(np.arange(start, start + len(ids), dtype=np.int64), ids.shape[1])[mask.ravel()]
     table = pa.table({"src": pa.array(src), "dst": pa.array(ids[mask]), "sim": pa.array(sims[mask])})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    _scratch(path, lambda tmp: pq.write_table(table, tmp))
 
 
 @dataclass
@@ -425,7 +441,7 @@ def partitioned_knn(queries, db: PartitionPlan, k: int, out_dir: str | Path, *, 
         shutil.rmtree(out)
     (out / "edges").mkdir(parents=True, exist_ok=True)
     if not sig_path.exists():
-        write_json(sig_path, sig)
+        _write_json(sig_path, sig)
     own = workers is None
     workers = workers or Workers(db, placement)
     waves = workers.waves
@@ -434,7 +450,7 @@ def partitioned_knn(queries, db: PartitionPlan, k: int, out_dir: str | Path, *, 
     if not width_path.exists() or _read_json(width_path) != [len(w) for w in waves]:
         for partial in out.glob("block-*.w*.parquet"):  # merged over other waves: not resumable here
             partial.unlink()
-        write_json(width_path, [len(w) for w in waves])
+        _write_json(width_path, [len(w) for w in waves])
 
     def done_wave(start: int) -> int:
         """Last wave whose partitions are merged into this block's stored result (-1: none)."""

@@ -18,6 +18,13 @@ import time
 from pathlib import Path
 
 
+#: On Linux, `ray start --node-ip-address=127.0.0.1` replaces 127.0.0.1 by the machine's own address, and the GCS,
+#: raylet and object manager then listen on every interface.  With this variable Ray keeps a loopback node address
+#: (what it does on macOS/Windows, where it supports no multi-node clusters), and its servers bind to 127.0.0.1 only.
+#: The head accepts no other node then, which is what a local head is for.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
 def _node_args(num_cpus: int | None, resources: dict | None) -> list[str]:
     """`ray start` options for one node: CPUs, custom resources, and free ports for its agents (two raylets on one
     machine would otherwise both take the default agent ports)."""
@@ -144,8 +151,9 @@ class RayJobClient:
 
 
 class LocalRayHead(RayJobClient):
-    """`ray start --head` on 127.0.0.1 with free ports and a private temp dir; `stop()` stops exactly this
-    cluster's processes (only if we started it), never other Ray clusters on the machine."""
+    """`ray start --head` bound to 127.0.0.1 (see :data:`LOOPBACK_ENV`) with free ports, token authentication and
+    a private temp dir; `stop()` stops exactly this cluster's processes (only if we started it), never other Ray
+    clusters on the machine."""
 
     def __init__(self, num_cpus: int | None = None, temp_dir: str | None = None, resources: dict | None = None):
         self.num_cpus = num_cpus
@@ -178,7 +186,7 @@ class LocalRayHead(RayJobClient):
         cmd += _node_args(self.num_cpus, self.resources)
         if self.temp_dir:
             cmd.append(f"--temp-dir={self.temp_dir}")
-        proc = subprocess.run(cmd, env=ray_env(), capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=ray_env(LOOPBACK_ENV), capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"ray start failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         self.started = True
@@ -193,7 +201,7 @@ class LocalRayHead(RayJobClient):
         before = self._alive_nodes()
         cmd = [_ray_bin(), "start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
                "--disable-usage-stats", *_node_args(num_cpus, resources)]
-        proc = subprocess.run(cmd, env=ray_env(), capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=ray_env(LOOPBACK_ENV), capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"ray start (worker node) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         self.workers.append({"num_cpus": num_cpus, "resources": resources or {}})

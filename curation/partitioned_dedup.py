@@ -45,8 +45,10 @@ def _pool_vs_eval(pool: PartitionPlan, evals: np.ndarray, k: int, eval_threshold
 
 def partitioned_dedup_graph(pool: PartitionPlan, evals: np.ndarray, k: int, threshold: float,
                             eval_threshold: float, work_dir: str | Path, placement: Placement | None = None,
-                            block: int = 65_536) -> dict[str, np.ndarray]:
-    """Nodes 0..n-1 are pool rows (plan order), n..n+m-1 evaluation rows; the keys of dedup_graph's result."""
+                            block: int = 65_536, links: tuple[np.ndarray, np.ndarray] | None = None
+                            ) -> dict[str, np.ndarray]:
+    """Nodes 0..n-1 are pool rows (plan order), n..n+m-1 evaluation rows; the keys of dedup_graph's result.
+    `links` are extra pool-pool edges (the hash groups), joined into the components like the searched edges."""
     work = Path(work_dir)
     placement = placement or Placement()
     n, m = pool.rows, len(evals)
@@ -64,6 +66,8 @@ def partitioned_dedup_graph(pool: PartitionPlan, evals: np.ndarray, k: int, thre
     batches = edge_batches(self_run.edges, batch_edges=batch)
     if eval_run is not None:
         batches = itertools.chain(batches, edge_batches(eval_run.edges, dst_offset=n, batch_edges=batch))
+    if links is not None:
+        batches = itertools.chain(batches, [(np.asarray(links[0], np.int64), np.asarray(links[1], np.int64))])
     labels = streamed_components(n + m, batches)
     self_sims, self_ids = self_run.results() if n else (np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64))
     if n and n <= k:  # fewer rows than k + 1: drop the padding columns, as an unpadded search would

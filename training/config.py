@@ -6,6 +6,7 @@ An "epoch" is ``optim.iters_per_epoch`` iterations (the reference's OFFICIAL_EPO
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -106,6 +107,10 @@ class OptimConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     fused_adamw: bool | Literal["auto"] = Field(
         "auto", description="torch's fused AdamW kernel (one launch for all parameters); auto: on CUDA")
+    max_grad_norm: float = Field(1e6, ge=0, description="stop (no checkpoint) when a module's pre-clip gradient "
+                                 "norm exceeds this; 0: off. See training/divergence.py")
+    max_weight_norm: float = Field(1e6, ge=0, description="stop (no checkpoint) when the student's weight norm "
+                                   "exceeds this; 0: off")
 
     @model_validator(mode="after")
     def _check(self):
@@ -188,6 +193,30 @@ class DistributedConfig(_Strict):
         "auto", description="auto: fsdp (FSDP2 sharding) on several processes; ddp_allreduce: full replicas")
 
 
+class DistillConfig(_Strict):
+    """``mode: distill`` (training/distill.py): a frozen, larger pretrained teacher and the configured (smaller)
+    model as the student; the student's EMA is the run's "teacher" in checkpoints, evaluation and export."""
+    teacher: str | None = Field(None, description="the frozen teacher: an `lvd export` .pth (+ .json), an official "
+                                "DINOv2 backbone .pth, an lvd training checkpoint (file or output dir: its EMA teacher "
+                                "with heads) or a reference DINOv2 training checkpoint (teacher.backbone/heads keys)")
+    teacher_arch: str | None = Field(None, description="architecture of an official .pth without sidecar "
+                                                       "(default: inferred from the tensor shapes)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.teacher_arch is not None and self.teacher_arch not in ARCHS:
+            raise ValueError(f"unknown teacher_arch {self.teacher_arch!r}; known: {', '.join(sorted(ARCHS))}")
+        return self
+
+
+class HighResConfig(_Strict):
+    """The final high-resolution phase (training/high_res.py): the last ``iterations`` iterations of the schedules
+    run at these crop sizes; position embeddings are interpolated once to the new global grid when it starts."""
+    iterations: int = Field(0, ge=0, description="0: no high-resolution phase")
+    global_crops_size: int = Field(518, gt=0)
+    local_crops_size: int | None = Field(None, gt=0, description="default: crops.local_crops_size")
+
+
 class TrainConfig(_Strict):
     model: ModelConfig = ModelConfig()
     head: HeadConfig = HeadConfig()
@@ -200,6 +229,9 @@ class TrainConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
+    mode: Literal["pretrain", "distill"] = "pretrain"
+    distill: DistillConfig = DistillConfig()
+    high_res: HighResConfig = HighResConfig()
     seed: int = 0
     max_steps: int | None = Field(None, ge=0, description="stop after this iteration (default: epochs * iters)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -215,6 +247,17 @@ class TrainConfig(_Strict):
                            ("crops.local_crops_size", self.crops.local_crops_size)):
             if size % p:
                 raise ValueError(f"{name} ({size}) must be a multiple of model.patch_size ({p})")
+        hr = self.high_res
+        if hr.iterations:
+            for name, size in (("high_res.global_crops_size", hr.global_crops_size),
+                               ("high_res.local_crops_size", hr.local_crops_size or self.crops.local_crops_size)):
+                if size % p:
+                    raise ValueError(f"{name} ({size}) must be a multiple of model.patch_size ({p})")
+            if hr.iterations >= self.total_iters:
+                raise ValueError(f"high_res.iterations ({hr.iterations}) must be below the run's "
+                                 f"{self.total_iters} iterations (it is their final part)")
+        if self.mode == "distill" and not self.distill.teacher:
+            raise ValueError("mode distill needs distill.teacher (the frozen teacher's checkpoint)")
         return self
 
     @property
@@ -266,6 +309,26 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+ARCH_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "ffn_layer", "num_register_tokens")
+
+
+def _reset_arch_dims(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """An override naming another ``model.arch`` brings that architecture's dims: the config file's explicit
+    ``model.{embed_dim,depth,...}`` described the file's architecture and are dropped, unless overridden too."""
+    keys = {ov.split("=", 1)[0].strip(): ov.split("=", 1)[1] for ov in overrides if "=" in ov}
+    model = data.get("model")
+    if "model.arch" not in keys or not isinstance(model, dict):
+        return data
+    if _parse_value(keys["model.arch"]) == model.get("arch"):
+        return data
+    dropped = [k for k in ARCH_KEYS if k in model and f"model.{k}" not in keys]
+    if dropped:
+        logging.getLogger("lvd.train").info(
+            "model.arch=%s replaces %s: its dims apply (dropped the config's %s)", _parse_value(keys["model.arch"]),
+            model.get("arch"), ", ".join(f"model.{k}={model[k]}" for k in dropped))
+    return {**data, "model": {k: v for k, v in model.items() if k not in dropped}}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 raw: dict[str, Any] | None = None) -> TrainConfig:
     data: dict[str, Any] = {}
@@ -276,7 +339,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config error: {path} must hold a mapping at the top level")
     if raw:
         data = {**data, **raw}
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(_reset_arch_dims(data, overrides or []), overrides or [])
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as e:

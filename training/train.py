@@ -24,8 +24,12 @@ for what is per rank by design: KoLeo (within each rank's batch, as the referenc
 Logged losses are averaged over ranks. Each rank reads its own share of the shards. Checkpoints of multi-process
 runs are ``torch.distributed.checkpoint`` directories (training/checkpoint.py), resumable on any number of ranks.
 One iteration is ``Trainer.train_step(batch, it)``; ``train()`` adds data, resume, metrics and checkpoints.
-Metrics: one JSON object per line in ``OUTPUT/metrics.jsonl`` (``"type": "train"`` per iteration and
-``"type": "eval"``), plus a tqdm bar.
+Variants: ``mode: distill`` takes the targets from a frozen pretrained teacher and keeps the student's EMA as the
+run's teacher (training/distill.py); ``high_res`` runs the last iterations at bigger crops (training/high_res.py).
+Metrics: one JSON object per line in ``OUTPUT/metrics.jsonl`` (``"type": "train"`` per iteration,
+``"type": "eval"``, and ``"type": "data"`` per (re)start: the data check of training/shard_check.py and the
+parameter counts), plus a tqdm bar; ``lvd plot OUTPUT`` draws them (training/plot.py). A run stops, without
+saving, on a non-finite loss or exploding gradient / weight norms (training/divergence.py).
 """
 from __future__ import annotations
 
@@ -48,10 +52,15 @@ import yaml
 from torch import nn
 
 from .augment import AugmentConfig, MultiCropAugmentation
-from .checkpoint import (backbone_from_state, find_latest_checkpoint, load_training_state, rng_state,
-                         save_checkpoint, save_distributed_checkpoint, set_rng_state)
+from .checkpoint import (backbone_from_state, find_latest_checkpoint, load_training_state,
+                         remove_stale_temporaries, rng_state, save_checkpoint, save_distributed_checkpoint,
+                         set_rng_state)
 from .config import ConfigError, TrainConfig, load_config
 from .data import MultiCropStream, make_loader
+from . import high_res
+from .divergence import (DivergenceError, check_grad_norms, check_resumed_weights, check_weight_norm, grad_norm,
+                         weight_norm)
+from .shard_check import DataError, SourceReport, check_sources
 from .distributed import (DistInfo, all_reduce_mean, all_reduce_sum, allreduce_gradients, broadcast_module,
                           clip_grad_norm, ema_update, init_distributed, reshard, resolve_strategy, shard_models)
 from .heads import DINOHead
@@ -109,6 +118,20 @@ def _head_logits(heads: nn.ModuleDict, cls: list[torch.Tensor], patches: torch.T
     return list(parts[:-1]), parts[-1]
 
 
+def teacher_probs(dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, cls_logits: torch.Tensor,
+                  patch_logits: torch.Tensor | None, temp: float, centering: str):
+    """The teacher's DINO (and iBOT) probabilities at temperature ``temp``; with centering, the centres are
+    updated after use."""
+    cls_logits = cls_logits.float()
+    dino_probs = dino_loss.teacher_probs(cls_logits, temp, centering)
+    ibot_probs = None if patch_logits is None else ibot_loss.teacher_probs(patch_logits.float(), temp, centering)
+    if centering == "centering":
+        dino_loss.update_center(cls_logits)
+        if patch_logits is not None:
+            ibot_loss.update_center(patch_logits.float())
+    return dino_probs, ibot_probs
+
+
 def forward_losses(student, teacher, dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, batch: dict[str, Any],
                    cfg: TrainConfig, teacher_temp: float, device: torch.device, autocast) -> dict[str, torch.Tensor]:
     gc = batch["global_crops"].to(device, non_blocking=True)
@@ -129,13 +152,8 @@ def forward_losses(student, teacher, dino_loss: DINOLoss, ibot_loss: iBOTPatchLo
         t_patch = t["x_norm_patchtokens"].flatten(0, 1)[mask_idx] if do_ibot else None
         (t_cls_logits,), t_patch_logits = _head_logits(teacher, [t["x_norm_clstoken"]], t_patch)
         reshard(teacher)  # FSDP2 keeps roots unsharded after forward; the teacher has no backward
-        t_cls_logits = t_cls_logits.float()
-        dino_probs = dino_loss.teacher_probs(t_cls_logits, teacher_temp, centering)
-        ibot_probs = ibot_loss.teacher_probs(t_patch_logits.float(), teacher_temp, centering) if do_ibot else None
-        if centering == "centering":
-            dino_loss.update_center(t_cls_logits)
-            if do_ibot:
-                ibot_loss.update_center(t_patch_logits.float())
+        dino_probs, ibot_probs = teacher_probs(dino_loss, ibot_loss, t_cls_logits, t_patch_logits, teacher_temp,
+                                               centering)
 
     with autocast():
         inputs = [gc, lc] if n_local else [gc]
@@ -177,7 +195,10 @@ class MetricsWriter:
         self.enabled = enabled
 
     def truncate_after(self, iteration: int) -> None:
-        """On resume drop rows of iterations after the checkpoint (they are recomputed identically)."""
+        """On a (re)start at ``iteration`` (0: no checkpoint) drop what the previous run wrote after its last
+        checkpoint, which this run recomputes identically: rows of later iterations and, at ``iteration``
+        itself, all but the train row and the periodic eval (which runs before the save); nothing of a run
+        killed before its first checkpoint is kept."""
         if not self.enabled or not self.path.exists():
             return
         keep = []
@@ -186,7 +207,8 @@ class MetricsWriter:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a half-written last line from a killed run
-            if int(row.get("iteration", 0)) <= iteration:
+            at = int(row.get("iteration", 0))
+            if at < iteration or (at == iteration > 0 and row.get("type") in ("train", "eval")):
                 keep.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(l + "\n" for l in keep))
@@ -213,7 +235,8 @@ def build_stream(cfg: TrainConfig, data: str | list[str], rank: int = 0, world: 
     grid = c.global_crops_size // cfg.model.patch_size
     mask_gen = MaskingGenerator(grid, min_num_patches=cfg.masking.min_num_patches, min_aspect=cfg.masking.min_aspect)
     return MultiCropStream(data, augment, cfg.optim.batch_size_per_gpu, mask_gen,
-                           tuple(cfg.masking.mask_ratio_min_max), cfg.masking.mask_probability, seed=cfg.seed,
+                           tuple(cfg.masking.mask_ratio_min_max),
+                           0.0 if cfg.mode == "distill" else cfg.masking.mask_probability, seed=cfg.seed,
                            rank=rank, world_size=world, shuffle_buffer=cfg.data.shuffle_buffer,
                            start_batch=start_batch)
 
@@ -250,6 +273,12 @@ class Trainer:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and rank 0's are broadcast)
         student, teacher, self.backbone_info = build_models(cfg)
+        self.high_res = False  # inside the high-resolution phase (training/high_res.py)
+        self.distill_teacher = None  # mode distill: the frozen teacher (``teacher`` is then the student's EMA)
+        if cfg.mode == "distill":
+            from .distill import build_distill_teacher
+
+            self.distill_teacher = build_distill_teacher(cfg, student, teacher).to(self.device)
         student.to(self.device)
         teacher.to(self.device)
         self.strategy = resolve_strategy(cfg.distributed.strategy, self.world)
@@ -296,8 +325,13 @@ class Trainer:
         ll_lr, temp_it = sched["last_layer_lr"][it], sched["teacher_temp"][it]
         apply_schedules(self.optimizer, lr_it, wd_it, ll_lr)
         self.optimizer.zero_grad(set_to_none=True)
-        terms = forward_losses(self.student, self.teacher, self.dino_loss, self.ibot_loss, batch, cfg, temp_it,
-                               self.device, self.autocast)
+        if self.distill_teacher is not None:
+            from .distill import distill_forward_losses
+
+            terms = distill_forward_losses(self, batch, temp_it)
+        else:
+            terms = forward_losses(self.student, self.teacher, self.dino_loss, self.ibot_loss, batch, cfg, temp_it,
+                                   self.device, self.autocast)
         values = all_reduce_mean(terms)  # global-batch loss values; every rank sees the same
         check_finite(values, it)
         terms["loss"].backward()
@@ -307,16 +341,24 @@ class Trainer:
         if cfg.optim.clip_grad > 0:  # per module, as the reference; the global norm over shards
             for name, ps in self.params_by_module.items():
                 grad_norms[name] = clip_grad_norm(ps, cfg.optim.clip_grad)
+        elif cfg.optim.max_grad_norm > 0:
+            grad_norms = {name: grad_norm(ps) for name, ps in self.params_by_module.items()}
+        check_grad_norms(grad_norms, cfg.optim.max_grad_norm, it)  # before the step: never apply an exploded one
         if it < self.freeze_iters:
             for p in self.last_layer_params:
                 p.grad = None
         self.optimizer.step()
+        w_norm = {}
+        if cfg.optim.max_weight_norm > 0:
+            w_norm["weight_norm"] = weight_norm(self.all_params)
+            check_weight_norm(w_norm["weight_norm"], cfg.optim.max_weight_norm, it)
         ema_update(self.teacher, self.student, mom_it)
         return {"type": "train", "step": it, "iteration": it + 1, "epoch": it / cfg.optim.iters_per_epoch,
                 **{f"{k}_loss" if k != "loss" else "loss": v for k, v in values.items()},
                 "lr": lr_it, "wd": wd_it, "momentum": mom_it, "teacher_temp": temp_it,
                 "n_masked_patches": int(batch["n_masked_patches"]),
-                **{f"grad_norm_{k}": v for k, v in grad_norms.items()}}
+                **{f"grad_norm_{k}": v for k, v in grad_norms.items()}, **w_norm,
+                "undecodable_samples": int(batch.get("n_undecodable", 0))}
 
     # ------------------------------------------------------------------ state
     def full_state_dict(self, which: str = "teacher") -> dict[str, torch.Tensor]:
@@ -353,6 +395,41 @@ class Trainer:
         return meta
 
 
+def _log_start(trainer: Trainer, source: SourceReport, metrics: MetricsWriter, start_iter: int) -> None:
+    """The dataset and model sizes in the log, and the data check as the ``"type": "data"`` metrics row."""
+    if trainer.rank != 0:
+        return
+    log.info("%s", source.summary())
+    for unit, reason in list(source.bad_units.items())[:20]:
+        log.warning("skipped unreadable %s: %s", unit, reason)
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in trainer.student.items()}
+    bb = trainer.student["backbone"]
+    heads = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items() if k != "backbone")
+    log.info("model: %s (embed_dim %d, depth %d, %d heads) %.2fM params; heads %s; student %.2fM params, teacher "
+             "the same (EMA)", trainer.cfg.model.arch, bb.embed_dim, bb.depth, bb.num_heads,
+             counts["backbone"] / 1e6, heads, sum(counts.values()) / 1e6)
+    metrics.write({"type": "data", "iteration": start_iter, **source.row(),
+                   "params": counts, "global_batch": trainer.batch_size * trainer.world})
+
+
+class _Throughput:
+    """Logs the training speed once, over the first iterations after the first (which includes warm-up)."""
+
+    def __init__(self, start_iter: int, images_per_iter: int, over: int = 10):
+        self.start, self.images, self.over = start_iter, images_per_iter, over
+        self.t1: float | None = None
+
+    def step(self, it: int) -> None:
+        done = it - self.start
+        if done == 1:
+            self.t1 = time.time()
+        elif self.t1 is not None and done == 1 + self.over:
+            rate = self.over / max(time.time() - self.t1, 1e-9)
+            log.info("throughput: %.3g it/s, %.3g img/s (global batch %d; iterations %d-%d)", rate,
+                     rate * self.images, self.images, self.start + 2, it)
+            self.t1 = None
+
+
 def _latest_checkpoint(out: Path, world: int) -> Path | None:
     """Rank 0's choice, so that every rank resumes from the same checkpoint."""
     latest = find_latest_checkpoint(out)
@@ -377,9 +454,19 @@ def train(cfg: TrainConfig, data: str | list[str], output_dir: str | os.PathLike
 
 def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -> dict[str, Any]:
     rank, world = info.rank, info.world
+    # before creating anything: bad --data fails fast (DataError, one line), a one-class eval folder too
+    source = check_sources(data)
+    if cfg.eval.train_dir:
+        from .evaluate import check_eval_folders
+
+        check_eval_folders(cfg.eval.train_dir, cfg.eval.val_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        for p in remove_stale_temporaries(out):
+            log.info("removed %s, left by an interrupted checkpoint save", p)
     trainer = Trainer(cfg, info)
+    high_res.check_supported(trainer)
+    hr_start = high_res.phase_start(cfg)
     if world > 1:
         log.info("rank %d/%d: strategy %s on %s", rank, world, trainer.strategy, trainer.device)
     bs = trainer.batch_size
@@ -390,7 +477,11 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
     resume_rng = None
     latest = _latest_checkpoint(out, world)
     if latest is not None:
+        if high_res.in_phase(cfg, latest):
+            high_res.enter_high_res(trainer)  # the checkpoint holds the high-resolution grid
         meta = trainer.load(latest)
+        if cfg.optim.max_weight_norm > 0:
+            check_resumed_weights(weight_norm(trainer.all_params), cfg.optim.max_weight_norm, str(latest))
         start_iter = start_batch = int(meta["iteration"])
         pos = meta["data_position"]
         if pos.get("world_size", 1) == world:
@@ -400,13 +491,16 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
             log.info("checkpoint written by %s rank(s), resumed on %d: data position approximate",
                      pos.get("world_size", 1), world)
         log.info("resumed from %s at iteration %d", latest, start_iter)
-        metrics.truncate_after(start_iter)
+    metrics.truncate_after(start_iter)
+    _log_start(trainer, source, metrics, start_iter)
     if rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
     # samples consumed before a resume on the same world size are skipped exactly (start_batch = iteration)
-    stream = build_stream(cfg, data, rank=rank, world=world, start_batch=start_batch)
-    loader = make_loader(stream, cfg.data.num_workers)
+    def open_data(first_batch: int):
+        stream = build_stream(high_res.phase_config(cfg) if trainer.high_res else cfg, source.readable, rank=rank,
+                              world=world, start_batch=first_batch)
+        return iter(make_loader(stream, cfg.data.num_workers))
 
     def run_eval(iteration: int) -> dict[str, Any] | None:
         e = cfg.eval
@@ -447,18 +541,25 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
                    mininterval=0.1 if interactive else 10.0)
     it = start_iter
     t0 = time.time()
+    throughput = _Throughput(start_iter, bs * world, over=min(10, total_iters - start_iter - 1))
     last_row: dict[str, Any] = {}
-    data_iter = iter(loader)
+    data_iter = open_data(start_batch)
     if resume_rng is not None:
         set_rng_state(resume_rng)
     try:
         while it < total_iters:
+            if it == hr_start and not trainer.high_res:
+                if it % cfg.checkpoint.period_iters and it > start_iter:
+                    save(it)  # the checkpoint the phase starts from
+                high_res.enter_high_res(trainer)
+                data_iter = open_data(start_batch + it - start_iter)
             batch = next(data_iter)
             row = trainer.train_step(batch, it)
             row["time"] = time.time() - t0
             metrics.write(row)
             last_row = row
             it += 1
+            throughput.step(it)
             if bar is not None:
                 if it % cfg.log_every == 0 or it == total_iters:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
@@ -516,6 +617,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(str(e), file=sys.stderr)
         return 2
+    try:  # what would fail late (after training, or inside Ray workers) fails now, with one line
+        if cfg.eval.train_dir:
+            from .evaluate import check_eval_folders
+
+            check_eval_folders(cfg.eval.train_dir, cfg.eval.val_dir)
+        if args.ray_workers > 0:
+            check_sources(args.data)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.ray_workers > 0:
             from .ray_launch import run_ray_train
@@ -523,9 +634,15 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_ray_train(cfg, args.data, args.output, args.ray_workers, args.ray_address)
         else:
             summary = train(cfg, args.data, args.output)
-    except NonFiniteLossError as e:
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, DivergenceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except (ConfigError, FileNotFoundError) as e:  # found while setting up (distill teacher, high_res phase)
+        print(str(e) if isinstance(e, ConfigError) else f"error: {e}", file=sys.stderr)
+        return 2
     if summary.get("rank", 0) != 0:
         return 0  # torchrun: rank 0 exports and prints the summary
     if args.export:

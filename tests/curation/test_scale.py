@@ -241,9 +241,11 @@ def test_partitioned_dedup_graph_equals_the_stage_graph(pool, tmp_path, n_eval):
     evals = (evals / np.maximum(np.linalg.norm(evals, axis=1, keepdims=True), 1e-12)).astype(np.float32)
     evals = evals.reshape(n_eval, D)
     four = plan_partitions(paths, _budget_gb(N, D, 4))
+    links = (np.array([0, 5, 4000]), np.array([17, 3000, 5999]))  # extra pool-pool edges (hash groups)
     got = partitioned_dedup_graph(four, evals, 6, THRESHOLD, 0.45, tmp_path / "g", Placement(searchers=2),
-                                  block=1000)
-    ref = dedup_graph(x, evals, 6, THRESHOLD, 0.45, device="cpu")
+                                  block=1000, links=links)
+    ref = dedup_graph(x, evals, 6, THRESHOLD, 0.45, device="cpu", links=links)
+    assert got["labels"][0] == got["labels"][17] and got["labels"][4000] == got["labels"][5999]
     assert np.array_equal(got["labels"], ref["labels"])
     _same_neighbours(ref["self_sims"], ref["self_ids"], got["self_sims"], got["self_ids"], D)
     if n_eval:

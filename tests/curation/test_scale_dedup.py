@@ -28,8 +28,8 @@ def _dedup_run(tmp, worker_memory_gb=None):
     urls = tmp / "urls.csv"
     tmp.mkdir(parents=True, exist_ok=True)
     urls.write_text("url\nhttp://x.test/a\n")
-    accounting.write_ledger(root, "hash", "final",
-                            accounting.make_ledger("hash", keys, [f"u{k}" for k in keys], [None] * N))
+    accounting.write_ledger(root, "filter", "00000",
+                            accounting.make_ledger("filter", keys, [f"u{k}" for k in keys], [None] * N))
     for i, s in enumerate(range(0, N, SHARD)):
         write_table(root / "sscd" / "pool" / f"part-{i:05d}.parquet",
                     descriptor_table(keys[s:s + SHARD], x[s:s + SHARD], "pool"), "descriptors")
