@@ -119,7 +119,7 @@ def main(argv=None):
     import ray
 
     work = Path(tempfile.mkdtemp(prefix="scale-bench-"))
-    head = LocalRayHead(num_cpus=args.cpus)
+    head = LocalRayHead(num_cpus=args.cpus)  # bound to loopback: one node
     try:
         head.start()
         ray.init(address=head.address, logging_level="WARNING")

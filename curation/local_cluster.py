@@ -155,8 +155,12 @@ class LocalRayHead(RayJobClient):
     a private temp dir; `stop()` stops exactly this cluster's processes (only if we started it), never other Ray
     clusters on the machine."""
 
-    def __init__(self, num_cpus: int | None = None, temp_dir: str | None = None, resources: dict | None = None):
+    def __init__(self, num_cpus: int | None = None, temp_dir: str | None = None, resources: dict | None = None,
+                 loopback: bool = True):
         self.num_cpus = num_cpus
+        # loopback=False: Ray binds its servers to every interface, as on Linux by default, so that worker nodes
+        # (add_worker) can join; a head bound to loopback accepts no other node
+        self.loopback = loopback
         self.resources = resources
         self.workers: list[dict] = []  # worker nodes started by add_worker(): their ports and marks
         self.temp_dir = temp_dir
@@ -186,7 +190,8 @@ class LocalRayHead(RayJobClient):
         cmd += _node_args(self.num_cpus, self.resources)
         if self.temp_dir:
             cmd.append(f"--temp-dir={self.temp_dir}")
-        proc = subprocess.run(cmd, env=ray_env(LOOPBACK_ENV), capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=ray_env(LOOPBACK_ENV if self.loopback else None), capture_output=True,
+                              text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"ray start failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         self.started = True
@@ -198,10 +203,12 @@ class LocalRayHead(RayJobClient):
         `resources`, so placement can really spread over nodes.  stop() stops it with the head."""
         if not self.started:
             raise RuntimeError("start the head before adding worker nodes")
+        if self.loopback:
+            raise RuntimeError("a head bound to loopback accepts no worker node: use LocalRayHead(loopback=False)")
         before = self._alive_nodes()
         cmd = [_ray_bin(), "start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
                "--disable-usage-stats", *_node_args(num_cpus, resources)]
-        proc = subprocess.run(cmd, env=ray_env(LOOPBACK_ENV), capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=ray_env(), capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"ray start (worker node) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         self.workers.append({"num_cpus": num_cpus, "resources": resources or {}})

@@ -42,7 +42,7 @@ def test_two_node_partitioned_dedup_graph_and_kmeans_equal_the_in_process_run(tm
     ref = partitioned_knn(one, one, K, tmp_path / "ref", exclude_self=True, edge_threshold=THRESHOLD, block=8192)
     ref_km = partitioned_kmeans(one, Workers(one, Placement(device="cpu")), 64, niter=6, seed=1)
 
-    head = LocalRayHead(num_cpus=1, resources={"node_a": 1})
+    head = LocalRayHead(num_cpus=1, resources={"node_a": 1}, loopback=False)  # a worker node joins it
     marks = None
     try:
         head.start()
