@@ -73,6 +73,24 @@ class RayConfig(Section):
     local: bool = Field(False, description="run shard tasks in this process, without Ray (debugging)")
 
 
+class ScaleConfig(Section):
+    """How the global steps (dedup's k-NN graph, retrieval's k-NN and k-means) spread over a Ray cluster.
+
+    Run-time choices like ``ray``: they change where the work runs, not what exact search and Lloyd k-means
+    produce, so a run may resume with other values."""
+
+    worker_memory_gb: Annotated[float, Field(gt=0)] = Field(
+        16.0, description="per-worker memory budget: the vectors of one partition take at most a third of it "
+        "(the rest: the search index copy and the Arrow read); a pool that fits one partition runs in-process")
+    query_block: PositiveInt = Field(65_536, description="queries per streamed block (one result file each)")
+    searchers: Annotated[int, Field(ge=0)] = Field(
+        0, description="partitions held at once (one searcher actor each); 0 = one per GPU, else per CPU of the "
+        "cluster")
+    partitioned: Literal["auto", "always"] = Field(
+        "auto", description="auto: the partitioned path only for a pool larger than one partition; always: also "
+        "for one (cluster retrieval then runs Lloyd k-means, as at scale, instead of in-process FAISS k-means)")
+
+
 class DownloadConfig(Section):
     shard_size: PositiveInt = Field(10_000, description="URLs per download shard")
     threads: Annotated[int, Field(ge=1, le=1024)] = Field(32, description="download threads per shard task")
@@ -303,6 +321,7 @@ class CurateConfig(Section):
     stages: list[StageName] = Field(default_factory=lambda: list(STAGE_ORDER))
     input: InputConfig
     ray: RayConfig = RayConfig()
+    scale: ScaleConfig = ScaleConfig()
     download: DownloadConfig = DownloadConfig()
     filter: FilterConfig = FilterConfig()
     hash: HashConfig = HashConfig()
@@ -325,7 +344,7 @@ class CurateConfig(Section):
     def identity(self) -> dict[str, Any]:
         """The part of the config that fixes a run's output: everything but run-time choices (stages, ray)."""
         d = self.model_dump(mode="json")
-        for k in ("stages", "ray"):
+        for k in ("stages", "ray", "scale"):
             d.pop(k)
         return d
 
@@ -427,7 +446,7 @@ def dump_config(cfg: CurateConfig) -> str:
 def check_resume(cfg: CurateConfig, saved_text: str) -> None:
     """Refuse to continue a run whose saved config differs (outside run-time choices); show a diff."""
     saved = yaml.safe_load(saved_text) or {}
-    for k in ("stages", "ray"):
+    for k in ("stages", "ray", "scale"):
         saved.pop(k, None)
     a = yaml.safe_dump(saved, sort_keys=True).splitlines()
     b = yaml.safe_dump(cfg.identity(), sort_keys=True).splitlines()

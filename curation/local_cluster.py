@@ -25,6 +25,20 @@ from pathlib import Path
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+def _node_args(num_cpus: int | None, resources: dict | None) -> list[str]:
+    """`ray start` options for one node: CPUs, custom resources, and free ports for its agents (two raylets on one
+    machine would otherwise both take the default agent ports)."""
+    import json
+
+    args = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+    if num_cpus is not None:
+        args.append(f"--num-cpus={num_cpus}")
+    if resources:
+        args.append(f"--resources={json.dumps(resources)}")
+    return args
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -141,8 +155,14 @@ class LocalRayHead(RayJobClient):
     a private temp dir; `stop()` stops exactly this cluster's processes (only if we started it), never other Ray
     clusters on the machine."""
 
-    def __init__(self, num_cpus: int | None = None, temp_dir: str | None = None):
+    def __init__(self, num_cpus: int | None = None, temp_dir: str | None = None, resources: dict | None = None,
+                 loopback: bool = True):
         self.num_cpus = num_cpus
+        # loopback=False: Ray binds its servers to every interface, as on Linux by default, so that worker nodes
+        # (add_worker) can join; a head bound to loopback accepts no other node
+        self.loopback = loopback
+        self.resources = resources
+        self.workers: list[dict] = []  # worker nodes started by add_worker(): their ports and marks
         self.temp_dir = temp_dir
         self._own_temp_dir = temp_dir is None
         self.gcs_port = free_port()
@@ -167,16 +187,48 @@ class LocalRayHead(RayJobClient):
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
             f"--ray-client-server-port={self.client_port}", "--disable-usage-stats",
         ]
-        if self.num_cpus is not None:
-            cmd.append(f"--num-cpus={self.num_cpus}")
+        cmd += _node_args(self.num_cpus, self.resources)
         if self.temp_dir:
             cmd.append(f"--temp-dir={self.temp_dir}")
-        proc = subprocess.run(cmd, env=ray_env(LOOPBACK_ENV), capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=ray_env(LOOPBACK_ENV if self.loopback else None), capture_output=True,
+                              text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"ray start failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         self.started = True
         self._wait_dashboard()
         return self
+
+    def add_worker(self, num_cpus: int = 1, resources: dict | None = None, timeout: float = 90.0) -> None:
+        """Start a second raylet on this machine joining the head (a "worker node"), with its own ports and custom
+        `resources`, so placement can really spread over nodes.  stop() stops it with the head."""
+        if not self.started:
+            raise RuntimeError("start the head before adding worker nodes")
+        if self.loopback:
+            raise RuntimeError("a head bound to loopback accepts no worker node: use LocalRayHead(loopback=False)")
+        before = self._alive_nodes()
+        cmd = [_ray_bin(), "start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
+               "--disable-usage-stats", *_node_args(num_cpus, resources)]
+        proc = subprocess.run(cmd, env=ray_env(), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ray start (worker node) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        self.workers.append({"num_cpus": num_cpus, "resources": resources or {}})
+        deadline = time.time() + timeout
+        while self._alive_nodes() <= before:
+            if time.time() > deadline:
+                raise RuntimeError("the worker node did not join the head")
+            time.sleep(0.5)
+
+    def _alive_nodes(self) -> int:
+        proc = subprocess.run([_ray_bin(), "list", "nodes", "--address", self.address, "--filter", "state=ALIVE",
+                               "--format", "json"], env=ray_env(), capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            return 0
+        import json
+
+        try:
+            return len(json.loads(proc.stdout))
+        except ValueError:
+            return 0
 
     def _wait_dashboard(self, timeout: float = 90.0) -> None:
         import urllib.error

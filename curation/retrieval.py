@@ -68,6 +68,14 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     return float(np.sum(hits) / exact_ids.size)
 
 
+def rerank_exact(q: np.ndarray, database: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each query's candidate rows (-1 = none) by exact inner product: (sims, ids)."""
+    exact = np.einsum("qd,qkd->qk", q, database[np.maximum(cand, 0)])
+    exact[cand < 0] = -np.inf
+    top = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(exact, top, 1), np.take_along_axis(cand, top, 1)
+
+
 @dataclass
 class SearchResult:
     sims: np.ndarray  # float32 [nq, k]
@@ -89,10 +97,7 @@ def search(queries: np.ndarray, database: np.ndarray, k: int, index: str = "exac
         # PQ codes rank coarsely: take rerank * k candidates, re-rank them with the exact vectors (held anyway)
         kk = min(len(database), rerank * k)
         _, cand = idx.search(q, kk)
-        exact = np.einsum("qd,qkd->qk", q, database[np.maximum(cand, 0)])
-        exact[cand < 0] = -np.inf
-        top = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-        sims, ids = np.take_along_axis(exact, top, 1), np.take_along_axis(cand, top, 1)
+        sims, ids = rerank_exact(q, database, cand, k)
         desc += f",rerank{kk}"
     else:
         sims, ids = idx.search(q, k)

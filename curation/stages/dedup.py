@@ -59,7 +59,11 @@ import pyarrow.parquet as pq
 
 from curation import accounting
 from curation.components import connected_components, first_of_equal, pick_one_per_component
+from curation.distributed_knn import Placement
 from curation.knn import knn_search, resolve_device
+from curation.partitioned_dedup import partitioned_dedup_graph
+from curation.partitioned_pool import in_ray, pool_plan
+from curation.partitions import plan_keys
 from curation.stages.base import Stage, Unit
 from curation.stages.hash import hamming
 from curation.storage import read_table, write_table
@@ -226,8 +230,16 @@ class DedupStage(Stage):
         info = read_hash_info(self.root, keys)
         linked = np.flatnonzero(info.group != np.arange(n))
         device = resolve_device(dc.device)
-        g = dedup_graph(X, E, dc.k, dc.threshold, dc.eval_threshold, device=device,
-                        links=(linked, info.group[linked]))
+        links = (linked, info.group[linked])
+        plan = pool_plan(sorted((self.root / "sscd" / "pool").glob("part-*.parquet")), None, self.cfg.scale)
+        if plan is not None and plan_keys(plan) == keys:  # issue 10: the k-NN search by partitions on searcher
+            # actors (files in key order, as the sscd stage writes them; X is still read whole for the details)
+            g = partitioned_dedup_graph(plan, E, dc.k, dc.threshold, dc.eval_threshold, self.dir / "_partitioned",
+                                        Placement(use_ray=in_ray() and not self.cfg.ray.local, device=dc.device,
+                                                  searchers=self.cfg.scale.searchers), self.cfg.scale.query_block,
+                                        links=links)
+        else:
+            g = dedup_graph(X, E, dc.k, dc.threshold, dc.eval_threshold, device=device, links=links)
         labels = g["labels"]
         node_keys = np.array(keys + eval_keys, dtype=object)
 

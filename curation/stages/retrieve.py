@@ -19,7 +19,9 @@ keeping its best match: highest similarity, ties to the set listed first); ``sta
 ``stats/cluster_stats.parquet``; and the ledger unit ``final`` for the pool keys received (kept = selected, else
 ``not_selected``, or ``embed_failed`` for images the embedder could not decode).
 
-The pool is held in memory as float32 (N x D x 4 bytes: 40 GB for 10M x 1024), once per worker process.
+The pool is held in memory as float32 (N x D x 4 bytes: 40 GB for 10M x 1024), once per worker process, while a
+third of ``scale.worker_memory_gb`` holds it; a larger pool is searched and clustered by partitions
+(:mod:`curation.partitioned_pool`: searcher actors, Lloyd k-means; results under ``retrieve/_partitioned/``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import pyarrow as pa
 
 from curation import accounting
 from curation import retrieval as R
+from curation.partitioned_pool import PartitionedPool, pool_plan
 from curation.samples import iter_image_set
 from curation.stages.base import Stage, Unit
 from curation.storage import atomic_path, read_table, read_tables, write_json, write_table
@@ -105,6 +108,15 @@ class RetrieveStage(Stage):
     def is_done(self, unit: Unit) -> bool:
         return (self._set_dir(unit.payload["name"]) / "summary.json").exists()
 
+    def _partitioned_pool(self, method: str) -> PartitionedPool | None:
+        """The pool as partitions of ``scale.worker_memory_gb`` when it needs more than one (sample and cluster
+        retrieval; balanced sampling still loads the pool)."""
+        if method not in ("sample", "cluster"):
+            return None
+        files = sorted((self.root / "embed" / "pool").glob("part-*.parquet"))
+        plan = pool_plan(files, input_keys(self.root, self.name)["key"], self.cfg.scale)
+        return PartitionedPool(plan, self.cfg, self.dir / "_partitioned", self.cfg.retrieve.device) if plan else None
+
     # -- one anchor set ----------------------------------------------------------------------------------------
     def run_unit(self, unit: Unit) -> dict:
         name, method = unit.payload["name"], unit.payload["method"]
@@ -121,14 +133,19 @@ class RetrieveStage(Stage):
                                     "anchor_key": keys}, n)
             summary.update(anchors=n, retrieved=n, sims=[])
         else:
-            pkeys, pvecs, inputs = load_pool(self.root)
+            pool = self._partitioned_pool(method)  # None while the pool fits one worker's budget
+            pkeys, pvecs, inputs = (pool.keys, pool, input_keys(self.root, self.name)) if pool else load_pool(self.root)
             urls = dict(zip(inputs["key"].to_pylist(), inputs["url"].to_pylist()))
-            if method == "sample":
-                sel, neighbors, summary = self._sample(acfg, pkeys, pvecs, urls, summary)
-            elif method == "cluster":
-                sel, clusters, summary = self._cluster(acfg, pkeys, pvecs, urls, summary)
-            else:
-                sel, clusters, summary = self._balanced(pkeys, pvecs, urls, summary)
+            try:
+                if method == "sample":
+                    sel, neighbors, summary = self._sample(acfg, pkeys, pvecs, urls, summary)
+                elif method == "cluster":
+                    sel, clusters, summary = self._cluster(acfg, pkeys, pvecs, urls, summary)
+                else:
+                    sel, clusters, summary = self._balanced(pkeys, pvecs, urls, summary)
+            finally:
+                if pool:
+                    pool.close()
         sims = summary.pop("sims")
         summary.update(_quantiles(sims), selected=sel.num_rows)
         if neighbors.num_rows:
@@ -142,9 +159,12 @@ class RetrieveStage(Stage):
     def _sample(self, acfg, pkeys, pvecs, urls, summary):
         rc = self.cfg.retrieve
         akeys, avecs = _anchor_vectors(self.root, acfg.name)
-        res = R.search(avecs, pvecs, acfg.k, rc.index, nlist=rc.nlist, nprobe=rc.nprobe, pq_m=rc.pq_m,
-                       recall_sample=rc.recall_sample, seed=self.cfg.seed, device=rc.device,
-                       rerank=rc.pq_rerank)
+        if isinstance(pvecs, PartitionedPool):
+            res = pvecs.search(avecs, acfg.k, acfg.name, rc.recall_sample)
+        else:
+            res = R.search(avecs, pvecs, acfg.k, rc.index, nlist=rc.nlist, nprobe=rc.nprobe, pq_m=rc.pq_m,
+                           recall_sample=rc.recall_sample, seed=self.cfg.seed, device=rc.device,
+                           rerank=rc.pq_rerank)
         nq, k = res.ids.shape
         ok = res.ids.reshape(-1) >= 0
         pk = np.asarray(pkeys, dtype=object)
@@ -169,12 +189,16 @@ class RetrieveStage(Stage):
     def _pool_kmeans(self, pvecs, C: int):
         """Pool k-means with C clusters, cached under retrieve/_kmeans (shared by sets with the same C)."""
         rc = self.cfg.retrieve
-        path = self.dir / "_kmeans" / f"pool-C{C}-seed{self.cfg.seed}-n{len(pvecs)}.npz"
+        lloyd = isinstance(pvecs, PartitionedPool)  # Lloyd iterations over the partitions
+        path = self.dir / "_kmeans" / f"pool-C{C}-seed{self.cfg.seed}-n{len(pvecs)}{'-lloyd' if lloyd else ''}.npz"
         if path.exists():
             z = np.load(path)
             return z["centroids"], z["labels"]
-        cents = R.kmeans(pvecs, C, rc.kmeans_iters, self.cfg.seed)
-        labels, _ = R.assign(pvecs, cents, rc.device)
+        if lloyd:
+            cents, labels = pvecs.kmeans(C, rc.kmeans_iters)
+        else:
+            cents = R.kmeans(pvecs, C, rc.kmeans_iters, self.cfg.seed)
+            labels, _ = R.assign(pvecs, cents, rc.device)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, centroids=cents, labels=labels)

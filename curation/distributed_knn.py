@@ -1,0 +1,483 @@
+"""k-NN search over a partitioned database, on Ray searcher actors or in-process (DINOv2 dedup and retrieval at
+cluster scale).
+
+* :class:`PartitionWorker` holds one partition's vectors (:mod:`curation.partitions`): it searches query blocks
+  against them (CPU: ``faiss.knn`` brute force on the held array, no index copy; ``ivf_flat`` / ``ivf_pq``: a FAISS
+  IVF index of the partition; CUDA: fp32 torch matmul + top-k on the device) and serves the Lloyd steps of
+  :mod:`curation.distributed_kmeans`.
+* :class:`Workers` places them: on Ray one actor per partition (``num_gpus=1`` each when the cluster has GPUs, else
+  Ray's ``memory`` resource = the worker budget, single-threaded FAISS; SPREAD over nodes), at most ``searchers``
+  partitions at once (auto: one per GPU, else one per cluster CPU as far as cluster memory holds the budgets); more
+  partitions run in *waves*.  Without Ray the partitions are loaded one at a time in this process.
+* :func:`partitioned_knn` streams query blocks through every partition and merges each query's top-k exactly
+  (order: similarity, then smaller global id, so the result does not depend on how the pool is partitioned).
+  Each finished block is one Parquet file (written under a temporary name and renamed); a rerun skips finished
+  blocks and, between waves, resumes from the last wave a block finished.  With ``edge_threshold`` each block also
+  writes the edges (query row, neighbour row, similarity) above it, for :mod:`curation.edge_components`.
+
+Memory per searcher: its partition (at most a third of ``scale.worker_memory_gb``), its IVF index when asked, one
+query block and the block's scores; the driver holds one query partition and one block's results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.partitions import Partition, PartitionPlan, iter_query_blocks, read_partition
+from curation.storage import tmp_path
+
+SCORE_BYTES = 64 * 2**20  # the torch path scores at most this many bytes of a query block at once
+
+
+# ------------------------------------------------------------------------------------------------- merging
+def merge_topk(sims: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k best of several candidate lists: highest similarity first, ties to the smaller id; id -1
+    (padding, similarity -inf) last.  Exact, and independent of how the candidates were split."""
+    s = np.concatenate(sims, 1)
+    i = np.concatenate(ids, 1)
+    s = np.where(i < 0, -np.inf, s).astype(np.float32)
+    tie = np.where(i < 0, np.iinfo(np.int64).max, i)
+    order = np.lexsort((tie, -s), axis=1)[:, :k]
+    s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+    if s.shape[1] < k:  # fewer candidates than k: pad
+        pad = k - s.shape[1]
+        s = np.hstack([s, np.full((len(s), pad), -np.inf, np.float32)])
+        i = np.hstack([i, np.full((len(i), pad), -1, np.int64)])
+    return s, i
+
+
+def drop_self(sims: np.ndarray, ids: np.ndarray, first_row: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's own row from a pool x pool result of k + 1 columns -> k columns (own match anywhere in
+    the list, with exact duplicates it need not be first; when absent, the last column goes)."""
+    own = ids == (first_row + np.arange(len(ids)))[:, None]
+    own[~own.any(1), -1] = True
+    keep = ~own
+    return sims[keep].reshape(len(ids), -1), ids[keep].reshape(len(ids), -1)
+
+
+# ------------------------------------------------------------------------------------------------- worker
+class PartitionWorker:
+    """One partition in memory: k-NN search and Lloyd statistics against it (a Ray actor or a local object)."""
+
+    def __init__(self, part: Partition, keys_filter=None, device: str = "cpu", index: str = "exact",
+                 nlist: int = 0, nprobe: int = 32, seed: int = 0, threads: int = 0, pq_m: int = 0,
+                 rerank: int = 0):
+        import faiss
+
+        if threads:
+            faiss.omp_set_num_threads(threads)
+        self.part = part
+        _, self.x = read_partition(part, keys_filter, with_keys=False)
+        self.device = device
+        self.ivf = None
+        self.index = "exact"
+        if index != "exact" and len(self.x) >= 2:
+            from curation.retrieval import build_ivf
+
+            self.ivf, self.index = build_ivf(self.x, index, nlist, nprobe, pq_m, seed=seed)
+        self.rerank = rerank if index == "ivf_pq" else 0
+        if self.rerank > 1:
+            self.index += f",rerank{self.rerank}x"
+        self.xt = None
+        if device.startswith("cuda"):
+            import torch
+
+            self.xt = torch.from_numpy(self.x).to(device)
+
+    def info(self) -> dict:
+        """Where this worker runs and its peak memory so far (ru_maxrss: kB on Linux)."""
+        try:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        except ImportError:  # pragma: no cover
+            node = "local"
+        return {"partition": self.part.index, "rows": len(self.x), "pid": os.getpid(), "node": node,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "index": self.index}
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of each query in this partition: (sims float32 [nq, k], global ids int64 [nq, k]), -1 padded."""
+        n = len(self.x)
+        kk = min(k, n)
+        q = np.ascontiguousarray(q, np.float32)
+        if kk == 0 or len(q) == 0:
+            sims, ids = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        elif self.ivf is not None and self.rerank > 1:
+            # PQ codes rank coarsely: rerank * k candidates re-ranked with the exact vectors this worker holds
+            from curation.retrieval import rerank_exact
+
+            _, cand = self.ivf.search(q, min(n, self.rerank * kk))
+            sims, ids = rerank_exact(q, self.x, cand, kk)
+        elif self.ivf is not None:
+            sims, ids = self.ivf.search(q, kk)
+        elif self.xt is not None:
+            sims, ids = self._search_torch(q, kk)
+        else:
+            import faiss
+
+            sims, ids = faiss.knn(q, self.x, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        ids = np.asarray(ids, np.int64)
+        sims = np.where(ids < 0, -np.inf, sims).astype(np.float32)
+        ids = np.where(ids < 0, -1, ids + self.part.offset)
+        return merge_topk([sims], [ids], k)
+
+    def _search_torch(self, q: np.ndarray, k: int):
+        import torch
+
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 products
+        try:
+            step = max(1, SCORE_BYTES // (4 * len(self.x)))
+            sims, ids = [], []
+            with torch.inference_mode():
+                for s in range(0, len(q), step):
+                    qt = torch.from_numpy(q[s:s + step]).to(self.xt.device)
+                    v, i = torch.topk(qt @ self.xt.T, k, dim=1)
+                    sims.append(v.cpu().numpy())
+                    ids.append(i.cpu().numpy())
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+        return np.concatenate(sims), np.concatenate(ids)
+
+    # -- Lloyd k-means (curation.distributed_kmeans) ------------------------------------------------------------
+    def _assign_chunks(self, centroids: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        from curation.retrieval import assign
+
+        device = self.device if self.device.startswith("cuda") else "cpu"
+        step = max(1, SCORE_BYTES // (4 * (self.x.shape[1] + 1)))  # assign copies a chunk with one extra column
+        for s in range(0, len(self.x), step):
+            labels, d2 = assign(self.x[s:s + step], centroids, device=device)
+            yield s, labels, d2
+
+    def lloyd_stats(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """Per-centroid float64 sums and int64 counts of the partition's vectors assigned to them, and the summed
+        squared distance."""
+        k, d = centroids.shape
+        sums = np.zeros((k, d), np.float64)
+        counts = np.zeros(k, np.int64)
+        inertia = 0.0
+        for s, labels, d2 in self._assign_chunks(centroids):
+            chunk = self.x[s:s + len(labels)].astype(np.float64)
+            order = np.argsort(labels, kind="stable")
+            uniq, starts = np.unique(labels[order], return_index=True)
+            sums[uniq] += np.add.reduceat(chunk[order], starts, axis=0)
+            counts += np.bincount(labels, minlength=k)
+            inertia += float(d2.astype(np.float64).sum())
+        return sums, counts, inertia
+
+    def assign(self, centroids: np.ndarray) -> np.ndarray:
+        """Nearest centroid (L2) of every row, int64."""
+        out = np.empty(len(self.x), np.int64)
+        for s, labels, _ in self._assign_chunks(centroids):
+            out[s:s + len(labels)] = labels
+        return out
+
+    def take(self, local_rows: np.ndarray) -> np.ndarray:
+        return self.x[np.asarray(local_rows, np.int64)]
+
+
+# ------------------------------------------------------------------------------------------------- placement
+@dataclass
+class Placement:
+    use_ray: bool = False
+    searchers: int = 0  # partitions held at once; 0 = auto
+    device: str = "auto"  # "auto": CUDA searchers when the cluster (or this machine) has GPUs
+    index: str = "exact"
+    nlist: int = 0
+    nprobe: int = 32
+    pq_m: int = 0
+    rerank: int = 0  # ivf_pq: re-rank this many x k candidates exactly
+    seed: int = 0
+
+
+class Workers:
+    """Opens PartitionWorkers for a plan, wave by wave; keeps them open across calls when one wave holds all."""
+
+    def __init__(self, plan: PartitionPlan, placement: Placement):
+        self.plan = plan
+        self.pl = placement
+        self.infos: list[dict] = []  # info() of every worker opened, for peak-memory reports
+        self._held: list | None = None
+        if placement.use_ray:
+            import ray
+
+            self.ray = ray
+            total = ray.cluster_resources()
+            self.gpu = placement.device != "cpu" and total.get("GPU", 0) >= 1
+            # CPU searchers ask for the memory budget, not a CPU: the unit task that drives them holds one, and
+            # several units may run at once; waiting for CPUs they hold would deadlock
+            node_mem = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+            self.memory = int(min(plan.budget_bytes, 0.9 * node_mem)) if node_mem else 0
+            fit = int(total.get("memory", 0) // self.memory) if self.memory else len(plan.partitions)
+            auto = int(total.get("GPU", 0)) if self.gpu else max(1, min(int(total.get("CPU", 1)), fit))
+        else:
+            self.ray = None
+            self.gpu = placement.device.startswith("cuda") or (placement.device == "auto" and _local_cuda())
+            auto = 1  # in-process: one partition in memory at a time
+        self.width = max(1, min(placement.searchers or auto, len(plan.partitions) or 1))
+        self.device = "cuda" if self.gpu else "cpu"
+
+    @property
+    def waves(self) -> list[list[Partition]]:
+        ps = self.plan.partitions
+        return [ps[i:i + self.width] for i in range(0, len(ps), self.width)]
+
+    def open(self, parts: list[Partition]) -> list:
+        pl = self.pl
+        args = dict(keys_filter=self.plan.keys_filter, device=self.device, index=pl.index, nlist=pl.nlist,
+                    nprobe=pl.nprobe, seed=pl.seed, pq_m=pl.pq_m, rerank=pl.rerank)
+        if self.ray is None:
+            return [PartitionWorker(p, **args) for p in parts]
+        actor = self.ray.remote(PartitionWorker).options(
+            num_cpus=0, num_gpus=1 if self.gpu else 0, memory=0 if self.gpu else self.memory,
+            scheduling_strategy="SPREAD")
+        return [actor.remote(p, threads=0 if self.gpu else 1, **args) for p in parts]
+
+    def call(self, handles: list, method: str, *args) -> list:
+        if self.ray is None:
+            return [getattr(h, method)(*args) for h in handles]
+        refs = [self.ray.put(a) if isinstance(a, np.ndarray) else a for a in args]
+        return self.ray.get([getattr(h, method).remote(*refs) for h in handles])
+
+    def call_each(self, handles: list, method: str, per_handle_args: list) -> list:
+        """method(arg) on each handle with its own argument."""
+        if self.ray is None:
+            return [getattr(h, method)(a) for h, a in zip(handles, per_handle_args)]
+        return self.ray.get([getattr(h, method).remote(a) for h, a in zip(handles, per_handle_args)])
+
+    def close(self, handles: list) -> None:
+        try:
+            self.infos += self.call(handles, "info")
+        except Exception:  # noqa: BLE001 - a lost searcher has nothing to report; the others are stopped anyway
+            pass
+        finally:
+            if self.ray is not None:
+                for h in handles:
+                    self.ray.kill(h)
+
+    @contextlib.contextmanager
+    def opened(self, wave: int):
+        """The handles of wave `wave`: kept open (and reused) when one wave holds every partition, else opened
+        here and closed on exit."""
+        waves = self.waves
+        if len(waves) == 1:
+            if self._held is None:
+                self._held = self.open(waves[0])
+            yield self._held
+            return
+        handles = self.open(waves[wave])
+        try:
+            yield handles
+        finally:
+            self.close(handles)
+
+    def map(self, method: str, *args) -> list:
+        """method(*args) on every partition, results in partition order."""
+        out = []
+        for w in range(len(self.waves)):
+            with self.opened(w) as handles:
+                out += self.call(handles, method, *args)
+        return out
+
+    def release(self) -> None:
+        if self._held is not None:
+            self.close(self._held)
+            self._held = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _local_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+# ------------------------------------------------------------------------------------------------- search
+def _query_blocks(queries, block: int) -> Iterator[tuple[int, np.ndarray]]:
+    if isinstance(queries, PartitionPlan):
+        yield from iter_query_blocks(queries, block)
+    else:
+        q = np.ascontiguousarray(queries, np.float32)
+        for s in range(0, len(q), block):
+            yield s, q[s:s + block]
+
+
+def _block_starts(queries, block: int) -> list[int]:
+    """First row of every query block, as _query_blocks cuts them (blocks never straddle partitions)."""
+    if isinstance(queries, PartitionPlan):
+        return [p.offset + s for p in queries.partitions for s in range(0, p.rows, block)]
+    return list(range(0, len(queries), block))
+
+
+def _search_block(workers: "Workers", handles: list, out: Path, start: int, q: np.ndarray, kk: int, w: int,
+                  last: int, exclude_self: bool, edge_threshold: float | None) -> None:
+    """Search one query block in wave `w`'s partitions, merge with the earlier waves' result, store it."""
+    results = workers.call(handles, "search", q, kk)
+    sims = [r[0] for r in results]
+    ids = [r[1] for r in results]
+    if w > 0:
+        _, ps, pi = read_block(out / _block_name(start, w - 1))
+        sims.append(ps)
+        ids.append(pi)
+    s, i = merge_topk(sims, ids, kk)
+    if w < last:
+        write_block(out / _block_name(start, w), start, s, i)
+    else:
+        if exclude_self:
+            s, i = drop_self(s, i, start)
+        if edge_threshold is not None:
+            write_edges(out / "edges" / _block_name(start), start, s, i, edge_threshold)
+        write_block(out / _block_name(start), start, s, i)
+    if w > 0:
+        (out / _block_name(start, w - 1)).unlink(missing_ok=True)
+
+
+def _block_name(start: int, wave: int | None = None) -> str:
+    return f"block-{start:012d}" + ("" if wave is None else f".w{wave:04d}") + ".parquet"
+
+
+def _scratch(path: Path, write) -> None:
+    """Write a working file atomically (temporary name, rename) without recording it as a unit output: block
+    results and partial waves are the search's resumable state, not the stage's outputs (partials are deleted)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj) -> None:
+    _scratch(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, sort_keys=True)))
+
+
+def write_block(path: Path, start: int, sims: np.ndarray, ids: np.ndarray) -> None:
+    n, k = ids.shape
+    table = pa.table({
+        "query": pa.array(np.arange(start, start + n, dtype=np.int64)),
+        "ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), k),
+        "sims": pa.FixedSizeListArray.from_arrays(pa.array(sims.reshape(-1)), k),
+    })
+    _scratch(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def read_block(path: Path) -> tuple[int, np.ndarray, np.ndarray]:
+    t = pq.read_table(path)
+    n = t.num_rows
+    if n == 0:
+        return 0, np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64)
+    ids = t["ids"].combine_chunks().flatten().to_numpy().reshape(n, -1)
+    sims = t["sims"].combine_chunks().flatten().to_numpy().reshape(n, -1)
+    return int(t["query"][0].as_py()), sims.astype(np.float32), ids.astype(np.int64)
+
+
+def write_edges(path: Path, start: int, sims: np.ndarray, ids: np.ndarray, threshold: float) -> None:
+    mask = (sims > threshold) & (ids >= 0)
+    src = np.repeat(np.arange(start, start + len(ids), dtype=np.int64), ids.shape[1])[mask.ravel()]
+    table = pa.table({"src": pa.array(src), "dst": pa.array(ids[mask]), "sim": pa.array(sims[mask])})
+    _scratch(path, lambda tmp: pq.write_table(table, tmp))
+
+
+@dataclass
+class KnnRun:
+    out_dir: Path
+    blocks: list[Path]  # result files, in query order
+    edges: list[Path]  # edge files (with edge_threshold), in query order
+    partitions: int
+    waves: int
+    searchers: int  # partitions held at once
+    worker_infos: list[dict]
+    index: str
+
+    def results(self) -> tuple[np.ndarray, np.ndarray]:
+        """All blocks concatenated (sims, ids): only for results that fit in memory (anchors x k)."""
+        parts = [read_block(p) for p in self.blocks]
+        parts = [p for p in parts if p[1].size]
+        if not parts:
+            return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64)
+        return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
+
+def partitioned_knn(queries, db: PartitionPlan, k: int, out_dir: str | Path, *, placement: Placement | None = None,
+                    block: int = 65_536, exclude_self: bool = False, edge_threshold: float | None = None,
+                    workers: Workers | None = None) -> KnnRun:
+    """Top-`k` inner-product neighbours in `db` of every query (a PartitionPlan of the pool, or an array).
+
+    `exclude_self` (queries are `db` itself): each row's own match is removed.  Results: one Parquet file per query
+    block under `out_dir` (columns query, ids, sims; ids are global db rows, -1 padded).  A rerun with the same
+    inputs skips finished blocks; with other inputs (another plan signature, k or threshold) `out_dir` is
+    cleared first."""
+    out = Path(out_dir)
+    placement = placement or Placement()
+    kk = k + 1 if exclude_self else k
+    sig = {"db": db.signature(), "queries": queries.signature() if isinstance(queries, PartitionPlan) else
+           f"array:{len(queries)}", "k": k, "exclude_self": exclude_self, "edge_threshold": edge_threshold,
+           "block": block, "index": placement.index, "nlist": placement.nlist, "nprobe": placement.nprobe,
+           "pq_m": placement.pq_m, "rerank": placement.rerank, "seed": placement.seed}
+    sig_path = out / "plan.json"
+    if sig_path.exists() and _read_json(sig_path) != sig:
+        shutil.rmtree(out)
+    (out / "edges").mkdir(parents=True, exist_ok=True)
+    if not sig_path.exists():
+        _write_json(sig_path, sig)
+    own = workers is None
+    workers = workers or Workers(db, placement)
+    waves = workers.waves
+    last = len(waves) - 1
+    width_path = out / "waves.json"
+    if not width_path.exists() or _read_json(width_path) != [len(w) for w in waves]:
+        for partial in out.glob("block-*.w*.parquet"):  # merged over other waves: not resumable here
+            partial.unlink()
+        _write_json(width_path, [len(w) for w in waves])
+
+    def done_wave(start: int) -> int:
+        """Last wave whose partitions are merged into this block's stored result (-1: none)."""
+        if (out / _block_name(start)).exists():
+            return last
+        for w in range(last - 1, -1, -1):
+            if (out / _block_name(start, w)).exists():
+                return w
+        return -1
+
+    starts = _block_starts(queries, block)
+    try:
+        for w in range(len(waves)):
+            pending = {start for start in starts if done_wave(start) < w}
+            if not pending:
+                continue
+            with workers.opened(w) as handles:
+                for start, q in _query_blocks(queries, block):
+                    if start in pending:
+                        _search_block(workers, handles, out, start, q, kk, w, last, exclude_self, edge_threshold)
+    finally:
+        if own:
+            workers.release()
+    edges = [out / "edges" / _block_name(s) for s in starts] if edge_threshold is not None else []
+    return KnnRun(out, [out / _block_name(s) for s in starts], edges, len(db.partitions), len(waves),
+                  workers.width, workers.infos, placement.index)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
