@@ -243,7 +243,7 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.backends.cudnn.benchmark = False
         # bf16 autocast around the forward passes; parameters, gradients, optimizer state and the EMA stay fp32
-        # (also under FSDP2: no MixedPrecisionPolicy, so shards are all-gathered and reduce-scattered in fp32)
+        # (under FSDP2 shards are all-gathered / reduce-scattered in the dtypes of distributed.mixed_precision)
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
 
         random.seed(cfg.seed)
@@ -258,7 +258,10 @@ class Trainer:
             broadcast_module(teacher)
             torch.manual_seed(cfg.seed + self.rank)  # drop-path differs per rank
         if self.strategy == "fsdp":
-            shard_models(student, teacher)
+            shard_models(student, teacher, cfg.distributed.mixed_precision)
+        elif cfg.distributed.mixed_precision != type(cfg.distributed.mixed_precision)():
+            log.warning("distributed.mixed_precision applies to FSDP only; strategy %s trains in fp32 "
+                        "(plus bf16 autocast on CUDA)", self.strategy)
         if cfg.model.compile:  # per block (after sharding, so FSDP2's hooks stay outside the compiled graphs)
             for model in (student, teacher):
                 for block in model["backbone"].blocks:

@@ -5,6 +5,7 @@ Ranks are started with ``torch.multiprocessing.spawn`` (the process group is cre
 as a Ray job (``--ray-workers 2``).
 """
 import copy
+import math
 import os
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from lvd_train_testutils import REPO, TINY_CFG, read_metrics, write_shards, write_yaml, subprocess_env
 
+from tests.tolerance import approx, assert_close, rounding_tol
 from training.checkpoint import export_backbone, find_latest_checkpoint, load_checkpoint
 from training.config import load_config
 from training.distributed import DistInfo, init_distributed, shard_batch
@@ -67,6 +69,10 @@ CASES = {
         distributed__strategy="fsdp", loss__centering="sinkhorn_knopp", head__ibot_separate_head=True,
         head__ibot_n_prototypes=96, head__ibot_hidden_dim=64, head__ibot_bottleneck_dim=32),
     "ddp_allreduce_centering": _equality_cfg(distributed__strategy="ddp_allreduce"),
+    # the paper's mixed precision: backbone all-gathered, computed and reduce-scattered in bf16, heads in fp32
+    "fsdp_bf16_backbone": _equality_cfg(
+        distributed__strategy="fsdp",
+        distributed__mixed_precision={"backbone": {"param_dtype": "bf16", "reduce_dtype": "bf16"}}),
 }
 
 
@@ -91,12 +97,21 @@ def _run_steps(raw: dict, info: DistInfo) -> dict:
     raw = copy.deepcopy(raw)
     raw["optim"]["batch_size_per_gpu"] = B * WORLD // info.world
     trainer = Trainer(load_config(raw=raw), info)
+    dtypes = {}  # dtypes seen inside the forward (parameters unsharded by FSDP2)
+
+    def record(name):
+        def hook(module, args, output):
+            dtypes[name] = (module.weight.dtype, args[0].dtype, output.dtype)
+        return hook
+
+    trainer.student["backbone"].blocks[0].mlp.fc1.register_forward_hook(record("block"))
+    trainer.student["dino_head"].last_layer.register_forward_hook(record("head"))
     rows = []
     for it, gb in enumerate(_global_batches()):
         batch = shard_batch(gb, info.rank, info.world) if info.world > 1 else gb
         rows.append(trainer.train_step(batch, it))
     cls_token = trainer.student["backbone"].cls_token
-    return {"rows": rows, "teacher": trainer.full_state_dict("teacher"), "student": trainer.full_state_dict("student"),
+    return {"rows": rows, "dtypes": dtypes, "grad_dtype": cls_token.grad.dtype, "param_dtype": cls_token.dtype, "teacher": trainer.full_state_dict("teacher"), "student": trainer.full_state_dict("student"),
             "dino_center": trainer.dino_loss.center.clone(), "ibot_center": trainer.ibot_loss.center.clone(),
             "sharded": type(cls_token).__name__ == "DTensor", "strategy": trainer.strategy}
 
@@ -109,31 +124,79 @@ def _equality_rank(rank, world, port, out):
     dist.destroy_process_group()
 
 
+# Tolerances (tests/tolerance.py: depth x n_terms x eps x magnitude). The tiny model's longest reduction is the
+# MLP's inner dimension, 4 x 48 = 192 (the global batch of 8 images x 5 tokens and the 128 prototypes are
+# shorter); one forward + backward chains 2 blocks x (attention, MLP) + 3 head layers + the prototype layer = 8
+# reductions, and each of the 4 steps adds them again (Adam's step is ~lr whatever the gradient's rounding).
+K_TERMS = 4 * 48
+LAYERS = 2 * 2 + 3 + 1
+FP32 = {"n_terms": K_TERMS, "dtype": torch.float32}
+# bf16 backbone (parameters and activations; fp32 accumulation inside each matmul, as CPU and GPU bf16 kernels
+# do): every stage rounds its two operands and its output to bf16, a relative error of 3 u = 1.5 eps(bf16) per
+# stage that does not grow with the reduction length. The forward has 2 blocks x (norm, qkv, attention, proj, norm,
+# fc1, fc2) + patch embedding + final norm = 16 such stages, the backward as many again.
+BF16_STAGES = 2 * 7 + 2
+BF16_LOSS = {"n_terms": 1, "dtype": torch.bfloat16, "depth": 3 * BF16_STAGES // 2}
+BF16_GRAD = {"n_terms": 1, "dtype": torch.bfloat16, "depth": 3 * 2 * BF16_STAGES // 2}
+# After an optimizer step, bf16 and fp32 weights are not elementwise comparable: Adam's first steps are ~lr x
+# sign(g), and a gradient that is small next to its bf16 rounding can flip sign. What holds is Adam's step bound,
+# |step| <= lr (1 - beta1) / sqrt(1 - beta2) per iteration, so two runs differ by at most twice its sum.
+ADAM_STEP_BOUND = (1 - 0.9) / (1 - 0.999) ** 0.5
+
+
+def _compare_rows(name: str, ref_rows: list[dict], rows: list[dict]) -> None:
+    for step, (r, g) in enumerate(zip(ref_rows, rows)):
+        assert ("ibot_loss" in r) == ("ibot_loss" in g) == (step != 3), (name, step)
+        if "bf16" in name and step > 0:  # trajectories part (see ADAM_STEP_BOUND); the weights are bounded below
+            assert all(math.isfinite(g[k]) for k in r if k.endswith("loss")), (name, step)
+            continue
+        for k, v in r.items():
+            if k.endswith("_loss") or k == "loss":
+                tol = BF16_LOSS if "bf16" in name else {**FP32, "depth": LAYERS * (step + 1)}
+            elif k.startswith("grad_norm_"):
+                tol = BF16_GRAD if "bf16" in name else {**FP32, "depth": LAYERS * (step + 1)}
+            else:
+                continue
+            assert g[k] == approx(v, **tol), (name, step, k)
+
+
 def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path):
     out = tmp_path / "ranks.pt"
     _spawn(_equality_rank, str(out))
     got = torch.load(out, weights_only=False)
     refs = {}
     for name, raw in CASES.items():
-        key = (raw["loss"].get("centering"), raw["head"].get("ibot_separate_head"))  # strategy: no-op on 1 process
+        # the same single-process fp32 run for every strategy and precision (both are no-ops on 1 process)
+        key = (raw["loss"].get("centering"), raw["head"].get("ibot_separate_head"))
         if key not in refs:
             refs[key] = _run_steps(raw, DistInfo())
         ref, res = refs[key], got[name]
         assert res["strategy"] == name.split("_")[0].replace("ddp", "ddp_allreduce")
         assert res["sharded"] == name.startswith("fsdp")
-        for step, (r, g) in enumerate(zip(ref["rows"], res["rows"])):
-            assert ("ibot_loss" in r) == ("ibot_loss" in g) == (step != 3), (name, step)
-            for k, v in r.items():
-                if k.endswith("_loss") or k == "loss" or k.startswith("grad_norm_"):
-                    assert g[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (name, step, k)
+        bf16 = "bf16" in name
+        # inside the forward: block parameters and activations in bf16 under the policy, heads (and the
+        # backbone's output they receive) always fp32; the shards the optimizer updates and their gradients fp32
+        assert res["dtypes"]["block"] == ((torch.bfloat16,) * 3 if bf16 else (torch.float32,) * 3), name
+        assert res["dtypes"]["head"] == (torch.float32,) * 3, name
+        assert res["param_dtype"] == res["grad_dtype"] == torch.float32
+        _compare_rows(name, ref["rows"], res["rows"])
+        if bf16:  # the policy changed the arithmetic (the comparison is not fp32 against itself)
+            assert ref["rows"][0]["loss"] != res["rows"][0]["loss"]
+            adam_bound = 2 * ADAM_STEP_BOUND * sum(r["lr"] for r in ref["rows"])
         for which in ("teacher", "student"):
             assert ref[which].keys() == res[which].keys()
             for k, v in ref[which].items():
-                torch.testing.assert_close(res[which][k], v, rtol=1e-4, atol=2e-6, msg=f"{name} {which} {k}")
-        for c in ("dino_center", "ibot_center"):
-            torch.testing.assert_close(res[c], ref[c], rtol=1e-5, atol=1e-7)
-        # training moved the weights (the comparison is not vacuous)
-        assert (ref["teacher"]["backbone.pos_embed"] - ref["student"]["backbone.pos_embed"]).abs().max() > 0
+                if bf16:
+                    assert (res[which][k] - v).abs().max() <= adam_bound, (name, which, k)
+                else:
+                    assert_close(res[which][k], v, **FP32, depth=LAYERS * N_STEPS, msg=f"{name} {which} {k}")
+        if not bf16:
+            for c in ("dino_center", "ibot_center"):
+                assert_close(res[c], ref[c], **FP32, depth=LAYERS * N_STEPS, msg=f"{name} {c}")
+        # training moved the weights far beyond the fp32 tolerance (the comparison is not vacuous)
+        moved = ref["teacher"]["backbone.pos_embed"] - ref["student"]["backbone.pos_embed"]
+        assert moved.abs().max() > 10 * rounding_tol(ref["teacher"]["backbone.pos_embed"].abs().max(),
+                                                     **FP32, depth=LAYERS * N_STEPS)
 
 
 # ---------------------------------------------------------------------- checkpoints across world sizes
