@@ -74,7 +74,7 @@ def _magnitude(x: Any) -> float:
 
 def assert_close(actual: Any, expected: Any, *, n_terms: int = 1, dtype: Any = None, depth: int = 1,
                  magnitude: float | None = None, msg: str | None = None) -> None:
-    """``actual`` equals ``expected`` (tensors, arrays or numbers; shapes broadcast as in NumPy) within
+    """``actual`` equals ``expected`` (tensors, arrays or numbers; equal shapes, or a scalar) within
     ``rounding_tol``; ``dtype`` defaults to the lower precision of the two, ``magnitude`` to max |expected|."""
     if dtype is None:
         dtypes = [_torch_dtype(_dtype_of(actual)), _torch_dtype(_dtype_of(expected))]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from lvd_train_testutils import random_image, write_shards
 
+from tests.tolerance import assert_close, rounding_tol
 from training.augment import AugmentConfig, MultiCropAugmentation
 from training.data import MultiCropStream, make_loader, resolve_sources
 from training.masking import MaskingGenerator, collate_multicrop
@@ -49,11 +50,12 @@ def test_collate_half_masked_stratified_ratios():
         w = out["masks_weight"]
         assert w.shape[0] == int(masks.sum())
         per_img = torch.zeros(2 * B).index_add_(0, masks.nonzero()[:, 0], w)
-        assert torch.allclose(per_img[counts > 0], torch.ones(B))
+        # each masked image's weights 1/count (one rounding each) sum to 1 over at most n_tok terms
+        assert_close(per_img[counts > 0], torch.ones(B), n_terms=n_tok, dtype=torch.float32)
         r = sorted((counts[counts > 0].float() / n_tok).tolist())
         for i, v in enumerate(r):
             ratios_by_rank[i].append(v)
-        assert max(r) <= 0.5 + 1e-6 and min(r) >= 0.05
+        assert max(r) <= 0.5 + rounding_tol(0.5, dtype=torch.float32) and min(r) >= 0.05  # one fp32 division
     # stratified: the i-th smallest ratio sits near the i-th sub-interval of [0.1, 0.5]
     edges = np.linspace(0.1, 0.5, 9)
     for i in range(8):
@@ -196,4 +198,7 @@ def test_gaussian_blur_matches_torchvision():
             assert got.shape == ref.shape and np.abs(got - ref).max() <= 1  # float rounding at .5 only
             differing += int((got != ref).sum())
             total += ref.size
-    assert differing / total < 1e-4
+    # a pixel rounds differently only when its exact value lies within the two fp32 computations' difference of a
+    # .5 boundary: 2 separable passes x 9 taps at magnitude 255 (rounding_tol), so the expected fraction of such
+    # pixels is at most 2 x that tolerance per unit pixel step
+    assert differing / total <= 2 * rounding_tol(255, n_terms=2 * 9, dtype=np.float32)
