@@ -160,8 +160,10 @@ class MaskingConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    shuffle_buffer: int = Field(1000, ge=1)
+    shuffle_buffer: int = Field(1000, ge=1, description="window of the global block shuffle (training/data.py)")
     num_workers: int = Field(4, ge=0)
+    log_sample_keys: bool = Field(False, description="write each step's global batch keys (in order) to "
+                                                     "metrics.jsonl as sample_keys (audits, exact-resume checks)")
 
 
 class EvalConfig(_Strict):

@@ -200,7 +200,7 @@ class MetricsWriter:
 
 # ---------------------------------------------------------------------- data
 def build_stream(cfg: TrainConfig, data: str | list[str], rank: int = 0, world: int = 1,
-                 start_batch: int = 0) -> MultiCropStream:
+                 start_batch: int = 0, start_sample: int | None = None) -> MultiCropStream:
     """The multi-crop, masked batch stream of this rank as the config describes it (augmentations of
     DESIGN.md section 4, block masks on the global crops)."""
     c = cfg.crops
@@ -215,7 +215,7 @@ def build_stream(cfg: TrainConfig, data: str | list[str], rank: int = 0, world: 
     return MultiCropStream(data, augment, cfg.optim.batch_size_per_gpu, mask_gen,
                            tuple(cfg.masking.mask_ratio_min_max), cfg.masking.mask_probability, seed=cfg.seed,
                            rank=rank, world_size=world, shuffle_buffer=cfg.data.shuffle_buffer,
-                           start_batch=start_batch)
+                           start_batch=start_batch, start_sample=start_sample)
 
 
 # ---------------------------------------------------------------------- trainer
@@ -356,6 +356,18 @@ class Trainer:
         return meta
 
 
+SAMPLE_ORDER = "global-block-shuffle"  # data_position["sample_order"] of checkpoints with training/data.py's order
+
+
+def _global_keys(keys: list[str], world: int) -> list[str]:
+    """The global batch's sample keys in global order (rank 0's slice first; collective on several ranks)."""
+    if world == 1:
+        return list(keys)
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, list(keys))
+    return [k for p in parts for k in p]
+
+
 def _latest_checkpoint(out: Path, world: int) -> Path | None:
     """Rank 0's choice, so that every rank resumes from the same checkpoint."""
     latest = find_latest_checkpoint(out)
@@ -389,26 +401,29 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
     total_iters = cfg.total_iters if cfg.max_steps is None else min(cfg.max_steps, cfg.total_iters)
 
     metrics = MetricsWriter(out / "metrics.jsonl", enabled=rank == 0)
-    start_iter = start_batch = 0
+    start_iter = start_sample = 0
     resume_rng = None
     latest = _latest_checkpoint(out, world)
     if latest is not None:
         meta = trainer.load(latest)
-        start_iter = start_batch = int(meta["iteration"])
+        start_iter = int(meta["iteration"])
         pos = meta["data_position"]
+        # the global sample order depends on the data and the seed only (training/data.py): continue exactly
+        # after the samples consumed, whatever the number of ranks that consumed them
+        start_sample = int(pos.get("samples_consumed", start_iter * bs * world))
+        if pos.get("sample_order") != SAMPLE_ORDER:
+            log.warning("checkpoint from an older sample order: the data position is approximate")
         if pos.get("world_size", 1) == world:
             resume_rng = meta["rng"]  # restored right before the loop (the loader draws a seed)
-        else:  # another world size reads other shards: skip about as many samples as were consumed
-            start_batch = int(pos.get("samples_consumed", start_iter * bs)) // (bs * world)
-            log.info("checkpoint written by %s rank(s), resumed on %d: data position approximate",
-                     pos.get("world_size", 1), world)
+        else:  # per-rank RNG streams (drop-path) cannot be mapped to other ranks: they restart from the seed
+            log.info("checkpoint written by %s rank(s), resumed on %d: data continues exactly at sample %d",
+                     pos.get("world_size", 1), world, start_sample)
         log.info("resumed from %s at iteration %d", latest, start_iter)
         metrics.truncate_after(start_iter)
     if rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
-    # samples consumed before a resume on the same world size are skipped exactly (start_batch = iteration)
-    stream = build_stream(cfg, data, rank=rank, world=world, start_batch=start_batch)
+    stream = build_stream(cfg, data, rank=rank, world=world, start_sample=start_sample)
     loader = make_loader(stream, cfg.data.num_workers)
 
     def run_eval(iteration: int) -> dict[str, Any] | None:
@@ -433,8 +448,9 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
         return row
 
     def save(iteration: int) -> None:
-        trainer.save(out, iteration, {"batches_consumed": iteration, "samples_consumed": iteration * bs * world,
-                                      "batch_size_per_rank": bs, "world_size": world})
+        consumed = start_sample + (iteration - start_iter) * bs * world
+        trainer.save(out, iteration, {"batches_consumed": iteration, "samples_consumed": consumed,
+                                      "batch_size_per_rank": bs, "world_size": world, "sample_order": SAMPLE_ORDER})
 
     last_eval = None
     if cfg.eval.at_start and start_iter == 0:
@@ -459,6 +475,8 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
             batch = next(data_iter)
             row = trainer.train_step(batch, it)
             row["time"] = time.time() - t0
+            if cfg.data.log_sample_keys:
+                row["sample_keys"] = _global_keys(batch["keys"], world)
             metrics.write(row)
             last_row = row
             it += 1

@@ -110,9 +110,12 @@ def test_augmentation_outputs_and_determinism():
     assert float(torch.stack(a["global_crops"]).min()) < -0.5
 
 
+def _aug():
+    return MultiCropAugmentation(AugmentConfig(global_crops_size=28, local_crops_size=14, local_crops_number=2))
+
+
 def _stream(data, start_batch=0, shuffle_buffer=8, **kw):
-    aug = MultiCropAugmentation(AugmentConfig(global_crops_size=28, local_crops_size=14, local_crops_number=2))
-    return MultiCropStream(data, aug, batch_size=4, mask_generator=MaskingGenerator(2, min_num_patches=1),
+    return MultiCropStream(data, _aug(), batch_size=4, mask_generator=MaskingGenerator(2, min_num_patches=1),
                            seed=3, shuffle_buffer=shuffle_buffer, start_batch=start_batch, **kw)
 
 
@@ -161,6 +164,27 @@ def test_stream_splits_by_rank(tmp_path):
     k0 = {k for b in _take(make_loader(_stream(str(tmp_path / "s"), rank=0, world_size=2, shuffle_buffer=1)), 2) for k in b["keys"]}
     k1 = {k for b in _take(make_loader(_stream(str(tmp_path / "s"), rank=1, world_size=2, shuffle_buffer=1)), 2) for k in b["keys"]}
     assert len(k0) == 8 and len(k1) == 8 and not (k0 & k1)  # one pass: each rank reads its own 2 shards
+
+
+def test_global_sample_order_does_not_depend_on_world_size(tmp_path):
+    """Rank r of N takes slice r of each global batch; the concatenated slices are the 1-process batch, crops
+    included (per-sample augmentation seeds); a stream started after any number of samples continues the order."""
+    write_shards(tmp_path / "s", n_shards=3, per_shard=5)
+    one = _take(make_loader(MultiCropStream(str(tmp_path / "s"), _aug(), 8, MaskingGenerator(2, min_num_patches=1),
+                                            seed=3, shuffle_buffer=4)), 4)
+    ranks = [_take(make_loader(_stream(str(tmp_path / "s"), rank=r, world_size=2, shuffle_buffer=4), 2), 4)
+             for r in range(2)]
+    for step in range(4):
+        assert ranks[0][step]["keys"] + ranks[1][step]["keys"] == one[step]["keys"]
+        glob = torch.cat([ranks[r][step]["global_crops"].view(2, 4, 3, 28, 28) for r in range(2)], 1)
+        assert torch.equal(glob.view(16, 3, 28, 28), one[step]["global_crops"])
+    flat = [k for b in one for k in b["keys"]]
+    assert sorted(set(flat[:15])) == sorted(set(flat)) and len(set(flat[:15])) == 15  # a permutation per pass
+    # resumed after 12 samples (3 steps of 2 ranks x 2, say) on 2 ranks x 4 images
+    later = [_take(make_loader(MultiCropStream(str(tmp_path / "s"), _aug(), 4, MaskingGenerator(2, min_num_patches=1),
+                                               seed=3, shuffle_buffer=4, rank=r, world_size=2, start_sample=12)), 2)
+             for r in range(2)]
+    assert [k for step in range(2) for r in range(2) for k in later[r][step]["keys"]] == flat[12:28]
 
 
 def test_data_bench_smoke(tmp_path):
