@@ -4,7 +4,9 @@
     python bench/sscd_bench.py --images 24 --batch 8 --workers 2 --naive-images 8 --knn-db 20000 --knn-queries 2000
 
 * **pipeline**: :func:`curation.stages.sscd.compute_descriptors` - JPEG decode + resize in DataLoader worker
-  processes, batches pinned and copied non-blocking, bf16 autocast + channels-last on CUDA (fp32 on CPU).
+  processes, batches pinned and copied non-blocking, bf16 autocast + channels-last on CUDA; on CPU fp32, with the
+  process's cores split between decode workers and torch threads by :func:`curation.workers.cpu_split` (on 2 cores:
+  no decode worker, both cores for the model) and batches of at most ``CPU_BATCH``.
 * **naive**: decode in the main process, batch 1, eager fp32, synchronous - what a first implementation does.
 * **knn**: :func:`curation.knn.knn_search` exact inner-product top-k (faiss flat on CPU, chunked torch on CUDA).
 
@@ -29,7 +31,8 @@ from curation.images import decode_image
 from curation.knn import knn_search
 from curation.models.sscd import build_sscd_random, sscd_transform
 from curation.samples import iter_shard_samples
-from curation.stages.sscd import _MODEL_CACHE, compute_descriptors
+from curation.workers import torch_threads
+from curation.stages.sscd import _MODEL_CACHE, compute_descriptors, loader_plan
 from curation.storage import TarShardWriter
 
 
@@ -82,15 +85,18 @@ def main(argv=None):
         compute_descriptors(partial(iter, warm), "sscd", batch_size=args.batch, num_workers=0, device=dev,
                             preprocess=args.preprocess)
         _sync(dev)
+        workers, threads, batch = loader_plan("sscd", dev, args.workers, args.batch)  # as the sscd stage runs it
         t0 = time.perf_counter()
-        keys, vec, _ = compute_descriptors(partial(_iter_all, shards), "sscd", batch_size=args.batch,
-                                           num_workers=args.workers, device=dev, preprocess=args.preprocess)
-        _sync(dev)
+        with torch_threads(threads):
+            keys, vec, _ = compute_descriptors(partial(_iter_all, shards), "sscd", batch_size=batch,
+                                               num_workers=workers, device=dev, preprocess=args.preprocess)
+            _sync(dev)
         t_pipe = time.perf_counter() - t0
         assert len(keys) == args.images
         amp = "bf16 autocast, channels-last" if dev.startswith("cuda") else "fp32"
-        print(f"pipeline: {args.images} images in {t_pipe:.2f} s = {args.images / t_pipe:.1f} img/s "
-              f"(batch {args.batch}, {args.workers} decode workers, {amp}, {args.preprocess}, {name})")
+        split = f"{workers} decode workers" + (f", {threads} torch threads" if threads else "")
+        print(f"pipeline: {args.images} images in {t_pipe:.2f} s = {args.images / t_pipe:.2f} img/s "
+              f"(batch {batch}, {split}, {amp}, {args.preprocess}, {name})")
 
         model = build_sscd_random(0).to(dev).eval()
         transform = sscd_transform(args.preprocess)
@@ -105,7 +111,7 @@ def main(argv=None):
                 out.cpu()
             _sync(dev)
         t_naive = time.perf_counter() - t0
-        print(f"naive:    {len(samples)} images in {t_naive:.2f} s = {len(samples) / t_naive:.1f} img/s "
+        print(f"naive:    {len(samples)} images in {t_naive:.2f} s = {len(samples) / t_naive:.2f} img/s "
               f"(batch 1, decode in the main process, eager fp32, {name})")
         print(f"speed-up: {(args.images / t_pipe) / (len(samples) / t_naive):.2f}x")
     _MODEL_CACHE.clear()

@@ -13,6 +13,7 @@ part is the last file a unit writes, so it also marks the unit complete.  From t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -24,7 +25,8 @@ from curation.storage import read_tables, write_table
 from schemas.tables import DROP_REASONS, LEDGER
 
 # Stages that judge rows (and so write ledgers), in pipeline order.
-LEDGER_STAGES = ("download", "filter", "hash", "dedup", "retrieve")
+# (hash drops nothing: its groups are edges of the dedup stage's duplicate graph, which judges them)
+LEDGER_STAGES = ("download", "filter", "dedup", "retrieve")
 
 
 class AccountingError(RuntimeError):
@@ -92,16 +94,28 @@ def completed_ledger_stages(root: Path) -> list[str]:
     return [s for s in LEDGER_STAGES if any(ledger_dir(root, s).glob("*.parquet"))]
 
 
-def check_invariants(root: Path, stages: Iterable[str] | None = None) -> None:
-    """Raise AccountingError if a key is judged twice by one stage, or a stage's input differs from the previous
-    stage's kept keys."""
+def planned_rows(root: Path) -> int | None:
+    """The number of input rows (URLs) the download plan numbered, or None before planning."""
+    plan = Path(root) / "download" / "_inputs" / "plan.json"
+    return json.loads(plan.read_text())["rows"] if plan.exists() else None
+
+
+def check_invariants(root: Path, stages: Iterable[str] | None = None, upto: str | None = None) -> None:
+    """Raise AccountingError if the download ledger does not hold one row per planned URL, a key is judged twice by
+    one stage, or a stage's input differs from the previous stage's kept keys.  With `upto`, only the stages up to
+    that one are checked (later ones may hold a deleted part that their own rerun will redo)."""
     stages = list(stages) if stages is not None else completed_ledger_stages(root)
+    if upto is not None:
+        stages = [s for s in stages if STAGE_ORDER.index(s) <= STAGE_ORDER.index(upto)]
     prev_kept = None
     for stage in stages:
         t = read_ledger(root, stage)
         keys = t["key"]
         if len(pc.unique(keys)) != len(keys):
             raise AccountingError(f"stage {stage!r}: some keys have more than one ledger row")
+        if stage == "download" and (n := planned_rows(root)) is not None and t.num_rows != n:
+            raise AccountingError(f"stage 'download': {t.num_rows} ledger rows for {n} input URLs "
+                                  f"(a ledger part under {ledger_dir(root, stage)} is missing or extra)")
         if prev_kept is not None:
             got = set(keys.to_pylist())
             if got != prev_kept:

@@ -64,12 +64,27 @@ def component_sizes(labels: np.ndarray) -> np.ndarray:
     return counts[labels]
 
 
-def pick_one_per_component(labels: np.ndarray, priority: np.ndarray) -> np.ndarray:
+def first_of_equal(values: np.ndarray) -> np.ndarray:
+    """For each row of `values` (1-d: each value), the index of the first row equal to it: a component label
+    (smallest member index) for "same value" groups."""
+    n = len(values)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    _, inv = np.unique(values, axis=0, return_inverse=True)
+    inv = inv.ravel()
+    first = np.full(inv.max() + 1, n, np.int64)
+    np.minimum.at(first, inv, np.arange(n))
+    return first[inv]
+
+
+def pick_one_per_component(labels: np.ndarray, priority) -> np.ndarray:
     """Boolean mask keeping, in each component, the node with the smallest `priority` (ties: smallest index).
 
-    `priority` is any sortable per-node array (e.g. -resolution, then key order folded into it by the caller)."""
+    `priority` is one sortable per-node array (e.g. -resolution) or a sequence of them, compared in order (the
+    first decides, the next breaks its ties, and so on)."""
     n = len(labels)
-    order = np.lexsort((np.arange(n), priority, labels))  # by component, then priority, then index
+    keys = [priority] if isinstance(priority, np.ndarray) else list(priority)
+    order = np.lexsort((np.arange(n), *keys[::-1], labels))  # by component, then priorities, then index
     first = np.ones(n, dtype=bool)
     first[1:] = labels[order][1:] != labels[order][:-1]
     keep = np.zeros(n, dtype=bool)

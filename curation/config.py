@@ -9,6 +9,7 @@ the job runs in a copy of that directory, so give ``run_root`` as an absolute pa
 
 from __future__ import annotations
 
+import copy
 import difflib
 import ipaddress
 import re
@@ -32,7 +33,10 @@ def _must_exist(p: Path) -> Path:
     return p
 
 
-ExistingPath = Annotated[Path, AfterValidator(_must_exist)]
+# Sections are strict (``threads: true`` or ``seed: "3"`` are refused, not converted); paths come from YAML as
+# strings, so path fields alone accept them.
+LaxPath = Annotated[Path, Field(strict=False)]
+ExistingPath = Annotated[Path, Field(strict=False), AfterValidator(_must_exist)]
 
 
 class ConfigError(ValueError):
@@ -40,7 +44,7 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class InputConfig(Section):
@@ -71,8 +75,11 @@ class RayConfig(Section):
 
 class DownloadConfig(Section):
     shard_size: PositiveInt = Field(10_000, description="URLs per download shard")
-    threads: PositiveInt = Field(32, description="download threads per shard task")
-    timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    threads: Annotated[int, Field(ge=1, le=1024)] = Field(32, description="download threads per shard task")
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(10.0, description="per request, seconds")
+    deadline_s: Annotated[float, Field(gt=0, le=86400)] | None = Field(
+        None, description="wall-clock limit per URL: connect, redirects, headers and body (default 3 x timeout_s)"
+    )
     retries: Annotated[int, Field(ge=0)] = 0
     max_side: Annotated[int, Field(ge=16)] = Field(512, description="resize so the longer side is at most this")
     jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 95
@@ -146,7 +153,8 @@ class SSCDConfig(Section):
     preprocess: Literal["square320", "short288"] = "square320"
     batch_size: PositiveInt = 256
     device: Device = "auto"
-    num_workers: Annotated[int, Field(ge=0)] = Field(4, description="CPU decode workers (torch DataLoader) per task")
+    num_workers: Annotated[int, Field(ge=0)] = Field(4, description="decode workers (torch DataLoader) per task; on a "
+                                                     "CPU device at most one per 8 of the task's cores (curation.workers)")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs fp32)")
     channels_last: bool = Field(True, description="channels-last memory format on CUDA (faster convolutions)")
 
@@ -167,6 +175,9 @@ class DedupConfig(Section):
         "sscd", description="'pixels' is a fixed function of pixels with known quality, for tests and the demo"
     )
     device: Device = Field("auto", description="k-NN search device: faiss on CPU, chunked torch matmul on CUDA")
+    survivor: Literal["original", "resolution"] = Field(
+        "original", description="the image a duplicate component keeps: 'original' = least border/padding fill, then "
+        "resolution, then the SSCD medoid, then key (see curation/stages/dedup.py); 'resolution' = largest, then key")
     stats_thresholds: list[Fraction] = Field(
         default_factory=lambda: [0.3, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9],
         description="similarities reported in stats/dedup_thresholds.parquet",
@@ -287,8 +298,8 @@ class ReportConfig(Section):
 
 
 class CurateConfig(Section):
-    run_root: Path
-    seed: int = 0
+    run_root: LaxPath
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = Field(0, description="numpy/torch seeds take 32 bits")
     stages: list[StageName] = Field(default_factory=lambda: list(STAGE_ORDER))
     input: InputConfig
     ray: RayConfig = RayConfig()
@@ -337,22 +348,50 @@ def _format_error(err: ValidationError) -> str:
     return "config error: " + "; ".join(parts)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where ``1e12`` (no dot) is a string; config numbers follow YAML 1.2: it is a float."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"config error: override {text!r} must look like key.path=value")
     key, _, value = text.partition("=")
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        return key.strip().split("."), parse_yaml(value)
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise ConfigError(f"config error: override {text!r}: the value is not valid YAML ({problem})") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each ``key.path=value``; a number in the path indexes a list (``retrieve.anchor_sets.0.k=8``)."""
     for text in overrides:
         path, value = parse_override(text)
         node = data
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    where = ".".join(path[:i]) or "(top level)"
+                    raise ConfigError(f"config error: override {text!r}: {where} is a list of {len(node)}, "
+                                      f"{part!r} is not an index of it")
+                part = int(part)
+            elif not last and not isinstance(node.get(part), (dict, list)):
                 node[part] = {}
-            node = node[part]
-        node[path[-1]] = value
+            if last:
+                node[part] = value
+            else:
+                node[part] = copy.deepcopy(node[part])  # never alter the caller's nested data
+                node = node[part]
     return data
 
 
@@ -362,8 +401,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config error: config file not found: {path}")
+        if not path.is_file():
+            raise ConfigError(f"config error: {path} is not a file (give the YAML config file)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = parse_yaml(path.read_text()) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config error: {path} is not a text file (give the YAML config file)") from None
+        except OSError as err:
+            raise ConfigError(f"config error: cannot read {path}: {err.strerror}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config error: {path} is not valid YAML: {err}".replace("\n", " ")) from None
     if not isinstance(data, dict):

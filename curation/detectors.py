@@ -30,7 +30,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 MISSING_DETECTOR_MESSAGE = (
-    "NSFW/face detector unavailable (pip install 'lvd[detect]'): skipping NSFW and face checks"
+    "NSFW/face detector unavailable (pip install 'lvd[detect]'): faces are NOT blurred and NSFW images are NOT "
+    "dropped in this run"
 )
 
 Box = tuple[float, float, float, float, float]  # x0, y0, x1, y1, score
@@ -94,6 +95,22 @@ def detector_available(kind: str) -> bool:
     if kind == "nudenet":
         return nudenet_model_path() is not None and importlib.util.find_spec("onnxruntime") is not None
     raise ValueError(f"unknown detector {kind!r}")
+
+
+def detection_warning(stages, filter_cfg) -> str | None:
+    """One plain line when a pipeline of these stages and this ``filter`` section will not blur faces or drop NSFW
+    images (None when it will)."""
+    if "filter" not in stages:
+        return "the filter stage is not in the run: faces are NOT blurred and NSFW images are NOT dropped"
+    if filter_cfg.detector == "none":
+        return "filter.detector is 'none': faces are NOT blurred and NSFW images are NOT dropped"
+    if not detector_available(filter_cfg.detector):
+        if filter_cfg.on_missing_detector == "fail":
+            return "NSFW/face detector unavailable (pip install 'lvd[detect]'): the filter stage will stop the run"
+        return MISSING_DETECTOR_MESSAGE
+    if not filter_cfg.blur_faces:
+        return "filter.blur_faces is false: faces are NOT blurred"
+    return None
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:

@@ -10,10 +10,19 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+
+#: On Linux, `ray start --node-ip-address=127.0.0.1` replaces 127.0.0.1 by the machine's own address, and the GCS,
+#: raylet and object manager then listen on every interface.  With this variable Ray keeps a loopback node address
+#: (what it does on macOS/Windows, where it supports no multi-node clusters), and its servers bind to 127.0.0.1 only.
+#: The head accepts no other node then, which is what a local head is for.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def free_port() -> int:
@@ -42,6 +51,57 @@ def _ray_bin() -> str:
 def ensure_token() -> None:
     subprocess.run([_ray_bin(), "get-auth-token", "--generate"], env=ray_env(), check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """{pid: (parent pid, command line)} of every process we can read (Linux /proc)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state; comm may hold spaces
+        table[int(entry.name)] = (ppid, cmdline)
+    return table
+
+
+def processes_of_cluster(marks: list[str]) -> list[int]:
+    """Pids of the Ray processes whose command line names one of `marks` (the cluster's temp dir or GCS port),
+    and all their descendants (workers rename themselves ``ray::IDLE``, so they are found through their raylet)."""
+    table = _proc_table()
+    found = {pid for pid, (_, cmd) in table.items() if pid != os.getpid() and any(m in cmd for m in marks)}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    stack = list(found)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found and child != os.getpid():
+                found.add(child)
+                stack.append(child)
+    return sorted(found)
+
+
+def stop_cluster_processes(marks: list[str], grace_s: float = 10.0) -> int:
+    """SIGTERM, then after `grace_s` SIGKILL, the processes of one local cluster only.
+
+    ``ray stop --force`` would kill every Ray process on the machine, including other users' clusters and other
+    test sessions; this stops exactly the one we started.  Returns how many processes were signalled."""
+    pids = processes_of_cluster(marks)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace_s
+        while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+            time.sleep(0.2)
+    return len(pids)
 
 
 class RayJobClient:
@@ -77,13 +137,17 @@ class RayJobClient:
 
 
 class LocalRayHead(RayJobClient):
-    """`ray start --head` on 127.0.0.1 with free ports; `stop()` runs `ray stop` (only if we started it)."""
+    """`ray start --head` bound to 127.0.0.1 (see :data:`LOOPBACK_ENV`) with free ports, token authentication and
+    a private temp dir; `stop()` stops exactly this cluster's processes (only if we started it), never other Ray
+    clusters on the machine."""
 
     def __init__(self, num_cpus: int | None = None, temp_dir: str | None = None):
         self.num_cpus = num_cpus
         self.temp_dir = temp_dir
+        self._own_temp_dir = temp_dir is None
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
+        self.client_port = free_port()
         self.started = False
 
     @property
@@ -96,16 +160,18 @@ class LocalRayHead(RayJobClient):
 
     def start(self) -> "LocalRayHead":
         ensure_token()
+        if not self.temp_dir:  # private, so stop() can tell our processes from any other cluster's
+            self.temp_dir = tempfile.mkdtemp(prefix="lvdray-", dir="/tmp")  # short: Ray's socket paths must fit
         cmd = [
             _ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            "--disable-usage-stats",
+            f"--ray-client-server-port={self.client_port}", "--disable-usage-stats",
         ]
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
         if self.temp_dir:
             cmd.append(f"--temp-dir={self.temp_dir}")
-        proc = subprocess.run(cmd, env=ray_env(), capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=ray_env(LOOPBACK_ENV), capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"ray start failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         self.started = True
@@ -129,8 +195,10 @@ class LocalRayHead(RayJobClient):
 
     def stop(self) -> None:
         if self.started:
-            subprocess.run([_ray_bin(), "stop", "--force"], env=ray_env(), capture_output=True)
+            stop_cluster_processes([self.temp_dir, f":{self.gcs_port} "])  # cmdlines end in a space here
             self.started = False
+            if self._own_temp_dir:
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self):
         return self.start()

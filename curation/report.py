@@ -5,7 +5,8 @@ Everything comes from the run's tables, so the page can be rebuilt at any time (
 
 * the funnel (``stats/funnel.parquet``) and drops by stage and reason (``stats/drops.parquet``);
 * dedup component sizes (``stats/component_sizes.parquet``, when the dedup stage wrote it);
-* per anchor set: retrieval statistics (``stats/retrieval_stats.parquet``), a histogram of similarities (neighbours
+* per anchor set: retrieval statistics (``stats/retrieval_stats.parquet``; a set whose similarities are all ~1.0 is
+  flagged as degenerate retrieval: a collapsed or random embedder), a histogram of similarities (neighbours
   of sample-based sets, best-anchor similarity of cluster-based ones), cluster sizes (``stats/cluster_stats.parquet``);
 * image grids: ``report.grid_anchors`` random anchors of each searched set beside their ``report.grid_neighbors``
   best retrieved pool images, with similarities (pool images read by offset through :mod:`curation.tarindex`).
@@ -85,7 +86,9 @@ def plot_components(comp, out: Path) -> str | None:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(comp["component_size"].astype(str), comp["components"], color="#55a868")
+    x = np.arange(len(comp))  # one bar per size, evenly spaced; numeric positions (string categories make
+    ax.bar(x, comp["components"], color="#55a868")  # matplotlib log "Using categorical units" on every report)
+    ax.set_xticks(x, [str(v) for v in comp["component_size"]])
     ax.set_yscale("log")
     ax.set_xlabel("duplicate-component size (images)")
     ax.set_ylabel("components")
@@ -244,7 +247,8 @@ def _table_html(df, floatfmt="{:.3f}") -> str:
 
 CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f0f0f0}img{max-width:100%;border:1px solid #ddd;margin:4px 0}h2{border-bottom:1px solid #ccc}"""
+th{background:#f0f0f0}img{max-width:100%;border:1px solid #ddd;margin:4px 0}h2{border-bottom:1px solid #ccc}
+.warning{background:#fde8e8;border:1px solid #d33;padding:6px 10px}"""
 
 
 def build_report(root: str | Path, cfg=None) -> Path:
@@ -271,7 +275,9 @@ def build_report(root: str | Path, cfg=None) -> Path:
         "clusters": plot_clusters(cs, out),
     }
     grids = plot_grids(root, cfg, out, seed=cfg.seed if cfg is not None else 0)
-    manifest = root / "shards" / "manifest.json"
+    from curation.stages.shards import META
+
+    manifest = root / META / "manifest.json"
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lvd report: {html.escape(str(root))}</title>"
              f"<style>{CSS}</style></head><body>",
              f"<h1>Curation report</h1><p>run root <code>{html.escape(str(root))}</code></p>"]
@@ -294,7 +300,12 @@ def build_report(root: str | Path, cfg=None) -> Path:
     section("Drops by reason", "drops", _table_html(dtab))
     if comp is not None:
         section("Duplicate components", "components", _table_html(comp))
-    section("Retrieval", "similarity", _table_html(stats))
+    from curation.retrieval import degenerate_sets
+
+    degenerate = degenerate_sets(stats.to_dict("records")) if stats is not None else []
+    warn = "".join(f"<p class='warning' id='degenerate-retrieval'><b>Degenerate retrieval</b>: {html.escape(line)}</p>"
+                   for line in degenerate)
+    section("Retrieval", "similarity", warn + _table_html(stats))
     if cs is not None and len(cs):
         section("Cluster sizes", "clusters")
     if grids:

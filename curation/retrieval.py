@@ -72,7 +72,7 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
 class SearchResult:
     sims: np.ndarray  # float32 [nq, k]
     ids: np.ndarray  # int64 [nq, k] (-1 where an IVF search found fewer than k)
-    recall: float | None  # recall@k vs exact on a query sample; None for exact search
+    recall: float | None  # recall@k vs exact on a query sample; 1.0 for the exact search itself; None without queries
     index: str  # what ran: "exact" or the faiss factory string
 
 
@@ -82,7 +82,7 @@ def search(queries: np.ndarray, database: np.ndarray, k: int, index: str = "exac
     k = min(int(k), len(database))
     if index == "exact" or len(database) < 2 or len(queries) == 0:
         sims, ids = knn(queries, database, k, device=device)
-        return SearchResult(sims, ids, None, "exact")
+        return SearchResult(sims, ids, 1.0 if len(queries) else None, "exact")
     idx, desc = build_ivf(database, index, nlist, nprobe, pq_m, seed)
     q = np.ascontiguousarray(queries, np.float32)
     if index == "ivf_pq" and rerank > 1:
@@ -100,6 +100,23 @@ def search(queries: np.ndarray, database: np.ndarray, k: int, index: str = "exac
     sample = np.sort(rng.choice(len(queries), min(recall_sample, len(queries)), replace=False))
     _, exact = knn(queries[sample], database, k, device=device)
     return SearchResult(sims.astype(np.float32), ids.astype(np.int64), recall_at_k(ids[sample], exact), desc)
+
+
+#: a searched set whose 5th-percentile similarity reaches this finds everything "identical": a collapsed or random
+#: embedder (a trained one gives unrelated images clearly lower cosine similarities, the demo's pixels ones <= 0.7)
+DEGENERATE_SIMILARITY = 0.99
+
+
+def degenerate_sets(stats: list[dict]) -> list[str]:
+    """One line per anchor set of ``retrieval_stats`` rows whose similarities are all ~1.0 (p05 >= 0.99)."""
+    out = []
+    for r in stats:
+        p05 = r.get("similarity_p05")
+        if p05 is not None and p05 == p05 and p05 >= DEGENERATE_SIMILARITY:
+            out.append(f"anchor set {r['anchor_set']!r}: every similarity is ~1.0 (p05 {p05:.4f}, p95 "
+                       f"{r.get('similarity_p95') or float('nan'):.4f}): the embedder is collapsed or has random "
+                       f"weights (embed.checkpoint), so the retrieval is meaningless")
+    return out
 
 
 def sample_select(sims: np.ndarray, ids: np.ndarray):

@@ -1,7 +1,8 @@
 """The stage runner: runs the configured stages in order, unit by unit, on Ray or in-process.
 
-* Units already complete (their ledger / marker exists) are skipped, so a killed run resumes where it stopped
-  and rerunning a finished run does nothing.
+* Units already complete (their ledger exists and their completion marker matches their outputs, see
+  :mod:`curation.markers`) are skipped, so a killed run resumes where it stopped and rerunning a finished run does
+  nothing; a unit whose outputs were truncated or altered since is redone.
 * At most ``ray.max_in_flight`` unit tasks are queued at once (back-pressure), each retried up to
   ``ray.max_retries`` times by Ray, whether it raised or its worker died.
 * A unit that still fails is reported by name at the end of its stage; the other units finish first, and the
@@ -18,13 +19,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from curation import accounting
-from curation.config import CurateConfig, check_resume, dump_config
+from curation import accounting, markers, storage
+from curation.config import ConfigError, CurateConfig, check_resume, dump_config
 from curation.stages import stage_class
 from curation.stages.base import Stage, Unit
-from curation.storage import clean_temporaries, write_text
+from curation.storage import clean_temporaries, crash_point, write_text
+from curation.urllists import check_inputs
 
 log = logging.getLogger("lvd")
 
@@ -38,7 +41,9 @@ def run_unit_task(stage_name: str, cfg_json: dict, root: str, unit: Unit) -> dic
     cfg = CurateConfig.model_validate(cfg_json)
     stage = stage_class(stage_name)(cfg, Path(root))
     t0 = time.time()
-    summary = stage.run_unit(unit) or {}
+    with storage.recording() as outputs:
+        summary = stage.run_unit(unit) or {}
+    markers.write_marker(stage.root, stage_name, unit.id, dict.fromkeys(outputs))
     summary["seconds"] = round(time.time() - t0, 3)
     return summary
 
@@ -100,6 +105,24 @@ class RayExecutor:
                     on_done(unit, result, None)
 
 
+def describe_ray_target(address: str | None) -> str:
+    """Say which Ray this driver is about to use: ray.init() without an address silently joins a cluster already
+    running on this machine (`ray start`), and starts a private one only when there is none."""
+    if address:
+        source = "ray.address" if address != os.environ.get("RAY_ADDRESS") else "RAY_ADDRESS"
+        return f"ray: connecting to the cluster at {address} (from {source})"
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        running = canonicalize_bootstrap_address(None)
+    except Exception:  # noqa: BLE001 - a private Ray helper: only the wording of this line depends on it
+        running = None
+    if running:
+        return (f"ray: joining the Ray cluster already running on this machine at {running} (ray start); set "
+                "ray.address or --ray-address to choose another, or --local to run without Ray")
+    return "ray: no cluster running here; starting a private Ray for this run (ends with it)"
+
+
 def make_executor(cfg: CurateConfig):
     if cfg.ray.local:
         return LocalExecutor()
@@ -107,32 +130,86 @@ def make_executor(cfg: CurateConfig):
 
     if not ray.is_initialized():
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+        print(describe_ray_target(address), flush=True)
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     return RayExecutor(cfg.ray.max_in_flight, cfg.ray.max_retries)
 
 
+def in_ray_job() -> bool:
+    """True in the driver of a `ray job submit` job (Ray's job supervisor sets this variable for it)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
 def prepare_run_root(cfg: CurateConfig) -> Path:
-    """Create the run root and write (or check) RUN/config.yaml."""
+    """Create the run root and write (or check) RUN/config.yaml and the URL lists' fingerprint RUN/inputs.json; a
+    run root that cannot be used is a ConfigError (one line), as is a relative one inside a Ray job."""
     root = Path(cfg.run_root)
-    root.mkdir(parents=True, exist_ok=True)
+    if in_ray_job() and not root.is_absolute():
+        raise ConfigError(
+            f"config error: run_root {str(root)!r} is relative: inside a Ray job it would land in the job's "
+            f"temporary copy of the working directory ({os.getcwd()}) and be lost; give an absolute path on storage "
+            "every node shares (or --run-root)")
     saved = root / "config.yaml"
-    if saved.exists():
-        check_resume(cfg, saved.read_text())
-    else:
-        write_text(saved, dump_config(cfg))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if saved.exists():
+            check_resume(cfg, saved.read_text())
+        else:
+            write_text(saved, dump_config(cfg))
+    except FileExistsError:
+        raise ConfigError(f"config error: run_root {root} is a file, not a folder") from None
+    except NotADirectoryError:
+        raise ConfigError(f"config error: run_root {root} lies under a file, not a folder") from None
+    except OSError as err:
+        raise ConfigError(f"config error: run_root {root} is not usable: {err.strerror} "
+                          f"({err.filename or root})") from None
+    check_inputs(root, cfg.input)  # a changed URL list is refused like a changed config
     return root
 
 
-def run_stage(stage: Stage, executor, progress: bool = True) -> dict[str, Any]:
+def unit_complete(stage: Stage, unit: Unit, verify: bool = False) -> bool:
+    """The stage says the unit is done and its completion marker matches its outputs (a unit whose outputs were
+    altered since is announced and redone)."""
+    if not stage.is_done(unit):
+        return False
+    problem = markers.marker_problem(stage.root, stage.name, unit.id, verify)
+    if problem and markers.marker_path(stage.root, stage.name, unit.id).exists():
+        print(f"[{stage.name}] unit {unit.id} is redone: {problem}", flush=True)
+    return problem is None
+
+
+def run_global_step(stage: Stage, step: str, fn: Callable[[], Any], verify: bool = False) -> Any:
+    """Run a stage's `plan` or `finalize` (`step`, both idempotent: they skip work whose outputs exist) with a
+    marker of what it writes, announced before each output is committed.  When the step was interrupted, or an
+    output recorded earlier no longer matches, all of that step's outputs are removed first, so the step computes
+    them again."""
+    path = markers.marker_path(stage.root, stage.name, step)
+    problem = markers.marker_problem(stage.root, stage.name, step, verify) if path.exists() else None
+    if problem:
+        print(f"[{stage.name}] {step.strip('_')} is redone: {problem}", flush=True)
+        for p in markers.marked_outputs(stage.root, stage.name, step):
+            p.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+    announced: list[Path] = []
+
+    def before_commit(p: Path) -> None:
+        announced.append(p)
+        markers.write_pending(stage.root, stage.name, step, dict.fromkeys(announced))
+
+    with storage.recording(before_commit) as outputs:
+        result = fn()
+    if outputs:
+        markers.write_marker(stage.root, stage.name, step, dict.fromkeys(outputs))
+    return result
+
+
+def run_stage(stage: Stage, executor, progress: bool = True, verify: bool = False) -> dict[str, Any]:
     t0 = time.time()
-    removed = clean_temporaries(stage.dir)
-    units = stage.plan()
-    todo = [u for u in units if not stage.is_done(u)]
+    crash_point()
+    units = run_global_step(stage, markers.PLAN, stage.plan, verify)
+    todo = [u for u in units if not unit_complete(stage, u, verify)]
     skipped = len(units) - len(todo)
-    msg = f"[{stage.name}] {len(units)} units, {skipped} already complete"
-    if removed:
-        msg += f", removed {removed} partial files of an interrupted run"
-    print(msg, flush=True)
+    print(f"[{stage.name}] {len(units)} units, {skipped} already complete", flush=True)
     failures: list[tuple[Unit, Exception]] = []
     totals: dict[str, float] = {}
     bar = tqdm(total=len(todo), desc=stage.name, unit="shard", disable=not progress or not todo, file=sys.stderr)
@@ -157,14 +234,19 @@ def run_stage(stage: Stage, executor, progress: bool = True) -> dict[str, Any]:
             f"stage {stage.name!r}: {len(failures)} of {len(units)} units failed after retries ({names}); "
             f"first error: {failures[0][1]}. Completed units are kept: rerun the same command to retry the rest."
         )
-    stage.finalize()
+    run_global_step(stage, markers.FINALIZE, stage.finalize, verify)
     totals.pop("seconds", None)
     return {"units": len(units), "skipped": skipped, "ran": len(todo), "seconds": round(time.time() - t0, 2), **totals}
 
 
-def run_pipeline(cfg: CurateConfig, stages: Sequence[str] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run `stages` (default: the config's) in pipeline order; return per-stage summaries."""
+def run_pipeline(cfg: CurateConfig, stages: Sequence[str] | None = None, progress: bool = True,
+                 verify: bool = False) -> dict[str, Any]:
+    """Run `stages` (default: the config's) in pipeline order; return per-stage summaries.  `verify`: check the
+    content hash of every finished output against its marker (sizes are always checked)."""
     root = prepare_run_root(cfg)
+    removed = clean_temporaries(root)  # stage folders, stats/, markers...: one driver per run root
+    if removed:
+        print(f"removed {removed} partial files of an interrupted run", flush=True)
     names = list(stages) if stages else list(cfg.stages)
     executor = None
     summaries = {}
@@ -172,7 +254,20 @@ def run_pipeline(cfg: CurateConfig, stages: Sequence[str] | None = None, progres
         stage = stage_class(name)(cfg, root)
         if executor is None:
             executor = make_executor(cfg)
-        summaries[name] = run_stage(stage, executor, progress=progress)
-        accounting.update_stats(root)
-        accounting.check_invariants(root)
+        summaries[name] = run_stage(stage, executor, progress=progress, verify=verify)
+        _, drops = accounting.update_stats(root)
+        accounting.check_invariants(root, upto=name)
+        if name == "download" and name != names[-1]:
+            stop_if_nothing_survived(root, drops)
     return summaries
+
+
+def stop_if_nothing_survived(root: Path, drops) -> None:
+    """Stop a run whose download kept no image: later stages would only process the anchor sets."""
+    if accounting.kept_keys(root, "download").num_rows:
+        return
+    counts = drops.filter(pc.equal(drops["stage"], "download")).group_by("reason").aggregate(
+        [("key", "count")]).sort_by([("key_count", "descending")]).to_pylist()
+    reasons = ", ".join(f"{r['reason']} {r['key_count']}" for r in counts[:5]) or "no URLs in the input"
+    raise StageFailed(f"nothing survived download ({reasons}); later stages were not run. See "
+                      f"{Path(root) / 'stats' / 'drops.parquet'} for every URL's reason and detail.")

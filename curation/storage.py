@@ -8,10 +8,13 @@ temporary files, which :func:`clean_temporaries` removes when the stage starts a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import secrets
+import shutil
+import signal
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +25,59 @@ import pyarrow.parquet as pq
 from schemas import conform
 
 TMP_MARK = ".tmp-"
+#: set to N, the process SIGKILLs itself at its N-th crash point (every atomic commit and stage boundary): the
+#: kill -9 resume test uses it to stop a run at a chosen point deterministically
+CRASH_ENV = "LVD_CRASH_AT"
+_crash_count = 0
+_recorders: list[tuple[list[Path], object]] = []  # (committed paths, callback before each commit or None)
+_announcing = False
+
+
+def crash_point() -> int:
+    """Count one crash point; at the one named by $LVD_CRASH_AT, die like `kill -9`.  Returns the count so far."""
+    global _crash_count
+    _crash_count += 1
+    if os.environ.get(CRASH_ENV) == str(_crash_count):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _crash_count
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """Rename a finished temporary file to its final name (atomic) and record it for :func:`recording`."""
+    global _announcing
+    recorders = [] if _announcing else list(_recorders)  # a callback's own writes are not recorded
+    for _, before in recorders:
+        if before is not None:
+            _announcing = True
+            try:
+                before(Path(path))
+            finally:
+                _announcing = False
+    crash_point()
+    os.replace(tmp, path)
+    for paths, _ in recorders:
+        paths.append(Path(path))
+
+
+@contextlib.contextmanager
+def recording(before_commit=None) -> Iterator[list[Path]]:
+    """Collect the paths committed by this process while the block runs (a unit's outputs, for its marker).
+    `before_commit(path)` is called before each rename (a write-ahead list of what the block may have written)."""
+    paths: list[Path] = []
+    entry = (paths, before_commit)
+    _recorders.append(entry)
+    try:
+        yield paths
+    finally:
+        _recorders.remove(entry)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def tmp_path(path: Path) -> Path:
@@ -36,11 +92,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = tmp_path(path)
     try:
         yield tmp
-        os.replace(tmp, path)
+        commit(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def temporary_link(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary hard link (or copy) of `path` for a consumer that deletes its input; `path` stays.  The
+    link carries the temporary mark, so a leftover of a killed run is removed by :func:`clean_temporaries`."""
+    path = Path(path)
+    tmp = tmp_path(path)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -118,7 +190,7 @@ class TarShardWriter:
 
     def close(self) -> None:
         self._tar.close()
-        os.replace(self._tmp, self.path)
+        commit(self._tmp, self.path)
 
     def abort(self) -> None:
         self._tar.close()

@@ -41,21 +41,32 @@ def tar_index(root: str | Path, tar: str | Path) -> pa.Table:
 IMAGE_EXT_PREFERENCE = ("jpg", "jpeg", "png", "webp")
 
 
-def image_locations(root: str | Path, tars: list[Path], keys: set[str] | None = None) -> dict[str, tuple[str, int, int]]:
-    """key -> (tar path, offset, size) of its image member, over `tars` (restricted to `keys` when given)."""
-    out: dict[str, tuple[str, int, int]] = {}
+def member_locations(root: str | Path, tars: list[Path], keys: set[str] | None = None
+                     ) -> dict[str, tuple[str, int, int, int, int]]:
+    """key -> (tar path, image offset, image size, json offset, json size) over `tars`, restricted to `keys` when
+    given; only keys with an image member; json offset and size are -1 when the sample has no json member."""
+    out: dict[str, tuple[str, int, int, int, int]] = {}
     for tar in tars:
         idx = tar_index(root, tar).to_pydict()
         best: dict[str, tuple[int, int, int]] = {}
+        meta: dict[str, tuple[int, int]] = {}
         for k, e, o, s in zip(idx["key"], idx["ext"], idx["offset"], idx["size"]):
-            if (keys is not None and k not in keys) or e not in IMAGE_EXT_PREFERENCE:
+            if keys is not None and k not in keys:
                 continue
-            rank = IMAGE_EXT_PREFERENCE.index(e)
-            if k not in best or rank < best[k][0]:
-                best[k] = (rank, o, s)
+            if e == "json":
+                meta[k] = (o, s)
+            elif e in IMAGE_EXT_PREFERENCE:
+                rank = IMAGE_EXT_PREFERENCE.index(e)
+                if k not in best or rank < best[k][0]:
+                    best[k] = (rank, o, s)
         for k, (_, o, s) in best.items():
-            out[k] = (str(tar), o, s)
+            out[k] = (str(tar), o, s, *meta.get(k, (-1, -1)))
     return out
+
+
+def image_locations(root: str | Path, tars: list[Path], keys: set[str] | None = None) -> dict[str, tuple[str, int, int]]:
+    """key -> (tar path, offset, size) of its image member, over `tars` (restricted to `keys` when given)."""
+    return {k: v[:3] for k, v in member_locations(root, tars, keys).items()}
 
 
 def pool_image_locations(root: str | Path, keys: set[str] | None = None) -> dict[str, tuple[str, int, int]]:

@@ -22,13 +22,19 @@ from curation.storage import read_table
 
 
 def descriptor_table(keys: Sequence[str], vectors: np.ndarray, source: str) -> pa.Table:
-    """(keys, float32 [N, D]) -> a ``descriptors`` table (one part holds well under 2**31 floats)."""
+    """(keys, float32 [N, D]) -> a ``descriptors`` table sorted by key (one part holds well under 2**31 floats).
+
+    N may be 0 (a unit whose images were all dropped earlier): the table is then empty."""
+    keys = list(keys)
     n = len(keys)
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(n, -1)
-    offsets = pa.array(np.arange(n + 1, dtype=np.int64) * vectors.shape[1], pa.int32())
-    emb = pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1)), type=pa.list_(pa.float32()))
-    return pa.table({"key": pa.array(list(keys), pa.string()), "source": pa.array([source] * n, pa.string()),
-                     "embedding": emb})
+    vectors = np.asarray(vectors, dtype=np.float32)
+    d = vectors.shape[-1] if vectors.ndim == 2 else (vectors.size // n if n else 0)
+    order = np.argsort(np.asarray(keys, dtype=object), kind="stable") if n else np.zeros(0, np.int64)
+    vectors = np.ascontiguousarray(vectors.reshape(n, d)[order])
+    offsets = pa.array(np.arange(n + 1, dtype=np.int64) * d, pa.int32())
+    emb = pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1), pa.float32()), type=pa.list_(pa.float32()))
+    return pa.table({"key": pa.array([keys[i] for i in order], pa.string()),
+                     "source": pa.array([source] * n, pa.string()), "embedding": emb})
 
 
 def table_vectors(t: pa.Table) -> np.ndarray:

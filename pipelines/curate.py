@@ -41,12 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--local", action="store_true", help="run shard tasks in this process instead of on Ray")
     p.add_argument("--ray-address", help="Ray address (default: RAY_ADDRESS, else an in-process Ray)")
-    p.add_argument("--check", action="store_true", help="validate the config, print it resolved, and exit")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config, print it resolved, warn about likely mistakes, and exit")
+    p.add_argument("--verify", action="store_true",
+                   help="on resume, check the content hash of every finished output (sizes are always checked)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     return p
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: every finished unit is kept, the rerun resumes
+        print("\ninterrupted; rerun to resume", file=sys.stderr)
+        return 130
+
+
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides)
     if args.run_root:
@@ -68,18 +79,30 @@ def main(argv=None) -> int:
         print(str(err), file=sys.stderr)
         return 2
     if args.check:
+        from curation.checks import preflight_warnings
         from curation.config import dump_config
+        from curation.detectors import detection_warning
+        from curation.urllists import check_url_lists
 
         print(dump_config(cfg))
-        return 0
+        faces = detection_warning(cfg.stages, cfg.filter)
+        for warning in ([faces] if faces else []) + preflight_warnings(cfg):
+            print(f"warning: {warning}", file=sys.stderr)
+        problems = check_url_lists(cfg.input)
+        for line in problems:  # unreadable URL files or a missing url column, one line each
+            print(line, file=sys.stderr)
+        return 2 if problems else 0
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from curation import accounting
     from curation.runner import StageFailed, run_pipeline
 
     try:
-        summaries = run_pipeline(cfg, stages, progress=not args.no_progress)
-    except (StageFailed, ConfigError, accounting.AccountingError, NotImplementedError) as err:
+        summaries = run_pipeline(cfg, stages, progress=not args.no_progress, verify=args.verify)
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    except (StageFailed, accounting.AccountingError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     root = Path(cfg.run_root)

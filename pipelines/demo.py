@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     run_root = Path(cfg["run_root"])
 
     head = None
-    with DemoServer(corpus) as server:
+    with _demo_server(DemoServer, corpus) as server:
         write_url_list(corpus, server.base_url)
         print(f"[demo] serving the corpus at {server.base_url}", flush=True)
         resolved = out / "demo.resolved.yaml"
@@ -128,6 +128,23 @@ def main(argv=None) -> int:
         if path.exists():
             print(f"  {path}  - {what}")
     return 0
+
+
+def _demo_server(server_class, corpus: Path):
+    """The corpus server, started on the port of the previous demo run when it is free: a rerun then writes the same
+    URL list, which the run root requires to resume (it refuses changed inputs)."""
+    from urllib.parse import urlsplit
+
+    import pyarrow.parquet as pq
+
+    port = 0
+    if (corpus / "urls.parquet").exists():
+        urls = pq.read_table(corpus / "urls.parquet", columns=["url"])["url"].to_pylist()
+        port = next((urlsplit(u).port for u in urls if u and u.startswith("http://127.0.0.1:")), None) or 0
+    try:
+        return server_class(corpus, port=port).start()
+    except OSError:
+        return server_class(corpus).start()
 
 
 def _check_export(train_dir: Path, shards: Path) -> bool:

@@ -19,10 +19,13 @@ DROP_REASONS: dict[str, tuple[str, ...]] = {
         "duplicate_url",  # exact repeat of an earlier row's URL; the first occurrence is kept
         "blocked_domain",  # host (or a redirect target's host) is on the blocklist
         "private_address",  # host resolves to a private/loopback/link-local/metadata address not allowed by config
+        "bad_redirect",  # a redirect to a non-http(s) URL (file:, ftp:, data:, gopher: ...)
+        "redirect_loop",  # a redirect back to a URL already visited in the same chain
+        "too_many_redirects",  # a redirect chain longer than the downloader follows
         "opted_out",  # X-Robots-Tag noai / noimageai
         "http_error",  # 4xx/5xx
-        "timeout",  # connect or read timed out
-        "network_error",  # any other transport failure (DNS, reset, too many redirects...)
+        "timeout",  # connect or read timed out, or the per-URL deadline (download.deadline_s) passed
+        "network_error",  # any other transport failure (DNS, reset...)
         "empty",  # zero bytes
         "too_large_file",  # more bytes than download.max_bytes
         "undecodable",  # not an image PIL can identify
@@ -38,8 +41,9 @@ DROP_REASONS: dict[str, tuple[str, ...]] = {
         "decompression_bomb",
         "nsfw",
     ),
-    "hash": ("exact_duplicate", "near_duplicate"),
-    "dedup": ("copy_duplicate", "eval_contamination"),
+    # one duplicate graph (hash groups + SSCD neighbours + evaluation images): eval_contamination takes precedence
+    # over the others whenever an image's component holds an evaluation image
+    "dedup": ("exact_duplicate", "near_duplicate", "copy_duplicate", "eval_contamination"),
     "embed": ("embed_failed",),
     "retrieve": ("not_selected", "embed_failed"),
 }
@@ -108,9 +112,9 @@ HASHES = pa.schema(
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
         pa.field("thumb", pa.binary(), nullable=False),  # grayscale thumbnail, uint8, row-major side*side
-        pa.field("pca_hash", pa.binary()),  # packed sign bits, filled by the grouping step
-        pa.field("phash", pa.string()),
-        # size before download's resize (from the sample json), the "largest resolution" of the keep rule
+        # share of the image that is uniform fill joined to its edges (border, padding, rotation corners)
+        pa.field("border_fill", pa.float32(), nullable=False),
+        # size before download's resize (from the sample json), the resolution of dedup's survivor rule
         pa.field("original_width", pa.int32()),
         pa.field("original_height", pa.int32()),
     ]
@@ -156,13 +160,10 @@ HASH_GROUPS = pa.schema(
         pa.field("hash", pa.binary(), nullable=False),  # packed bits: the PCA hash (or the pHash)
         pa.field("group", pa.int64(), nullable=False),  # smallest row index in the duplicate group
         pa.field("group_size", pa.int64(), nullable=False),
-        pa.field("kept", pa.bool_(), nullable=False),
-        pa.field("kept_key", pa.string(), nullable=False),  # the group's kept image (itself when kept)
-        pa.field("hamming_to_kept", pa.int32(), nullable=False),
-        pa.field("reason", pa.string()),  # exact_duplicate | near_duplicate | null (kept)
     ]
 )
-"""hash/groups.parquet: every image the hash stage judged, with its duplicate group."""
+"""hash/groups.parquet: every image the hash stage saw, with its hash group (same pixels or close hash codes); the
+groups are edges of the dedup stage's duplicate graph, which decides what is kept."""
 
 DEDUP_THRESHOLDS = pa.schema(
     [
@@ -237,14 +238,15 @@ CLUSTER_STATS = pa.schema(
 
 SHARD_INDEX = pa.schema(
     [
-        pa.field("shard", pa.string(), nullable=False),  # shards/lvd-NNNNNN.tar
+        pa.field("shard", pa.string(), nullable=False),  # lvd-NNNNNN.tar under shards/
         pa.field("sample_key", pa.string(), nullable=False),  # the key inside the tar
         pa.field("key", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),
         pa.field("anchor_set", pa.string(), nullable=False),
     ]
 )
-"""shards/index.parquet: where each selected image went."""
+"""shards_meta/index.parquet: where each selected image went (sample_key: the key in the tar and its json; key: the
+image's key in its source, as in retrieve/selection.parquet)."""
 
 TAR_INDEX = pa.schema(
     [

@@ -209,6 +209,30 @@ class DistributedConfig(_Strict):
                                             "e.g. backbone: {param_dtype: bf16, reduce_dtype: bf16}")
 
 
+class DistillConfig(_Strict):
+    """``mode: distill`` (training/distill.py): a frozen, larger pretrained teacher and the configured (smaller)
+    model as the student; the student's EMA is the run's "teacher" in checkpoints, evaluation and export."""
+    teacher: str | None = Field(None, description="the frozen teacher: an `lvd export` .pth (+ .json), an official "
+                                "DINOv2 backbone .pth, an lvd training checkpoint (file or output dir: its EMA teacher "
+                                "with heads) or a reference DINOv2 training checkpoint (teacher.backbone/heads keys)")
+    teacher_arch: str | None = Field(None, description="architecture of an official .pth without sidecar "
+                                                       "(default: inferred from the tensor shapes)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.teacher_arch is not None and self.teacher_arch not in ARCHS:
+            raise ValueError(f"unknown teacher_arch {self.teacher_arch!r}; known: {', '.join(sorted(ARCHS))}")
+        return self
+
+
+class HighResConfig(_Strict):
+    """The final high-resolution phase (training/high_res.py): the last ``iterations`` iterations of the schedules
+    run at these crop sizes; position embeddings are interpolated once to the new global grid when it starts."""
+    iterations: int = Field(0, ge=0, description="0: no high-resolution phase")
+    global_crops_size: int = Field(518, gt=0)
+    local_crops_size: int | None = Field(None, gt=0, description="default: crops.local_crops_size")
+
+
 class TrainConfig(_Strict):
     model: ModelConfig = ModelConfig()
     head: HeadConfig = HeadConfig()
@@ -221,6 +245,9 @@ class TrainConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
+    mode: Literal["pretrain", "distill"] = "pretrain"
+    distill: DistillConfig = DistillConfig()
+    high_res: HighResConfig = HighResConfig()
     seed: int = 0
     max_steps: int | None = Field(None, ge=0, description="stop after this iteration (default: epochs * iters)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -236,6 +263,17 @@ class TrainConfig(_Strict):
                            ("crops.local_crops_size", self.crops.local_crops_size)):
             if size % p:
                 raise ValueError(f"{name} ({size}) must be a multiple of model.patch_size ({p})")
+        hr = self.high_res
+        if hr.iterations:
+            for name, size in (("high_res.global_crops_size", hr.global_crops_size),
+                               ("high_res.local_crops_size", hr.local_crops_size or self.crops.local_crops_size)):
+                if size % p:
+                    raise ValueError(f"{name} ({size}) must be a multiple of model.patch_size ({p})")
+            if hr.iterations >= self.total_iters:
+                raise ValueError(f"high_res.iterations ({hr.iterations}) must be below the run's "
+                                 f"{self.total_iters} iterations (it is their final part)")
+        if self.mode == "distill" and not self.distill.teacher:
+            raise ValueError("mode distill needs distill.teacher (the frozen teacher's checkpoint)")
         return self
 
     @property

@@ -47,7 +47,10 @@ __all__ = ["resolve_sources", "MultiCropStream", "make_loader", "decode_image", 
 
 
 def resolve_sources(data: str | os.PathLike | list[str]) -> tuple[str, list[str]]:
-    """Return ``("tar", shard paths)`` or ``("files", image paths)`` for a dir, glob, brace pattern or list."""
+    """Return ``("tar", shard paths)`` or ``("files", image paths)`` for a dir, glob, brace pattern or list.
+
+    A directory ``D`` with a manifest beside it (``D_meta/manifest.json``, as the curation's ``shards_meta/``) is read
+    as the shards the manifest lists, nothing else; otherwise every ``*.tar`` below ``D``."""
     if isinstance(data, (list, tuple)):
         paths = [str(p) for p in data]
         kind = "tar" if all(p.endswith(".tar") for p in paths) else "files"
@@ -55,6 +58,16 @@ def resolve_sources(data: str | os.PathLike | list[str]) -> tuple[str, list[str]
     data = str(data)
     p = Path(data)
     if p.is_dir():
+        manifest = p.parent / f"{p.name}_meta" / "manifest.json"  # RUN/shards -> RUN/shards_meta/manifest.json
+        if manifest.is_file():
+            import json
+
+            names = json.loads(manifest.read_text()).get("files")
+            if names is not None:
+                missing = [n for n in names if not (p / n).is_file()]
+                if missing:
+                    raise FileNotFoundError(f"{manifest} lists {len(missing)} shards missing under {data}: {missing[:3]}")
+                return "tar", sorted(str(p / n) for n in names)
         tars = sorted(str(x) for x in p.rglob("*.tar"))
         if tars:
             return "tar", tars

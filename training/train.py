@@ -24,6 +24,8 @@ for what is per rank by design: KoLeo (within each rank's batch, as the referenc
 Logged losses are averaged over ranks. Each rank reads its own share of the shards. Checkpoints of multi-process
 runs are ``torch.distributed.checkpoint`` directories (training/checkpoint.py), resumable on any number of ranks.
 One iteration is ``Trainer.train_step(batch, it)``; ``train()`` adds data, resume, metrics and checkpoints.
+Variants: ``mode: distill`` takes the targets from a frozen pretrained teacher and keeps the student's EMA as the
+run's teacher (training/distill.py); ``high_res`` runs the last iterations at bigger crops (training/high_res.py).
 Metrics: one JSON object per line in ``OUTPUT/metrics.jsonl`` (``"type": "train"`` per iteration and
 ``"type": "eval"``), plus a tqdm bar.
 """
@@ -52,6 +54,7 @@ from .checkpoint import (backbone_from_state, find_latest_checkpoint, load_train
                          save_checkpoint, save_distributed_checkpoint, set_rng_state)
 from .config import ConfigError, TrainConfig, load_config
 from .data import MultiCropStream, make_loader
+from . import high_res
 from .distributed import (DistInfo, all_reduce_mean, all_reduce_sum, allreduce_gradients, broadcast_module,
                           clip_grad_norm, ema_update, init_distributed, reshard, resolve_strategy, shard_models)
 from .heads import DINOHead
@@ -109,6 +112,20 @@ def _head_logits(heads: nn.ModuleDict, cls: list[torch.Tensor], patches: torch.T
     return list(parts[:-1]), parts[-1]
 
 
+def teacher_probs(dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, cls_logits: torch.Tensor,
+                  patch_logits: torch.Tensor | None, temp: float, centering: str):
+    """The teacher's DINO (and iBOT) probabilities at temperature ``temp``; with centering, the centres are
+    updated after use."""
+    cls_logits = cls_logits.float()
+    dino_probs = dino_loss.teacher_probs(cls_logits, temp, centering)
+    ibot_probs = None if patch_logits is None else ibot_loss.teacher_probs(patch_logits.float(), temp, centering)
+    if centering == "centering":
+        dino_loss.update_center(cls_logits)
+        if patch_logits is not None:
+            ibot_loss.update_center(patch_logits.float())
+    return dino_probs, ibot_probs
+
+
 def forward_losses(student, teacher, dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, batch: dict[str, Any],
                    cfg: TrainConfig, teacher_temp: float, device: torch.device, autocast) -> dict[str, torch.Tensor]:
     gc = batch["global_crops"].to(device, non_blocking=True)
@@ -129,13 +146,8 @@ def forward_losses(student, teacher, dino_loss: DINOLoss, ibot_loss: iBOTPatchLo
         t_patch = t["x_norm_patchtokens"].flatten(0, 1)[mask_idx] if do_ibot else None
         (t_cls_logits,), t_patch_logits = _head_logits(teacher, [t["x_norm_clstoken"]], t_patch)
         reshard(teacher)  # FSDP2 keeps roots unsharded after forward; the teacher has no backward
-        t_cls_logits = t_cls_logits.float()
-        dino_probs = dino_loss.teacher_probs(t_cls_logits, teacher_temp, centering)
-        ibot_probs = ibot_loss.teacher_probs(t_patch_logits.float(), teacher_temp, centering) if do_ibot else None
-        if centering == "centering":
-            dino_loss.update_center(t_cls_logits)
-            if do_ibot:
-                ibot_loss.update_center(t_patch_logits.float())
+        dino_probs, ibot_probs = teacher_probs(dino_loss, ibot_loss, t_cls_logits, t_patch_logits, teacher_temp,
+                                               centering)
 
     with autocast():
         inputs = [gc, lc] if n_local else [gc]
@@ -213,7 +225,8 @@ def build_stream(cfg: TrainConfig, data: str | list[str], rank: int = 0, world: 
     grid = c.global_crops_size // cfg.model.patch_size
     mask_gen = MaskingGenerator(grid, min_num_patches=cfg.masking.min_num_patches, min_aspect=cfg.masking.min_aspect)
     return MultiCropStream(data, augment, cfg.optim.batch_size_per_gpu, mask_gen,
-                           tuple(cfg.masking.mask_ratio_min_max), cfg.masking.mask_probability, seed=cfg.seed,
+                           tuple(cfg.masking.mask_ratio_min_max),
+                           0.0 if cfg.mode == "distill" else cfg.masking.mask_probability, seed=cfg.seed,
                            rank=rank, world_size=world, shuffle_buffer=cfg.data.shuffle_buffer,
                            start_batch=start_batch, start_sample=start_sample)
 
@@ -250,6 +263,12 @@ class Trainer:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and rank 0's are broadcast)
         student, teacher, self.backbone_info = build_models(cfg)
+        self.high_res = False  # inside the high-resolution phase (training/high_res.py)
+        self.distill_teacher = None  # mode distill: the frozen teacher (``teacher`` is then the student's EMA)
+        if cfg.mode == "distill":
+            from .distill import build_distill_teacher
+
+            self.distill_teacher = build_distill_teacher(cfg, student, teacher).to(self.device)
         student.to(self.device)
         teacher.to(self.device)
         self.strategy = resolve_strategy(cfg.distributed.strategy, self.world)
@@ -299,8 +318,13 @@ class Trainer:
         ll_lr, temp_it = sched["last_layer_lr"][it], sched["teacher_temp"][it]
         apply_schedules(self.optimizer, lr_it, wd_it, ll_lr)
         self.optimizer.zero_grad(set_to_none=True)
-        terms = forward_losses(self.student, self.teacher, self.dino_loss, self.ibot_loss, batch, cfg, temp_it,
-                               self.device, self.autocast)
+        if self.distill_teacher is not None:
+            from .distill import distill_forward_losses
+
+            terms = distill_forward_losses(self, batch, temp_it)
+        else:
+            terms = forward_losses(self.student, self.teacher, self.dino_loss, self.ibot_loss, batch, cfg, temp_it,
+                                   self.device, self.autocast)
         values = all_reduce_mean(terms)  # global-batch loss values; every rank sees the same
         check_finite(values, it)
         terms["loss"].backward()
@@ -395,6 +419,8 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, info)
+    high_res.check_supported(trainer)
+    hr_start = high_res.phase_start(cfg)
     if world > 1:
         log.info("rank %d/%d: strategy %s on %s", rank, world, trainer.strategy, trainer.device)
     bs = trainer.batch_size
@@ -405,6 +431,8 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
     resume_rng = None
     latest = _latest_checkpoint(out, world)
     if latest is not None:
+        if high_res.in_phase(cfg, latest):
+            high_res.enter_high_res(trainer)  # the checkpoint holds the high-resolution grid
         meta = trainer.load(latest)
         start_iter = int(meta["iteration"])
         pos = meta["data_position"]
@@ -423,8 +451,11 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
     if rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
-    stream = build_stream(cfg, data, rank=rank, world=world, start_sample=start_sample)
-    loader = make_loader(stream, cfg.data.num_workers)
+    def open_data(first_sample: int):
+        # the global sample order continues exactly after the samples consumed (training/data.py)
+        stream = build_stream(high_res.phase_config(cfg) if trainer.high_res else cfg, data, rank=rank, world=world,
+                              start_sample=first_sample)
+        return iter(make_loader(stream, cfg.data.num_workers))
 
     def run_eval(iteration: int) -> dict[str, Any] | None:
         e = cfg.eval
@@ -467,11 +498,16 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
     it = start_iter
     t0 = time.time()
     last_row: dict[str, Any] = {}
-    data_iter = iter(loader)
+    data_iter = open_data(start_sample)
     if resume_rng is not None:
         set_rng_state(resume_rng)
     try:
         while it < total_iters:
+            if it == hr_start and not trainer.high_res:
+                if it % cfg.checkpoint.period_iters and it > start_iter:
+                    save(it)  # the checkpoint the phase starts from
+                high_res.enter_high_res(trainer)
+                data_iter = open_data(start_sample + (it - start_iter) * bs * world)
             batch = next(data_iter)
             row = trainer.train_step(batch, it)
             row["time"] = time.time() - t0
@@ -547,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except (ConfigError, FileNotFoundError) as e:  # found while setting up (distill teacher, high_res phase)
+        print(str(e) if isinstance(e, ConfigError) else f"error: {e}", file=sys.stderr)
+        return 2
     if summary.get("rank", 0) != 0:
         return 0  # torchrun: rank 0 exports and prints the summary
     if args.export:

@@ -25,8 +25,8 @@ descriptor ranks it closest to its own anchor, while sibling images are differen
 of each other (a 32x32 grayscale thumbnail moves far more between siblings than under any planted edit).
 
 **Truth.** Every row says what should happen to it: ``expected_stage`` is null for a row that must survive download,
-filter, hash and dedup, else the stage that must drop it, with ``expected_reason`` from
-:data:`schemas.tables.DROP_REASONS`.  Originals of duplicates come before their copies in row order, and each
+filter and dedup, else the stage that must drop it, with ``expected_reason`` from :data:`schemas.tables.DROP_REASONS`
+(exact and hash-near copies are judged by dedup too: the hash stage only links them).  Originals of duplicates come before their copies in row order, and each
 original has at most one planted copy (duplicate groups are pairs), so "keep the first" keeps the original.
 
 Choices worth knowing:
@@ -58,7 +58,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # 2: exact and hash-near copies are expected at stage dedup
 
 # concept name -> (shape family, base hue, background (sat, val), foreground (sat, val), frequency range)
 CONCEPTS: dict[str, dict] = {
@@ -512,16 +512,16 @@ def generate_corpus(out_dir, seed: int = 0, scale: float = 1) -> dict:
     copies: list[_Row] = []
     for o in exact_src:
         copies.append(_Row(role="exact_duplicate", concept=o.concept, anchor_set=o.anchor_set, anchor_id=o.anchor_id,
-                           dup_of=o, expected_stage="hash", expected_reason="exact_duplicate", width=o.width,
+                           dup_of=o, expected_stage="dedup", expected_reason="exact_duplicate", width=o.width,
                            height=o.height, content_type=o.content_type, data=o.data, caption=o.caption,
                            ext=o.ext))
     for k, o in enumerate(near_src):
         edit = EDITS[k % len(EDITS)]
         data, detail, ext = apply_edit(o.image, edit, _rng(seed, 8, k))
         w, h = Image.open(io.BytesIO(data)).size
-        stage, reason = ("hash", "near_duplicate") if edit in HASH_EDITS else ("dedup", "copy_duplicate")
+        reason = "near_duplicate" if edit in HASH_EDITS else "copy_duplicate"
         copies.append(_Row(role="near_duplicate", concept=o.concept, anchor_set=o.anchor_set, anchor_id=o.anchor_id,
-                           dup_of=o, edit=edit, edit_detail=detail, expected_stage=stage, expected_reason=reason,
+                           dup_of=o, edit=edit, edit_detail=detail, expected_stage="dedup", expected_reason=reason,
                            width=w, height=h, content_type="image/jpeg", data=data, caption=o.caption, ext=ext))
     for o in url_src:
         copies.append(_Row(role="bad_input", concept=o.concept, dup_of=o, expected_stage="download",

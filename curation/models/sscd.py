@@ -15,7 +15,11 @@ default, as the SSCD authors recommend for copy detection) or ``short288`` resiz
 the aspect (variable sizes, so batch 1); both with ImageNet mean/std.
 
 :func:`pixel_descriptor` is a fixed function of the pixels (no weights) used when ``dedup.descriptor: pixels``.
-The SSCD weights are CC-BY-NC 4.0 (see the SSCD repository): check that licence for your use.
+Licence: the SSCD code and the model files it releases (facebookresearch/sscd-copy-detection, whose README links
+every ``.torchvision.pt`` / ``.torchscript.pt`` file) are under the MIT licence: the repository moved from
+CC-BY-NC 4.0 to MIT in 2022 (its README's "License" section and LICENSE file).  The weights were trained on the
+DISC2021 images, whose own terms are a separate matter.  This module is our own code, written from the paper and
+the file layouts above.
 """
 
 from __future__ import annotations

@@ -1,55 +1,139 @@
-"""dedup: copy-detection self-deduplication and relative deduplication against evaluation sets (DINOv2 App. A.3).
+"""dedup: one duplicate graph per run - hash groups, copy-detection neighbours and evaluation images - and the
+verdict on every pool image (DINOv2 App. A.3, with the hash stage's groups joined in).
 
-One global unit (``final``), after the sscd stage has described the pool (keys kept by hash) and every evaluation
-set:
+One global unit (``final``), after the hash stage has grouped and the sscd stage has described every image the
+filter kept (hash duplicates included) and every evaluation set:
 
-1. **Self graph**: the k = ``dedup.k`` nearest pool neighbours of every pool image by cosine similarity
+1. **Hash edges**: every image is linked to its hash group (same decoded pixels, or PCA/pHash codes within
+   ``hash.hamming_threshold`` bits; ``hash/groups.parquet``).  Hash duplicates stay nodes, so a chain original ->
+   hash copy -> SSCD copy stays one component.
+2. **Self edges**: the k = ``dedup.k`` nearest pool neighbours of every pool image by cosine similarity
    (:func:`curation.knn.knn_search`: exact FAISS flat on CPU, chunked torch matmul + top-k on CUDA); an edge where
    similarity > ``dedup.threshold`` (0.6).
-2. **Relative graph**: the k nearest evaluation images of every pool image; an edge where similarity >
+3. **Evaluation edges**: the k nearest evaluation images of every pool image; an edge where similarity >
    ``dedup.eval_threshold`` (0.45).
-3. Connected components over pool and evaluation nodes together (:mod:`curation.components`, vectorised).
-   A component holding any evaluation image is dropped whole (``eval_contamination``, ``detail`` names one
-   evaluation image of the component).  Otherwise one image per component is kept - the largest resolution
-   (size before download's resize, from the hash tables), then the smallest key, as in the hash stage - and the
-   others are ``copy_duplicate`` with ``detail`` naming the kept key and the cosine similarity to it.
+4. Connected components over pool and evaluation nodes together (:mod:`curation.components`, vectorised).
+
+Verdicts, in order of precedence:
+
+* a component holding an evaluation image is dropped whole: ``eval_contamination`` (``detail`` names one evaluation
+  image of the component), whichever link - hash or SSCD - joined the image to it;
+* otherwise the component keeps one image, its **survivor** (``dedup.survivor``, below), and drops the others:
+  ``exact_duplicate`` for an image with the same pixels as another member it is judged through (``detail`` names
+  the survivor and that twin), ``near_duplicate`` for an image in the survivor's hash group (``detail``: the
+  survivor and the Hamming distance), ``copy_duplicate`` for the rest (``detail``: the survivor and the cosine).
+
+**Survivor** (``dedup.survivor``).  ``original`` (default) prefers the source of the edits, by in turn:
+(1) the least ``border_fill`` (hash stage), in steps of :data:`FILL_STEP`: a border, letterbox padding or the
+corners of a rotated copy on a larger canvas add uniform fill at the edges (measured on real photographs: copies
+0.14-0.34, sources 0-0.02), so such a copy loses to its source although its canvas is larger; (2) the largest
+resolution (size before download's resize), which puts a source before its downscaled and cropped copies; (3) the
+SSCD medoid, the largest summed cosine similarity to the component's other members (rounded to 1e-4), which among
+same-size edits (JPEG, colour, text, flip) picks the one the others were made from - edits of one source are each
+close to it and less close to each other; (4) the smallest key.  ``resolution`` is the plain rule: largest
+resolution, then smallest key (it keeps a bordered, padded or rotated copy over its source).  No rule can tell an
+upscaled copy from its source by pixels alone: both rules keep the larger.
+
+Measured (tests/curation/test_duplicate_graph.py corpora: tiles of three photographs with real edits through the
+real hash stage, SSCD similarities modelled as copy.source 0.85, copy.copy 0.72): in 12 source + one copy pairs
+(border, padding, rotation, half size, JPEG q40, text) the source survives in 8 under ``original``, 2 under
+``resolution`` and 2 under medoid-first (a pair's medoid is a tie, so resolution decides); the 4 misses are the
+same-size JPEG and text pairs, where the key decides.  In 4 groups of a source and 3-5 edits the source survives in
+4 under ``original`` and medoid-first, 0 under ``resolution``.
 
 Outputs: ``dedup/components.parquet`` (schema ``components``: every pool and evaluation image with its component,
 component size, kept flag, reason, nearest neighbour and similarity; evaluation rows have ``kept`` false and no
 reason, and their keys are written ``eval/<set>/<key>`` wherever they appear as a neighbour),
 ``stats/dedup_thresholds.parquet`` (how many pool images have a nearest pool / evaluation neighbour above each
 threshold of ``dedup.stats_thresholds``), ``stats/component_sizes.parquet`` (histogram), then the ledger unit
-``final`` with one row per key the hash stage kept.
+``final`` with one row per key the filter kept.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation import accounting
-from curation.components import connected_components, pick_one_per_component
+from curation.components import connected_components, first_of_equal, pick_one_per_component
 from curation.knn import knn_search, resolve_device
 from curation.stages.base import Stage, Unit
-from curation.stages.sscd import read_descriptors
-from curation.storage import write_table
+from curation.stages.hash import hamming
+from curation.storage import read_table, write_table
+from curation.vectors import input_keys, load_descriptors
 
 FINAL = "final"
+FILL_STEP = 0.1  # border_fill differences below one step (JPEG noise, natural flat edges) do not decide
 
 
-def _resolution(root, keys: list[str]) -> np.ndarray:
-    """Pixels per key (size before download's resize when known) from hash/part-*.parquet; 0 when unknown."""
+@dataclass
+class HashInfo:
+    """Per pool image (in key order), what the hash stage measured; neutral values when it did not run."""
+
+    sha: np.ndarray  # pixel hash per image (the key itself when unknown: no exact twins)
+    group: np.ndarray  # hash group label (own index when unknown)
+    codes: np.ndarray | None  # packed hash codes, for the near_duplicate detail
+    resolution: np.ndarray  # pixels before download's resize when known, else as stored; 0 when unknown
+    fill: np.ndarray  # border_fill, 0 when unknown
+
+
+def read_hash_info(root, keys: list[str]) -> HashInfo:
+    """The hash stage's groups and per-image measurements for `keys` (sorted), or neutral values without it."""
+    n = len(keys)
+    info = HashInfo(np.array(keys, dtype=object), np.arange(n), None, np.zeros(n, np.int64), np.zeros(n))
+    groups_path = root / "hash" / "groups.parquet"
+    if groups_path.exists():
+        g = read_table(groups_path, "hash_groups")
+        if g["key"].to_pylist() != keys:
+            raise RuntimeError(f"dedup: hash/groups.parquet holds {g.num_rows} images but the filter kept {n} "
+                               "(rerun the hash stage)")
+        info.sha = np.array(g["pixel_sha256"].to_pylist(), dtype=object)
+        info.group = np.array(g["group"], np.int64)
+        info.codes = np.stack([np.frombuffer(b, np.uint8) for b in g["hash"].to_pylist()]) if n else None
     parts = sorted((root / "hash").glob("part-*.parquet"))
-    if not parts:
-        return np.zeros(len(keys), np.int64)
-    cols = ["key", "width", "height", "original_width", "original_height"]
-    t = pa.concat_tables([pq.read_table(p, columns=cols) for p in parts])
-    ow = np.array(t["original_width"].fill_null(0), np.int64)
-    oh = np.array(t["original_height"].fill_null(0), np.int64)
-    res = np.where(ow * oh > 0, ow * oh, np.array(t["width"], np.int64) * np.array(t["height"], np.int64))
-    by_key = dict(zip(t["key"].to_pylist(), res.tolist()))
-    return np.array([by_key.get(k, 0) for k in keys], np.int64)
+    if parts:
+        cols = ["key", "width", "height", "original_width", "original_height", "border_fill"]
+        t = pa.concat_tables([pq.read_table(p, columns=cols) for p in parts])
+        ow = np.array(t["original_width"].fill_null(0), np.int64)
+        oh = np.array(t["original_height"].fill_null(0), np.int64)
+        res = np.where(ow * oh > 0, ow * oh, np.array(t["width"], np.int64) * np.array(t["height"], np.int64))
+        row = {k: i for i, k in enumerate(t["key"].to_pylist())}
+        idx = np.array([row.get(k, -1) for k in keys], np.int64)
+        found = idx >= 0
+        info.resolution[found] = res[idx[found]]
+        info.fill[found] = np.array(t["border_fill"], np.float64)[idx[found]]
+    return info
+
+
+def medoid_scores(labels: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """Each node's summed cosine similarity to the other nodes of its component (0 when alone), rounded to 1e-4.
+
+    x_i . (S_c - x_i) with S_c the component's descriptor sum: O(n d), no pairwise matrix."""
+    n = len(labels)
+    score = np.zeros(n)
+    multi = np.flatnonzero(np.bincount(labels)[labels] > 1) if n else np.zeros(0, np.int64)
+    if not multi.size:
+        return score
+    order = multi[np.argsort(labels[multi], kind="stable")]
+    lab = labels[order]
+    starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+    xs = X[order].astype(np.float64)
+    sums = np.add.reduceat(xs, starts, axis=0)
+    comp = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(order)]))
+    score[order] = np.einsum("ij,ij->i", xs, sums[comp] - xs)
+    return np.round(score, 4)
+
+
+def survivor_priority(rule: str, labels: np.ndarray, X: np.ndarray, info: HashInfo) -> list[np.ndarray]:
+    """Sort keys (smallest first) for :func:`curation.components.pick_one_per_component` under `rule`."""
+    if rule == "resolution":
+        return [-info.resolution]
+    if rule == "original":
+        return [np.floor(info.fill / FILL_STEP), -info.resolution, -medoid_scores(labels, X)]
+    raise ValueError(f"unknown dedup.survivor {rule!r}")
 
 
 def dedup_graph(
@@ -59,8 +143,10 @@ def dedup_graph(
     threshold: float,
     eval_threshold: float,
     device: str = "auto",
+    links: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The dedup graph and its components.  Nodes 0..n-1 are pool rows, n..n+m-1 evaluation rows.
+    """The dedup graph and its components.  Nodes 0..n-1 are pool rows, n..n+m-1 evaluation rows; `links` are
+    extra pool-pool edges (the hash groups).
 
     Returns labels (component per node), self_sims/self_ids (pool k-NN without self), eval_sims/eval_ids
     (pool -> eval k-NN, eval ids as node numbers), eval_nn_sims/eval_nn_ids (eval -> nearest pool)."""
@@ -80,6 +166,9 @@ def dedup_graph(
         self_ids = np.zeros((0, 0), np.int64)
     src = [np.repeat(np.arange(n), self_ids.shape[1])[(self_sims > threshold).ravel()]]
     dst = [self_ids[self_sims > threshold]]
+    if links is not None:
+        src.append(np.asarray(links[0], np.int64))
+        dst.append(np.asarray(links[1], np.int64))
     if m and n:
         esims, eids = knn_search(pool, evals, min(k, m), device=device)
         mask = esims > eval_threshold
@@ -114,15 +203,15 @@ class DedupStage(Stage):
 
     def run_unit(self, unit: Unit) -> dict:
         dc = self.cfg.dedup
-        inputs = accounting.kept_keys(self.root, accounting.previous_ledger_stage(self.name))
+        inputs = input_keys(self.root, self.name)
         in_keys = inputs["key"].to_pylist()
-        keys, X = read_descriptors((self.root / "sscd" / "pool").glob("part-*.parquet"))
+        keys, X = load_descriptors((self.root / "sscd" / "pool").glob("part-*.parquet"))
         if keys != in_keys:
             raise RuntimeError(f"dedup: sscd described {len(keys)} pool images but the previous stage kept "
                                f"{len(in_keys)} (run the sscd stage first)")
         eval_names, eval_keys, eval_vecs = [], [], []
         for es in dc.eval_sets:
-            ek, ev = read_descriptors((self.root / "sscd" / "eval" / es.name).glob("part-*.parquet"))
+            ek, ev = load_descriptors((self.root / "sscd" / "eval" / es.name).glob("part-*.parquet"))
             if ev.size and X.size and ev.shape[1] != X.shape[1]:
                 raise RuntimeError(f"dedup: eval set {es.name} descriptors have dimension {ev.shape[1]}, pool "
                                    f"{X.shape[1]}")
@@ -131,9 +220,14 @@ class DedupStage(Stage):
             if len(ek):
                 eval_vecs.append(ev)
         n, m = len(keys), len(eval_keys)
-        E = np.concatenate(eval_vecs) if eval_vecs else np.zeros((0, X.shape[1] if X.size else 1), np.float32)
+        d = X.shape[1] if X.size else (eval_vecs[0].shape[1] if eval_vecs else 1)
+        X = X.reshape(n, d) if n else np.zeros((0, d), np.float32)
+        E = np.concatenate(eval_vecs) if eval_vecs else np.zeros((0, d), np.float32)
+        info = read_hash_info(self.root, keys)
+        linked = np.flatnonzero(info.group != np.arange(n))
         device = resolve_device(dc.device)
-        g = dedup_graph(X, E, dc.k, dc.threshold, dc.eval_threshold, device=device)
+        g = dedup_graph(X, E, dc.k, dc.threshold, dc.eval_threshold, device=device,
+                        links=(linked, info.group[linked]))
         labels = g["labels"]
         node_keys = np.array(keys + eval_keys, dtype=object)
 
@@ -143,33 +237,48 @@ class DedupStage(Stage):
             ev_nodes = np.arange(n, n + m)
             order = np.argsort(-ev_nodes)  # assign larger first so the smallest eval node wins
             comp_eval[labels[ev_nodes[order]]] = ev_nodes[order]
-        pool_eval = comp_eval[labels[:n]]
+        pool_labels = labels[:n]
+        pool_eval = comp_eval[pool_labels]
         contaminated = pool_eval >= 0
 
-        # one kept image per clean component: largest resolution, then smallest key (keys are sorted)
-        res = _resolution(self.root, keys)
-        priority = np.concatenate([-res, np.zeros(m, np.int64)])
-        is_pool = np.arange(n + m) < n
-        # evaluation nodes never win: give them the worst priority
-        priority = np.where(is_pool, priority, np.iinfo(np.int64).max)
-        keep_node = pick_one_per_component(labels, priority)
+        # one survivor per component (evaluation nodes never win: only pool nodes take part)
+        priority = survivor_priority(dc.survivor, pool_labels, X, info)
+        keep = pick_one_per_component(pool_labels, priority)
         kept_of = np.full(n + m, -1, np.int64)
-        kept_of[labels[keep_node]] = np.flatnonzero(keep_node)
-        pool_kept_of = kept_of[labels[:n]]
-        keep = keep_node[:n] & ~contaminated
+        kept_of[pool_labels[keep]] = np.flatnonzero(keep)
+        survivor = kept_of[pool_labels]
+        keep &= ~contaminated
+        # same pixels inside a component: one image per pixel set is judged against the survivor (the survivor
+        # itself where it is in the set), the others are its exact duplicates
+        _, sha_id = np.unique(info.sha.astype(str), return_inverse=True) if n else (None, np.zeros(0, np.int64))
+        pixel_set = first_of_equal(np.stack([pool_labels.astype(np.int64), sha_id.ravel()], 1))
+        twin = pick_one_per_component(pixel_set, [~(np.arange(n) == survivor), *priority])
+        twin_of = np.full(n, -1, np.int64)
+        twin_of[pixel_set[twin]] = np.flatnonzero(twin)
+        twin_of = twin_of[pixel_set]
 
+        method = self.cfg.hash.method
         reasons, details = [], []
         for i in range(n):
+            j = survivor[i]
             if contaminated[i]:
                 reasons.append("eval_contamination")
                 e = pool_eval[i]
                 sim = float(X[i] @ E[e - n])
-                details.append(f"duplicate component with evaluation image {node_keys[e]} (cosine {sim:.3f})")
+                via = "" if sim > dc.eval_threshold else ", joined through its duplicates"
+                details.append(f"duplicate component with evaluation image {node_keys[e]} (cosine {sim:.3f}{via})")
             elif keep[i]:
                 reasons.append(None)
                 details.append(None)
+            elif twin_of[i] != i:
+                reasons.append("exact_duplicate")
+                same = "" if twin_of[i] == j else f" as {keys[twin_of[i]]}"
+                details.append(f"duplicate of {keys[j]} (same pixels{same})")
+            elif info.group[i] == info.group[j]:
+                reasons.append("near_duplicate")
+                dist = int(hamming(info.codes[i:i + 1], info.codes[j:j + 1])[0])
+                details.append(f"duplicate of {keys[j]} ({method} hash Hamming distance {dist})")
             else:
-                j = pool_kept_of[i]
                 reasons.append("copy_duplicate")
                 details.append(f"duplicate of {keys[j]} (cosine {float(X[i] @ X[j]):.3f})")
 
@@ -201,8 +310,9 @@ class DedupStage(Stage):
         url = dict(zip(in_keys, inputs["url"].to_pylist()))
         ledger = accounting.make_ledger(self.name, keys, [url[k] for k in keys], reasons, details)
         accounting.write_ledger(self.root, self.name, FINAL, ledger)
-        return {"kept": int(keep.sum()), "copy_duplicate": reasons.count("copy_duplicate"),
-                "eval_contamination": reasons.count("eval_contamination")}
+        return {"kept": int(keep.sum()), **{r: reasons.count(r) for r in
+                                             ("exact_duplicate", "near_duplicate", "copy_duplicate",
+                                              "eval_contamination")}}
 
     def _write_stats(self, g, labels, n, m, eval_names) -> None:
         dc = self.cfg.dedup

@@ -10,7 +10,8 @@ Each shard is one task: img2dataset's per-shard ``Downloader`` fetches with its 
 address policy (:mod:`curation.urlsafety`).  Bytes are decoded by :func:`curation.images.decode_image` (our
 "resizer": bombs, truncation, animation, CMYK/16-bit/alpha handled there), resized to ``max_side`` and stored as
 JPEG.  Outputs, each written atomically: ``NNNNN.tar`` (``key.jpg`` + ``key.json``), ``NNNNN.parquet`` (status
-rows, schema ``download_status``), then the ledger part that marks the shard complete.
+rows, schema ``download_status``: one per input URL of the shard's row range, those refused before the fetch
+included), then the ledger part that marks the shard complete.
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from curation import accounting
 from curation.images import ImageRejected, decode_image, encode_jpeg, resize_max_side
 from curation.stages.base import Stage, Unit
-from curation.storage import TarShardWriter, atomic_path, write_json, write_table
+from curation.storage import TarShardWriter, atomic_path, temporary_link, write_json, write_table
+from curation.urllists import read_url_lists
 from curation.urlsafety import Refused, UrlPolicy, install_safe_opener
 
 KEY_DIGITS = 10
@@ -41,41 +43,6 @@ KEY_DIGITS = 10
 
 def make_key(row_id: int) -> str:
     return f"{row_id:0{KEY_DIGITS}d}"
-
-
-def _url_files(paths) -> list[Path]:
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(x for x in p.rglob("*") if x.suffix.lower() in (".parquet", ".csv", ".tsv"))
-        else:
-            files.append(p)
-    return files
-
-
-def read_url_lists(paths, url_col: str = "url", caption_col: str | None = "caption") -> pa.Table:
-    """Concatenate URL lists (Parquet/CSV/TSV) in sorted order into (row_id, url, caption)."""
-    urls, captions = [], []
-    for f in _url_files(paths):
-        suffix = f.suffix.lower()
-        if suffix == ".parquet":
-            t = pq.read_table(f)
-        elif suffix in (".csv", ".tsv"):
-            opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
-            t = pacsv.read_csv(f, parse_options=opts, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
-        else:
-            raise ValueError(f"{f}: URL lists must be .parquet, .csv or .tsv")
-        if url_col not in t.column_names:
-            raise ValueError(f"{f}: no column {url_col!r} (columns: {t.column_names}); set input.url_col")
-        urls += [None if u is None else str(u) for u in t.column(url_col).to_pylist()]
-        if caption_col and caption_col in t.column_names:
-            captions += [None if c is None else str(c) for c in t.column(caption_col).to_pylist()]
-        else:
-            captions += [None] * t.num_rows
-    return pa.table(
-        {"row_id": pa.array(range(len(urls)), pa.int64()), "url": pa.array(urls, pa.string()),
-         "caption": pa.array(captions, pa.string())}
-    )
 
 
 _HTTP = re.compile(r"HTTP Error (\d{3})")
@@ -95,8 +62,6 @@ def reason_from_error(message: str) -> tuple[str, str]:
     low = message.lower()
     if "timed out" in low or "timeout" in low:
         return "timeout", message
-    if "redirect" in low and "infinite loop" in low:
-        return "network_error", message
     return "network_error", message
 
 
@@ -110,9 +75,9 @@ class ImageNormalizer:
         data = img_stream.read()
         cfg = self.cfg
         try:
-            if len(data) > cfg.max_bytes:
-                raise ImageRejected("too_large_file", f"{len(data)} bytes > {cfg.max_bytes}")
-            im, (ow, oh) = decode_image(data, cfg.max_image_pixels, cfg.drop_animated, draft_size=cfg.max_side)
+            im, (ow, oh) = decode_image(
+                data, cfg.max_image_pixels, cfg.drop_animated, draft_size=cfg.max_side, orient=True
+            )
             im = resize_max_side(im, cfg.max_side)
             return encode_jpeg(im, cfg.jpeg_quality), im.width, im.height, ow, oh, None
         except ImageRejected as err:
@@ -163,6 +128,15 @@ class DownloadStage(Stage):
         if not plan_file.exists():
             self._make_plan(plan_file)
         plan = json.loads(plan_file.read_text())
+        lost = [s for s, _ in plan["shards"] if not (self.inputs / f"{s}.arrow").exists()]
+        if lost or not accounting.ledger_path(self.root, self.name, "precheck").exists():
+            # an input shard or the precheck drops were deleted: planning is deterministic, so redo it (never
+            # shrink the accounting), and refuse if it no longer gives the same plan
+            self._make_plan(plan_file)
+            again = json.loads(plan_file.read_text())
+            if again != plan:
+                raise RuntimeError(f"{plan_file}: re-planning the lost inputs gave a different plan (the URL lists "
+                                   "changed since the run started); use a new run_root")
         return [Unit(s, {"rows": n}) for s, n in plan["shards"]]
 
     def _make_plan(self, plan_file: Path) -> None:
@@ -170,9 +144,12 @@ class DownloadStage(Stage):
         policy = UrlPolicy.from_config(self.dl)
         seen: dict[str, int] = {}
         keys, urls, reasons, details, ok = [], [], [], [], []
-        for row_id, url in zip(table["row_id"].to_pylist(), table["url"].to_pylist()):
+        rows = zip(table["row_id"].to_pylist(), table["url"].to_pylist(), table["url_error"].to_pylist())
+        for row_id, url, url_error in rows:
             reason = detail = None
             try:
+                if url_error:
+                    raise Refused("bad_url", url_error)
                 policy.check_url(url)
             except Refused as err:
                 reason, detail = err.reason, err.detail
@@ -188,19 +165,40 @@ class DownloadStage(Stage):
             ok.append(reason is None)
         refused = accounting.make_ledger("download", keys, urls, reasons, details)
         refused = refused.filter(pa.compute.invert(refused["kept"]))
-        keep = table.filter(pa.array(ok))
+        keep = table.drop_columns(["url_error"]).filter(pa.array(ok, pa.bool_()))
         keep = keep.append_column("lvd_key", pa.array([make_key(r) for r in keep["row_id"].to_pylist()], pa.string()))
         self.inputs.mkdir(parents=True, exist_ok=True)
-        shards = []
-        for i, start in enumerate(range(0, keep.num_rows, self.dl.shard_size)):
+        shards, row_ranges = [], {}
+        # at least one shard when there are rows at all: its status table also lists the URLs refused before fetch
+        starts = range(0, keep.num_rows or min(table.num_rows, 1), self.dl.shard_size)
+        for i, start in enumerate(starts):
             part = keep.slice(start, self.dl.shard_size)
             sid = f"{i:05d}"
             with atomic_path(self.inputs / f"{sid}.arrow") as tmp:
                 with ipc.new_file(tmp, part.schema) as w:
                     w.write_table(part)
             shards.append((sid, part.num_rows))
+            # input rows [lo, hi) belong to this shard: its fetched rows and the refused ones between them
+            nxt = start + self.dl.shard_size
+            row_ranges[sid] = [0 if i == 0 else keep["row_id"][start].as_py(),
+                               keep["row_id"][nxt].as_py() if nxt < keep.num_rows else table.num_rows]
         accounting.write_ledger(self.root, "download", "precheck", refused)
-        write_json(plan_file, {"shards": shards, "rows": table.num_rows, "refused_before_fetch": refused.num_rows})
+        write_json(plan_file, {"shards": shards, "rows": table.num_rows, "refused_before_fetch": refused.num_rows,
+                               "row_ranges": row_ranges})
+
+    def _refused_status_rows(self, unit: Unit) -> list[dict]:
+        """Status rows for the URLs of this shard's row range that were refused before any fetch."""
+        lo, hi = json.loads((self.inputs / "plan.json").read_text())["row_ranges"][unit.id]
+        ledger = pq.read_table(  # keys are sorted: row-group statistics skip the other shards' rows
+            accounting.ledger_path(self.root, self.name, "precheck"),
+            filters=(pc.field("key") >= make_key(lo)) & (pc.field("key") < make_key(hi)),
+        )
+        return [
+            {"key": r["key"], "row_id": int(r["key"]), "url": r["url"], "caption": None, "status": "dropped",
+             "reason": r["reason"], "error_message": r["detail"], "width": None, "height": None,
+             "original_width": None, "original_height": None, "sha256": None}
+            for r in ledger.to_pylist()
+        ]
 
     # -- one shard ---------------------------------------------------------------------------------------------
     def is_done(self, unit: Unit) -> bool:
@@ -208,7 +206,8 @@ class DownloadStage(Stage):
 
     def run_unit(self, unit: Unit) -> dict:
         previous_opener = urllib.request._opener  # restored after: in-process runs must not leak the policy
-        install_safe_opener(UrlPolicy.from_config(self.dl), self.dl.use_env_proxy)
+        install_safe_opener(UrlPolicy.from_config(self.dl), self.dl.use_env_proxy, self.dl.max_bytes,
+                            self.dl.deadline_s or 3 * self.dl.timeout_s)
         try:
             return self._download(unit)
         finally:
@@ -237,13 +236,17 @@ class DownloadStage(Stage):
             user_agent_token=self.dl.user_agent_token,
             disallowed_header_directives=self.dl.disallowed_header_directives,
         )
-        ok, _ = downloader((int(unit.id), str(self.inputs / f"{unit.id}.arrow")))
+        # img2dataset deletes the shard file it was given: hand it a temporary link, so the input outlives the
+        # unit's completion marker (a unit killed after that delete, or whose ledger is removed, can be redone).
+        with temporary_link(self.inputs / f"{unit.id}.arrow") as consumable:
+            ok, _ = downloader((int(unit.id), str(consumable)))
         if not ok:
             raise RuntimeError(f"img2dataset failed on shard {unit.id} (traceback above)")
         rows = sorted(sink["rows"], key=lambda r: r["row_id"])
         if len(rows) != unit.payload["rows"]:
             raise RuntimeError(f"shard {unit.id}: {len(rows)} status rows for {unit.payload['rows']} URLs")
-        write_table(self.dir / f"{unit.id}.parquet", pa.Table.from_pylist(rows), "download_status")
+        status = sorted(rows + self._refused_status_rows(unit), key=lambda r: r["row_id"])
+        write_table(self.dir / f"{unit.id}.parquet", pa.Table.from_pylist(status), "download_status")
         ledger = accounting.make_ledger(
             "download", [r["key"] for r in rows], [r["url"] for r in rows], [r["reason"] for r in rows],
             [r["error_message"] if r["reason"] else None for r in rows],

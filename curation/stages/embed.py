@@ -15,7 +15,9 @@ with reason ``embed_failed``.
 Throughput: decoding and resize/crop run in ``embed.num_workers`` DataLoader worker processes, each taking every
 n-th sample of the unit's stream; batches travel as uint8 (4x less than float32) through pinned memory and are
 normalised on the GPU; the model runs under bf16 autocast on CUDA with ``embed.batch_size`` images per step, so the
-GPU is fed ``prefetch_factor`` batches ahead.  The model is built once per worker process (``cached_embedder``).
+GPU is fed ``prefetch_factor`` batches ahead.  On CPU a ViT is the bottleneck, so the task's cores are split by
+:func:`curation.workers.cpu_split` (on 2 cores: decode inline, both cores for the model).  The model is built once
+per worker process (``cached_embedder``).  A pool shard whose images were all dropped earlier writes an empty part.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from curation.images import ImageRejected, decode_image
 from curation.samples import IMAGE_EXTS, detect_format, iter_image_set, iter_shard_samples, path_key, pool_shards
+from curation.workers import cpu_split, loader_workers, torch_threads
 from curation.stages.base import Stage, Unit
 from curation.storage import write_table
 from curation.vectors import descriptor_table, input_keys
@@ -95,6 +98,7 @@ def _worker_init(_):
 
 def embed_stream(embedder, stream: ImageStream, batch_size: int, num_workers: int, prefetch_factor: int = 4):
     """Run `embedder` over `stream` -> (keys, float32 [N, D], failures [(key, reason, detail)]), sorted by key."""
+    num_workers = loader_workers(num_workers)
     loader = DataLoader(
         stream, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
         pin_memory=embedder.device.type == "cuda", worker_init_fn=_worker_init if num_workers else None,
@@ -156,7 +160,11 @@ class EmbedStage(Stage):
             keys = set(input_keys(self.root, self.name)["key"].to_pylist())
         stream = ImageStream(p["kind"], p["path"], embedder.preprocess, keys, p.get("format", "auto"))
         t0 = time.time()
-        ks, vecs, failed = embed_stream(embedder, stream, ec.batch_size, ec.num_workers, ec.prefetch_factor)
+        workers, threads = ec.num_workers, None
+        if embedder.kind != "pixels":  # a model on CPU gets the task's cores (the pixels descriptor is decode-bound)
+            workers, threads = cpu_split(embedder.device.type, ec.num_workers)
+        with torch_threads(threads):
+            ks, vecs, failed = embed_stream(embedder, stream, ec.batch_size, workers, ec.prefetch_factor)
         out = self._out(unit)
         if failed:
             write_table(out.parent / "failed" / out.name, _failures_table(failed, p["source"]), "embed_failures")

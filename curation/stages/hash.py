@@ -1,24 +1,26 @@
-"""hash: exact duplicates (same decoded pixels) and near-exact duplicates (PCA hash, or pHash).
+"""hash: exact duplicates (same decoded pixels) and near-exact duplicates (PCA hash, or pHash) as duplicate links.
+
+The hash stage drops nothing: its groups become edges of the one duplicate graph the dedup stage labels, beside
+the SSCD k-NN edges, so a chain original -> hash copy -> SSCD copy stays one component and the copy's verdict
+(``exact_duplicate``, ``near_duplicate``, ``copy_duplicate`` or ``eval_contamination``) is decided there.
 
 Per unit (a filter shard, same id): decode every kept image, and write ``hash/part-NNNNN.parquet`` (schema
 ``hashes``): key, ``pixel_sha256`` (:func:`curation.images.pixel_sha256`), width, height, a grayscale
-``thumb_side`` x ``thumb_side`` thumbnail (area-averaged, uint8), and the pHash (``hash.method: phash``).
+``thumb_side`` x ``thumb_side`` thumbnail (area-averaged, uint8), ``border_fill`` (:func:`border_fill`, used by
+dedup's survivor rule) and the size before download's resize.
 
-``finalize`` (global, idempotent: skipped when the ledger unit ``final`` exists):
+``finalize`` (global, idempotent: skipped when ``hash/groups.parquet`` exists):
 
-1. **PCA hash** (``method: pca``): each thumbnail is standardised (its own mean removed, scaled to unit norm, so a
-   brightness or contrast change does not move it), a PCA is fitted on a deterministic sample of
+1. **Hash codes**.  ``method: pca``: each thumbnail is standardised (its own mean removed, scaled to unit norm, so
+   a brightness or contrast change does not move it), a PCA is fitted on a deterministic sample of
    ``hash.pca_sample`` thumbnails (SVD of the mean-centred sample; ``hash/pca.npz`` holds mean and components), and
    each image's hash is the sign of its projection on the top ``hash.bits`` components, packed to bytes.
+   ``method: phash``: imagehash's 64-bit pHash of the thumbnail.
 2. **Groups**: images with the same ``pixel_sha256`` (exact), and images whose hashes are within
    ``hash.hamming_threshold`` bits (a FAISS binary range search over the distinct hashes: ``IndexBinaryFlat``, or
    ``IndexBinaryMultiHash`` with threshold + 1 tables for large sets, which is exact by the pigeonhole principle),
-   are joined in a graph whose connected components are the duplicate groups (:mod:`curation.components`).
-3. One image per group is kept: the largest resolution (width x height before download's resize, from the
-   sample json, else as stored), then the smallest key.  The others are
-   dropped as ``exact_duplicate`` (same pixels as the kept image) or ``near_duplicate``, with ``detail`` naming the
-   kept key.  ``hash/groups.parquet`` (schema ``hash_groups``) records every image's group, and the ledger unit
-   ``final`` gets one row per key the filter kept.
+   are joined in a graph whose connected components are the hash groups (:mod:`curation.components`).
+   ``hash/groups.parquet`` (schema ``hash_groups``) records every image's code and group.
 """
 
 from __future__ import annotations
@@ -29,19 +31,57 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from curation import accounting
-from curation.components import connected_components, pick_one_per_component
+from curation.components import connected_components, first_of_equal
 from curation.images import decode_image, pixel_sha256
 from curation.samples import iter_shard_samples
 from curation.stages.base import Stage, Unit
 from curation.storage import atomic_path, read_tables, write_table
+from schemas.tables import HASHES
 
-FINAL = "final"
 MULTIHASH_ABOVE = 200_000  # distinct hashes; above this the range search uses multi-index hashing
 
 
 def thumbnail(im: Image.Image, side: int) -> np.ndarray:
     """Grayscale side x side thumbnail (area average), uint8."""
     return np.asarray(im.convert("L").resize((side, side), Image.Resampling.BOX), dtype=np.uint8)
+
+
+FILL_TOLERANCE = 10  # max per-channel difference from the fill colour (JPEG noise on a flat band is a few levels)
+FILL_LEVELS = 24  # black fill: every channel <= this; white fill: every channel >= 255 - this
+
+
+def border_fill(im: Image.Image, side: int = 128, tol: int = FILL_TOLERANCE) -> float:
+    """Fraction of the image that is black or white fill reached straight from its edges: a border, letterbox
+    padding, or the corners of a rotated copy on a larger canvas.
+
+    The fill colour is the median colour of the outermost pixel ring; it counts only when black or white (within
+    :data:`FILL_LEVELS`), what padding, letterboxing and rotation leave and what transparency becomes: a coloured
+    flat background is content, and a crop that trims some of it must not look like its source.  A pixel is fill
+    when every channel is within `tol` of that colour and an unbroken run of fill pixels joins it to the edge along
+    its row or column.  Measured on a copy of at most `side` px per side (area average)."""
+    w, h = im.size
+    scale = min(1.0, side / max(w, h))
+    if scale < 1.0:
+        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
+    a = np.asarray(im.convert("RGB"), dtype=np.int16)
+    h, w = a.shape[:2]
+    ring = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    fill = np.median(ring, axis=0)
+    if not ((fill <= FILL_LEVELS).all() or (fill >= 255 - FILL_LEVELS).all()):
+        return 0.0
+    is_fill = (np.abs(a - fill).max(axis=2) <= tol)
+    if not is_fill.any():
+        return 0.0
+
+    def run(m: np.ndarray) -> np.ndarray:  # per row: length of the leading run of True
+        return np.where(m.all(1), m.shape[1], np.argmin(m, axis=1))
+
+    left, right = run(is_fill), run(is_fill[:, ::-1])
+    top, bottom = run(is_fill.T), run(is_fill[::-1].T)
+    cols, rows = np.arange(w)[None, :], np.arange(h)[:, None]
+    mask = ((cols < left[:, None]) | (cols >= w - right[:, None]) | (rows < top[None, :])
+            | (rows >= h - bottom[None, :]))
+    return float(mask.mean())
 
 
 def standardise(thumbs: np.ndarray) -> np.ndarray:
@@ -77,10 +117,6 @@ def pca_hashes(thumbs: np.ndarray, pca: dict[str, np.ndarray]) -> np.ndarray:
     return np.packbits(proj > 0, axis=1)
 
 
-def phash_bits(hex_hashes) -> np.ndarray:
-    return np.stack([np.frombuffer(bytes.fromhex(h), np.uint8) for h in hex_hashes])
-
-
 def near_pairs(codes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i, j, distance), i < j, of packed binary codes within `threshold` bits, by exact range search.
 
@@ -114,10 +150,6 @@ def near_pairs(codes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(src), np.concatenate(dst), np.concatenate(dist)
 
 
-def _hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.unpackbits(np.bitwise_xor(a, b), axis=1).sum(1)
-
-
 class HashStage(Stage):
     name = "hash"
 
@@ -135,10 +167,8 @@ class HashStage(Stage):
         hc = self.cfg.hash
         prev = pq.read_table(accounting.ledger_path(self.root, "filter", unit.id), columns=["key", "kept"])
         keys = {k for k, kept in zip(prev["key"].to_pylist(), prev["kept"].to_pylist()) if kept}
-        rows = {"key": [], "pixel_sha256": [], "width": [], "height": [], "thumb": [], "pca_hash": [], "phash": [],
+        rows = {"key": [], "pixel_sha256": [], "width": [], "height": [], "thumb": [], "border_fill": [],
                 "original_width": [], "original_height": []}
-        if hc.method == "phash":
-            import imagehash
         for s in iter_shard_samples(self.root / "filter" / f"{unit.id}.tar", keys):
             im, _ = decode_image(s.data, self.cfg.filter.max_image_pixels, drop_animated=False)
             rows["key"].append(s.key)
@@ -146,88 +176,75 @@ class HashStage(Stage):
             rows["width"].append(im.width)
             rows["height"].append(im.height)
             rows["thumb"].append(thumbnail(im, hc.thumb_side).tobytes())
-            rows["pca_hash"].append(None)
-            rows["phash"].append(str(imagehash.phash(im)) if hc.method == "phash" else None)
+            rows["border_fill"].append(border_fill(im))
             rows["original_width"].append(s.meta.get("original_width"))
             rows["original_height"].append(s.meta.get("original_height"))
         if len(rows["key"]) != len(keys):
             missing = sorted(keys - set(rows["key"]))[:5]
             raise RuntimeError(f"hash unit {unit.id}: {len(keys) - len(rows['key'])} kept keys missing from the "
                                f"filter shard, e.g. {missing}")
-        table = pa.table(rows).sort_by("key")
+        table = pa.table(rows, schema=pa.schema([(f.name, f.type) for f in HASHES])).sort_by("key")
         write_table(self.part_path(unit.id), table, "hashes")
         return {"hashed": table.num_rows}
 
     # -- global grouping -----------------------------------------------------------------------------------------
+    def groups_path(self):
+        return self.dir / "groups.parquet"
+
     def finalize(self) -> None:
-        if accounting.ledger_path(self.root, self.name, FINAL).exists():
+        if self.groups_path().exists():
             return
         hc = self.cfg.hash
         t = read_tables(sorted(self.dir.glob("part-*.parquet")), "hashes").sort_by("key")
         inputs = accounting.kept_keys(self.root, accounting.previous_ledger_stage(self.name))
         if t["key"].to_pylist() != inputs["key"].to_pylist():
             raise RuntimeError("hash: the hashed keys differ from the keys the filter kept (incomplete units?)")
-        keys = np.array(t["key"].to_pylist(), dtype=object)
-        n = len(keys)
+        n = t.num_rows
+        side = hc.thumb_side
+        thumbs = np.frombuffer(b"".join(t["thumb"].to_pylist()), np.uint8).reshape(n, side * side)
         if n == 0:
-            codes = np.zeros((0, max(1, hc.bits // 8)), np.uint8)
+            codes = np.zeros((0, max(1, hc.bits // 8) if hc.method == "pca" else 8), np.uint8)
         elif hc.method == "pca":
-            side = hc.thumb_side
-            thumbs = np.frombuffer(b"".join(t["thumb"].to_pylist()), np.uint8).reshape(n, side * side)
             pca = fit_pca(thumbs, hc.bits, hc.pca_sample, self.cfg.seed)
             with atomic_path(self.dir / "pca.npz") as tmp:
                 with open(tmp, "wb") as f:
                     np.savez(f, mean=pca["mean"], components=pca["components"], thumb_side=side)
             codes = pca_hashes(thumbs, pca)
         else:
-            codes = phash_bits(t["phash"].to_pylist())
-        sha = np.array(t["pixel_sha256"].to_pylist(), dtype=object)
-        # exact duplicates: chain each image to the first with the same pixel hash
-        _, sha_inv = np.unique(sha.astype(str), return_inverse=True) if n else (None, np.zeros(0, np.int64))
-        sha_inv = sha_inv.ravel()
-        first = np.full(sha_inv.max() + 1 if n else 0, n, np.int64)
-        np.minimum.at(first, sha_inv, np.arange(n))
-        ex_src, ex_dst = first[sha_inv], np.arange(n)
-        nsrc, ndst, _ = near_pairs(codes, hc.hamming_threshold) if n else (np.zeros(0, int),) * 3
-        labels = connected_components(n, np.concatenate([ex_src, nsrc]), np.concatenate([ex_dst, ndst]))
-        # resolution: the size before download's resize when known (a 0.7x copy and its original can both arrive
-        # at max_side and differ by a rounding pixel), else the stored size
-        ow = np.array(t["original_width"].fill_null(0), np.int64)
-        oh = np.array(t["original_height"].fill_null(0), np.int64)
-        res = np.where(ow * oh > 0, ow * oh, np.array(t["width"], np.int64) * np.array(t["height"], np.int64))
-        # priority: larger resolution first; keys are sorted, so the index breaks ties by smallest key
-        keep = pick_one_per_component(labels, -res)
+            codes = phash_codes(thumbs, side)
+        labels = hash_groups(t["pixel_sha256"].to_pylist(), codes, hc.hamming_threshold)
         sizes = np.bincount(labels, minlength=n)[labels] if n else np.zeros(0, np.int64)
-        rep = np.full(n, -1, np.int64)
-        rep[labels[keep]] = np.flatnonzero(keep)
-        kept_idx = rep[labels]
-        dist = _hamming(codes, codes[kept_idx]) if n else np.zeros(0, np.int64)
-        reasons, details = [], []
-        for i in range(n):
-            if keep[i]:
-                reasons.append(None)
-                details.append(None)
-            elif sha[i] == sha[kept_idx[i]]:
-                reasons.append("exact_duplicate")
-                details.append(f"duplicate of {keys[kept_idx[i]]} (same pixels)")
-            else:
-                reasons.append("near_duplicate")
-                details.append(f"duplicate of {keys[kept_idx[i]]} ({hc.method} hash Hamming distance {dist[i]})")
         groups = pa.table({
-            "key": pa.array(keys.tolist(), pa.string()),
+            "key": t["key"],
             "pixel_sha256": t["pixel_sha256"],
             "hash": pa.array([c.tobytes() for c in codes], pa.binary()),
             "group": pa.array(labels.astype(np.int64)),
             "group_size": pa.array(sizes.astype(np.int64)),
-            "kept": pa.array(keep),
-            "kept_key": pa.array(keys[kept_idx].tolist() if n else [], pa.string()),
-            "hamming_to_kept": pa.array(dist.astype(np.int32)),
-            "reason": pa.array(reasons, pa.string()),
         })
-        write_table(self.dir / "groups.parquet", groups, "hash_groups")
-        url = dict(zip(inputs["key"].to_pylist(), inputs["url"].to_pylist()))
-        ledger = accounting.make_ledger(self.name, keys.tolist(), [url[k] for k in keys], reasons, details)
-        accounting.write_ledger(self.root, self.name, FINAL, ledger)
-        n_drop = sum(r is not None for r in reasons)
-        print(f"[hash] {n} images, {n - n_drop} kept, {reasons.count('exact_duplicate')} exact and "
-              f"{reasons.count('near_duplicate')} near duplicates dropped", flush=True)
+        write_table(self.groups_path(), groups, "hash_groups")
+        exact = n - len(set(t["pixel_sha256"].to_pylist()))
+        print(f"[hash] {n} images in {len(np.unique(labels))} hash groups ({exact} same-pixel copies); the dedup "
+              f"stage judges them with the SSCD neighbours", flush=True)
+
+
+def hash_groups(pixel_sha256: list[str], codes: np.ndarray, threshold: int) -> np.ndarray:
+    """Group label per image (smallest member index): same pixels, or hash codes within `threshold` bits."""
+    n = len(pixel_sha256)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    same = first_of_equal(np.asarray(pixel_sha256, dtype=str))  # exact duplicates: linked to the first twin
+    nsrc, ndst, _ = near_pairs(codes, threshold)
+    return connected_components(n, np.concatenate([same, nsrc]), np.concatenate([np.arange(n), ndst]))
+
+
+def phash_codes(thumbs: np.ndarray, side: int) -> np.ndarray:
+    """imagehash's 64-bit pHash of each side x side grayscale thumbnail, packed (n, 8)."""
+    import imagehash
+
+    hexes = [str(imagehash.phash(Image.fromarray(t.reshape(side, side), "L"))) for t in thumbs]
+    return np.stack([np.frombuffer(bytes.fromhex(h), np.uint8) for h in hexes])
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bit distance between rows of two packed code arrays."""
+    return np.unpackbits(np.bitwise_xor(a, b), axis=1).sum(1)

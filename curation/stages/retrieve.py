@@ -3,8 +3,9 @@
 Units, one per anchor set (``set-<name>``) plus ``set-<balanced.name>`` when ``retrieve.balanced`` is given; each
 writes ``retrieve/sets/<name>/{neighbors,selection,clusters}.parquet`` and, last, ``summary.json`` (its done mark):
 
-* ``sample``: the k nearest pool images of each anchor (exact by default; ``ivf_flat`` / ``ivf_pq`` with recall@k
-  against exact measured on ``recall_sample`` anchors);
+* ``sample``: the k nearest pool images of each anchor (exact by default, recall@k 1.0; ``ivf_flat`` / ``ivf_pq``
+  with recall@k against exact measured on ``recall_sample`` anchors; ``recall_at_k_vs_exact`` is null for the other
+  methods, which do not search k nearest neighbours);
 * ``cluster``: k-means of the pool into C clusters (C clamped to pool size / 4; cached in ``retrieve/_kmeans/`` and
   shared by the sets that use the same C), anchors assigned to their nearest centroid, from every cluster with
   more than m anchors up to n random pool images, at most ``cap`` per set; each selected image records its most
@@ -24,6 +25,7 @@ The pool is held in memory as float32 (N x D x 4 bytes: 40 GB for 10M x 1024), o
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -272,6 +274,8 @@ class RetrieveStage(Stage):
                 "similarity_p95": summ.get("similarity_p95"), "recall_at_k_vs_exact": summ.get("recall_at_k_vs_exact"),
             })
         write_table(stats / "retrieval_stats.parquet", pa.Table.from_pylist(rows), "retrieval_stats")
+        for line in R.degenerate_sets(rows):
+            print(f"[retrieve] WARNING degenerate retrieval: {line}", file=sys.stderr, flush=True)
         self._write_ledger(set(union.loc[union["source"] == "pool", "key"]))
 
     def _write_ledger(self, selected: set[str]) -> None:

@@ -1,32 +1,45 @@
 """shards: the curated dataset, as shuffled WebDataset shards ``shards/lvd-NNNNNN.tar``.
 
+``shards/`` holds the tars and nothing else, so ``ray.data.read_webdataset(RUN/shards)``, ``wds.WebDataset`` and
+the trainer read it as it is.  Everything else of the stage lives beside it, in ``shards_meta/`` (:data:`META`):
+the plan ``_plan.parquet``, the index parts ``_index/``, the staging tars of ``as_is`` anchor sets ``_staging/``,
+and the outputs ``index.parquet`` (schema ``shard_index``) and ``manifest.json`` (shard file names, counts).
+
 Planning (in the driver, once; deterministic): the union of selections (``retrieve/selection.parquet``, one row per
 image) is shuffled with ``numpy.random.default_rng(seed)`` and cut into shards of ``shards.samples_per_shard``.
 Each image's location is resolved through tar member indexes (:mod:`curation.tarindex`): pool images from the pool
 shards (``filter/`` or ``download/``), images of ``as_is`` anchor sets from a staging tar written once per set
-(``shards/_staging/<set>.tar``: the set in any format, as WebDataset).  The plan is ``shards/_plan.parquet``.
+(``shards_meta/_staging/<set>.tar``: the set in any format, resized to ``download.max_side`` as pool images are,
+as WebDataset with the same json fields as a downloaded sample).
 
-One unit per output shard: read its images by offset, write ``<sample_key>.jpg`` (JPEG bytes copied as they are;
-other formats re-encoded) and ``<sample_key>.json`` (key, url, source, anchor_set, anchor_key, rank, similarity,
-cluster) with :class:`curation.storage.TarShardWriter` (atomic, deterministic bytes), after its rows of the shard
-index (``shards/_index/``).  The sample key is the pool key, or ``<set>_<key>`` for an as-is anchor image.
-``finalize`` writes ``shards/index.parquet`` and ``shards/manifest.json``.  Plain ``key.jpg`` / ``key.json`` pairs:
-readable by the ``webdataset`` library and by our trainer.
+One unit per output shard: read its images (and their source json) by offset, write one sample per image:
+``<sample_key>.jpg`` (JPEG bytes copied as they are; other formats re-encoded), ``<sample_key>.txt`` (the caption,
+empty when there is none) and ``<sample_key>.json``: the img2dataset fields (key, url, caption, width, height,
+original_width, original_height, sha256) and ours (source, anchor_set, anchor_key, rank, similarity, cluster).
+The sample key is the pool key, or ``<set>_<key>`` for an as-is anchor image; it is the json ``key`` too.
+Shards are written with :class:`curation.storage.TarShardWriter` (atomic, deterministic bytes), after their rows
+of the shard index.  ``wds.WebDataset(...).to_tuple("jpg", "txt")`` works on them, and so does our trainer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.images import decode_image, encode_jpeg
-from curation.samples import iter_image_set
+from curation.images import decode_image, encode_jpeg, resize_max_side
+from curation.samples import iter_image_set, pool_shards
 from curation.stages.base import Stage, Unit
-from curation.storage import TarShardWriter, read_table, read_tables, write_json, write_table
-from curation.tarindex import MemberReader, image_locations, pool_image_locations
+from curation.storage import TarShardWriter, clean_temporaries, read_table, read_tables, write_json, write_table
+from curation.tarindex import MemberReader, member_locations
+
+#: the folder beside ``shards/`` that holds the stage's plan, index and manifest (``RUN/shards_meta``)
+META = "shards_meta"
+#: the img2dataset fields of a sample's json, taken from its source json (download's, or the staging tar's)
+SOURCE_FIELDS = ("url", "caption", "width", "height", "original_width", "original_height", "sha256")
 
 
 def shard_name(i: int) -> str:
@@ -41,14 +54,28 @@ def _is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
 
+def staged_sample(data: bytes, max_side: int, quality: int) -> tuple[bytes, dict]:
+    """An as-is anchor image as download would store it: at most `max_side`, JPEG; with its img2dataset fields."""
+    im, (ow, oh) = decode_image(data)
+    small = resize_max_side(im, max_side)
+    out = data if small is im and _is_jpeg(data) else encode_jpeg(small, quality)
+    return out, {"url": None, "caption": None, "width": small.width, "height": small.height,
+                 "original_width": ow, "original_height": oh, "sha256": hashlib.sha256(data).hexdigest()}
+
+
 class ShardsStage(Stage):
     name = "shards"
 
+    def __init__(self, cfg, root=None):
+        super().__init__(cfg, root)
+        self.meta = self.root / META
+
     @property
     def plan_path(self):
-        return self.dir / "_plan.parquet"
+        return self.meta / "_plan.parquet"
 
     def plan(self) -> list[Unit]:
+        clean_temporaries(self.meta)
         if not self.plan_path.exists():
             self._make_plan()
         shards = pq.read_table(self.plan_path, columns=["shard"])["shard"]
@@ -56,17 +83,15 @@ class ShardsStage(Stage):
         return [Unit(n, {"shard": n}) for n in names]
 
     def _stage_as_is(self, set_name: str, keys: set[str]):
-        """Copy an as-is anchor set's selected images into shards/_staging/<set>.tar (once)."""
+        """Copy an as-is anchor set's selected images into shards_meta/_staging/<set>.tar (once)."""
         acfg = next(a for a in self.cfg.retrieve.anchor_sets if a.name == set_name)
-        path = self.dir / "_staging" / f"{set_name}.tar"
+        path = self.meta / "_staging" / f"{set_name}.tar"
         if not path.exists():
             with TarShardWriter(path) as w:
                 for s in iter_image_set(acfg.path, acfg.format):
                     if s.key in keys:
-                        data = s.data
-                        if not _is_jpeg(data):  # PNG/WebP... anchors: re-encoded once, here
-                            data = encode_jpeg(decode_image(data)[0], self.cfg.shards.jpeg_quality)
-                        w.write(s.key, {"jpg": data})
+                        data, info = staged_sample(s.data, self.cfg.download.max_side, self.cfg.shards.jpeg_quality)
+                        w.write(s.key, {"jpg": data, "json": {"key": sample_key(f"anchors/{set_name}", s.key), **info}})
         return path
 
     def _make_plan(self) -> None:
@@ -77,29 +102,27 @@ class ShardsStage(Stage):
         sel = sel.take(pa.array(perm, pa.int64()))
         rows = sel.to_pydict()
         pool_keys = {k for k, s in zip(rows["key"], rows["source"]) if s == "pool"}
-        loc = pool_image_locations(self.root, pool_keys)
+        loc = member_locations(self.root, pool_shards(self.root), pool_keys)
         for source in sorted(set(rows["source"]) - {"pool"}):
             set_name = source.split("/", 1)[1]
             keys = {k for k, s in zip(rows["key"], rows["source"]) if s == source}
             staged = self._stage_as_is(set_name, keys)
-            for k, v in image_locations(self.root, [staged], keys).items():
+            for k, v in member_locations(self.root, [staged], keys).items():
                 loc[(source, k)] = v
-        tars, offsets, sizes = [], [], []
+        cols: dict[str, list] = {c: [] for c in ("tar", "offset", "size", "json_offset", "json_size")}
         for k, s in zip(rows["key"], rows["source"]):
             where = loc.get(k) if s == "pool" else loc.get((s, k))
             if where is None:
                 raise RuntimeError(f"shards: selected image {s}:{k} not found in its source shards")
-            tars.append(where[0])
-            offsets.append(where[1])
-            sizes.append(where[2])
+            for c, v in zip(cols, where):
+                cols[c].append(v)
         spp = self.cfg.shards.samples_per_shard
         plan = sel.append_column("shard", pa.array([shard_name(i // spp) for i in range(n)], pa.string()))
         plan = plan.append_column("position", pa.array(np.arange(n) % spp if n else [], pa.int64()))
         plan = plan.append_column("sample_key", pa.array([sample_key(s, k) for k, s in zip(rows["key"], rows["source"])],
                                                          pa.string()))
-        plan = plan.append_column("tar", pa.array(tars, pa.string()))
-        plan = plan.append_column("offset", pa.array(offsets, pa.int64()))
-        plan = plan.append_column("size", pa.array(sizes, pa.int64()))
+        for c, v in cols.items():
+            plan = plan.append_column(c, pa.array(v, pa.string() if c == "tar" else pa.int64()))
         if len(set(plan["sample_key"].to_pylist())) != n:
             raise RuntimeError("shards: two selected images map to the same sample key")
         write_table(self.plan_path, plan)
@@ -110,7 +133,7 @@ class ShardsStage(Stage):
     def run_unit(self, unit: Unit) -> dict:
         plan = pq.read_table(self.plan_path, filters=[("shard", "=", unit.id)]).sort_by("position")
         rows = plan.to_pylist()
-        write_table(self.dir / "_index" / f"{unit.id}.parquet", pa.table({
+        write_table(self.meta / "_index" / f"{unit.id}.parquet", pa.table({
             "shard": pa.array([f"{unit.id}.tar"] * len(rows), pa.string()),
             "sample_key": pa.array([r["sample_key"] for r in rows], pa.string()),
             "key": pa.array([r["key"] for r in rows], pa.string()),
@@ -126,23 +149,28 @@ class ShardsStage(Stage):
                     im, _ = decode_image(data)
                     data = encode_jpeg(im, q)
                     transcoded += 1
+                source = json.loads(reader.read(r["tar"], r["json_offset"], r["json_size"])) \
+                    if r["json_size"] >= 0 else {}
+                meta = {f: source.get(f) for f in SOURCE_FIELDS}
                 sim = r["similarity"]
-                meta = {"key": r["key"], "url": r["url"], "source": r["source"], "anchor_set": r["anchor_set"],
-                        "anchor_key": r["anchor_key"], "rank": r["rank"],
-                        "similarity": None if sim is None else round(float(sim), 6), "cluster": r["cluster"]}
-                w.write(r["sample_key"], {"jpg": data, "json": json.dumps(meta, sort_keys=True)})
+                meta.update({"key": r["sample_key"], "url": r["url"] or meta["url"], "source": r["source"],
+                             "anchor_set": r["anchor_set"], "anchor_key": r["anchor_key"], "rank": r["rank"],
+                             "similarity": None if sim is None else round(float(sim), 6), "cluster": r["cluster"]})
+                w.write(r["sample_key"], {"jpg": data, "txt": meta["caption"] or "",
+                                          "json": json.dumps(meta, sort_keys=True)})
         return {"samples": len(rows), "transcoded": transcoded}
 
     def finalize(self) -> None:
-        index_path = self.dir / "index.parquet"
-        if index_path.exists() and (self.dir / "manifest.json").exists():
+        index_path = self.meta / "index.parquet"
+        if index_path.exists() and (self.meta / "manifest.json").exists():
             return
-        parts = sorted((self.dir / "_index").glob("lvd-*.parquet"))
+        parts = sorted((self.meta / "_index").glob("lvd-*.parquet"))
         index = read_tables(parts, "shard_index")
         write_table(index_path, index, "shard_index")
         counts = index.group_by("source").aggregate([("key", "count")]).to_pylist() if index.num_rows else []
-        write_json(self.dir / "manifest.json", {
+        write_json(self.meta / "manifest.json", {
             "shards": len(parts), "samples": index.num_rows,
+            "files": [f"{p.stem}.tar" for p in parts],
             "by_source": {c["source"]: c["key_count"] for c in counts},
             "samples_per_shard": self.cfg.shards.samples_per_shard, "seed": self.cfg.seed,
             "pattern": "lvd-{%06d..%06d}.tar" % (0, max(len(parts) - 1, 0)),

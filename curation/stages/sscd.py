@@ -1,6 +1,6 @@
 """sscd: copy-detection descriptors for the pool and every evaluation set.
 
-Units: one per pool shard (``pool-NNNNN``: the keys the hash stage kept, read from ``filter/NNNNN.tar``, or
+Units: one per pool shard (``pool-NNNNN``: the keys the filter kept, read from ``filter/NNNNN.tar``, or
 ``download/`` when the filter did not run) and one per evaluation set (``eval-<name>``, read with
 :func:`curation.samples.iter_image_set`).  Outputs (schema ``descriptors``): ``sscd/pool/part-NNNNN.parquet`` and
 ``sscd/eval/<set>/part-00000.parquet``; a unit is complete when its part exists.
@@ -11,11 +11,14 @@ Descriptor (``dedup.descriptor``):
   tests only).  Images are decoded and resized in ``sscd.num_workers`` torch DataLoader worker processes (each
   worker takes every num_workers-th sample of the stream, so shards are read streaming), batches of
   ``sscd.batch_size`` go to the device pinned and non-blocking; on CUDA under bf16 autocast with channels-last
-  memory (``sscd.bf16``, ``sscd.channels_last``), on CPU in fp32.  ``short288`` preprocessing keeps the aspect
-  ratio, so it runs batch 1.
+  memory (``sscd.bf16``, ``sscd.channels_last``).  On CPU it runs fp32 with the task's cores split by
+  :func:`curation.workers.cpu_split` (on 2 cores: decode inline, both cores for the model) and batches of at most
+  :data:`CPU_BATCH`.  ``short288`` preprocessing keeps the aspect ratio, so it runs batch 1.
 * ``pixels`` - :func:`curation.models.sscd.pixel_descriptor`, computed in the same workers (no model).
 
-An evaluation image that cannot be decoded is skipped with a warning (it is not a pool row, so no ledger entry).
+A pool unit describes every image the previous ledger stage (filter) kept: hash duplicates too, since the dedup
+stage joins hash groups and SSCD neighbours in one graph.  A unit with no such image writes an empty part.  An
+evaluation image that cannot be decoded is skipped with a warning (it is not a pool row, so no ledger entry).
 """
 
 from __future__ import annotations
@@ -26,18 +29,21 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation import accounting
 from curation.images import ImageRejected, decode_image
 from curation.samples import iter_image_set, iter_shard_samples, pool_shards
+from curation.workers import cpu_split, loader_workers, torch_threads
 from curation.stages.base import Stage, Unit
-from curation.storage import read_tables, write_table
+from curation.storage import write_table
+from curation.vectors import descriptor_table, input_stage
 
 log = logging.getLogger("lvd")
 
 _MODEL_CACHE: dict = {}  # (weights, device) -> model, reused across units in one worker process
+# On CPU, batches beyond this add memory, not speed (ResNet-50 at 320 px, 2 cores: batch 1 0.27, 4 0.70, 8 0.70 img/s)
+CPU_BATCH = 8
 
 
 def resolve_device(device: str) -> str:
@@ -116,7 +122,6 @@ def compute_descriptors(
     max_pixels: int = 89_478_485,
 ) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
     """Descriptors of the samples `factory()` yields: (keys, float32 [n, d] unit rows, [(key, decode error)])."""
-    import torch
     from torch.utils.data import DataLoader
 
     from curation.models.sscd import pixel_descriptor, sscd_transform
@@ -130,6 +135,7 @@ def compute_descriptors(
     else:
         raise ValueError(f"unknown descriptor {descriptor!r}")
     bs = 1 if (descriptor == "sscd" and preprocess == "short288") else batch_size
+    num_workers = loader_workers(num_workers)
     loader = DataLoader(
         _decode_stream(factory, transform, max_pixels), batch_size=bs, num_workers=num_workers,
         collate_fn=_collate, pin_memory=dev.startswith("cuda"),
@@ -137,6 +143,25 @@ def compute_descriptors(
     )
     keys, outs, failed = [], [], []
     cuda = dev.startswith("cuda")
+    _run(loader, model, dev, cuda and channels_last, cuda and bf16, keys, outs, failed)
+    d = outs[0].shape[1] if outs else 0
+    return keys, (np.concatenate(outs) if outs else np.zeros((0, d), np.float32)).astype(np.float32), failed
+
+
+def loader_plan(descriptor: str, device: str, num_workers: int, batch_size: int) -> tuple[int, int | None, int]:
+    """(decode workers, torch threads or None, batch size) the stage runs with: on CPU the SSCD model gets the
+    task's cores (:func:`curation.workers.cpu_split`) and batches of at most :data:`CPU_BATCH`; the pixels descriptor
+    has no model and keeps its decode workers."""
+    if descriptor != "sscd":
+        return num_workers, None, batch_size
+    dev = resolve_device(device)
+    workers, threads = cpu_split(dev, num_workers)
+    return workers, threads, batch_size if dev.startswith("cuda") else min(batch_size, CPU_BATCH)
+
+
+def _run(loader, model, dev, channels_last, bf16, keys, outs, failed) -> None:
+    import torch
+
     with torch.inference_mode():
         for bkeys, batch, bfailed in loader:
             failed += bfailed
@@ -146,41 +171,18 @@ def compute_descriptors(
                 out = batch.float()
             else:
                 x = batch.to(dev, non_blocking=True)
-                if cuda and channels_last:
+                if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and bf16):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
                     out = model(x)
                 out = torch.nn.functional.normalize(out.float(), dim=1)
             keys += bkeys
             outs.append(out.cpu().numpy())
-    d = outs[0].shape[1] if outs else 0
-    return keys, (np.concatenate(outs) if outs else np.zeros((0, d), np.float32)).astype(np.float32), failed
 
 
-def descriptors_table(keys, vectors: np.ndarray, source: str) -> pa.Table:
-    order = np.argsort(np.asarray(keys, dtype=object), kind="stable") if len(keys) else np.zeros(0, int)
-    vectors = np.ascontiguousarray(vectors[order], dtype=np.float32)
-    n, d = vectors.shape
-    emb = pa.ListArray.from_arrays(pa.array(np.arange(0, n * d + 1, d, dtype=np.int32)), pa.array(vectors.ravel()))
-    return pa.table({"key": pa.array([keys[i] for i in order], pa.string()),
-                     "source": pa.array([source] * n, pa.string()), "embedding": emb})
-
-
-def read_descriptors(paths) -> tuple[list[str], np.ndarray]:
-    """(keys, float32 [n, d]) from descriptor parquet files."""
-    t = read_tables(sorted(paths), "descriptors")
-    if t.num_rows == 0:
-        return [], np.zeros((0, 0), np.float32)
-    flat = t["embedding"].combine_chunks()
-    d = len(flat[0])
-    vec = flat.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(t.num_rows, d)
-    return t["key"].to_pylist(), vec
-
-
-def _hash_kept_in_range(root: Path, lo: str, hi: str) -> set[str]:
-    """Keys the previous ledger stage kept within [lo, hi] (row-group pruning keeps this cheap on huge ledgers)."""
-    prev = accounting.previous_ledger_stage("sscd")
-    files = sorted(accounting.ledger_dir(root, prev).glob("*.parquet"))
+def _kept_in_range(root: Path, lo: str, hi: str) -> set[str]:
+    """Keys the input ledger stage kept within [lo, hi] (row-group pruning keeps this cheap on huge ledgers)."""
+    files = sorted(accounting.ledger_dir(root, input_stage(root, "sscd")).glob("*.parquet"))
     keys: set[str] = set()
     for f in files:
         t = pq.read_table(f, columns=["key", "kept"], filters=[("key", ">=", lo), ("key", "<=", hi), ("kept", "=", True)])
@@ -216,18 +218,20 @@ class SSCDStage(Stage):
         if unit.payload["kind"] == "pool":
             tar = Path(unit.payload["shard"])
             shard_keys = self._shard_keys(tar)
-            keys = _hash_kept_in_range(self.root, min(shard_keys), max(shard_keys)) if shard_keys else set()
+            keys = _kept_in_range(self.root, min(shard_keys), max(shard_keys)) if shard_keys else set()
             factory = partial(iter_shard_samples, tar, keys)
             source = "pool"
         else:
             factory = partial(iter_image_set, Path(unit.payload["path"]))
             source = f"eval/{unit.payload['set']}"
             keys = None
-        out_keys, vec, failed = compute_descriptors(
-            factory, dc.descriptor, weights=sc.weights, preprocess=sc.preprocess, batch_size=sc.batch_size,
-            num_workers=sc.num_workers, device=sc.device, bf16=sc.bf16, channels_last=sc.channels_last,
-            max_pixels=self.cfg.filter.max_image_pixels,
-        )
+        workers, threads, batch = loader_plan(dc.descriptor, sc.device, sc.num_workers, sc.batch_size)
+        with torch_threads(threads):
+            out_keys, vec, failed = compute_descriptors(
+                factory, dc.descriptor, weights=sc.weights, preprocess=sc.preprocess, batch_size=batch,
+                num_workers=workers, device=sc.device, bf16=sc.bf16, channels_last=sc.channels_last,
+                max_pixels=self.cfg.filter.max_image_pixels,
+            )
         if failed:
             if keys is not None:  # pool images were decoded by the filter: a failure here is a real error
                 raise RuntimeError(f"sscd {unit.id}: {len(failed)} pool images failed to decode, e.g. {failed[0]}")
@@ -235,7 +239,7 @@ class SSCDStage(Stage):
                 log.warning("sscd %s: skipping undecodable evaluation image %s: %s", unit.id, k, e)
         if keys is not None and set(out_keys) != keys:
             raise RuntimeError(f"sscd {unit.id}: {len(keys - set(out_keys))} kept keys missing from {tar}")
-        write_table(self.out_path(unit), descriptors_table(out_keys, vec, source), "descriptors")
+        write_table(self.out_path(unit), descriptor_table(out_keys, vec, source), "descriptors")
         return {"described": len(out_keys), "skipped": len(failed)}
 
     def _shard_keys(self, tar: Path) -> list[str]:

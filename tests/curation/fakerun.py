@@ -1,6 +1,6 @@
 """A run root with a download stage already done, built without HTTP, for the embed/retrieve/shards/report tests.
 
-``make_run(tmp, images)`` writes ``download/NNNNN.tar`` (key.jpg + key.json) and the download ledger (all kept, plus
+``make_run(tmp, images)`` writes ``download/NNNNN.tar`` (key.jpg + key.json with url and caption ``caption of KEY``) and the download ledger (all kept, plus
 optional dropped keys), a dummy URL list, and returns a config dict for ``load_config(data=...)``.
 """
 
@@ -35,7 +35,8 @@ def make_run(tmp: Path, images: list[tuple[str, bytes]], shard_size: int = 32, d
         part = images[start:start + shard_size]
         with TarShardWriter(root / "download" / f"{i:05d}.tar") as w:
             for key, data in part:
-                w.write(key, {"jpg": data, "json": {"key": key, "url": f"http://127.0.0.1/{key}.jpg"}})
+                w.write(key, {"jpg": data, "json": {"key": key, "url": f"http://127.0.0.1/{key}.jpg",
+                                                   "caption": f"caption of {key}"}})
         keys = [k for k, _ in part]
         reasons = [None] * len(keys)
         if i == 0:

@@ -1,9 +1,11 @@
 """Bad configs fail before any work with one line naming the key path; resume with another config is refused."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -96,3 +98,164 @@ def test_help_documents_every_option():
                          check=True)
     for command in ("curate", "train", "export", "report", "funnel", "serve-demo"):
         assert command in lvd.stdout
+
+
+# -- issue 13 items 15-16, issue 14 items 6-8: strict values, one-line errors, warnings before the work ----------
+
+
+def one_line(text: str) -> str:
+    text = text.strip()
+    assert text and "\n" not in text and "Traceback" not in text, text
+    return text
+
+
+@pytest.mark.parametrize("yaml_patch, key", [
+    ("download: {threads: true}", "download.threads: Input should be a valid integer"),
+    (f"seed: {2**70}", "seed: Input should be less than or equal to 4294967295"),
+    ("seed: -1", "seed: Input should be greater than or equal to 0"),
+    ("download: {timeout_s: .inf}", "download.timeout_s: Input should be a finite number"),
+    ("download: {timeout_s: .nan}", "download.timeout_s: Input should be a finite number"),
+    ("download: {timeout_s: 1e12}", "download.timeout_s: Input should be less than or equal to 3600"),
+    ("download: {drop_animated: 1}", "download.drop_animated: Input should be a valid boolean"),
+    ("dedup: {k: '8'}", "dedup.k: Input should be a valid integer"),
+])
+def test_strict_types_and_real_bounds(base, yaml_patch, key, tmp_path):
+    """`threads: true` used to become 1, seed 2**70 failed after writing files, timeout_s .inf/1e12 turned every
+    URL into network_error: all are refused up front (the YAML text as a user writes it, 1e12 included)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base) + yaml_patch + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert key in one_line(str(info.value))
+
+
+def test_ints_still_fill_float_fields(base):
+    cfg = load_config(data={**base, "download": {"timeout_s": 3}, "dedup": {"threshold": 1}})
+    assert cfg.download.timeout_s == 3.0 and cfg.dedup.threshold == 1.0
+
+
+def test_unusable_run_roots_fail_in_one_line(base, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for root, words in ((a_file, "is a file, not a folder"), (a_file / "run", "lies under a file"),
+                        (Path("/proc/self/fdinfo"), "is not usable")):
+        with pytest.raises(ConfigError) as info:
+            prepare_run_root(load_config(data={**base, "run_root": str(root)}))
+        assert words in one_line(str(info.value))
+
+
+def test_read_only_run_root_fails_in_one_line(base, tmp_path):
+    root = tmp_path / "ro"
+    root.mkdir()
+    root.chmod(0o555)
+    try:
+        if os.access(root, os.W_OK):
+            pytest.skip("this user may write into read-only folders (root); /proc/self/fdinfo covers it above")
+        with pytest.raises(ConfigError) as info:
+            prepare_run_root(load_config(data={**base, "run_root": str(root)}))
+        assert "is not usable: Permission denied" in one_line(str(info.value))
+    finally:
+        root.chmod(0o755)
+
+
+def test_config_path_that_is_a_folder_or_binary(tmp_path):
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_config(tmp_path)
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError) as info:
+        load_config(binary)
+    assert "is not a text file" in one_line(str(info.value))
+
+
+def test_override_value_that_is_not_yaml(base):
+    with pytest.raises(ConfigError) as info:
+        load_config(data=base, overrides=["download.threads=[1,"])
+    assert "override 'download.threads=[1,': the value is not valid YAML" in one_line(str(info.value))
+
+
+def test_override_indexes_lists(base, tmp_path):
+    sets = [{"name": "a", "path": str(tmp_path)}, {"name": "b", "path": str(tmp_path)}]
+    data = {**base, "retrieve": {"anchor_sets": sets}}
+    cfg = load_config(data=data, overrides=["retrieve.anchor_sets.1.k=8"])
+    assert [a.k for a in cfg.retrieve.anchor_sets] == [4, 8]
+    assert "k" not in sets[1]  # the caller's data is not altered
+    with pytest.raises(ConfigError) as info:
+        load_config(data=data, overrides=["retrieve.anchor_sets.2.k=8"])
+    assert "retrieve.anchor_sets is a list of 2, '2' is not an index of it" in one_line(str(info.value))
+
+
+def test_relative_run_root_refused_inside_a_ray_job(base, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(data={**base, "run_root": "runs/a"})
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor gives a job's driver
+    with pytest.raises(ConfigError) as info:
+        prepare_run_root(cfg)
+    assert "run_root 'runs/a' is relative: inside a Ray job" in one_line(str(info.value))
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert prepare_run_root(cfg) == Path("runs/a")  # outside a job, relative to the current folder
+
+
+def test_driver_says_which_ray_it_uses(monkeypatch):
+    from curation.runner import describe_ray_target
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert describe_ray_target("10.1.2.3:6379") == "ray: connecting to the cluster at 10.1.2.3:6379 (from ray.address)"
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
+    assert "(from RAY_ADDRESS)" in describe_ray_target("10.1.2.3:6379")
+
+
+def test_check_warns_about_likely_mistakes(tmp_path):
+    from curation.checks import preflight_warnings
+
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,caption\nhttp://127.0.0.1:8000/a.jpg,a\nhttp://localhost/b.jpg,b\nhttps://example.com/c,c\n")
+    data = {"run_root": str(tmp_path / "run"), "input": {"url_list": str(urls)}}
+    warnings = preflight_warnings(load_config(data=data))
+    assert len(warnings) == 3, warnings
+    assert warnings[0].startswith("sscd.weights is null")
+    assert warnings[1].startswith("embed.checkpoint is null: the embedder 'vit_huge_patch14_224'")
+    assert warnings[2].startswith("2 URLs point at loopback/private addresses (e.g. http://127.0.0.1:8000/a.jpg")
+    quiet = {**data, "download": {"allow_networks": ["127.0.0.1/32"]}, "dedup": {"descriptor": "pixels"},
+             "embed": {"model": "pixels"}}
+    assert preflight_warnings(load_config(data=quiet)) == []
+
+
+def test_run_stops_when_nothing_survives_download(tmp_path):
+    """Every URL refused before any fetch (private addresses, nothing allowed): the run stops after download with
+    the reasons instead of running the later stages on nothing."""
+    from curation.runner import StageFailed, run_pipeline
+
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url\nhttp://10.0.0.1/a.jpg\nhttp://192.168.1.1/b.jpg\nnot a url\n")
+    cfg = load_config(data={"run_root": str(tmp_path / "run"), "input": {"url_list": str(urls)},
+                            "ray": {"local": True}, "stages": ["download", "filter", "hash"]})
+    with pytest.raises(StageFailed) as info:
+        run_pipeline(cfg, progress=False)
+    assert one_line(str(info.value)).startswith("nothing survived download (private_address 2, bad_url 1); later "
+                                               "stages were not run")
+    assert not (tmp_path / "run" / "filter").exists()
+    assert pq.read_table(tmp_path / "run" / "stats" / "funnel.parquet")["rows_in"].to_pylist() == [3]
+
+
+def test_funnel_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from curation.cli import main
+
+    assert main(["funnel", str(tmp_path)]) == 2
+    assert one_line(capsys.readouterr().err) == f"lvd funnel: {tmp_path} is not a run root (no config.yaml)"
+    assert not (tmp_path / "stats").exists()
+    assert main(["funnel", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in one_line(capsys.readouterr().err)
+
+
+def test_cli_errors_are_one_line(base, tmp_path):
+    """A config path that is a folder, and a run_root under a file, through the real command (exit 2)."""
+    script = str(REPO / "pipelines" / "curate.py")
+    proc = subprocess.run([sys.executable, script, "--config", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "is not a file" in one_line(proc.stderr)
+    (tmp_path / "a_file").write_text("x")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**base, "run_root": str(tmp_path / "a_file" / "run")}))
+    proc = subprocess.run([sys.executable, script, "--config", str(cfg), "--local"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "lies under a file" in one_line(proc.stderr)

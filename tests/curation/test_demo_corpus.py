@@ -76,8 +76,8 @@ def test_rows_by_role_and_reason(demo_corpus):
                      "eval_copy": 10, "special_kept": 3, "bad_input": 23}
     reasons = Counter((r["expected_stage"], r["expected_reason"]) for r in rows)
     assert reasons[(None, None)] == 120 + 60 + 3
-    assert reasons[("hash", "exact_duplicate")] == 15
-    assert reasons[("hash", "near_duplicate")] == 15 and reasons[("dedup", "copy_duplicate")] == 15
+    assert reasons[("dedup", "exact_duplicate")] == 15
+    assert reasons[("dedup", "near_duplicate")] == 15 and reasons[("dedup", "copy_duplicate")] == 15
     assert reasons[("dedup", "eval_contamination")] == 10
     assert reasons[("filter", "bad_aspect")] == 1 and reasons[("filter", "too_small")] == 1
     for reason in ("http_error", "timeout", "undecodable", "truncated", "empty", "decompression_bomb", "animated",
@@ -93,7 +93,7 @@ def test_rows_by_role_and_reason(demo_corpus):
     assert set(edits) == set(EDITS) and all(n == 5 for n in edits.values())
     for r in rows:
         if r["role"] == "near_duplicate":
-            assert r["expected_stage"] == ("hash" if r["edit"] in HASH_EDITS else "dedup")
+            assert r["expected_reason"] == ("near_duplicate" if r["edit"] in HASH_EDITS else "copy_duplicate")
     info = json.loads((demo_corpus / "corpus.json").read_text())
     assert info["rows"] == len(rows) and info["seed"] == 0
 

@@ -101,11 +101,11 @@ def test_embed_stage_outputs(tmp_path):
                    dedup={"descriptor": "pixels", "eval_sets": [{"name": "heldout", "path": str(evald)}]})
     cfg["embed"].update(model="vit_tiny_patch16_224", img_size=32, num_workers=0, batch_size=4)
     root = tmp_path / "run"
-    # a later ledger stage (hash) dropped one key: embed takes the keys it kept
+    # a later ledger stage (dedup) dropped one key: embed takes the keys it kept
     kept = accounting.kept_keys(root, "download")
     keys, urls = kept["key"].to_pylist(), kept["url"].to_pylist()
-    accounting.write_ledger(root, "hash", "all", accounting.make_ledger(
-        "hash", keys, urls, ["exact_duplicate" if k == keys[5] else None for k in keys]))
+    accounting.write_ledger(root, "dedup", "final", accounting.make_ledger(
+        "dedup", keys, urls, ["exact_duplicate" if k == keys[5] else None for k in keys]))
     run_pipeline(load_config(data=cfg), progress=False)
     parts = sorted((root / "embed" / "pool").glob("part-*.parquet"))
     assert [p.name for p in parts] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]

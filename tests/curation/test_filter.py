@@ -136,7 +136,8 @@ def test_missing_detector_warns_once_and_skips(tmp_path, monkeypatch, capsys):
     root, cfg = _make_download_run(tmp_path, {"detector": "nudenet", "on_missing_detector": "warn"})
     run_pipeline(cfg, progress=False)
     printed = capsys.readouterr().out
-    msg = "NSFW/face detector unavailable (pip install 'lvd[detect]'): skipping NSFW and face checks"
+    msg = ("NSFW/face detector unavailable (pip install 'lvd[detect]'): faces are NOT blurred and NSFW images are "
+           "NOT dropped in this run")
     assert printed.count(msg) == 1
     led = _ledger(root)
     assert led["0000000005"]["kept"]  # NSFW check skipped

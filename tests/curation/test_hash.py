@@ -1,18 +1,19 @@
-"""hash stage: exact duplicates by decoded pixels, near-exact duplicates by PCA hash (and pHash), keep rule,
-idempotent grouping; recovered against the demo corpus's ground truth."""
+"""hash stage: exact duplicates by decoded pixels, near-exact duplicates by PCA hash (and pHash), border fill,
+idempotent grouping; the dedup stage's verdicts on them recovered against the demo corpus's ground truth."""
 
 import io
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from curation import accounting
 from curation.config import load_config
 from curation.runner import run_pipeline
-from curation.stages.hash import fit_pca, near_pairs, pca_hashes
+from curation.stages.hash import border_fill, fit_pca, near_pairs, pca_hashes
 from curation.storage import TarShardWriter
+from schemas import validate
 
 
 def test_near_pairs_matches_brute_force():
@@ -70,39 +71,53 @@ def _filter_run(tmp_path, images: dict, hash_cfg=None):
 
 
 @pytest.mark.parametrize("method", ["pca", "phash"])
-def test_groups_keep_rule_and_idempotence(tmp_path, method):
+def test_groups_and_idempotence(tmp_path, method):
     base = _img(0)
     images = {f"{i:010d}": (_jpeg(_img(100 + i)), 100) for i in range(40)}  # unrelated fillers
     images["0000000100"] = (_jpeg(base), 100)
     images["0000000101"] = (_jpeg(base), 100)  # same bytes -> same pixels
-    images["0000000102"] = (_jpeg(base, 60), 400)  # re-encoded, larger original: kept
+    images["0000000102"] = (_jpeg(base, 60), 400)  # re-encoded
     root, cfg = _filter_run(tmp_path, images, {"method": method, "bits": 64})
     run_pipeline(cfg, progress=False)
-    led = {r["key"]: r for r in accounting.read_ledger(root, "hash").to_pylist()}
-    assert led["0000000102"]["kept"]
-    assert led["0000000100"]["reason"] == "near_duplicate" and "0000000102" in led["0000000100"]["detail"]
-    assert led["0000000101"]["reason"] == "near_duplicate"
-    assert sum(not r["kept"] for r in led.values()) == 2
-    groups = pq.read_table(root / "hash" / "groups.parquet").to_pylist()
-    g = {r["key"]: r for r in groups}
+    assert not accounting.ledger_dir(root, "hash").exists()  # the hash stage links, the dedup stage judges
+    groups = pq.read_table(root / "hash" / "groups.parquet")
+    validate(groups, "hash_groups")
+    g = {r["key"]: r for r in groups.to_pylist()}
     assert g["0000000100"]["group"] == g["0000000101"]["group"] == g["0000000102"]["group"]
     assert g["0000000100"]["group_size"] == 3
+    assert sum(r["group_size"] > 1 for r in g.values()) == 3  # the fillers are alone
+    assert g["0000000100"]["hash"] == g["0000000101"]["hash"] and len(g["0000000100"]["hash"]) == 8
+    parts = pq.read_table(root / "hash" / "part-00000.parquet")
+    validate(parts, "hashes")
+    for col in parts.column_names:  # no column the stage leaves empty
+        assert parts[col].null_count == 0, col
     assert (root / "hash" / "pca.npz").exists() == (method == "pca")
     mtime = (root / "hash" / "groups.parquet").stat().st_mtime_ns
     assert run_pipeline(cfg, progress=False)["hash"]["ran"] == 0
     assert (root / "hash" / "groups.parquet").stat().st_mtime_ns == mtime  # finalize skipped
 
 
-def test_exact_duplicate_wins_over_near(tmp_path):
-    base = _img(3)
-    images = {f"{i:010d}": (_jpeg(_img(200 + i)), 100) for i in range(30)}
-    images["0000000100"] = (_jpeg(base), 100)
-    images["0000000101"] = (_jpeg(base), 100)
-    root, cfg = _filter_run(tmp_path, images)
-    run_pipeline(cfg, progress=False)
-    led = {r["key"]: r for r in accounting.read_ledger(root, "hash").to_pylist()}
-    assert led["0000000100"]["kept"]  # equal resolution: smallest key
-    assert led["0000000101"]["reason"] == "exact_duplicate" and "0000000100" in led["0000000101"]["detail"]
+def _one_pixel_ring(size) -> float:
+    """Share of the image in a one-pixel ring at border_fill's 128 px measuring scale: the rounding of each edge of
+    the fill region (a boundary pixel mixes fill and image when area-averaged)."""
+    s = 128 / max(size)
+    w, h = size[0] * s, size[1] * s
+    return 2 * (w + h) / (w * h)
+
+
+def test_border_fill_measures_added_borders_padding_and_rotation_corners():
+    im = _img(5, 200, 150)
+    assert border_fill(im) == 0.0
+    bordered = ImageOps.expand(im, border=20, fill=(255, 255, 255))  # 240 x 190, 200 x 150 of it the image
+    assert border_fill(bordered) == pytest.approx(1 - 200 * 150 / (240 * 190), abs=_one_pixel_ring(bordered.size))
+    padded = Image.new("RGB", (200, 200))
+    padded.paste(im, (0, 25))
+    assert border_fill(padded) == pytest.approx(0.25, abs=_one_pixel_ring(padded.size))
+    rotated = im.rotate(15, expand=True, fillcolor=(0, 0, 0))  # rotation keeps the image's area
+    assert border_fill(rotated) == pytest.approx(1 - 200 * 150 / (rotated.width * rotated.height),
+                                                 abs=_one_pixel_ring(rotated.size))
+    # a coloured flat frame is content, not fill: a crop that trims it must not look like its source
+    assert border_fill(ImageOps.expand(im, border=20, fill=(200, 120, 40))) == 0.0
 
 
 # -- the demo corpus ------------------------------------------------------------------------------------------------
@@ -118,7 +133,7 @@ def _family(t):
 
 def test_corpus_exact_duplicates(demo_cleaned):
     root, truth = demo_cleaned["root"], _truth(demo_cleaned)
-    led = {r["key"]: r for r in accounting.read_ledger(root, "hash").to_pylist()}
+    led = {r["key"]: r for r in accounting.read_ledger(root, "dedup").to_pylist()}
     want = {k for k, t in truth.items() if t["expected_reason"] == "exact_duplicate"}
     got = {k for k, r in led.items() if r["reason"] == "exact_duplicate"}
     assert len(want) >= 10
@@ -129,7 +144,7 @@ def test_corpus_exact_duplicates(demo_cleaned):
 
 def test_corpus_near_exact_duplicates(demo_cleaned):
     root, truth = demo_cleaned["root"], _truth(demo_cleaned)
-    led = {r["key"]: r for r in accounting.read_ledger(root, "hash").to_pylist()}
+    led = {r["key"]: r for r in accounting.read_ledger(root, "dedup").to_pylist()}
     groups = {r["key"]: r for r in pq.read_table(root / "hash" / "groups.parquet").to_pylist()}
     # recall: every resize/jpeg/colour copy lands in its original's group, and the original is the one kept
     pairs = [(k, f"{t['dup_of_row']:010d}") for k, t in truth.items()
@@ -139,8 +154,8 @@ def test_corpus_near_exact_duplicates(demo_cleaned):
     recall = len(found) / len(pairs)
     assert recall >= 0.95, (recall, set(dict(pairs)) - set(found))
     assert all(led[k]["reason"] == "near_duplicate" and o in led[k]["detail"] for k, o in pairs if k in found)
-    # precision: every hash drop is a planted copy of the image it names (crop/text copies may be caught here too)
-    drops = [r for r in led.values() if not r["kept"]]
+    # precision: every hash-level drop is a planted copy of the image it names (crop/text copies may be hash-near)
+    drops = [r for r in led.values() if r["reason"] in ("exact_duplicate", "near_duplicate")]
     true = [r for r in drops if _family(truth[r["key"]]) == _family(truth[r["detail"].split()[2]])]
     precision = len(true) / len(drops)
     print(f"hash on the demo corpus: near-exact recall {recall:.3f}, drop precision {precision:.3f} "

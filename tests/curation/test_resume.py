@@ -1,17 +1,26 @@
 """Kill the curate driver with SIGKILL mid-download, rerun: finished shards are not fetched again and the final
-tables equal an uninterrupted run's."""
+tables equal an uninterrupted run's; and kill -9 at random points of the whole pipeline (plus the resume bugs of
+issue 13: lost inputs, deleted ledgers, altered outputs)."""
 
+import copy
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from curation import accounting
+from curation.config import load_config
+from curation.runner import run_pipeline
 from tests.curation.conftest import base_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,3 +76,246 @@ def test_sigkill_then_resume(demo_download, tmp_path):
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert f"{n_units} units, {n_units} already complete" in again.stdout
+
+
+# -- kill -9 at random points of the whole pipeline ------------------------------------------------------------
+
+# 20 seeded trials in the suite; LVD_KILL_TRIALS / LVD_KILL_SEED run more, or others
+KILL_TRIALS = int(os.environ.get("LVD_KILL_TRIALS", "20"))
+KILL_SEED = int(os.environ.get("LVD_KILL_SEED", "13"))
+
+
+def _run_files(root: Path) -> dict:
+    """Every file of a run root (temporaries must be gone), compared by what it means: Parquet as rows, tars as
+    {member: bytes} (a download shard holds its samples in the order img2dataset's threads finished, and every
+    file derived from it follows that order: filter tars, their member offsets, checksums), markers as their
+    outputs' names and sizes (the shards plan's size follows its tar paths), config.yaml without run_root, the shards plan without tar paths and offsets; img2dataset's own timing files are left out."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.name.endswith("_stats.json"):
+            continue
+        rel = p.relative_to(root).as_posix()
+        if rel.startswith("_tarindex/"):
+            out[rel] = sorted((r["key"], r["ext"], r["size"]) for r in pq.read_table(p).to_pylist())
+        elif rel == "shards_meta/_plan.parquet":  # where each image is: its run root's tar, at an order-dependent offset
+            out[rel] = pq.read_table(p).drop_columns(["tar", "offset", "json_offset"]).to_pylist()
+        elif p.suffix == ".parquet":
+            out[rel] = pq.read_table(p).to_pylist()
+        elif p.suffix == ".tar":
+            with tarfile.open(p) as tar:
+                out[rel] = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+        elif rel.startswith("_markers/"):
+            marker = json.loads(p.read_text())
+            out[rel] = (marker["complete"], {k: None if k == "shards_meta/_plan.parquet" else v["size"]
+                                             for k, v in marker["outputs"].items()})
+        elif rel == "config.yaml":
+            out[rel] = {k: v for k, v in yaml.safe_load(p.read_text()).items() if k != "run_root"}
+        else:
+            out[rel] = p.read_bytes()
+    return out
+
+
+def _small_pipeline_config(corpus: Path, tmp_path: Path) -> dict:
+    """The demo corpus cut to 100 URLs (no slow route), shards of 25: every stage but the report, in-process."""
+    urls = pq.read_table(corpus / "urls.parquet")
+    urls = urls.filter(pa.array(["/slow" not in u for u in urls["url"].to_pylist()])).slice(0, 100)
+    pq.write_table(urls, tmp_path / "urls.parquet")
+    stages = ["download", "filter", "hash", "sscd", "dedup", "embed", "retrieve", "shards"]
+    cfg = base_config(corpus, tmp_path / "unused", stages=stages, sscd={"num_workers": 0, "batch_size": 32},
+                      embed={"model": "pixels", "num_workers": 0, "batch_size": 32},
+                      shards={"samples_per_shard": 20})
+    cfg["input"] = {"url_list": str(tmp_path / "urls.parquet")}
+    cfg["download"] = {**cfg["download"], "shard_size": 25}
+    cfg["filter"] = {**cfg["filter"], "detector": "none"}
+    cfg["retrieve"] = {"anchor_sets": [
+        {"name": "objects", "path": str(corpus / "anchors" / "objects"), "method": "sample", "k": 3},
+        {"name": "scenes", "path": str(corpus / "anchors" / "scenes"), "method": "cluster", "clusters": 4,
+         "min_anchors_per_cluster": 1, "per_cluster": 10},
+    ]}
+    return cfg
+
+
+@pytest.mark.slow
+def test_kill9_at_random_points_resumes_to_identical_output(demo_server, demo_corpus, tmp_path):
+    """20 seeded kill points over every atomic commit and stage boundary of download..shards (so also between a
+    unit's last output and its completion marker, and between img2dataset consuming its input and the ledger):
+    each killed run, rerun, ends with exactly the files of an uninterrupted run."""
+    spec = {"work": str(tmp_path), "seed": KILL_SEED, "trials": KILL_TRIALS,
+            "config": _small_pipeline_config(demo_corpus, tmp_path)}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("LVD_CRASH_AT", None)
+    proc = subprocess.run([sys.executable, "-m", "tests.curation.killrun", str(tmp_path / "spec.json"),
+                           str(tmp_path / "out.json")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["reference"] == "exit 0", (tmp_path / "reference.log").read_text()[-3000:]
+    assert len(result["trials"]) == KILL_TRIALS
+    reference = _run_files(tmp_path / "reference")
+    assert any(k.startswith("shards/") and k.endswith(".tar") for k in reference)
+    for t in result["trials"]:
+        log = Path(t["log"]).read_text()[-3000:]
+        assert t["killed"] == "killed", f"kill point {t['kill_at']}: {t['killed']}\n{log}"
+        assert t["resumed"] == "exit 0", f"kill point {t['kill_at']}: resume {t['resumed']}\n{log}"
+        got = _run_files(Path(t["root"]))
+        assert sorted(got) == sorted(reference), f"kill point {t['kill_at']}: files differ"
+        differ = [k for k in reference if got[k] != reference[k]]
+        assert not differ, f"kill point {t['kill_at']}: contents differ: {differ}"
+
+
+# -- issue 13: lost inputs, deleted ledgers, altered outputs ---------------------------------------------------
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    (dst / "config.yaml").unlink()  # it names the original run_root
+    return dst
+
+
+def _rerun(cfg: dict, root: Path, capsys=None, **kw) -> str:
+    cfg = {**copy.deepcopy(cfg), "run_root": str(root)}
+    run_pipeline(load_config(data=cfg), progress=False, **kw)
+    return capsys.readouterr().out if capsys else ""
+
+
+def _ledger_rows(root: Path) -> dict:
+    return {s: sorted(map(str, accounting.read_ledger(root, s).to_pylist()))
+            for s in accounting.completed_ledger_stages(root)}
+
+
+def test_download_inputs_outlive_their_unit(demo_download, tmp_path):
+    """img2dataset deletes the shard file it is given; a kill after that delete and before the ledger, or a deleted
+    ledger, used to make every rerun fail with `No such file ... _inputs/00000.arrow`."""
+    src = demo_download["root"]
+    plan = json.loads((src / "download" / "_inputs" / "plan.json").read_text())
+    assert all((src / "download" / "_inputs" / f"{s}.arrow").exists() for s, _ in plan["shards"])
+    root = _copy_run(src, tmp_path / "run")
+    for unit in ("00000", "00002"):  # the state of a run killed inside these units' completion window
+        accounting.ledger_path(root, "download", unit).unlink()
+    _rerun(demo_download["config"], root)
+    assert _tables(root) == _tables(src)
+
+
+def test_lost_download_input_is_planned_again(demo_download, tmp_path):
+    """A run left by the old code (input consumed, ledger missing) resumes: planning is redone, identically."""
+    root = _copy_run(demo_download["root"], tmp_path / "run")
+    (root / "download" / "_inputs" / "00001.arrow").unlink()
+    accounting.ledger_path(root, "download", "00001").unlink()
+    _rerun(demo_download["config"], root)
+    assert _tables(root) == _tables(demo_download["root"])
+
+
+def test_deleted_precheck_is_recomputed_not_lost(demo_download, tmp_path):
+    """Deleting download/_ledger/precheck.parquet used to shrink the funnel silently (252 of 261 rows)."""
+    root = _copy_run(demo_download["root"], tmp_path / "run")
+    refused = accounting.read_ledger(root, "download").filter(pa.compute.invert(
+        accounting.read_ledger(root, "download")["kept"])).num_rows
+    accounting.ledger_path(root, "download", "precheck").unlink()
+    _rerun(demo_download["config"], root)
+    assert _tables(root) == _tables(demo_download["root"])
+    assert refused > 0 and pq.read_table(root / "stats" / "funnel.parquet")["rows_in"][0].as_py() == \
+        demo_download["truth"].num_rows
+
+
+def test_truncated_plan_output_is_recomputed(demo_download, tmp_path, capsys):
+    """The download's planning outputs (input shards, precheck ledger, plan) are checked like a unit's: a truncated
+    precheck ledger used to stop every rerun with an Arrow error; now planning is redone."""
+    root = _copy_run(demo_download["root"], tmp_path / "run")
+    precheck = accounting.ledger_path(root, "download", "precheck")
+    precheck.write_bytes(precheck.read_bytes()[:100])
+    out = _rerun(demo_download["config"], root, capsys)
+    assert "[download] plan is redone: download/_ledger/precheck.parquet has 100 bytes" in out
+    assert _tables(root) == _tables(demo_download["root"])
+
+
+def test_missing_download_ledger_fails_loudly(demo_download, tmp_path):
+    """The accounting refuses a download ledger that does not hold one row per planned URL."""
+    root = _copy_run(demo_download["root"], tmp_path / "run")
+    accounting.ledger_path(root, "download", "precheck").unlink()
+    with pytest.raises(accounting.AccountingError, match="ledger rows for 261 input URLs"):
+        accounting.check_invariants(root)
+
+
+def test_deleted_later_stage_ledgers_are_recomputed(demo_cleaned, tmp_path):
+    """A deleted filter ledger part, the hash stage's groups and the dedup final ledger are redone; the run used to
+    stop with `input differs from the previous stage's kept keys (60 never judged)`."""
+    src = demo_cleaned["root"]
+    root = _copy_run(src, tmp_path / "run")
+    for stage, unit in (("filter", "00002"), ("dedup", "final")):
+        accounting.ledger_path(root, stage, unit).unlink()
+    (root / "hash" / "groups.parquet").unlink()
+    _rerun(demo_cleaned["config"], root)
+    assert _ledger_rows(root) == _ledger_rows(src)
+    assert pq.read_table(root / "hash" / "groups.parquet") == pq.read_table(src / "hash" / "groups.parquet")
+    assert pq.read_table(root / "stats" / "funnel.parquet") == pq.read_table(src / "stats" / "funnel.parquet")
+
+
+def test_altered_outputs_are_detected_and_redone(demo_download, tmp_path, capsys):
+    """A truncated shard is noticed by its size on every resume, a same-size alteration by its sha256 with
+    verify=True (`--verify`); both units are redone and the shards hold the same samples again."""
+    src = demo_download["root"]
+    root = _copy_run(src, tmp_path / "run")
+    cfg = demo_download["config"]
+    members = lambda p: sorted((m.name, m.size) for m in tarfile.open(p))  # noqa: E731
+    truncated, altered = root / "download" / "00000.tar", root / "download" / "00001.tar"
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    data = bytearray(altered.read_bytes())
+    data[2000] ^= 0xFF  # inside the first image: same size, other content
+    altered.write_bytes(bytes(data))
+
+    out = _rerun(cfg, root, capsys)
+    assert "unit 00000 is redone: download/00000.tar has 5000 bytes" in out
+    assert "00001" not in out  # the size matches: only --verify reads the content
+    assert members(truncated) == members(src / "download" / "00000.tar")
+
+    out = _rerun(cfg, root, capsys, verify=True)
+    assert "unit 00001 is redone: download/00001.tar changed since it was written (sha256)" in out
+    assert members(altered) == members(src / "download" / "00001.tar")
+    assert _tables(root) == _tables(src)
+    assert "redone" not in _rerun(cfg, root, capsys, verify=True)
+
+
+def test_ctrl_c_says_rerun_to_resume(tmp_path):
+    """SIGINT while a download is in flight: one line "interrupted; rerun to resume", exit 130, no traceback; the
+    rerun then finishes the run.  The server holds the request until the interrupt has been sent."""
+    import http.server
+    import threading
+
+    asked, interrupted = threading.Event(), threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            asked.set()
+            if self.path == "/hold":
+                interrupted.wait(60)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        urls = tmp_path / "urls.csv"
+        urls.write_text(f"url\nhttp://127.0.0.1:{port}/hold\n")
+        cfg = {"run_root": str(tmp_path / "run"), "input": {"url_list": str(urls)}, "stages": ["download"],
+               "ray": {"local": True}, "download": {"allow_networks": ["127.0.0.1/32"], "timeout_s": 120}}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        cmd = [sys.executable, str(REPO / "pipelines" / "curate.py"), "--config", str(tmp_path / "c.yaml"),
+               "--no-progress"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert asked.wait(300), "the download never reached the server"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        interrupted.set()
+        assert proc.returncode == 130, err[-2000:]
+        assert err.strip().splitlines()[-1] == "interrupted; rerun to resume" and "Traceback" not in err, err
+        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert "download           1         0         1  http_error 1" in rerun.stdout
+    finally:
+        interrupted.set()
+        server.shutdown()

@@ -142,6 +142,27 @@ def test_exact_retrieval_equals_brute_force(tmp_path):
         best = max(hit, key=lambda i: col[i])
         assert r["anchor_key"] == akeys["s"][best]
         assert r["similarity"] == approx(col[best], n_terms=24, dtype=np.float32, magnitude=1.0)
+    st = pq.read_table(root / "stats" / "retrieval_stats.parquet").to_pylist()[0]
+    assert st["recall_at_k_vs_exact"] == 1.0  # the exact search is its own reference
+    assert R.degenerate_sets([st]) == []  # random unit vectors: a healthy spread of similarities
+
+
+def test_collapsed_embedder_flagged_in_log_and_report(tmp_path, capsys):
+    """Every similarity ~1.0 (a collapsed or random embedder): the retrieve stage warns and the report says so."""
+    from curation.report import build_report
+
+    rng = np.random.default_rng(8)
+    one = _random_unit(1, 24, 9)
+    pool = one + 1e-3 * rng.normal(size=(200, 24)).astype(np.float32)  # all vectors (almost) the same
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+    cfg, root, _, _ = _embedding_run(tmp_path, pool, {"s": pool[:10].copy()}, {
+        "anchor_sets": [{"name": "s", "path": str(tmp_path / "s"), "method": "sample", "k": 4}]})
+    run_pipeline(load_config(data=cfg), progress=False)
+    assert "degenerate retrieval: anchor set 's'" in capsys.readouterr().err
+    st = pq.read_table(root / "stats" / "retrieval_stats.parquet").to_pylist()
+    assert len(R.degenerate_sets(st)) == 1
+    page = build_report(root).read_text()
+    assert "id='degenerate-retrieval'" in page and "collapsed or has random weights" in page
 
 
 @pytest.mark.parametrize("index,rerank,floor", [("ivf_flat", 0, 0.9), ("ivf_pq", 4, 0.85), ("ivf_pq", 0, 0.2)])

@@ -28,14 +28,14 @@ def shard_run(tmp_path_factory):
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(anchors / "x" / f"a{i}.jpg")
     core = tmp / "core"
     (core / "c").mkdir(parents=True)
-    for i in range(4):  # PNGs: re-encoded as JPEG in the shards
-        Image.new("RGB", (30, 20), (60 * i, 90, 10)).save(core / "c" / f"img{i}.png")
+    for i in range(4):  # PNGs: re-encoded as JPEG in the shards; larger than download.max_side: resized as pool images
+        Image.new("RGB", (90, 60), (60 * i, 90, 10)).save(core / "c" / f"img{i}.png")
     cfg = make_run(tmp, images, shard_size=25, dropped=["0000009999"], seed=7,
                    retrieve={"anchor_sets": [
                        {"name": "near", "path": str(anchors), "method": "sample", "k": 4},
                        {"name": "core", "path": str(core), "method": "as_is"}],
                        "balanced": {"target_size": 12, "levels": [6, 2]}},
-                   shards={"samples_per_shard": 10})
+                   shards={"samples_per_shard": 10}, download={"max_side": 45})
     run_pipeline(load_config(data=cfg), progress=False)
     return {"root": tmp / "run", "cfg": cfg}
 
@@ -53,7 +53,9 @@ def test_shards_read_with_webdataset(shard_run):
     for sample in ds:
         meta = sample["json"]
         assert isinstance(sample["jpg"], Image.Image)
-        row = sel[(meta["source"], meta["key"])]
+        assert meta["key"] == sample["__key__"]  # one key per sample: the tar key is the json key
+        src_key = meta["key"] if meta["source"] == "pool" else meta["key"].removeprefix("core_")
+        row = sel[(meta["source"], src_key)]
         for f in ("url", "anchor_set", "anchor_key", "rank", "cluster"):
             assert meta[f] == row[f], (f, meta, row)
         if row["similarity"] is None:
@@ -61,9 +63,9 @@ def test_shards_read_with_webdataset(shard_run):
         else:
             # the JSON holds the value rounded to 6 decimals (stages/shards.py): half a unit of the 6th decimal
             assert abs(meta["similarity"] - row["similarity"]) <= 0.5e-6 + rounding_tol(1.0, dtype=float)
-        expect_key = meta["key"] if meta["source"] == "pool" else f"core_{meta['key']}"
+        expect_key = src_key if meta["source"] == "pool" else f"core_{src_key}"
         assert sample["__key__"] == expect_key
-        seen.append((meta["source"], meta["key"]))
+        seen.append((meta["source"], src_key))
     assert len(seen) == len(set(seen)), "an image appears twice"
     assert set(seen) == set(sel)
     assert {s for s, _ in seen} == {"pool", "anchors/core"}
@@ -86,14 +88,16 @@ def test_shard_bytes_match_sources_and_index(shard_run):
             assert m["jpg"][:3] == b"\xff\xd8\xff"
             if meta["source"] == "pool":
                 assert m["jpg"] == pool[meta["key"]]  # copied byte for byte
-            else:
-                assert Image.open(io.BytesIO(m["jpg"])).size == (30, 20)
+            else:  # 90x60 PNG, resized to download.max_side like a downloaded image
+                assert Image.open(io.BytesIO(m["jpg"])).size == (45, 30)
+                assert (meta["width"], meta["height"], meta["original_width"], meta["original_height"]) == (45, 30, 90, 60)
             n += 1
-    index = pq.read_table(root / "shards" / "index.parquet")
+    index = pq.read_table(root / "shards_meta" / "index.parquet")
     validate(index, "shard_index")
     assert index.num_rows == n
-    manifest = json.loads((root / "shards" / "manifest.json").read_text())
+    manifest = json.loads((root / "shards_meta" / "manifest.json").read_text())
     assert manifest["samples"] == n and manifest["by_source"]["anchors/core"] == 4
+    assert manifest["files"] == sorted(p.name for p in (root / "shards").iterdir())
 
 
 def test_trainer_style_read_and_deterministic_plan(shard_run, tmp_path):
@@ -104,13 +108,67 @@ def test_trainer_style_read_and_deterministic_plan(shard_run, tmp_path):
     first = sorted((root / "shards").glob("lvd-*.tar"))[0]
     with tarfile.open(first) as tar:
         names = tar.getnames()
-    assert len(names) == 20 and all(n.endswith((".jpg", ".json")) for n in names)
+    assert len(names) == 30 and all(n.endswith((".jpg", ".txt", ".json")) for n in names)
     stamps = {t.name: t.stat().st_mtime_ns for t in (root / "shards").glob("lvd-*.tar")}
     run_pipeline(load_config(data=shard_run["cfg"]), progress=False)
     assert stamps == {t.name: t.stat().st_mtime_ns for t in (root / "shards").glob("lvd-*.tar")}
     from curation.stages.shards import ShardsStage
 
-    plan_before = pq.read_table(root / "shards" / "_plan.parquet").column("sample_key").to_pylist()
-    (root / "shards" / "_plan.parquet").unlink()
+    plan_before = pq.read_table(root / "shards_meta" / "_plan.parquet").column("sample_key").to_pylist()
+    (root / "shards_meta" / "_plan.parquet").unlink()
     ShardsStage(load_config(data=shard_run["cfg"]), root).plan()
-    assert pq.read_table(root / "shards" / "_plan.parquet").column("sample_key").to_pylist() == plan_before
+    assert pq.read_table(root / "shards_meta" / "_plan.parquet").column("sample_key").to_pylist() == plan_before
+
+
+def test_captions_and_img2dataset_fields(shard_run):
+    """key.txt holds the caption; key.json the img2dataset fields beside ours; to_tuple("jpg", "txt") works."""
+    import webdataset as wds
+
+    root = shard_run["root"]
+    tars = [str(t) for t in sorted((root / "shards").glob("lvd-*.tar"))]
+    pairs = list(wds.WebDataset(tars, shardshuffle=False).decode("pil").to_tuple("__key__", "jpg", "txt", "json"))
+    assert len(pairs) == json.loads((root / "shards_meta" / "manifest.json").read_text())["samples"]
+    fields = {"key", "url", "caption", "width", "height", "original_width", "original_height", "sha256",
+              "source", "anchor_set", "anchor_key", "rank", "similarity", "cluster"}
+    for key, im, txt, meta in pairs:
+        assert fields <= set(meta), sorted(fields - set(meta))
+        assert im.size == (meta["width"], meta["height"]) if meta["width"] is not None else True
+        if meta["source"] == "pool":
+            assert txt == meta["caption"] == f"caption of {key}"
+            assert meta["url"] == f"http://127.0.0.1/{key}.jpg"
+        else:
+            assert txt == "" and meta["caption"] is None and meta["url"] is None
+            assert len(meta["sha256"]) == 64
+
+
+def test_shards_folder_holds_only_tars(shard_run):
+    """shards/ is the dataset and nothing else (ray.data.read_webdataset reads every file in it as a tar: see
+    tests/curation/test_newcomer.py for the Ray Data read); the stage's own files are in shards_meta/."""
+    root = shard_run["root"]
+    files = sorted(p.name for p in (root / "shards").iterdir())
+    assert files == json.loads((root / "shards_meta" / "manifest.json").read_text())["files"]
+    assert all(p.is_file() and p.suffix == ".tar" for p in (root / "shards").iterdir())
+    assert {p.name for p in (root / "shards_meta").iterdir()} >= {"_plan.parquet", "_index", "_staging",
+                                                                   "index.parquet", "manifest.json"}
+
+
+def test_trainer_reads_each_curated_image_once(shard_run):
+    """Issue 9 item 7: an as_is anchor set's staging tar is not under shards/, and the trainer reads the shards the
+    manifest lists, so every curated image (the as_is anchors included) is one sample of a training pass."""
+    from tests.training.lvd_train_testutils import TINY_CFG
+    from training.config import load_config as load_train_config
+    from training.data import resolve_sources
+    from training.train import build_stream
+
+    root = shard_run["root"]
+    manifest = json.loads((root / "shards_meta" / "manifest.json").read_text())
+    kind, tars = resolve_sources(root / "shards")
+    assert kind == "tar" and tars == [str(root / "shards" / f) for f in manifest["files"]]
+    keys = sorted(pq.read_table(root / "shards_meta" / "index.parquet")["sample_key"].to_pylist())
+    assert len(keys) == manifest["samples"] and sum(k.startswith("core_") for k in keys) == 4
+    raw = json.loads(json.dumps(TINY_CFG))
+    raw["optim"]["batch_size_per_gpu"] = len(keys)  # one batch = one pass over the data (no shuffle buffer)
+    raw["data"]["shuffle_buffer"] = 1
+    raw["device"] = "cpu"
+    batch = next(iter(build_stream(load_train_config(raw=raw), str(root / "shards"))))
+    assert sorted(batch["keys"]) == keys

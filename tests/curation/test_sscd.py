@@ -14,7 +14,8 @@ from curation.models.sscd import (IMAGENET_MEAN, IMAGENET_STD, GeM, build_sscd_r
                                   sscd_transform)
 from curation import accounting
 from curation.samples import Sample, iter_pool
-from curation.stages.sscd import compute_descriptors, read_descriptors
+from curation.stages.sscd import compute_descriptors
+from curation.vectors import load_descriptors as read_descriptors
 from schemas import validate
 from tests.tolerance import assert_close
 
@@ -134,9 +135,9 @@ def test_pixel_descriptor_quality_on_the_corpus(demo_cleaned):
     for p in (root / "sscd").rglob("part-*.parquet"):
         validate(pq.read_table(p), "descriptors")
     pool_keys, _ = read_descriptors((root / "sscd" / "pool").glob("part-*.parquet"))
-    assert pool_keys == accounting.kept_keys(root, "hash")["key"].to_pylist()
+    # the sscd stage describes every image the filter kept (hash duplicates too: they stay nodes of the dedup graph)
+    assert pool_keys == accounting.kept_keys(root, "filter")["key"].to_pylist()
     ekeys, E = read_descriptors((root / "sscd" / "eval" / "heldout").glob("part-*.parquet"))
-    # every image the filter kept (the sscd stage only describes what hash kept; hash removed the easy copies)
     keys, X, _ = compute_descriptors(partial(iter_pool, root), "pixels")
     assert len(ekeys) >= 10 and X.shape[1] == E.shape[1]
     idx = {k: i for i, k in enumerate(keys)}
@@ -167,3 +168,12 @@ def test_pixel_descriptor_quality_on_the_corpus(demo_cleaned):
     assert mins["crop"] > 0.6
     assert min(ev_sims) > 0.8 and max(unrelated_ev) < demo_cleaned["config"]["dedup"]["eval_threshold"]
     assert np.quantile(unrelated, 0.99) < 0.45
+
+
+def test_loader_plan_gives_the_cpu_model_the_task_cores():
+    from curation.workers import cpu_split
+    from curation.stages.sscd import CPU_BATCH, loader_plan
+
+    assert loader_plan("sscd", "cpu", 4, 256) == (*cpu_split("cpu", 4), CPU_BATCH)
+    assert loader_plan("sscd", "cpu", 4, 2) == (*cpu_split("cpu", 4), 2)
+    assert loader_plan("pixels", "cpu", 3, 64) == (3, None, 64)  # no model: decoding is the work

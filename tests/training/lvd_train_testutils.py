@@ -79,3 +79,20 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def write_digits(root: Path, size: int, splits: dict[str, int], seed: int = 0) -> None:
+    """scikit-learn's 8 x 8 digits upsampled to ``size`` px as PNGs, in a random order split into consecutive parts:
+    ``{"ssl": 800, "knn_train": 300}`` writes 800 unlabelled images to root/ssl and the next 300 into class
+    subfolders of root/knn_train (any split but "ssl" is labelled)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    perm = iter(np.random.default_rng(seed).permutation(len(d.images)))
+    for split, n in splits.items():
+        for _ in range(n):
+            idx = next(perm)
+            img = Image.fromarray((d.images[idx] / 16 * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+            sub = root / split / ("" if split == "ssl" else str(d.target[idx]))
+            sub.mkdir(parents=True, exist_ok=True)
+            img.convert("RGB").save(sub / f"{idx:05d}.png")

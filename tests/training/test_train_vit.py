@@ -1,6 +1,8 @@
 """Backbone: official key layout, strict save/reload, variants, interpolation, masks, stochastic depth."""
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,3 +168,77 @@ def test_efficient_stochastic_depth_runs_branch_on_kept_subset():
     y = torch.zeros(4, 2, 3)
     out = _drop_add_residual(y, lambda t: torch.ones_like(t), 0.5)
     assert sorted(out[:, 0, 0].tolist()) == [0.0, 0.0, 2.0, 2.0]
+
+
+# ---------------------------------------------------------------------- position-embedding interpolation
+def _keys_cubic(t, a):
+    """Keys' cubic convolution kernel (a = -0.75: torch's plain bicubic; a = -0.5: the antialiased / PIL one)."""
+    t = np.abs(t)
+    return np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                    np.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, 0.0))
+
+
+def _resample_matrix(n_in, n_out, scale, antialias):
+    """[n_out, n_in] weights of a 1-D bicubic resize (half-pixel centres, ``scale`` = input step per output pixel).
+
+    Plain (torch ``mode="bicubic"``, align_corners=False): source ``(i + 0.5) * scale - 0.5``, the 4 neighbours with
+    a = -0.75, indices clamped to the border. Antialiased (PIL's resampling filter, which torch's ``antialias=True``
+    follows): kernel with a = -0.5 stretched by ``max(scale, 1)``, taps inside the image only, weights normalised."""
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        if not antialias:
+            src = (i + 0.5) * scale - 0.5
+            x0 = math.floor(src)
+            for j in range(x0 - 1, x0 + 3):
+                w[i, min(max(j, 0), n_in - 1)] += _keys_cubic(src - j, -0.75)
+        else:
+            support = 2.0 * max(scale, 1.0)
+            centre = (i + 0.5) * scale
+            lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
+            taps = _keys_cubic((np.arange(lo, hi) - centre + 0.5) / max(scale, 1.0), -0.5)
+            w[i, lo:hi] = taps / taps.sum()
+    return w
+
+
+def _reference_pos_embed(pos_embed, grid_h, grid_w, offset, antialias):
+    """The reference ``interpolate_pos_encoding`` in float64: with an offset, torch uses ``scale = 1 / scale_factor
+    = M / (grid + offset)``; without one, ``size = grid`` and ``scale = M / grid``."""
+    pe = pos_embed.detach().double().numpy()[0]
+    m = int(round(math.sqrt(pe.shape[0] - 1)))
+    grid = pe[1:].reshape(m, m, -1)
+    sh, sw = (m / (grid_h + offset), m / (grid_w + offset)) if offset else (m / grid_h, m / grid_w)
+    wh, ww = _resample_matrix(m, grid_h, sh, antialias), _resample_matrix(m, grid_w, sw, antialias)
+    out = np.einsum("ih,hwd,jw->ijd", wh, grid, ww).reshape(grid_h * grid_w, -1)
+    return torch.from_numpy(np.concatenate([pe[:1], out]))[None], wh, ww
+
+
+@pytest.mark.parametrize("arch,offset,antialias", [("vit_small_patch14", 0.1, False),
+                                                   ("vit_small_patch14_reg4", 0.0, True)])
+@pytest.mark.parametrize("hw", [(224, 224), (196, 308), (560, 560)], ids=["224", "196x308", "560"])
+def test_pos_embed_interpolation_matches_the_reference_formula(arch, offset, antialias, hw):
+    """The reference hub builds ``dinov2_vit*14_reg`` with antialias=True, interpolate_offset=0.0 and the plain
+    models with antialias=False, offset 0.1; at any resolution other than the stored 518 px our backbone's position
+    embeddings (and so its features) must be the reference's: shrinking (224), non-square, enlarging (560)."""
+    torch.manual_seed(0)
+    m = build_backbone(arch, depth=1, img_size=518).eval()
+    assert (m.interpolate_offset, m.interpolate_antialias) == (offset, antialias)
+    _randomise(m)
+    h, w = hw
+    gh, gw = h // 14, w // 14
+    ref, wh, ww = _reference_pos_embed(m.pos_embed, gh, gw, offset, antialias)
+    got = m.interpolate_pos_encoding(torch.zeros(1, 1 + gh * gw, m.embed_dim), h, w).double()
+    # float32 rounding: each output sums taps_h * taps_w products of stored values (|v| <= max|pos_embed|)
+    taps = int((wh != 0).sum(1).max() * (ww != 0).sum(1).max())
+    tol = 4 * taps * torch.finfo(torch.float32).eps * m.pos_embed.abs().max().item()
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= tol
+    if h == w == 224:  # features at (h, w) = those of the same weights whose stored grid is the reference's resize
+        twin = build_backbone(arch, depth=1, img_size=h).eval()
+        twin.load_state_dict({**m.state_dict(), "pos_embed": ref.float()}, strict=True)
+        x = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            a, b = m.forward_features(x), twin.forward_features(x)
+        # LayerNorm outputs are O(1); the pos-embed difference (<= tol) passes through one block of embed_dim sums
+        bound = 8 * m.embed_dim * torch.finfo(torch.float32).eps
+        for k in ("x_norm_clstoken", "x_norm_patchtokens"):
+            assert (a[k] - b[k]).abs().max().item() <= bound, k

@@ -36,8 +36,9 @@ from the tensor shapes: width, depth, FFN type, register count, position-embeddi
 
 Decisions written down here:
 
-* Position embeddings are interpolated like the reference (bicubic, ``scale_factor = (grid + 0.1) / M``, no
-  antialias) from the stored grid to the crop's grid; a crop whose grid equals the stored one uses them as is.
+* Position embeddings are interpolated like the reference (bicubic) from the stored grid ``M`` to the crop's grid;
+  a crop whose grid equals the stored one uses them as is. Plain models: ``scale_factor = (grid + 0.1) / M``, no
+  antialias; ``_reg4`` models (as the reference hub builds them): ``size = grid``, antialias on.
 * Efficient stochastic depth: in training each residual branch runs on a random subset of
   ``max(int(B * (1 - p)), 1)`` samples and its output is added back scaled by ``B / kept`` (the reference's
   ``drop_add_residual_stochastic_depth``); the same rate in every block ("uniform" drop path).
@@ -78,6 +79,7 @@ __all__ = [
     "save_backbone",
     "load_official_checkpoint",
     "load_backbone",
+    "backbone_from_official_state",
     "sidecar_path",
     "official_key_list",
     "PackedLayout",
@@ -484,8 +486,12 @@ ARCHS: dict[str, dict[str, Any]] = {
     "vit_large_patch14": dict(embed_dim=1024, depth=24, num_heads=16),
     "vit_giant2_patch14": dict(embed_dim=1536, depth=40, num_heads=24, ffn_layer="swiglufused"),
 }
+# The reference hub builds the registers models (``dinov2_vit*14_reg``) with ``interpolate_antialias=True,
+# interpolate_offset=0.0`` (position embeddings resized to the exact target grid, antialiased when shrinking), the
+# plain ones with the defaults (no antialias, offset 0.1): their features match the official ones only so.
 for _name in list(ARCHS):
-    ARCHS[_name + "_reg4"] = dict(ARCHS[_name], num_register_tokens=4)
+    ARCHS[_name + "_reg4"] = dict(ARCHS[_name], num_register_tokens=4, interpolate_antialias=True,
+                                  interpolate_offset=0.0)
 
 
 def build_backbone(name: str, **overrides: Any) -> VisionTransformer:
@@ -611,11 +617,17 @@ def load_official_checkpoint(
     sd = torch.load(path, map_location=map_location, weights_only=True)
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
-    sd = _strip_prefixes(dict(sd))
-    meta: dict[str, Any] = {}
     side = sidecar_path(path)
-    if side.exists():
-        meta = json.loads(side.read_text())
+    meta = json.loads(side.read_text()) if side.exists() else {}
+    return backbone_from_official_state(sd, meta, arch, img_size, strict, **overrides)
+
+
+def backbone_from_official_state(sd: dict[str, Tensor], meta: dict[str, Any] | None = None, arch: str | None = None,
+                                 img_size: int | None = None, strict: bool = True,
+                                 **overrides: Any) -> VisionTransformer:
+    """:func:`load_official_checkpoint` on a state dict already in memory (``meta``: a sidecar's contents)."""
+    sd = _strip_prefixes(dict(sd))
+    meta = meta or {}
     kwargs: dict[str, Any] = {}
     if arch is None and meta.get("arch"):
         arch = meta["arch"]

@@ -1,0 +1,80 @@
+"""A local Ray head stops exactly its own processes: another cluster on the same machine keeps running; and it
+listens on loopback only (issue 13 item 21).
+
+(`ray stop --force`, which the helper used before, kills every Ray process on the machine: another test session's,
+or a user's own cluster when `make demo` finished.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from curation.local_cluster import LocalRayHead, _ray_bin, processes_of_cluster, ray_env
+
+
+def _status(head: LocalRayHead) -> subprocess.CompletedProcess:
+    return subprocess.run([_ray_bin(), "status", "--address", head.address], env=ray_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_stopping_one_local_head_leaves_another_running():
+    with LocalRayHead(num_cpus=1) as keeper:
+        first = LocalRayHead(num_cpus=1).start()
+        first_marks = [first.temp_dir, f":{first.gcs_port} "]
+        assert processes_of_cluster(first_marks), "the started head's processes are found"
+        first.stop()
+        assert processes_of_cluster(first_marks) == []
+        kept = _status(keeper)
+        assert kept.returncode == 0, kept.stdout + kept.stderr
+        assert processes_of_cluster([keeper.temp_dir])
+    assert processes_of_cluster([keeper.temp_dir]) == []
+
+
+def _listening_sockets() -> dict[str, str]:
+    """{socket inode: local address} of every listening TCP socket (IPv4 and IPv6) of this machine."""
+    out = {}
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A":  # LISTEN
+                continue
+            host = local.split(":")[0]
+            if not v6:
+                addr = ".".join(str(int(host[i:i + 2], 16)) for i in (6, 4, 2, 0))  # little-endian
+            elif host == "00000000000000000000000001000000":
+                addr = "::1"
+            else:
+                addr = f"[{host}]"  # any other IPv6 address (:: included) counts as beyond loopback
+            out[inode] = addr
+    return out
+
+
+@pytest.mark.slow
+def test_local_head_listens_on_loopback_only():
+    """Ray turns --node-ip-address=127.0.0.1 into the machine's address and listens on every interface unless told
+    not to: every listening socket of the head's processes must be on 127.0.0.1 or ::1."""
+    with LocalRayHead(num_cpus=1) as head:
+        listening = _listening_sockets()
+        found = []
+        for pid in processes_of_cluster([head.temp_dir, f":{head.gcs_port} "]):
+            try:
+                fds = list(Path(f"/proc/{pid}/fd").iterdir())
+            except OSError:  # ended meanwhile
+                continue
+            for fd in fds:
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith("socket:[") and target[8:-1] in listening:
+                    found.append((pid, listening[target[8:-1]]))
+    assert found, "no listening socket found for the head's processes"
+    exposed = [(pid, addr) for pid, addr in found if addr not in ("127.0.0.1", "::1")]
+    assert not exposed, f"Ray head processes listening beyond loopback: {exposed}"

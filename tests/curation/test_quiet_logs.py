@@ -1,0 +1,69 @@
+"""Log noise a newcomer meets on a first run (issue 14 item 12): faiss loader lines, DataLoader worker warnings,
+Ray uploading .git/.venv with a job."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from curation.config import load_config
+from curation.runner import run_pipeline
+from curation.workers import loader_workers, usable_cpus
+from tests.curation.fakerun import make_run, random_images
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_faiss_loader_lines_silenced_under_info_logging():
+    code = ("import logging; logging.basicConfig(level=logging.INFO); import curation.knn; import faiss; "
+            "logging.getLogger('lvd').info('still logging')")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "faiss.loader" not in res.stderr and "Could not load library" not in res.stderr, res.stderr
+    assert "still logging" in res.stderr  # only faiss's loader is quieted
+
+
+def test_embed_stage_starts_no_more_workers_than_cpus(tmp_path, recwarn):
+    cpus = usable_cpus()
+    assert loader_workers(cpus + 3) == cpus and loader_workers(0) == 0 and loader_workers(1) == 1
+    cfg = make_run(tmp_path, random_images(12, seed=1), stages=["embed"])
+    cfg["embed"]["num_workers"] = cpus + 2
+    run_pipeline(load_config(data=cfg), progress=False)
+    assert (tmp_path / "run" / "embed" / "pool" / "part-00000.parquet").exists()
+    noisy = [str(w.message) for w in recwarn if "worker processes in total" in str(w.message)]
+    assert not noisy, noisy[0]
+
+
+def test_ray_job_upload_skips_git_and_venv():
+    from ray._private.runtime_env.packaging import get_excludes_from_ignore_files
+
+    # .rayignore alone (as when RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 turns .gitignore off)
+    excludes = get_excludes_from_ignore_files(REPO, include_gitignore=False)
+    assert excludes, "no .rayignore at the repository root"
+
+    def excluded(rel: str) -> bool:
+        return any(f(REPO / rel) for f in excludes)
+
+    for rel in (".git", ".venv", ".git/objects/pack/pack-1.pack", ".venv/lib/python3.11/site-packages/torch/lib/libtorch.so",
+                "demo-run/run/download/00000.tar"):
+        assert excluded(rel), rel
+    for rel in ("curation/runner.py", "pipelines/curate.py", "pipelines/configs/demo.yaml", "schemas/tables.py"):
+        assert not excluded(rel), rel
+
+
+def test_report_component_plot_logs_nothing(tmp_path, caplog):
+    """Component sizes are numbers: plotted as string categories, matplotlib logs "Using categorical units" twice
+    in every run's log."""
+    import logging
+
+    import pandas as pd
+
+    from curation.report import plot_components
+
+    comp = pd.DataFrame({"component_size": [1, 2, 5], "components": [40, 6, 1], "images": [40, 12, 5],
+                         "with_eval": [0, 1, 0]})
+    with caplog.at_level(logging.INFO):
+        png = plot_components(comp, tmp_path)
+    assert png and (tmp_path / png).exists()
+    assert "categorical units" not in caplog.text
