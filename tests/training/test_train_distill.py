@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from lvd_train_testutils import TINY_CFG, write_digits, write_shards
+
+from tests.tolerance import approx, assert_close
+
 from training.checkpoint import export_backbone, load_checkpoint
 from training.config import ConfigError, load_config
 from training.distill import load_teacher
@@ -113,7 +116,7 @@ def test_distill_step_freezes_the_teacher_and_applies_ibot_on_every_global_patch
         by_hand = -(F.softmax(tp / temp, -1) * F.log_softmax(sp / 0.1, -1)).sum(-1).mean(1).mean(0)
     row = tr.train_step(batch, 0)
     n_terms = gc.shape[0] * sp.shape[1] * 96  # summed products per image, accumulated in float32
-    assert row["ibot_loss"] == pytest.approx(by_hand.item(), rel=n_terms * torch.finfo(torch.float32).eps)
+    assert row["ibot_loss"] == approx(by_hand.item(), n_terms=n_terms, dtype=torch.float32)
     for k, v in t.state_dict().items():
         assert torch.equal(v, frozen[k]), k  # the teacher never moves
     # the student's EMA (what gets exported) follows the student with the scheduled momentum (step 1: lr > 0)
@@ -122,8 +125,9 @@ def test_distill_step_freezes_the_teacher_and_applies_ibot_on_every_global_patch
     stu, ema = tr.student["backbone"].blocks[0].attn.qkv.weight, tr.teacher["backbone"].blocks[0].attn.qkv.weight
     m = row["momentum"]
     assert not torch.equal(stu, before)
-    tol = 4 * torch.finfo(torch.float32).eps * stu.abs().max().item()  # two products and a sum in float32
-    assert torch.allclose(ema, m * before + (1 - m) * stu, rtol=0, atol=tol)
+    # two products and a sum in float32, at the weights' scale
+    assert_close(ema, m * before + (1 - m) * stu, n_terms=2, dtype=torch.float32, depth=2,
+                 magnitude=stu.abs().max().item())
 
 
 def test_reference_training_checkpoint_gives_backbone_and_heads(tmp_path):
