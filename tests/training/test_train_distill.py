@@ -2,6 +2,7 @@
 losses, no masking / drop path, iBOT on the two global crops, the student's EMA exported."""
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -63,8 +64,12 @@ def test_distilled_student_knn_approaches_the_teachers(tmp_path):
     init, student = evals[0], evals[-1]
     msg = f"k-NN top-1 on digits: teacher {teacher_knn:.3f}, student at init {init:.3f}, distilled {student:.3f}"
     print(msg)
-    assert teacher_knn >= init + 0.15, msg  # the teacher has something to teach
-    assert student >= init + 0.5 * (teacher_knn - init) and student >= 0.75 * teacher_knn, msg
+    # thresholds from the sampling noise of k-NN accuracies on the n_val validation digits: the difference of two
+    # has a standard deviation of at most sqrt(2 x 0.25 / n_val) (0.041 for 300); 3 of those are not noise
+    noise = 3 * math.sqrt(2 * 0.25 / rows[0]["n_val"])
+    assert teacher_knn >= init + noise, msg  # the teacher has something to teach
+    # the student closes at least half the gap and ends within sampling noise of the teacher
+    assert student >= init + 0.5 * (teacher_knn - init) and student >= teacher_knn - noise, msg
     # no masking; the teacher had no heads: one DINO head trained alongside (its own loss term)
     assert all(r["n_masked_patches"] == 0 and "distill_head_loss" in r and "ibot_loss" in r for r in train_rows)
     # the exported model is the student's EMA (the checkpoint's "teacher"), with the student's architecture
