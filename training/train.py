@@ -21,8 +21,9 @@ norm is the global one over shards, and the EMA runs on the local shards without
 distributed.py). Centres, Sinkhorn-Knopp and the decision to run iBOT at all use global-batch sums and counts,
 so N ranks with B images each compute the single-process step on the N * B images (up to float rounding), except
 for what is per rank by design: KoLeo (within each rank's batch, as the reference) and drop-path randomness.
-Logged losses are averaged over ranks. Each rank reads its own share of the shards. Checkpoints of multi-process
-runs are ``torch.distributed.checkpoint`` directories (training/checkpoint.py), resumable on any number of ranks.
+Logged losses are averaged over ranks. Each rank reads its slice of every global batch (one global sample order,
+training/data.py: a resume on any number of ranks continues it exactly). Checkpoints of multi-process runs are
+``torch.distributed.checkpoint`` directories (training/checkpoint.py), resumable on any number of ranks.
 One iteration is ``Trainer.train_step(batch, it)``; ``train()`` adds data, resume, metrics and checkpoints.
 Variants: ``mode: distill`` takes the targets from a frozen pretrained teacher and keeps the student's EMA as the
 run's teacher (training/distill.py); ``high_res`` runs the last iterations at bigger crops (training/high_res.py).
