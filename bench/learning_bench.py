@@ -94,8 +94,9 @@ def recipe(root: Path, size: int, steps: int, batch: int, args: argparse.Namespa
         "optim": {"epochs": 1, "iters_per_epoch": steps, "batch_size_per_gpu": batch, "base_lr": args.lr,
                   "lr_scaling": "none", "warmup_epochs": 0.1, "freeze_last_layer_epochs": 0,
                   "layerwise_decay": 1.0, "min_lr": 1e-5, "weight_decay": 0.04, "weight_decay_end": 0.1},
-        "crops": {"global_crops_size": size, "global_crops_scale": [0.5, 1.0], "local_crops_number": args.locals,
-                  "local_crops_size": size // 2, "local_crops_scale": [0.2, 0.5]},
+        "crops": {"global_crops_size": size, "local_crops_number": args.locals, "local_crops_size": size // 2,
+                  **({"global_crops_scale": [0.5, 1.0], "local_crops_scale": [0.2, 0.5]}
+                     if args.crop_scales == "bench" else {})},
         "data": {"shuffle_buffer": 512, "num_workers": 0},
         "eval": {"train_dir": str(root / "knn_train"), "val_dir": str(root / "knn_val"), "at_start": True,
                  "center_crop_ratio": 1.0, "linear_probe": False},
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.003)
     p.add_argument("--pastes", type=int, default=2)
     p.add_argument("--centering", choices=["centering", "sinkhorn_knopp"], default="centering")
+    p.add_argument("--crop-scales", choices=["bench", "reference"], default="bench",
+                   help="bench: global (0.5, 1), local (0.2, 0.5); reference: DINOv2's (0.32, 1) and (0.05, 0.32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--raw-only", action="store_true", help="build the dataset and report raw-pixel k-NN only")
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         result.update({"steps": args.steps, "batch": args.batch, "wall_s": round(wall, 1),
                        "init_knn_top1": evals[0]["knn_top1"], "trained_knn_top1": evals[-1]["knn_top1"],
                        "recipe": {k: getattr(args, k) for k in ("patch", "dim", "depth", "prototypes", "locals",
-                                                                 "lr", "pastes", "centering")},
+                                                                 "lr", "pastes", "centering", "crop_scales")},
                        "metrics": str(run / "metrics.jsonl"), "loss_curves": str(run / "loss_curves.png")})
     print(json.dumps(result))
     return 0

@@ -3,6 +3,7 @@
     lvd curate --config run.yaml        run the curation stages (same as pipelines/curate.py)
     lvd train --config t.yaml --data D  train DINOv2 on curated shards (same as pipelines/train.py)
     lvd export ...                      write a trained teacher backbone in the official DINOv2 format
+    lvd plot OUT                        draw a training run's curves (losses, lr, accuracy) to OUT/curves.png
     lvd report RUN                      write RUN/stats/report.html
     lvd funnel RUN                      print a run's funnel and drop reasons
     lvd serve-demo --out DIR            generate the demo corpus and serve it on 127.0.0.1
@@ -47,6 +48,7 @@ COMMANDS = {
     "curate": ("run the curation pipeline", _lazy("pipelines.curate")),
     "train": ("train DINOv2 on curated shards", _lazy("training.train")),
     "export": ("export a trained backbone (official DINOv2 format)", _lazy("training.export")),
+    "plot": ("draw training curves to a PNG", _lazy("training.plot")),
     "report": ("write RUN/stats/report.html", _lazy("curation.report")),
     "funnel": ("print a run's funnel", _funnel),
     "serve-demo": ("generate and serve the demo corpus on 127.0.0.1", _lazy("curation.demo.server")),

@@ -35,9 +35,10 @@ import torch
 
 __all__ = ["checkpoint_dir", "save_checkpoint", "save_distributed_checkpoint", "find_latest_checkpoint",
            "load_checkpoint", "load_checkpoint_meta", "load_training_state", "rng_state", "set_rng_state",
-           "export_backbone", "backbone_from_state"]
+           "export_backbone", "backbone_from_state", "remove_stale_temporaries"]
 
 _PAT = re.compile(r"^checkpoint_(\d{8,})(\.pt)?$")
+_TMP = re.compile(r"^(checkpoint_\d{8,}\.pt\.tmp\d+|\.checkpoint_\d{8,}\.tmp)$")  # left by a killed save
 _MODEL_KEYS = ("student", "teacher", "optimizer")
 FORMAT = "lvd-dinov2-train/1"
 
@@ -81,6 +82,16 @@ def _remove(p: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
     else:
         p.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files / directories of saves that never completed (a run killed while writing a
+    checkpoint); called by rank 0 at the start of a run, when no save of this run is in flight."""
+    d = checkpoint_dir(output_dir)
+    stale = sorted(p for p in d.iterdir() if _TMP.match(p.name)) if d.is_dir() else []
+    for p in stale:
+        _remove(p)
+    return stale
 
 
 def save_checkpoint(output_dir: str | os.PathLike, state: dict[str, Any], keep_last: int = 3) -> Path:

@@ -6,6 +6,7 @@ An "epoch" is ``optim.iters_per_epoch`` iterations (the reference's OFFICIAL_EPO
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -106,6 +107,10 @@ class OptimConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     fused_adamw: bool | Literal["auto"] = Field(
         "auto", description="torch's fused AdamW kernel (one launch for all parameters); auto: on CUDA")
+    max_grad_norm: float = Field(1e6, ge=0, description="stop (no checkpoint) when a module's pre-clip gradient "
+                                 "norm exceeds this; 0: off. See training/divergence.py")
+    max_weight_norm: float = Field(1e6, ge=0, description="stop (no checkpoint) when the student's weight norm "
+                                   "exceeds this; 0: off")
 
     @model_validator(mode="after")
     def _check(self):
@@ -325,6 +330,26 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+ARCH_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "ffn_layer", "num_register_tokens")
+
+
+def _reset_arch_dims(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """An override naming another ``model.arch`` brings that architecture's dims: the config file's explicit
+    ``model.{embed_dim,depth,...}`` described the file's architecture and are dropped, unless overridden too."""
+    keys = {ov.split("=", 1)[0].strip(): ov.split("=", 1)[1] for ov in overrides if "=" in ov}
+    model = data.get("model")
+    if "model.arch" not in keys or not isinstance(model, dict):
+        return data
+    if _parse_value(keys["model.arch"]) == model.get("arch"):
+        return data
+    dropped = [k for k in ARCH_KEYS if k in model and f"model.{k}" not in keys]
+    if dropped:
+        logging.getLogger("lvd.train").info(
+            "model.arch=%s replaces %s: its dims apply (dropped the config's %s)", _parse_value(keys["model.arch"]),
+            model.get("arch"), ", ".join(f"model.{k}={model[k]}" for k in dropped))
+    return {**data, "model": {k: v for k, v in model.items() if k not in dropped}}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 raw: dict[str, Any] | None = None) -> TrainConfig:
     data: dict[str, Any] = {}
@@ -335,7 +360,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config error: {path} must hold a mapping at the top level")
     if raw:
         data = {**data, **raw}
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(_reset_arch_dims(data, overrides or []), overrides or [])
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as e:

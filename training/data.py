@@ -19,7 +19,9 @@ iterations, ``optim.iters_per_epoch``). Determinism and resume:
 * Per-sample augmentation randomness is ``random.Random(f"{seed}-{n}")`` for global sample ``n`` (identical on
   any world size); the block masks of a rank's batch are drawn per batch (they are stratified over its images, as
   the reference), seeded with the global index of the batch's first sample. No global RNG is involved. An
-  undecodable image is replaced by a grey image (logged), so batch boundaries never shift.
+  undecodable image is replaced by a grey image (logged, counted in the batch's ``n_undecodable``), so batch
+  boundaries never shift. Unreadable shards yield nothing and truncated ones their complete samples
+  (training.shard_check reports them).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .augment import MultiCropAugmentation
 from .masking import MaskingGenerator, collate_multicrop
+from .worker_exit import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +109,21 @@ def _iter_unit(kind: str, unit: str) -> Iterator[tuple[str, Callable[[], bytes]]
     if kind == "files":
         yield unit, partial(_read_range, unit, 0, -1)
         return
-    with tarfile.open(unit, "r:") as tar:  # seekable: iterating skips member data
+    try:  # an unreadable shard yields nothing (training.shard_check reports it at the start of a run)
+        size = os.path.getsize(unit)
+        tar = tarfile.open(unit, "r:")  # seekable: iterating skips member data
+    except (tarfile.TarError, OSError):
+        return
+    with tar:
         key, best = None, None  # members of one sample are adjacent; keep its preferred image extension
 
         def pick() -> Iterator[tuple[str, Callable[[], bytes]]]:
             if best is not None:
                 yield key, partial(_read_range, unit, best[1].offset_data, best[1].size)
 
-        for info in tar:
-            if not info.isfile():
+        for info in _members(tar):
+            # a member cut off by truncation is skipped (training.shard_check reported it at the start)
+            if not info.isfile() or info.offset_data + info.size > size:
                 continue
             k, _, ext = info.name.rsplit("/", 1)[-1].partition(".")
             if k != key:
@@ -124,6 +133,21 @@ def _iter_unit(kind: str, unit: str) -> Iterator[tuple[str, Callable[[], bytes]]
             if rank is not None and (best is None or rank < best[0]):
                 best = (rank, info)
         yield from pick()
+
+
+_WARNED: set[str] = set()
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The members up to the first unreadable header (a truncated or corrupt shard ends there; logged once per
+    process, as every DataLoader worker walks the same shards)."""
+    try:
+        yield from tar
+    except (tarfile.TarError, OSError, EOFError) as e:
+        if tar.name not in _WARNED:
+            _WARNED.add(tar.name)
+            log.warning("shard %s is unreadable past byte %d (%s): its remaining samples are skipped", tar.name,
+                        tar.offset, e)
 
 
 class MultiCropStream(IterableDataset):
@@ -190,7 +214,7 @@ class MultiCropStream(IterableDataset):
         bs, start = self.batch_size, self.start_sample
         gbs = bs * self.world_size
         batch: list[dict[str, Any]] = []
-        first = 0
+        first = undecodable = 0
         # global batch k = samples [start + k * gbs, start + (k + 1) * gbs); this rank's slice of it is built by
         # worker k % nw, which the DataLoader reads round-robin from worker 0
         for n, (key, read) in enumerate(self._global()):
@@ -204,6 +228,7 @@ class MultiCropStream(IterableDataset):
             except Exception as e:  # deterministic stand-in, so batch boundaries never shift
                 log.warning("undecodable sample %s replaced by a grey image: %s", key, e)
                 img = Image.new("RGB", (64, 64), (128, 128, 128))
+                undecodable += 1
             sample = self.augment(img, rng=random.Random(f"{self.seed}-{n}"))
             sample["key"] = key
             if not batch:
@@ -214,10 +239,13 @@ class MultiCropStream(IterableDataset):
                                         self.mask_ratio_min_max, self.mask_probability)
                 out["batch_index"] = start // gbs + k
                 out["first_sample"] = first
+                out["n_undecodable"] = undecodable  # counted in the metrics rows
                 yield out
-                batch = []
+                batch, undecodable = [], 0
 
 
-def make_loader(stream: MultiCropStream, num_workers: int = 0) -> DataLoader:
+def make_loader(stream: IterableDataset, num_workers: int = 0) -> DataLoader:
+    """Workers exit with this process, even when it is SIGKILLed (training.worker_exit)."""
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
-                      pin_memory=torch.cuda.is_available(), prefetch_factor=2 if num_workers > 0 else None)
+                      pin_memory=torch.cuda.is_available(), prefetch_factor=2 if num_workers > 0 else None,
+                      worker_init_fn=partial(exit_with_parent, os.getpid()) if num_workers > 0 else None)

@@ -23,8 +23,8 @@ from torchvision.transforms import functional as TF
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .data import IMAGE_EXTS
 
-__all__ = ["list_labelled_folder", "extract_features", "knn_classify", "knn_accuracy", "linear_probe_accuracy",
-           "evaluate_backbone"]
+__all__ = ["list_labelled_folder", "check_eval_folders", "extract_features", "knn_classify", "knn_accuracy",
+           "linear_probe_accuracy", "evaluate_backbone"]
 
 
 def list_labelled_folder(root: str | Path) -> tuple[list[str], list[int], list[str]]:
@@ -39,6 +39,29 @@ def list_labelled_folder(root: str | Path) -> tuple[list[str], list[int], list[s
                 paths.append(str(p))
                 labels.append(ci)
     return paths, labels, classes
+
+
+def check_eval_folders(train_dir: str | Path, val_dir: str | Path | None = None) -> None:
+    """Fail before training (``ValueError``, one line) when the evaluation could not run at the end: a missing
+    folder, fewer than two classes with images, or (without ``val_dir``) a class too small to split 50/50."""
+    for name, root in (("eval.train_dir", train_dir), ("eval.val_dir", val_dir)):
+        if root is None:
+            continue
+        if not Path(root).is_dir():
+            raise ValueError(f"{name} {root}: not a directory")
+        paths, labels, classes = list_labelled_folder(root)
+        counts = {c: labels.count(i) for i, c in enumerate(classes)}
+        usable = [c for c, n in counts.items() if n > 0]
+        if len(usable) < 2:
+            raise ValueError(f"{name} {root}: k-NN / linear evaluation needs at least 2 classes with images "
+                             f"(class subfolders), found {len(usable)} ({', '.join(usable) or 'none'})")
+        if name == "eval.train_dir" and val_dir is None:
+            small = [c for c in usable if counts[c] < 2]
+            if small:
+                raise ValueError(f"{name} {root}: without eval.val_dir each class is split 50/50 and needs at "
+                                 f"least 2 images; {', '.join(small[:5])} has 1")
+    if val_dir is not None and list_labelled_folder(train_dir)[2] != list_labelled_folder(val_dir)[2]:
+        raise ValueError(f"class folders differ between eval.train_dir {train_dir} and eval.val_dir {val_dir}")
 
 
 def _load(path: str, size: int, crop_ratio: float) -> torch.Tensor:

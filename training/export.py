@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import pickle
 import sys
 
 from .checkpoint import export_backbone
@@ -23,7 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out = export_backbone(args.checkpoint, args.output, which="student" if args.student else "teacher")
+    if not os.path.exists(args.checkpoint):
+        print(f"error: {args.checkpoint}: no such checkpoint file or training output dir", file=sys.stderr)
+        return 2
+    try:
+        out = export_backbone(args.checkpoint, args.output, which="student" if args.student else "teacher")
+    except (FileNotFoundError, ValueError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        print(f"error: {args.checkpoint}: {e}".splitlines()[0], file=sys.stderr)
+        return 2
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 

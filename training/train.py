@@ -27,8 +27,10 @@ training/data.py: a resume on any number of ranks continues it exactly). Checkpo
 One iteration is ``Trainer.train_step(batch, it)``; ``train()`` adds data, resume, metrics and checkpoints.
 Variants: ``mode: distill`` takes the targets from a frozen pretrained teacher and keeps the student's EMA as the
 run's teacher (training/distill.py); ``high_res`` runs the last iterations at bigger crops (training/high_res.py).
-Metrics: one JSON object per line in ``OUTPUT/metrics.jsonl`` (``"type": "train"`` per iteration and
-``"type": "eval"``), plus a tqdm bar.
+Metrics: one JSON object per line in ``OUTPUT/metrics.jsonl`` (``"type": "train"`` per iteration,
+``"type": "eval"``, and ``"type": "data"`` per (re)start: the data check of training/shard_check.py and the
+parameter counts), plus a tqdm bar; ``lvd plot OUTPUT`` draws them (training/plot.py). A run stops, without
+saving, on a non-finite loss or exploding gradient / weight norms (training/divergence.py).
 """
 from __future__ import annotations
 
@@ -51,11 +53,15 @@ import yaml
 from torch import nn
 
 from .augment import AugmentConfig, MultiCropAugmentation
-from .checkpoint import (backbone_from_state, find_latest_checkpoint, load_training_state, rng_state,
-                         save_checkpoint, save_distributed_checkpoint, set_rng_state)
+from .checkpoint import (backbone_from_state, find_latest_checkpoint, load_training_state,
+                         remove_stale_temporaries, rng_state, save_checkpoint, save_distributed_checkpoint,
+                         set_rng_state)
 from .config import ConfigError, TrainConfig, load_config
 from .data import MultiCropStream, make_loader
 from . import high_res
+from .divergence import (DivergenceError, check_grad_norms, check_resumed_weights, check_weight_norm, grad_norm,
+                         weight_norm)
+from .shard_check import DataError, SourceReport, check_sources
 from .distributed import (DistInfo, all_reduce_mean, all_reduce_sum, allreduce_gradients, broadcast_module,
                           clip_grad_norm, ema_update, init_distributed, reshard, resolve_strategy, shard_models)
 from .heads import DINOHead
@@ -190,7 +196,10 @@ class MetricsWriter:
         self.enabled = enabled
 
     def truncate_after(self, iteration: int) -> None:
-        """On resume drop rows of iterations after the checkpoint (they are recomputed identically)."""
+        """On a (re)start at ``iteration`` (0: no checkpoint) drop what the previous run wrote after its last
+        checkpoint, which this run recomputes identically: rows of later iterations and, at ``iteration``
+        itself, all but the train row and the periodic eval (which runs before the save); nothing of a run
+        killed before its first checkpoint is kept."""
         if not self.enabled or not self.path.exists():
             return
         keep = []
@@ -199,7 +208,8 @@ class MetricsWriter:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a half-written last line from a killed run
-            if int(row.get("iteration", 0)) <= iteration:
+            at = int(row.get("iteration", 0))
+            if at < iteration or (at == iteration > 0 and row.get("type") in ("train", "eval")):
                 keep.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(l + "\n" for l in keep))
@@ -335,16 +345,24 @@ class Trainer:
         if cfg.optim.clip_grad > 0:  # per module, as the reference; the global norm over shards
             for name, ps in self.params_by_module.items():
                 grad_norms[name] = clip_grad_norm(ps, cfg.optim.clip_grad)
+        elif cfg.optim.max_grad_norm > 0:
+            grad_norms = {name: grad_norm(ps) for name, ps in self.params_by_module.items()}
+        check_grad_norms(grad_norms, cfg.optim.max_grad_norm, it)  # before the step: never apply an exploded one
         if it < self.freeze_iters:
             for p in self.last_layer_params:
                 p.grad = None
         self.optimizer.step()
+        w_norm = {}
+        if cfg.optim.max_weight_norm > 0:
+            w_norm["weight_norm"] = weight_norm(self.all_params)
+            check_weight_norm(w_norm["weight_norm"], cfg.optim.max_weight_norm, it)
         ema_update(self.teacher, self.student, mom_it)
         return {"type": "train", "step": it, "iteration": it + 1, "epoch": it / cfg.optim.iters_per_epoch,
                 **{f"{k}_loss" if k != "loss" else "loss": v for k, v in values.items()},
                 "lr": lr_it, "wd": wd_it, "momentum": mom_it, "teacher_temp": temp_it,
                 "n_masked_patches": int(batch["n_masked_patches"]),
-                **{f"grad_norm_{k}": v for k, v in grad_norms.items()}}
+                **{f"grad_norm_{k}": v for k, v in grad_norms.items()}, **w_norm,
+                "undecodable_samples": int(batch.get("n_undecodable", 0))}
 
     # ------------------------------------------------------------------ state
     def full_state_dict(self, which: str = "teacher") -> dict[str, torch.Tensor]:
@@ -393,6 +411,41 @@ def _global_keys(keys: list[str], world: int) -> list[str]:
     return [k for p in parts for k in p]
 
 
+def _log_start(trainer: Trainer, source: SourceReport, metrics: MetricsWriter, start_iter: int) -> None:
+    """The dataset and model sizes in the log, and the data check as the ``"type": "data"`` metrics row."""
+    if trainer.rank != 0:
+        return
+    log.info("%s", source.summary())
+    for unit, reason in list(source.bad_units.items())[:20]:
+        log.warning("skipped unreadable %s: %s", unit, reason)
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in trainer.student.items()}
+    bb = trainer.student["backbone"]
+    heads = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items() if k != "backbone")
+    log.info("model: %s (embed_dim %d, depth %d, %d heads) %.2fM params; heads %s; student %.2fM params, teacher "
+             "the same (EMA)", trainer.cfg.model.arch, bb.embed_dim, bb.depth, bb.num_heads,
+             counts["backbone"] / 1e6, heads, sum(counts.values()) / 1e6)
+    metrics.write({"type": "data", "iteration": start_iter, **source.row(),
+                   "params": counts, "global_batch": trainer.batch_size * trainer.world})
+
+
+class _Throughput:
+    """Logs the training speed once, over the first iterations after the first (which includes warm-up)."""
+
+    def __init__(self, start_iter: int, images_per_iter: int, over: int = 10):
+        self.start, self.images, self.over = start_iter, images_per_iter, over
+        self.t1: float | None = None
+
+    def step(self, it: int) -> None:
+        done = it - self.start
+        if done == 1:
+            self.t1 = time.time()
+        elif self.t1 is not None and done == 1 + self.over:
+            rate = self.over / max(time.time() - self.t1, 1e-9)
+            log.info("throughput: %.3g it/s, %.3g img/s (global batch %d; iterations %d-%d)", rate,
+                     rate * self.images, self.images, self.start + 2, it)
+            self.t1 = None
+
+
 def _latest_checkpoint(out: Path, world: int) -> Path | None:
     """Rank 0's choice, so that every rank resumes from the same checkpoint."""
     latest = find_latest_checkpoint(out)
@@ -417,8 +470,16 @@ def train(cfg: TrainConfig, data: str | list[str], output_dir: str | os.PathLike
 
 def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -> dict[str, Any]:
     rank, world = info.rank, info.world
+    # before creating anything: bad --data fails fast (DataError, one line), a one-class eval folder too
+    source = check_sources(data)
+    if cfg.eval.train_dir:
+        from .evaluate import check_eval_folders
+
+        check_eval_folders(cfg.eval.train_dir, cfg.eval.val_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        for p in remove_stale_temporaries(out):
+            log.info("removed %s, left by an interrupted checkpoint save", p)
     trainer = Trainer(cfg, info)
     high_res.check_supported(trainer)
     hr_start = high_res.phase_start(cfg)
@@ -435,6 +496,8 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
         if high_res.in_phase(cfg, latest):
             high_res.enter_high_res(trainer)  # the checkpoint holds the high-resolution grid
         meta = trainer.load(latest)
+        if cfg.optim.max_weight_norm > 0:
+            check_resumed_weights(weight_norm(trainer.all_params), cfg.optim.max_weight_norm, str(latest))
         start_iter = int(meta["iteration"])
         pos = meta["data_position"]
         # the global sample order depends on the data and the seed only (training/data.py): continue exactly
@@ -448,14 +511,15 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
             log.info("checkpoint written by %s rank(s), resumed on %d: data continues exactly at sample %d",
                      pos.get("world_size", 1), world, start_sample)
         log.info("resumed from %s at iteration %d", latest, start_iter)
-        metrics.truncate_after(start_iter)
+    metrics.truncate_after(start_iter)
+    _log_start(trainer, source, metrics, start_iter)
     if rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
     def open_data(first_sample: int):
         # the global sample order continues exactly after the samples consumed (training/data.py)
-        stream = build_stream(high_res.phase_config(cfg) if trainer.high_res else cfg, data, rank=rank, world=world,
-                              start_sample=first_sample)
+        stream = build_stream(high_res.phase_config(cfg) if trainer.high_res else cfg, source.readable, rank=rank,
+                              world=world, start_sample=first_sample)
         return iter(make_loader(stream, cfg.data.num_workers))
 
     def run_eval(iteration: int) -> dict[str, Any] | None:
@@ -498,6 +562,7 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
                    mininterval=0.1 if interactive else 10.0)
     it = start_iter
     t0 = time.time()
+    throughput = _Throughput(start_iter, bs * world, over=min(10, total_iters - start_iter - 1))
     last_row: dict[str, Any] = {}
     data_iter = open_data(start_sample)
     if resume_rng is not None:
@@ -517,6 +582,7 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
             metrics.write(row)
             last_row = row
             it += 1
+            throughput.step(it)
             if bar is not None:
                 if it % cfg.log_every == 0 or it == total_iters:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
@@ -574,6 +640,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(str(e), file=sys.stderr)
         return 2
+    try:  # what would fail late (after training, or inside Ray workers) fails now, with one line
+        if cfg.eval.train_dir:
+            from .evaluate import check_eval_folders
+
+            check_eval_folders(cfg.eval.train_dir, cfg.eval.val_dir)
+        if args.ray_workers > 0:
+            check_sources(args.data)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.ray_workers > 0:
             from .ray_launch import run_ray_train
@@ -581,7 +657,10 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_ray_train(cfg, args.data, args.output, args.ray_workers, args.ray_address)
         else:
             summary = train(cfg, args.data, args.output)
-    except NonFiniteLossError as e:
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, DivergenceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     except (ConfigError, FileNotFoundError) as e:  # found while setting up (distill teacher, high_res phase)

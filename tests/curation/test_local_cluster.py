@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from curation.local_cluster import LocalRayHead, _ray_bin, processes_of_cluster, ray_env
+from curation.local_cluster import LOOPBACK_ENV, LocalRayHead, _ray_bin, processes_of_cluster, ray_env
 
 
 def _status(head: LocalRayHead) -> subprocess.CompletedProcess:
-    return subprocess.run([_ray_bin(), "status", "--address", head.address], env=ray_env(),
+    # a client of a loopback-only head keeps 127.0.0.1 as its address with the same setting as the head
+    return subprocess.run([_ray_bin(), "status", "--address", head.address], env=ray_env(LOOPBACK_ENV),
                           capture_output=True, text=True, timeout=120)
 
 
@@ -50,6 +51,8 @@ def _listening_sockets() -> dict[str, str]:
                 addr = ".".join(str(int(host[i:i + 2], 16)) for i in (6, 4, 2, 0))  # little-endian
             elif host == "00000000000000000000000001000000":
                 addr = "::1"
+            elif host.startswith("0000000000000000FFFF0000"):  # IPv4-mapped ::ffff:a.b.c.d, IPv4 word little-endian
+                addr = ".".join(str(int(host[24:][i:i + 2], 16)) for i in (6, 4, 2, 0))
             else:
                 addr = f"[{host}]"  # any other IPv6 address (:: included) counts as beyond loopback
             out[inode] = addr
@@ -76,5 +79,5 @@ def test_local_head_listens_on_loopback_only():
                 if target.startswith("socket:[") and target[8:-1] in listening:
                     found.append((pid, listening[target[8:-1]]))
     assert found, "no listening socket found for the head's processes"
-    exposed = [(pid, addr) for pid, addr in found if addr not in ("127.0.0.1", "::1")]
+    exposed = [(pid, addr) for pid, addr in found if not (addr.startswith("127.") or addr == "::1")]
     assert not exposed, f"Ray head processes listening beyond loopback: {exposed}"

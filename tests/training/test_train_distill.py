@@ -173,12 +173,13 @@ def test_distill_config_errors(tmp_path):
 
 
 def test_cli_stops_with_one_line_when_the_teacher_does_not_fit(tmp_path, capsys):
-    from lvd_train_testutils import REPO
+    from lvd_train_testutils import REPO, write_shards
     from training.train import main
 
     pre = Trainer(_tiny())  # heads with 128 prototypes
     pre.save(tmp_path / "pre", 0, {})
-    rc = main(["--config", str(REPO / "pipelines" / "configs" / "train_demo.yaml"), "--data", str(tmp_path),
+    write_shards(tmp_path / "data", n_shards=1, per_shard=4)  # readable data: the teacher check is what must fail
+    rc = main(["--config", str(REPO / "pipelines" / "configs" / "train_demo.yaml"), "--data", str(tmp_path / "data"),
                "--output", str(tmp_path / "out"), "mode=distill", f"distill.teacher={tmp_path / 'pre'}",
                "head.n_prototypes=64", "model.arch=vit_tiny_patch14", "model.embed_dim=48", "model.depth=1",
                "model.num_heads=3"])
