@@ -165,8 +165,10 @@ class MaskingConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    shuffle_buffer: int = Field(1000, ge=1)
+    shuffle_buffer: int = Field(1000, ge=1, description="window of the global block shuffle (training/data.py)")
     num_workers: int = Field(4, ge=0)
+    log_sample_keys: bool = Field(False, description="write each step's global batch keys (in order) to "
+                                                     "metrics.jsonl as sample_keys (audits, exact-resume checks)")
 
 
 class EvalConfig(_Strict):
@@ -187,10 +189,29 @@ class CheckpointConfig(_Strict):
     keep_last: int = Field(3, ge=1)
 
 
+class PrecisionPolicyConfig(_Strict):
+    """FSDP2 ``MixedPrecisionPolicy`` of one group of wrapped modules: the dtype parameters are all-gathered in
+    (and the forward computes in) and the dtype gradients are reduce-scattered in. The sharded parameters, the
+    gradients the optimizer sees, the optimizer state and the EMA stay fp32."""
+    param_dtype: Literal["fp32", "bf16"] = "fp32"
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+
+
+class MixedPrecisionConfig(_Strict):
+    """Per wrapped module, as the paper (backbone communicated in bf16, heads in fp32 for stability):
+    ``backbone`` applies to every transformer block and the backbone root (patch embedding, tokens, final norm;
+    its output is cast back to fp32), ``heads`` to the DINO / iBOT heads. FSDP strategy only."""
+    backbone: PrecisionPolicyConfig = PrecisionPolicyConfig()
+    heads: PrecisionPolicyConfig = PrecisionPolicyConfig()
+
+
 class DistributedConfig(_Strict):
     """Multi-process runs (torchrun / Ray Train); ignored on one process. See training/distributed.py."""
     strategy: Literal["auto", "fsdp", "ddp_allreduce"] = Field(
         "auto", description="auto: fsdp (FSDP2 sharding) on several processes; ddp_allreduce: full replicas")
+    mixed_precision: MixedPrecisionConfig = Field(
+        MixedPrecisionConfig(), description="FSDP2 mixed precision per module group (default: all fp32); "
+                                            "e.g. backbone: {param_dtype: bf16, reduce_dtype: bf16}")
 
 
 class DistillConfig(_Strict):

@@ -3,20 +3,25 @@
 The stream is infinite (as the reference's infinite sampler; an "epoch" for the schedules is a fixed number of
 iterations, ``optim.iters_per_epoch``). Determinism and resume:
 
-* Ranks: each pass over the data (a *data epoch*) shuffles the shard order with ``seed + data_epoch``; with at
-  least as many shards as ranks each rank reads every ``world_size``-th shard, otherwise every rank reads all
-  shards and keeps every ``world_size``-th sample. A shuffle buffer (seeded per rank) mixes samples across
-  shards and passes. This gives one deterministic raw sample sequence per rank.
-* Batch ``g`` of a rank is samples ``[g * B, (g + 1) * B)`` of that sequence. DataLoader workers all walk the
-  raw sequence (cheap: tar headers only; no image bytes read, nothing decoded) and each reads, decodes and
-  augments only its own batches (worker ``k % W`` builds the k-th batch after ``start_batch``, matching the
-  DataLoader's round-robin), so a batch's content depends
-  only on ``g``: the data position is the number of batches consumed, and a resume (with any worker count)
-  skips them exactly.
-* Per-sample augmentation randomness is ``random.Random(f"{seed}-{rank}-{n}")`` for the rank's n-th sample;
-  per-batch mask randomness is seeded with (seed, rank, g). No global RNG is involved. An undecodable image is
-  replaced by a grey image (logged, counted in the batch's ``n_undecodable``), so batch boundaries never shift.
-  Unreadable shards yield nothing and truncated ones their complete samples (training.shard_check reports them).
+* One global sample order, a function of the data and the seed alone (not of the number of ranks or workers):
+  each pass over the data (a *data epoch* ``e``) shuffles the shard (or file) order with ``seed`` and ``e``; the
+  samples of that order are cut into consecutive windows of ``shuffle_buffer`` samples and each window is
+  shuffled with its own seeded RNG (a block shuffle: random enough to mix shards, while reads stay within a few
+  shards at a time). Sample ``n`` of this sequence is the same sample on any cluster.
+* Global batch ``k`` (global batch size ``G = B * world_size``) is samples ``[s + k G, s + (k + 1) G)`` where ``s``
+  is the number of samples consumed before this stream started (``start_sample``; a resume passes the
+  checkpoint's count); rank ``r`` takes the slice ``[r B, (r + 1) B)`` of it. So a run resumed on another number
+  of processes continues with exactly the samples the uninterrupted run would have used.
+* Every rank and every DataLoader worker walks the global sequence (cheap: tar headers only; no image bytes read,
+  nothing decoded) and reads, decodes and augments only its own samples of its own batches (worker ``k % W``
+  builds the k-th batch, matching the DataLoader's round-robin), so a batch's content does not depend on the
+  worker count.
+* Per-sample augmentation randomness is ``random.Random(f"{seed}-{n}")`` for global sample ``n`` (identical on
+  any world size); the block masks of a rank's batch are drawn per batch (they are stratified over its images, as
+  the reference), seeded with the global index of the batch's first sample. No global RNG is involved. An
+  undecodable image is replaced by a grey image (logged, counted in the batch's ``n_undecodable``), so batch
+  boundaries never shift. Unreadable shards yield nothing and truncated ones their complete samples
+  (training.shard_check reports them).
 """
 from __future__ import annotations
 
@@ -159,6 +164,7 @@ class MultiCropStream(IterableDataset):
         world_size: int = 1,
         shuffle_buffer: int = 1000,
         start_batch: int = 0,
+        start_sample: int | None = None,
     ):
         self.kind, self.units = resolve_sources(data)
         self.augment = augment
@@ -170,60 +176,52 @@ class MultiCropStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.shuffle_buffer = max(int(shuffle_buffer), 1)
-        self.start_batch = start_batch
+        # samples consumed before this stream (a resume); default: start_batch global batches of this world size
+        self.start_sample = start_batch * batch_size * world_size if start_sample is None else int(start_sample)
 
-    # raw (undecoded) samples of one slot, forever
-    def _raw(self, slot: int, n_slots: int) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    def _global(self) -> Iterator[tuple[str, Callable[[], bytes]]]:
+        """The global raw (undecoded) sample sequence, forever (see the module docstring)."""
+        window = self.shuffle_buffer
         data_epoch = 0
         while True:
             order = list(self.units)
             random.Random(self.seed * 1_000_003 + data_epoch).shuffle(order)
-            yielded = 0
-            if len(order) >= n_slots:
-                for unit in order[slot::n_slots]:
-                    for s in _iter_unit(self.kind, unit):
-                        yielded += 1
-                        yield s
-            else:
-                i = 0
-                for unit in order:
-                    for s in _iter_unit(self.kind, unit):
-                        if i % n_slots == slot:
-                            yielded += 1
-                            yield s
-                        i += 1
-            if yielded == 0:
-                raise RuntimeError(f"data slot {slot}/{n_slots} got no sample: dataset too small for "
-                                   f"{self.world_size} rank(s) x workers, or no readable images in {self.units[:3]}")
-            data_epoch += 1
+            buf: list[tuple[str, Callable[[], bytes]]] = []
+            n_windows = 0
 
-    def _shuffled(self, slot: int, n_slots: int) -> Iterator[tuple[str, Callable[[], bytes]]]:
-        rng = random.Random(f"shuffle-{self.seed}-{slot}")
-        buf: list[tuple[str, Callable[[], bytes]]] = []
-        for s in self._raw(slot, n_slots):
-            if len(buf) < self.shuffle_buffer:
-                buf.append(s)
-                if len(buf) < self.shuffle_buffer:
-                    continue
-            i = rng.randrange(len(buf))
-            out, buf[i] = buf[i], buf[-1]
-            buf.pop()
-            yield out
+            def flush() -> list[tuple[str, Callable[[], bytes]]]:
+                random.Random(f"window-{self.seed}-{data_epoch}-{n_windows}").shuffle(buf)
+                return buf
+
+            for unit in order:
+                for s in _iter_unit(self.kind, unit):
+                    buf.append(s)
+                    if len(buf) == window:
+                        yield from flush()
+                        buf, n_windows = [], n_windows + 1
+            if buf:
+                yield from flush()
+            elif n_windows == 0:
+                raise RuntimeError(f"no readable image in the training data ({len(self.units)} source(s), e.g. "
+                                   f"{self.units[:3]})")
+            data_epoch += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
             torch.set_num_threads(1)
-        bs = self.batch_size
+        bs, start = self.batch_size, self.start_sample
+        gbs = bs * self.world_size
         batch: list[dict[str, Any]] = []
-        undecodable = 0
-        # every worker walks the rank's raw (undecoded) stream; batch g = samples [g*bs, (g+1)*bs) and the
-        # resumed loader's k-th batch (start_batch + k) is built by worker k % nw, which the DataLoader reads
-        # round-robin from worker 0: so batch contents depend only on g, whatever the worker count.
-        for n, (key, read) in enumerate(self._shuffled(self.rank, self.world_size)):
-            g = n // bs
-            if g < self.start_batch or (g - self.start_batch) % nw != wid:
+        first = undecodable = 0
+        # global batch k = samples [start + k * gbs, start + (k + 1) * gbs); this rank's slice of it is built by
+        # worker k % nw, which the DataLoader reads round-robin from worker 0
+        for n, (key, read) in enumerate(self._global()):
+            if n < start:
+                continue
+            k, pos = divmod(n - start, gbs)
+            if pos // bs != self.rank or k % nw != wid:
                 continue
             try:
                 img = decode_image(read())
@@ -231,13 +229,16 @@ class MultiCropStream(IterableDataset):
                 log.warning("undecodable sample %s replaced by a grey image: %s", key, e)
                 img = Image.new("RGB", (64, 64), (128, 128, 128))
                 undecodable += 1
-            sample = self.augment(img, rng=random.Random(f"{self.seed}-{self.rank}-{n}"))
+            sample = self.augment(img, rng=random.Random(f"{self.seed}-{n}"))
             sample["key"] = key
+            if not batch:
+                first = n
             batch.append(sample)
             if len(batch) == bs:
-                out = collate_multicrop(batch, self.mask_generator, random.Random(f"mask-{self.seed}-{self.rank}-{g}"),
+                out = collate_multicrop(batch, self.mask_generator, random.Random(f"mask-{self.seed}-{first}"),
                                         self.mask_ratio_min_max, self.mask_probability)
-                out["batch_index"] = g
+                out["batch_index"] = start // gbs + k
+                out["first_sample"] = first
                 out["n_undecodable"] = undecodable  # counted in the metrics rows
                 yield out
                 batch, undecodable = [], 0

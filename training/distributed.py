@@ -8,6 +8,10 @@ Strategies (``distributed.strategy`` in the config):
   (averaged) after backward. Teacher and student are sharded by the same calls on modules of the same shapes, so
   rank r holds the same slice of each teacher / student parameter and the EMA update is a local ``foreach`` over
   ``DTensor.to_local()`` shards, with no communication. Works with gloo on CPU and NCCL on GPU.
+  Mixed precision (``distributed.mixed_precision``, as the paper: backbone in bf16, heads in fp32): one FSDP2
+  ``MixedPrecisionPolicy`` per wrapped module; parameters are all-gathered in ``param_dtype`` and the forward
+  computes in it, gradients are reduce-scattered in ``reduce_dtype`` and land fp32 on the fp32 shards, which the
+  optimizer and the EMA update. bf16 all-gather / reduce-scatter work on gloo (torch 2.14) as on NCCL.
 * ``ddp_allreduce``: every rank keeps full replicas; gradients are averaged with one all_reduce per module
   (flattened) after backward. Kept for debugging and for setups where FSDP2 is not wanted.
 
@@ -19,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -29,7 +33,7 @@ from torch import Tensor, nn
 log = logging.getLogger("lvd.train")
 
 __all__ = ["DistInfo", "init_distributed", "resolve_strategy", "broadcast_module", "shard_models", "reshard",
-           "local_tensor",
+           "local_tensor", "precision_policies",
            "ema_update", "allreduce_gradients", "clip_grad_norm", "all_reduce_mean", "all_reduce_sum",
            "shard_batch", "barrier"]
 
@@ -79,26 +83,56 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
 
 
 # ---------------------------------------------------------------------- FSDP2
-def _fully_shard_tree(model: nn.ModuleDict) -> None:
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def precision_policies(mixed_precision: Any = None) -> dict[str, Any]:
+    """``MixedPrecisionPolicy`` for the ``backbone`` (every block and the backbone root) and the ``heads``, from
+    the config's ``distributed.mixed_precision`` (None: fp32 throughout, FSDP2's default).
+
+    A module computing in bf16 casts its floating-point inputs to bf16 (``cast_forward_inputs``); the backbone's
+    outputs are cast back to fp32 (``output_dtype``), so heads and losses receive fp32 tokens."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    out = {}
+    for group in ("backbone", "heads"):
+        pol = getattr(mixed_precision, group, None)
+        param, reduce = (_DTYPES[pol.param_dtype], _DTYPES[pol.reduce_dtype]) if pol is not None else (None, None)
+        if param in (None, torch.float32) and reduce in (None, torch.float32):
+            out[group] = MixedPrecisionPolicy()
+            continue
+        out[group] = MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce,
+                                          output_dtype=torch.float32 if group == "backbone" else None)
+    return out
+
+
+def _fully_shard_tree(model: nn.ModuleDict, policies: dict[str, Any]) -> None:
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     backbone = model["backbone"]
     for block in backbone.blocks:
-        fully_shard(block)
-    fully_shard(backbone)
+        # blocks return their tokens in the parameters' dtype (the next block / the root's norm computes in it)
+        fully_shard(block, mp_policy=_without_output_cast(policies["backbone"]))
+    fully_shard(backbone, mp_policy=policies["backbone"])
     register_fsdp_forward_method(backbone, "forward_features")
     for name, head in model.items():
         if name != "backbone":
-            fully_shard(head)
+            fully_shard(head, mp_policy=policies["heads"])
 
 
-def shard_models(student: nn.ModuleDict, teacher: nn.ModuleDict) -> None:
-    """FSDP2-wrap student and teacher identically (in place); see the module docstring."""
+def _without_output_cast(policy: Any) -> Any:
+    return replace(policy, output_dtype=None)
+
+
+def shard_models(student: nn.ModuleDict, teacher: nn.ModuleDict, mixed_precision: Any = None) -> None:
+    """FSDP2-wrap student and teacher identically (in place), with the mixed-precision policies of
+    ``precision_policies(mixed_precision)``; see the module docstring."""
     # forward_features returns views (CLS / patch slices of the normed tokens); FSDP2 warns that an in-place op
     # on them would skip its pre-backward hook. The losses only use them out of place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    _fully_shard_tree(student)
-    _fully_shard_tree(teacher)
+    policies = precision_policies(mixed_precision)
+    _fully_shard_tree(student, policies)
+    _fully_shard_tree(teacher, policies)
     t_params = dict(teacher.named_parameters())
     for name, sp in student.named_parameters():
         tp = t_params[name]

@@ -21,8 +21,9 @@ norm is the global one over shards, and the EMA runs on the local shards without
 distributed.py). Centres, Sinkhorn-Knopp and the decision to run iBOT at all use global-batch sums and counts,
 so N ranks with B images each compute the single-process step on the N * B images (up to float rounding), except
 for what is per rank by design: KoLeo (within each rank's batch, as the reference) and drop-path randomness.
-Logged losses are averaged over ranks. Each rank reads its own share of the shards. Checkpoints of multi-process
-runs are ``torch.distributed.checkpoint`` directories (training/checkpoint.py), resumable on any number of ranks.
+Logged losses are averaged over ranks. Each rank reads its slice of every global batch (one global sample order,
+training/data.py: a resume on any number of ranks continues it exactly). Checkpoints of multi-process runs are
+``torch.distributed.checkpoint`` directories (training/checkpoint.py), resumable on any number of ranks.
 One iteration is ``Trainer.train_step(batch, it)``; ``train()`` adds data, resume, metrics and checkpoints.
 Variants: ``mode: distill`` takes the targets from a frozen pretrained teacher and keeps the student's EMA as the
 run's teacher (training/distill.py); ``high_res`` runs the last iterations at bigger crops (training/high_res.py).
@@ -222,7 +223,7 @@ class MetricsWriter:
 
 # ---------------------------------------------------------------------- data
 def build_stream(cfg: TrainConfig, data: str | list[str], rank: int = 0, world: int = 1,
-                 start_batch: int = 0) -> MultiCropStream:
+                 start_batch: int = 0, start_sample: int | None = None) -> MultiCropStream:
     """The multi-crop, masked batch stream of this rank as the config describes it (augmentations of
     DESIGN.md section 4, block masks on the global crops)."""
     c = cfg.crops
@@ -238,7 +239,7 @@ def build_stream(cfg: TrainConfig, data: str | list[str], rank: int = 0, world: 
                            tuple(cfg.masking.mask_ratio_min_max),
                            0.0 if cfg.mode == "distill" else cfg.masking.mask_probability, seed=cfg.seed,
                            rank=rank, world_size=world, shuffle_buffer=cfg.data.shuffle_buffer,
-                           start_batch=start_batch)
+                           start_batch=start_batch, start_sample=start_sample)
 
 
 # ---------------------------------------------------------------------- trainer
@@ -266,7 +267,7 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.backends.cudnn.benchmark = False
         # bf16 autocast around the forward passes; parameters, gradients, optimizer state and the EMA stay fp32
-        # (also under FSDP2: no MixedPrecisionPolicy, so shards are all-gathered and reduce-scattered in fp32)
+        # (under FSDP2 shards are all-gathered / reduce-scattered in the dtypes of distributed.mixed_precision)
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
 
         random.seed(cfg.seed)
@@ -287,7 +288,10 @@ class Trainer:
             broadcast_module(teacher)
             torch.manual_seed(cfg.seed + self.rank)  # drop-path differs per rank
         if self.strategy == "fsdp":
-            shard_models(student, teacher)
+            shard_models(student, teacher, cfg.distributed.mixed_precision)
+        elif cfg.distributed.mixed_precision != type(cfg.distributed.mixed_precision)():
+            log.warning("distributed.mixed_precision applies to FSDP only; strategy %s trains in fp32 "
+                        "(plus bf16 autocast on CUDA)", self.strategy)
         if cfg.model.compile:  # per block (after sharding, so FSDP2's hooks stay outside the compiled graphs)
             for model in (student, teacher):
                 for block in model["backbone"].blocks:
@@ -395,6 +399,18 @@ class Trainer:
         return meta
 
 
+SAMPLE_ORDER = "global-block-shuffle"  # data_position["sample_order"] of checkpoints with training/data.py's order
+
+
+def _global_keys(keys: list[str], world: int) -> list[str]:
+    """The global batch's sample keys in global order (rank 0's slice first; collective on several ranks)."""
+    if world == 1:
+        return list(keys)
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, list(keys))
+    return [k for p in parts for k in p]
+
+
 def _log_start(trainer: Trainer, source: SourceReport, metrics: MetricsWriter, start_iter: int) -> None:
     """The dataset and model sizes in the log, and the data check as the ``"type": "data"`` metrics row."""
     if trainer.rank != 0:
@@ -473,7 +489,7 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
     total_iters = cfg.total_iters if cfg.max_steps is None else min(cfg.max_steps, cfg.total_iters)
 
     metrics = MetricsWriter(out / "metrics.jsonl", enabled=rank == 0)
-    start_iter = start_batch = 0
+    start_iter = start_sample = 0
     resume_rng = None
     latest = _latest_checkpoint(out, world)
     if latest is not None:
@@ -482,24 +498,28 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
         meta = trainer.load(latest)
         if cfg.optim.max_weight_norm > 0:
             check_resumed_weights(weight_norm(trainer.all_params), cfg.optim.max_weight_norm, str(latest))
-        start_iter = start_batch = int(meta["iteration"])
+        start_iter = int(meta["iteration"])
         pos = meta["data_position"]
+        # the global sample order depends on the data and the seed only (training/data.py): continue exactly
+        # after the samples consumed, whatever the number of ranks that consumed them
+        start_sample = int(pos.get("samples_consumed", start_iter * bs * world))
+        if pos.get("sample_order") != SAMPLE_ORDER:
+            log.warning("checkpoint from an older sample order: the data position is approximate")
         if pos.get("world_size", 1) == world:
             resume_rng = meta["rng"]  # restored right before the loop (the loader draws a seed)
-        else:  # another world size reads other shards: skip about as many samples as were consumed
-            start_batch = int(pos.get("samples_consumed", start_iter * bs)) // (bs * world)
-            log.info("checkpoint written by %s rank(s), resumed on %d: data position approximate",
-                     pos.get("world_size", 1), world)
+        else:  # per-rank RNG streams (drop-path) cannot be mapped to other ranks: they restart from the seed
+            log.info("checkpoint written by %s rank(s), resumed on %d: data continues exactly at sample %d",
+                     pos.get("world_size", 1), world, start_sample)
         log.info("resumed from %s at iteration %d", latest, start_iter)
     metrics.truncate_after(start_iter)
     _log_start(trainer, source, metrics, start_iter)
     if rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
-    # samples consumed before a resume on the same world size are skipped exactly (start_batch = iteration)
-    def open_data(first_batch: int):
+    def open_data(first_sample: int):
+        # the global sample order continues exactly after the samples consumed (training/data.py)
         stream = build_stream(high_res.phase_config(cfg) if trainer.high_res else cfg, source.readable, rank=rank,
-                              world=world, start_batch=first_batch)
+                              world=world, start_sample=first_sample)
         return iter(make_loader(stream, cfg.data.num_workers))
 
     def run_eval(iteration: int) -> dict[str, Any] | None:
@@ -524,8 +544,9 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
         return row
 
     def save(iteration: int) -> None:
-        trainer.save(out, iteration, {"batches_consumed": iteration, "samples_consumed": iteration * bs * world,
-                                      "batch_size_per_rank": bs, "world_size": world})
+        consumed = start_sample + (iteration - start_iter) * bs * world
+        trainer.save(out, iteration, {"batches_consumed": iteration, "samples_consumed": consumed,
+                                      "batch_size_per_rank": bs, "world_size": world, "sample_order": SAMPLE_ORDER})
 
     last_eval = None
     if cfg.eval.at_start and start_iter == 0:
@@ -543,7 +564,7 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
     t0 = time.time()
     throughput = _Throughput(start_iter, bs * world, over=min(10, total_iters - start_iter - 1))
     last_row: dict[str, Any] = {}
-    data_iter = open_data(start_batch)
+    data_iter = open_data(start_sample)
     if resume_rng is not None:
         set_rng_state(resume_rng)
     try:
@@ -552,10 +573,12 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
                 if it % cfg.checkpoint.period_iters and it > start_iter:
                     save(it)  # the checkpoint the phase starts from
                 high_res.enter_high_res(trainer)
-                data_iter = open_data(start_batch + it - start_iter)
+                data_iter = open_data(start_sample + (it - start_iter) * bs * world)
             batch = next(data_iter)
             row = trainer.train_step(batch, it)
             row["time"] = time.time() - t0
+            if cfg.data.log_sample_keys:
+                row["sample_keys"] = _global_keys(batch["keys"], world)
             metrics.write(row)
             last_row = row
             it += 1

@@ -13,6 +13,7 @@ from PIL import Image
 from curation.config import load_config
 from curation.runner import run_pipeline
 from schemas import validate
+from tests.tolerance import rounding_tol
 from tests.curation.fakerun import make_run, random_images
 
 
@@ -60,7 +61,8 @@ def test_shards_read_with_webdataset(shard_run):
         if row["similarity"] is None:
             assert meta["similarity"] is None
         else:
-            assert abs(meta["similarity"] - row["similarity"]) < 1e-5
+            # the JSON holds the value rounded to 6 decimals (stages/shards.py): half a unit of the 6th decimal
+            assert abs(meta["similarity"] - row["similarity"]) <= 0.5e-6 + rounding_tol(1.0, dtype=float)
         expect_key = src_key if meta["source"] == "pool" else f"core_{src_key}"
         assert sample["__key__"] == expect_key
         seen.append((meta["source"], src_key))

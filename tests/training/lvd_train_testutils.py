@@ -25,6 +25,18 @@ TINY_CFG = {
     "progress_bar": False,
 }
 
+# Rounding tolerance (tests/tolerance.py) of values TINY_CFG's model computes in fp32: its longest reduction is
+# the MLP's inner dimension 4 x 48 (a batch's tokens and the 128 prototypes are fewer); one training step chains
+# 2 blocks x (attention, MLP) + 3 head layers + the prototype layer = 8 reductions, and each step adds them again
+# (Adam's step is ~lr whatever the gradient's rounding).
+TINY_REDUCTION = 4 * 48
+TINY_LAYERS = 2 * 2 + 3 + 1
+
+
+def tiny_tol(steps: int = 1) -> dict:
+    """Keyword arguments of tests.tolerance for TINY_CFG values after ``steps`` training steps."""
+    return {"n_terms": TINY_REDUCTION, "dtype": "float32", "depth": TINY_LAYERS * max(steps, 1)}
+
 
 def random_image(rng: np.random.Generator, h: int = 40, w: int = 48) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))

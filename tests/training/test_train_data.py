@@ -6,6 +6,7 @@ import pytest
 import torch
 from lvd_train_testutils import random_image, write_shards
 
+from tests.tolerance import assert_close, rounding_tol
 from training.augment import AugmentConfig, MultiCropAugmentation
 from training.data import MultiCropStream, make_loader, resolve_sources
 from training.masking import MaskingGenerator, collate_multicrop
@@ -49,11 +50,12 @@ def test_collate_half_masked_stratified_ratios():
         w = out["masks_weight"]
         assert w.shape[0] == int(masks.sum())
         per_img = torch.zeros(2 * B).index_add_(0, masks.nonzero()[:, 0], w)
-        assert torch.allclose(per_img[counts > 0], torch.ones(B))
+        # each masked image's weights 1/count (one rounding each) sum to 1 over at most n_tok terms
+        assert_close(per_img[counts > 0], torch.ones(B), n_terms=n_tok, dtype=torch.float32)
         r = sorted((counts[counts > 0].float() / n_tok).tolist())
         for i, v in enumerate(r):
             ratios_by_rank[i].append(v)
-        assert max(r) <= 0.5 + 1e-6 and min(r) >= 0.05
+        assert max(r) <= 0.5 + rounding_tol(0.5, dtype=torch.float32) and min(r) >= 0.05  # one fp32 division
     # stratified: the i-th smallest ratio sits near the i-th sub-interval of [0.1, 0.5]
     edges = np.linspace(0.1, 0.5, 9)
     for i in range(8):
@@ -108,9 +110,12 @@ def test_augmentation_outputs_and_determinism():
     assert float(torch.stack(a["global_crops"]).min()) < -0.5
 
 
+def _aug():
+    return MultiCropAugmentation(AugmentConfig(global_crops_size=28, local_crops_size=14, local_crops_number=2))
+
+
 def _stream(data, start_batch=0, shuffle_buffer=8, **kw):
-    aug = MultiCropAugmentation(AugmentConfig(global_crops_size=28, local_crops_size=14, local_crops_number=2))
-    return MultiCropStream(data, aug, batch_size=4, mask_generator=MaskingGenerator(2, min_num_patches=1),
+    return MultiCropStream(data, _aug(), batch_size=4, mask_generator=MaskingGenerator(2, min_num_patches=1),
                            seed=3, shuffle_buffer=shuffle_buffer, start_batch=start_batch, **kw)
 
 
@@ -161,6 +166,27 @@ def test_stream_splits_by_rank(tmp_path):
     assert len(k0) == 8 and len(k1) == 8 and not (k0 & k1)  # one pass: each rank reads its own 2 shards
 
 
+def test_global_sample_order_does_not_depend_on_world_size(tmp_path):
+    """Rank r of N takes slice r of each global batch; the concatenated slices are the 1-process batch, crops
+    included (per-sample augmentation seeds); a stream started after any number of samples continues the order."""
+    write_shards(tmp_path / "s", n_shards=3, per_shard=5)
+    one = _take(make_loader(MultiCropStream(str(tmp_path / "s"), _aug(), 8, MaskingGenerator(2, min_num_patches=1),
+                                            seed=3, shuffle_buffer=4)), 4)
+    ranks = [_take(make_loader(_stream(str(tmp_path / "s"), rank=r, world_size=2, shuffle_buffer=4), 2), 4)
+             for r in range(2)]
+    for step in range(4):
+        assert ranks[0][step]["keys"] + ranks[1][step]["keys"] == one[step]["keys"]
+        glob = torch.cat([ranks[r][step]["global_crops"].view(2, 4, 3, 28, 28) for r in range(2)], 1)
+        assert torch.equal(glob.view(16, 3, 28, 28), one[step]["global_crops"])
+    flat = [k for b in one for k in b["keys"]]
+    assert sorted(set(flat[:15])) == sorted(set(flat)) and len(set(flat[:15])) == 15  # a permutation per pass
+    # resumed after 12 samples (3 steps of 2 ranks x 2, say) on 2 ranks x 4 images
+    later = [_take(make_loader(MultiCropStream(str(tmp_path / "s"), _aug(), 4, MaskingGenerator(2, min_num_patches=1),
+                                               seed=3, shuffle_buffer=4, rank=r, world_size=2, start_sample=12)), 2)
+             for r in range(2)]
+    assert [k for step in range(2) for r in range(2) for k in later[r][step]["keys"]] == flat[12:28]
+
+
 def test_data_bench_smoke(tmp_path):
     import json
     import subprocess
@@ -196,4 +222,7 @@ def test_gaussian_blur_matches_torchvision():
             assert got.shape == ref.shape and np.abs(got - ref).max() <= 1  # float rounding at .5 only
             differing += int((got != ref).sum())
             total += ref.size
-    assert differing / total < 1e-4
+    # a pixel rounds differently only when its exact value lies within the two fp32 computations' difference of a
+    # .5 boundary: 2 separable passes x 9 taps at magnitude 255 (rounding_tol), so the expected fraction of such
+    # pixels is at most 2 x that tolerance per unit pixel step
+    assert differing / total <= 2 * rounding_tol(255, n_terms=2 * 9, dtype=np.float32)

@@ -2,12 +2,16 @@
 losses, no masking / drop path, iBOT on the two global crops, the student's EMA exported."""
 import copy
 import json
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lvd_train_testutils import TINY_CFG, write_digits, write_shards
+
+from tests.tolerance import approx, assert_close
+
 from training.checkpoint import export_backbone, load_checkpoint
 from training.config import ConfigError, load_config
 from training.distill import load_teacher
@@ -60,8 +64,12 @@ def test_distilled_student_knn_approaches_the_teachers(tmp_path):
     init, student = evals[0], evals[-1]
     msg = f"k-NN top-1 on digits: teacher {teacher_knn:.3f}, student at init {init:.3f}, distilled {student:.3f}"
     print(msg)
-    assert teacher_knn >= init + 0.15, msg  # the teacher has something to teach
-    assert student >= init + 0.5 * (teacher_knn - init) and student >= 0.75 * teacher_knn, msg
+    # thresholds from the sampling noise of k-NN accuracies on the n_val validation digits: the difference of two
+    # has a standard deviation of at most sqrt(2 x 0.25 / n_val) (0.041 for 300); 3 of those are not noise
+    noise = 3 * math.sqrt(2 * 0.25 / next(r["n_val"] for r in rows if r["type"] == "eval"))
+    assert teacher_knn >= init + noise, msg  # the teacher has something to teach
+    # the student closes at least half the gap and ends within sampling noise of the teacher
+    assert student >= init + 0.5 * (teacher_knn - init) and student >= teacher_knn - noise, msg
     # no masking; the teacher had no heads: one DINO head trained alongside (its own loss term)
     assert all(r["n_masked_patches"] == 0 and "distill_head_loss" in r and "ibot_loss" in r for r in train_rows)
     # the exported model is the student's EMA (the checkpoint's "teacher"), with the student's architecture
@@ -113,7 +121,7 @@ def test_distill_step_freezes_the_teacher_and_applies_ibot_on_every_global_patch
         by_hand = -(F.softmax(tp / temp, -1) * F.log_softmax(sp / 0.1, -1)).sum(-1).mean(1).mean(0)
     row = tr.train_step(batch, 0)
     n_terms = gc.shape[0] * sp.shape[1] * 96  # summed products per image, accumulated in float32
-    assert row["ibot_loss"] == pytest.approx(by_hand.item(), rel=n_terms * torch.finfo(torch.float32).eps)
+    assert row["ibot_loss"] == approx(by_hand.item(), n_terms=n_terms, dtype=torch.float32)
     for k, v in t.state_dict().items():
         assert torch.equal(v, frozen[k]), k  # the teacher never moves
     # the student's EMA (what gets exported) follows the student with the scheduled momentum (step 1: lr > 0)
@@ -122,8 +130,9 @@ def test_distill_step_freezes_the_teacher_and_applies_ibot_on_every_global_patch
     stu, ema = tr.student["backbone"].blocks[0].attn.qkv.weight, tr.teacher["backbone"].blocks[0].attn.qkv.weight
     m = row["momentum"]
     assert not torch.equal(stu, before)
-    tol = 4 * torch.finfo(torch.float32).eps * stu.abs().max().item()  # two products and a sum in float32
-    assert torch.allclose(ema, m * before + (1 - m) * stu, rtol=0, atol=tol)
+    # two products and a sum in float32, at the weights' scale
+    assert_close(ema, m * before + (1 - m) * stu, n_terms=2, dtype=torch.float32, depth=2,
+                 magnitude=stu.abs().max().item())
 
 
 def test_reference_training_checkpoint_gives_backbone_and_heads(tmp_path):

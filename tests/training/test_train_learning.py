@@ -1,6 +1,7 @@
 """Learning, not just running: DINOv2 on scikit-learn digits (upsampled to 56 px) lifts k-NN accuracy of the
 EMA-teacher backbone far above the same backbone at initialisation (which sits at chance, see DESIGN.md 7)."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -53,4 +54,11 @@ def test_dino_training_improves_knn_on_digits(tmp_path, capsys):
     with capsys.disabled():  # shown in the test log even when the test passes
         print(f"\n{msg}")
     assert summary["eval"]["knn_top1"] == trained
-    assert trained >= init + 0.15 and trained >= 0.25, msg
+    # Threshold from the sampling noise of a k-NN accuracy on n_val images (binomial: standard deviation at most
+    # sqrt(0.25 / n_val), 0.029 for the 297 validation digits): the backbone at initialisation sits at chance
+    # (bench/learning_bench.py measures 0.11 for 10 classes, BENCHMARKS.md), and training must lift it by more
+    # than 3 standard deviations of the difference of two such accuracies, sqrt(2 x 0.25 / n_val) each (0.12).
+    n_val = summary["eval"]["n_val"]
+    margin = 3 * math.sqrt(2 * 0.25 / n_val)
+    assert init <= 0.1 + 3 * math.sqrt(0.25 / n_val), msg  # chance: 10 classes
+    assert trained >= init + margin, msg

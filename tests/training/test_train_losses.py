@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.tolerance import approx, assert_close
 from training.losses import (DINOLoss, dino_multicrop_loss, ibot_masked_loss, koleo_loss, sinkhorn_knopp,
                              softmax_center, update_center)
 
@@ -42,7 +43,9 @@ def test_dino_multicrop_loss_matches_pairwise_loops():
     ref, n = ref_dino(sg.double(), sl.double(), tg.double(), 0.1, B, L)
     assert n == 18
     got = dino_multicrop_loss(sg, sl, tg, student_temp=0.1)
-    assert abs(float(got) - ref) < 1e-5 * max(1, abs(ref))
+    # fp32: log-softmax over K logits of size up to max|s| / temp, then the mean over 18 pairs x B rows
+    logit = float(torch.cat([sg, sl]).abs().max()) / 0.1
+    assert float(got) == approx(ref, n_terms=max(K, n * B), dtype=torch.float32, depth=2, magnitude=logit)
 
 
 def test_dino_loss_global_only_swaps_teacher_views():
@@ -52,7 +55,9 @@ def test_dino_loss_global_only_swaps_teacher_views():
     tg = torch.softmax(torch.randn(2 * B, K, generator=g), dim=-1)
     ref, n = ref_dino(sg.double(), torch.zeros(0, K).double(), tg.double(), 0.1, B, 0)
     assert n == 2
-    assert abs(float(dino_multicrop_loss(sg, None, tg)) - ref) < 1e-5
+    logit = float(sg.abs().max()) / 0.1
+    assert float(dino_multicrop_loss(sg, None, tg)) == approx(ref, n_terms=max(K, n * B), dtype=torch.float32,
+                                                              depth=2, magnitude=logit)
 
 
 def test_ibot_masked_loss_matches_per_image_loops():
@@ -72,7 +77,9 @@ def test_ibot_masked_loss_matches_per_image_loops():
             total += sum(ref_ce(s[r].double().tolist(), t[r].double().tolist(), 0.1) for r in idx) / len(idx)
     ref = total / twoB
     got = ibot_masked_loss(s, t, masks, student_temp=0.1)
-    assert abs(float(got) - ref) < 1e-5 * max(1, abs(ref))
+    # log-softmax over K logits, then a weighted sum over the M masked rows
+    assert float(got) == approx(ref, n_terms=max(K, M), dtype=torch.float32, depth=2,
+                                magnitude=float(s.abs().max()) / 0.1)
 
 
 def ref_koleo(x):
@@ -92,11 +99,20 @@ def ref_koleo(x):
 def test_koleo_matches_loops_and_is_fp32():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(10, 7, generator=g)
-    assert abs(float(koleo_loss(x)) - ref_koleo(x)) < 1e-5
+    # fp32: normalise (7 terms), pairwise dots (7 terms), distance (7 terms), -log, mean over 10 rows; -log d
+    # turns an absolute error e of d into e / d, so the magnitude is 1 / (smallest nearest-neighbour distance)
+    tol = {"n_terms": 10, "dtype": torch.float32, "depth": 4}
+    assert float(koleo_loss(x)) == approx(ref_koleo(x), magnitude=1 / _nn_distance(x), **tol)
     xb = x.to(torch.bfloat16)
     out = koleo_loss(xb)
-    assert out.dtype == torch.float32
-    assert abs(float(out) - ref_koleo(xb.float())) < 1e-5
+    assert out.dtype == torch.float32  # computed in fp32 from the bf16 values: the fp32 tolerance applies
+    assert float(out) == approx(ref_koleo(xb.float()), magnitude=1 / _nn_distance(xb.float()), **tol)
+
+
+def _nn_distance(x):
+    x = torch.nn.functional.normalize(x.double(), dim=1)
+    d = torch.cdist(x, x) + torch.eye(len(x)) * 9
+    return float(d.min())
 
 
 def test_koleo_duplicate_rows_stay_finite_in_half_precision():
@@ -113,14 +129,17 @@ def test_softmax_center_and_update_center():
     for i in range(5):
         e = [math.exp((float(t[i, k]) - float(c[0, k])) / 0.05 - 50) for k in range(6)]
         ref = [v / sum(e) for v in e]
-        assert np.allclose(got[i].double().numpy(), ref, atol=1e-5)
+        # softmax of 6 values: (t - c) / 0.05 is rounded at its magnitude, and exp turns that absolute error
+        # into a relative one of the probabilities (<= 1)
+        assert_close(got[i], ref, n_terms=6, dtype=torch.float32, depth=2, magnitude=float((t - c).abs().max()) / 0.05)
     new = update_center(c, t, 0.9)
     mean = [sum(float(t[i, k]) for i in range(5)) / 5 for k in range(6)]
     ref = [0.9 * float(c[0, k]) + 0.1 * mean[k] for k in range(6)]
-    assert np.allclose(new[0].numpy(), ref, atol=1e-6)
+    tol = {"n_terms": 5, "dtype": torch.float32, "depth": 2, "magnitude": float(torch.cat([t, c]).abs().max())}
+    assert_close(new[0], ref, **tol)  # a mean over 5 rows, then the momentum mix
     mod = DINOLoss(6)
     mod.update_center(t)
-    assert np.allclose(mod.center[0].numpy(), [0.1 * m for m in mean], atol=1e-6)
+    assert_close(mod.center[0], [0.1 * m for m in mean], **tol)
 
 
 def test_sinkhorn_knopp_matches_reference_iterations():
@@ -137,8 +156,11 @@ def test_sinkhorn_knopp_matches_reference_iterations():
     ref = (q * B).T
     got = sinkhorn_knopp(t, temp, n_iterations=3)
     assert got.shape == (B, K)
-    assert np.allclose(got.double().numpy(), ref, atol=1e-5)
-    assert torch.allclose(got.sum(-1), torch.ones(B), atol=1e-5)
+    # exp(t / temp) is rounded relative to itself; 3 iterations x (row sum over B, column sum over K) of
+    # normalisations, values up to 1 after the final scaling by B
+    tol = {"n_terms": max(B, K), "dtype": torch.float32, "depth": 2 * 3 + 1, "magnitude": 1.0}
+    assert_close(got, ref, **tol)
+    assert_close(got.sum(-1), torch.ones(B), **{**tol, "depth": tol["depth"] + 1})
 
 
 @pytest.mark.parametrize("n_local", [0, 2])

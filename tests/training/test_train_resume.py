@@ -7,7 +7,9 @@ import sys
 import time
 
 import pytest
-from lvd_train_testutils import REPO, TINY_CFG, read_metrics, write_shards, write_yaml, subprocess_env
+from lvd_train_testutils import REPO, TINY_CFG, read_metrics, subprocess_env, tiny_tol, write_shards, write_yaml
+
+from tests.tolerance import approx
 
 TOTAL = 12
 
@@ -39,7 +41,7 @@ def _losses(out):
 def _assert_same(a, b):
     for i, (x, y) in enumerate(zip(a, b)):
         for u, v in zip(x, y):
-            assert abs(u - v) <= 1e-6, f"step {i}: {x} vs {y}"
+            assert u == approx(v, **tiny_tol(i + 1)), f"step {i}: {x} vs {y}"
 
 
 @pytest.mark.slow
