@@ -244,8 +244,22 @@ class MultiCropStream(IterableDataset):
                 batch, undecodable = [], 0
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (the affinity mask: a container's or a pinned Ray worker's share)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # macOS, Windows
+        return max(os.cpu_count() or 1, 1)
+
+
 def make_loader(stream: IterableDataset, num_workers: int = 0) -> DataLoader:
-    """Workers exit with this process, even when it is SIGKILLed (training.worker_exit)."""
+    """Workers exit with this process, even when it is SIGKILLed (training.worker_exit).
+
+    `num_workers` is capped at the usable CPUs: more decode processes than cores only wait for each other, and torch
+    warns about them on every loader. Batch contents do not depend on the worker count (see __iter__)."""
+    if num_workers > usable_cpus():
+        log.info("data.num_workers=%d capped at the %d usable CPUs", num_workers, usable_cpus())
+        num_workers = usable_cpus()
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
                       pin_memory=torch.cuda.is_available(), prefetch_factor=2 if num_workers > 0 else None,
                       worker_init_fn=partial(exit_with_parent, os.getpid()) if num_workers > 0 else None)

@@ -159,6 +159,24 @@ def test_stream_resume_skips_consumed_batches_exactly(tmp_path, workers):
         assert torch.equal(a["local_crops"], b["local_crops"])
 
 
+def test_loader_workers_capped_at_usable_cpus_without_changing_batches(tmp_path):
+    """More workers than cores only add waiting processes (and torch's 'suggested max' warning): the loader starts
+    at most the usable CPUs, and the batches are those of the requested count."""
+    import warnings
+
+    from training.data import usable_cpus
+
+    write_shards(tmp_path / "s", n_shards=2, per_shard=6)
+    many = usable_cpus() + 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's UserWarning about too many workers would fail here
+        loader = make_loader(_stream(str(tmp_path / "s")), many)
+        assert loader.num_workers == usable_cpus()
+        got = _take(loader, 3)
+    ref = _take(make_loader(_stream(str(tmp_path / "s")), 0), 3)
+    assert [b["keys"] for b in got] == [b["keys"] for b in ref]
+
+
 def test_stream_splits_by_rank(tmp_path):
     write_shards(tmp_path / "s", n_shards=4, per_shard=4)
     k0 = {k for b in _take(make_loader(_stream(str(tmp_path / "s"), rank=0, world_size=2, shuffle_buffer=1)), 2) for k in b["keys"]}
