@@ -86,13 +86,15 @@ def recipe(root: Path, size: int, steps: int, batch: int, args: argparse.Namespa
     """The small-model recipe (CPU-sized DINOv2: ViT with patch 8, DINO + iBOT + KoLeo)."""
     return {
         "model": {"arch": "vit_tiny_patch14", "patch_size": args.patch, "embed_dim": args.dim, "depth": args.depth,
-                  "num_heads": 3, "drop_path_rate": 0.0},
-        "head": {"n_prototypes": args.prototypes, "hidden_dim": 256, "bottleneck_dim": 64},
-        "loss": {"centering": args.centering},
-        "teacher": {"momentum_teacher": 0.99, "final_momentum_teacher": 0.999, "warmup_teacher_temp": 0.04,
-                    "teacher_temp": 0.06, "warmup_teacher_temp_epochs": 0.1},
+                  "num_heads": 3, "drop_path_rate": 0.0, "layerscale": args.layerscale},
+        "head": {"n_prototypes": args.prototypes, "hidden_dim": 256, "bottleneck_dim": args.bottleneck},
+        "loss": {"centering": args.centering, "koleo_weight": args.koleo, "ibot_weight": args.ibot},
+        "teacher": {"momentum_teacher": args.momentum, "final_momentum_teacher": 0.999,
+                    "warmup_teacher_temp": 0.04, "teacher_temp": args.teacher_temp,
+                    "warmup_teacher_temp_epochs": 0.1},
         "optim": {"epochs": 1, "iters_per_epoch": steps, "batch_size_per_gpu": batch, "base_lr": args.lr,
-                  "lr_scaling": "none", "warmup_epochs": 0.1, "freeze_last_layer_epochs": 0,
+                  "lr_scaling": "none", "warmup_epochs": 0.1,
+                  "freeze_last_layer_epochs": args.freeze_last_layer,
                   "layerwise_decay": 1.0, "min_lr": 1e-5, "weight_decay": 0.04, "weight_decay_end": 0.1},
         "crops": {"global_crops_size": size, "local_crops_number": args.locals, "local_crops_size": size // 2,
                   **({"global_crops_scale": [0.5, 1.0], "local_crops_scale": [0.2, 0.5]}
@@ -142,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prototypes", type=int, default=1024)
     p.add_argument("--locals", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.003)
+    p.add_argument("--layerscale", type=float, default=1e-5, help="LayerScale init (DINOv2: 1e-5)")
+    p.add_argument("--bottleneck", type=int, default=64)
+    p.add_argument("--teacher-temp", type=float, default=0.06, help="after a warmup from 0.04 over 10%% of the run")
+    p.add_argument("--momentum", type=float, default=0.99, help="teacher EMA momentum at the start (cosine to 0.999)")
+    p.add_argument("--koleo", type=float, default=0.1, help="KoLeo weight")
+    p.add_argument("--ibot", type=float, default=1.0, help="iBOT weight (0: DINO on the class token only)")
+    p.add_argument("--freeze-last-layer", type=float, default=0.0,
+                   help="fraction of the run with the prototype layers frozen (1: fixed random prototypes)")
     p.add_argument("--pastes", type=int, default=2)
     p.add_argument("--centering", choices=["centering", "sinkhorn_knopp"], default="centering")
     p.add_argument("--crop-scales", choices=["bench", "reference"], default="bench",
@@ -171,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         plot_losses(run / "metrics.jsonl", run / "loss_curves.png")
         result.update({"steps": args.steps, "batch": args.batch, "wall_s": round(wall, 1),
                        "init_knn_top1": evals[0]["knn_top1"], "trained_knn_top1": evals[-1]["knn_top1"],
-                       "recipe": {k: getattr(args, k) for k in ("patch", "dim", "depth", "prototypes", "locals",
-                                                                 "lr", "pastes", "centering", "crop_scales")},
+                       "recipe": {k: getattr(args, k) for k in ("patch", "dim", "depth", "layerscale", "prototypes", "bottleneck",
+                                                                 "locals", "lr", "teacher_temp", "momentum", "koleo", "ibot",
+                                                                 "freeze_last_layer", "pastes", "centering",
+                                                                 "crop_scales")},
                        "metrics": str(run / "metrics.jsonl"), "loss_curves": str(run / "loss_curves.png")})
     print(json.dumps(result))
     return 0
