@@ -39,6 +39,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from curation.workers import usable_cpus  # one definition of "the CPUs this process may use"
+
 from .augment import MultiCropAugmentation
 from .masking import MaskingGenerator, collate_multicrop
 from .worker_exit import exit_with_parent
@@ -242,14 +244,6 @@ class MultiCropStream(IterableDataset):
                 out["n_undecodable"] = undecodable  # counted in the metrics rows
                 yield out
                 batch, undecodable = [], 0
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (the affinity mask: a container's or a pinned Ray worker's share)."""
-    try:
-        return max(len(os.sched_getaffinity(0)), 1)
-    except AttributeError:  # macOS, Windows
-        return max(os.cpu_count() or 1, 1)
 
 
 def make_loader(stream: IterableDataset, num_workers: int = 0) -> DataLoader:
