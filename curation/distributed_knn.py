@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.partitions import Partition, PartitionPlan, iter_query_blocks, read_partition
-from curation.storage import tmp_path
+from curation.storage import atomic_path
 
 SCORE_BYTES = 64 * 2**20  # the torch path scores at most this many bytes of a query block at once
 
@@ -358,15 +358,8 @@ def _block_name(start: int, wave: int | None = None) -> str:
 def _scratch(path: Path, write) -> None:
     """Write a working file atomically (temporary name, rename) without recording it as a unit output: block
     results and partial waves are the search's resumable state, not the stage's outputs (partials are deleted)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    try:
+    with atomic_path(path, record=False) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write_json(path: Path, obj) -> None:

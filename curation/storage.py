@@ -42,10 +42,11 @@ def crash_point() -> int:
     return _crash_count
 
 
-def commit(tmp: Path, path: Path) -> None:
-    """Rename a finished temporary file to its final name (atomic) and record it for :func:`recording`."""
+def commit(tmp: Path, path: Path, record: bool = True) -> None:
+    """Rename a finished temporary file to its final name (atomic) and record it for :func:`recording` (unless
+    `record` is false: working state that is not an output, such as a search's resumable block results)."""
     global _announcing
-    recorders = [] if _announcing else list(_recorders)  # a callback's own writes are not recorded
+    recorders = [] if _announcing or not record else list(_recorders)  # a callback's own writes are not recorded
     for _, before in recorders:
         if before is not None:
             _announcing = True
@@ -53,7 +54,8 @@ def commit(tmp: Path, path: Path) -> None:
                 before(Path(path))
             finally:
                 _announcing = False
-    crash_point()
+    if record:  # the kill -9 test's crash points are the commits of outputs
+        crash_point()
     os.replace(tmp, path)
     for paths, _ in recorders:
         paths.append(Path(path))
@@ -85,14 +87,15 @@ def tmp_path(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path; on success rename it to `path`, on error remove it."""
+def atomic_path(path: str | os.PathLike, record: bool = True) -> Iterator[Path]:
+    """Yield a temporary path; on success rename it to `path` (recorded as an output unless `record` is false),
+    on error remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
     try:
         yield tmp
-        commit(tmp, path)
+        commit(tmp, path, record)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
