@@ -1,0 +1,66 @@
+"""The demo run's outputs, table by table, against a checked-in snapshot (tests/curation/snapshots/demo_run.json).
+
+Refactors must not change what the pipeline produces: every ledger, statistics table, descriptor table, retrieval
+table, manifest and the final shards' members are compared (see tests/curation/run_snapshot.py for what is
+normalised).  A deliberate change of behaviour regenerates the snapshot with
+
+    LVD_UPDATE_SNAPSHOT=1 make test PYTEST_ARGS=tests/curation/test_demo_outputs.py
+
+and the diff of the JSON file shows, in review, exactly which rows changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from curation.config import load_config
+from curation.runner import run_pipeline
+from tests.curation.conftest import base_config
+from tests.curation.run_snapshot import differences, snapshot
+from tests.tolerance import rounding_tol
+
+SNAPSHOT = Path(__file__).parent / "snapshots" / "demo_run.json"
+
+# The widest float computation behind a compared value: a descriptor of up to 64 x 64 x 3 pixel terms, normalised,
+# then a dot product or a sum of such terms; two chained reductions in float32.
+N_TERMS = 64 * 64 * 3
+DEPTH = 2
+
+
+def _tol(values: list[float]) -> float:
+    return rounding_tol(max((abs(v) for v in values), default=1.0), n_terms=N_TERMS, depth=DEPTH)
+
+
+@pytest.mark.slow
+def test_demo_outputs_match_the_snapshot(demo_cleaned, demo_server, tmp_path):
+    corpus = demo_cleaned["corpus"]
+    root = tmp_path / "run"
+    shutil.copytree(demo_cleaned["root"], root)
+    (root / "config.yaml").unlink()
+    cfg = copy.deepcopy(demo_cleaned["config"])
+    cfg["run_root"] = str(root)
+    cfg.pop("stages")
+    cfg["embed"] = {"model": "pixels", "batch_size": 64, "num_workers": 1}
+    cfg["retrieve"] = {"anchor_sets": [
+        {"name": "objects", "path": str(corpus / "anchors" / "objects"), "method": "sample", "k": 4},
+        {"name": "scenes", "path": str(corpus / "anchors" / "scenes"), "method": "cluster", "clusters": 12,
+         "min_anchors_per_cluster": 1, "per_cluster": 25},
+    ]}
+    cfg["shards"] = {"samples_per_shard": 50}
+    run_pipeline(load_config(data=cfg), progress=False)
+
+    actual = snapshot(root, {str(demo_cleaned["root"]): "RUN", str(corpus): "CORPUS", demo_server.base_url: "URL"})
+    if os.environ.get("LVD_UPDATE_SNAPSHOT") == "1":
+        SNAPSHOT.write_text(json.dumps(actual, indent=0, sort_keys=True) + "\n")
+    expected = json.loads(SNAPSHOT.read_text())
+    problems = differences(actual, expected, _tol)
+    assert not problems, "the demo run's outputs changed:\n" + "\n".join(problems)
+    # the snapshot is not empty or trivially small: it holds every stage's ledger and the final shards
+    assert {"download/_ledger", "filter/_ledger", "dedup/_ledger", "retrieve/_ledger", "stats/funnel.parquet",
+            "shards/*.tar"} <= set(expected)
