@@ -6,8 +6,9 @@
 
 1. **Embedding** (timm model, random weights, ``pretrained=False``): synthetic JPEGs (``--src-size``, 640x480 by
    default, like web images) written as WebDataset shards, then
-   * *pipeline*: our embed path (``curation.stages.embed``): DataLoader workers decode + resize/crop to uint8,
-     pinned memory, normalisation on the device, bf16 autocast on CUDA (fp32 on CPU), ``--batch-size`` images;
+   * *pipeline*: the embed stage's path (:func:`curation.describe.make_loader` feeding the embedder): DataLoader
+     workers decode + resize/crop to uint8, pinned memory, normalisation on the device, bf16 autocast on CUDA (fp32
+     on CPU), ``--batch-size`` images;
    * *naive*: the same images decoded and transformed in the main process, float32 tensors, eager fp32 model,
      one batch at a time (what a first script does).
    Both report images/s after a warm-up batch; the model is the same object.
@@ -59,14 +60,12 @@ def make_shards(out: Path, n: int, per_shard: int, size: tuple[int, int], seed: 
 
 
 def bench_pipeline(emb, tars, batch_size: int, num_workers: int, prefetch: int) -> dict:
-    from torch.utils.data import DataLoader
+    from functools import partial
 
-    from curation.stages.embed import ImageStream, _collate, _worker_init
+    from curation.describe import make_loader
+    from curation.samples import iter_tars
 
-    stream = ImageStream("tar", [str(t) for t in tars], emb.preprocess)
-    loader = DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
-                        pin_memory=emb.device.type == "cuda", worker_init_fn=_worker_init if num_workers else None,
-                        prefetch_factor=prefetch if num_workers else None, persistent_workers=False)
+    loader = make_loader(emb, partial(iter_tars, tars), batch_size, num_workers, prefetch_factor=prefetch)
     n, t0, first = 0, None, 0
     for keys, x, _ in loader:
         v = emb.embed(x)  # returns numpy: synchronises

@@ -3,10 +3,12 @@
     python bench/sscd_bench.py                          # GPU-sized defaults (2,048 images, batch 256, 8 workers)
     python bench/sscd_bench.py --images 24 --batch 8 --workers 2 --naive-images 8 --knn-db 20000 --knn-queries 2000
 
-* **pipeline**: :func:`curation.stages.sscd.compute_descriptors` - JPEG decode + resize in DataLoader worker
-  processes, batches pinned and copied non-blocking, bf16 autocast + channels-last on CUDA; on CPU fp32, with the
-  process's cores split between decode workers and torch threads by :func:`curation.workers.cpu_split` (on 2 cores:
-  no decode worker, both cores for the model) and batches of at most ``CPU_BATCH``.
+* **pipeline**: the sscd stage's path, :func:`curation.describe.describe` with the SSCD embedder
+  (:func:`curation.models.embedder.build_copy_embedder`, built once) - JPEG decode + resize in DataLoader worker
+  processes, uint8 batches pinned and copied non-blocking, normalised on the device, bf16 autocast + channels-last
+  on CUDA; on CPU fp32, with the process's cores split between decode workers and torch threads by
+  :func:`curation.describe.loader_plan` (on 2 cores: no decode worker, both cores for the model) and batches of at
+  most ``CPU_BATCH``.
 * **naive**: decode in the main process, batch 1, eager fp32, synchronous - what a first implementation does.
 * **knn**: :func:`curation.knn.knn_search` exact inner-product top-k (faiss flat on CPU, chunked torch on CUDA).
 
@@ -20,6 +22,7 @@ import argparse
 import io
 import tempfile
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -27,13 +30,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from curation.config import SSCDConfig
+from curation.describe import describe, loader_plan
 from curation.images import decode_image
 from curation.knn import knn_search
+from curation.models.embedder import build_copy_embedder
 from curation.models.sscd import build_sscd_random, sscd_transform
-from curation.samples import iter_shard_samples
-from curation.workers import torch_threads
-from curation.stages.sscd import _MODEL_CACHE, compute_descriptors, loader_plan
+from curation.samples import iter_tars
 from curation.storage import TarShardWriter
+from curation.workers import torch_threads
 
 
 def make_shards(out: Path, n: int, per_shard: int, w: int = 640, h: int = 480) -> list[Path]:
@@ -50,11 +55,6 @@ def make_shards(out: Path, n: int, per_shard: int, w: int = 640, h: int = 480) -
                 tar.write(f"{i:010d}", {"jpg": buf.getvalue(), "json": {"key": f"{i:010d}"}})
         paths.append(p)
     return paths
-
-
-def _iter_all(paths):
-    for p in paths:
-        yield from iter_shard_samples(p)
 
 
 def _sync(dev):
@@ -80,16 +80,17 @@ def main(argv=None):
     print(f"device: {dev} ({name}), torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(tmp), args.images, args.per_shard)
-        # warm-up (model build, cudnn autotune) on a few images, not timed
-        warm = list(_iter_all(shards))[: min(args.batch, 16)]
-        compute_descriptors(partial(iter, warm), "sscd", batch_size=args.batch, num_workers=0, device=dev,
-                            preprocess=args.preprocess)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # random weights: speed does not depend on them
+            emb = build_copy_embedder(SSCDConfig(device=dev, preprocess=args.preprocess), "sscd")
+        # warm-up (cudnn autotune) on a few images, not timed
+        warm = list(iter_tars(shards))[: min(args.batch, 16)]
+        describe(emb, partial(iter, warm), args.batch)
         _sync(dev)
-        workers, threads, batch = loader_plan("sscd", dev, args.workers, args.batch)  # as the sscd stage runs it
+        workers, threads, batch = loader_plan(emb, args.workers, args.batch)  # as the sscd stage runs it
         t0 = time.perf_counter()
         with torch_threads(threads):
-            keys, vec, _ = compute_descriptors(partial(_iter_all, shards), "sscd", batch_size=batch,
-                                               num_workers=workers, device=dev, preprocess=args.preprocess)
+            keys, vec, _ = describe(emb, partial(iter_tars, shards), batch, workers)
             _sync(dev)
         t_pipe = time.perf_counter() - t0
         assert len(keys) == args.images
@@ -100,7 +101,7 @@ def main(argv=None):
 
         model = build_sscd_random(0).to(dev).eval()
         transform = sscd_transform(args.preprocess)
-        samples = list(_iter_all(shards))[: args.naive_images]
+        samples = list(iter_tars(shards))[: args.naive_images]
         with torch.inference_mode():
             model(transform(decode_image(samples[0].data)[0])[None].to(dev))
             _sync(dev)
@@ -114,7 +115,7 @@ def main(argv=None):
         print(f"naive:    {len(samples)} images in {t_naive:.2f} s = {len(samples) / t_naive:.2f} img/s "
               f"(batch 1, decode in the main process, eager fp32, {name})")
         print(f"speed-up: {(args.images / t_pipe) / (len(samples) / t_naive):.2f}x")
-    _MODEL_CACHE.clear()
+    del emb, model
 
     rng = np.random.default_rng(0)
     db = rng.standard_normal((args.knn_db, 512), dtype=np.float32)

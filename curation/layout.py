@@ -95,12 +95,14 @@ class RunLayout:
 
     # -------------------------------------------------------------------------------------- input resolution
     def input_ledger_stage(self, stage: str) -> str | None:
-        """The ledger stage whose kept keys ``stage`` receives: the nearest earlier ledger stage of this run."""
-        earlier = [s for s in LEDGER_STAGES if s in self.stages and STAGE_ORDER.index(s) < STAGE_ORDER.index(stage)]
-        if earlier:
-            return earlier[-1]
+        """The ledger stage whose kept keys ``stage`` receives: the nearest earlier ledger stage of this run; when the
+        run configures none (its earlier stages ran before, under another stage list), the nearest earlier one whose
+        ledger exists, else the nearest earlier one."""
         earlier = [s for s in LEDGER_STAGES if STAGE_ORDER.index(s) < STAGE_ORDER.index(stage)]
-        return earlier[-1] if earlier else None
+        configured = [s for s in earlier if s in self.stages]
+        written = [s for s in earlier if self.ledger_parts(s)] if not configured else []
+        chosen = configured or written or earlier
+        return chosen[-1] if chosen else None
 
     def pool_tar_stage(self, stage: str | None = None) -> str:
         """The stage whose tar shards hold the pool images that ``stage`` (default: any later stage) reads:
@@ -161,6 +163,10 @@ class RunLayout:
 
     def vectors_parts(self, stage: str, kind: str, set_name: str | None = None) -> list[Path]:
         return sorted(self.vectors_dir(stage, kind, set_name).glob("part-*.parquet"))
+
+    def failed_part(self, stage: str, kind: str, part: str, set_name: str | None = None) -> Path:
+        """The table of the images ``stage`` could not describe in one part (``.../failed/part-<part>.parquet``)."""
+        return self.vectors_dir(stage, kind, set_name) / "failed" / f"part-{part}.parquet"
 
     def failed_parts(self, stage: str, kind: str = "pool") -> list[Path]:
         """Per-part tables of the images ``stage`` could not describe (``<stage>/<kind>/failed/``)."""

@@ -1,10 +1,13 @@
 """Where images come from, for every stage after download.
 
-* The **pool**: the run's WebDataset shards - ``filter/NNNNN.tar`` once the filter stage has run (face-blurred,
-  only kept images), else ``download/NNNNN.tar`` - restricted to the keys a given stage kept.
+* The **pool**: the run's WebDataset shards - ``filter/NNNNN.tar`` when the run filters (face-blurred, only kept
+  images), else ``download/NNNNN.tar`` (:meth:`curation.layout.RunLayout.pool_tars`) - restricted to the keys a
+  given stage receives (:func:`shard_input_keys`).
 * **Image sets** (anchor sets, evaluation sets): an image folder (class subfolders optional), WebDataset tar
   shards, or a Parquet file with a ``path`` column (and optional ``key``/``class`` columns).  Keys are made from
-  the relative path (``/`` and ``.`` replaced), so they are stable and unique within the set.
+  the relative path (``/`` and ``.`` replaced), so they are stable and unique within the set.  Images of a folder
+  or a Parquet list are read when a sample's ``data`` is asked for, so listing a set reads no image, and each
+  DataLoader worker reads only the files of its own samples.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Iterable, Iterator
 
 import pyarrow.parquet as pq
 
+from curation.layout import RunLayout
 from curation.storage import iter_tar_samples
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -25,8 +29,13 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 @dataclass
 class Sample:
     key: str
-    data: bytes  # encoded image
+    content: bytes | Path  # the encoded image, or the file that holds it (read by `data`)
     meta: dict  # url/caption for pool samples, class/path for image sets
+
+    @property
+    def data(self) -> bytes:
+        """The encoded image (read from its file on every call when the sample refers to one)."""
+        return self.content if isinstance(self.content, bytes) else Path(self.content).read_bytes()
 
 
 def pool_stage(root: Path) -> str:
@@ -49,6 +58,32 @@ def iter_shard_samples(tar_path: Path, keys: set[str] | None = None) -> Iterator
             continue
         meta = json.loads(members["json"]) if "json" in members else {}
         yield Sample(key, data, meta)
+
+
+def iter_tars(tars: Iterable[Path], keys: set[str] | None = None) -> Iterator[Sample]:
+    """The samples of several tar shards, in order (restricted to `keys` when given)."""
+    for tar in tars:
+        yield from iter_shard_samples(Path(tar), keys)
+
+
+def shard_input_keys(layout: RunLayout, stage: str, shard: str) -> set[str]:
+    """The keys of pool shard `shard` that `stage` receives: the keys its input ledger stage kept, read only within
+    the key range of the shard (the keys the shard's own ledger part kept), so Parquet row-group pruning keeps this
+    cheap however large the input ledger is."""
+    own = _kept(layout.ledger_part(layout.pool_tar_stage(stage), shard))
+    if not own:
+        return set()
+    lo, hi = min(own), max(own)
+    keys: set[str] = set()
+    for part in layout.ledger_parts(layout.input_ledger_stage(stage)):
+        keys |= _kept(part, [("key", ">=", lo), ("key", "<=", hi)])
+    return keys
+
+
+def _kept(ledger_part: Path, filters: list | None = None) -> set[str]:
+    """The kept keys of one ledger part (within `filters`, Parquet predicates on the key)."""
+    t = pq.read_table(ledger_part, columns=["key"], filters=[*(filters or []), ("kept", "=", True)])
+    return set(t["key"].to_pylist())
 
 
 def iter_pool(root: Path, keys: Iterable[str] | None = None) -> Iterator[Sample]:
@@ -88,7 +123,7 @@ def iter_image_set(path: Path, fmt: str = "auto") -> Iterator[Sample]:
         for p in files:
             rel = p.relative_to(path).as_posix()
             cls = rel.split("/")[0] if "/" in rel else None
-            yield Sample(path_key(rel), p.read_bytes(), {"path": str(p), "class": cls})
+            yield Sample(path_key(rel), p, {"path": str(p), "class": cls})
     elif fmt == "webdataset":
         tars = [path] if path.is_file() else sorted(path.glob("*.tar"))
         for tar in tars:
@@ -102,6 +137,6 @@ def iter_image_set(path: Path, fmt: str = "auto") -> Iterator[Sample]:
             p = Path(row["path"])
             p = p if p.is_absolute() else base / p
             key = row.get("key") or path_key(Path(row["path"]).as_posix())
-            yield Sample(str(key), p.read_bytes(), {"path": str(p), "class": row.get("class")})
+            yield Sample(str(key), p, {"path": str(p), "class": row.get("class")})
     else:
         raise ValueError(f"unknown image set format {fmt!r}")

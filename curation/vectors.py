@@ -1,9 +1,12 @@
-"""Embedding tables and nearest-neighbour search shared by the embed, retrieve, shards and report stages.
+"""Vector tables and nearest-neighbour search shared by the stages that write or read vectors (sscd, dedup, embed,
+retrieve, shards, report).
 
-* Descriptor tables (schema ``descriptors``) hold one L2-normalised float32 vector per key;
-  :func:`descriptor_table` / :func:`load_descriptors` convert between them and ``(keys, float32 [N, D])``.
-* :func:`knn` is the one call site for exact inner-product k-NN.  It uses ``curation.knn.knn_search`` (FAISS flat
-  on CPU, chunked torch matmul + top-k on CUDA) when that module exists, else an equivalent local fallback.
+* Descriptor tables (schema ``descriptors``: SSCD descriptors and embeddings alike) hold one L2-normalised float32
+  vector per key; :func:`descriptor_table` writes one, :func:`load_descriptors` / :func:`table_vectors` are the one
+  reader, converting chunk by chunk to ``(keys, float32 [N, D])`` (a whole pool's vectors exceed the int32 list
+  offsets that combining the chunks into one list array would need: 2**31 floats, ~4.2M x 512-d).
+* :func:`knn` is the one call site for exact inner-product k-NN: :func:`curation.knn.knn_search` (FAISS flat on
+  CPU, chunked torch matmul + top-k on CUDA).
 * :func:`input_stage` names the ledger stage whose kept keys are a stage's input.
 """
 
@@ -18,6 +21,7 @@ import pyarrow.compute as pc
 
 from curation import accounting
 from curation.config import STAGE_ORDER
+from curation.knn import knn_search
 from curation.storage import read_table
 
 
@@ -69,39 +73,12 @@ def load_descriptors(paths: Iterable[Path], keys: Iterable[str] | None = None) -
 
 
 # ------------------------------------------------------------------------------------------------- k-NN
-def _knn_fallback(queries: np.ndarray, database: np.ndarray, k: int, device: str = "auto"):
-    import torch
-
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    nq, n = len(queries), len(database)
-    if use_cuda:
-        db = torch.as_tensor(database, device="cuda", dtype=torch.float16)
-        sims, ids = [], []
-        chunk = max(1, min(nq, int(2e9 // max(1, n * 2))))  # ~2 GB of fp16 scores per chunk
-        for s in range(0, nq, chunk):
-            q = torch.as_tensor(queries[s:s + chunk], device="cuda", dtype=torch.float16)
-            v, i = torch.topk((q @ db.T).float(), k, dim=1)
-            sims.append(v.cpu())
-            ids.append(i.cpu())
-        return torch.cat(sims).numpy(), torch.cat(ids).numpy().astype(np.int64)
-    import faiss
-
-    index = faiss.IndexFlatIP(database.shape[1])
-    index.add(np.ascontiguousarray(database, dtype=np.float32))
-    sims, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    return sims.astype(np.float32), ids.astype(np.int64)
-
-
 def knn(queries: np.ndarray, database: np.ndarray, k: int, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product k-NN: (sims float32 [nq, k'], ids int64 [nq, k']) with k' = min(k, len(database)),
     best first."""
     k = min(int(k), len(database))
     if len(queries) == 0 or k == 0:
         return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
-    try:
-        from curation.knn import knn_search
-    except ImportError:
-        knn_search = _knn_fallback
     sims, ids = knn_search(np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(database, np.float32),
                            k, device=device)
     return np.asarray(sims, np.float32), np.asarray(ids, np.int64)

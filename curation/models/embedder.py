@@ -1,20 +1,13 @@
-"""Image embedders for the embed stage: any timm model, our trainer's exported backbone, or a fixed pixel function.
+"""Image embedders: a model (or a fixed pixel function) with its preprocessing, for the embed stage (retrieval
+embeddings) and the sscd stage (copy-detection descriptors).  Every image goes through one pipeline
+(:mod:`curation.describe`); an :class:`Embedder` has two halves:
 
-``build_embedder(cfg.embed)`` returns an :class:`Embedder` with two halves:
+* ``preprocess(image) -> tensor``: plain, picklable CPU work run inside DataLoader worker processes.  For models
+  the result stays uint8, so the host-to-device copy is 4x smaller than float32.
+* ``embed(batch) -> float32 numpy [B, D]``: on the model's device, scale and normalise, run the model (bf16
+  autocast on CUDA when the precision allows it, fp32 on CPU), pool, L2-normalise.
 
-* ``preprocess(image) -> uint8 tensor [3, S, S]``: resize the short side to ``img_size`` (bicubic) and take the
-  centre crop.  It is plain, picklable CPU work, run inside DataLoader worker processes; the result stays uint8 so
-  the host-to-device copy is 4x smaller than float32.
-* ``embed(batch_uint8) -> float32 numpy [B, D]``: on the model's device, scale to [0, 1], normalise with the
-  model's mean/std (ImageNet for our models and timm ViTs), run the backbone (bf16 autocast on CUDA, fp32 on CPU),
-  pool, L2-normalise.
-
-Pooling (``embed.pooling``): ``cls`` = the class token (for models without one, timm's own head pooling);
-``mean`` = the mean of the patch tokens (spatial mean of a CNN's feature map); ``both`` = the two, each
-L2-normalised, concatenated (the DINOv2 linear-probe feature), then L2-normalised again so cosine similarity
-weights the halves equally.
-
-Models (``embed.model``):
+Retrieval embedders, :func:`build_embedder` from the ``embed`` settings (``embed.model``):
 
 * a timm model name, built with ``pretrained=False`` (no hub access, ever) and weights from ``embed.checkpoint``;
   ViTs get ``img_size`` (and DINOv2-style ViTs ``dynamic_img_size=True``, whose default grid is 518 px).  A
@@ -26,13 +19,22 @@ Models (``embed.model``):
   the crop size.
 * ``pixels``: a fixed function of pixels with known behaviour, for tests and the demo (random-weight ViTs map
   every image to nearly the same vector).  See :class:`PixelDescriptor`.
+
+Their preprocessing resizes the short side to ``img_size`` (bicubic) and takes the centre crop; models normalise
+with their mean/std (ImageNet for our models and timm ViTs).  Pooling (``embed.pooling``): ``cls`` = the class
+token (for models without one, timm's own head pooling); ``mean`` = the mean of the patch tokens (spatial mean of a
+CNN's feature map); ``both`` = the two, each L2-normalised, concatenated (the DINOv2 linear-probe feature), then
+L2-normalised again so cosine similarity weights the halves equally.
+
+Copy-detection descriptors, :func:`build_copy_embedder` from the ``sscd`` settings: the SSCD model
+(:class:`SSCDEmbedder`, :mod:`curation.models.sscd`) or the fixed pixel descriptor (:class:`CopyPixelEmbedder`).
 """
 
 from __future__ import annotations
 
-import json
+import warnings
+from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -44,11 +46,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, setting: str = "embed.device") -> torch.device:
+    """'auto' -> CUDA when visible, else CPU; 'cuda' without a visible CUDA device is an error naming `setting`."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("embed.device is 'cuda' but no CUDA device is visible")
+        raise RuntimeError(f"{setting} is 'cuda' but no CUDA device is visible to this process")
     return torch.device(device)
 
 
@@ -159,29 +162,75 @@ def _build_timm(name: str, img_size: int, checkpoint: Path | None) -> nn.Module:
 
 
 class Embedder:
-    def __init__(self, model: nn.Module, kind: str, img_size: int, pooling: str, device: torch.device,
-                 precision: str = "auto", mean=IMAGENET_MEAN, std=IMAGENET_STD, num_prefix_tokens: int = 1):
-        self.model = model.eval().to(device)
-        self.kind = kind  # "timm", "lvd" or "pixels"
-        self.img_size = img_size
-        self.pooling = pooling
+    """An image embedder in two halves: ``preprocess`` (PIL image -> tensor; plain, picklable CPU work that runs in
+    DataLoader workers) and :meth:`embed` (a batch of preprocessed images -> L2-normalised float32 rows, on
+    ``device``, under bf16 autocast on CUDA when ``precision`` says so).  Subclasses give :meth:`_features`.
+
+    ``uses_model``: whether the forward is model work (the CPU core split of :func:`curation.describe.loader_plan`
+    gives a model the task's cores; a pixel function is decode-bound); ``max_batch``: the largest batch its
+    preprocessed images can form (None: any); ``cpu_max_batch``: on CPU, the batch beyond which it gains nothing."""
+
+    kind: str
+    uses_model = True
+    max_batch: int | None = None
+    cpu_max_batch: int | None = None
+
+    def __init__(self, model: nn.Module | None, preprocess, device: torch.device, precision: str = "auto",
+                 img_size: int = 224):
+        self.model = model.eval().to(device) if model is not None else None
+        self.preprocess = preprocess
         self.device = device
         if precision == "auto":
             precision = "bf16" if device.type == "cuda" else "fp32"
         self.precision = precision
+        self.img_size = img_size
+        for p in self.model.parameters() if self.model is not None else ():
+            p.requires_grad_(False)
+
+    @cached_property
+    def dim(self) -> int:
+        """Length of a vector (from a blank image, computed once when first asked)."""
+        return int(self.embed_images([Image.new("RGB", (self.img_size, self.img_size))]).shape[1])
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """float [B, 3, H, W] in [0, 255] on the device -> features [B, D] (normalised by :meth:`_forward`)."""
+        raise NotImplementedError
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(self.device, non_blocking=True).float()
+        bf16 = self.precision == "bf16" and self.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            f = self._features(x)
+        return F.normalize(f.float(), dim=1)
+
+    @torch.inference_mode()
+    def embed(self, batch: torch.Tensor) -> np.ndarray:
+        """A batch of preprocessed images -> L2-normalised float32 [B, D] (numpy)."""
+        if batch.shape[0] == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return self._forward(batch).cpu().numpy().astype(np.float32, copy=False)
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        xs = [self.preprocess(im) for im in images]
+        return self.embed(torch.from_numpy(np.stack(xs)) if isinstance(xs[0], np.ndarray) else torch.stack(xs))
+
+
+class BackboneEmbedder(Embedder):
+    """A timm model or our trainer's backbone (``kind`` 'timm' or 'lvd'): uint8 centre crops, normalised with the
+    model's mean/std on the device, pooled as ``pooling`` says."""
+
+    def __init__(self, model: nn.Module, kind: str, img_size: int, pooling: str, device: torch.device,
+                 precision: str = "auto", mean=IMAGENET_MEAN, std=IMAGENET_STD, num_prefix_tokens: int = 1):
+        super().__init__(model, Preprocess(img_size), device, precision, img_size)
+        self.kind = kind
+        self.pooling = pooling
         self.num_prefix_tokens = num_prefix_tokens
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
-        self.preprocess = Preprocess(img_size)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        with torch.inference_mode():
-            self.dim = int(self._forward(torch.zeros(1, 3, img_size, img_size, dtype=torch.uint8)).shape[1])
 
-    # ---------------------------------------------------------------------------------------------------------
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "pixels":
-            return self.model(x / 255.0)
         x = (x - self.mean) / self.std
         m = self.model
         if self.kind == "lvd":
@@ -206,64 +255,105 @@ class Embedder:
             return mean
         return torch.cat([F.normalize(cls.float(), dim=1), F.normalize(mean.float(), dim=1)], dim=1)
 
-    def _forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        x = x_uint8.to(self.device, non_blocking=True).float()
-        if self.precision == "bf16" and self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                f = self._features(x)
-        else:
-            f = self._features(x)
-        return F.normalize(f.float(), dim=1)
 
-    @torch.inference_mode()
-    def embed(self, x_uint8: torch.Tensor) -> np.ndarray:
-        """uint8 [B, 3, S, S] -> L2-normalised float32 [B, D] (numpy)."""
-        if x_uint8.shape[0] == 0:
-            return np.zeros((0, self.dim), np.float32)
-        return self._forward(x_uint8).cpu().numpy().astype(np.float32, copy=False)
+class PixelEmbedder(Embedder):
+    """``embed.model: pixels``: :class:`PixelDescriptor` of the uint8 centre crop (fp32, on the CPU)."""
 
-    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
-        if not images:
-            return np.zeros((0, self.dim), np.float32)
-        return self.embed(torch.stack([self.preprocess(im) for im in images]))
+    kind = "pixels"
+    uses_model = False
+
+    def __init__(self, bins: int, img_size: int, device: torch.device):
+        super().__init__(PixelDescriptor(bins), Preprocess(img_size), device, "fp32", img_size)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x / 255.0)
 
 
-def build_embedder(cfg, device: str | None = None) -> Embedder:
-    """Build the embedder an EmbedConfig describes (see the module docstring)."""
-    dev = resolve_device(device or cfg.device)
-    precision = getattr(cfg, "precision", "auto")
-    name = cfg.model
+# On CPU, SSCD batches beyond this add memory, not speed (ResNet-50 at 320 px, 2 cores: batch 1 0.27, 4 0.70,
+# 8 0.70 img/s)
+CPU_BATCH = 8
+
+
+class SSCDEmbedder(Embedder):
+    """The SSCD copy-detection model (:mod:`curation.models.sscd`): uint8 images resized by
+    :class:`~curation.models.sscd.SSCDPreprocess`, normalised on the device, channels-last on CUDA when asked.
+    ``short288`` images differ in size, so they go one per batch; on CPU batches hold at most :data:`CPU_BATCH`."""
+
+    kind = "sscd"
+    cpu_max_batch = CPU_BATCH
+
+    def __init__(self, model: nn.Module, preprocess: str, device: torch.device, precision: str = "auto",
+                 channels_last: bool = False):
+        from curation.models.sscd import SSCDPreprocess
+
+        size = 320 if preprocess == "square320" else 288
+        super().__init__(model, SSCDPreprocess(preprocess), device, precision, size)
+        self.max_batch = 1 if preprocess == "short288" else None
+        self.channels_last = channels_last and device.type == "cuda"
+        if self.channels_last and not isinstance(self.model, torch.jit.ScriptModule):
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        from curation.models.sscd import sscd_normalise
+
+        x = sscd_normalise(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+
+class CopyPixelEmbedder(Embedder):
+    """``dedup.descriptor: pixels``: :func:`curation.models.sscd.pixel_descriptor`, computed whole in
+    ``preprocess`` (in the DataLoader workers); the forward passes its unit rows through unchanged."""
+
+    kind = "copy_pixels"
+    uses_model = False
+
+    def __init__(self):
+        from curation.models.sscd import PIXEL_GRID, pixel_descriptor
+
+        super().__init__(None, pixel_descriptor, torch.device("cpu"), "fp32", PIXEL_GRID)
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch.float()
+
+
+def build_embedder(settings, device: str | None = None) -> Embedder:
+    """Build the embedder the embed settings (an EmbedConfig) describe (see the module docstring)."""
+    dev = resolve_device(device or settings.device, "embed.device")
+    precision = getattr(settings, "precision", "auto")
+    name = settings.model
     if name == "pixels":
-        return Embedder(PixelDescriptor(getattr(cfg, "pixel_bins", 12)), "pixels", cfg.img_size, "cls", dev, "fp32")
+        return PixelEmbedder(getattr(settings, "pixel_bins", 12), settings.img_size, dev)
     if name == "lvd":
-        if cfg.checkpoint is None:
+        if settings.checkpoint is None:
             raise ValueError("embed.model 'lvd' needs embed.checkpoint: a backbone exported by `lvd export` "
                              "(backbone.pth + backbone.json) or an official DINOv2 backbone file")
         from training.models.vision_transformer import load_official_checkpoint
 
-        model = load_official_checkpoint(cfg.checkpoint)
-        return Embedder(model, "lvd", cfg.img_size, cfg.pooling, dev, precision,
-                        num_prefix_tokens=1 + getattr(model, "num_register_tokens", 0))
-    model = _build_timm(name, cfg.img_size, cfg.checkpoint)
+        model = load_official_checkpoint(settings.checkpoint)
+        return BackboneEmbedder(model, "lvd", settings.img_size, settings.pooling, dev, precision,
+                                num_prefix_tokens=1 + getattr(model, "num_register_tokens", 0))
+    model = _build_timm(name, settings.img_size, settings.checkpoint)
     data_cfg = getattr(model, "pretrained_cfg", {}) or {}
     mean = tuple(data_cfg.get("mean", IMAGENET_MEAN))
     std = tuple(data_cfg.get("std", IMAGENET_STD))
-    return Embedder(model, "timm", cfg.img_size, cfg.pooling, dev, precision, mean, std)
+    return BackboneEmbedder(model, "timm", settings.img_size, settings.pooling, dev, precision, mean, std)
 
 
-_CACHE: dict[str, Embedder] = {}
+def build_copy_embedder(settings, descriptor: str) -> Embedder:
+    """Build the copy-detection descriptor the sscd settings (an SSCDConfig) describe: ``descriptor`` 'sscd' (the
+    SSCD model from ``weights``; random weights, with a warning, when null) or 'pixels'."""
+    if descriptor == "pixels":
+        return CopyPixelEmbedder()
+    if descriptor != "sscd":
+        raise ValueError(f"unknown descriptor {descriptor!r}")
+    from curation.models.sscd import build_sscd_random, load_sscd
 
-
-def cached_embedder(cfg) -> Embedder:
-    """One embedder per config per process: Ray reuses worker processes across unit tasks, so a ViT-H is built
-    and moved to the GPU once per worker, not once per shard."""
-    key = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = build_embedder(cfg)
-    return _CACHE[key]
-
-
-def describe(emb: Embedder) -> dict[str, Any]:
-    return {"kind": emb.kind, "dim": emb.dim, "device": str(emb.device), "precision": emb.precision,
-            "img_size": emb.img_size, "pooling": emb.pooling}
+    dev = resolve_device(settings.device, "sscd.device")
+    if settings.weights is None:
+        warnings.warn("sscd.weights is null: random SSCD weights (meaningless descriptors; testing only)")
+        model = build_sscd_random(0)
+    else:
+        model = load_sscd(settings.weights, dev)
+    return SSCDEmbedder(model, settings.preprocess, dev, "auto" if settings.bf16 else "fp32", settings.channels_last)

@@ -12,9 +12,11 @@ official files:
 Both give a module mapping a normalised image batch (N, 3, H, W) to (N, 512) unit vectors.  Preprocessing
 (:func:`sscd_transform`): ``square320`` resizes to 320 x 320 ignoring the aspect ratio (batchable, the GPU
 default, as the SSCD authors recommend for copy detection) or ``short288`` resizes the shorter side to 288 keeping
-the aspect (variable sizes, so batch 1); both with ImageNet mean/std.
+the aspect (variable sizes, so batch 1); both with ImageNet mean/std, applied on the model's device to a uint8
+batch (:class:`SSCDPreprocess`, :func:`sscd_normalise`).
 
-:func:`pixel_descriptor` is a fixed function of the pixels (no weights) used when ``dedup.descriptor: pixels``.
+:func:`pixel_descriptor` is a fixed function of the pixels (no weights) used when ``dedup.descriptor: pixels``.  Both
+descriptors are embedders of :mod:`curation.models.embedder` (:func:`~curation.models.embedder.build_copy_embedder`).
 Licence: the SSCD code and the model files it releases (facebookresearch/sscd-copy-detection, whose README links
 every ``.torchvision.pt`` / ``.torchscript.pt`` file) are under the MIT licence: the repository moved from
 CC-BY-NC 4.0 to MIT in 2022 (its README's "License" section and LICENSE file).  The weights were trained on the
@@ -112,22 +114,41 @@ def load_sscd(path: str | Path, device: str | torch.device = "cpu") -> nn.Module
     return model.eval()
 
 
-def sscd_transform(mode: str = "square320"):
-    """PIL RGB image -> normalised float tensor (3, H, W)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+class SSCDPreprocess:
+    """PIL RGB image -> uint8 CHW tensor, resized as SSCD expects (picklable: it runs in DataLoader workers; the
+    batch travels as uint8 and :func:`sscd_normalise` scales it on the model's device).
 
-    def apply(im: Image.Image) -> torch.Tensor:
-        if mode == "square320":
+    ``square320`` resizes to 320 x 320 ignoring the aspect ratio; ``short288`` resizes the shorter side to 288
+    keeping it (variable sizes: such images cannot share a batch)."""
+
+    def __init__(self, mode: str = "square320"):
+        if mode not in ("square320", "short288"):
+            raise ValueError(f"unknown SSCD preprocessing {mode!r}")
+        self.mode = mode
+
+    def __call__(self, im: Image.Image) -> torch.Tensor:
+        if self.mode == "square320":
             im = im.resize((320, 320), Image.Resampling.BILINEAR, reducing_gap=None)
-        elif mode == "short288":
+        else:
             w, h = im.size
             s = 288 / min(w, h)
             im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR)
-        else:
-            raise ValueError(f"unknown SSCD preprocessing {mode!r}")
-        x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-        return (x - mean) / std
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def sscd_normalise(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 in [0, 1], then ImageNet mean/std, on the tensor's device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x.float().div_(255) - mean) / std
+
+
+def sscd_transform(mode: str = "square320"):
+    """PIL RGB image -> normalised float tensor (3, H, W): :class:`SSCDPreprocess` then :func:`sscd_normalise`."""
+    preprocess = SSCDPreprocess(mode)
+
+    def apply(im: Image.Image) -> torch.Tensor:
+        return sscd_normalise(preprocess(im))
 
     return apply
 

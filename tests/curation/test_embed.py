@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -10,8 +12,10 @@ from PIL import Image
 
 from curation import accounting
 from curation.config import EmbedConfig, load_config
+from curation.describe import describe
 from curation.models.embedder import Preprocess, build_embedder, resize_center_crop
 from curation.runner import run_pipeline
+from curation.samples import iter_shard_samples
 from curation.vectors import load_descriptors
 from schemas import validate
 from tests.tolerance import assert_close
@@ -100,6 +104,9 @@ def test_embed_stage_outputs(tmp_path):
                                              {"name": "skip", "path": str(anchors), "method": "as_is"}]},
                    dedup={"descriptor": "pixels", "eval_sets": [{"name": "heldout", "path": str(evald)}]})
     cfg["embed"].update(model="vit_tiny_patch16_224", img_size=32, num_workers=0, batch_size=4)
+    # random weights saved once: the stage's worker and this test build the same model from them
+    torch.save(build_embedder(EmbedConfig(**cfg["embed"])).model.state_dict(), tmp_path / "vit.pth")
+    cfg["embed"]["checkpoint"] = str(tmp_path / "vit.pth")
     root = tmp_path / "run"
     # a later ledger stage (dedup) dropped one key: embed takes the keys it kept
     kept = accounting.kept_keys(root, "download")
@@ -121,12 +128,9 @@ def test_embed_stage_outputs(tmp_path):
     ekeys, _ = load_descriptors([root / "embed" / "eval" / "heldout" / "part-00000.parquet"])
     assert ekeys == ["e0", "e1"]
     # DataLoader workers split the stream: the same keys and vectors as in-process decoding
-    from curation.models.embedder import cached_embedder
-    from curation.stages.embed import ImageStream, embed_stream
-
-    e = cached_embedder(load_config(data=cfg).embed)
-    s = ImageStream("tar", str(root / "download" / "00000.tar"), e.preprocess, set(pkeys))
-    k0, v0, _ = embed_stream(e, s, 5, num_workers=2, prefetch_factor=2)
+    e = build_embedder(load_config(data=cfg).embed)
+    k0, v0, _ = describe(e, partial(iter_shard_samples, root / "download" / "00000.tar", set(pkeys)), 5,
+                         num_workers=2, prefetch_factor=2)
     # ViT-Ti/16, 12 blocks, MLP 4 x 192 terms, unit outputs; other batches in the workers
     assert_close(v0, pv[: len(k0)], n_terms=4 * 192, dtype=np.float32, depth=2 * 12 + 2, magnitude=1.0)
     assert k0 == pkeys[: len(k0)]

@@ -10,12 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
+from curation.config import SSCDConfig
+from curation.describe import describe
+from curation.layout import RunLayout
+from curation.models.embedder import build_copy_embedder
 from curation.models.sscd import (IMAGENET_MEAN, IMAGENET_STD, GeM, build_sscd_random, load_sscd, pixel_descriptor,
                                   sscd_transform)
 from curation import accounting
-from curation.samples import Sample, iter_pool
-from curation.stages.sscd import compute_descriptors
-from curation.vectors import load_descriptors as read_descriptors
+from curation.samples import Sample, iter_tars
+from curation.vectors import load_descriptors
 from schemas import validate
 from tests.tolerance import assert_close
 
@@ -94,13 +97,12 @@ def _samples(n):
     return out
 
 
-def test_compute_descriptors_with_workers_matches_direct_model(official_files):
+def test_describe_with_workers_matches_direct_model(official_files):
     _, d = official_files
     samples = _samples(3)
-    keys, vec, failed = compute_descriptors(
-        partial(iter, samples), "sscd", weights=d / "sscd_disc_mixup.torchscript.pt", batch_size=2,
-        num_workers=2, device="cpu")
-    assert sorted(keys) == ["k0", "k1", "k2"] and [k for k, _ in failed] == ["broken"]
+    sscd = build_copy_embedder(SSCDConfig(weights=d / "sscd_disc_mixup.torchscript.pt", device="cpu"), "sscd")
+    keys, vec, failed = describe(sscd, partial(iter, samples), batch_size=2, num_workers=2)
+    assert keys == ["k0", "k1", "k2"] and [(k, r) for k, r, _ in failed] == [("broken", "undecodable")]
     assert vec.shape == (3, 512) and vec.dtype == np.float32
     model = load_sscd(d / "sscd_disc_mixup.torchvision.pt")
     t = sscd_transform("square320")
@@ -109,7 +111,7 @@ def test_compute_descriptors_with_workers_matches_direct_model(official_files):
     order = [keys.index(f"k{i}") for i in range(3)]
     assert_close(vec[order], direct.numpy(), **RESNET50)  # other batches (2 + 1 against 3)
     # the pixel descriptor through the same pipeline
-    keys2, vec2, _ = compute_descriptors(partial(iter, samples), "pixels", num_workers=0)
+    keys2, vec2, _ = describe(build_copy_embedder(SSCDConfig(), "pixels"), partial(iter, samples), batch_size=256)
     assert vec2.shape == (3, 3 * 24 * 24)
     assert_close(np.linalg.norm(vec2, axis=1), 1.0, n_terms=vec2.shape[1], dtype=np.float32, depth=2, magnitude=1.0)
 
@@ -134,11 +136,12 @@ def test_pixel_descriptor_quality_on_the_corpus(demo_cleaned):
     truth = {f"{t['row_id']:010d}": t for t in demo_cleaned["truth"].to_pylist()}
     for p in (root / "sscd").rglob("part-*.parquet"):
         validate(pq.read_table(p), "descriptors")
-    pool_keys, _ = read_descriptors((root / "sscd" / "pool").glob("part-*.parquet"))
+    layout = RunLayout(root)
+    pool_keys, _ = load_descriptors(layout.vectors_parts("sscd", "pool"))
     # the sscd stage describes every image the filter kept (hash duplicates too: they stay nodes of the dedup graph)
     assert pool_keys == accounting.kept_keys(root, "filter")["key"].to_pylist()
-    ekeys, E = read_descriptors((root / "sscd" / "eval" / "heldout").glob("part-*.parquet"))
-    keys, X, _ = compute_descriptors(partial(iter_pool, root), "pixels")
+    ekeys, E = load_descriptors(layout.vectors_parts("sscd", "eval", "heldout"))
+    keys, X, _ = describe(build_copy_embedder(SSCDConfig(), "pixels"), partial(iter_tars, layout.pool_tars()), 256)
     assert len(ekeys) >= 10 and X.shape[1] == E.shape[1]
     idx = {k: i for i, k in enumerate(keys)}
     copies = {}
@@ -171,9 +174,13 @@ def test_pixel_descriptor_quality_on_the_corpus(demo_cleaned):
 
 
 def test_loader_plan_gives_the_cpu_model_the_task_cores():
+    from curation.describe import loader_plan
+    from curation.models.embedder import CPU_BATCH
     from curation.workers import cpu_split
-    from curation.stages.sscd import CPU_BATCH, loader_plan
 
-    assert loader_plan("sscd", "cpu", 4, 256) == (*cpu_split("cpu", 4), CPU_BATCH)
-    assert loader_plan("sscd", "cpu", 4, 2) == (*cpu_split("cpu", 4), 2)
-    assert loader_plan("pixels", "cpu", 3, 64) == (3, None, 64)  # no model: decoding is the work
+    with pytest.warns(UserWarning, match="random SSCD weights"):
+        sscd = build_copy_embedder(SSCDConfig(device="cpu"), "sscd")
+    assert loader_plan(sscd, 4, 256) == (*cpu_split("cpu", 4), CPU_BATCH)
+    assert loader_plan(sscd, 4, 2) == (*cpu_split("cpu", 4), 2)
+    pixels = build_copy_embedder(SSCDConfig(device="cpu"), "pixels")
+    assert loader_plan(pixels, 3, 64) == (3, None, 64)  # no model: decoding is the work
