@@ -1,19 +1,17 @@
 """The one decode-and-describe pipeline (curation.describe): failures with reasons, one set of decode limits,
-results independent of the worker count, and image sets listed without reading their images."""
+results independent of the worker count."""
 
 import io
 from functools import partial
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from curation.config import SSCDConfig
 from curation.describe import describe
 from curation.models.embedder import build_copy_embedder
 from curation.models.sscd import pixel_descriptor
-from curation.samples import Sample, iter_image_set
+from curation.samples import Sample
 
 
 def _encoded(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -58,14 +56,3 @@ def test_describe_is_independent_of_workers_and_batches(tmp_path):
     b = describe(pixels, partial(iter, samples), batch_size=3, num_workers=2)
     assert a.keys == b.keys and a.failures == b.failures
     np.testing.assert_array_equal(a.vectors, b.vectors)  # a pixel function: per image, no batch arithmetic
-
-
-def test_image_sets_are_listed_without_reading_images(tmp_path):
-    """Keys of a Parquet image set come from the list: its image files are read only when a sample's data is."""
-    _image(0).save(tmp_path / "one.png")
-    pq.write_table(pa.table({"path": ["one.png", "later.png"]}), tmp_path / "set.parquet")
-    samples = list(iter_image_set(tmp_path / "set.parquet"))
-    assert [s.key for s in samples] == ["one", "later"]
-    assert samples[0].data == (tmp_path / "one.png").read_bytes()
-    _image(1).save(tmp_path / "later.png")  # written after listing: read when asked for
-    assert samples[1].data == (tmp_path / "later.png").read_bytes()
