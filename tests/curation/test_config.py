@@ -217,7 +217,7 @@ def test_check_warns_about_likely_mistakes(tmp_path):
     assert warnings[0].startswith("sscd.weights is null")
     assert warnings[1].startswith("embed.checkpoint is null: the embedder 'vit_huge_patch14_224'")
     assert warnings[2].startswith("2 URLs point at loopback/private addresses (e.g. http://127.0.0.1:8000/a.jpg")
-    quiet = {**data, "download": {"allow_networks": ["127.0.0.1/32"]}, "dedup": {"descriptor": "pixels"},
+    quiet = {**data, "download": {"allow_networks": ["127.0.0.1/32"]}, "sscd": {"descriptor": "pixels"},
              "embed": {"model": "pixels"}}
     assert preflight_warnings(load_config(data=quiet)) == []
 
