@@ -21,9 +21,6 @@ from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_v
 from curation.config_base import (ConfigError, ConfigModel, Precision, apply_overrides, read_yaml_mapping,
                                   validate_config)
 
-__all__ = ["STAGE_ORDER", "ConfigError", "CurateConfig", "MOVED_KEYS", "apply_overrides", "check_resume",
-           "dump_config", "load_config"]
-
 STAGE_ORDER = ("download", "filter", "hash", "sscd", "dedup", "embed", "retrieve", "shards", "report")
 StageName = Literal["download", "filter", "hash", "sscd", "dedup", "embed", "retrieve", "shards", "report"]
 
@@ -45,6 +42,8 @@ ExistingPath = Annotated[Path, Field(strict=False), AfterValidator(_must_exist)]
 
 
 class Section(ConfigModel):
+    """A curation section: strict types, finite numbers, immutable once loaded."""
+
     model_config = ConfigDict(frozen=True, strict=True, allow_inf_nan=False)
 
 

@@ -145,10 +145,8 @@ def moved_keys_error(data: dict, moved: dict[str, str]) -> str | None:
     return ("config error: " + "; ".join(found)) if found else None
 
 
-def validate_config(model: type[M], data: Any, moved: dict[str, str] | None = None) -> M:
-    """`data` (a parsed YAML document, overrides applied) as a `model`; ConfigError with one line otherwise."""
-    if not isinstance(data, dict):
-        raise ConfigError("config error: the top level must be a mapping of sections")
+def validate_config(model: type[M], data: dict, moved: dict[str, str] | None = None) -> M:
+    """`data` (a parsed YAML mapping, overrides applied) as a `model`; ConfigError with one line otherwise."""
     problem = moved_keys_error(data, moved or {})
     if problem:
         raise ConfigError(problem)

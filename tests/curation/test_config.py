@@ -335,3 +335,18 @@ def test_image_sets_lists_eval_and_anchor_sets(base, tmp_path):
                                                          {"name": "in1k", "path": str(b), "method": "as_is"}]}})
     assert cfg.image_sets() == {"eval": [("heldout", e)], "anchors": [("objects", a), ("in1k", b)]}
     assert load_config(data=base).image_sets() == {"eval": [], "anchors": []}
+
+
+def test_demo_config_loads_with_its_paths_made_absolute(tmp_path):
+    """pipelines/configs/demo.yaml as pipelines/demo.py submits it (demo-run/ under --out) loads, with the weight-free
+    copy descriptor in its new place (a key left in its old place would fail here)."""
+    from pipelines.demo import _absolutise
+
+    cfg = _absolutise(yaml.safe_load((REPO / "pipelines" / "configs" / "demo.yaml").read_text()), tmp_path)
+    Path(cfg["input"]["url_list"]).parent.mkdir(parents=True)
+    Path(cfg["input"]["url_list"]).write_bytes(b"")
+    for s in cfg["dedup"]["eval_sets"] + cfg["retrieve"]["anchor_sets"]:
+        Path(s["path"]).mkdir(parents=True)
+    loaded = load_config(data=cfg)
+    assert loaded.sscd.descriptor == "pixels" and loaded.embed.model == "pixels"
+    assert [name for name, _ in loaded.image_sets()["anchors"]] == ["objects", "scenes"]
