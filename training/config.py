@@ -3,6 +3,8 @@
 Defaults are the reference DINOv2 values (``ssl_default_config.yaml`` with patch 14 / 98-px local crops);
 ``pipelines/configs/train_vitl.yaml`` spells out the ViT-L/14 recipe and ``train_demo.yaml`` a CPU-sized run.
 An "epoch" is ``optim.iters_per_epoch`` iterations (the reference's OFFICIAL_EPOCH_LENGTH = 1250).
+Loading, ``key.path=value`` overrides and the one-line ``config error:`` messages are curation's
+(:mod:`curation.config_base`), so both commands read and report configs the same way.
 """
 from __future__ import annotations
 
