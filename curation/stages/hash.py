@@ -243,8 +243,3 @@ def phash_codes(thumbs: np.ndarray, side: int) -> np.ndarray:
 
     hexes = [str(imagehash.phash(Image.fromarray(t.reshape(side, side), "L"))) for t in thumbs]
     return np.stack([np.frombuffer(bytes.fromhex(h), np.uint8) for h in hexes])
-
-
-def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Bit distance between rows of two packed code arrays."""
-    return np.unpackbits(np.bitwise_xor(a, b), axis=1).sum(1)

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from curation import accounting
 from curation.images import ImageRejected, decode_image
 from curation.samples import iter_image_set, iter_shard_samples, pool_shards
-from curation.workers import cpu_split, loader_workers, torch_threads
+from curation.workers import cluster_has_gpu, cpu_split, loader_workers, torch_threads
 from curation.stages.base import Stage, Unit
 from curation.storage import write_table
 from curation.vectors import descriptor_table, input_stage
@@ -196,7 +196,7 @@ class SSCDStage(Stage):
     def resources(self) -> dict[str, float]:
         gpus = 0
         if self.cfg.sscd.descriptor == "sscd" and self.cfg.sscd.device != "cpu":
-            gpus = 1 if _cluster_has_gpu() else 0
+            gpus = 1 if cluster_has_gpu() else 0
         return {"num_cpus": max(self.num_cpus, float(min(self.cfg.sscd.num_workers, 4)) or 1.0), "num_gpus": gpus}
 
     def plan(self) -> list[Unit]:
@@ -249,14 +249,3 @@ class SSCDStage(Stage):
         return sorted(k for k, kept in zip(t["key"].to_pylist(), t["kept"].to_pylist()) if kept)
 
 
-def _cluster_has_gpu() -> bool:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.cluster_resources().get("GPU", 0) > 0
-    except ImportError:  # pragma: no cover
-        pass
-    import torch
-
-    return torch.cuda.is_available()
