@@ -347,11 +347,10 @@ class CurateConfig(Section):
             raise ValueError("a stage is listed twice")
         return sorted(stages, key=STAGE_ORDER.index)
 
-    def image_sets(self) -> dict[str, list[tuple[str, Path]]]:
-        """The image sets the config names, in config order: ``{"eval": [(name, path)...], "anchors": [...]}``
-        (``dedup.eval_sets``; ``retrieve.anchor_sets``, as-is sets included)."""
-        return {"eval": [(e.name, e.path) for e in self.dedup.eval_sets],
-                "anchors": [(a.name, a.path) for a in self.retrieve.anchor_sets]}
+    def image_sets(self) -> dict[str, list]:
+        """The image sets the config names, in config order: ``{"eval": [EvalSetConfig...], "anchors":
+        [AnchorSetConfig...]}`` (``dedup.eval_sets``; ``retrieve.anchor_sets``, as-is sets included)."""
+        return {"eval": list(self.dedup.eval_sets), "anchors": list(self.retrieve.anchor_sets)}
 
     def identity(self) -> dict[str, Any]:
         """The part of the config that fixes a run's output: everything but run-time choices (stages, ray)."""

@@ -75,7 +75,7 @@ class Stage:
         self.cfg = cfg  # TRANSITIONAL, removed once every stage reads only self.settings (issue 9)
         self.seed = cfg.seed
         self.scale = cfg.scale
-        self.image_sets = _image_sets(cfg)
+        self.image_sets = cfg.image_sets()
         #: how the runner builds this stage in a worker (stage name, the config as JSON, run root); not for stages
         self.worker_args = (self.name, cfg.model_dump(mode="json"), str(self.root))
 
@@ -106,7 +106,3 @@ class Stage:
             raise RuntimeError(f"stage {self.name!r} has no earlier ledger stage to take its input from")
         return accounting.kept_keys(self.root, prev)
 
-
-def _image_sets(cfg: CurateConfig) -> dict[str, list]:
-    """The run's image sets by role, as configured: {'eval': [EvalSetConfig], 'anchors': [AnchorSetConfig]}."""
-    return {"eval": list(cfg.dedup.eval_sets), "anchors": list(cfg.retrieve.anchor_sets)}

@@ -333,7 +333,8 @@ def test_image_sets_lists_eval_and_anchor_sets(base, tmp_path):
     cfg = load_config(data={**base, "dedup": {"eval_sets": [{"name": "heldout", "path": str(e)}]},
                             "retrieve": {"anchor_sets": [{"name": "objects", "path": str(a), "method": "sample"},
                                                          {"name": "in1k", "path": str(b), "method": "as_is"}]}})
-    assert cfg.image_sets() == {"eval": [("heldout", e)], "anchors": [("objects", a), ("in1k", b)]}
+    sets = {role: [(s.name, s.path) for s in found] for role, found in cfg.image_sets().items()}
+    assert sets == {"eval": [("heldout", e)], "anchors": [("objects", a), ("in1k", b)]}
     assert load_config(data=base).image_sets() == {"eval": [], "anchors": []}
 
 
@@ -349,4 +350,4 @@ def test_demo_config_loads_with_its_paths_made_absolute(tmp_path):
         Path(s["path"]).mkdir(parents=True)
     loaded = load_config(data=cfg)
     assert loaded.sscd.descriptor == "pixels" and loaded.embed.model == "pixels"
-    assert [name for name, _ in loaded.image_sets()["anchors"]] == ["objects", "scenes"]
+    assert [s.name for s in loaded.image_sets()["anchors"]] == ["objects", "scenes"]
