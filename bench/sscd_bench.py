@@ -82,7 +82,7 @@ def main(argv=None):
         shards = make_shards(Path(tmp), args.images, args.per_shard)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # random weights: speed does not depend on them
-            emb = build_copy_embedder(SSCDConfig(device=dev, preprocess=args.preprocess), "sscd")
+            emb = build_copy_embedder(SSCDConfig(device=dev, preprocess=args.preprocess))
         # warm-up (cudnn autotune) on a few images, not timed
         warm = list(iter_tars(shards))[: min(args.batch, 16)]
         describe(emb, partial(iter, warm), args.batch)

@@ -95,7 +95,8 @@ def make_loader(embedder, samples: Callable[[], Iterable[Sample]], batch_size: i
     num_workers = loader_workers(num_workers)
     return DataLoader(
         ImageStream(samples, embedder.preprocess, max_pixels),
-        batch_size=min(batch_size, embedder.max_batch or batch_size), num_workers=num_workers, collate_fn=collate, pin_memory=embedder.device.type == "cuda",
+        batch_size=min(batch_size, embedder.max_batch or batch_size), num_workers=num_workers, collate_fn=collate,
+        pin_memory=embedder.device.type == "cuda",
         prefetch_factor=prefetch_factor if num_workers else None,
     )
 

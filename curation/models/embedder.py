@@ -303,7 +303,7 @@ class SSCDEmbedder(Embedder):
 
 
 class CopyPixelEmbedder(Embedder):
-    """``dedup.descriptor: pixels``: :func:`curation.models.sscd.pixel_descriptor`, computed whole in
+    """``sscd.descriptor: pixels``: :func:`curation.models.sscd.pixel_descriptor`, computed whole in
     ``preprocess`` (in the DataLoader workers); the forward passes its unit rows through unchanged."""
 
     kind = "copy_pixels"
@@ -341,13 +341,13 @@ def build_embedder(settings, device: str | None = None) -> Embedder:
     return BackboneEmbedder(model, "timm", settings.img_size, settings.pooling, dev, precision, mean, std)
 
 
-def build_copy_embedder(settings, descriptor: str) -> Embedder:
+def build_copy_embedder(settings) -> Embedder:
     """Build the copy-detection descriptor the sscd settings (an SSCDConfig) describe: ``descriptor`` 'sscd' (the
     SSCD model from ``weights``; random weights, with a warning, when null) or 'pixels'."""
-    if descriptor == "pixels":
+    if settings.descriptor == "pixels":
         return CopyPixelEmbedder()
-    if descriptor != "sscd":
-        raise ValueError(f"unknown descriptor {descriptor!r}")
+    if settings.descriptor != "sscd":
+        raise ValueError(f"unknown descriptor {settings.descriptor!r}")
     from curation.models.sscd import build_sscd_random, load_sscd
 
     dev = resolve_device(settings.device, "sscd.device")
@@ -356,4 +356,4 @@ def build_copy_embedder(settings, descriptor: str) -> Embedder:
         model = build_sscd_random(0)
     else:
         model = load_sscd(settings.weights, dev)
-    return SSCDEmbedder(model, settings.preprocess, dev, "auto" if settings.bf16 else "fp32", settings.channels_last)
+    return SSCDEmbedder(model, settings.preprocess, dev, settings.precision, settings.channels_last)

@@ -15,7 +15,7 @@ default, as the SSCD authors recommend for copy detection) or ``short288`` resiz
 the aspect (variable sizes, so batch 1); both with ImageNet mean/std, applied on the model's device to a uint8
 batch (:class:`SSCDPreprocess`, :func:`sscd_normalise`).
 
-:func:`pixel_descriptor` is a fixed function of the pixels (no weights) used when ``dedup.descriptor: pixels``.  Both
+:func:`pixel_descriptor` is a fixed function of the pixels (no weights) used when ``sscd.descriptor: pixels``.  Both
 descriptors are embedders of :mod:`curation.models.embedder` (:func:`~curation.models.embedder.build_copy_embedder`).
 Licence: the SSCD code and the model files it releases (facebookresearch/sscd-copy-detection, whose README links
 every ``.torchvision.pt`` / ``.torchscript.pt`` file) are under the MIT licence: the repository moved from

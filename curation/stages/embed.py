@@ -14,11 +14,12 @@ cannot be decoded is listed in ``.../failed/part-NNNNN.parquet`` (written first)
 with reason ``embed_failed``.  A pool shard whose images were all dropped earlier writes an empty part.
 
 The embedder (:func:`curation.models.embedder.build_embedder`, ``embed.model``) is built once per worker in
-:meth:`EmbedStage.setup`.  Images go through the one decode-and-describe pipeline (:mod:`curation.describe`):
-decoding and resize/crop run in ``embed.num_workers`` DataLoader worker processes, each taking every n-th sample
-of the unit's stream; batches travel as uint8 (4x less than float32) through pinned memory and are normalised on
-the GPU; the model runs under bf16 autocast on CUDA with ``embed.batch_size`` images per step, so the GPU is fed
-``embed.prefetch_factor`` batches ahead.  On CPU a model is the bottleneck, so the task's cores are split by
+:meth:`EmbedStage.setup`.  Images go through the one decode-and-describe pipeline (:mod:`curation.describe`),
+decoded once with the run's pixel limit (``images.max_image_pixels``): decoding and resize/crop run in
+``embed.num_workers`` DataLoader worker processes, each taking every n-th sample of the unit's stream; batches
+travel as uint8 (4x less than float32) through pinned memory and are normalised on the GPU; the model runs under
+bf16 autocast on CUDA with ``embed.batch_size`` images per step, so the GPU is fed ``embed.prefetch_factor``
+batches ahead.  On CPU a model is the bottleneck, so the task's cores are split by
 :func:`curation.describe.loader_plan` (on 2 cores: decode inline, both cores for the model).
 """
 
@@ -86,7 +87,8 @@ class EmbedStage(Stage):
         s = self.settings
         workers, threads, batch = loader_plan(self.embedder, s.num_workers, s.batch_size)
         with torch_threads(threads):
-            out = describe(self.embedder, samples, batch, workers, prefetch_factor=s.prefetch_factor)
+            out = describe(self.embedder, samples, batch, workers, prefetch_factor=s.prefetch_factor,
+                           max_pixels=self.images.max_image_pixels)
         if out.failures:
             write_table(self.layout.failed_part(self.name, kind, part, set_name), failures_table(out.failures, source),
                         "embed_failures")

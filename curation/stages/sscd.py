@@ -5,20 +5,20 @@ restricted to the keys the input ledger stage kept, :func:`curation.samples.shar
 evaluation set (``eval-<name>``, read with :func:`curation.samples.iter_image_set`).  Outputs (schema
 ``descriptors``): ``sscd/pool/part-NNNNN.parquet`` and ``sscd/eval/<set>/part-00000.parquet``.
 
-Descriptor (``dedup.descriptor``), built once per worker in :meth:`SSCDStage.setup` by
+Descriptor (``sscd.descriptor``), built once per worker in :meth:`SSCDStage.setup` by
 :func:`curation.models.embedder.build_copy_embedder`:
 
 * ``sscd`` - the SSCD ResNet-50 (:mod:`curation.models.sscd`; ``sscd.weights``, random weights when null, for
   tests only), batches of ``sscd.batch_size``, on CUDA under bf16 autocast with channels-last memory
-  (``sscd.bf16``, ``sscd.channels_last``).  On CPU it runs fp32 with the task's cores split by
+  (``sscd.precision``, ``sscd.channels_last``).  On CPU it runs fp32 with the task's cores split by
   :func:`curation.describe.loader_plan` (on 2 cores: decode inline, both cores for the model) and batches of at
   most :data:`curation.models.embedder.CPU_BATCH`.  ``short288`` preprocessing keeps the aspect ratio, so it runs
   batch 1.
 * ``pixels`` - :func:`curation.models.sscd.pixel_descriptor`, computed in the decode workers (no model).
 
-Images go through the one decode-and-describe pipeline (:mod:`curation.describe`): decoded once with the filter's
-pixel limit, in ``sscd.num_workers`` DataLoader worker processes, each taking every num_workers-th sample of the
-stream (so shards are read streaming).
+Images go through the one decode-and-describe pipeline (:mod:`curation.describe`): decoded once with the run's
+pixel limit (``images.max_image_pixels``), in ``sscd.num_workers`` DataLoader worker processes, each taking every
+num_workers-th sample of the stream (so shards are read streaming).
 
 A pool unit describes every image the previous ledger stage (filter) kept: hash duplicates too, since the dedup
 stage joins hash groups and SSCD neighbours in one graph.  A unit with no such image writes an empty part.  A pool
@@ -49,18 +49,14 @@ class SSCDStage(Stage):
     reads = ("pool.shards", "ledgers", "image_sets")
     writes = ("sscd.descriptors",)
 
-    @property
-    def descriptor(self) -> str:
-        return self.cfg.dedup.descriptor  # CONFIG: dedup.descriptor (moves to sscd.descriptor)
-
     def resources(self) -> dict[str, float]:
         gpus = 0
-        if self.descriptor == "sscd" and self.settings.device != "cpu":
+        if self.settings.descriptor == "sscd" and self.settings.device != "cpu":
             gpus = 1 if cluster_has_gpu() else 0
         return {"num_cpus": max(self.num_cpus, float(min(self.settings.num_workers, 4)) or 1.0), "num_gpus": gpus}
 
     def setup(self) -> None:
-        self.embedder = build_copy_embedder(self.settings, self.descriptor)
+        self.embedder = build_copy_embedder(self.settings)
 
     def plan(self) -> list[Unit]:
         units = [Unit(f"pool-{t.stem}", {"kind": "pool", "shard": t.stem}) for t in self.layout.pool_tars(self.name)]
@@ -98,5 +94,4 @@ class SSCDStage(Stage):
         s = self.settings
         workers, threads, batch = loader_plan(self.embedder, s.num_workers, s.batch_size)
         with torch_threads(threads):
-            return describe(self.embedder, samples, batch, workers,
-                            max_pixels=self.cfg.filter.max_image_pixels)  # CONFIG: filter.max_image_pixels
+            return describe(self.embedder, samples, batch, workers, max_pixels=self.images.max_image_pixels)

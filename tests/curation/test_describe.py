@@ -39,7 +39,7 @@ def _samples(tmp_path) -> list[Sample]:
 
 def test_describe_reports_failures_and_decodes_animated_first_frames(tmp_path):
     samples = _samples(tmp_path)
-    pixels = build_copy_embedder(SSCDConfig(), "pixels")
+    pixels = build_copy_embedder(SSCDConfig(descriptor="pixels"))
     keys, vecs, failures = describe(pixels, partial(iter, samples), batch_size=2, max_pixels=200 * 200 - 1)
     assert keys == ["a-gif", "b-png"]  # sorted by key
     # an animated image keeps its first frame (download decided whether animated images are kept)
@@ -51,7 +51,7 @@ def test_describe_reports_failures_and_decodes_animated_first_frames(tmp_path):
 
 def test_describe_is_independent_of_workers_and_batches(tmp_path):
     samples = _samples(tmp_path)
-    pixels = build_copy_embedder(SSCDConfig(), "pixels")
+    pixels = build_copy_embedder(SSCDConfig(descriptor="pixels"))
     a = describe(pixels, partial(iter, samples), batch_size=1, num_workers=0)
     b = describe(pixels, partial(iter, samples), batch_size=3, num_workers=2)
     assert a.keys == b.keys and a.failures == b.failures

@@ -100,7 +100,7 @@ def _samples(n):
 def test_describe_with_workers_matches_direct_model(official_files):
     _, d = official_files
     samples = _samples(3)
-    sscd = build_copy_embedder(SSCDConfig(weights=d / "sscd_disc_mixup.torchscript.pt", device="cpu"), "sscd")
+    sscd = build_copy_embedder(SSCDConfig(weights=d / "sscd_disc_mixup.torchscript.pt", device="cpu"))
     keys, vec, failed = describe(sscd, partial(iter, samples), batch_size=2, num_workers=2)
     assert keys == ["k0", "k1", "k2"] and [(k, r) for k, r, _ in failed] == [("broken", "undecodable")]
     assert vec.shape == (3, 512) and vec.dtype == np.float32
@@ -111,7 +111,8 @@ def test_describe_with_workers_matches_direct_model(official_files):
     order = [keys.index(f"k{i}") for i in range(3)]
     assert_close(vec[order], direct.numpy(), **RESNET50)  # other batches (2 + 1 against 3)
     # the pixel descriptor through the same pipeline
-    keys2, vec2, _ = describe(build_copy_embedder(SSCDConfig(), "pixels"), partial(iter, samples), batch_size=256)
+    pixels = build_copy_embedder(SSCDConfig(descriptor="pixels"))
+    keys2, vec2, _ = describe(pixels, partial(iter, samples), batch_size=256)
     assert vec2.shape == (3, 3 * 24 * 24)
     assert_close(np.linalg.norm(vec2, axis=1), 1.0, n_terms=vec2.shape[1], dtype=np.float32, depth=2, magnitude=1.0)
 
@@ -141,7 +142,8 @@ def test_pixel_descriptor_quality_on_the_corpus(demo_cleaned):
     # the sscd stage describes every image the filter kept (hash duplicates too: they stay nodes of the dedup graph)
     assert pool_keys == accounting.kept_keys(root, "filter")["key"].to_pylist()
     ekeys, E = load_descriptors(layout.vectors_parts("sscd", "eval", "heldout"))
-    keys, X, _ = describe(build_copy_embedder(SSCDConfig(), "pixels"), partial(iter_tars, layout.pool_tars()), 256)
+    pixels = build_copy_embedder(SSCDConfig(descriptor="pixels"))
+    keys, X, _ = describe(pixels, partial(iter_tars, layout.pool_tars()), 256)
     assert len(ekeys) >= 10 and X.shape[1] == E.shape[1]
     idx = {k: i for i, k in enumerate(keys)}
     copies = {}
@@ -179,8 +181,8 @@ def test_loader_plan_gives_the_cpu_model_the_task_cores():
     from curation.workers import cpu_split
 
     with pytest.warns(UserWarning, match="random SSCD weights"):
-        sscd = build_copy_embedder(SSCDConfig(device="cpu"), "sscd")
+        sscd = build_copy_embedder(SSCDConfig(device="cpu"))
     assert loader_plan(sscd, 4, 256) == (*cpu_split("cpu", 4), CPU_BATCH)
     assert loader_plan(sscd, 4, 2) == (*cpu_split("cpu", 4), 2)
-    pixels = build_copy_embedder(SSCDConfig(device="cpu"), "pixels")
+    pixels = build_copy_embedder(SSCDConfig(descriptor="pixels", device="cpu"))
     assert loader_plan(pixels, 3, 64) == (3, None, 64)  # no model: decoding is the work
