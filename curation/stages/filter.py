@@ -12,12 +12,15 @@ Units are the download shards (same ids).  A unit's input is the keys the downlo
    ``filter.nsfw_threshold`` is ``nsfw``; face boxes are Gaussian-blurred in the stored image
    (``filter.blur_faces``).
 
+The verdicts are :func:`filter_verdict`, a pure function of what is known of the image (:class:`ImageFacts`).
 Kept images go to ``filter/NNNNN.tar`` with their original bytes, or re-encoded JPEG (``filter.jpeg_quality``)
-when a face was blurred (the json gains ``faces_blurred``); then the ledger part.
+when a face was blurred (the json gains ``faces_blurred``) or the download stored another format; then the
+ledger part.
 
 Detector "nudenet" without the optional extra: ``on_missing_detector: warn`` prints
-:data:`~curation.detectors.MISSING_DETECTOR_MESSAGE` once and skips NSFW/face checks; ``fail`` raises
-:class:`~curation.detectors.DetectorUnavailable` from :meth:`FilterStage.plan`, before any unit runs.
+:data:`~curation.detectors.MISSING_DETECTOR_MESSAGE` once per run (from :meth:`FilterStage.plan`, in the driver)
+and skips NSFW/face checks; ``fail`` raises :class:`~curation.detectors.DetectorUnavailable` from
+:meth:`FilterStage.plan`, before any unit runs.
 """
 
 from __future__ import annotations
