@@ -97,17 +97,17 @@ class ImageNormalizer:
     """img2dataset 'resizer': bytes -> (jpeg, w, h, orig_w, orig_h, error) using our decoder, with the limits of
     the ``download`` settings."""
 
-    def __init__(self, settings):
-        self.settings = settings
+    def __init__(self, settings, images):
+        self.settings, self.images = settings, images
 
     def __call__(self, img_stream, blurring_bbox_list=None):
         data = img_stream.read()
         dl = self.settings
         try:
-            im, (ow, oh) = decode_image(data, dl.max_image_pixels, dl.drop_animated, draft_size=dl.max_side,
+            im, (ow, oh) = decode_image(data, self.images.max_image_pixels, dl.drop_animated, draft_size=dl.max_side,
                                         orient=True)
             im = resize_max_side(im, dl.max_side)
-            return encode_jpeg(im, dl.jpeg_quality), im.width, im.height, ow, oh, None
+            return encode_jpeg(im, self.images.jpeg_quality), im.width, im.height, ow, oh, None
         except ImageRejected as err:
             return None, None, None, None, None, f"lvd:{err.reason}: {err.detail}"
 
@@ -239,7 +239,7 @@ class DownloadStage(Stage):
         sink = {"tar": self.layout.download_tar(unit.id), "rows": []}
         downloader = img2dataset_downloader()(
             sample_writer_class=partial(_ShardWriter, sink=sink),
-            resizer=ImageNormalizer(dl),
+            resizer=ImageNormalizer(dl, self.images),
             thread_count=dl.threads,
             save_caption=True,
             extract_exif=False,

@@ -3,7 +3,7 @@
 Units are the download shards (same ids).  A unit's input is the keys the download ledger kept for that shard
 (exactly the samples of ``download/NNNNN.tar``).  For each image, in order:
 
-1. decode with :func:`curation.images.decode_image` (bomb limit ``filter.max_image_pixels``): a declared pixel
+1. decode with :func:`curation.images.decode_image` (bomb limit ``images.max_image_pixels``): a declared pixel
    count over the limit is ``decompression_bomb``; any other decode failure (corrupt, truncated, unsupported
    mode) is ``undecodable`` with the decoder's reason in ``detail``;
 2. shorter side below ``filter.min_side``: ``too_small``;
@@ -13,7 +13,7 @@ Units are the download shards (same ids).  A unit's input is the keys the downlo
    (``filter.blur_faces``).
 
 The verdicts are :func:`filter_verdict`, a pure function of what is known of the image (:class:`ImageFacts`).
-Kept images go to ``filter/NNNNN.tar`` with their original bytes, or re-encoded JPEG (``filter.jpeg_quality``)
+Kept images go to ``filter/NNNNN.tar`` with their original bytes, or re-encoded JPEG (``images.jpeg_quality``)
 when a face was blurred (the json gains ``faces_blurred``) or the download stored another format; then the
 ledger part.
 
@@ -140,7 +140,7 @@ class FilterStage(Stage):
                 continue  # not an input of this stage (cannot happen for a consistent download)
             ext = image_member(members)
             try:
-                im, _ = decode_image(members[ext] if ext else b"", self.settings.max_image_pixels, drop_animated=False)
+                im, _ = decode_image(members[ext] if ext else b"", self.images.max_image_pixels, drop_animated=False)
             except ImageRejected as err:
                 verdicts[key] = filter_verdict(ImageFacts(rejected=(err.reason, err.detail)), self.settings)
                 continue
@@ -183,7 +183,7 @@ class FilterStage(Stage):
         ext = image_member(members)
         if faces:
             info["faces_blurred"] = len(faces)
-            return {"jpg": encode_jpeg(blur_boxes(im, faces), self.settings.jpeg_quality), "json": info}
+            return {"jpg": encode_jpeg(blur_boxes(im, faces), self.images.jpeg_quality), "json": info}
         if ext != "jpg":
-            return {"jpg": encode_jpeg(im, self.settings.jpeg_quality), "json": info}
+            return {"jpg": encode_jpeg(im, self.images.jpeg_quality), "json": info}
         return {"jpg": members[ext], "json": info}

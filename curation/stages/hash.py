@@ -132,8 +132,7 @@ class HashStage(Stage):
 
     def _hash_row(self, sample: Sample) -> dict:
         """One image's row of ``hash/part-<shard>.parquet``."""
-        max_pixels = self.cfg.filter.max_image_pixels  # CONFIG: the decoder's limit lives in the filter section
-        im, _ = decode_image(sample.data, max_pixels, drop_animated=False)
+        im, _ = decode_image(sample.data, self.images.max_image_pixels, drop_animated=False)
         return {"key": sample.key, "pixel_sha256": pixel_sha256(im), "width": im.width, "height": im.height,
                 "thumb": thumbnail(im, self.settings.thumb_side).tobytes(), "border_fill": border_fill(im),
                 "original_width": sample.meta.get("original_width"),
