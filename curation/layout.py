@@ -95,12 +95,15 @@ class RunLayout:
 
     # -------------------------------------------------------------------------------------- input resolution
     def input_ledger_stage(self, stage: str) -> str | None:
-        """The ledger stage whose kept keys ``stage`` receives: the nearest earlier ledger stage of this run."""
+        """The ledger stage whose kept keys ``stage`` receives: the nearest earlier ledger stage of this run; in a
+        run that configures none before ``stage`` (its input was judged by an earlier run on this root), the
+        nearest earlier ledger stage that wrote a ledger, else the nearest earlier one."""
         earlier = [s for s in LEDGER_STAGES if s in self.stages and STAGE_ORDER.index(s) < STAGE_ORDER.index(stage)]
         if earlier:
             return earlier[-1]
         earlier = [s for s in LEDGER_STAGES if STAGE_ORDER.index(s) < STAGE_ORDER.index(stage)]
-        return earlier[-1] if earlier else None
+        judged = [s for s in earlier if self.ledger_parts(s)]
+        return (judged or earlier or [None])[-1]
 
     def pool_tar_stage(self, stage: str | None = None) -> str:
         """The stage whose tar shards hold the pool images that ``stage`` (default: any later stage) reads:
@@ -186,6 +189,13 @@ class RunLayout:
 
     def retrieve_set_dir(self, set_name: str) -> Path:
         return self.root / "retrieve" / "sets" / set_name
+
+    def retrieve_set_selection(self, set_name: str) -> Path:
+        return self.retrieve_set_dir(set_name) / "selection.parquet"
+
+    def retrieve_set_dirs(self) -> list[Path]:
+        """The per-set folders the retrieve stage wrote (``RUN/retrieve/sets/<set>``), by name."""
+        return sorted(p for p in (self.root / "retrieve" / "sets").glob("*") if p.is_dir())
 
     # -------------------------------------------------------------------------------------------------- shards
     @property

@@ -267,3 +267,12 @@ def test_balanced_and_as_is_stage(tmp_path):
     before = (root / "retrieve" / "_ledger" / "final.parquet").stat().st_mtime_ns
     run_pipeline(load_config(data=cfg), progress=False)
     assert (root / "retrieve" / "_ledger" / "final.parquet").stat().st_mtime_ns == before
+
+
+def test_ledger_verdicts_in_memory():
+    from curation.stages.retrieve import ledger_verdicts
+
+    reasons, details = ledger_verdicts(["a", "b", "c", "d"], selected={"a"}, embedded={"a", "b"},
+                                       failed={"c": "decode_error: truncated"})
+    assert reasons == [None, "not_selected", "embed_failed", "embed_failed"]
+    assert details == [None, None, "decode_error: truncated", "no embedding"]
