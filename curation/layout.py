@@ -216,3 +216,19 @@ class RunLayout:
     @property
     def shards_index(self) -> Path:
         return self.shards_meta / "index.parquet"
+
+    @property
+    def shards_plan(self) -> Path:
+        """Every selected image's shard, position and source location (the stage's plan)."""
+        return self.shards_meta / "_plan.parquet"
+
+    def shards_index_part(self, name: str) -> Path:
+        """The index rows of output shard ``name`` (merged into ``shards_index`` by finalize)."""
+        return self.shards_meta / "_index" / f"{name}.parquet"
+
+    def shards_index_parts(self) -> list[Path]:
+        return sorted((self.shards_meta / "_index").glob("lvd-*.parquet"))
+
+    def shards_staging(self, set_name: str) -> Path:
+        """The staging tar of an ``as_is`` anchor set's selected images (outside ``shards/``)."""
+        return self.shards_meta / "_staging" / f"{set_name}.tar"
