@@ -30,6 +30,7 @@ import json
 import sys
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from curation import accounting
@@ -83,6 +84,37 @@ def ledger_verdicts(keys: list[str], selected: set[str], embedded: set[str], fai
             reasons.append("not_selected")
             details.append(None)
     return reasons, details
+
+
+def union_of_selections(sels: list[pa.Table], set_names: list[str]) -> tuple[pa.Table, pd.DataFrame]:
+    """The union of the sets' selections (sets in `set_names` order): one row per (source, key), its best match
+    (highest similarity, then the set listed first), sorted by (source, key); and every set's rows with
+    ``_shared``: the image is selected by another set too."""
+    allsel = pa.concat_tables(sels).to_pandas() if sels else read_tables([], "selection").to_pandas()
+    allsel["_order"] = allsel["anchor_set"].map({name: i for i, name in enumerate(set_names)})
+    allsel["_sim"] = allsel["similarity"].fillna(-np.inf)
+    allsel = allsel.sort_values(["source", "key", "_sim", "_order"], ascending=[True, True, False, True],
+                                kind="mergesort")
+    allsel["_shared"] = allsel.groupby(["source", "key"])["anchor_set"].transform("nunique") > 1
+    union = allsel.drop_duplicates(["source", "key"], keep="first")
+    union_t = pa.Table.from_pandas(union.drop(columns=["_order", "_sim", "_shared"]), preserve_index=False)
+    return union_t, allsel
+
+
+def retrieval_stats(sets: list[dict], summaries: list[dict], shared: pd.DataFrame) -> list[dict]:
+    """``stats/retrieval_stats.parquet`` rows: per set its summary's counts and quantiles, the images it selected
+    (``unique``) and how many of them another set selected too (`shared`: :func:`union_of_selections`)."""
+    rows = []
+    for s, summ in zip(sets, summaries):
+        mine = shared[shared["anchor_set"] == s["name"]]
+        rows.append({
+            "anchor_set": s["name"], "method": s["method"], "anchors": summ.get("anchors", 0),
+            "retrieved": summ.get("retrieved", 0), "unique": int(len(mine)),
+            "overlap_other_sets": int(mine["_shared"].sum()),
+            "similarity_p05": summ.get("similarity_p05"), "similarity_p50": summ.get("similarity_p50"),
+            "similarity_p95": summ.get("similarity_p95"), "recall_at_k_vs_exact": summ.get("recall_at_k_vs_exact"),
+        })
+    return rows
 
 
 class RetrieveStage(Stage):
@@ -287,7 +319,23 @@ class RetrieveStage(Stage):
         if self.layout.ledger_part(self.name, FINAL).exists():
             return
         sets = self._sets()
-        order = {s["name"]: i for i, s in enumerate(sets)}
+        sels, nbrs, clus, summaries = self._read_sets(sets)
+        write_table(self.layout.retrieve_neighbors,
+                    pa.concat_tables(nbrs) if nbrs else read_tables([], "neighbors"), "neighbors")
+        write_table(self.layout.stats("cluster_stats"),
+                    pa.concat_tables(clus) if clus else read_tables([], "cluster_stats"), "cluster_stats")
+        union, shared = union_of_selections(sels, [s["name"] for s in sets])
+        write_table(self.layout.retrieve_selection, union, "selection")
+        rows = retrieval_stats(sets, summaries, shared)
+        write_table(self.layout.stats("retrieval_stats"), pa.Table.from_pylist(rows), "retrieval_stats")
+        for line in R.degenerate_sets(rows):
+            print(f"[retrieve] WARNING degenerate retrieval: {line}", file=sys.stderr, flush=True)
+        self._write_ledger({k for k, src in zip(union["key"].to_pylist(), union["source"].to_pylist())
+                            if src == "pool"})
+
+    def _read_sets(self, sets: list[dict]) -> tuple[list[pa.Table], list[pa.Table], list[pa.Table], list[dict]]:
+        """Every set unit's (selection, neighbours, clusters, summary), in set order (sets without neighbours or
+        clusters add none)."""
         sels, nbrs, clus, summaries = [], [], [], []
         for s in sets:
             d = self.layout.retrieve_set_dir(s["name"])
@@ -297,35 +345,7 @@ class RetrieveStage(Stage):
                 nbrs.append(read_table(d / "neighbors.parquet", "neighbors"))
             if (d / "clusters.parquet").exists():
                 clus.append(read_table(d / "clusters.parquet", "cluster_stats"))
-        write_table(self.layout.retrieve_neighbors,
-                    pa.concat_tables(nbrs) if nbrs else read_tables([], "neighbors"), "neighbors")
-        write_table(self.layout.stats("cluster_stats"),
-                    pa.concat_tables(clus) if clus else read_tables([], "cluster_stats"), "cluster_stats")
-        allsel = pa.concat_tables(sels).to_pandas() if sels else read_tables([], "selection").to_pandas()
-        # union: one row per (source, key), its best match (highest similarity, then the set listed first)
-        allsel["_order"] = allsel["anchor_set"].map(order)
-        allsel["_sim"] = allsel["similarity"].fillna(-np.inf)
-        allsel = allsel.sort_values(["source", "key", "_sim", "_order"], ascending=[True, True, False, True],
-                                    kind="mergesort")
-        nsets = allsel.groupby(["source", "key"])["anchor_set"].transform("nunique")
-        allsel["_shared"] = nsets > 1
-        union = allsel.drop_duplicates(["source", "key"], keep="first")
-        union_t = pa.Table.from_pandas(union.drop(columns=["_order", "_sim", "_shared"]), preserve_index=False)
-        write_table(self.layout.retrieve_selection, union_t, "selection")
-        rows = []
-        for s, summ in zip(sets, summaries):
-            mine = allsel[allsel["anchor_set"] == s["name"]]
-            rows.append({
-                "anchor_set": s["name"], "method": s["method"], "anchors": summ.get("anchors", 0),
-                "retrieved": summ.get("retrieved", 0), "unique": int(len(mine)),
-                "overlap_other_sets": int(mine["_shared"].sum()),
-                "similarity_p05": summ.get("similarity_p05"), "similarity_p50": summ.get("similarity_p50"),
-                "similarity_p95": summ.get("similarity_p95"), "recall_at_k_vs_exact": summ.get("recall_at_k_vs_exact"),
-            })
-        write_table(self.layout.stats("retrieval_stats"), pa.Table.from_pylist(rows), "retrieval_stats")
-        for line in R.degenerate_sets(rows):
-            print(f"[retrieve] WARNING degenerate retrieval: {line}", file=sys.stderr, flush=True)
-        self._write_ledger(set(union.loc[union["source"] == "pool", "key"]))
+        return sels, nbrs, clus, summaries
 
     def _write_ledger(self, selected: set[str]) -> None:
         inputs = self.input_keys()
