@@ -270,32 +270,39 @@ def build_report(root: str | Path, cfg=None) -> Path:
 def write_report(layout: RunLayout, anchor_sets=(), rep=None, seed: int = 0) -> Path:
     """Write the run's report page and its PNGs; image grids of `anchor_sets` under `rep` (the report section;
     None: no grids).  Returns the page's path."""
+    import json
+
     from curation.storage import write_text
 
-    root = layout.root
     out = layout.stats_dir
     out.mkdir(parents=True, exist_ok=True)
-    funnel, drops = _read(layout.stats("funnel")), _read(layout.stats("drops"))
-    stats, cs = _read(layout.stats("retrieval_stats")), _read(layout.stats("cluster_stats"))
-    comp = _read(layout.stats("component_sizes"))
-    sims = set_similarities(layout)
+    tables = {name: _read(layout.stats(name))
+              for name in ("funnel", "drops", "retrieval_stats", "cluster_stats", "component_sizes")}
     imgs = {
-        "funnel": plot_funnel(funnel, out), "drops": plot_drops(drops, out),
-        "components": plot_components(comp, out), "similarity": plot_similarity(sims, out),
-        "clusters": plot_clusters(cs, out),
+        "funnel": plot_funnel(tables["funnel"], out), "drops": plot_drops(tables["drops"], out),
+        "components": plot_components(tables["component_sizes"], out),
+        "similarity": plot_similarity(set_similarities(layout), out),
+        "clusters": plot_clusters(tables["cluster_stats"], out),
     }
     grids = plot_grids(layout, anchor_sets, rep, seed) if rep is not None else []
+    manifest = json.loads(layout.shards_manifest.read_text()) if layout.shards_manifest.exists() else None
+    write_text(layout.report_html, page_html(str(layout.root), manifest, tables, imgs, grids))
+    return layout.report_html
 
-    manifest = layout.shards_manifest
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lvd report: {html.escape(str(root))}</title>"
+
+def page_html(root: str, manifest: dict | None, tables: dict, imgs: dict, grids: list[tuple[str, str]]) -> str:
+    """The report page: the dataset line (from the shards `manifest`), then a section per table with its plot
+    (`imgs`: plot name -> PNG file name or None) and the image grids ((set, PNG file name))."""
+    from curation.retrieval import degenerate_sets
+
+    funnel, drops, stats = tables["funnel"], tables["drops"], tables["retrieval_stats"]
+    cs, comp = tables["cluster_stats"], tables["component_sizes"]
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lvd report: {html.escape(root)}</title>"
              f"<style>{CSS}</style></head><body>",
-             f"<h1>Curation report</h1><p>run root <code>{html.escape(str(root))}</code></p>"]
-    if manifest.exists():
-        import json
-
-        m = json.loads(manifest.read_text())
-        parts.append(f"<p>Curated dataset: <b>{m['samples']:,}</b> images in {m['shards']} shards "
-                     f"(<code>shards/{html.escape(m['pattern'])}</code>).</p>")
+             f"<h1>Curation report</h1><p>run root <code>{html.escape(root)}</code></p>"]
+    if manifest is not None:
+        parts.append(f"<p>Curated dataset: <b>{manifest['samples']:,}</b> images in {manifest['shards']} shards "
+                     f"(<code>shards/{html.escape(manifest['pattern'])}</code>).</p>")
 
     def section(title, key, extra=""):
         parts.append(f"<h2>{title}</h2>{extra}")
@@ -309,8 +316,6 @@ def write_report(layout: RunLayout, anchor_sets=(), rep=None, seed: int = 0) -> 
     section("Drops by reason", "drops", _table_html(dtab))
     if comp is not None:
         section("Duplicate components", "components", _table_html(comp))
-    from curation.retrieval import degenerate_sets
-
     degenerate = degenerate_sets(stats.to_dict("records")) if stats is not None else []
     warn = "".join(f"<p class='warning' id='degenerate-retrieval'><b>Degenerate retrieval</b>: {html.escape(line)}</p>"
                    for line in degenerate)
@@ -322,9 +327,7 @@ def write_report(layout: RunLayout, anchor_sets=(), rep=None, seed: int = 0) -> 
         for name, png in grids:
             parts.append(f"<h3>{html.escape(name)}</h3><img class='grid' src='{png}' alt='grid {html.escape(name)}'>")
     parts.append("</body></html>")
-    page = layout.report_html
-    write_text(page, "\n".join(parts))
-    return page
+    return "\n".join(parts)
 
 
 def main(argv=None) -> int:
