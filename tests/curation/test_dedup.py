@@ -164,3 +164,19 @@ def test_duplicate_details_name_the_survivor_and_the_link():
     assert d[0] is None and d[1] == "duplicate of k0 (same pixels)"
     assert d[2] == "duplicate of k0 (pca hash Hamming distance 3)"
     assert d[3] == f"duplicate component with evaluation image eval/ev/e0 (cosine {float(X[3] @ E[0]):.3f})"
+
+
+def test_graph_statistics_in_memory():
+    from curation.stages.dedup import component_size_histogram, threshold_stats
+
+    labels = np.array([0, 0, 2, 3, 3, 3, 2])  # pool 0-5, node 6 an evaluation image joined to pool 2
+    hist = component_size_histogram(labels, n=6).to_pylist()
+    assert hist == [{"component_size": 2, "components": 2, "images": 4, "with_eval": 1},
+                    {"component_size": 3, "components": 1, "images": 3, "with_eval": 0}]
+    assert component_size_histogram(np.zeros(0, np.int64), n=0).num_rows == 0
+    g = {"self_sims": np.array([[0.9, 0.2], [0.5, 0.1]], np.float32), "self_ids": np.array([[1, 0], [0, 1]]),
+         "eval_sims": np.array([[0.7], [0.3]], np.float32), "eval_ids": np.array([[2], [3]])}
+    rows = threshold_stats(g, n=2, eval_names=["a", "b"], thresholds=[0.4, 0.6]).to_pylist()
+    got = {(r["kind"], r["threshold"]): (r["images_above"], r["edges_above"]) for r in rows}
+    assert got == {("self", 0.4): (2, 2), ("self", 0.6): (1, 1), ("eval/a", 0.4): (1, 1), ("eval/a", 0.6): (1, 1),
+                   ("eval/b", 0.4): (0, 0), ("eval/b", 0.6): (0, 0)}
