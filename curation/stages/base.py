@@ -3,7 +3,7 @@
 A stage declares
 
 * ``name`` and ``section``: its name and the config section it is configured by.  A stage reads only its own
-  section (``self.settings``) and the run-wide settings (``self.seed``, ``self.scale``); what it needs from other
+  section (``self.settings``) and the run-wide settings (``self.seed``, ``self.scale``, ``self.images``); what it needs from other
   stages comes through the run layout (``self.layout``: every path, the image sets) and their output files;
 * ``reads`` / ``writes``: the artefacts it consumes and produces (names of :data:`ARTEFACTS`, documented there);
 * ``resources()``: what one worker of the stage asks the cluster for (CPUs, a GPU when it can use one);
@@ -75,7 +75,8 @@ class Stage:
         self.cfg = cfg  # TRANSITIONAL, removed once every stage reads only self.settings (issue 9)
         self.seed = cfg.seed
         self.scale = cfg.scale
-        self.image_sets = _image_sets(cfg)
+        self.images = cfg.images  # image limits and encoding every stage that decodes or writes images shares
+        self.image_sets = cfg.image_sets()
         #: how the runner builds this stage in a worker (stage name, the config as JSON, run root); not for stages
         self.worker_args = (self.name, cfg.model_dump(mode="json"), str(self.root))
 
@@ -106,7 +107,3 @@ class Stage:
             raise RuntimeError(f"stage {self.name!r} has no earlier ledger stage to take its input from")
         return accounting.kept_keys(self.root, prev)
 
-
-def _image_sets(cfg: CurateConfig) -> dict[str, list]:
-    """The run's image sets by role, as configured: {'eval': [EvalSetConfig], 'anchors': [AnchorSetConfig]}."""
-    return {"eval": list(cfg.dedup.eval_sets), "anchors": list(cfg.retrieve.anchor_sets)}
