@@ -7,7 +7,6 @@ BIN    := $(CURDIR)/$(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 export PATH := $(BIN):$(PATH)
-export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 # Ray enables token auth on `ray start --head` once ~/.ray/auth_token exists; keep clients in agreement.
 export RAY_AUTH_MODE := token

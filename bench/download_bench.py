@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         url_list, warmup = Path(tmp) / "urls.csv", Path(tmp) / "warmup.csv"
         url_list.write_text("url\n" + "".join(f"{base}/{kinds[i % 3]}/{i}\n" for i in range(args.urls)))
         warmup.write_text("url\n" + "".join(f"{base}/tiny/{i}\n" for i in range(2)))
-        env = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1"}
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
         for threads in args.threads:
             cmd = [sys.executable, __file__, "--worker", "--threads", str(threads), "--max-mb", str(args.max_mb),
                    "--body-mb", str(args.body_mb), "--urls", str(args.urls), "--url-list", str(url_list),

@@ -11,10 +11,7 @@
 
 from __future__ import annotations
 
-import os
 import sys
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 def _funnel(argv) -> int:

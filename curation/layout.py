@@ -128,6 +128,10 @@ class RunLayout:
     def download_plan(self) -> Path:
         return self.download_inputs_dir / "plan.json"
 
+    def download_input(self, shard: str) -> Path:
+        """The URL rows of one download shard (Arrow IPC), written by the plan."""
+        return self.download_inputs_dir / f"{shard}.arrow"
+
     def download_tar(self, shard: str) -> Path:
         return self.root / "download" / f"{shard}.tar"
 

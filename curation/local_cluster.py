@@ -48,7 +48,6 @@ def free_port() -> int:
 def ray_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["RAY_AUTH_MODE"] = "token"
-    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     bindir = str(Path(sys.executable).parent)
     if not env.get("PATH", "").startswith(bindir):

@@ -40,13 +40,23 @@ def pool_shards(root: Path) -> list[Path]:
     return sorted((root / pool_stage(root)).glob("[0-9]*.tar"))
 
 
+#: the members a pool sample's image may be stored under, in order of preference
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+
+
+def image_member(members: dict[str, bytes]) -> str | None:
+    """The member (extension) holding a pool sample's image: the first non-empty one of :data:`IMAGE_MEMBERS`."""
+    return next((ext for ext in IMAGE_MEMBERS if members.get(ext)), None)
+
+
 def iter_shard_samples(tar_path: Path, keys: set[str] | None = None) -> Iterator[Sample]:
     for key, members in iter_tar_samples(tar_path):
         if keys is not None and key not in keys:
             continue
-        data = members.get("jpg") or members.get("jpeg") or members.get("png") or members.get("webp")
-        if data is None:
+        ext = image_member(members)
+        if ext is None:
             continue
+        data = members[ext]
         meta = json.loads(members["json"]) if "json" in members else {}
         yield Sample(key, data, meta)
 

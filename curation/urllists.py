@@ -21,6 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from curation.config import ConfigError
+from curation.layout import RunLayout
 from curation.storage import file_sha256, write_json
 
 SUFFIXES = (".parquet", ".csv", ".tsv")
@@ -117,9 +118,6 @@ def check_url_lists(input_cfg) -> list[str]:
     return problems
 
 
-INPUTS_FILE = "inputs.json"
-
-
 def fingerprint_url_lists(paths, previous: dict | None = None) -> dict[str, dict]:
     """{path: {size, mtime_ns, sha256}} of every URL file.  A file whose size and mtime match `previous` keeps its
     recorded hash (resuming costs a stat per file); any other file is hashed, so a rewrite at the same path, or a
@@ -140,7 +138,7 @@ def fingerprint_url_lists(paths, previous: dict | None = None) -> dict[str, dict
 def check_inputs(root: Path, input_cfg) -> None:
     """Record the URL lists' fingerprint in RUN/inputs.json at the first start; on a rerun refuse changed inputs
     (a changed list would silently reuse the old plan)."""
-    path = Path(root) / INPUTS_FILE
+    path = RunLayout(root).inputs_file
     if not path.exists():
         write_json(path, fingerprint_url_lists(input_cfg.url_list))
         return

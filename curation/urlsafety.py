@@ -7,13 +7,14 @@ Policy, checked for the first URL *and every redirect target*:
    urllib and http.client will use it (:func:`client_host`: the authority percent-decoded, the port split off,
    IDNA-encoded, lower-cased, trailing dots removed), so ``blocked%2eexample``, ``BLOCKED.example.`` and
    ``blocked\\uff0eexample`` all meet the blocklist.
-2. :func:`install_safe_opener` - replaces urllib's global opener in the worker process (img2dataset fetches with
-   ``urllib.request.urlopen``).  Its connections re-check the host they are given, resolve it, refuse it unless
-   *every* resolved address is public (or inside ``download.allow_networks``), then connect to the checked address
-   itself, so DNS answers cannot point a fetch at 10.x, 127.x, 169.254.169.254 and the like.  IPv6 forms that carry
-   an IPv4 address (mapped ``::ffff:a.b.c.d``, IPv4-compatible ``::a.b.c.d``, NAT64 ``64:ff9b::/96``, 6to4
-   ``2002::/16``, Teredo) are judged by that IPv4 address; site-local ``fec0::/10`` and every other non-global
-   range are refused.  No packet is ever sent to a refused address.
+2. :func:`safe_urlopen` - a context manager: while it lasts, urllib's global opener in this process (img2dataset
+   fetches with ``urllib.request.urlopen``) is one that obeys the policy; after it, urlopen builds its default
+   opener again.  Its connections re-check the host they are given, resolve it, refuse it unless *every* resolved
+   address is public (or inside ``download.allow_networks``), then connect to the checked address itself, so DNS
+   answers cannot point a fetch at 10.x, 127.x, 169.254.169.254 and the like.  IPv6 forms that carry an IPv4
+   address (mapped ``::ffff:a.b.c.d``, IPv4-compatible ``::a.b.c.d``, NAT64 ``64:ff9b::/96``, 6to4 ``2002::/16``,
+   Teredo) are judged by that IPv4 address; site-local ``fec0::/10`` and every other non-global range are
+   refused.  No packet is ever sent to a refused address.
 3. Redirects: only to http(s) (``bad_redirect``), never back to a URL of the same chain (``redirect_loop``), at
    most :attr:`_SafeRedirectHandler.max_redirections` (``too_many_redirects``).
 
@@ -34,8 +35,10 @@ import ipaddress
 import socket
 import time
 import urllib.request
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import unquote, urljoin, urlsplit
 
 ALLOW_KEY = "download.allow_networks"
@@ -387,7 +390,13 @@ def build_safe_opener(
     return opener
 
 
-def install_safe_opener(policy: UrlPolicy, use_env_proxy: bool = False, max_bytes: int | None = None,
-                        deadline_s: float | None = None) -> None:
-    """Make urllib.request.urlopen (as used by img2dataset) in this process obey `policy` and the bounds."""
+@contextmanager
+def safe_urlopen(policy: UrlPolicy, use_env_proxy: bool = False, max_bytes: int | None = None,
+                 deadline_s: float | None = None) -> Iterator[None]:
+    """While it lasts, urllib.request.urlopen (as used by img2dataset) in this process obeys `policy` and the
+    bounds; after it, urlopen builds its default opener again (an in-process run does not leak the policy)."""
     urllib.request.install_opener(build_safe_opener(policy, use_env_proxy, max_bytes, deadline_s))
+    try:
+        yield
+    finally:
+        urllib.request.install_opener(None)

@@ -23,7 +23,6 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 def _absolutise(cfg: dict, out: Path) -> dict:

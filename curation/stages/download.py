@@ -5,7 +5,7 @@ row id, stable across reruns), refuse malformed URLs, repeated URLs, blocklisted
 before any fetch (ledger unit ``precheck``), and cut the rest into shards of ``download.shard_size`` rows, written
 as Arrow IPC files under ``download/_inputs/``.
 
-Each shard is one task: img2dataset's per-shard ``Downloader`` fetches with its thread pool (and its
+Each shard is one unit: img2dataset's per-shard ``Downloader`` fetches with its thread pool (and its
 ``X-Robots-Tag`` opt-out check), through a urllib opener that re-checks every connection and redirect against the
 address policy (:mod:`curation.urlsafety`).  Bytes are decoded by :func:`curation.images.decode_image` (our
 "resizer": bombs, truncation, animation, CMYK/16-bit/alpha handled there), resized to ``max_side`` and stored as
@@ -16,15 +16,10 @@ included), then the ledger part that marks the shard complete.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
-
 import json
+import os
 import re
-import urllib.request
 from functools import partial
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,13 +31,46 @@ from curation.images import ImageRejected, decode_image, encode_jpeg, resize_max
 from curation.stages.base import Stage, Unit
 from curation.storage import TarShardWriter, atomic_path, temporary_link, write_json, write_table
 from curation.urllists import read_url_lists
-from curation.urlsafety import Refused, UrlPolicy, install_safe_opener
+from curation.urlsafety import Refused, UrlPolicy, safe_urlopen
 
 KEY_DIGITS = 10
 
 
 def make_key(row_id: int) -> str:
     return f"{row_id:0{KEY_DIGITS}d}"
+
+
+def img2dataset_downloader():
+    """img2dataset's per-shard ``Downloader`` class.  img2dataset imports albumentations, which asks pypi.org for
+    its latest version on import unless ``NO_ALBUMENTATIONS_UPDATE`` is set: this is the one place lvd sets it
+    (a value already in the environment is kept), right before the import, so that nothing phones home."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from img2dataset.downloader import Downloader
+
+    return Downloader
+
+
+def precheck(row_ids: list[int], urls: list, url_errors: list,
+             policy: UrlPolicy) -> list[tuple[str | None, str | None]]:
+    """The verdict (reason, detail) on each input row before any fetch, (None, None) for a row to fetch: a row the
+    URL list could not decode (``url_error``), a URL the policy refuses, or a repeat of an earlier row's URL."""
+    seen: dict[str, int] = {}
+    verdicts = []
+    for row_id, url, url_error in zip(row_ids, urls, url_errors):
+        reason = detail = None
+        try:
+            if url_error:
+                raise Refused("bad_url", url_error)
+            policy.check_url(url)
+        except Refused as err:
+            reason, detail = err.reason, err.detail
+        if reason is None:
+            if url in seen:
+                reason, detail = "duplicate_url", f"same URL as key {make_key(seen[url])}"
+            else:
+                seen[url] = row_id
+        verdicts.append((reason, detail))
+    return verdicts
 
 
 _HTTP = re.compile(r"HTTP Error (\d{3})")
@@ -66,19 +94,19 @@ def reason_from_error(message: str) -> tuple[str, str]:
 
 
 class ImageNormalizer:
-    """img2dataset 'resizer': bytes -> (jpeg, w, h, orig_w, orig_h, error) using our decoder."""
+    """img2dataset 'resizer': bytes -> (jpeg, w, h, orig_w, orig_h, error) using our decoder, with the limits of
+    the ``download`` settings."""
 
-    def __init__(self, cfg, images):
-        self.cfg, self.images = cfg, images
+    def __init__(self, settings, images):
+        self.settings, self.images = settings, images
 
     def __call__(self, img_stream, blurring_bbox_list=None):
         data = img_stream.read()
-        cfg = self.cfg
+        dl = self.settings
         try:
-            im, (ow, oh) = decode_image(
-                data, self.images.max_image_pixels, cfg.drop_animated, draft_size=cfg.max_side, orient=True
-            )
-            im = resize_max_side(im, cfg.max_side)
+            im, (ow, oh) = decode_image(data, self.images.max_image_pixels, dl.drop_animated, draft_size=dl.max_side,
+                                        orient=True)
+            im = resize_max_side(im, dl.max_side)
             return encode_jpeg(im, self.images.jpeg_quality), im.width, im.height, ow, oh, None
         except ImageRejected as err:
             return None, None, None, None, None, f"lvd:{err.reason}: {err.detail}"
@@ -116,81 +144,68 @@ class _ShardWriter:
 
 class DownloadStage(Stage):
     name = "download"
-
-    def __init__(self, cfg, root=None):
-        super().__init__(cfg, root)
-        self.dl = cfg.download
-        self.inputs = self.dir / "_inputs"
+    section = "download"
+    reads = ("url_lists",)
+    writes = ("download.shards", "download.status", "ledgers")
 
     # -- planning ----------------------------------------------------------------------------------------------
     def plan(self) -> list[Unit]:
-        plan_file = self.inputs / "plan.json"
+        plan_file = self.layout.download_plan
         if not plan_file.exists():
-            self._make_plan(plan_file)
+            self._make_plan()
         plan = json.loads(plan_file.read_text())
-        lost = [s for s, _ in plan["shards"] if not (self.inputs / f"{s}.arrow").exists()]
-        if lost or not accounting.ledger_path(self.root, self.name, "precheck").exists():
+        lost = [s for s, _ in plan["shards"] if not self.layout.download_input(s).exists()]
+        if lost or not self.layout.ledger_part(self.name, "precheck").exists():
             # an input shard or the precheck drops were deleted: planning is deterministic, so redo it (never
             # shrink the accounting), and refuse if it no longer gives the same plan
-            self._make_plan(plan_file)
+            self._make_plan()
             again = json.loads(plan_file.read_text())
             if again != plan:
                 raise RuntimeError(f"{plan_file}: re-planning the lost inputs gave a different plan (the URL lists "
                                    "changed since the run started); use a new run_root")
         return [Unit(s, {"rows": n}) for s, n in plan["shards"]]
 
-    def _make_plan(self, plan_file: Path) -> None:
-        table = read_url_lists(self.cfg.input.url_list, self.cfg.input.url_col, self.cfg.input.caption_col)
-        policy = UrlPolicy.from_config(self.dl)
-        seen: dict[str, int] = {}
-        keys, urls, reasons, details, ok = [], [], [], [], []
-        rows = zip(table["row_id"].to_pylist(), table["url"].to_pylist(), table["url_error"].to_pylist())
-        for row_id, url, url_error in rows:
-            reason = detail = None
-            try:
-                if url_error:
-                    raise Refused("bad_url", url_error)
-                policy.check_url(url)
-            except Refused as err:
-                reason, detail = err.reason, err.detail
-            if reason is None:
-                if url in seen:
-                    reason, detail = "duplicate_url", f"same URL as key {make_key(seen[url])}"
-                else:
-                    seen[url] = row_id
-            keys.append(make_key(row_id))
-            urls.append(url)
-            reasons.append(reason)
-            details.append(detail)
-            ok.append(reason is None)
-        refused = accounting.make_ledger("download", keys, urls, reasons, details)
-        refused = refused.filter(pa.compute.invert(refused["kept"]))
-        keep = table.drop_columns(["url_error"]).filter(pa.array(ok, pa.bool_()))
+    def _make_plan(self) -> None:
+        """Number and precheck every input row, write the refused ones as ledger unit ``precheck``, cut the rest
+        into input shards, then the plan (shards, their row counts and row ranges)."""
+        inputs = self.cfg.input  # CONFIG: the URL lists are configured in the `input` section
+        table = read_url_lists(inputs.url_list, inputs.url_col, inputs.caption_col)
+        row_ids, urls = table["row_id"].to_pylist(), table["url"].to_pylist()
+        verdicts = precheck(row_ids, urls, table["url_error"].to_pylist(), UrlPolicy.from_config(self.settings))
+        refused = [i for i, (reason, _) in enumerate(verdicts) if reason is not None]
+        ledger = accounting.make_ledger("download", [make_key(row_ids[i]) for i in refused], [urls[i] for i in refused],
+                                        [verdicts[i][0] for i in refused], [verdicts[i][1] for i in refused])
+        keep = table.drop_columns(["url_error"]).filter(pa.array([r is None for r, _ in verdicts], pa.bool_()))
         keep = keep.append_column("lvd_key", pa.array([make_key(r) for r in keep["row_id"].to_pylist()], pa.string()))
-        self.inputs.mkdir(parents=True, exist_ok=True)
+        shards, row_ranges = self._write_input_shards(keep, table.num_rows)
+        accounting.write_ledger(self.root, "download", "precheck", ledger)
+        write_json(self.layout.download_plan, {"shards": shards, "rows": table.num_rows,
+                                               "refused_before_fetch": ledger.num_rows, "row_ranges": row_ranges})
+
+    def _write_input_shards(self, keep: pa.Table, n_rows: int) -> tuple[list, dict]:
+        """Cut the rows to fetch into input shards of ``shard_size``; return [(shard, rows)] and each shard's range
+        of input rows [lo, hi): its fetched rows and the refused ones between them."""
+        size = self.settings.shard_size
+        self.layout.download_inputs_dir.mkdir(parents=True, exist_ok=True)
         shards, row_ranges = [], {}
         # at least one shard when there are rows at all: its status table also lists the URLs refused before fetch
-        starts = range(0, keep.num_rows or min(table.num_rows, 1), self.dl.shard_size)
-        for i, start in enumerate(starts):
-            part = keep.slice(start, self.dl.shard_size)
+        for i, start in enumerate(range(0, keep.num_rows or min(n_rows, 1), size)):
+            part = keep.slice(start, size)
             sid = f"{i:05d}"
-            with atomic_path(self.inputs / f"{sid}.arrow") as tmp:
+            with atomic_path(self.layout.download_input(sid)) as tmp:
                 with ipc.new_file(tmp, part.schema) as w:
                     w.write_table(part)
             shards.append((sid, part.num_rows))
-            # input rows [lo, hi) belong to this shard: its fetched rows and the refused ones between them
-            nxt = start + self.dl.shard_size
+            nxt = start + size
             row_ranges[sid] = [0 if i == 0 else keep["row_id"][start].as_py(),
-                               keep["row_id"][nxt].as_py() if nxt < keep.num_rows else table.num_rows]
-        accounting.write_ledger(self.root, "download", "precheck", refused)
-        write_json(plan_file, {"shards": shards, "rows": table.num_rows, "refused_before_fetch": refused.num_rows,
-                               "row_ranges": row_ranges})
+                               keep["row_id"][nxt].as_py() if nxt < keep.num_rows else n_rows]
+        return shards, row_ranges
 
     def _refused_status_rows(self, unit: Unit) -> list[dict]:
         """Status rows for the URLs of this shard's row range that were refused before any fetch."""
-        lo, hi = json.loads((self.inputs / "plan.json").read_text())["row_ranges"][unit.id]
+        lo, hi = json.loads(self.layout.download_plan.read_text())["row_ranges"][unit.id]
         ledger = pq.read_table(  # keys are sorted: row-group statistics skip the other shards' rows
-            accounting.ledger_path(self.root, self.name, "precheck"),
+            self.layout.ledger_part(self.name, "precheck"),
             filters=(pc.field("key") >= make_key(lo)) & (pc.field("key") < make_key(hi)),
         )
         return [
@@ -201,52 +216,14 @@ class DownloadStage(Stage):
         ]
 
     # -- one shard ---------------------------------------------------------------------------------------------
-    def is_done(self, unit: Unit) -> bool:
-        return accounting.ledger_path(self.root, self.name, unit.id).exists()
-
     def run_unit(self, unit: Unit) -> dict:
-        previous_opener = urllib.request._opener  # restored after: in-process runs must not leak the policy
-        install_safe_opener(UrlPolicy.from_config(self.dl), self.dl.use_env_proxy, self.dl.max_bytes,
-                            self.dl.deadline_s or 3 * self.dl.timeout_s)
-        try:
-            return self._download(unit)
-        finally:
-            urllib.request.install_opener(previous_opener)
-
-    def _download(self, unit: Unit) -> dict:
-        from img2dataset.downloader import Downloader
-
-        sink = {"tar": self.dir / f"{unit.id}.tar", "rows": []}
-        columns = ["url", "caption", "lvd_key", "row_id"]
-        downloader = Downloader(
-            sample_writer_class=partial(_ShardWriter, sink=sink),
-            resizer=ImageNormalizer(self.dl, self.cfg.images),
-            thread_count=self.dl.threads,
-            save_caption=True,
-            extract_exif=False,
-            output_folder=str(self.dir),
-            column_list=columns,
-            timeout=self.dl.timeout_s,
-            number_sample_per_shard=max(self.dl.shard_size, 10),
-            oom_shard_count=5,
-            compute_hash="sha256",
-            verify_hash_type=None,
-            encode_format="jpg",
-            retries=self.dl.retries,
-            user_agent_token=self.dl.user_agent_token,
-            disallowed_header_directives=self.dl.disallowed_header_directives,
-        )
-        # img2dataset deletes the shard file it was given: hand it a temporary link, so the input outlives the
-        # unit's completion marker (a unit killed after that delete, or whose ledger is removed, can be redone).
-        with temporary_link(self.inputs / f"{unit.id}.arrow") as consumable:
-            ok, _ = downloader((int(unit.id), str(consumable)))
-        if not ok:
-            raise RuntimeError(f"img2dataset failed on shard {unit.id} (traceback above)")
-        rows = sorted(sink["rows"], key=lambda r: r["row_id"])
+        dl = self.settings
+        with safe_urlopen(UrlPolicy.from_config(dl), dl.use_env_proxy, dl.max_bytes, dl.deadline_s or 3 * dl.timeout_s):
+            rows = self._fetch(unit)
         if len(rows) != unit.payload["rows"]:
             raise RuntimeError(f"shard {unit.id}: {len(rows)} status rows for {unit.payload['rows']} URLs")
         status = sorted(rows + self._refused_status_rows(unit), key=lambda r: r["row_id"])
-        write_table(self.dir / f"{unit.id}.parquet", pa.Table.from_pylist(status), "download_status")
+        write_table(self.layout.download_status(unit.id), pa.Table.from_pylist(status), "download_status")
         ledger = accounting.make_ledger(
             "download", [r["key"] for r in rows], [r["url"] for r in rows], [r["reason"] for r in rows],
             [r["error_message"] if r["reason"] else None for r in rows],
@@ -254,3 +231,34 @@ class DownloadStage(Stage):
         accounting.write_ledger(self.root, self.name, unit.id, ledger)
         n_ok = sum(r["status"] == "success" for r in rows)
         return {"ok": n_ok, "failed": len(rows) - n_ok}
+
+    def _fetch(self, unit: Unit) -> list[dict]:
+        """Fetch the shard's URLs with img2dataset's downloader into ``download/<shard>.tar``; return its status
+        rows, sorted by row id."""
+        dl = self.settings
+        sink = {"tar": self.layout.download_tar(unit.id), "rows": []}
+        downloader = img2dataset_downloader()(
+            sample_writer_class=partial(_ShardWriter, sink=sink),
+            resizer=ImageNormalizer(dl, self.images),
+            thread_count=dl.threads,
+            save_caption=True,
+            extract_exif=False,
+            output_folder=str(self.dir),
+            column_list=["url", "caption", "lvd_key", "row_id"],
+            timeout=dl.timeout_s,
+            number_sample_per_shard=max(dl.shard_size, 10),
+            oom_shard_count=5,
+            compute_hash="sha256",
+            verify_hash_type=None,
+            encode_format="jpg",
+            retries=dl.retries,
+            user_agent_token=dl.user_agent_token,
+            disallowed_header_directives=dl.disallowed_header_directives,
+        )
+        # img2dataset deletes the shard file it was given: hand it a temporary link, so the input outlives the
+        # unit's completion marker (a unit killed after that delete, or whose ledger is removed, can be redone).
+        with temporary_link(self.layout.download_input(unit.id)) as consumable:
+            ok, _ = downloader((int(unit.id), str(consumable)))
+        if not ok:
+            raise RuntimeError(f"img2dataset failed on shard {unit.id} (traceback above)")
+        return sorted(sink["rows"], key=lambda r: r["row_id"])

@@ -12,21 +12,27 @@ Units are the download shards (same ids).  A unit's input is the keys the downlo
    ``filter.nsfw_threshold`` is ``nsfw``; face boxes are Gaussian-blurred in the stored image
    (``filter.blur_faces``).
 
+The verdicts are :func:`filter_verdict`, a pure function of what is known of the image (:class:`ImageFacts`).
 Kept images go to ``filter/NNNNN.tar`` with their original bytes, or re-encoded JPEG (``images.jpeg_quality``)
-when a face was blurred (the json gains ``faces_blurred``); then the ledger part.
+when a face was blurred (the json gains ``faces_blurred``) or the download stored another format; then the
+ledger part.
 
 Detector "nudenet" without the optional extra: ``on_missing_detector: warn`` prints
-:data:`~curation.detectors.MISSING_DETECTOR_MESSAGE` once and skips NSFW/face checks; ``fail`` raises
-:class:`~curation.detectors.DetectorUnavailable` from :meth:`FilterStage.plan`, before any unit runs.
+:data:`~curation.detectors.MISSING_DETECTOR_MESSAGE` once per run (from :meth:`FilterStage.plan`, in the driver)
+and skips NSFW/face checks; ``fail`` raises :class:`~curation.detectors.DetectorUnavailable` from
+:meth:`FilterStage.plan`, before any unit runs.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import pyarrow.parquet as pq
+from PIL import Image
 
 from curation import accounting
+from curation.config import FilterConfig
 from curation.detectors import (
     MISSING_DETECTOR_MESSAGE,
     Detector,
@@ -37,124 +43,147 @@ from curation.detectors import (
     make_detector,
 )
 from curation.images import ImageRejected, decode_image, encode_jpeg
+from curation.samples import image_member
 from curation.stages.base import Stage, Unit
 from curation.storage import TarShardWriter, iter_tar_samples
 
-_warned = False
+Verdict = tuple[str | None, str | None]  # (drop reason, detail); (None, None) keeps the image
 
 
-def _warn_missing_once() -> None:
-    global _warned
-    if not _warned:
-        print(MISSING_DETECTOR_MESSAGE, flush=True)
-        _warned = True
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the filter knows of one input image: why the decoder rejected it (its reason and detail), or its
+    size; and, once the detector has run, its NSFW score and the detector's name.  Neither a size nor a
+    rejection: the image is missing from the download shard."""
+
+    size: tuple[int, int] | None = None
+    rejected: tuple[str, str] | None = None
+    nsfw: float | None = None
+    detector: str = ""
+
+
+def filter_verdict(facts: ImageFacts, settings: FilterConfig) -> Verdict:
+    """The filter's verdict on one image, checks in the order of the module docstring; the NSFW check applies
+    once the image was scored (``facts.nsfw`` not None)."""
+    if facts.rejected is not None:
+        reason, detail = facts.rejected
+        if reason == "decompression_bomb":
+            return "decompression_bomb", detail
+        return "undecodable", f"{reason}: {detail}"
+    if facts.size is None:
+        return "undecodable", "no image in the download shard"
+    w, h = facts.size
+    short, long_ = min(w, h), max(w, h)
+    if short < settings.min_side:
+        return "too_small", f"{w}x{h}, shorter side {short} < {settings.min_side}"
+    if long_ / short > settings.max_aspect:
+        return "bad_aspect", f"{w}x{h}, aspect {long_ / short:.2f} > {settings.max_aspect}"
+    if facts.nsfw is not None and facts.nsfw > settings.nsfw_threshold:
+        return "nsfw", f"score {facts.nsfw:.3f} > {settings.nsfw_threshold} ({facts.detector})"
+    return None, None
 
 
 class FilterStage(Stage):
     name = "filter"
-
-    def __init__(self, cfg, root=None, detector: Detector | None = None):
-        super().__init__(cfg, root)
-        self.fc = cfg.filter
-        self._detector = detector
+    section = "filter"
+    reads = ("download.shards", "ledgers")
+    writes = ("filter.shards", "ledgers")
 
     # -- detector ----------------------------------------------------------------------------------------------
     def check_detector(self) -> None:
-        """Fail (on_missing_detector: fail) or warn once, before any work, when the detector is missing."""
-        if self._detector is not None or detector_available(self.fc.detector):
+        """Before any work, when the detector is missing: fail (on_missing_detector: fail), or print the warning
+        (plan() calls this once per run, in the driver)."""
+        if detector_available(self.settings.detector):
             return
-        if self.fc.on_missing_detector == "fail":
+        if self.settings.on_missing_detector == "fail":
             raise DetectorUnavailable(
-                f"filter.detector is {self.fc.detector!r} but it is not installed: pip install 'lvd[detect]', "
+                f"filter.detector is {self.settings.detector!r} but it is not installed: pip install 'lvd[detect]', "
                 "or set filter.detector: none, or filter.on_missing_detector: warn"
             )
-        _warn_missing_once()
+        print(MISSING_DETECTOR_MESSAGE, flush=True)
 
-    def detector(self) -> Detector:
-        if self._detector is None:
-            try:
-                self._detector = make_detector(self.fc.detector, self.fc.face_threshold)
-            except DetectorUnavailable:
-                if self.fc.on_missing_detector == "fail":
-                    raise
-                # the driver printed the warning in plan(); unit tasks (Ray workers) stay quiet
-                self._detector = NullDetector()
-        return self._detector
+    def setup(self) -> None:
+        """Load the detector once per worker; a missing one is the NullDetector (the driver warned in plan())."""
+        try:
+            self.detector: Detector = make_detector(self.settings.detector, self.settings.face_threshold)
+        except DetectorUnavailable:
+            if self.settings.on_missing_detector == "fail":
+                raise
+            self.detector = NullDetector()
 
     # -- units -------------------------------------------------------------------------------------------------
     def plan(self) -> list[Unit]:
         self.check_detector()
-        units = []
-        for ledger in sorted(accounting.ledger_dir(self.root, "download").glob("[0-9]*.parquet")):
-            sid = ledger.stem
-            if (self.root / "download" / f"{sid}.tar").exists():
-                units.append(Unit(sid))
-        return units
-
-    def is_done(self, unit: Unit) -> bool:
-        return accounting.ledger_path(self.root, self.name, unit.id).exists()
+        return [Unit(p.stem) for p in self.layout.shard_ledger_parts("download")
+                if self.layout.download_tar(p.stem).exists()]
 
     def run_unit(self, unit: Unit) -> dict:
-        fc = self.fc
-        prev = pq.read_table(accounting.ledger_path(self.root, "download", unit.id), columns=["key", "url", "kept"])
-        urls = {k: u for k, u, kept in zip(*(prev[c].to_pylist() for c in ("key", "url", "kept"))) if kept}
-        verdict: dict[str, tuple[str | None, str | None]] = {}
-        survivors = []  # (key, members, image)
-        for key, members in iter_tar_samples(self.root / "download" / f"{unit.id}.tar"):
+        ledger = pq.read_table(self.layout.ledger_part("download", unit.id), columns=["key", "url", "kept"])
+        urls = {k: u for k, u, kept in zip(*(ledger[c].to_pylist() for c in ("key", "url", "kept"))) if kept}
+        verdicts, survivors = self._decode_and_check(unit.id, urls)
+        n_blurred = self._detect_and_write(unit.id, survivors, urls, verdicts)
+        keys = sorted(verdicts)
+        ledger = accounting.make_ledger(self.name, keys, [urls[k] for k in keys], [verdicts[k][0] for k in keys],
+                                        [verdicts[k][1] for k in keys])
+        accounting.write_ledger(self.root, self.name, unit.id, ledger)
+        kept = sum(v[0] is None for v in verdicts.values())
+        return {"kept": kept, "dropped": len(keys) - kept, "blurred": n_blurred}
+
+    def _decode_and_check(self, unit_id: str, urls: dict[str, str]) -> tuple[dict[str, Verdict], list]:
+        """Decode each input image of the download shard and judge what decoding tells; return every input key's
+        verdict so far and the survivors (key, tar members, image) for the detector.  An input key absent from the
+        tar is judged too: never lost."""
+        verdicts: dict[str, Verdict] = {}
+        survivors = []
+        for key, members in iter_tar_samples(self.layout.download_tar(unit_id)):
             if key not in urls:
                 continue  # not an input of this stage (cannot happen for a consistent download)
-            data = members.get("jpg") or members.get("jpeg") or members.get("png") or members.get("webp") or b""
+            ext = image_member(members)
             try:
-                im, _ = decode_image(data, self.cfg.images.max_image_pixels, drop_animated=False)
+                im, _ = decode_image(members[ext] if ext else b"", self.images.max_image_pixels, drop_animated=False)
             except ImageRejected as err:
-                reason = "decompression_bomb" if err.reason == "decompression_bomb" else "undecodable"
-                verdict[key] = (reason, f"{err.reason}: {err.detail}" if reason == "undecodable" else err.detail)
+                verdicts[key] = filter_verdict(ImageFacts(rejected=(err.reason, err.detail)), self.settings)
                 continue
-            w, h = im.size
-            short, long_ = min(w, h), max(w, h)
-            if short < fc.min_side:
-                verdict[key] = ("too_small", f"{w}x{h}, shorter side {short} < {fc.min_side}")
-            elif long_ / short > fc.max_aspect:
-                verdict[key] = ("bad_aspect", f"{w}x{h}, aspect {long_ / short:.2f} > {fc.max_aspect}")
-            else:
+            verdicts[key] = filter_verdict(ImageFacts(size=im.size), self.settings)
+            if verdicts[key][0] is None:
                 survivors.append((key, members, im))
-        missing = set(urls) - set(verdict) - {s[0] for s in survivors}
-        for key in missing:  # kept by download but absent from its tar: count it as undecodable, never lose it
-            verdict[key] = ("undecodable", "no image in the download shard")
+        for key in set(urls) - set(verdicts):
+            verdicts[key] = filter_verdict(ImageFacts(), self.settings)
+        return verdicts, survivors
 
-        detector = self.detector()
+    def _detect_and_write(self, unit_id: str, survivors: list, urls: dict[str, str],
+                          verdicts: dict[str, Verdict]) -> int:
+        """Run the detector on the survivors in batches, judge their NSFW scores into `verdicts`, and write the
+        kept ones to ``filter/<shard>.tar``; return how many had faces blurred."""
+        fc, detector = self.settings, self.detector
         n_blurred = 0
-        out = TarShardWriter(self.dir / f"{unit.id}.tar")
+        out = TarShardWriter(self.layout.filter_tar(unit_id))
         try:
             for start in range(0, len(survivors), fc.batch_size):
                 batch = survivors[start : start + fc.batch_size]
-                dets = detector.detect([s[2] for s in batch])
+                dets = detector.detect([im for _, _, im in batch])
                 if len(dets) != len(batch):
                     raise RuntimeError(f"detector {detector.name!r} returned {len(dets)} results for {len(batch)}")
                 for (key, members, im), det in zip(batch, dets):
-                    if det.nsfw > fc.nsfw_threshold:
-                        verdict[key] = ("nsfw", f"score {det.nsfw:.3f} > {fc.nsfw_threshold} ({detector.name})")
-                        continue
-                    verdict[key] = (None, None)
-                    info = json.loads(members["json"]) if "json" in members else {"key": key, "url": urls[key]}
-                    if fc.blur_faces and det.faces:
-                        image = encode_jpeg(blur_boxes(im, det.faces), self.cfg.images.jpeg_quality)
-                        info["faces_blurred"] = len(det.faces)
-                        n_blurred += 1
-                    else:
-                        image = members.get("jpg") or members.get("jpeg") or members.get("png") or members["webp"]
-                        ext = next(e for e in ("jpg", "jpeg", "png", "webp") if e in members)
-                        if ext != "jpg":
-                            image = encode_jpeg(im, self.cfg.images.jpeg_quality)  # the pool is JPEG throughout
-                    out.write(key, {"jpg": image, "json": info})
+                    verdicts[key] = filter_verdict(ImageFacts(im.size, nsfw=det.nsfw, detector=detector.name), fc)
+                    if verdicts[key][0] is None:
+                        blur = fc.blur_faces and bool(det.faces)
+                        out.write(key, self._kept_sample(key, urls[key], members, im, det.faces if blur else []))
+                        n_blurred += blur
         except BaseException:
             out.abort()
             raise
         out.close()
-        keys = sorted(verdict)
-        ledger = accounting.make_ledger(
-            self.name, keys, [urls[k] for k in keys], [verdict[k][0] for k in keys], [verdict[k][1] for k in keys]
-        )
-        accounting.write_ledger(self.root, self.name, unit.id, ledger)
-        kept = sum(v[0] is None for v in verdict.values())
-        return {"kept": kept, "dropped": len(keys) - kept, "blurred": n_blurred}
+        return n_blurred
+
+    def _kept_sample(self, key: str, url: str, members: dict, im: Image.Image, faces: list) -> dict:
+        """A kept image's tar members: its original bytes when they are a JPEG and no face is blurred, else the
+        image (faces blurred) re-encoded as JPEG: the pool is JPEG throughout."""
+        info = json.loads(members["json"]) if "json" in members else {"key": key, "url": url}
+        ext = image_member(members)
+        if faces:
+            info["faces_blurred"] = len(faces)
+            return {"jpg": encode_jpeg(blur_boxes(im, faces), self.images.jpeg_quality), "json": info}
+        if ext != "jpg":
+            return {"jpg": encode_jpeg(im, self.images.jpeg_quality), "json": info}
+        return {"jpg": members[ext], "json": info}

@@ -23,8 +23,6 @@ import sys
 import traceback
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
 from curation import storage  # noqa: E402
 from curation.config import load_config  # noqa: E402
 from curation.runner import run_pipeline  # noqa: E402
@@ -33,10 +31,12 @@ import curation.knn  # noqa: E402,F401
 import curation.models.embedder  # noqa: E402,F401
 import curation.models.sscd  # noqa: E402,F401
 import curation.stages  # noqa: E402,F401
+from curation.stages.download import img2dataset_downloader  # noqa: E402
 import faiss  # noqa: E402
-import img2dataset.downloader  # noqa: E402,F401
 import torch  # noqa: E402
 import torch.utils.data  # noqa: E402,F401
+
+img2dataset_downloader()  # imports img2dataset (and its albumentations) once, before forking
 
 
 def _child(cfg: dict, log: Path, kill_at: int | None, count_file: Path | None) -> None:

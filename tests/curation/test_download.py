@@ -101,6 +101,25 @@ def _jpeg(arr, **save) -> bytes:
     return buf.getvalue()
 
 
+def test_precheck_verdicts_in_memory():
+    """The verdict on each URL row before any fetch: refusals name the policy's reason, a repeat names the first
+    row's key, and a repeat of a refused URL keeps its own refusal."""
+    from curation.stages.download import precheck
+    from curation.urlsafety import UrlPolicy
+
+    rows = [(7, "http://8.8.8.8/a.jpg", None), (8, "http://ads.blocked.example/x.jpg", None),
+            (9, "http://10.0.0.1/a.jpg", None), (10, "http://8.8.8.8/a.jpg", None),
+            (11, None, "url is not UTF-8 text"), (12, "http://10.0.0.1/a.jpg", None), (13, "ftp://8.8.8.8/b", None),
+            (14, "http://8.8.4.4/b.jpg", None)]
+    got = precheck(*map(list, zip(*rows)), UrlPolicy(blocklist_domains=["blocked.example"]))
+    assert [reason for reason, _ in got] == [None, "blocked_domain", "private_address", "duplicate_url", "bad_url",
+                                             "private_address", "bad_url", None]
+    assert got[0] == got[-1] == (None, None)
+    assert got[3] == ("duplicate_url", "same URL as key 0000000007")
+    assert got[4] == ("bad_url", "url is not UTF-8 text")
+    assert "10.0.0.1" in got[2][1] and "download.allow_networks" in got[2][1]
+
+
 def _normalize(data, **dl):
     from curation.config import DownloadConfig, ImagesConfig
     from curation.stages.download import ImageNormalizer, reason_from_error

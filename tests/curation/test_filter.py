@@ -15,7 +15,8 @@ from curation import accounting
 from curation.config import load_config
 from curation.detectors import Detection, Detector, NudeNetDetector, DetectorUnavailable, blur_boxes
 from curation.runner import run_pipeline
-from curation.stages import filter as filter_mod
+from curation.config import FilterConfig
+from curation.stages.filter import ImageFacts, filter_verdict
 from curation.storage import TarShardWriter, iter_tar_samples
 
 
@@ -130,7 +131,6 @@ def test_detector_none_skips_nsfw(tmp_path):
 
 def test_missing_detector_warns_once_and_skips(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("curation.detectors.nudenet_model_path", lambda: None)  # the extra is absent
-    monkeypatch.setattr(filter_mod, "_warned", False)
     with pytest.raises(DetectorUnavailable):
         NudeNetDetector()
     root, cfg = _make_download_run(tmp_path, {"detector": "nudenet", "on_missing_detector": "warn"})
@@ -166,3 +166,21 @@ def test_blur_boxes_only_touches_the_box():
     a, b = np.asarray(im, np.float32), np.asarray(out, np.float32)
     assert np.array_equal(a[45:], b[45:]) and np.array_equal(a[:, 55:], b[:, 55:])
     assert np.abs(a[10:40, 10:50] - b[10:40, 10:50]).mean() > 1
+
+
+def test_filter_verdict_in_memory():
+    """Every reason of the filter from image facts alone, at and around each limit, in the documented order."""
+    fc = FilterConfig(min_side=48, max_aspect=4.0, nsfw_threshold=0.5)
+    assert filter_verdict(ImageFacts(size=(48, 192)), fc) == (None, None)  # both limits are inclusive
+    assert filter_verdict(ImageFacts(size=(47, 100)), fc) == ("too_small", "47x100, shorter side 47 < 48")
+    assert filter_verdict(ImageFacts(size=(48, 193)), fc) == ("bad_aspect", "48x193, aspect 4.02 > 4.0")
+    assert filter_verdict(ImageFacts(size=(10, 400)), fc)[0] == "too_small"  # size before aspect
+    bomb = ImageFacts(rejected=("decompression_bomb", "1200x1000 = 1200000 pixels > 1000000"))
+    assert filter_verdict(bomb, fc) == ("decompression_bomb", "1200x1000 = 1200000 pixels > 1000000")
+    assert filter_verdict(ImageFacts(rejected=("truncated", "image file is truncated")), fc) == (
+        "undecodable", "truncated: image file is truncated")
+    assert filter_verdict(ImageFacts(), fc) == ("undecodable", "no image in the download shard")
+    assert filter_verdict(ImageFacts(size=(100, 100), nsfw=0.5, detector="colour"), fc) == (None, None)
+    assert filter_verdict(ImageFacts(size=(100, 100), nsfw=0.51, detector="colour"), fc) == (
+        "nsfw", "score 0.510 > 0.5 (colour)")
+    assert filter_verdict(ImageFacts(size=(47, 100), nsfw=0.9), fc)[0] == "too_small"  # NSFW is judged last

@@ -11,7 +11,9 @@ from PIL import Image, ImageOps
 from curation import accounting
 from curation.config import load_config
 from curation.runner import run_pipeline
-from curation.stages.hash import border_fill, fit_pca, near_pairs, pca_hashes
+from curation.config import HashConfig
+from curation.hashing import fit_pca, near_pairs, pca_hashes
+from curation.stages.hash import border_fill, group_images
 from curation.storage import TarShardWriter
 from schemas import validate
 
@@ -42,6 +44,28 @@ def test_pca_hash_ignores_brightness_and_is_deterministic():
     a, b = pca_hashes(thumbs, pca), pca_hashes(brighter, pca)
     assert a.shape == (200, 8)
     assert np.unpackbits(a ^ b, axis=1).sum(1).max() <= 3
+
+
+@pytest.mark.parametrize("method", ["pca", "phash"])
+def test_group_images_in_memory(method):
+    """Same pixels join a group whatever their codes; near codes join one; every other image is alone."""
+    rng = np.random.default_rng(2)
+    thumbs = rng.integers(0, 200, (30, 16 * 16)).astype(np.uint8)
+    thumbs[1] = thumbs[0]  # a re-encoded copy: same thumbnail, other pixels
+    thumbs[2] = thumbs[0] + 20  # brighter (no clipping): the same standardised thumbnail, up to rounding
+    sha = [f"sha{i}" for i in range(30)]
+    sha[20] = sha[10]  # same pixels, unrelated thumbnails (the exact link alone joins them)
+    settings = HashConfig(method=method, bits=64, thumb_side=16, hamming_threshold=3, pca_sample=1000)
+    g = group_images(sha, thumbs, settings, seed=0)
+    assert g.codes.shape == (30, 8) and (g.pca is not None) == (method == "pca")
+    assert g.labels[0] == g.labels[1] == g.labels[2] == 0 and g.sizes[0] == 3
+    assert g.labels[10] == g.labels[20] == 10 and g.sizes[20] == 2
+    alone = [i for i in range(30) if i not in (0, 1, 2, 10, 20)]
+    assert list(g.labels[alone]) == alone and set(g.sizes[alone]) == {1}
+    strict = group_images(sha, thumbs, settings.model_copy(update={"hamming_threshold": 0}), seed=0)
+    assert strict.labels[1] == 0 and strict.labels[20] == 10  # equal codes and same pixels need no distance
+    empty = group_images([], np.zeros((0, 256), np.uint8), settings, seed=0)
+    assert empty.codes.shape == (0, 8) and len(empty.labels) == len(empty.sizes) == 0
 
 
 def _img(seed, w=160, h=120):

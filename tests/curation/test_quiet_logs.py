@@ -3,8 +3,10 @@ Ray uploading .git/.venv with a job."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 from curation.config import load_config
@@ -22,6 +24,36 @@ def test_faiss_loader_lines_silenced_under_info_logging():
     assert res.returncode == 0, res.stderr
     assert "faiss.loader" not in res.stderr and "Could not load library" not in res.stderr, res.stderr
     assert "still logging" in res.stderr  # only faiss's loader is quieted
+
+
+def test_importing_img2dataset_does_not_phone_home():
+    """img2dataset imports albumentations, whose import asks pypi.org for its latest version unless
+    NO_ALBUMENTATIONS_UPDATE is set: the download stage's import of img2dataset sets it, whatever the caller's
+    environment.  The probe records (and refuses) every connection; that it sees the check when the check runs
+    shows it would see one at import."""
+    code = textwrap.dedent("""
+        import socket, sys, warnings
+        tried = []
+        def refuse(address, *args, **kwargs):
+            tried.append(address[0])
+            raise OSError("no network in this test")
+        socket.create_connection = refuse
+        from curation.stages.download import img2dataset_downloader
+        img2dataset_downloader()
+        assert "albumentations" in sys.modules
+        print("import:", tried)
+        from albumentations.check_version import check_for_updates
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            check_for_updates()
+        print("check:", tried)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "import: []" in res.stdout, res.stdout
+    assert "check: ['pypi.org']" in res.stdout, res.stdout
 
 
 def test_embed_stage_starts_no_more_workers_than_cpus(tmp_path, recwarn):

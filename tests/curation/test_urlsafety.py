@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from curation.urlsafety import Refused, UrlPolicy, build_safe_opener
+from curation.urlsafety import Refused, UrlPolicy, build_safe_opener, safe_urlopen
 from tests.curation.loopback import Handler, serve, tls_cert
 
 
@@ -70,6 +70,20 @@ def test_redirect_targets_are_checked(server):
         with pytest.raises(Refused) as info:
             opener.open(f"{server}{path}", timeout=5)
         assert info.value.reason == reason
+
+
+def test_safe_urlopen_applies_the_policy_only_while_it_lasts(server, monkeypatch):
+    """urlopen (what img2dataset calls) obeys the policy inside the context, and builds its default opener again
+    after it, also when the body raised: an in-process run does not leak the policy."""
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)  # the default opener reaches 127.0.0.1 directly
+    with pytest.raises(RuntimeError, match="unit failed"):
+        with safe_urlopen(UrlPolicy()):  # loopback not allowed
+            with pytest.raises(OSError, match="lvd:private_address"):  # Refused, or URLError wrapping it
+                urllib.request.urlopen(f"{server}/ok", timeout=5)
+            raise RuntimeError("unit failed")
+    with urllib.request.urlopen(f"{server}/ok", timeout=5) as r:
+        assert r.read() == b"final"
 
 
 def test_hostnames_are_checked_after_resolution(server):
