@@ -1,14 +1,14 @@
 """Accounting: every input row ends in exactly one place, a kept sample or a drop row naming stage and reason.
 
 Each stage that can drop rows writes, per unit of work, a *ledger* part (``RUN/<stage>/_ledger/<unit>.parquet``)
-with one row per key it received: kept, or dropped with a reason from :data:`schemas.DROP_REASONS`.  The ledger
-part is the last file a unit writes, so it also marks the unit complete.  From the ledgers we derive
+with one row per key it received: kept, or dropped with a reason from :data:`schemas.DROP_REASONS` (paths:
+:class:`curation.layout.RunLayout`).  From the ledgers we derive
 
 * the keys a stage passes on (:func:`kept_keys`),
 * ``stats/drops.parquet`` (every dropped row of every stage) and ``stats/funnel.parquet`` (rows in / kept /
   dropped per stage), rebuilt after each stage by :func:`update_stats`,
-* the invariant checks of :func:`check_invariants`: each key appears once per stage, and a stage received
-  exactly the keys the previous stage kept.
+* the invariant checks of :func:`check_invariants` (Arrow anti-joins, never a Python set of every key): each
+  key appears once per stage, and a stage received exactly the keys the previous stage kept.
 """
 
 from __future__ import annotations
@@ -20,13 +20,9 @@ from typing import Iterable, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.config import STAGE_ORDER
+from curation.layout import LEDGER_STAGES, STAGE_ORDER, RunLayout
 from curation.storage import read_tables, write_table
 from schemas.tables import DROP_REASONS, LEDGER
-
-# Stages that judge rows (and so write ledgers), in pipeline order.
-# (hash drops nothing: its groups are edges of the dedup stage's duplicate graph, which judges them)
-LEDGER_STAGES = ("download", "filter", "dedup", "retrieve")
 
 
 class AccountingError(RuntimeError):
@@ -34,11 +30,11 @@ class AccountingError(RuntimeError):
 
 
 def ledger_dir(root: Path, stage: str) -> Path:
-    return Path(root) / stage / "_ledger"
+    return RunLayout(root).ledger_dir(stage)
 
 
 def ledger_path(root: Path, stage: str, unit_id: str) -> Path:
-    return ledger_dir(root, stage) / f"{unit_id}.parquet"
+    return RunLayout(root).ledger_part(stage, unit_id)
 
 
 def make_ledger(
@@ -74,7 +70,7 @@ def write_ledger(root: Path, stage: str, unit_id: str, table: pa.Table) -> None:
 
 
 def read_ledger(root: Path, stage: str) -> pa.Table:
-    return read_tables(sorted(ledger_dir(root, stage).glob("*.parquet")), "ledger")
+    return read_tables(RunLayout(root).ledger_parts(stage), "ledger")
 
 
 def kept_keys(root: Path, stage: str) -> pa.Table:
@@ -85,18 +81,18 @@ def kept_keys(root: Path, stage: str) -> pa.Table:
 
 
 def previous_ledger_stage(stage: str) -> str | None:
-    """The nearest ledger stage before `stage` (whose kept keys are `stage`'s input)."""
-    earlier = [s for s in LEDGER_STAGES if STAGE_ORDER.index(s) < STAGE_ORDER.index(stage)]
-    return earlier[-1] if earlier else None
+    """The nearest ledger stage before `stage` (whose kept keys are `stage`'s input in a run of every stage)."""
+    return RunLayout(Path()).input_ledger_stage(stage)
 
 
 def completed_ledger_stages(root: Path) -> list[str]:
-    return [s for s in LEDGER_STAGES if any(ledger_dir(root, s).glob("*.parquet"))]
+    layout = RunLayout(root)
+    return [s for s in LEDGER_STAGES if layout.ledger_parts(s)]
 
 
 def planned_rows(root: Path) -> int | None:
     """The number of input rows (URLs) the download plan numbered, or None before planning."""
-    plan = Path(root) / "download" / "_inputs" / "plan.json"
+    plan = RunLayout(root).download_plan
     return json.loads(plan.read_text())["rows"] if plan.exists() else None
 
 
@@ -146,13 +142,15 @@ def update_stats(root: Path) -> tuple[pa.Table, pa.Table]:
         funnel_rows["kept"].append(n_kept)
         funnel_rows["dropped"].append(t.num_rows - n_kept)
         drops.append(t.filter(pc.invert(t["kept"])).select(["stage", "key", "url", "reason", "detail"]))
-    funnel = write_table(root / "stats" / "funnel.parquet", pa.table(funnel_rows), "funnel")
+    layout = RunLayout(root)
+    funnel = write_table(layout.stats("funnel"), pa.table(funnel_rows), "funnel")
     drops_t = pa.concat_tables(drops) if drops else None
     if drops_t is None:
         from schemas import empty
 
         drops_t = empty("drops")
-    drops_t = write_table(root / "stats" / "drops.parquet", drops_t.sort_by([("stage", "ascending"), ("key", "ascending")]), "drops")
+    drops_t = write_table(layout.stats("drops"), drops_t.sort_by([("stage", "ascending"), ("key", "ascending")]),
+                          "drops")
     return funnel, drops_t
 
 

@@ -197,6 +197,13 @@ class RunLayout:
     def retrieve_set_dir(self, set_name: str) -> Path:
         return self.root / "retrieve" / "sets" / set_name
 
+    def retrieve_set_selection(self, set_name: str) -> Path:
+        return self.retrieve_set_dir(set_name) / "selection.parquet"
+
+    def retrieve_set_dirs(self) -> list[Path]:
+        """The per-set folders the retrieve stage wrote (``RUN/retrieve/sets/<set>``), by name."""
+        return sorted(p for p in (self.root / "retrieve" / "sets").glob("*") if p.is_dir())
+
     # -------------------------------------------------------------------------------------------------- shards
     @property
     def shards_dir(self) -> Path:
@@ -216,3 +223,19 @@ class RunLayout:
     @property
     def shards_index(self) -> Path:
         return self.shards_meta / "index.parquet"
+
+    @property
+    def shards_plan(self) -> Path:
+        """Every selected image's shard, position and source location (the stage's plan)."""
+        return self.shards_meta / "_plan.parquet"
+
+    def shards_index_part(self, name: str) -> Path:
+        """The index rows of output shard ``name`` (merged into ``shards_index`` by finalize)."""
+        return self.shards_meta / "_index" / f"{name}.parquet"
+
+    def shards_index_parts(self) -> list[Path]:
+        return sorted((self.shards_meta / "_index").glob("lvd-*.parquet"))
+
+    def shards_staging(self, set_name: str) -> Path:
+        """The staging tar of an ``as_is`` anchor set's selected images (outside ``shards/``)."""
+        return self.shards_meta / "_staging" / f"{set_name}.tar"

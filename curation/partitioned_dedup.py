@@ -8,9 +8,9 @@
 * components: :func:`curation.edge_components.streamed_components` over both edge sets (int64 labels, memory
   O(nodes)).
 
-:func:`partitioned_dedup_graph` returns the arrays the dedup stage reads today (n x k neighbour tables, assembled
-from the block files), so the stage can switch on ``pool_plan(...) is not None`` with a one-line change; the
-edge files and the per-block results stay under ``work_dir`` for a stage that streams them instead.
+:func:`partitioned_dedup_graph` returns the arrays of ``dedup_graph``'s result (n x k neighbour tables, assembled
+from the block files), which the dedup stage uses when the pool exceeds one partition (``pool_plan(...)`` is not
+None); the edge files and the per-block results stay under ``work_dir`` for a stage that streams them instead.
 """
 
 from __future__ import annotations

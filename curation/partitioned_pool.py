@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from curation.config import CurateConfig
 from curation.distributed_kmeans import partitioned_kmeans, take_rows
 from curation.distributed_knn import Placement, Workers, partitioned_knn
 from curation.partitions import PartitionPlan, plan_keys, plan_partitions
@@ -37,17 +36,20 @@ def in_ray() -> bool:
 
 
 class PartitionedPool:
-    def __init__(self, plan: PartitionPlan, cfg: CurateConfig, work_dir: Path, device: str = "auto"):
-        rc = cfg.retrieve
+    """The pool of `plan`, searched and clustered by partitions.  ``search`` holds the search settings (the retrieve
+    section: index, nlist, nprobe, pq_m, pq_rerank), ``scale`` the scale section (searchers, query_block); with
+    ``use_ray`` the searchers are Ray actors, else objects in this process."""
+
+    def __init__(self, plan: PartitionPlan, work_dir: Path, search, scale, seed: int, use_ray: bool,
+                 device: str = "auto"):
         self.plan = plan
         self.work_dir = Path(work_dir)
-        self.block = cfg.scale.query_block
-        self.seed = cfg.seed
-        use_ray = in_ray() and not cfg.ray.local
-        self.exact = Placement(use_ray=use_ray, searchers=cfg.scale.searchers, device=device, seed=cfg.seed)
-        self.placement = Placement(use_ray=use_ray, searchers=cfg.scale.searchers, device=device, index=rc.index,
-                                   nlist=rc.nlist, nprobe=rc.nprobe, pq_m=rc.pq_m, rerank=rc.pq_rerank,
-                                   seed=cfg.seed)
+        self.block = scale.query_block
+        self.seed = seed
+        self.exact = Placement(use_ray=use_ray, searchers=scale.searchers, device=device, seed=seed)
+        self.placement = Placement(use_ray=use_ray, searchers=scale.searchers, device=device, index=search.index,
+                                   nlist=search.nlist, nprobe=search.nprobe, pq_m=search.pq_m,
+                                   rerank=search.pq_rerank, seed=seed)
         self._workers: Workers | None = None
         self._keys: list[str] | None = None
 

@@ -1,7 +1,7 @@
 """`lvd report RUN`: a static HTML page of a run's statistics, ``RUN/stats/report.html``, with PNG plots beside it.
 
-Everything comes from the run's tables, so the page can be rebuilt at any time (the report stage calls the same
-:func:`build_report`):
+Everything comes from the run's tables (paths from :class:`curation.layout.RunLayout`), so the page can be rebuilt
+at any time (:func:`build_report` for ``lvd report``; the report stage calls :func:`write_report` directly):
 
 * the funnel (``stats/funnel.parquet``) and drops by stage and reason (``stats/drops.parquet``);
 * dedup component sizes (``stats/component_sizes.parquet``, when the dedup stage wrote it);
@@ -98,19 +98,19 @@ def plot_components(comp, out: Path) -> str | None:
     return _save(fig, out / "components.png")
 
 
-def set_similarities(root: Path) -> dict[str, np.ndarray]:
+def set_similarities(layout: RunLayout) -> dict[str, np.ndarray]:
     """Similarities per anchor set: every neighbour of a sample-based set, the best-anchor similarity of each
     image a cluster-based set selected."""
     out: dict[str, np.ndarray] = {}
-    nb = _read(root / "retrieve" / "neighbors.parquet")
+    nb = _read(layout.retrieve_neighbors)
     if nb is not None:
         for name, g in nb.groupby("anchor_set"):
             out[name] = g["similarity"].to_numpy(np.float32)
-    sets = root / "retrieve" / "sets"
-    for d in sorted(sets.glob("*")) if sets.exists() else []:
-        if d.name in out or not (d / "selection.parquet").exists():
+    for d in layout.retrieve_set_dirs():
+        selection = layout.retrieve_set_selection(d.name)
+        if d.name in out or not selection.exists():
             continue
-        s = pq.read_table(d / "selection.parquet", columns=["similarity"]).column("similarity").to_numpy(
+        s = pq.read_table(selection, columns=["similarity"]).column("similarity").to_numpy(
             zero_copy_only=False)
         s = np.asarray([x for x in s if x is not None and np.isfinite(x)], np.float32)
         if len(s):
@@ -178,22 +178,20 @@ def _thumb(data: bytes | None, size: int):
     return np.asarray(resize_center_crop(im, size).convert("RGB"), dtype=np.uint8) if isinstance(im, Image.Image) else im
 
 
-def plot_grids(root: Path, cfg, out: Path, seed: int = 0) -> list[tuple[str, str]]:
-    """One PNG per searched anchor set: sampled anchors (left column) and their best retrieved pool images."""
-    from curation.tarindex import MemberReader, pool_image_locations
+def plot_grids(layout: RunLayout, anchor_sets, rep, seed: int = 0) -> list[tuple[str, str]]:
+    """One PNG per searched anchor set of `anchor_sets`: sampled anchors (left column) and their best retrieved
+    pool images, sized by `rep` (the report section)."""
+    from curation.tarindex import MemberReader, image_locations
 
-    if cfg is None:
-        return []
-    rc, rep = cfg.retrieve, cfg.report
-    nb = _read(root / "retrieve" / "neighbors.parquet")
+    nb = _read(layout.retrieve_neighbors)
     grids = []
-    for acfg in rc.anchor_sets:
+    for acfg in anchor_sets:
         if acfg.method == "as_is":
             continue
         if acfg.method == "sample" and nb is not None:
             pairs = nb[nb["anchor_set"] == acfg.name].rename(columns={"pool_key": "key"})
         else:
-            p = root / "retrieve" / "sets" / acfg.name / "selection.parquet"
+            p = layout.retrieve_set_selection(acfg.name)
             if not p.exists():
                 continue
             pairs = pq.read_table(p).to_pandas()
@@ -208,7 +206,7 @@ def plot_grids(root: Path, cfg, out: Path, seed: int = 0) -> list[tuple[str, str
             g = pairs[pairs["anchor_key"] == a].sort_values("similarity", ascending=False).head(rep.grid_neighbors)
             rows.append((a, list(zip(g["key"], g["similarity"]))))
         want = {k for _, r in rows for k, _ in r}
-        loc = pool_image_locations(root, want)
+        loc = image_locations(layout.root, layout.pool_tars(), want)
         aimg = _anchor_images(acfg, set(picked))
         plt = _plt()
         ncol = 1 + rep.grid_neighbors
@@ -227,7 +225,7 @@ def plot_grids(root: Path, cfg, out: Path, seed: int = 0) -> list[tuple[str, str
                 for ax in axes[i]:
                     ax.axis("off")
         fig.suptitle(f"{acfg.name}: anchors and retrieved pool images (cosine similarity)", fontsize=8)
-        grids.append((acfg.name, _save(fig, out / f"grid_{acfg.name}.png")))
+        grids.append((acfg.name, _save(fig, layout.stats_dir / f"grid_{acfg.name}.png")))
     return grids
 
 
@@ -254,40 +252,57 @@ th{background:#f0f0f0}img{max-width:100%;border:1px solid #ddd;margin:4px 0}h2{b
 
 
 def build_report(root: str | Path, cfg=None) -> Path:
-    """Write RUN/stats/report.html and its PNGs; return the page's path."""
-    from curation.storage import write_text
-
+    """Write RUN/stats/report.html and its PNGs for the run at `root`, whose config (default: its config.yaml)
+    names the anchor sets of the image grids; return the page's path."""
     root = Path(root)
-    if cfg is None and (root / "config.yaml").exists():
+    if cfg is None and RunLayout(root).config_file.exists():
         from curation.config import ConfigError, load_config
 
         try:
-            cfg = load_config(root / "config.yaml")
+            cfg = load_config(RunLayout(root).config_file)
         except ConfigError as err:  # e.g. anchor folders moved: the page is built without image grids
             print(f"lvd report: no image grids ({err})", file=sys.stderr)
-    out = root / "stats"
+    if cfg is None:
+        return write_report(RunLayout(root))
+    return write_report(RunLayout.of(cfg, root), cfg.retrieve.anchor_sets, cfg.report, cfg.seed)
+
+
+def write_report(layout: RunLayout, anchor_sets=(), rep=None, seed: int = 0) -> Path:
+    """Write the run's report page and its PNGs; image grids of `anchor_sets` under `rep` (the report section;
+    None: no grids).  Returns the page's path."""
+    import json
+
+    from curation.storage import write_text
+
+    out = layout.stats_dir
     out.mkdir(parents=True, exist_ok=True)
-    funnel, drops = _read(out / "funnel.parquet"), _read(out / "drops.parquet")
-    stats, cs = _read(out / "retrieval_stats.parquet"), _read(out / "cluster_stats.parquet")
-    comp = _read(out / "component_sizes.parquet")
-    sims = set_similarities(root)
+    tables = {name: _read(layout.stats(name))
+              for name in ("funnel", "drops", "retrieval_stats", "cluster_stats", "component_sizes")}
     imgs = {
-        "funnel": plot_funnel(funnel, out), "drops": plot_drops(drops, out),
-        "components": plot_components(comp, out), "similarity": plot_similarity(sims, out),
-        "clusters": plot_clusters(cs, out),
+        "funnel": plot_funnel(tables["funnel"], out), "drops": plot_drops(tables["drops"], out),
+        "components": plot_components(tables["component_sizes"], out),
+        "similarity": plot_similarity(set_similarities(layout), out),
+        "clusters": plot_clusters(tables["cluster_stats"], out),
     }
-    grids = plot_grids(root, cfg, out, seed=cfg.seed if cfg is not None else 0)
+    grids = plot_grids(layout, anchor_sets, rep, seed) if rep is not None else []
+    manifest = json.loads(layout.shards_manifest.read_text()) if layout.shards_manifest.exists() else None
+    write_text(layout.report_html, page_html(str(layout.root), manifest, tables, imgs, grids))
+    return layout.report_html
 
-    manifest = RunLayout(root).shards_manifest
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lvd report: {html.escape(str(root))}</title>"
+
+def page_html(root: str, manifest: dict | None, tables: dict, imgs: dict, grids: list[tuple[str, str]]) -> str:
+    """The report page: the dataset line (from the shards `manifest`), then a section per table with its plot
+    (`imgs`: plot name -> PNG file name or None) and the image grids ((set, PNG file name))."""
+    from curation.retrieval import degenerate_sets
+
+    funnel, drops, stats = tables["funnel"], tables["drops"], tables["retrieval_stats"]
+    cs, comp = tables["cluster_stats"], tables["component_sizes"]
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lvd report: {html.escape(root)}</title>"
              f"<style>{CSS}</style></head><body>",
-             f"<h1>Curation report</h1><p>run root <code>{html.escape(str(root))}</code></p>"]
-    if manifest.exists():
-        import json
-
-        m = json.loads(manifest.read_text())
-        parts.append(f"<p>Curated dataset: <b>{m['samples']:,}</b> images in {m['shards']} shards "
-                     f"(<code>shards/{html.escape(m['pattern'])}</code>).</p>")
+             f"<h1>Curation report</h1><p>run root <code>{html.escape(root)}</code></p>"]
+    if manifest is not None:
+        parts.append(f"<p>Curated dataset: <b>{manifest['samples']:,}</b> images in {manifest['shards']} shards "
+                     f"(<code>shards/{html.escape(manifest['pattern'])}</code>).</p>")
 
     def section(title, key, extra=""):
         parts.append(f"<h2>{title}</h2>{extra}")
@@ -301,8 +316,6 @@ def build_report(root: str | Path, cfg=None) -> Path:
     section("Drops by reason", "drops", _table_html(dtab))
     if comp is not None:
         section("Duplicate components", "components", _table_html(comp))
-    from curation.retrieval import degenerate_sets
-
     degenerate = degenerate_sets(stats.to_dict("records")) if stats is not None else []
     warn = "".join(f"<p class='warning' id='degenerate-retrieval'><b>Degenerate retrieval</b>: {html.escape(line)}</p>"
                    for line in degenerate)
@@ -314,9 +327,7 @@ def build_report(root: str | Path, cfg=None) -> Path:
         for name, png in grids:
             parts.append(f"<h3>{html.escape(name)}</h3><img class='grid' src='{png}' alt='grid {html.escape(name)}'>")
     parts.append("</body></html>")
-    page = out / "report.html"
-    write_text(page, "\n".join(parts))
-    return page
+    return "\n".join(parts)
 
 
 def main(argv=None) -> int:

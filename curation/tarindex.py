@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curation.samples import pool_shards
 from curation.storage import iter_tar_members, read_table, write_table
 
 
@@ -67,10 +66,6 @@ def member_locations(root: str | Path, tars: list[Path], keys: set[str] | None =
 def image_locations(root: str | Path, tars: list[Path], keys: set[str] | None = None) -> dict[str, tuple[str, int, int]]:
     """key -> (tar path, offset, size) of its image member, over `tars` (restricted to `keys` when given)."""
     return {k: v[:3] for k, v in member_locations(root, tars, keys).items()}
-
-
-def pool_image_locations(root: str | Path, keys: set[str] | None = None) -> dict[str, tuple[str, int, int]]:
-    return image_locations(root, pool_shards(Path(root)), keys)
 
 
 class MemberReader:

@@ -58,22 +58,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation import accounting
-from curation.components import connected_components, first_of_equal, pick_one_per_component
+from curation.components import connected_components, first_of_equal, kept_of_component, pick_one_per_component
 from curation.distributed_knn import Placement
+from curation.hashing import hamming
 from curation.knn import knn_search, resolve_device
+from curation.layout import RunLayout
 from curation.partitioned_dedup import partitioned_dedup_graph
 from curation.partitioned_pool import in_ray, pool_plan
 from curation.partitions import plan_keys
 from curation.stages.base import Stage, Unit
-from curation.hashing import hamming
 from curation.storage import read_table, write_table
-from curation.vectors import input_keys, load_descriptors
+from curation.vectors import load_descriptors
 from curation.workers import cluster_has_gpu
 
 FINAL = "final"
 FILL_STEP = 0.1  # border_fill differences below one step (JPEG noise, natural flat edges) do not decide
+DUPLICATE_REASONS = ("exact_duplicate", "near_duplicate", "copy_duplicate", "eval_contamination")
 
 
+# ------------------------------------------------------------------------------------------------------ loading
 @dataclass
 class HashInfo:
     """Per pool image (in key order), what the hash stage measured; neutral values when it did not run."""
@@ -85,20 +88,19 @@ class HashInfo:
     fill: np.ndarray  # border_fill, 0 when unknown
 
 
-def read_hash_info(root, keys: list[str]) -> HashInfo:
+def read_hash_info(layout: RunLayout, keys: list[str]) -> HashInfo:
     """The hash stage's groups and per-image measurements for `keys` (sorted), or neutral values without it."""
     n = len(keys)
     info = HashInfo(np.array(keys, dtype=object), np.arange(n), None, np.zeros(n, np.int64), np.zeros(n))
-    groups_path = root / "hash" / "groups.parquet"
-    if groups_path.exists():
-        g = read_table(groups_path, "hash_groups")
+    if layout.hash_groups.exists():
+        g = read_table(layout.hash_groups, "hash_groups")
         if g["key"].to_pylist() != keys:
             raise RuntimeError(f"dedup: hash/groups.parquet holds {g.num_rows} images but the filter kept {n} "
                                "(rerun the hash stage)")
         info.sha = np.array(g["pixel_sha256"].to_pylist(), dtype=object)
         info.group = np.array(g["group"], np.int64)
         info.codes = np.stack([np.frombuffer(b, np.uint8) for b in g["hash"].to_pylist()]) if n else None
-    parts = sorted((root / "hash").glob("part-*.parquet"))
+    parts = layout.hash_parts()
     if parts:
         cols = ["key", "width", "height", "original_width", "original_height", "border_fill"]
         t = pa.concat_tables([pq.read_table(p, columns=cols) for p in parts])
@@ -113,6 +115,7 @@ def read_hash_info(root, keys: list[str]) -> HashInfo:
     return info
 
 
+# -------------------------------------------------------------------------------------------- the survivor rule
 def medoid_scores(labels: np.ndarray, X: np.ndarray) -> np.ndarray:
     """Each node's summed cosine similarity to the other nodes of its component (0 when alone), rounded to 1e-4.
 
@@ -133,7 +136,7 @@ def medoid_scores(labels: np.ndarray, X: np.ndarray) -> np.ndarray:
 
 
 def survivor_priority(rule: str, labels: np.ndarray, X: np.ndarray, info: HashInfo) -> list[np.ndarray]:
-    """Sort keys (smallest first) for :func:`curation.components.pick_one_per_component` under `rule`."""
+    """Sort keys (smallest first) of the pool images for :func:`decide_duplicates` under `rule`."""
     if rule == "resolution":
         return [-info.resolution]
     if rule == "original":
@@ -141,6 +144,7 @@ def survivor_priority(rule: str, labels: np.ndarray, X: np.ndarray, info: HashIn
     raise ValueError(f"unknown dedup.survivor {rule!r}")
 
 
+# ------------------------------------------------------------------------------------------------------ the graph
 def dedup_graph(
     pool: np.ndarray,
     evals: np.ndarray,
@@ -191,179 +195,248 @@ def dedup_graph(
     return out
 
 
+# --------------------------------------------------------------------------------------------------- the verdicts
+@dataclass
+class DuplicateVerdicts:
+    """The verdict on every pool image of a duplicate graph (arrays in pool order)."""
+
+    kept: np.ndarray  # bool: the image is kept
+    reasons: list[str | None]  # the drop reason (None: kept)
+    survivor: np.ndarray  # the pool index its component keeps (before evaluation contamination drops it)
+    twin: np.ndarray  # the member of its pixel set (same pixels, same component) judged against the survivor
+    eval_node: np.ndarray  # the smallest evaluation node of its component, -1 when there is none
+
+
+def decide_duplicates(labels: np.ndarray, priority, is_eval: np.ndarray, pixels: np.ndarray | None = None,
+                      hash_group: np.ndarray | None = None) -> DuplicateVerdicts:
+    """Keep one image per component, drop the rest with their reason (a pure function: arrays in, verdicts out).
+
+    ``labels``: the component of every node of the graph, pool and evaluation nodes; ``is_eval``: which nodes are
+    evaluation images; ``priority``: one sort key per pool image or a sequence of them (smallest first, ties to
+    the smaller index; :func:`survivor_priority`); ``pixels``: an id of each pool image's decoded pixels (equal ids:
+    same pixels; default all different); ``hash_group``: each pool image's hash group (default: each alone).
+
+    A component holding an evaluation image is dropped whole (``eval_contamination``); any other keeps its
+    survivor, the pool image first under ``priority`` (evaluation images never survive), and drops the others:
+    ``exact_duplicate`` when another member with the same pixels is judged in its place (one per pixel set: the
+    survivor where it is in the set, else the set's first under ``priority``), ``near_duplicate`` when it shares
+    the survivor's hash group, else ``copy_duplicate``."""
+    labels = np.asarray(labels, np.int64)
+    is_eval = np.asarray(is_eval, bool)
+    pool_labels = labels[~is_eval]
+    n = len(pool_labels)
+    keys = [priority] if isinstance(priority, np.ndarray) else list(priority)
+    eval_nodes = np.flatnonzero(is_eval)
+    none = len(labels)
+    first_eval = np.full(int(labels.max()) + 1 if none else 0, none, np.int64)
+    np.minimum.at(first_eval, labels[eval_nodes], eval_nodes)
+    eval_node = first_eval[pool_labels]
+    eval_node[eval_node == none] = -1
+    contaminated = eval_node >= 0
+
+    keep = pick_one_per_component(pool_labels, keys)
+    survivor = kept_of_component(pool_labels, keep)
+    if pixels is None or not n:
+        pixel_id = np.arange(n)
+    else:
+        _, pixel_id = np.unique(np.asarray(pixels).astype(str), return_inverse=True)
+    pixel_set = first_of_equal(np.stack([pool_labels, pixel_id.ravel()], 1))
+    twin = kept_of_component(pixel_set, pick_one_per_component(pixel_set, [np.arange(n) != survivor, *keys]))
+    group = np.arange(n) if hash_group is None else np.asarray(hash_group)
+
+    kept = keep & ~contaminated
+    duplicate = ~kept & ~contaminated
+    exact = duplicate & (twin != np.arange(n))
+    near = duplicate & ~exact & (group == group[survivor])
+    reasons = np.select([contaminated, exact, near, duplicate],
+                        ["eval_contamination", "exact_duplicate", "near_duplicate", "copy_duplicate"], "")
+    return DuplicateVerdicts(kept, [r or None for r in reasons.tolist()], survivor, twin, eval_node)
+
+
+def duplicate_details(v: DuplicateVerdicts, keys: list[str], eval_keys: list[str], X: np.ndarray, E: np.ndarray,
+                      codes: np.ndarray | None, hash_method: str, eval_threshold: float) -> list[str | None]:
+    """The ledger detail of each pool image's verdict: the survivor it duplicates and how (same pixels, the hash
+    Hamming distance or the cosine), or the evaluation image of its component.  Evaluation nodes are numbered after
+    the pool's (``eval_keys[node - len(keys)]``)."""
+    n = len(keys)
+    details: list[str | None] = []
+    for i, reason in enumerate(v.reasons):
+        j = v.survivor[i]
+        if reason is None:
+            details.append(None)
+        elif reason == "eval_contamination":
+            e = v.eval_node[i] - n
+            sim = float(X[i] @ E[e])
+            via = "" if sim > eval_threshold else ", joined through its duplicates"
+            details.append(f"duplicate component with evaluation image {eval_keys[e]} (cosine {sim:.3f}{via})")
+        elif reason == "exact_duplicate":
+            same = "" if v.twin[i] == j else f" as {keys[v.twin[i]]}"
+            details.append(f"duplicate of {keys[j]} (same pixels{same})")
+        elif reason == "near_duplicate":
+            dist = int(hamming(codes[i:i + 1], codes[j:j + 1])[0])
+            details.append(f"duplicate of {keys[j]} ({hash_method} hash Hamming distance {dist})")
+        else:
+            details.append(f"duplicate of {keys[j]} (cosine {float(X[i] @ X[j]):.3f})")
+    return details
+
+
+# ------------------------------------------------------------------------------------------------ output tables
+def nearest_neighbours(g: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarity, node) of every node's nearest neighbour: for a pool image the best of its pool and evaluation
+    neighbours, for an evaluation image its nearest pool image (-inf, -1: none)."""
+    ss, si = g["self_sims"], g["self_ids"]
+    es, ei = g["eval_sims"], g["eval_ids"]
+    best_s = np.full(n, -np.inf, np.float32)
+    best_i = np.full(n, -1, np.int64)
+    if ss.size:
+        best_s, best_i = ss[:, 0].copy(), si[:, 0].copy()
+    if es.size:
+        better = es[:, 0] > best_s
+        best_s[better], best_i[better] = es[better, 0], ei[better, 0]
+    return np.concatenate([best_s, g["eval_nn_sims"]]), np.concatenate([best_i, g["eval_nn_ids"]])
+
+
+def components_table(g: dict[str, np.ndarray], keys: list[str], eval_names: list[str], eval_keys: list[str],
+                     v: DuplicateVerdicts) -> pa.Table:
+    """``dedup/components.parquet``: every pool then evaluation node with its component and verdict."""
+    n, m = len(keys), len(eval_keys)
+    labels = g["labels"]
+    node_keys = np.array(keys + eval_keys, dtype=object)
+    nn_s, nn_i = nearest_neighbours(g, n)
+    sizes = np.bincount(labels, minlength=n + m)[labels] if n + m else np.zeros(0, np.int64)
+    return pa.table({
+        "key": pa.array(keys + [k.split("/", 2)[2] for k in eval_keys], pa.string()),
+        "source": pa.array(["pool"] * n + [f"eval/{s}" for s in eval_names], pa.string()),
+        "component": pa.array(labels.astype(np.int64)),
+        "component_size": pa.array(sizes.astype(np.int64)),
+        "kept": pa.array(np.concatenate([v.kept, np.zeros(m, bool)])),
+        "reason": pa.array(v.reasons + [None] * m, pa.string()),
+        "nearest_key": pa.array([node_keys[j] if j >= 0 else None for j in nn_i], pa.string()),
+        "nearest_similarity": pa.array([float(s) if np.isfinite(s) else None for s in nn_s], pa.float32()),
+    })
+
+
+def threshold_stats(g: dict[str, np.ndarray], n: int, eval_names: list[str], thresholds: list[float]) -> pa.Table:
+    """``stats/dedup_thresholds.parquet``: per threshold, how many pool images have a nearest pool neighbour
+    (kind ``self``) or a nearest image of each evaluation set (``eval/<set>``) above it, and how many edges."""
+    m = len(eval_names)
+    rows = []
+
+    def add(kind: str, best: np.ndarray, sims: np.ndarray) -> None:
+        for t in thresholds:
+            above = int((best > t).sum())
+            rows.append({"kind": kind, "threshold": t, "images_above": above,
+                         "fraction_above": above / n if n else 0.0, "edges_above": int((sims > t).sum())})
+
+    ss = g["self_sims"]
+    add("self", ss[:, 0] if ss.size else np.full(n, -np.inf), ss)
+    es, ei = g["eval_sims"], g["eval_ids"]
+    names = np.array(eval_names, dtype=object)
+    for name in dict.fromkeys(eval_names):
+        if es.size:
+            mine = (ei >= n) & (names[np.clip(ei - n, 0, max(m - 1, 0))] == name)
+            s = np.where(mine, es, -np.inf)
+        else:
+            s = np.full((n, 1), -np.inf)
+        add(f"eval/{name}", s.max(1) if s.size else np.full(n, -np.inf), s)
+    return pa.Table.from_pylist(rows)
+
+
+def component_size_histogram(labels: np.ndarray, n: int) -> pa.Table:
+    """``stats/component_sizes.parquet``: components and images per component size, and how many of those
+    components hold an evaluation image (nodes from `n` on)."""
+    comp_sizes = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
+    has_eval = np.zeros(len(comp_sizes), bool)
+    if len(labels) > n:
+        has_eval[labels[n:]] = True
+    rows = []
+    for size in np.unique(comp_sizes[comp_sizes > 0]):
+        sel = comp_sizes == size
+        rows.append({"component_size": int(size), "components": int(sel.sum()),
+                     "images": int(size * sel.sum()), "with_eval": int((sel & has_eval).sum())})
+    if not rows:
+        from schemas import empty
+
+        return empty("component_sizes")
+    return pa.Table.from_pylist(rows)
+
+
+# -------------------------------------------------------------------------------------------------------- stage
 class DedupStage(Stage):
     name = "dedup"
+    section = "dedup"
+    reads = ("ledgers", "hash.groups", "hash.parts", "sscd.descriptors", "image_sets")
+    writes = ("dedup.components", "ledgers", "stats")
 
     def resources(self) -> dict[str, float]:
-
-        gpu = self.cfg.dedup.device != "cpu" and cluster_has_gpu()
+        gpu = self.settings.device != "cpu" and cluster_has_gpu()
         return {"num_cpus": self.num_cpus, "num_gpus": 1 if gpu else 0}
 
     def plan(self) -> list[Unit]:
         return [Unit(FINAL)]
 
-    def is_done(self, unit: Unit) -> bool:
-        return accounting.ledger_path(self.root, self.name, unit.id).exists()
-
     def run_unit(self, unit: Unit) -> dict:
-        dc = self.cfg.dedup
-        inputs = input_keys(self.root, self.name)
-        in_keys = inputs["key"].to_pylist()
-        keys, X = load_descriptors((self.root / "sscd" / "pool").glob("part-*.parquet"))
+        s = self.settings
+        inputs = self.input_keys()
+        keys, X = self._pool_descriptors(inputs["key"].to_pylist())
+        eval_names, eval_keys, E = self._eval_descriptors(X)
+        n = len(keys)
+        X = X.reshape(n, E.shape[1]) if n else np.zeros((0, E.shape[1]), np.float32)
+        info = read_hash_info(self.layout, keys)
+        g = self._graph(keys, X, E, info)
+        labels = g["labels"]
+        is_eval = np.arange(len(labels)) >= n
+        v = decide_duplicates(labels, survivor_priority(s.survivor, labels[:n], X, info), is_eval, info.sha,
+                              info.group)
+        hash_method = self.cfg.hash.method  # CONFIG: hash.method (the hash named in near_duplicate details)
+        details = duplicate_details(v, keys, eval_keys, X, E, info.codes, hash_method, s.eval_threshold)
+
+        write_table(self.layout.dedup_components, components_table(g, keys, eval_names, eval_keys, v), "components")
+        thresholds = sorted(set(s.stats_thresholds) | {s.threshold, s.eval_threshold})
+        write_table(self.layout.stats("dedup_thresholds"), threshold_stats(g, n, eval_names, thresholds),
+                    "dedup_thresholds")
+        write_table(self.layout.stats("component_sizes"), component_size_histogram(labels, n), "component_sizes")
+        url = dict(zip(inputs["key"].to_pylist(), inputs["url"].to_pylist()))
+        ledger = accounting.make_ledger(self.name, keys, [url[k] for k in keys], v.reasons, details)
+        accounting.write_ledger(self.root, self.name, FINAL, ledger)
+        return {"kept": int(v.kept.sum()), **{r: v.reasons.count(r) for r in DUPLICATE_REASONS}}
+
+    def _pool_descriptors(self, in_keys: list[str]) -> tuple[list[str], np.ndarray]:
+        """(keys, descriptors) of the pool images, which must be exactly the images this stage received."""
+        keys, X = load_descriptors(self.layout.vectors_parts("sscd", "pool"))
         if keys != in_keys:
             raise RuntimeError(f"dedup: sscd described {len(keys)} pool images but the previous stage kept "
                                f"{len(in_keys)} (run the sscd stage first)")
-        eval_names, eval_keys, eval_vecs = [], [], []
-        for es in dc.eval_sets:
-            ek, ev = load_descriptors((self.root / "sscd" / "eval" / es.name).glob("part-*.parquet"))
+        return keys, X
+
+    def _eval_descriptors(self, X: np.ndarray) -> tuple[list[str], list[str], np.ndarray]:
+        """(set name, node key ``eval/<set>/<key>``, descriptors [m, d]) of every evaluation image, in set order;
+        d is the pool's dimension (the first evaluation set's when the pool is empty, else 1)."""
+        names, node_keys, vecs = [], [], []
+        for es in self.image_sets["eval"]:
+            ek, ev = load_descriptors(self.layout.vectors_parts("sscd", "eval", es.name))
             if ev.size and X.size and ev.shape[1] != X.shape[1]:
                 raise RuntimeError(f"dedup: eval set {es.name} descriptors have dimension {ev.shape[1]}, pool "
                                    f"{X.shape[1]}")
-            eval_names += [es.name] * len(ek)
-            eval_keys += [f"eval/{es.name}/{k}" for k in ek]
+            names += [es.name] * len(ek)
+            node_keys += [f"eval/{es.name}/{k}" for k in ek]
             if len(ek):
-                eval_vecs.append(ev)
-        n, m = len(keys), len(eval_keys)
-        d = X.shape[1] if X.size else (eval_vecs[0].shape[1] if eval_vecs else 1)
-        X = X.reshape(n, d) if n else np.zeros((0, d), np.float32)
-        E = np.concatenate(eval_vecs) if eval_vecs else np.zeros((0, d), np.float32)
-        info = read_hash_info(self.root, keys)
-        linked = np.flatnonzero(info.group != np.arange(n))
-        device = resolve_device(dc.device)
+                vecs.append(ev)
+        d = X.shape[1] if X.size else (vecs[0].shape[1] if vecs else 1)
+        return names, node_keys, np.concatenate(vecs) if vecs else np.zeros((0, d), np.float32)
+
+    def _graph(self, keys: list[str], X: np.ndarray, E: np.ndarray, info: HashInfo) -> dict[str, np.ndarray]:
+        """The duplicate graph: in this process, or by partitions on searcher actors when the pool exceeds one
+        worker's memory budget (issue 10; the sscd files are in key order, as the sscd stage writes them, and X is
+        still read whole for the details)."""
+        s = self.settings
+        linked = np.flatnonzero(info.group != np.arange(len(keys)))
         links = (linked, info.group[linked])
-        plan = pool_plan(sorted((self.root / "sscd" / "pool").glob("part-*.parquet")), None, self.cfg.scale)
-        if plan is not None and plan_keys(plan) == keys:  # issue 10: the k-NN search by partitions on searcher
-            # actors (files in key order, as the sscd stage writes them; X is still read whole for the details)
-            g = partitioned_dedup_graph(plan, E, dc.k, dc.threshold, dc.eval_threshold, self.dir / "_partitioned",
-                                        Placement(use_ray=in_ray() and not self.cfg.ray.local, device=dc.device,
-                                                  searchers=self.cfg.scale.searchers), self.cfg.scale.query_block,
-                                        links=links)
-        else:
-            g = dedup_graph(X, E, dc.k, dc.threshold, dc.eval_threshold, device=device, links=links)
-        labels = g["labels"]
-        node_keys = np.array(keys + eval_keys, dtype=object)
-
-        # components with an evaluation image: the (smallest) eval node of each such component
-        comp_eval = np.full(n + m, -1, np.int64)
-        if m:
-            ev_nodes = np.arange(n, n + m)
-            order = np.argsort(-ev_nodes)  # assign larger first so the smallest eval node wins
-            comp_eval[labels[ev_nodes[order]]] = ev_nodes[order]
-        pool_labels = labels[:n]
-        pool_eval = comp_eval[pool_labels]
-        contaminated = pool_eval >= 0
-
-        # one survivor per component (evaluation nodes never win: only pool nodes take part)
-        priority = survivor_priority(dc.survivor, pool_labels, X, info)
-        keep = pick_one_per_component(pool_labels, priority)
-        kept_of = np.full(n + m, -1, np.int64)
-        kept_of[pool_labels[keep]] = np.flatnonzero(keep)
-        survivor = kept_of[pool_labels]
-        keep &= ~contaminated
-        # same pixels inside a component: one image per pixel set is judged against the survivor (the survivor
-        # itself where it is in the set), the others are its exact duplicates
-        _, sha_id = np.unique(info.sha.astype(str), return_inverse=True) if n else (None, np.zeros(0, np.int64))
-        pixel_set = first_of_equal(np.stack([pool_labels.astype(np.int64), sha_id.ravel()], 1))
-        twin = pick_one_per_component(pixel_set, [~(np.arange(n) == survivor), *priority])
-        twin_of = np.full(n, -1, np.int64)
-        twin_of[pixel_set[twin]] = np.flatnonzero(twin)
-        twin_of = twin_of[pixel_set]
-
-        method = self.cfg.hash.method
-        reasons, details = [], []
-        for i in range(n):
-            j = survivor[i]
-            if contaminated[i]:
-                reasons.append("eval_contamination")
-                e = pool_eval[i]
-                sim = float(X[i] @ E[e - n])
-                via = "" if sim > dc.eval_threshold else ", joined through its duplicates"
-                details.append(f"duplicate component with evaluation image {node_keys[e]} (cosine {sim:.3f}{via})")
-            elif keep[i]:
-                reasons.append(None)
-                details.append(None)
-            elif twin_of[i] != i:
-                reasons.append("exact_duplicate")
-                same = "" if twin_of[i] == j else f" as {keys[twin_of[i]]}"
-                details.append(f"duplicate of {keys[j]} (same pixels{same})")
-            elif info.group[i] == info.group[j]:
-                reasons.append("near_duplicate")
-                dist = int(hamming(info.codes[i:i + 1], info.codes[j:j + 1])[0])
-                details.append(f"duplicate of {keys[j]} ({method} hash Hamming distance {dist})")
-            else:
-                reasons.append("copy_duplicate")
-                details.append(f"duplicate of {keys[j]} (cosine {float(X[i] @ X[j]):.3f})")
-
-        # nearest neighbour of every node (pool: best of pool and eval neighbours; eval: nearest pool image)
-        ss, si = g["self_sims"], g["self_ids"]
-        es_, ei = g["eval_sims"], g["eval_ids"]
-        best_s = np.full(n, -np.inf, np.float32)
-        best_i = np.full(n, -1, np.int64)
-        if ss.size:
-            best_s, best_i = ss[:, 0].copy(), si[:, 0].copy()
-        if es_.size:
-            better = es_[:, 0] > best_s
-            best_s[better], best_i[better] = es_[better, 0], ei[better, 0]
-        nn_s = np.concatenate([best_s, g["eval_nn_sims"]])
-        nn_i = np.concatenate([best_i, g["eval_nn_ids"]])
-        sizes = np.bincount(labels, minlength=n + m)[labels] if n + m else np.zeros(0, np.int64)
-        comp = pa.table({
-            "key": pa.array(node_keys[:n].tolist() + [k.split("/", 2)[2] for k in eval_keys], pa.string()),
-            "source": pa.array(["pool"] * n + [f"eval/{s}" for s in eval_names], pa.string()),
-            "component": pa.array(labels.astype(np.int64)),
-            "component_size": pa.array(sizes.astype(np.int64)),
-            "kept": pa.array(np.concatenate([keep, np.zeros(m, bool)])),
-            "reason": pa.array(reasons + [None] * m, pa.string()),
-            "nearest_key": pa.array([node_keys[j] if j >= 0 else None for j in nn_i], pa.string()),
-            "nearest_similarity": pa.array([float(s) if np.isfinite(s) else None for s in nn_s], pa.float32()),
-        })
-        write_table(self.dir / "components.parquet", comp, "components")
-        self._write_stats(g, labels, n, m, eval_names)
-        url = dict(zip(in_keys, inputs["url"].to_pylist()))
-        ledger = accounting.make_ledger(self.name, keys, [url[k] for k in keys], reasons, details)
-        accounting.write_ledger(self.root, self.name, FINAL, ledger)
-        return {"kept": int(keep.sum()), **{r: reasons.count(r) for r in
-                                             ("exact_duplicate", "near_duplicate", "copy_duplicate",
-                                              "eval_contamination")}}
-
-    def _write_stats(self, g, labels, n, m, eval_names) -> None:
-        dc = self.cfg.dedup
-        thresholds = sorted(set(dc.stats_thresholds) | {dc.threshold, dc.eval_threshold})
-        rows = []
-        ss = g["self_sims"]
-        top = ss[:, 0] if ss.size else np.full(n, -np.inf)
-        for t in thresholds:
-            above = int((top > t).sum())
-            rows.append({"kind": "self", "threshold": t, "images_above": above,
-                         "fraction_above": above / n if n else 0.0, "edges_above": int((ss > t).sum())})
-        es, ei = g["eval_sims"], g["eval_ids"]
-        names = np.array(eval_names, dtype=object)
-        for name in dict.fromkeys(eval_names):
-            if es.size:
-                mine = (ei >= n) & (names[np.clip(ei - n, 0, max(m - 1, 0))] == name)
-                s = np.where(mine, es, -np.inf)
-            else:
-                s = np.full((n, 1), -np.inf)
-            best = s.max(1) if s.size else np.full(n, -np.inf)
-            for t in thresholds:
-                above = int((best > t).sum())
-                rows.append({"kind": f"eval/{name}", "threshold": t, "images_above": above,
-                             "fraction_above": above / n if n else 0.0, "edges_above": int((s > t).sum())})
-        write_table(self.root / "stats" / "dedup_thresholds.parquet", pa.Table.from_pylist(rows), "dedup_thresholds")
-        comp_sizes = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
-        has_eval = np.zeros(len(comp_sizes), bool)
-        if m:
-            has_eval[labels[n:]] = True
-        present = comp_sizes > 0
-        sizes = comp_sizes[present]
-        hist_rows = []
-        for size in np.unique(sizes):
-            sel = comp_sizes == size
-            hist_rows.append({"component_size": int(size), "components": int(sel.sum()),
-                              "images": int(size * sel.sum()), "with_eval": int((sel & has_eval).sum())})
-        table = pa.Table.from_pylist(hist_rows) if hist_rows else None
-        if table is None:
-            from schemas import empty
-
-            table = empty("component_sizes")
-        write_table(self.root / "stats" / "component_sizes.parquet", table, "component_sizes")
+        plan = pool_plan(self.layout.vectors_parts("sscd", "pool"), None, self.scale)
+        if plan is not None and plan_keys(plan) == keys:
+            use_ray = in_ray() and not self.cfg.ray.local  # CONFIG: ray.local (run-wide: search on Ray actors?)
+            placement = Placement(use_ray=use_ray, device=s.device, searchers=self.scale.searchers)
+            return partitioned_dedup_graph(plan, E, s.k, s.threshold, s.eval_threshold,
+                                           self.layout.scratch(self.name, "partitioned"), placement,
+                                           self.scale.query_block, links=links)
+        return dedup_graph(X, E, s.k, s.threshold, s.eval_threshold, device=resolve_device(s.device), links=links)

@@ -7,15 +7,15 @@ from curation.stages.base import Stage, Unit
 
 class ReportStage(Stage):
     name = "report"
+    section = "report"
+    reads = ("stats", "retrieve.selection", "pool.shards", "shards.tars", "image_sets")
+    writes = ("stats",)
 
     def plan(self) -> list[Unit]:
         return [Unit("report")]
 
-    def is_done(self, unit: Unit) -> bool:
-        return (self.root / "stats" / "report.html").exists()
-
     def run_unit(self, unit: Unit) -> dict:
-        from curation.report import build_report
+        from curation.report import write_report
 
-        build_report(self.root, self.cfg)
+        write_report(self.layout, self.image_sets["anchors"], self.settings, self.seed)
         return {"pages": 1}

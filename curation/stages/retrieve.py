@@ -1,7 +1,7 @@
 """retrieve: choose the pool images to keep, by similarity to curated anchor sets (DINOv2 paper, sec. 3).
 
 Units, one per anchor set (``set-<name>``) plus ``set-<balanced.name>`` when ``retrieve.balanced`` is given; each
-writes ``retrieve/sets/<name>/{neighbors,selection,clusters}.parquet`` and, last, ``summary.json`` (its done mark):
+writes ``retrieve/sets/<name>/{neighbors,selection,clusters}.parquet`` and ``summary.json`` (counts, quantiles):
 
 * ``sample``: the k nearest pool images of each anchor (exact by default, recall@k 1.0; ``ivf_flat`` / ``ivf_pq``
   with recall@k against exact measured on ``recall_sample`` anchors; ``recall_at_k_vs_exact`` is null for the other
@@ -19,47 +19,31 @@ keeping its best match: highest similarity, ties to the set listed first); ``sta
 ``stats/cluster_stats.parquet``; and the ledger unit ``final`` for the pool keys received (kept = selected, else
 ``not_selected``, or ``embed_failed`` for images the embedder could not decode).
 
-The pool is held in memory as float32 (N x D x 4 bytes: 40 GB for 10M x 1024), once per worker process, while a
-third of ``scale.worker_memory_gb`` holds it; a larger pool is searched and clustered by partitions
-(:mod:`curation.partitioned_pool`: searcher actors, Lloyd k-means; results under ``retrieve/_partitioned/``).
+The pool is held in memory as float32 (N x D x 4 bytes: 40 GB for 10M x 1024), loaded once per worker (kept on
+the stage object) while a third of ``scale.worker_memory_gb`` holds it; a larger pool is searched and clustered by
+partitions (:mod:`curation.partitioned_pool`: searcher actors, Lloyd k-means; results under ``retrieve/_partitioned/``).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from curation import accounting
 from curation import retrieval as R
-from curation.partitioned_pool import PartitionedPool, pool_plan
+from curation.partitioned_pool import PartitionedPool, in_ray, pool_plan
 from curation.samples import iter_image_set
 from curation.stages.base import Stage, Unit
-from curation.workers import wants_gpu
 from curation.storage import atomic_path, read_table, read_tables, write_json, write_table
-from curation.vectors import input_keys, load_descriptors
+from curation.vectors import load_descriptors
+from curation.workers import wants_gpu
 
-_POOL_CACHE: dict = {}
-
-
-def load_pool(root: Path, stage: str = "retrieve"):
-    """(keys, vectors, urls dict, input table) of the pool images `stage` receives (cached per process)."""
-    root = Path(root)
-    parts = sorted((root / "embed" / "pool").glob("part-*.parquet"))
-    inputs = input_keys(root, stage)
-    sig = (str(root), tuple((p.name, p.stat().st_mtime_ns) for p in parts), inputs.num_rows)
-    if _POOL_CACHE.get("sig") != sig:
-        keys, vecs = load_descriptors(parts, inputs["key"].to_pylist())
-        _POOL_CACHE.clear()
-        _POOL_CACHE.update(sig=sig, value=(keys, vecs, inputs))
-    return _POOL_CACHE["value"]
-
-
-def _anchor_vectors(root: Path, name: str):
-    return load_descriptors(sorted((Path(root) / "embed" / "anchors" / name).glob("part-*.parquet")))
+FINAL = "final"
+NO_NEIGHBORS = pa.table({"anchor_set": pa.array([], pa.string())})  # a set that searched no k nearest neighbours
 
 
 def _selection_table(rows: dict, n: int) -> pa.Table:
@@ -84,16 +68,71 @@ def _quantiles(sims) -> dict:
     return {"similarity_p05": float(q[0]), "similarity_p50": float(q[1]), "similarity_p95": float(q[2])}
 
 
+def ledger_verdicts(keys: list[str], selected: set[str], embedded: set[str], failed: dict[str, str]
+                    ) -> tuple[list[str | None], list[str | None]]:
+    """(reason, detail) per pool key the stage received: kept (None) when selected; ``embed_failed`` when the
+    embedder has no vector for it (detail: its failure, from `failed`, or "no embedding"); else ``not_selected``."""
+    reasons, details = [], []
+    for key in keys:
+        if key in selected:
+            reasons.append(None)
+            details.append(None)
+        elif key not in embedded:
+            reasons.append("embed_failed")
+            details.append(failed.get(key, "no embedding"))
+        else:
+            reasons.append("not_selected")
+            details.append(None)
+    return reasons, details
+
+
+def union_of_selections(sels: list[pa.Table], set_names: list[str]) -> tuple[pa.Table, pd.DataFrame]:
+    """The union of the sets' selections (sets in `set_names` order): one row per (source, key), its best match
+    (highest similarity, then the set listed first), sorted by (source, key); and every set's rows with
+    ``_shared``: the image is selected by another set too."""
+    allsel = pa.concat_tables(sels).to_pandas() if sels else read_tables([], "selection").to_pandas()
+    allsel["_order"] = allsel["anchor_set"].map({name: i for i, name in enumerate(set_names)})
+    allsel["_sim"] = allsel["similarity"].fillna(-np.inf)
+    allsel = allsel.sort_values(["source", "key", "_sim", "_order"], ascending=[True, True, False, True],
+                                kind="mergesort")
+    allsel["_shared"] = allsel.groupby(["source", "key"])["anchor_set"].transform("nunique") > 1
+    union = allsel.drop_duplicates(["source", "key"], keep="first")
+    union_t = pa.Table.from_pandas(union.drop(columns=["_order", "_sim", "_shared"]), preserve_index=False)
+    return union_t, allsel
+
+
+def retrieval_stats(sets: list[dict], summaries: list[dict], shared: pd.DataFrame) -> list[dict]:
+    """``stats/retrieval_stats.parquet`` rows: per set its summary's counts and quantiles, the images it selected
+    (``unique``) and how many of them another set selected too (`shared`: :func:`union_of_selections`)."""
+    rows = []
+    for s, summ in zip(sets, summaries):
+        mine = shared[shared["anchor_set"] == s["name"]]
+        rows.append({
+            "anchor_set": s["name"], "method": s["method"], "anchors": summ.get("anchors", 0),
+            "retrieved": summ.get("retrieved", 0), "unique": int(len(mine)),
+            "overlap_other_sets": int(mine["_shared"].sum()),
+            "similarity_p05": summ.get("similarity_p05"), "similarity_p50": summ.get("similarity_p50"),
+            "similarity_p95": summ.get("similarity_p95"), "recall_at_k_vs_exact": summ.get("recall_at_k_vs_exact"),
+        })
+    return rows
+
+
 class RetrieveStage(Stage):
     name = "retrieve"
+    section = "retrieve"
+    reads = ("ledgers", "embed.vectors", "image_sets")
+    writes = ("retrieve.selection", "ledgers", "stats")
+
+    def __init__(self, cfg, root=None):
+        super().__init__(cfg, root)
+        self._pool: tuple | None = None  # (keys, vectors, input table): loaded by the first unit that needs it
 
     def resources(self) -> dict[str, float]:
-
-        return {"num_cpus": 1, "num_gpus": wants_gpu(self.cfg.retrieve.device)}
+        return {"num_cpus": 1, "num_gpus": wants_gpu(self.settings.device)}
 
     # -- planning ----------------------------------------------------------------------------------------------
     def _sets(self) -> list[dict]:
-        rc = self.cfg.retrieve
+        rc = self.settings
         sets = [{"name": a.name, "method": a.method} for a in rc.anchor_sets]
         if rc.balanced is not None:
             sets.append({"name": rc.balanced.name, "method": "balanced"})
@@ -102,68 +141,86 @@ class RetrieveStage(Stage):
     def plan(self) -> list[Unit]:
         return [Unit(f"set-{s['name']}", s) for s in self._sets()]
 
-    def _set_dir(self, name: str) -> Path:
-        return self.dir / "sets" / name
-
-    def is_done(self, unit: Unit) -> bool:
-        return (self._set_dir(unit.payload["name"]) / "summary.json").exists()
+    # -- the pool and the anchors -------------------------------------------------------------------------------
+    def _loaded_pool(self) -> tuple[list[str], np.ndarray, pa.Table]:
+        """(keys, vectors, input table) of the pool images this stage receives, loaded once per worker."""
+        if self._pool is None:
+            inputs = self.input_keys()
+            keys, vecs = load_descriptors(self.layout.vectors_parts("embed", "pool"), inputs["key"].to_pylist())
+            self._pool = (keys, vecs, inputs)
+        return self._pool
 
     def _partitioned_pool(self, method: str) -> PartitionedPool | None:
         """The pool as partitions of ``scale.worker_memory_gb`` when it needs more than one (sample and cluster
         retrieval; balanced sampling still loads the pool)."""
         if method not in ("sample", "cluster"):
             return None
-        files = sorted((self.root / "embed" / "pool").glob("part-*.parquet"))
-        plan = pool_plan(files, input_keys(self.root, self.name)["key"], self.cfg.scale)
-        return PartitionedPool(plan, self.cfg, self.dir / "_partitioned", self.cfg.retrieve.device) if plan else None
+        plan = pool_plan(self.layout.vectors_parts("embed", "pool"), self.input_keys()["key"], self.scale)
+        if plan is None:
+            return None
+        use_ray = in_ray() and not self.cfg.ray.local  # CONFIG: ray.local (run-wide: search on Ray actors?)
+        return PartitionedPool(plan, self.layout.scratch(self.name, "partitioned"), self.settings, self.scale,
+                               self.seed, use_ray, self.settings.device)
+
+    def _anchor_vectors(self, name: str) -> tuple[list[str], np.ndarray]:
+        return load_descriptors(self.layout.vectors_parts("embed", "anchors", name))
 
     # -- one anchor set ----------------------------------------------------------------------------------------
     def run_unit(self, unit: Unit) -> dict:
         name, method = unit.payload["name"], unit.payload["method"]
-        out = self._set_dir(name)
-        rc = self.cfg.retrieve
-        acfg = next((a for a in rc.anchor_sets if a.name == name), None)
-        neighbors = pa.table({"anchor_set": pa.array([], pa.string())})
-        clusters = None
+        acfg = next((a for a in self.settings.anchor_sets if a.name == name), None)
         summary = {"anchor_set": name, "method": method, "recall_at_k_vs_exact": None, "index": None}
         if method == "as_is":
-            keys = [s.key for s in iter_image_set(acfg.path, acfg.format)]
-            n = len(keys)
-            sel = _selection_table({"key": keys, "source": [f"anchors/{name}"] * n, "anchor_set": [name] * n,
-                                    "anchor_key": keys}, n)
-            summary.update(anchors=n, retrieved=n, sims=[])
+            sel, neighbors, clusters, summary = self._as_is(acfg, summary)
         else:
-            pool = self._partitioned_pool(method)  # None while the pool fits one worker's budget
-            pkeys, pvecs, inputs = (pool.keys, pool, input_keys(self.root, self.name)) if pool else load_pool(self.root)
-            urls = dict(zip(inputs["key"].to_pylist(), inputs["url"].to_pylist()))
-            try:
-                if method == "sample":
-                    sel, neighbors, summary = self._sample(acfg, pkeys, pvecs, urls, summary)
-                elif method == "cluster":
-                    sel, clusters, summary = self._cluster(acfg, pkeys, pvecs, urls, summary)
-                else:
-                    sel, clusters, summary = self._balanced(pkeys, pvecs, urls, summary)
-            finally:
-                if pool:
-                    pool.close()
+            sel, neighbors, clusters, summary = self._from_pool(method, acfg, summary)
         sims = summary.pop("sims")
         summary.update(_quantiles(sims), selected=sel.num_rows)
+        out = self.layout.retrieve_set_dir(name)
         if neighbors.num_rows:
             write_table(out / "neighbors.parquet", neighbors, "neighbors")
         if clusters is not None:
             write_table(out / "clusters.parquet", clusters, "cluster_stats")
-        write_table(out / "selection.parquet", sel, "selection")
+        write_table(self.layout.retrieve_set_selection(name), sel, "selection")
         write_json(out / "summary.json", summary)
         return {"selected": sel.num_rows}
 
+    def _as_is(self, acfg, summary):
+        """The anchor set itself (source ``anchors/<set>``)."""
+        keys = [s.key for s in iter_image_set(acfg.path, acfg.format)]
+        n = len(keys)
+        sel = _selection_table({"key": keys, "source": [f"anchors/{acfg.name}"] * n, "anchor_set": [acfg.name] * n,
+                                "anchor_key": keys}, n)
+        summary.update(anchors=n, retrieved=n, sims=[])
+        return sel, NO_NEIGHBORS, None, summary
+
+    def _from_pool(self, method: str, acfg, summary):
+        """(selection, neighbours, clusters, summary) of a set retrieved from the pool: in this worker's memory,
+        or by partitions when the pool exceeds its budget."""
+        neighbors, clusters = NO_NEIGHBORS, None
+        pool = self._partitioned_pool(method)  # None while the pool fits one worker's budget
+        pkeys, pvecs, inputs = (pool.keys, pool, self.input_keys()) if pool else self._loaded_pool()
+        urls = dict(zip(inputs["key"].to_pylist(), inputs["url"].to_pylist()))
+        try:
+            if method == "sample":
+                sel, neighbors, summary = self._sample(acfg, pkeys, pvecs, urls, summary)
+            elif method == "cluster":
+                sel, clusters, summary = self._cluster(acfg, pkeys, pvecs, urls, summary)
+            else:
+                sel, clusters, summary = self._balanced(pkeys, pvecs, urls, summary)
+        finally:
+            if pool:
+                pool.close()
+        return sel, neighbors, clusters, summary
+
     def _sample(self, acfg, pkeys, pvecs, urls, summary):
-        rc = self.cfg.retrieve
-        akeys, avecs = _anchor_vectors(self.root, acfg.name)
+        rc = self.settings
+        akeys, avecs = self._anchor_vectors(acfg.name)
         if isinstance(pvecs, PartitionedPool):
             res = pvecs.search(avecs, acfg.k, acfg.name, rc.recall_sample)
         else:
             res = R.search(avecs, pvecs, acfg.k, rc.index, nlist=rc.nlist, nprobe=rc.nprobe, pq_m=rc.pq_m,
-                           recall_sample=rc.recall_sample, seed=self.cfg.seed, device=rc.device,
+                           recall_sample=rc.recall_sample, seed=self.seed, device=rc.device,
                            rerank=rc.pq_rerank)
         nq, k = res.ids.shape
         ok = res.ids.reshape(-1) >= 0
@@ -188,16 +245,17 @@ class RetrieveStage(Stage):
 
     def _pool_kmeans(self, pvecs, C: int):
         """Pool k-means with C clusters, cached under retrieve/_kmeans (shared by sets with the same C)."""
-        rc = self.cfg.retrieve
+        rc = self.settings
         lloyd = isinstance(pvecs, PartitionedPool)  # Lloyd iterations over the partitions
-        path = self.dir / "_kmeans" / f"pool-C{C}-seed{self.cfg.seed}-n{len(pvecs)}{'-lloyd' if lloyd else ''}.npz"
+        name = f"pool-C{C}-seed{self.seed}-n{len(pvecs)}{'-lloyd' if lloyd else ''}.npz"
+        path = self.layout.scratch(self.name, "kmeans") / name
         if path.exists():
             z = np.load(path)
             return z["centroids"], z["labels"]
         if lloyd:
             cents, labels = pvecs.kmeans(C, rc.kmeans_iters)
         else:
-            cents = R.kmeans(pvecs, C, rc.kmeans_iters, self.cfg.seed)
+            cents = R.kmeans(pvecs, C, rc.kmeans_iters, self.seed)
             labels, _ = R.assign(pvecs, cents, rc.device)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
@@ -205,8 +263,8 @@ class RetrieveStage(Stage):
         return cents, labels
 
     def _cluster(self, acfg, pkeys, pvecs, urls, summary):
-        rc = self.cfg.retrieve
-        akeys, avecs = _anchor_vectors(self.root, acfg.name)
+        rc = self.settings
+        akeys, avecs = self._anchor_vectors(acfg.name)
         C = R.sensible_clusters(acfg.clusters, len(pvecs))
         if len(pvecs):
             cents, labels = self._pool_kmeans(pvecs, C)
@@ -214,7 +272,7 @@ class RetrieveStage(Stage):
         else:
             C, labels, alabels = 1, np.zeros(0, np.int64), np.zeros(len(akeys), np.int64)
         cs = R.cluster_select(labels, alabels, C, acfg.min_anchors_per_cluster, acfg.per_cluster, acfg.cap,
-                              self.cfg.seed)
+                              self.seed)
         pk = np.asarray(pkeys, dtype=object)
         keys = pk[cs.pool_idx].tolist()
         n = len(keys)
@@ -233,11 +291,11 @@ class RetrieveStage(Stage):
         return sel, clusters, summary
 
     def _balanced(self, pkeys, pvecs, urls, summary):
-        rc, bc = self.cfg.retrieve, self.cfg.retrieve.balanced
+        rc, bc = self.settings, self.settings.balanced
         if len(pvecs):
             levels = R.hierarchical_kmeans(pvecs, bc.levels, bc.resampling_steps, bc.resample_sizes,
-                                           rc.kmeans_iters, self.cfg.seed, rc.device)
-            idx = R.balanced_sample(levels, bc.target_size, self.cfg.seed, bc.leaf_sampling, pvecs)
+                                           rc.kmeans_iters, self.seed, rc.device)
+            idx = R.balanced_sample(levels, bc.target_size, self.seed, bc.leaf_sampling, pvecs)
             labels = levels[0].assignment
         else:
             levels, idx, labels = [], np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -258,71 +316,47 @@ class RetrieveStage(Stage):
 
     # -- merge -------------------------------------------------------------------------------------------------
     def finalize(self) -> None:
-        if accounting.ledger_path(self.root, self.name, "final").exists():
+        if self.layout.ledger_part(self.name, FINAL).exists():
             return
         sets = self._sets()
-        order = {s["name"]: i for i, s in enumerate(sets)}
+        sels, nbrs, clus, summaries = self._read_sets(sets)
+        write_table(self.layout.retrieve_neighbors,
+                    pa.concat_tables(nbrs) if nbrs else read_tables([], "neighbors"), "neighbors")
+        write_table(self.layout.stats("cluster_stats"),
+                    pa.concat_tables(clus) if clus else read_tables([], "cluster_stats"), "cluster_stats")
+        union, shared = union_of_selections(sels, [s["name"] for s in sets])
+        write_table(self.layout.retrieve_selection, union, "selection")
+        rows = retrieval_stats(sets, summaries, shared)
+        write_table(self.layout.stats("retrieval_stats"), pa.Table.from_pylist(rows), "retrieval_stats")
+        for line in R.degenerate_sets(rows):
+            print(f"[retrieve] WARNING degenerate retrieval: {line}", file=sys.stderr, flush=True)
+        self._write_ledger({k for k, src in zip(union["key"].to_pylist(), union["source"].to_pylist())
+                            if src == "pool"})
+
+    def _read_sets(self, sets: list[dict]) -> tuple[list[pa.Table], list[pa.Table], list[pa.Table], list[dict]]:
+        """Every set unit's (selection, neighbours, clusters, summary), in set order (sets without neighbours or
+        clusters add none)."""
         sels, nbrs, clus, summaries = [], [], [], []
         for s in sets:
-            d = self._set_dir(s["name"])
+            d = self.layout.retrieve_set_dir(s["name"])
             summaries.append(json.loads((d / "summary.json").read_text()))
-            sels.append(read_table(d / "selection.parquet", "selection"))
+            sels.append(read_table(self.layout.retrieve_set_selection(s["name"]), "selection"))
             if (d / "neighbors.parquet").exists():
                 nbrs.append(read_table(d / "neighbors.parquet", "neighbors"))
             if (d / "clusters.parquet").exists():
                 clus.append(read_table(d / "clusters.parquet", "cluster_stats"))
-        write_table(self.dir / "neighbors.parquet", pa.concat_tables(nbrs) if nbrs else read_tables([], "neighbors"),
-                    "neighbors")
-        stats = self.root / "stats"
-        write_table(stats / "cluster_stats.parquet", pa.concat_tables(clus) if clus else read_tables([], "cluster_stats"),
-                    "cluster_stats")
-        allsel = pa.concat_tables(sels).to_pandas() if sels else read_tables([], "selection").to_pandas()
-        # union: one row per (source, key), its best match (highest similarity, then the set listed first)
-        allsel["_order"] = allsel["anchor_set"].map(order)
-        allsel["_sim"] = allsel["similarity"].fillna(-np.inf)
-        allsel = allsel.sort_values(["source", "key", "_sim", "_order"], ascending=[True, True, False, True],
-                                    kind="mergesort")
-        nsets = allsel.groupby(["source", "key"])["anchor_set"].transform("nunique")
-        allsel["_shared"] = nsets > 1
-        union = allsel.drop_duplicates(["source", "key"], keep="first")
-        union_t = pa.Table.from_pandas(union.drop(columns=["_order", "_sim", "_shared"]), preserve_index=False)
-        write_table(self.dir / "selection.parquet", union_t, "selection")
-        rows = []
-        for s, summ in zip(sets, summaries):
-            mine = allsel[allsel["anchor_set"] == s["name"]]
-            rows.append({
-                "anchor_set": s["name"], "method": s["method"], "anchors": summ.get("anchors", 0),
-                "retrieved": summ.get("retrieved", 0), "unique": int(len(mine)),
-                "overlap_other_sets": int(mine["_shared"].sum()),
-                "similarity_p05": summ.get("similarity_p05"), "similarity_p50": summ.get("similarity_p50"),
-                "similarity_p95": summ.get("similarity_p95"), "recall_at_k_vs_exact": summ.get("recall_at_k_vs_exact"),
-            })
-        write_table(stats / "retrieval_stats.parquet", pa.Table.from_pylist(rows), "retrieval_stats")
-        for line in R.degenerate_sets(rows):
-            print(f"[retrieve] WARNING degenerate retrieval: {line}", file=sys.stderr, flush=True)
-        self._write_ledger(set(union.loc[union["source"] == "pool", "key"]))
+        return sels, nbrs, clus, summaries
 
     def _write_ledger(self, selected: set[str]) -> None:
-        inputs = input_keys(self.root, self.name)
+        inputs = self.input_keys()
         failed = {}
-        for p in (self.root / "embed" / "pool" / "failed").glob("part-*.parquet"):
+        for p in self.layout.failed_parts("embed"):
             for r in read_table(p, "embed_failures").to_pylist():
                 failed[r["key"]] = f"{r['reason']}: {r['detail']}"
         embedded = set()
-        for p in (self.root / "embed" / "pool").glob("part-*.parquet"):
+        for p in self.layout.vectors_parts("embed", "pool"):
             embedded.update(read_table(p).column("key").to_pylist())
-        keys, urls, reasons, details = [], [], [], []
-        for key, url in zip(inputs["key"].to_pylist(), inputs["url"].to_pylist()):
-            keys.append(key)
-            urls.append(url)
-            if key in selected:
-                reasons.append(None)
-                details.append(None)
-            elif key not in embedded:
-                reasons.append("embed_failed")
-                details.append(failed.get(key, "no embedding"))
-            else:
-                reasons.append("not_selected")
-                details.append(None)
-        accounting.write_ledger(self.root, self.name, "final",
+        keys, urls = inputs["key"].to_pylist(), inputs["url"].to_pylist()
+        reasons, details = ledger_verdicts(keys, selected, embedded, failed)
+        accounting.write_ledger(self.root, self.name, FINAL,
                                 accounting.make_ledger(self.name, keys, urls, reasons, details))

@@ -1,16 +1,17 @@
 """shards: the curated dataset, as shuffled WebDataset shards ``shards/lvd-NNNNNN.tar``.
 
 ``shards/`` holds the tars and nothing else, so ``ray.data.read_webdataset(RUN/shards)``, ``wds.WebDataset`` and
-the trainer read it as it is.  Everything else of the stage lives beside it, in ``shards_meta/`` (:data:`META`):
-the plan ``_plan.parquet``, the index parts ``_index/``, the staging tars of ``as_is`` anchor sets ``_staging/``,
-and the outputs ``index.parquet`` (schema ``shard_index``) and ``manifest.json`` (shard file names, counts).
+the trainer read it as it is.  Everything else of the stage lives beside it, in ``shards_meta/``
+(:data:`curation.layout.SHARDS_META`, paths from :class:`curation.layout.RunLayout`): the plan ``_plan.parquet``,
+the index parts ``_index/``, the staging tars of ``as_is`` anchor sets ``_staging/``, and the outputs
+``index.parquet`` (schema ``shard_index``) and ``manifest.json`` (shard file names, counts).
 
 Planning (in the driver, once; deterministic): the union of selections (``retrieve/selection.parquet``, one row per
 image) is shuffled with ``numpy.random.default_rng(seed)`` and cut into shards of ``shards.samples_per_shard``.
 Each image's location is resolved through tar member indexes (:mod:`curation.tarindex`): pool images from the pool
-shards (``filter/`` or ``download/``), images of ``as_is`` anchor sets from a staging tar written once per set
-(``shards_meta/_staging/<set>.tar``: the set in any format, resized to ``download.max_side`` as pool images are,
-as WebDataset with the same json fields as a downloaded sample).
+shards (``filter/`` when the run filters, else ``download/``), images of ``as_is`` anchor sets from a staging tar
+written once per set (``shards_meta/_staging/<set>.tar``: the set in any format, resized to ``download.max_side``
+as pool images are, as WebDataset with the same json fields as a downloaded sample).
 
 One unit per output shard: read its images (and their source json) by offset, write one sample per image:
 ``<sample_key>.jpg`` (JPEG bytes copied as they are; other formats re-encoded), ``<sample_key>.txt`` (the caption,
@@ -31,13 +32,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.images import decode_image, encode_jpeg, resize_max_side
-from curation.samples import iter_image_set, pool_shards
+from curation.samples import iter_image_set
 from curation.stages.base import Stage, Unit
 from curation.storage import TarShardWriter, clean_temporaries, read_table, read_tables, write_json, write_table
 from curation.tarindex import MemberReader, member_locations
 
-#: the folder beside ``shards/`` that holds the stage's plan, index and manifest (``RUN/shards_meta``)
-META = "shards_meta"
 #: the img2dataset fields of a sample's json, taken from its source json (download's, or the staging tar's)
 SOURCE_FIELDS = ("url", "caption", "width", "height", "original_width", "original_height", "sha256")
 
@@ -63,52 +62,54 @@ def staged_sample(data: bytes, max_side: int, quality: int) -> tuple[bytes, dict
                  "original_width": ow, "original_height": oh, "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def shuffle_into_shards(sel: pa.Table, seed: int, samples_per_shard: int) -> pa.Table:
+    """The selection (one row per image) shuffled with ``default_rng(seed)`` from (source, key) order and cut into
+    shards of `samples_per_shard`: with columns ``shard``, ``position`` (in the shard) and ``sample_key``."""
+    sel = sel.sort_by([("source", "ascending"), ("key", "ascending")])
+    n = sel.num_rows
+    sel = sel.take(pa.array(np.random.default_rng(seed).permutation(n), pa.int64()))
+    rows = sel.select(["key", "source"]).to_pydict()
+    spp = samples_per_shard
+    plan = sel.append_column("shard", pa.array([shard_name(i // spp) for i in range(n)], pa.string()))
+    plan = plan.append_column("position", pa.array(np.arange(n) % spp if n else [], pa.int64()))
+    keys = [sample_key(s, k) for k, s in zip(rows["key"], rows["source"])]
+    if len(set(keys)) != n:
+        raise RuntimeError("shards: two selected images map to the same sample key")
+    return plan.append_column("sample_key", pa.array(keys, pa.string()))
+
+
 class ShardsStage(Stage):
     name = "shards"
-
-    def __init__(self, cfg, root=None):
-        super().__init__(cfg, root)
-        self.meta = self.root / META
-
-    @property
-    def plan_path(self):
-        return self.meta / "_plan.parquet"
+    section = "shards"
+    reads = ("retrieve.selection", "pool.shards", "image_sets")
+    writes = ("shards.tars",)
 
     def plan(self) -> list[Unit]:
-        clean_temporaries(self.meta)
-        if not self.plan_path.exists():
+        clean_temporaries(self.layout.shards_meta)
+        if not self.layout.shards_plan.exists():
             self._make_plan()
-        shards = pq.read_table(self.plan_path, columns=["shard"])["shard"]
+        shards = pq.read_table(self.layout.shards_plan, columns=["shard"])["shard"]
         names = sorted(set(shards.to_pylist()))
         return [Unit(n, {"shard": n}) for n in names]
 
     def _stage_as_is(self, set_name: str, keys: set[str]):
         """Copy an as-is anchor set's selected images into shards_meta/_staging/<set>.tar (once)."""
-        acfg = next(a for a in self.cfg.retrieve.anchor_sets if a.name == set_name)
-        path = self.meta / "_staging" / f"{set_name}.tar"
+        acfg = next(a for a in self.image_sets["anchors"] if a.name == set_name)
+        path = self.layout.shards_staging(set_name)
+        max_side = self.cfg.download.max_side  # CONFIG: download.max_side (as-is images are resized as downloads)
         if not path.exists():
             with TarShardWriter(path) as w:
                 for s in iter_image_set(acfg.path, acfg.format):
                     if s.key in keys:
-                        data, info = staged_sample(s.data, self.cfg.download.max_side, self.cfg.images.jpeg_quality)
+                        data, info = staged_sample(s.data, max_side, self.images.jpeg_quality)
                         w.write(s.key, {"jpg": data, "json": {"key": sample_key(f"anchors/{set_name}", s.key), **info}})
         return path
 
     def _make_plan(self) -> None:
-        sel = read_table(self.root / "retrieve" / "selection.parquet", "selection")
-        sel = sel.sort_by([("source", "ascending"), ("key", "ascending")])
-        n = sel.num_rows
-        perm = np.random.default_rng(self.cfg.seed).permutation(n)
-        sel = sel.take(pa.array(perm, pa.int64()))
-        rows = sel.to_pydict()
-        pool_keys = {k for k, s in zip(rows["key"], rows["source"]) if s == "pool"}
-        loc = member_locations(self.root, pool_shards(self.root), pool_keys)
-        for source in sorted(set(rows["source"]) - {"pool"}):
-            set_name = source.split("/", 1)[1]
-            keys = {k for k, s in zip(rows["key"], rows["source"]) if s == source}
-            staged = self._stage_as_is(set_name, keys)
-            for k, v in member_locations(self.root, [staged], keys).items():
-                loc[(source, k)] = v
+        plan = shuffle_into_shards(read_table(self.layout.retrieve_selection, "selection"), self.seed,
+                                   self.settings.samples_per_shard)
+        rows = plan.select(["key", "source"]).to_pydict()
+        loc = self._locations(rows["key"], rows["source"])
         cols: dict[str, list] = {c: [] for c in ("tar", "offset", "size", "json_offset", "json_size")}
         for k, s in zip(rows["key"], rows["source"]):
             where = loc.get(k) if s == "pool" else loc.get((s, k))
@@ -116,33 +117,35 @@ class ShardsStage(Stage):
                 raise RuntimeError(f"shards: selected image {s}:{k} not found in its source shards")
             for c, v in zip(cols, where):
                 cols[c].append(v)
-        spp = self.cfg.shards.samples_per_shard
-        plan = sel.append_column("shard", pa.array([shard_name(i // spp) for i in range(n)], pa.string()))
-        plan = plan.append_column("position", pa.array(np.arange(n) % spp if n else [], pa.int64()))
-        plan = plan.append_column("sample_key", pa.array([sample_key(s, k) for k, s in zip(rows["key"], rows["source"])],
-                                                         pa.string()))
         for c, v in cols.items():
             plan = plan.append_column(c, pa.array(v, pa.string() if c == "tar" else pa.int64()))
-        if len(set(plan["sample_key"].to_pylist())) != n:
-            raise RuntimeError("shards: two selected images map to the same sample key")
-        write_table(self.plan_path, plan)
+        write_table(self.layout.shards_plan, plan)
 
-    def is_done(self, unit: Unit) -> bool:
-        return (self.dir / f"{unit.id}.tar").exists()
+    def _locations(self, keys: list[str], sources: list[str]) -> dict:
+        """Where each selected image is (:func:`curation.tarindex.member_locations`): pool images by key in the
+        pool tars, images of an as-is anchor set by (source, key) in its staging tar (written here, once)."""
+        loc: dict = member_locations(self.root, self.layout.pool_tars(self.name),
+                                     {k for k, s in zip(keys, sources) if s == "pool"})
+        for source in sorted(set(sources) - {"pool"}):
+            mine = {k for k, s in zip(keys, sources) if s == source}
+            staged = self._stage_as_is(source.split("/", 1)[1], mine)
+            for k, v in member_locations(self.root, [staged], mine).items():
+                loc[(source, k)] = v
+        return loc
 
     def run_unit(self, unit: Unit) -> dict:
-        plan = pq.read_table(self.plan_path, filters=[("shard", "=", unit.id)]).sort_by("position")
+        plan = pq.read_table(self.layout.shards_plan, filters=[("shard", "=", unit.id)]).sort_by("position")
         rows = plan.to_pylist()
-        write_table(self.meta / "_index" / f"{unit.id}.parquet", pa.table({
+        write_table(self.layout.shards_index_part(unit.id), pa.table({
             "shard": pa.array([f"{unit.id}.tar"] * len(rows), pa.string()),
             "sample_key": pa.array([r["sample_key"] for r in rows], pa.string()),
             "key": pa.array([r["key"] for r in rows], pa.string()),
             "source": pa.array([r["source"] for r in rows], pa.string()),
             "anchor_set": pa.array([r["anchor_set"] for r in rows], pa.string()),
         }), "shard_index")
-        q = self.cfg.images.jpeg_quality
+        q = self.images.jpeg_quality
         transcoded = 0
-        with MemberReader() as reader, TarShardWriter(self.dir / f"{unit.id}.tar") as w:
+        with MemberReader() as reader, TarShardWriter(self.layout.shard_tar(unit.id)) as w:
             for r in rows:
                 data = reader.read(r["tar"], r["offset"], r["size"])
                 if not _is_jpeg(data):
@@ -161,17 +164,16 @@ class ShardsStage(Stage):
         return {"samples": len(rows), "transcoded": transcoded}
 
     def finalize(self) -> None:
-        index_path = self.meta / "index.parquet"
-        if index_path.exists() and (self.meta / "manifest.json").exists():
+        if self.layout.shards_index.exists() and self.layout.shards_manifest.exists():
             return
-        parts = sorted((self.meta / "_index").glob("lvd-*.parquet"))
+        parts = self.layout.shards_index_parts()
         index = read_tables(parts, "shard_index")
-        write_table(index_path, index, "shard_index")
+        write_table(self.layout.shards_index, index, "shard_index")
         counts = index.group_by("source").aggregate([("key", "count")]).to_pylist() if index.num_rows else []
-        write_json(self.meta / "manifest.json", {
+        write_json(self.layout.shards_manifest, {
             "shards": len(parts), "samples": index.num_rows,
             "files": [f"{p.stem}.tar" for p in parts],
             "by_source": {c["source"]: c["key_count"] for c in counts},
-            "samples_per_shard": self.cfg.shards.samples_per_shard, "seed": self.cfg.seed,
+            "samples_per_shard": self.settings.samples_per_shard, "seed": self.seed,
             "pattern": "lvd-{%06d..%06d}.tar" % (0, max(len(parts) - 1, 0)),
         })

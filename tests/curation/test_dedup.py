@@ -117,3 +117,66 @@ def test_corpus_copies_and_eval_contamination(demo_cleaned):
     assert sources and all(led[k]["kept"] for k in sources), [k for k in sources if not led[k]["kept"]]
     for k in by_dedup:  # the dropped copy names its original as the kept key
         assert f"{copies[k]['dup_of_row']:010d}" in drops[k]["detail"] or copies[k]["dup_of_row"] is None
+
+
+# ------------------------------------------------------------------ the keep-one rule, in memory (no files, no graph)
+def test_decide_duplicates_keeps_the_first_by_priority_and_names_each_reason():
+    from curation.stages.dedup import decide_duplicates
+
+    # pool 0-5 one component, pool 6-7 a second, pool 8 alone; node 9 is an evaluation image joined to 6-7
+    labels = np.array([0, 0, 0, 0, 0, 0, 6, 6, 8, 6])
+    is_eval = np.arange(10) == 9
+    priority = [np.array([1, 0, 1, 1, 1, 1, 0, 0, 0]),  # image 1 first in the big component
+                np.array([0, 0, 0, 0, 0, 0, 0, 0, 0])]
+    pixels = np.array(["a", "s", "s", "b", "b", "c", "d", "d", "e"])  # 2 = 1's pixels; 3, 4 twins of each other
+    group = np.array([0, 1, 2, 3, 4, 1, 6, 7, 8])  # 5 in the survivor's hash group
+    v = decide_duplicates(labels, priority, is_eval, pixels, group)
+    assert v.kept.tolist() == [False, True, False, False, False, False, False, False, True]
+    assert v.reasons == ["copy_duplicate", None, "exact_duplicate", "copy_duplicate", "exact_duplicate",
+                         "near_duplicate", "eval_contamination", "eval_contamination", None]
+    assert v.survivor[:6].tolist() == [1] * 6
+    assert v.twin[2] == 1 and v.twin[4] == 3  # 2 is judged as the survivor's twin, 4 through its twin 3
+    assert v.eval_node.tolist() == [-1] * 6 + [9, 9, -1]
+
+
+def test_decide_duplicates_ties_go_to_the_smaller_index_and_evaluation_images_never_survive():
+    from curation.stages.dedup import decide_duplicates
+
+    labels = np.array([0, 0, 0, 3, 3])  # node 0 is an evaluation image; pool nodes 1, 2 share its component
+    is_eval = np.array([True, False, False, False, False])
+    v = decide_duplicates(labels, np.zeros(4), is_eval)
+    assert v.reasons == ["eval_contamination", "eval_contamination", None, "copy_duplicate"]
+    assert v.eval_node.tolist() == [0, 0, -1, -1] and v.survivor.tolist() == [0, 0, 2, 2]
+    empty = decide_duplicates(np.zeros(0, np.int64), [np.zeros(0)], np.zeros(0, bool))
+    assert empty.reasons == [] and empty.kept.shape == (0,)
+
+
+def test_duplicate_details_name_the_survivor_and_the_link():
+    from curation.stages.dedup import decide_duplicates, duplicate_details
+
+    X = _unit([[1, 0, 0], [1, 0.1, 0], [1, 0.2, 0], [0, 1, 0]])
+    E = _unit([[0, 1, 0.1]])
+    codes = np.array([[0b0000], [0b0000], [0b0111], [0]], np.uint8)
+    labels = np.array([0, 0, 0, 3, 3])  # 0-2 a component (survivor 0); 3 joined to evaluation image 4
+    v = decide_duplicates(labels, np.zeros(4), np.arange(5) == 4, np.array(["p", "p", "q", "r"]),
+                          np.array([0, 0, 0, 3]))
+    d = duplicate_details(v, ["k0", "k1", "k2", "k3"], ["eval/ev/e0"], X, E, codes, "pca", 0.45)
+    assert d[0] is None and d[1] == "duplicate of k0 (same pixels)"
+    assert d[2] == "duplicate of k0 (pca hash Hamming distance 3)"
+    assert d[3] == f"duplicate component with evaluation image eval/ev/e0 (cosine {float(X[3] @ E[0]):.3f})"
+
+
+def test_graph_statistics_in_memory():
+    from curation.stages.dedup import component_size_histogram, threshold_stats
+
+    labels = np.array([0, 0, 2, 3, 3, 3, 2])  # pool 0-5, node 6 an evaluation image joined to pool 2
+    hist = component_size_histogram(labels, n=6).to_pylist()
+    assert hist == [{"component_size": 2, "components": 2, "images": 4, "with_eval": 1},
+                    {"component_size": 3, "components": 1, "images": 3, "with_eval": 0}]
+    assert component_size_histogram(np.zeros(0, np.int64), n=0).num_rows == 0
+    g = {"self_sims": np.array([[0.9, 0.2], [0.5, 0.1]], np.float32), "self_ids": np.array([[1, 0], [0, 1]]),
+         "eval_sims": np.array([[0.7], [0.3]], np.float32), "eval_ids": np.array([[2], [3]])}
+    rows = threshold_stats(g, n=2, eval_names=["a", "b"], thresholds=[0.4, 0.6]).to_pylist()
+    got = {(r["kind"], r["threshold"]): (r["images_above"], r["edges_above"]) for r in rows}
+    assert got == {("self", 0.4): (2, 2), ("self", 0.6): (1, 1), ("eval/a", 0.4): (1, 1), ("eval/a", 0.6): (1, 1),
+                   ("eval/b", 0.4): (0, 0), ("eval/b", 0.6): (0, 0)}

@@ -267,3 +267,35 @@ def test_balanced_and_as_is_stage(tmp_path):
     before = (root / "retrieve" / "_ledger" / "final.parquet").stat().st_mtime_ns
     run_pipeline(load_config(data=cfg), progress=False)
     assert (root / "retrieve" / "_ledger" / "final.parquet").stat().st_mtime_ns == before
+
+
+def test_ledger_verdicts_in_memory():
+    from curation.stages.retrieve import ledger_verdicts
+
+    reasons, details = ledger_verdicts(["a", "b", "c", "d"], selected={"a"}, embedded={"a", "b"},
+                                       failed={"c": "decode_error: truncated"})
+    assert reasons == [None, "not_selected", "embed_failed", "embed_failed"]
+    assert details == [None, None, "decode_error: truncated", "no embedding"]
+
+
+def test_union_of_selections_keeps_each_images_best_match_in_memory():
+    import pyarrow as pa
+
+    from curation.stages.retrieve import retrieval_stats, union_of_selections
+
+    def sel(name, keys, sims, source="pool"):
+        n = len(keys)
+        return pa.table({"key": keys, "source": [source] * n, "url": [None] * n, "anchor_set": [name] * n,
+                         "anchor_key": ["a"] * n, "rank": pa.array([0] * n, pa.int32()),
+                         "similarity": pa.array(sims, pa.float32()), "cluster": pa.array([None] * n, pa.int64())})
+
+    sels = [sel("s1", ["k2", "k1"], [0.5, 0.9]), sel("s2", ["k1", "k2", "k3"], [0.8, 0.5, None]),
+            sel("core", ["k1"], [None], source="anchors/core")]
+    union, shared = union_of_selections(sels, ["s1", "s2", "core"])
+    got = [(r["source"], r["key"], r["anchor_set"]) for r in union.to_pylist()]
+    # k1: s1 more similar; k2: a tie goes to the set listed first; an as-is anchor is its own row
+    assert got == [("anchors/core", "k1", "core"), ("pool", "k1", "s1"), ("pool", "k2", "s1"), ("pool", "k3", "s2")]
+    sets = [{"name": "s1", "method": "sample"}, {"name": "s2", "method": "cluster"}, {"name": "core", "method": "as_is"}]
+    rows = retrieval_stats(sets, [{"anchors": 1, "retrieved": 2}, {}, {}], shared)
+    assert [(r["unique"], r["overlap_other_sets"]) for r in rows] == [(2, 2), (3, 2), (1, 0)]
+    assert rows[0]["anchors"] == 1 and rows[1]["retrieved"] == 0

@@ -172,3 +172,24 @@ def test_trainer_reads_each_curated_image_once(shard_run):
     raw["device"] = "cpu"
     batch = next(iter(build_stream(load_train_config(raw=raw), str(root / "shards"))))
     assert sorted(batch["keys"]) == keys
+
+
+def test_shuffle_into_shards_in_memory():
+    import pyarrow as pa
+
+    from curation.stages.shards import shuffle_into_shards
+
+    sel = pa.table({"key": ["b", "a", "c", "a", "d"], "source": ["pool", "pool", "pool", "anchors/x", "pool"]})
+    plan = shuffle_into_shards(sel, seed=3, samples_per_shard=2)
+    again = shuffle_into_shards(sel.take([4, 3, 2, 1, 0]), seed=3, samples_per_shard=2)
+    assert plan.equals(again)  # the shuffle starts from (source, key) order: input order does not matter
+    rows = plan.to_pylist()
+    assert [r["shard"] for r in rows] == ["lvd-000000"] * 2 + ["lvd-000001"] * 2 + ["lvd-000002"]
+    assert [r["position"] for r in rows] == [0, 1, 0, 1, 0]
+    assert sorted(r["sample_key"] for r in rows) == ["a", "b", "c", "d", "x_a"]
+    order = np.random.default_rng(3).permutation(5)
+    assert [(r["source"], r["key"]) for r in rows] == [sorted(zip(sel["source"].to_pylist(),
+                                                                  sel["key"].to_pylist()))[i] for i in order]
+    clash = pa.table({"key": ["x_a", "a"], "source": ["pool", "anchors/x"]})
+    with pytest.raises(RuntimeError, match="same sample key"):
+        shuffle_into_shards(clash, seed=0, samples_per_shard=2)
