@@ -80,11 +80,6 @@ def kept_keys(root: Path, stage: str) -> pa.Table:
     return t.sort_by("key")
 
 
-def previous_ledger_stage(stage: str) -> str | None:
-    """The nearest ledger stage before `stage` (whose kept keys are `stage`'s input in a run of every stage)."""
-    return RunLayout(Path()).input_ledger_stage(stage)
-
-
 def completed_ledger_stages(root: Path) -> list[str]:
     layout = RunLayout(root)
     return [s for s in LEDGER_STAGES if layout.ledger_parts(s)]

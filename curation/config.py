@@ -98,6 +98,9 @@ class ImagesConfig(Section):
     shards)."""
 
     max_image_pixels: PositiveInt = Field(89_478_485, description="declared pixels above this = decompression bomb")
+    max_side: Annotated[int, Field(ge=16)] = Field(
+        512, description="pool images are stored with their longer side at most this: downloads, and as-is anchor "
+        "images in the final shards")
     jpeg_quality: JpegQuality = Field(
         95, description="every JPEG the pipeline encodes: resized downloads, face-blurred or non-JPEG images the "
         "filter keeps, non-JPEG images in the final shards (as-is anchors); JPEGs kept unchanged are copied")
@@ -111,7 +114,6 @@ class DownloadConfig(Section):
         None, description="wall-clock limit per URL: connect, redirects, headers and body (default 3 x timeout_s)"
     )
     retries: Annotated[int, Field(ge=0)] = 0
-    max_side: Annotated[int, Field(ge=16)] = Field(512, description="resize so the longer side is at most this")
     max_bytes: PositiveInt = Field(50_000_000, description="larger downloads are dropped")
     drop_animated: bool = True
     user_agent_token: str = "lvd"
@@ -372,7 +374,8 @@ MOVED_KEYS = {
     "ray.cpus_per_task": "was removed (it was never used)",
     **{f"{section}.{key}": _IMAGES_KEY.format(key)
        for section, key in (("download", "jpeg_quality"), ("filter", "jpeg_quality"), ("shards", "jpeg_quality"),
-                            ("download", "max_image_pixels"), ("filter", "max_image_pixels"))},
+                            ("download", "max_image_pixels"), ("filter", "max_image_pixels"),
+                            ("download", "max_side"))},
 }
 
 

@@ -14,6 +14,9 @@ from PIL import Image
 
 from curation.components import connected_components, first_of_equal
 
+#: the metadata key of hash/groups.parquet naming the hash its codes are (pca or phash), for the dedup details
+HASH_METHOD_KEY = "lvd.hash_method"
+
 MULTIHASH_ABOVE = 200_000  # distinct hashes; above this the range search uses multi-index hashing
 
 

@@ -26,15 +26,6 @@ def pool_plan(files, keys, scale) -> PartitionPlan | None:
     return plan if len(plan.partitions) > 1 or (scale.partitioned == "always" and plan.rows) else None
 
 
-def in_ray() -> bool:
-    try:
-        import ray
-
-        return ray.is_initialized()
-    except ImportError:  # pragma: no cover
-        return False
-
-
 class PartitionedPool:
     """The pool of `plan`, searched and clustered by partitions.  ``search`` holds the search settings (the retrieve
     section: index, nlist, nprobe, pq_m, pq_rerank), ``scale`` the scale section (searchers, query_block); with

@@ -38,17 +38,6 @@ class Sample:
         return self.content if isinstance(self.content, bytes) else Path(self.content).read_bytes()
 
 
-def pool_stage(root: Path) -> str:
-    """The stage whose tar shards hold the pool images: 'filter' when it has run, else 'download'."""
-    root = Path(root)
-    return "filter" if any((root / "filter").glob("*.tar")) else "download"
-
-
-def pool_shards(root: Path) -> list[Path]:
-    root = Path(root)
-    return sorted((root / pool_stage(root)).glob("[0-9]*.tar"))
-
-
 #: the members a pool sample's image may be stored under, in order of preference
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 
@@ -94,12 +83,6 @@ def _kept(ledger_part: Path, filters: list | None = None) -> set[str]:
     """The kept keys of one ledger part (within `filters`, Parquet predicates on the key)."""
     t = pq.read_table(ledger_part, columns=["key"], filters=[*(filters or []), ("kept", "=", True)])
     return set(t["key"].to_pylist())
-
-
-def iter_pool(root: Path, keys: Iterable[str] | None = None) -> Iterator[Sample]:
-    keyset = set(keys) if keys is not None else None
-    for tar in pool_shards(root):
-        yield from iter_shard_samples(tar, keyset)
 
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")

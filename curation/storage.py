@@ -130,10 +130,14 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def write_table(path: str | os.PathLike, table: pa.Table, schema: pa.Schema | str | None = None) -> pa.Table:
-    """Validate `table` against `schema` (a name from schemas.SCHEMAS or a pa.Schema) and write it atomically."""
+def write_table(path: str | os.PathLike, table: pa.Table, schema: pa.Schema | str | None = None,
+                metadata: dict[str, str] | None = None) -> pa.Table:
+    """Validate `table` against `schema` (a name from schemas.SCHEMAS or a pa.Schema) and write it atomically;
+    `metadata`: key-value pairs stored in the file's schema (facts about the whole table)."""
     if schema is not None:
         table = conform(table, schema)
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return table

@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import unquote, urlsplit
 
 ALLOW_KEY = "download.allow_networks"
 

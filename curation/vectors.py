@@ -7,7 +7,6 @@ retrieve, shards, report).
   offsets that combining the chunks into one list array would need: 2**31 floats, ~4.2M x 512-d).
 * :func:`knn` is the one call site for exact inner-product k-NN: :func:`curation.knn.knn_search` (FAISS flat on
   CPU, chunked torch matmul + top-k on CUDA).
-* :func:`input_stage` names the ledger stage whose kept keys are a stage's input.
 """
 
 from __future__ import annotations
@@ -19,8 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation import accounting
-from curation.config import STAGE_ORDER
 from curation.knn import knn_search
 from curation.storage import read_table
 
@@ -82,20 +79,3 @@ def knn(queries: np.ndarray, database: np.ndarray, k: int, device: str = "auto")
     sims, ids = knn_search(np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(database, np.float32),
                            k, device=device)
     return np.asarray(sims, np.float32), np.asarray(ids, np.int64)
-
-
-# ------------------------------------------------------------------------------------------------- inputs
-def input_stage(root: Path, stage: str) -> str | None:
-    """The ledger stage whose kept keys `stage` receives: the nearest earlier ledger stage that has run (the
-    configured previous one, or an earlier one when stages were left out of the run), as check_invariants
-    compares consecutive completed ledger stages."""
-    done = [s for s in accounting.completed_ledger_stages(root) if STAGE_ORDER.index(s) < STAGE_ORDER.index(stage)]
-    return done[-1] if done else accounting.previous_ledger_stage(stage)
-
-
-def input_keys(root: Path, stage: str) -> pa.Table:
-    """(key, url) of the pool images `stage` receives, sorted by key."""
-    prev = input_stage(root, stage)
-    if prev is None:
-        raise RuntimeError(f"stage {stage!r} has no earlier ledger stage to take its input from")
-    return accounting.kept_keys(root, prev)

@@ -3,8 +3,9 @@
 A stage declares
 
 * ``name`` and ``section``: its name and the config section it is configured by.  A stage reads only its own
-  section (``self.settings``) and the run-wide settings (``self.seed``, ``self.scale``, ``self.images``); what it needs from other
-  stages comes through the run layout (``self.layout``: every path, the image sets) and their output files;
+  section (``self.settings``), the run-wide settings (``self.seed``, ``self.scale``, ``self.images``,
+  ``self.uses_ray()``) and the run's inputs (``self.url_lists``, ``self.image_sets``); what it needs from other
+  stages comes through the run layout (``self.layout``: every path) and their output files;
 * ``reads`` / ``writes``: the artefacts it consumes and produces (names of :data:`ARTEFACTS`, documented there);
 * ``resources()``: what one worker of the stage asks the cluster for (CPUs, a GPU when it can use one);
 * ``setup()``: run once per worker before its first unit (models are loaded here, into the stage object, never
@@ -72,10 +73,11 @@ class Stage:
         self.root = self.layout.root
         self.dir = self.layout.stage_dir(self.name)
         self.settings = getattr(cfg, self.section) if self.section else None
-        self.cfg = cfg  # TRANSITIONAL, removed once every stage reads only self.settings (issue 9)
         self.seed = cfg.seed
         self.scale = cfg.scale
         self.images = cfg.images  # image limits and encoding every stage that decodes or writes images shares
+        self.url_lists = cfg.input  # the run's inputs: the URL lists (download) and the image sets
+        self.in_process = cfg.ray.local
         self.image_sets = cfg.image_sets()
         #: how the runner builds this stage in a worker (stage name, the config as JSON, run root); not for stages
         self.worker_args = (self.name, cfg.model_dump(mode="json"), str(self.root))
@@ -99,6 +101,16 @@ class Stage:
         """Global work after every unit is done (idempotent)."""
 
     # ------------------------------------------------------------------------------------------ shared helpers
+    def uses_ray(self) -> bool:
+        """Whether work inside this stage (partitioned searches) may start Ray actors: the run is on Ray."""
+        if self.in_process:
+            return False
+        try:
+            import ray
+        except ImportError:  # pragma: no cover
+            return False
+        return ray.is_initialized()
+
     def input_keys(self) -> pa.Table:
         """(key, url) of the pool images this stage receives, sorted by key: the kept keys of the nearest earlier
         ledger stage of this run (one rule, from the config's stage list)."""

@@ -60,11 +60,11 @@ import pyarrow.parquet as pq
 from curation import accounting
 from curation.components import connected_components, first_of_equal, kept_of_component, pick_one_per_component
 from curation.distributed_knn import Placement
-from curation.hashing import hamming
+from curation.hashing import HASH_METHOD_KEY, hamming
 from curation.knn import knn_search, resolve_device
 from curation.layout import RunLayout
 from curation.partitioned_dedup import partitioned_dedup_graph
-from curation.partitioned_pool import in_ray, pool_plan
+from curation.partitioned_pool import pool_plan
 from curation.partitions import plan_keys
 from curation.stages.base import Stage, Unit
 from curation.storage import read_table, write_table
@@ -86,6 +86,7 @@ class HashInfo:
     codes: np.ndarray | None  # packed hash codes, for the near_duplicate detail
     resolution: np.ndarray  # pixels before download's resize when known, else as stored; 0 when unknown
     fill: np.ndarray  # border_fill, 0 when unknown
+    method: str = "pca"  # the hash the codes are, as the hash stage recorded it
 
 
 def read_hash_info(layout: RunLayout, keys: list[str]) -> HashInfo:
@@ -100,6 +101,7 @@ def read_hash_info(layout: RunLayout, keys: list[str]) -> HashInfo:
         info.sha = np.array(g["pixel_sha256"].to_pylist(), dtype=object)
         info.group = np.array(g["group"], np.int64)
         info.codes = np.stack([np.frombuffer(b, np.uint8) for b in g["hash"].to_pylist()]) if n else None
+        info.method = (pq.read_schema(layout.hash_groups).metadata or {}).get(HASH_METHOD_KEY.encode(), b"pca").decode()
     parts = layout.hash_parts()
     if parts:
         cols = ["key", "width", "height", "original_width", "original_height", "border_fill"]
@@ -388,8 +390,7 @@ class DedupStage(Stage):
         is_eval = np.arange(len(labels)) >= n
         v = decide_duplicates(labels, survivor_priority(s.survivor, labels[:n], X, info), is_eval, info.sha,
                               info.group)
-        hash_method = self.cfg.hash.method  # CONFIG: hash.method (the hash named in near_duplicate details)
-        details = duplicate_details(v, keys, eval_keys, X, E, info.codes, hash_method, s.eval_threshold)
+        details = duplicate_details(v, keys, eval_keys, X, E, info.codes, info.method, s.eval_threshold)
 
         write_table(self.layout.dedup_components, components_table(g, keys, eval_names, eval_keys, v), "components")
         thresholds = sorted(set(s.stats_thresholds) | {s.threshold, s.eval_threshold})
@@ -434,8 +435,7 @@ class DedupStage(Stage):
         links = (linked, info.group[linked])
         plan = pool_plan(self.layout.vectors_parts("sscd", "pool"), None, self.scale)
         if plan is not None and plan_keys(plan) == keys:
-            use_ray = in_ray() and not self.cfg.ray.local  # CONFIG: ray.local (run-wide: search on Ray actors?)
-            placement = Placement(use_ray=use_ray, device=s.device, searchers=self.scale.searchers)
+            placement = Placement(use_ray=self.uses_ray(), device=s.device, searchers=self.scale.searchers)
             return partitioned_dedup_graph(plan, E, s.k, s.threshold, s.eval_threshold,
                                            self.layout.scratch(self.name, "partitioned"), placement,
                                            self.scale.query_block, links=links)

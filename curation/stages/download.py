@@ -8,8 +8,8 @@ as Arrow IPC files under ``download/_inputs/``.
 Each shard is one unit: img2dataset's per-shard ``Downloader`` fetches with its thread pool (and its
 ``X-Robots-Tag`` opt-out check), through a urllib opener that re-checks every connection and redirect against the
 address policy (:mod:`curation.urlsafety`).  Bytes are decoded by :func:`curation.images.decode_image` (our
-"resizer": bombs, truncation, animation, CMYK/16-bit/alpha handled there), resized to ``max_side`` and stored as
-JPEG.  Outputs, each written atomically: ``NNNNN.tar`` (``key.jpg`` + ``key.json``), ``NNNNN.parquet`` (status
+"resizer": bombs, truncation, animation, CMYK/16-bit/alpha handled there), resized to ``images.max_side`` and stored
+as JPEG.  Outputs, each written atomically: ``NNNNN.tar`` (``key.jpg`` + ``key.json``), ``NNNNN.parquet`` (status
 rows, schema ``download_status``: one per input URL of the shard's row range, those refused before the fetch
 included), then the ledger part that marks the shard complete.
 """
@@ -104,9 +104,9 @@ class ImageNormalizer:
         data = img_stream.read()
         dl = self.settings
         try:
-            im, (ow, oh) = decode_image(data, self.images.max_image_pixels, dl.drop_animated, draft_size=dl.max_side,
-                                        orient=True)
-            im = resize_max_side(im, dl.max_side)
+            im, (ow, oh) = decode_image(data, self.images.max_image_pixels, dl.drop_animated,
+                                        draft_size=self.images.max_side, orient=True)
+            im = resize_max_side(im, self.images.max_side)
             return encode_jpeg(im, self.images.jpeg_quality), im.width, im.height, ow, oh, None
         except ImageRejected as err:
             return None, None, None, None, None, f"lvd:{err.reason}: {err.detail}"
@@ -168,7 +168,7 @@ class DownloadStage(Stage):
     def _make_plan(self) -> None:
         """Number and precheck every input row, write the refused ones as ledger unit ``precheck``, cut the rest
         into input shards, then the plan (shards, their row counts and row ranges)."""
-        inputs = self.cfg.input  # CONFIG: the URL lists are configured in the `input` section
+        inputs = self.url_lists
         table = read_url_lists(inputs.url_list, inputs.url_col, inputs.caption_col)
         row_ids, urls = table["row_id"].to_pylist(), table["url"].to_pylist()
         verdicts = precheck(row_ids, urls, table["url_error"].to_pylist(), UrlPolicy.from_config(self.settings))

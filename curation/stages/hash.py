@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from curation.config import HashConfig
-from curation.hashing import fit_pca, hash_groups, pca_hashes, phash_codes, thumbnail
+from curation.hashing import HASH_METHOD_KEY, fit_pca, hash_groups, pca_hashes, phash_codes, thumbnail
 from curation.images import decode_image, pixel_sha256
 from curation.samples import Sample, iter_shard_samples
 from curation.stages.base import Stage, Unit
@@ -160,6 +160,6 @@ class HashStage(Stage):
             "group": pa.array(g.labels.astype(np.int64)),
             "group_size": pa.array(g.sizes.astype(np.int64)),
         })
-        write_table(self.layout.hash_groups, groups, "hash_groups")
+        write_table(self.layout.hash_groups, groups, "hash_groups", metadata={HASH_METHOD_KEY: self.settings.method})
         print(f"[hash] {t.num_rows} images in {len(np.unique(g.labels))} hash groups ({t.num_rows - len(set(sha))} "
               "same-pixel copies); the dedup stage judges them with the SSCD neighbours", flush=True)

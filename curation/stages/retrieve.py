@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from curation import accounting
 from curation import retrieval as R
-from curation.partitioned_pool import PartitionedPool, in_ray, pool_plan
+from curation.partitioned_pool import PartitionedPool, pool_plan
 from curation.samples import iter_image_set
 from curation.stages.base import Stage, Unit
 from curation.storage import atomic_path, read_table, read_tables, write_json, write_table
@@ -158,9 +158,8 @@ class RetrieveStage(Stage):
         plan = pool_plan(self.layout.vectors_parts("embed", "pool"), self.input_keys()["key"], self.scale)
         if plan is None:
             return None
-        use_ray = in_ray() and not self.cfg.ray.local  # CONFIG: ray.local (run-wide: search on Ray actors?)
         return PartitionedPool(plan, self.layout.scratch(self.name, "partitioned"), self.settings, self.scale,
-                               self.seed, use_ray, self.settings.device)
+                               self.seed, self.uses_ray(), self.settings.device)
 
     def _anchor_vectors(self, name: str) -> tuple[list[str], np.ndarray]:
         return load_descriptors(self.layout.vectors_parts("embed", "anchors", name))

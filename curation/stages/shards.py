@@ -10,7 +10,7 @@ Planning (in the driver, once; deterministic): the union of selections (``retrie
 image) is shuffled with ``numpy.random.default_rng(seed)`` and cut into shards of ``shards.samples_per_shard``.
 Each image's location is resolved through tar member indexes (:mod:`curation.tarindex`): pool images from the pool
 shards (``filter/`` when the run filters, else ``download/``), images of ``as_is`` anchor sets from a staging tar
-written once per set (``shards_meta/_staging/<set>.tar``: the set in any format, resized to ``download.max_side``
+written once per set (``shards_meta/_staging/<set>.tar``: the set in any format, resized to ``images.max_side``
 as pool images are, as WebDataset with the same json fields as a downloaded sample).
 
 One unit per output shard: read its images (and their source json) by offset, write one sample per image:
@@ -96,12 +96,11 @@ class ShardsStage(Stage):
         """Copy an as-is anchor set's selected images into shards_meta/_staging/<set>.tar (once)."""
         acfg = next(a for a in self.image_sets["anchors"] if a.name == set_name)
         path = self.layout.shards_staging(set_name)
-        max_side = self.cfg.download.max_side  # CONFIG: download.max_side (as-is images are resized as downloads)
         if not path.exists():
             with TarShardWriter(path) as w:
                 for s in iter_image_set(acfg.path, acfg.format):
                     if s.key in keys:
-                        data, info = staged_sample(s.data, max_side, self.images.jpeg_quality)
+                        data, info = staged_sample(s.data, self.images.max_side, self.images.jpeg_quality)
                         w.write(s.key, {"jpg": data, "json": {"key": sample_key(f"anchors/{set_name}", s.key), **info}})
         return path
 

@@ -44,9 +44,10 @@ def base_config(corpus: Path, run_root: Path, **sections) -> dict:
         "input": {"url_list": str(corpus / "urls.parquet")},
         "ray": {"local": True},
         "download": {
-            "shard_size": 64, "threads": 16, "timeout_s": 4.0, "max_side": 256,
+            "shard_size": 64, "threads": 16, "timeout_s": 4.0,
             "allow_networks": ["127.0.0.1/32"], "blocklist_domains": ["blocked.example"],
         },
+        "images": {"max_side": 256},
         "filter": {"min_side": 48, "max_aspect": 4.0},
         # The weight-free pixels descriptor has its own similarity scale (the paper's 0.6 / 0.45 are for SSCD): on the
         # demo corpus copies score >= 0.88 and unrelated images <= 0.70 (siblings) / <= 0.48 (against eval images).

@@ -74,7 +74,7 @@ def test_resume_with_changed_config_is_refused_with_a_diff(base):
     # run-time choices may change
     prepare_run_root(load_config(data={**base, "stages": ["download"], "ray": {"max_in_flight": 2}}))
     with pytest.raises(ConfigError) as info:
-        prepare_run_root(load_config(data={**base, "download": {"max_side": 256}}))
+        prepare_run_root(load_config(data={**base, "images": {"max_side": 256}}))
     assert "-  max_side: 512" in str(info.value) and "+  max_side: 256" in str(info.value)
 
 

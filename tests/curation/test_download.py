@@ -124,7 +124,7 @@ def _normalize(data, **dl):
     from curation.config import DownloadConfig, ImagesConfig
     from curation.stages.download import ImageNormalizer, reason_from_error
 
-    jpeg, w, h, ow, oh, err = ImageNormalizer(DownloadConfig(max_side=256, **dl), ImagesConfig())(io.BytesIO(data))
+    jpeg, w, h, ow, oh, err = ImageNormalizer(DownloadConfig(**dl), ImagesConfig(max_side=256))(io.BytesIO(data))
     return (reason_from_error(err)[0], None) if err else (None, (Image.open(io.BytesIO(jpeg)), (w, h), (ow, oh)))
 
 
@@ -199,7 +199,8 @@ def _run_download(tmp_path, url_list, **download):
 
     cfg = {"run_root": str(tmp_path / "run"), "input": {"url_list": [str(p) for p in url_list]},
            "ray": {"local": True}, "stages": ["download"],
-           "download": {"shard_size": 4, "threads": 2, "timeout_s": 5.0, "max_side": 64,
+           "images": {"max_side": 64},
+           "download": {"shard_size": 4, "threads": 2, "timeout_s": 5.0,
                         "allow_networks": ["127.0.0.1/32"], **download}}
     run_pipeline(load_config(data=cfg), progress=False)
     return tmp_path / "run"

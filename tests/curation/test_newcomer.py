@@ -62,8 +62,8 @@ def own_config(own: dict, run_root: Path) -> dict:
     return {
         "run_root": str(run_root),
         "input": {"url_list": str(own["urls"]), "url_col": "url", "caption_col": "caption"},
-        "download": {"shard_size": 10, "threads": 4, "timeout_s": 10, "max_side": 64,
-                     "allow_networks": ["127.0.0.1/32"]},
+        "images": {"max_side": 64},
+        "download": {"shard_size": 10, "threads": 4, "timeout_s": 10, "allow_networks": ["127.0.0.1/32"]},
         "filter": {"min_side": 32, "detector": "none"},
         "sscd": {"descriptor": "pixels"},
         "embed": {"model": "pixels", "batch_size": 16, "num_workers": 0},

@@ -28,14 +28,15 @@ def shard_run(tmp_path_factory):
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(anchors / "x" / f"a{i}.jpg")
     core = tmp / "core"
     (core / "c").mkdir(parents=True)
-    for i in range(4):  # PNGs: re-encoded as JPEG in the shards; larger than download.max_side: resized as pool images
+    for i in range(4):  # PNGs: re-encoded as JPEG in the shards; larger than images.max_side: resized as pool images
         Image.new("RGB", (90, 60), (60 * i, 90, 10)).save(core / "c" / f"img{i}.png")
     cfg = make_run(tmp, images, shard_size=25, dropped=["0000009999"], seed=7,
                    retrieve={"anchor_sets": [
                        {"name": "near", "path": str(anchors), "method": "sample", "k": 4},
                        {"name": "core", "path": str(core), "method": "as_is"}],
                        "balanced": {"target_size": 12, "levels": [6, 2]}},
-                   shards={"samples_per_shard": 10}, download={"max_side": 45})
+                   shards={"samples_per_shard": 10})
+    cfg["images"] = {"max_side": 45}
     run_pipeline(load_config(data=cfg), progress=False)
     return {"root": tmp / "run", "cfg": cfg}
 
@@ -88,7 +89,7 @@ def test_shard_bytes_match_sources_and_index(shard_run):
             assert m["jpg"][:3] == b"\xff\xd8\xff"
             if meta["source"] == "pool":
                 assert m["jpg"] == pool[meta["key"]]  # copied byte for byte
-            else:  # 90x60 PNG, resized to download.max_side like a downloaded image
+            else:  # 90x60 PNG, resized to images.max_side like a downloaded image
                 assert Image.open(io.BytesIO(m["jpg"])).size == (45, 30)
                 assert (meta["width"], meta["height"], meta["original_width"], meta["original_height"]) == (45, 30, 90, 60)
             n += 1
