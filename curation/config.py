@@ -70,8 +70,10 @@ class InputConfig(Section):
 
 class RayConfig(Section):
     address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS or an in-process Ray")
-    max_in_flight: PositiveInt = Field(8, description="at most this many shard tasks queued or running at once")
-    max_retries: Annotated[int, Field(ge=0)] = Field(2, description="retries of a failed or lost shard task")
+    max_in_flight: PositiveInt = Field(8, description="at most this many workers per stage (Ray actors, each running "
+                                                                "one unit at a time, models loaded once)")
+    max_retries: Annotated[int, Field(ge=0)] = Field(2, description="retries of a unit that failed or whose worker "
+                                                                     "died (a dead worker is restarted as often)")
     local: bool = Field(False, description="run shard tasks in this process, without Ray (debugging)")
 
 
