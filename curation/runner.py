@@ -1,10 +1,12 @@
 """The stage runner: runs the configured stages in order, unit by unit, on Ray or in-process.
 
-* Units already complete (their ledger exists and their completion marker matches their outputs, see
-  :mod:`curation.markers`) are skipped, so a killed run resumes where it stopped and rerunning a finished run does
-  nothing; a unit whose outputs were truncated or altered since is redone.
-* At most ``ray.max_in_flight`` unit tasks are queued at once (back-pressure), each retried up to
-  ``ray.max_retries`` times by Ray, whether it raised or its worker died.
+* Units already done (their completion marker matches their outputs, see :mod:`curation.markers`) are skipped,
+  so a killed run resumes where it stopped and rerunning a finished run does nothing; a unit whose outputs were
+  truncated or altered since is redone.
+* The other units run on ``StageWorker``s, each of which builds the stage and calls its ``setup()`` once: at most
+  ``ray.max_in_flight`` Ray actors per stage (a unit waits in the driver until a worker is free: back-pressure),
+  or one in-process worker.  A unit is retried up to ``ray.max_retries`` times, whether it raised or its worker
+  died (Ray restarts a dead worker, which sets up again).
 * A unit that still fails is reported by name at the end of its stage; the other units finish first, and the
   run stops before later stages, which would read incomplete input.
 * After each stage the funnel and drops tables are rebuilt and the accounting invariants are checked.
