@@ -66,7 +66,7 @@ def load_teacher(path: str | Path, arch: str | None = None) -> nn.ModuleDict:
     """The frozen teacher as a ModuleDict: ``backbone`` and, when the checkpoint has them, ``dino_head`` /
     ``ibot_head`` (see the module docstring for the accepted files)."""
     from .checkpoint import FORMAT, backbone_from_state, find_latest_checkpoint, load_checkpoint
-    from .models.vision_transformer import backbone_from_official_state, sidecar_path
+    from .models.backbone_io import backbone_from_official_state, sidecar_path
 
     p = Path(path)
     if not p.exists():

@@ -22,7 +22,7 @@ Models (``embed.model``):
   module's ``checkpoint_filter_fn``, which renames keys and resamples position embeddings.
 * ``lvd``: a backbone exported by our trainer (``backbone.pth`` + ``backbone.json`` sidecar) or an official DINOv2
   backbone file (architecture inferred from the tensors), loaded by
-  :func:`training.models.vision_transformer.load_official_checkpoint`; position embeddings are interpolated to
+  :func:`training.models.backbone_io.load_official_checkpoint`; position embeddings are interpolated to
   the crop size.
 * ``pixels``: a fixed function of pixels with known behaviour, for tests and the demo (random-weight ViTs map
   every image to nearly the same vector).  See :class:`PixelDescriptor`.
@@ -239,7 +239,7 @@ def build_embedder(cfg, device: str | None = None) -> Embedder:
         if cfg.checkpoint is None:
             raise ValueError("embed.model 'lvd' needs embed.checkpoint: a backbone exported by `lvd export` "
                              "(backbone.pth + backbone.json) or an official DINOv2 backbone file")
-        from training.models.vision_transformer import load_official_checkpoint
+        from training.models.backbone_io import load_official_checkpoint
 
         model = load_official_checkpoint(cfg.checkpoint)
         return Embedder(model, "lvd", cfg.img_size, cfg.pooling, dev, precision,

@@ -16,7 +16,8 @@ from training.checkpoint import export_backbone, load_checkpoint
 from training.config import ConfigError, load_config
 from training.distill import load_teacher
 from training.evaluate import evaluate_backbone
-from training.models.vision_transformer import build_backbone, load_official_checkpoint, save_backbone
+from training.models.backbone_io import load_official_checkpoint, save_backbone
+from training.models.vision_transformer import build_backbone
 from training.train import Trainer, build_stream, train
 
 
