@@ -175,7 +175,7 @@ def test_distill_config_errors(tmp_path):
 
 def test_cli_stops_with_one_line_when_the_teacher_does_not_fit(tmp_path, capsys):
     from lvd_train_testutils import REPO, write_shards
-    from training.train import main
+    from training.cli import main
 
     pre = Trainer(_tiny())  # heads with 128 prototypes
     pre.save(tmp_path / "pre", 0, {})

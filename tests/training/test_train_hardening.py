@@ -18,7 +18,8 @@ from lvd_train_testutils import REPO, TINY_CFG, random_image, read_metrics, subp
 
 from training.config import load_config
 from training.export import main as export_main
-from training.train import build_models, main as train_main
+from training.cli import main as train_main
+from training.train import build_models
 
 
 def _cfg(**over) -> dict:
