@@ -534,13 +534,30 @@ class _Throughput:
             self.t1 = None
 
 
-def _progress_bar(total_iters: int, start_iter: int):
-    from tqdm import tqdm
+class _ProgressBar:
+    """A tqdm bar (when ``enabled``) whose postfix shows loss and lr every ``log_every`` iterations."""
 
-    # in a log (ray job logs, CI, a file) every redraw becomes a line: redraw at most every 10 s there
-    interactive = sys.stderr.isatty()
-    return tqdm(total=total_iters, initial=start_iter, desc="train", dynamic_ncols=True,
-                mininterval=0.1 if interactive else 10.0)
+    def __init__(self, enabled: bool, total_iters: int, start_iter: int, log_every: int):
+        self.total, self.log_every, self.bar = total_iters, log_every, None
+        if enabled:
+            from tqdm import tqdm
+
+            # in a log (ray job logs, CI, a file) every redraw becomes a line: redraw at most every 10 s there
+            interactive = sys.stderr.isatty()
+            self.bar = tqdm(total=total_iters, initial=start_iter, desc="train", dynamic_ncols=True,
+                            mininterval=0.1 if interactive else 10.0)
+
+    def update(self, it: int, row: dict[str, Any]) -> None:
+        """Iteration ``it`` (counted from 1) is done; ``row`` its metrics."""
+        if self.bar is None:
+            return
+        if it % self.log_every == 0 or it == self.total:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
+        self.bar.update(1)  # redraws (with the postfix) at most every mininterval
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def train(cfg: TrainConfig, data: str | list[str], output_dir: str | os.PathLike) -> dict[str, Any]:
@@ -583,7 +600,7 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
     last_eval = trainer.evaluate(0) if cfg.eval.at_start and start.iteration == 0 else None
 
     it, samples = start.iteration, start.samples_consumed
-    bar = _progress_bar(total_iters, it) if rank == 0 and cfg.progress_bar else None
+    bar = _ProgressBar(rank == 0 and cfg.progress_bar, total_iters, it, cfg.log_every)
     throughput = _Throughput(it, images_per_iter, over=min(10, total_iters - it - 1))
     last_row: dict[str, Any] = {}
     t0 = time.time()
@@ -607,17 +624,13 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
             it += 1
             samples += images_per_iter
             throughput.step(it)
-            if bar is not None:
-                if it % cfg.log_every == 0 or it == total_iters:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
-                bar.update(1)  # redraws (with the postfix) at most every mininterval
+            bar.update(it, row)
             if cfg.eval.period_iters and it % cfg.eval.period_iters == 0 and it < total_iters:
                 last_eval = trainer.evaluate(it)
             if it % cfg.checkpoint.period_iters == 0 or it == total_iters:
                 trainer.save_checkpoint(it, samples)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if it > start.iteration or last_eval is None:
         last_eval = trainer.evaluate(it)
     return {"iterations": it, "last": last_row, "eval": last_eval, "output_dir": str(out), "world_size": world,
