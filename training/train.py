@@ -1,6 +1,6 @@
 """DINOv2 pretraining: the step and the loop (run by ``lvd train`` / ``pipelines/train.py``, see training/cli.py).
 
-One iteration (as the reference ``SSLMetaArch.forward_backward``):
+One iteration (as the reference ``SSLMetaArch.forward_backward``; steps 1-3 are training/objective.py):
 
 1. Teacher (EMA, eval mode: no drop-path; global crops only, no masks): CLS tokens -> DINO head; patch tokens at
    the student's masked positions -> iBOT head (the DINO head when shared). Probabilities by centering (centre
@@ -57,20 +57,21 @@ from .augment import AugmentConfig, MultiCropAugmentation
 from .checkpoint import (backbone_from_state, find_latest_checkpoint, load_training_state,
                          remove_stale_temporaries, rng_state, save_checkpoint, save_distributed_checkpoint,
                          set_rng_state)
+from . import high_res
 from .config import TrainConfig
 from .data import MultiCropStream, make_loader
-from . import high_res
-from .divergence import (check_grad_norms, check_resumed_weights, check_weight_norm, grad_norm,
-                         weight_norm)
-from .shard_check import SourceReport, check_sources
-from .distributed import (DistInfo, all_reduce_mean, all_reduce_sum, allreduce_gradients, broadcast_module,
-                          clip_grad_norm, ema_update, init_distributed, reshard, resolve_strategy, shard_models)
+from .distill import build_distill_teacher, distill_forward_losses
+from .distributed import (DistInfo, all_reduce_mean, allreduce_gradients, broadcast_module, clip_grad_norm,
+                          ema_update, init_distributed, resolve_strategy, shard_models)
+from .divergence import check_grad_norms, check_resumed_weights, check_weight_norm, grad_norm, weight_norm
 from .heads import DINOHead
-from .losses import DINOLoss, dino_multicrop_loss, ibot_masked_loss, iBOTPatchLoss, koleo_loss
+from .losses import DINOLoss, iBOTPatchLoss
 from .masking import MaskingGenerator
+from .objective import forward_losses
 from .models.vision_transformer import build_backbone
 from .optim import apply_schedules, build_optimizer, get_param_groups
 from .schedules import build_schedules, scaled_lr
+from .shard_check import SourceReport, check_sources
 
 log = logging.getLogger("lvd.train")
 __all__ = ["train", "Trainer", "ResumePoint", "build_models", "build_stream", "ema_update", "NonFiniteLossError"]
@@ -108,77 +109,6 @@ def _clone(m: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------- one step
-def _head_logits(heads: nn.ModuleDict, cls: list[torch.Tensor], patches: torch.Tensor | None):
-    """Run the DINO head on the CLS tokens (and the iBOT head on the patches; one pass when shared)."""
-    n_cls = [c.shape[0] for c in cls]
-    if patches is None:
-        return list(heads["dino_head"](torch.cat(cls)).split(n_cls)), None
-    if "ibot_head" in heads:
-        return list(heads["dino_head"](torch.cat(cls)).split(n_cls)), heads["ibot_head"](patches)
-    out = heads["dino_head"](torch.cat(cls + [patches]))
-    parts = out.split(n_cls + [patches.shape[0]])
-    return list(parts[:-1]), parts[-1]
-
-
-def teacher_probs(dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, cls_logits: torch.Tensor,
-                  patch_logits: torch.Tensor | None, temp: float, centering: str):
-    """The teacher's DINO (and iBOT) probabilities at temperature ``temp``; with centering, the centres are
-    updated after use."""
-    cls_logits = cls_logits.float()
-    dino_probs = dino_loss.teacher_probs(cls_logits, temp, centering)
-    ibot_probs = None if patch_logits is None else ibot_loss.teacher_probs(patch_logits.float(), temp, centering)
-    if centering == "centering":
-        dino_loss.update_center(cls_logits)
-        if patch_logits is not None:
-            ibot_loss.update_center(patch_logits.float())
-    return dino_probs, ibot_probs
-
-
-def forward_losses(student, teacher, dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, batch: dict[str, Any],
-                   cfg: TrainConfig, teacher_temp: float, device: torch.device, autocast) -> dict[str, torch.Tensor]:
-    gc = batch["global_crops"].to(device, non_blocking=True)
-    lc = batch["local_crops"].to(device, non_blocking=True)
-    # decided on the global batch: every rank runs the same modules and collectives (a rank without masked
-    # patches contributes zero rows to the iBOT head, the Sinkhorn-Knopp sums and the centre)
-    n_masked = int(batch["n_masked_patches"])
-    if dist.is_initialized():  # on the device: NCCL reduces CUDA tensors only
-        n_masked = int(all_reduce_sum(torch.tensor([float(n_masked)], device=device)).item())
-    do_ibot = cfg.loss.ibot_weight > 0 and n_masked > 0
-    masks = batch["masks"].to(device) if do_ibot else None
-    mask_idx = batch["mask_indices"].to(device) if do_ibot else None
-    centering = cfg.loss.centering
-    n_local = lc.shape[0]
-
-    with torch.no_grad(), autocast():
-        t = teacher["backbone"].forward_features(gc)
-        t_patch = t["x_norm_patchtokens"].flatten(0, 1)[mask_idx] if do_ibot else None
-        (t_cls_logits,), t_patch_logits = _head_logits(teacher, [t["x_norm_clstoken"]], t_patch)
-        reshard(teacher)  # FSDP2 keeps roots unsharded after forward; the teacher has no backward
-        dino_probs, ibot_probs = teacher_probs(dino_loss, ibot_loss, t_cls_logits, t_patch_logits, teacher_temp,
-                                               centering)
-
-    with autocast():
-        inputs = [gc, lc] if n_local else [gc]
-        outs = student["backbone"].forward_features(inputs, masks=[masks, None] if n_local else [masks])
-        s_g = outs[0]
-        s_g_cls = s_g["x_norm_clstoken"]
-        cls = [s_g_cls] + ([outs[1]["x_norm_clstoken"]] if n_local else [])
-        s_patch = s_g["x_norm_patchtokens"].flatten(0, 1)[mask_idx] if do_ibot else None
-        cls_logits, s_patch_logits = _head_logits(student, cls, s_patch)
-
-    terms: dict[str, torch.Tensor] = {}
-    st = cfg.loss.student_temp
-    terms["dino"] = dino_multicrop_loss(cls_logits[0], cls_logits[1] if n_local else None, dino_probs, st)
-    if cfg.loss.koleo_weight > 0:
-        terms["koleo"] = sum(koleo_loss(c) for c in s_g_cls.chunk(2))
-    if do_ibot:
-        terms["ibot"] = ibot_masked_loss(s_patch_logits, ibot_probs, masks, st, batch["masks_weight"].to(device))
-    weights = {"dino": cfg.loss.dino_weight, "koleo": cfg.loss.koleo_weight, "ibot": cfg.loss.ibot_weight}
-    total = sum(weights[k] * v for k, v in terms.items())
-    terms["loss"] = total
-    return terms
-
-
 def check_finite(terms: dict[str, torch.Tensor | float], iteration: int) -> None:
     """Raise on a non-finite term (on several ranks: give the rank-averaged terms, so all ranks stop together)."""
     for name, v in terms.items():
@@ -296,8 +226,6 @@ class Trainer:
         self.high_res = False  # inside the high-resolution phase (training/high_res.py)
         self.distill_teacher = None  # mode distill: the frozen teacher (``teacher`` is then the student's EMA)
         if cfg.mode == "distill":
-            from .distill import build_distill_teacher
-
             self.distill_teacher = build_distill_teacher(cfg, student, teacher).to(self.device)
         student.to(self.device)
         teacher.to(self.device)
@@ -349,8 +277,6 @@ class Trainer:
         apply_schedules(self.optimizer, lr_it, wd_it, ll_lr)
         self.optimizer.zero_grad(set_to_none=True)
         if self.distill_teacher is not None:
-            from .distill import distill_forward_losses
-
             terms = distill_forward_losses(self, batch, temp_it)
         else:
             terms = forward_losses(self.student, self.teacher, self.dino_loss, self.ibot_loss, batch, cfg, temp_it,
