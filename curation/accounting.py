@@ -109,23 +109,27 @@ def check_invariants(root: Path, stages: Iterable[str] | None = None, upto: str 
         stages = [s for s in stages if STAGE_ORDER.index(s) <= STAGE_ORDER.index(upto)]
     prev_kept = None
     for stage in stages:
-        t = read_ledger(root, stage)
-        keys = t["key"]
-        if len(pc.unique(keys)) != len(keys):
+        t = read_ledger(root, stage).select(["key", "kept"])
+        if pc.count_distinct(t["key"]).as_py() != t.num_rows:
             raise AccountingError(f"stage {stage!r}: some keys have more than one ledger row")
         if stage == "download" and (n := planned_rows(root)) is not None and t.num_rows != n:
             raise AccountingError(f"stage 'download': {t.num_rows} ledger rows for {n} input URLs "
                                   f"(a ledger part under {ledger_dir(root, stage)} is missing or extra)")
+        got = t.select(["key"])
         if prev_kept is not None:
-            got = set(keys.to_pylist())
-            if got != prev_kept:
-                missing, extra = prev_kept - got, got - prev_kept
+            missing = prev_kept.join(got, "key", join_type="left anti")  # hash joins: no Python object per key
+            extra = got.join(prev_kept, "key", join_type="left anti")
+            if missing.num_rows or extra.num_rows:
                 raise AccountingError(
                     f"stage {stage!r}: input differs from the previous stage's kept keys "
-                    f"({len(missing)} never judged, e.g. {sorted(missing)[:3]}; {len(extra)} unexpected, "
-                    f"e.g. {sorted(extra)[:3]})"
+                    f"({missing.num_rows} never judged, e.g. {_first_keys(missing)}; {extra.num_rows} unexpected, "
+                    f"e.g. {_first_keys(extra)})"
                 )
-        prev_kept = set(t.filter(t["kept"])["key"].to_pylist())
+        prev_kept = got.filter(t["kept"])
+
+
+def _first_keys(t: pa.Table, n: int = 3) -> list[str]:
+    return t.sort_by("key").slice(0, n)["key"].to_pylist()
 
 
 def update_stats(root: Path) -> tuple[pa.Table, pa.Table]:

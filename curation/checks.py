@@ -43,9 +43,9 @@ def preflight_warnings(cfg: CurateConfig) -> list[str]:
     """One line per likely mistake in a valid config (empty when none)."""
     out = []
     stages = set(cfg.stages)
-    if "dedup" in stages and cfg.dedup.descriptor == "sscd" and cfg.sscd.weights is None:
+    if "dedup" in stages and cfg.sscd.descriptor == "sscd" and cfg.sscd.weights is None:
         out.append("sscd.weights is null: copy detection would run SSCD with random weights and find no real "
-                   "copies (give the official sscd_disc_mixup file, or dedup.descriptor: pixels for tests)")
+                   "copies (give the official sscd_disc_mixup file, or sscd.descriptor: pixels for tests)")
     if "embed" in stages and cfg.embed.model != "pixels" and cfg.embed.checkpoint is None:
         out.append(f"embed.checkpoint is null: the embedder {cfg.embed.model!r} would run with random weights and "
                    "retrieval would select at chance (give local weights in embed.checkpoint)")

@@ -9,7 +9,6 @@ the job runs in a copy of that directory, so give ``run_root`` as an absolute pa
 
 from __future__ import annotations
 
-import copy
 import difflib
 import ipaddress
 import re
@@ -17,7 +16,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
+
+from curation.config_base import (ConfigError, ConfigModel, Precision, apply_overrides, read_yaml_mapping,
+                                  validate_config)
 
 STAGE_ORDER = ("download", "filter", "hash", "sscd", "dedup", "embed", "retrieve", "shards", "report")
 StageName = Literal["download", "filter", "hash", "sscd", "dedup", "embed", "retrieve", "shards", "report"]
@@ -39,12 +41,13 @@ LaxPath = Annotated[Path, Field(strict=False)]
 ExistingPath = Annotated[Path, Field(strict=False), AfterValidator(_must_exist)]
 
 
-class ConfigError(ValueError):
-    """A config problem, worded as one line naming the key path."""
+class Section(ConfigModel):
+    """A curation section: strict types, finite numbers, immutable once loaded."""
+
+    model_config = ConfigDict(frozen=True, strict=True, allow_inf_nan=False)
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+JpegQuality = Annotated[int, Field(ge=1, le=100)]
 
 
 class InputConfig(Section):
@@ -69,7 +72,6 @@ class RayConfig(Section):
     address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS or an in-process Ray")
     max_in_flight: PositiveInt = Field(8, description="at most this many shard tasks queued or running at once")
     max_retries: Annotated[int, Field(ge=0)] = Field(2, description="retries of a failed or lost shard task")
-    cpus_per_task: Annotated[float, Field(gt=0)] = 1.0
     local: bool = Field(False, description="run shard tasks in this process, without Ray (debugging)")
 
 
@@ -91,6 +93,15 @@ class ScaleConfig(Section):
         "for one (cluster retrieval then runs Lloyd k-means, as at scale, instead of in-process FAISS k-means)")
 
 
+class ImagesConfig(Section):
+    """Image settings every stage that decodes or writes images shares (download, filter, hash, sscd, shards)."""
+
+    max_image_pixels: PositiveInt = Field(89_478_485, description="declared pixels above this = decompression bomb")
+    jpeg_quality: JpegQuality = Field(
+        95, description="every JPEG the pipeline encodes: resized downloads, face-blurred or non-JPEG images the "
+        "filter keeps, non-JPEG images in the final shards (as-is anchors); JPEGs kept unchanged are copied")
+
+
 class DownloadConfig(Section):
     shard_size: PositiveInt = Field(10_000, description="URLs per download shard")
     threads: Annotated[int, Field(ge=1, le=1024)] = Field(32, description="download threads per shard task")
@@ -100,8 +111,6 @@ class DownloadConfig(Section):
     )
     retries: Annotated[int, Field(ge=0)] = 0
     max_side: Annotated[int, Field(ge=16)] = Field(512, description="resize so the longer side is at most this")
-    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 95
-    max_image_pixels: PositiveInt = Field(89_478_485, description="declared pixels above this = decompression bomb")
     max_bytes: PositiveInt = Field(50_000_000, description="larger downloads are dropped")
     drop_animated: bool = True
     user_agent_token: str = "lvd"
@@ -129,7 +138,6 @@ class DownloadConfig(Section):
 class FilterConfig(Section):
     min_side: PositiveInt = Field(64, description="drop images whose shorter side is below this")
     max_aspect: Annotated[float, Field(ge=1.0)] = Field(4.0, description="drop images with long/short above this")
-    max_image_pixels: PositiveInt = 89_478_485
     detector: str = Field(
         "nudenet",
         description="'nudenet' (optional extra lvd[detect]), 'none', or 'package.module:Class' implementing "
@@ -142,7 +150,6 @@ class FilterConfig(Section):
     face_threshold: Fraction = 0.5
     blur_faces: bool = True
     batch_size: PositiveInt = Field(32, description="images per detector call")
-    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = Field(95, description="re-encoding of face-blurred images")
 
     @field_validator("detector")
     @classmethod
@@ -165,6 +172,9 @@ class HashConfig(Section):
 
 
 class SSCDConfig(Section):
+    descriptor: Literal["sscd", "pixels"] = Field(
+        "sscd", description="the copy-detection descriptor computed: the SSCD model, or 'pixels', a fixed function "
+        "of pixels with known quality, for tests and the demo")
     weights: ExistingPath | None = Field(
         None, description="sscd_disc_mixup.torchscript.pt or .torchvision.pt; null = random weights (testing only)"
     )
@@ -173,7 +183,8 @@ class SSCDConfig(Section):
     device: Device = "auto"
     num_workers: Annotated[int, Field(ge=0)] = Field(4, description="decode workers (torch DataLoader) per task; on a "
                                                      "CPU device at most one per 8 of the task's cores (curation.workers)")
-    bf16: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs fp32)")
+    precision: Precision = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU (bf16 applies on "
+                                 "CUDA only)")
     channels_last: bool = Field(True, description="channels-last memory format on CUDA (faster convolutions)")
 
 
@@ -189,9 +200,6 @@ class DedupConfig(Section):
     threshold: Fraction = Field(0.6, description="self-dedup: an edge where cosine similarity > threshold")
     eval_threshold: Fraction = Field(0.45, description="relative dedup against evaluation sets")
     eval_sets: list[EvalSetConfig] = Field(default_factory=list)
-    descriptor: Literal["sscd", "pixels"] = Field(
-        "sscd", description="'pixels' is a fixed function of pixels with known quality, for tests and the demo"
-    )
     device: Device = Field("auto", description="k-NN search device: faiss on CPU, chunked torch matmul on CUDA")
     survivor: Literal["original", "resolution"] = Field(
         "original", description="the image a duplicate component keeps: 'original' = least border/padding fill, then "
@@ -221,7 +229,7 @@ class EmbedConfig(Section):
     batch_size: PositiveInt = 256
     device: Device = "auto"
     num_workers: Annotated[int, Field(ge=0)] = 4
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
+    precision: Precision = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
     prefetch_factor: PositiveInt = Field(4, description="batches each DataLoader worker prepares ahead")
     pixel_bins: Annotated[int, Field(ge=2, le=32)] = Field(12, description="colour-histogram levels per channel of 'pixels'")
 
@@ -304,9 +312,6 @@ class RetrieveConfig(Section):
 
 class ShardsConfig(Section):
     samples_per_shard: PositiveInt = 10_000
-    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = Field(
-        95, description="only for images that are not JPEG already (as-is anchors in PNG...); JPEGs are copied"
-    )
 
 
 class ReportConfig(Section):
@@ -322,6 +327,7 @@ class CurateConfig(Section):
     input: InputConfig
     ray: RayConfig = RayConfig()
     scale: ScaleConfig = ScaleConfig()
+    images: ImagesConfig = ImagesConfig()
     download: DownloadConfig = DownloadConfig()
     filter: FilterConfig = FilterConfig()
     hash: HashConfig = HashConfig()
@@ -341,6 +347,11 @@ class CurateConfig(Section):
             raise ValueError("a stage is listed twice")
         return sorted(stages, key=STAGE_ORDER.index)
 
+    def image_sets(self) -> dict[str, list]:
+        """The image sets the config names, in config order: ``{"eval": [EvalSetConfig...], "anchors":
+        [AnchorSetConfig...]}`` (``dedup.eval_sets``; ``retrieve.anchor_sets``, as-is sets included)."""
+        return {"eval": list(self.dedup.eval_sets), "anchors": list(self.retrieve.anchor_sets)}
+
     def identity(self) -> dict[str, Any]:
         """The part of the config that fixes a run's output: everything but run-time choices (stages, ray)."""
         d = self.model_dump(mode="json")
@@ -352,91 +363,25 @@ class CurateConfig(Section):
 # -------------------------------------------------------------------------------------------------------------
 
 
-def _format_error(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        elif "input" in e and not isinstance(e["input"], (dict, list)) and str(e["input"]) not in msg:
-            msg = f"{msg} (got {e['input']!r})"
-        parts.append(f"{loc}: {msg}")
-    return "config error: " + "; ".join(parts)
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """PyYAML reads YAML 1.1, where ``1e12`` (no dot) is a string; config numbers follow YAML 1.2: it is a float."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
-
-
-def parse_yaml(text: str):
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"config error: override {text!r} must look like key.path=value")
-    key, _, value = text.partition("=")
-    try:
-        return key.strip().split("."), parse_yaml(value)
-    except yaml.YAMLError as err:
-        problem = str(err).splitlines()[0]
-        raise ConfigError(f"config error: override {text!r}: the value is not valid YAML ({problem})") from None
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set each ``key.path=value``; a number in the path indexes a list (``retrieve.anchor_sets.0.k=8``)."""
-    for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for i, part in enumerate(path):
-            last = i == len(path) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    where = ".".join(path[:i]) or "(top level)"
-                    raise ConfigError(f"config error: override {text!r}: {where} is a list of {len(node)}, "
-                                      f"{part!r} is not an index of it")
-                part = int(part)
-            elif not last and not isinstance(node.get(part), (dict, list)):
-                node[part] = {}
-            if last:
-                node[part] = value
-            else:
-                node[part] = copy.deepcopy(node[part])  # never alter the caller's nested data
-                node = node[part]
-    return data
+# Keys of earlier configs and where they went: such a key is refused with one line saying so.
+_IMAGES_KEY = "moved to images.{} (one setting for every stage)"
+MOVED_KEYS = {
+    "dedup.descriptor": "moved to sscd.descriptor",
+    "sscd.bf16": "was replaced by sscd.precision (auto | bf16 | fp32; auto = bf16 on CUDA, as bf16: true was)",
+    "ray.cpus_per_task": "was removed (it was never used)",
+    **{f"{section}.{key}": _IMAGES_KEY.format(key)
+       for section, key in (("download", "jpeg_quality"), ("filter", "jpeg_quality"), ("shards", "jpeg_quality"),
+                            ("download", "max_image_pixels"), ("filter", "max_image_pixels"))},
+}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> CurateConfig:
     """Load, override and validate; raise ConfigError with one line naming every bad key path."""
     if data is None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config error: config file not found: {path}")
-        if not path.is_file():
-            raise ConfigError(f"config error: {path} is not a file (give the YAML config file)")
-        try:
-            data = parse_yaml(path.read_text()) or {}
-        except UnicodeDecodeError:
-            raise ConfigError(f"config error: {path} is not a text file (give the YAML config file)") from None
-        except OSError as err:
-            raise ConfigError(f"config error: cannot read {path}: {err.strerror}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config error: {path} is not valid YAML: {err}".replace("\n", " ")) from None
+        data = read_yaml_mapping(path)
     if not isinstance(data, dict):
         raise ConfigError("config error: the top level must be a mapping of sections")
-    data = apply_overrides(dict(data), list(overrides))
-    try:
-        return CurateConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
+    return validate_config(CurateConfig, apply_overrides(data, list(overrides)), MOVED_KEYS)
 
 
 def dump_config(cfg: CurateConfig) -> str:

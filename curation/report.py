@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from curation.layout import RunLayout
+
 PLOTS = ("funnel", "drops", "components", "similarity", "clusters")
 
 
@@ -275,9 +277,8 @@ def build_report(root: str | Path, cfg=None) -> Path:
         "clusters": plot_clusters(cs, out),
     }
     grids = plot_grids(root, cfg, out, seed=cfg.seed if cfg is not None else 0)
-    from curation.stages.shards import META
 
-    manifest = root / META / "manifest.json"
+    manifest = RunLayout(root).shards_manifest
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lvd report: {html.escape(str(root))}</title>"
              f"<style>{CSS}</style></head><body>",
              f"<h1>Curation report</h1><p>run root <code>{html.escape(str(root))}</code></p>"]

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,26 +37,48 @@ class StageFailed(RuntimeError):
     pass
 
 
-def run_unit_task(stage_name: str, cfg_json: dict, root: str, unit: Unit) -> dict[str, Any]:
-    """The body of one Ray task (also called directly when running without Ray)."""
-    cfg = CurateConfig.model_validate(cfg_json)
-    stage = stage_class(stage_name)(cfg, Path(root))
+def build_stage(stage_name: str, cfg_json: dict, root: str) -> Stage:
+    return stage_class(stage_name)(CurateConfig.model_validate(cfg_json), Path(root))
+
+
+def execute_unit(stage: Stage, unit: Unit) -> dict[str, Any]:
+    """Run one unit and write its completion marker (the list of outputs it wrote) last."""
     t0 = time.time()
     with storage.recording() as outputs:
         summary = stage.run_unit(unit) or {}
-    markers.write_marker(stage.root, stage_name, unit.id, dict.fromkeys(outputs))
+    markers.write_marker(stage.root, stage.name, unit.id, dict.fromkeys(outputs))
     summary["seconds"] = round(time.time() - t0, 3)
     return summary
 
 
+class StageWorker:
+    """One worker of a stage: builds the stage and runs its ``setup()`` once, then runs units one after another
+    (a Ray actor on a cluster, a plain object in-process)."""
+
+    def __init__(self, stage_name: str, cfg_json: dict, root: str):
+        self.stage = build_stage(stage_name, cfg_json, root)
+        self.stage.setup()
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, unit: Unit) -> dict[str, Any]:
+        return execute_unit(self.stage, unit)
+
+
 class LocalExecutor:
-    """Runs units one after another in this process (debugging, and environments without Ray)."""
+    """Runs units one after another in this process, on one worker (debugging, and environments without Ray)."""
 
     def map(self, stage: Stage, units: Sequence[Unit], on_done: Callable[[Unit, dict | None, Exception | None], None]):
-        cfg_json = stage.cfg.model_dump(mode="json")
+        try:
+            worker = StageWorker(*stage.worker_args)
+        except Exception as err:  # noqa: BLE001 - setup failed: every unit fails with its reason
+            for unit in units:
+                on_done(unit, None, err)
+            return
         for unit in units:
             try:
-                result = run_unit_task(stage.name, cfg_json, str(stage.root), unit)
+                result = worker.run(unit)
             except Exception as err:  # noqa: BLE001 - reported per unit, the run goes on
                 on_done(unit, None, err)
             else:
@@ -63,7 +86,9 @@ class LocalExecutor:
 
 
 class RayExecutor:
-    """Runs units as Ray tasks with bounded concurrency and retries."""
+    """Runs a stage's units on a pool of Ray actors (one ``StageWorker`` each, set up once), at most
+    ``max_in_flight`` of them, retrying a unit up to ``max_retries`` times whether it raised or its worker died
+    (a dead worker is restarted, up to ``max_retries`` times, and sets up again)."""
 
     def __init__(self, max_in_flight: int, max_retries: int):
         import ray
@@ -71,7 +96,7 @@ class RayExecutor:
         self.ray = ray
         self.max_in_flight = max_in_flight
         self.max_retries = max_retries
-        self._remote = ray.remote(run_unit_task)
+        self._actor = ray.remote(StageWorker)
 
     def fit_to_cluster(self, res: dict[str, float]) -> dict[str, float]:
         """Clamp a request to the largest node: asking for more CPUs/GPUs than any node has would queue forever."""
@@ -82,27 +107,58 @@ class RayExecutor:
 
     def map(self, stage: Stage, units: Sequence[Unit], on_done):
         ray = self.ray
-        cfg_json = stage.cfg.model_dump(mode="json")
         res = self.fit_to_cluster(stage.resources())
-        task = self._remote.options(
-            num_cpus=res["num_cpus"], num_gpus=res["num_gpus"],
-            max_retries=self.max_retries, retry_exceptions=True, name=f"lvd-{stage.name}",
-        )
-        pending = list(units)[::-1]
-        in_flight: dict[Any, Unit] = {}
-        while pending or in_flight:
-            while pending and len(in_flight) < self.max_in_flight:
-                unit = pending.pop()
-                in_flight[task.remote(stage.name, cfg_json, str(stage.root), unit)] = unit
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            for ref in done:
-                unit = in_flight.pop(ref)
+        actor = self._actor.options(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"],
+                                    max_restarts=self.max_retries, name=None)
+        workers = [actor.remote(*stage.worker_args) for _ in range(min(self.max_in_flight, len(units)))]
+        starting = {w.ready.remote(): w for w in workers}  # a worker gets units once its setup() has finished
+        idle: list = []
+        pending = deque(units)
+        attempts: dict[str, int] = {}
+        running: dict[Any, tuple[Any, Unit]] = {}
+        last_error: Exception | None = None
+        try:
+            while pending or running:
+                while idle and pending:
+                    w = idle.pop()
+                    unit = pending.popleft()
+                    running[w.run.remote(unit)] = (w, unit)
+                if not starting and not running:  # every worker is gone: the rest cannot run
+                    for unit in pending:
+                        on_done(unit, None, last_error or RuntimeError("no worker of the stage could start"))
+                    return
+                (ref,), _ = ray.wait(list(starting) + list(running), num_returns=1)
+                if ref in starting:
+                    w = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except Exception as err:  # noqa: BLE001 - its setup() failed for good
+                        last_error = err
+                    else:
+                        idle.append(w)
+                    continue
+                w, unit = running.pop(ref)
                 try:
                     result = ray.get(ref)
-                except Exception as err:  # noqa: BLE001
-                    on_done(unit, None, err)
+                except ray.exceptions.RayActorError as err:  # the worker died; Ray restarts it (setup again)
+                    starting[w.ready.remote()] = w
+                    self._retry_or_fail(unit, err, attempts, pending, on_done)
+                except Exception as err:  # noqa: BLE001 - the unit raised; the worker is fine
+                    idle.append(w)
+                    self._retry_or_fail(unit, err, attempts, pending, on_done)
                 else:
+                    idle.append(w)
                     on_done(unit, result, None)
+        finally:
+            for w in workers:
+                ray.kill(w)
+
+    def _retry_or_fail(self, unit, err, attempts, pending, on_done) -> None:
+        attempts[unit.id] = attempts.get(unit.id, 0) + 1
+        if attempts[unit.id] <= self.max_retries:
+            pending.appendleft(unit)
+        else:
+            on_done(unit, None, err)
 
 
 def describe_ray_target(address: str | None) -> str:
@@ -168,10 +224,8 @@ def prepare_run_root(cfg: CurateConfig) -> Path:
 
 
 def unit_complete(stage: Stage, unit: Unit, verify: bool = False) -> bool:
-    """The stage says the unit is done and its completion marker matches its outputs (a unit whose outputs were
-    altered since is announced and redone)."""
-    if not stage.is_done(unit):
-        return False
+    """A unit is done when its completion marker matches its outputs (a unit whose outputs were altered since is
+    announced and redone)."""
     problem = markers.marker_problem(stage.root, stage.name, unit.id, verify)
     if problem and markers.marker_path(stage.root, stage.name, unit.id).exists():
         print(f"[{stage.name}] unit {unit.id} is redone: {problem}", flush=True)

@@ -54,8 +54,7 @@ def commit(tmp: Path, path: Path, record: bool = True) -> None:
                 before(Path(path))
             finally:
                 _announcing = False
-    if record:  # the kill -9 test's crash points are the commits of outputs
-        crash_point()
+    crash_point()  # every commit is a crash point of the kill -9 tests: outputs, and a search's resumable blocks
     os.replace(tmp, path)
     for paths, _ in recorders:
         paths.append(Path(path))

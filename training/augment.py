@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
+
+from .config import CropsConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,27 +54,14 @@ class ViewSpec:
     solarize_p: float = 0.0
 
 
-@dataclass
-class AugmentConfig:
-    global_crops_size: int = 224
-    global_crops_scale: tuple[float, float] = (0.32, 1.0)
-    local_crops_number: int = 8
-    local_crops_size: int = 98
-    local_crops_scale: tuple[float, float] = (0.05, 0.32)
-    flip_p: float = 0.5
-    color_jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global 1, global 2, local
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+class AugmentConfig(CropsConfig):
+    """The trainer's ``crops`` section (:class:`training.config.CropsConfig`: sizes, scales and probabilities;
+    ``blur_p`` is global 1, global 2, local; solarize applies to global 2 only) plus the fixed parts of the recipe.
+    ``AugmentConfig(**cfg.crops.model_dump())`` is the augmentation a config describes."""
+
     blur_kernel_size: int = 9
-    solarize_p: float = 0.2  # global 2 only
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _rrc_params(rng: random.Random, width: int, height: int, scale, ratio=(3 / 4, 4 / 3)):

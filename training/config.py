@@ -3,6 +3,8 @@
 Defaults are the reference DINOv2 values (``ssl_default_config.yaml`` with patch 14 / 98-px local crops);
 ``pipelines/configs/train_vitl.yaml`` spells out the ViT-L/14 recipe and ``train_demo.yaml`` a CPU-sized run.
 An "epoch" is ``optim.iters_per_epoch`` iterations (the reference's OFFICIAL_EPOCH_LENGTH = 1250).
+Loading, ``key.path=value`` overrides and the one-line ``config error:`` messages are curation's
+(:mod:`curation.config_base`), so both commands read and report configs the same way.
 """
 from __future__ import annotations
 
@@ -10,16 +12,21 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from curation.config_base import (ConfigError, ConfigModel, Precision, apply_overrides, parse_override,
+                                  read_yaml_mapping, validate_config)
 
 from .models.vision_transformer import ARCHS
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "apply_overrides", "format_validation_error"]
+__all__ = ["TrainConfig", "ConfigError", "load_config", "apply_overrides"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class _Strict(ConfigModel):
+    """Unknown keys are refused (the shared base); values are converted where pydantic can (a YAML list fills a
+    tuple field, an int a float one)."""
+
+    model_config = ConfigDict(validate_assignment=True)
 
 
 class ModelConfig(_Strict):
@@ -256,7 +263,7 @@ class TrainConfig(_Strict):
     seed: int = 0
     max_steps: int | None = Field(None, ge=0, description="stop after this iteration (default: epochs * iters)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    precision: Precision = "auto"
     deterministic: bool = False
     log_every: int = Field(10, ge=1)
     progress_bar: bool = True
@@ -286,82 +293,32 @@ class TrainConfig(_Strict):
         return int(round(self.optim.epochs * self.optim.iters_per_epoch))
 
 
-class ConfigError(ValueError):
-    """One line naming the key path: ``config error: optim.base_lr: Input should be greater than 0 (got -1)``."""
-
-
-def format_validation_error(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
-        msg = e["msg"].removeprefix("Value error, ")
-        got = e.get("input")
-        if e["type"] == "extra_forbidden":
-            parts.append(f"{loc}: unknown key")
-        elif isinstance(got, (int, float, str, bool)) or got is None:
-            parts.append(f"{loc}: {msg} (got {got!r})")
-        else:
-            parts.append(f"{loc}: {msg}")
-    return "config error: " + "; ".join(parts)
-
-
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict."""
-    raw = dict(raw)
-    for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"config error: override {ov!r} is not of the form key.path=value")
-        key, val = ov.split("=", 1)
-        node = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            nxt = node.get(part)
-            if not isinstance(nxt, dict):
-                nxt = {} if nxt is None else nxt
-                if not isinstance(nxt, dict):
-                    raise ConfigError(f"config error: {key}: {part} is not a section")
-            node[part] = dict(nxt)
-            node = node[part]
-        node[parts[-1]] = _parse_value(val)
-    return raw
-
-
 ARCH_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "ffn_layer", "num_register_tokens")
 
 
 def _reset_arch_dims(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """An override naming another ``model.arch`` brings that architecture's dims: the config file's explicit
     ``model.{embed_dim,depth,...}`` described the file's architecture and are dropped, unless overridden too."""
-    keys = {ov.split("=", 1)[0].strip(): ov.split("=", 1)[1] for ov in overrides if "=" in ov}
+    keys = dict((".".join(path), value) for path, value in map(parse_override, overrides))
     model = data.get("model")
     if "model.arch" not in keys or not isinstance(model, dict):
         return data
-    if _parse_value(keys["model.arch"]) == model.get("arch"):
+    if keys["model.arch"] == model.get("arch"):
         return data
     dropped = [k for k in ARCH_KEYS if k in model and f"model.{k}" not in keys]
     if dropped:
         logging.getLogger("lvd.train").info(
-            "model.arch=%s replaces %s: its dims apply (dropped the config's %s)", _parse_value(keys["model.arch"]),
+            "model.arch=%s replaces %s: its dims apply (dropped the config's %s)", keys["model.arch"],
             model.get("arch"), ", ".join(f"model.{k}={model[k]}" for k in dropped))
     return {**data, "model": {k: v for k, v in model.items() if k not in dropped}}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 raw: dict[str, Any] | None = None) -> TrainConfig:
-    data: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config error: {path} must hold a mapping at the top level")
+    """The YAML file at `path` (if any), its top-level sections replaced by `raw`'s, then `overrides`
+    (``key.path=value``); raises ConfigError with one line naming every bad key path."""
+    data = read_yaml_mapping(path) if path is not None else {}
     if raw:
         data = {**data, **raw}
-    data = apply_overrides(_reset_arch_dims(data, overrides or []), overrides or [])
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
+    overrides = list(overrides or [])
+    return validate_config(TrainConfig, apply_overrides(_reset_arch_dims(data, overrides), overrides))

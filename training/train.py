@@ -160,12 +160,7 @@ def build_stream(cfg: TrainConfig, data: str | list[str], rank: int = 0, world: 
     """The multi-crop, masked batch stream of this rank as the config describes it (augmentations of
     DESIGN.md section 4, block masks on the global crops)."""
     c = cfg.crops
-    augment = MultiCropAugmentation(AugmentConfig(
-        global_crops_size=c.global_crops_size, global_crops_scale=tuple(c.global_crops_scale),
-        local_crops_number=c.local_crops_number, local_crops_size=c.local_crops_size,
-        local_crops_scale=tuple(c.local_crops_scale), flip_p=c.flip_p, color_jitter_p=c.color_jitter_p,
-        brightness=c.brightness, contrast=c.contrast, saturation=c.saturation, hue=c.hue,
-        grayscale_p=c.grayscale_p, blur_p=tuple(c.blur_p), blur_sigma=tuple(c.blur_sigma), solarize_p=c.solarize_p))
+    augment = MultiCropAugmentation(AugmentConfig(**c.model_dump()))
     grid = c.global_crops_size // cfg.model.patch_size
     mask_gen = MaskingGenerator(grid, min_num_patches=cfg.masking.min_num_patches, min_aspect=cfg.masking.min_aspect)
     return MultiCropStream(data, augment, cfg.optim.batch_size_per_gpu, mask_gen,

@@ -14,7 +14,7 @@ Both give a module mapping a normalised image batch (N, 3, H, W) to (N, 512) uni
 default, as the SSCD authors recommend for copy detection) or ``short288`` resizes the shorter side to 288 keeping
 the aspect (variable sizes, so batch 1); both with ImageNet mean/std.
 
-:func:`pixel_descriptor` is a fixed function of the pixels (no weights) used when ``dedup.descriptor: pixels``.
+:func:`pixel_descriptor` is a fixed function of the pixels (no weights) used when ``sscd.descriptor: pixels``.
 Licence: the SSCD code and the model files it releases (facebookresearch/sscd-copy-detection, whose README links
 every ``.torchvision.pt`` / ``.torchscript.pt`` file) are under the MIT licence: the repository moved from
 CC-BY-NC 4.0 to MIT in 2022 (its README's "License" section and LICENSE file).  The weights were trained on the

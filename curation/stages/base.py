@@ -1,10 +1,22 @@
-"""What a stage is, for the runner.
+"""The stage contract: what a stage declares, and what the runner does with it.
 
-A stage splits its work into *units* (usually one input shard each).  ``run_unit`` is a plain function of the
-config, the run root and the unit: it writes its outputs atomically and its ledger part last, so ``is_done`` can
-tell a finished unit from an interrupted one.  Stages with a global step (grouping duplicates, building a k-NN
-graph, retrieval) do it in ``finalize``, which must also be idempotent.  Nothing here imports Ray: the same code
-runs inside Ray tasks, in a plain process, and in GPU benchmarks.
+A stage declares
+
+* ``name`` and ``section``: its name and the config section it is configured by.  A stage reads only its own
+  section (``self.settings``) and the run-wide settings (``self.seed``, ``self.scale``, ``self.images``); what it needs from other
+  stages comes through the run layout (``self.layout``: every path, the image sets) and their output files;
+* ``reads`` / ``writes``: the artefacts it consumes and produces (names of :data:`ARTEFACTS`, documented there);
+* ``resources()``: what one worker of the stage asks the cluster for (CPUs, a GPU when it can use one);
+* ``setup()``: run once per worker before its first unit (models are loaded here, into the stage object, never
+  into module globals);
+* ``plan()``: its units of work (usually one input shard each), deterministic for a config and run root;
+* ``run_unit(unit)``: one unit; outputs are written atomically (:mod:`curation.storage`) and the runner records
+  them in the unit's completion marker;
+* ``finalize()``: global work after every unit is done (grouping duplicates, retrieval), idempotent.
+
+*Unit done* has one meaning: the unit's completion marker exists and matches its outputs
+(:mod:`curation.markers`); the runner checks it, stages do not.  Nothing here imports Ray: the same stage runs in
+a Ray actor, in a plain process, and in GPU benchmarks.
 """
 
 from __future__ import annotations
@@ -13,7 +25,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pyarrow as pa
+
+from curation import accounting
 from curation.config import CurateConfig
+from curation.layout import RunLayout
+
+#: every artefact a stage reads or writes, by name -> what it is (paths: :class:`curation.layout.RunLayout`)
+ARTEFACTS = {
+    "url_lists": "the input URL lists (Parquet/CSV/TSV/text)",
+    "download.shards": "fetched images, WebDataset tars RUN/download/<shard>.tar",
+    "download.status": "img2dataset's status row per URL, RUN/download/<shard>.parquet",
+    "filter.shards": "images that passed the filters (the pool), RUN/filter/<shard>.tar",
+    "pool.shards": "the pool's tars as the run defines them: filter.shards when the run filters, else download's",
+    "hash.parts": "per-image pixel sha256, pHash thumbnail and border fill, RUN/hash/part-<shard>.parquet",
+    "hash.groups": "exact and perceptual-hash groups, RUN/hash/groups.parquet",
+    "sscd.descriptors": "copy-detection descriptors of pool and eval images, RUN/sscd/{pool,eval/<set>}/",
+    "dedup.components": "components of the duplicate graph and their verdicts, RUN/dedup/components.parquet",
+    "embed.vectors": "retrieval embeddings of pool, anchor and eval images, RUN/embed/{pool,anchors/<set>,eval/<set>}/",
+    "retrieve.selection": "the retrieved pool images and their anchors, RUN/retrieve/{selection,neighbors}.parquet",
+    "shards.tars": "the curated dataset, RUN/shards/lvd-*.tar, with RUN/shards_meta/{index.parquet,manifest.json}",
+    "image_sets": "the anchor and evaluation image sets named in the config (folders, tars, Parquet)",
+    "ledgers": "every ledger stage's verdict per key (RUN/<stage>/_ledger/)",
+    "stats": "run statistics and the report, RUN/stats/",
+}
 
 
 @dataclass(frozen=True)
@@ -24,23 +59,37 @@ class Unit:
 
 class Stage:
     name: ClassVar[str]
-    #: resources one unit task asks Ray for; a stage that can use a GPU sets num_gpus when one exists
+    #: the config section this stage is configured by (None: the stage has no settings of its own)
+    section: ClassVar[str | None] = None
+    #: artefacts (keys of ARTEFACTS) the stage reads and writes
+    reads: ClassVar[tuple[str, ...]] = ()
+    writes: ClassVar[tuple[str, ...]] = ()
+    #: CPUs one worker asks for; a stage that can use a GPU overrides resources()
     num_cpus: ClassVar[float] = 1.0
 
     def __init__(self, cfg: CurateConfig, root: Path | None = None):
-        self.cfg = cfg
-        self.root = Path(root if root is not None else cfg.run_root)
-        self.dir = self.root / self.name
+        self.layout = RunLayout.of(cfg, root)
+        self.root = self.layout.root
+        self.dir = self.layout.stage_dir(self.name)
+        self.settings = getattr(cfg, self.section) if self.section else None
+        self.cfg = cfg  # TRANSITIONAL, removed once every stage reads only self.settings (issue 9)
+        self.seed = cfg.seed
+        self.scale = cfg.scale
+        self.images = cfg.images  # image limits and encoding every stage that decodes or writes images shares
+        self.image_sets = cfg.image_sets()
+        #: how the runner builds this stage in a worker (stage name, the config as JSON, run root); not for stages
+        self.worker_args = (self.name, cfg.model_dump(mode="json"), str(self.root))
 
+    # ------------------------------------------------------------------------------------------ the contract
     def resources(self) -> dict[str, float]:
         return {"num_cpus": self.num_cpus, "num_gpus": 0}
+
+    def setup(self) -> None:
+        """Once per worker, before its first unit: load models, open what every unit shares."""
 
     def plan(self) -> list[Unit]:
         """The units of work, deterministic for a given config and run root."""
         return []
-
-    def is_done(self, unit: Unit) -> bool:
-        raise NotImplementedError
 
     def run_unit(self, unit: Unit) -> dict[str, Any]:
         """Do one unit; return a small JSON-able summary (counts) for the progress line."""
@@ -48,3 +97,13 @@ class Stage:
 
     def finalize(self) -> None:
         """Global work after every unit is done (idempotent)."""
+
+    # ------------------------------------------------------------------------------------------ shared helpers
+    def input_keys(self) -> pa.Table:
+        """(key, url) of the pool images this stage receives, sorted by key: the kept keys of the nearest earlier
+        ledger stage of this run (one rule, from the config's stage list)."""
+        prev = self.layout.input_ledger_stage(self.name)
+        if prev is None:
+            raise RuntimeError(f"stage {self.name!r} has no earlier ledger stage to take its input from")
+        return accounting.kept_keys(self.root, prev)
+

@@ -65,9 +65,10 @@ from curation.partitioned_dedup import partitioned_dedup_graph
 from curation.partitioned_pool import in_ray, pool_plan
 from curation.partitions import plan_keys
 from curation.stages.base import Stage, Unit
-from curation.stages.hash import hamming
+from curation.hashing import hamming
 from curation.storage import read_table, write_table
 from curation.vectors import input_keys, load_descriptors
+from curation.workers import cluster_has_gpu
 
 FINAL = "final"
 FILL_STEP = 0.1  # border_fill differences below one step (JPEG noise, natural flat edges) do not decide
@@ -194,9 +195,8 @@ class DedupStage(Stage):
     name = "dedup"
 
     def resources(self) -> dict[str, float]:
-        from curation.stages.sscd import _cluster_has_gpu
 
-        gpu = self.cfg.dedup.device != "cpu" and _cluster_has_gpu()
+        gpu = self.cfg.dedup.device != "cpu" and cluster_has_gpu()
         return {"num_cpus": self.num_cpus, "num_gpus": 1 if gpu else 0}
 
     def plan(self) -> list[Unit]:

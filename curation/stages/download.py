@@ -68,18 +68,18 @@ def reason_from_error(message: str) -> tuple[str, str]:
 class ImageNormalizer:
     """img2dataset 'resizer': bytes -> (jpeg, w, h, orig_w, orig_h, error) using our decoder."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, images):
+        self.cfg, self.images = cfg, images
 
     def __call__(self, img_stream, blurring_bbox_list=None):
         data = img_stream.read()
         cfg = self.cfg
         try:
             im, (ow, oh) = decode_image(
-                data, cfg.max_image_pixels, cfg.drop_animated, draft_size=cfg.max_side, orient=True
+                data, self.images.max_image_pixels, cfg.drop_animated, draft_size=cfg.max_side, orient=True
             )
             im = resize_max_side(im, cfg.max_side)
-            return encode_jpeg(im, cfg.jpeg_quality), im.width, im.height, ow, oh, None
+            return encode_jpeg(im, self.images.jpeg_quality), im.width, im.height, ow, oh, None
         except ImageRejected as err:
             return None, None, None, None, None, f"lvd:{err.reason}: {err.detail}"
 
@@ -220,7 +220,7 @@ class DownloadStage(Stage):
         columns = ["url", "caption", "lvd_key", "row_id"]
         downloader = Downloader(
             sample_writer_class=partial(_ShardWriter, sink=sink),
-            resizer=ImageNormalizer(self.dl),
+            resizer=ImageNormalizer(self.dl, self.cfg.images),
             thread_count=self.dl.threads,
             save_caption=True,
             extract_exif=False,

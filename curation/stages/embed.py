@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from curation.images import ImageRejected, decode_image
 from curation.samples import IMAGE_EXTS, detect_format, iter_image_set, iter_shard_samples, path_key, pool_shards
-from curation.workers import cpu_split, loader_workers, torch_threads
+from curation.workers import cpu_split, loader_workers, torch_threads, wants_gpu
 from curation.stages.base import Stage, Unit
 from curation.storage import write_table
 from curation.vectors import descriptor_table, input_keys
@@ -172,17 +172,3 @@ class EmbedStage(Stage):
         return {"embedded": len(ks), "failed": len(failed), "embed_seconds": round(time.time() - t0, 3)}
 
 
-def wants_gpu(device: str) -> int:
-    """1 when unit tasks should ask Ray for a GPU: 'cuda', or 'auto' and the cluster (or this host) has one."""
-    if device == "cpu":
-        return 0
-    if device == "cuda":
-        return 1
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return int(ray.cluster_resources().get("GPU", 0) > 0)
-    except Exception:  # noqa: BLE001
-        pass
-    return int(torch.cuda.is_available())

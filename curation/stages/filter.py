@@ -3,7 +3,7 @@
 Units are the download shards (same ids).  A unit's input is the keys the download ledger kept for that shard
 (exactly the samples of ``download/NNNNN.tar``).  For each image, in order:
 
-1. decode with :func:`curation.images.decode_image` (bomb limit ``filter.max_image_pixels``): a declared pixel
+1. decode with :func:`curation.images.decode_image` (bomb limit ``images.max_image_pixels``): a declared pixel
    count over the limit is ``decompression_bomb``; any other decode failure (corrupt, truncated, unsupported
    mode) is ``undecodable`` with the decoder's reason in ``detail``;
 2. shorter side below ``filter.min_side``: ``too_small``;
@@ -12,7 +12,7 @@ Units are the download shards (same ids).  A unit's input is the keys the downlo
    ``filter.nsfw_threshold`` is ``nsfw``; face boxes are Gaussian-blurred in the stored image
    (``filter.blur_faces``).
 
-Kept images go to ``filter/NNNNN.tar`` with their original bytes, or re-encoded JPEG (``filter.jpeg_quality``)
+Kept images go to ``filter/NNNNN.tar`` with their original bytes, or re-encoded JPEG (``images.jpeg_quality``)
 when a face was blurred (the json gains ``faces_blurred``); then the ledger part.
 
 Detector "nudenet" without the optional extra: ``on_missing_detector: warn`` prints
@@ -105,7 +105,7 @@ class FilterStage(Stage):
                 continue  # not an input of this stage (cannot happen for a consistent download)
             data = members.get("jpg") or members.get("jpeg") or members.get("png") or members.get("webp") or b""
             try:
-                im, _ = decode_image(data, fc.max_image_pixels, drop_animated=False)
+                im, _ = decode_image(data, self.cfg.images.max_image_pixels, drop_animated=False)
             except ImageRejected as err:
                 reason = "decompression_bomb" if err.reason == "decompression_bomb" else "undecodable"
                 verdict[key] = (reason, f"{err.reason}: {err.detail}" if reason == "undecodable" else err.detail)
@@ -138,14 +138,14 @@ class FilterStage(Stage):
                     verdict[key] = (None, None)
                     info = json.loads(members["json"]) if "json" in members else {"key": key, "url": urls[key]}
                     if fc.blur_faces and det.faces:
-                        image = encode_jpeg(blur_boxes(im, det.faces), fc.jpeg_quality)
+                        image = encode_jpeg(blur_boxes(im, det.faces), self.cfg.images.jpeg_quality)
                         info["faces_blurred"] = len(det.faces)
                         n_blurred += 1
                     else:
                         image = members.get("jpg") or members.get("jpeg") or members.get("png") or members["webp"]
                         ext = next(e for e in ("jpg", "jpeg", "png", "webp") if e in members)
                         if ext != "jpg":
-                            image = encode_jpeg(im, fc.jpeg_quality)  # the pool is JPEG throughout
+                            image = encode_jpeg(im, self.cfg.images.jpeg_quality)  # the pool is JPEG throughout
                     out.write(key, {"jpg": image, "json": info})
         except BaseException:
             out.abort()

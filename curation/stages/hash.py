@@ -170,7 +170,7 @@ class HashStage(Stage):
         rows = {"key": [], "pixel_sha256": [], "width": [], "height": [], "thumb": [], "border_fill": [],
                 "original_width": [], "original_height": []}
         for s in iter_shard_samples(self.root / "filter" / f"{unit.id}.tar", keys):
-            im, _ = decode_image(s.data, self.cfg.filter.max_image_pixels, drop_animated=False)
+            im, _ = decode_image(s.data, self.cfg.images.max_image_pixels, drop_animated=False)
             rows["key"].append(s.key)
             rows["pixel_sha256"].append(pixel_sha256(im))
             rows["width"].append(im.width)
@@ -243,8 +243,3 @@ def phash_codes(thumbs: np.ndarray, side: int) -> np.ndarray:
 
     hexes = [str(imagehash.phash(Image.fromarray(t.reshape(side, side), "L"))) for t in thumbs]
     return np.stack([np.frombuffer(bytes.fromhex(h), np.uint8) for h in hexes])
-
-
-def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Bit distance between rows of two packed code arrays."""
-    return np.unpackbits(np.bitwise_xor(a, b), axis=1).sum(1)

@@ -38,6 +38,7 @@ from curation import retrieval as R
 from curation.partitioned_pool import PartitionedPool, pool_plan
 from curation.samples import iter_image_set
 from curation.stages.base import Stage, Unit
+from curation.workers import wants_gpu
 from curation.storage import atomic_path, read_table, read_tables, write_json, write_table
 from curation.vectors import input_keys, load_descriptors
 
@@ -87,7 +88,6 @@ class RetrieveStage(Stage):
     name = "retrieve"
 
     def resources(self) -> dict[str, float]:
-        from curation.stages.embed import wants_gpu
 
         return {"num_cpus": 1, "num_gpus": wants_gpu(self.cfg.retrieve.device)}
 

@@ -90,7 +90,7 @@ class ShardsStage(Stage):
             with TarShardWriter(path) as w:
                 for s in iter_image_set(acfg.path, acfg.format):
                     if s.key in keys:
-                        data, info = staged_sample(s.data, self.cfg.download.max_side, self.cfg.shards.jpeg_quality)
+                        data, info = staged_sample(s.data, self.cfg.download.max_side, self.cfg.images.jpeg_quality)
                         w.write(s.key, {"jpg": data, "json": {"key": sample_key(f"anchors/{set_name}", s.key), **info}})
         return path
 
@@ -140,7 +140,7 @@ class ShardsStage(Stage):
             "source": pa.array([r["source"] for r in rows], pa.string()),
             "anchor_set": pa.array([r["anchor_set"] for r in rows], pa.string()),
         }), "shard_index")
-        q = self.cfg.shards.jpeg_quality
+        q = self.cfg.images.jpeg_quality
         transcoded = 0
         with MemberReader() as reader, TarShardWriter(self.dir / f"{unit.id}.tar") as w:
             for r in rows:

@@ -5,13 +5,13 @@ Units: one per pool shard (``pool-NNNNN``: the keys the filter kept, read from `
 :func:`curation.samples.iter_image_set`).  Outputs (schema ``descriptors``): ``sscd/pool/part-NNNNN.parquet`` and
 ``sscd/eval/<set>/part-00000.parquet``; a unit is complete when its part exists.
 
-Descriptor (``dedup.descriptor``):
+Descriptor (``sscd.descriptor``):
 
 * ``sscd`` - the SSCD ResNet-50 (:mod:`curation.models.sscd`; ``sscd.weights``, random weights when null, for
   tests only).  Images are decoded and resized in ``sscd.num_workers`` torch DataLoader worker processes (each
   worker takes every num_workers-th sample of the stream, so shards are read streaming), batches of
   ``sscd.batch_size`` go to the device pinned and non-blocking; on CUDA under bf16 autocast with channels-last
-  memory (``sscd.bf16``, ``sscd.channels_last``).  On CPU it runs fp32 with the task's cores split by
+  memory (``sscd.precision``, ``sscd.channels_last``).  On CPU it runs fp32 with the task's cores split by
   :func:`curation.workers.cpu_split` (on 2 cores: decode inline, both cores for the model) and batches of at most
   :data:`CPU_BATCH`.  ``short288`` preprocessing keeps the aspect ratio, so it runs batch 1.
 * ``pixels`` - :func:`curation.models.sscd.pixel_descriptor`, computed in the same workers (no model).
@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from curation import accounting
 from curation.images import ImageRejected, decode_image
 from curation.samples import iter_image_set, iter_shard_samples, pool_shards
-from curation.workers import cpu_split, loader_workers, torch_threads
+from curation.workers import cluster_has_gpu, cpu_split, loader_workers, torch_threads
 from curation.stages.base import Stage, Unit
 from curation.storage import write_table
 from curation.vectors import descriptor_table, input_stage
@@ -195,8 +195,8 @@ class SSCDStage(Stage):
 
     def resources(self) -> dict[str, float]:
         gpus = 0
-        if self.cfg.dedup.descriptor == "sscd" and self.cfg.sscd.device != "cpu":
-            gpus = 1 if _cluster_has_gpu() else 0
+        if self.cfg.sscd.descriptor == "sscd" and self.cfg.sscd.device != "cpu":
+            gpus = 1 if cluster_has_gpu() else 0
         return {"num_cpus": max(self.num_cpus, float(min(self.cfg.sscd.num_workers, 4)) or 1.0), "num_gpus": gpus}
 
     def plan(self) -> list[Unit]:
@@ -214,7 +214,7 @@ class SSCDStage(Stage):
         return self.out_path(unit).exists()
 
     def run_unit(self, unit: Unit) -> dict:
-        sc, dc = self.cfg.sscd, self.cfg.dedup
+        sc = self.cfg.sscd
         if unit.payload["kind"] == "pool":
             tar = Path(unit.payload["shard"])
             shard_keys = self._shard_keys(tar)
@@ -225,12 +225,12 @@ class SSCDStage(Stage):
             factory = partial(iter_image_set, Path(unit.payload["path"]))
             source = f"eval/{unit.payload['set']}"
             keys = None
-        workers, threads, batch = loader_plan(dc.descriptor, sc.device, sc.num_workers, sc.batch_size)
+        workers, threads, batch = loader_plan(sc.descriptor, sc.device, sc.num_workers, sc.batch_size)
         with torch_threads(threads):
             out_keys, vec, failed = compute_descriptors(
-                factory, dc.descriptor, weights=sc.weights, preprocess=sc.preprocess, batch_size=batch,
-                num_workers=workers, device=sc.device, bf16=sc.bf16, channels_last=sc.channels_last,
-                max_pixels=self.cfg.filter.max_image_pixels,
+                factory, sc.descriptor, weights=sc.weights, preprocess=sc.preprocess, batch_size=batch,
+                num_workers=workers, device=sc.device, bf16=sc.precision != "fp32", channels_last=sc.channels_last,
+                max_pixels=self.cfg.images.max_image_pixels,
             )
         if failed:
             if keys is not None:  # pool images were decoded by the filter: a failure here is a real error
@@ -249,14 +249,3 @@ class SSCDStage(Stage):
         return sorted(k for k, kept in zip(t["key"].to_pylist(), t["kept"].to_pylist()) if kept)
 
 
-def _cluster_has_gpu() -> bool:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.cluster_resources().get("GPU", 0) > 0
-    except ImportError:  # pragma: no cover
-        pass
-    import torch
-
-    return torch.cuda.is_available()

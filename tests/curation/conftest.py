@@ -50,8 +50,9 @@ def base_config(corpus: Path, run_root: Path, **sections) -> dict:
         "filter": {"min_side": 48, "max_aspect": 4.0},
         # The weight-free pixels descriptor has its own similarity scale (the paper's 0.6 / 0.45 are for SSCD): on the
         # demo corpus copies score >= 0.88 and unrelated images <= 0.70 (siblings) / <= 0.48 (against eval images).
-        "dedup": {"descriptor": "pixels", "threshold": 0.75, "eval_threshold": 0.6,
+        "dedup": {"threshold": 0.75, "eval_threshold": 0.6,
                   "eval_sets": [{"name": "heldout", "path": str(corpus / "eval" / "heldout")}]},
+        "sscd": {"descriptor": "pixels"},
     }
     for name, value in sections.items():
         cfg[name] = value
@@ -77,7 +78,7 @@ def demo_cleaned(demo_download, tmp_path_factory) -> dict:
     shutil.copytree(demo_download["root"], root)
     (root / "config.yaml").unlink()
     cfg = base_config(demo_download["corpus"], root, stages=["download", "filter", "hash", "sscd", "dedup"],
-                      sscd={"num_workers": 1, "batch_size": 64})
+                      sscd={"descriptor": "pixels", "num_workers": 1, "batch_size": 64})
     cfg["filter"] = {**cfg["filter"], "detector": "none"}
     run_pipeline(load_config(data=copy.deepcopy(cfg)), progress=False)
     return {"root": root, "corpus": demo_download["corpus"], "config": cfg, "truth": demo_download["truth"]}

@@ -217,7 +217,7 @@ def test_check_warns_about_likely_mistakes(tmp_path):
     assert warnings[0].startswith("sscd.weights is null")
     assert warnings[1].startswith("embed.checkpoint is null: the embedder 'vit_huge_patch14_224'")
     assert warnings[2].startswith("2 URLs point at loopback/private addresses (e.g. http://127.0.0.1:8000/a.jpg")
-    quiet = {**data, "download": {"allow_networks": ["127.0.0.1/32"]}, "dedup": {"descriptor": "pixels"},
+    quiet = {**data, "download": {"allow_networks": ["127.0.0.1/32"]}, "sscd": {"descriptor": "pixels"},
              "embed": {"model": "pixels"}}
     assert preflight_warnings(load_config(data=quiet)) == []
 
@@ -259,3 +259,95 @@ def test_cli_errors_are_one_line(base, tmp_path):
     cfg.write_text(yaml.safe_dump({**base, "run_root": str(tmp_path / "a_file" / "run")}))
     proc = subprocess.run([sys.executable, script, "--config", str(cfg), "--local"], capture_output=True, text=True)
     assert proc.returncode == 2 and "lies under a file" in one_line(proc.stderr)
+
+
+# -- issue 9 item 4: one config base, shared settings stated once, keys that moved -------------------------------
+
+
+@pytest.mark.parametrize("old, value, where", [
+    ("dedup.descriptor", "pixels", "moved to sscd.descriptor"),
+    ("sscd.bf16", False, "was replaced by sscd.precision"),
+    ("ray.cpus_per_task", 1.0, "was removed"),
+    ("download.jpeg_quality", 90, "moved to images.jpeg_quality"),
+    ("filter.jpeg_quality", 90, "moved to images.jpeg_quality"),
+    ("shards.jpeg_quality", 90, "moved to images.jpeg_quality"),
+    ("download.max_image_pixels", 1000, "moved to images.max_image_pixels"),
+    ("filter.max_image_pixels", 1000, "moved to images.max_image_pixels"),
+])
+def test_moved_keys_say_where_they_went(base, tmp_path, old, value, where):
+    section, key = old.split(".")
+    assert f"{old} {where}" in error_for({**base, section: {key: value}})
+    assert f"{old} {where}" in one_line(str(pytest.raises(ConfigError, load_config, data=base,
+                                                          overrides=[f"{old}={value}"]).value))
+    path = tmp_path / "old.yaml"  # a config file written for the earlier layout
+    path.write_text(yaml.safe_dump({**base, section: {key: value}}))
+    assert f"{old} {where}" in one_line(str(pytest.raises(ConfigError, load_config, path).value))
+
+
+def test_every_moved_key_is_named_in_one_line(base):
+    text = error_for({**base, "dedup": {"descriptor": "pixels"}, "filter": {"jpeg_quality": 90, "min_side": 8}})
+    assert "dedup.descriptor moved to sscd.descriptor" in text and "filter.jpeg_quality moved to images" in text
+
+
+def test_shared_settings_are_stated_once(base):
+    cfg = load_config(data={**base, "images": {"max_image_pixels": 1000, "jpeg_quality": 80},
+                            "sscd": {"descriptor": "pixels", "precision": "fp32"}})
+    assert (cfg.images.max_image_pixels, cfg.images.jpeg_quality) == (1000, 80)
+    assert (cfg.sscd.descriptor, cfg.sscd.precision) == ("pixels", "fp32")
+    default = load_config(data=base)
+    assert (default.images.max_image_pixels, default.images.jpeg_quality) == (89_478_485, 95)
+    assert (default.sscd.descriptor, default.sscd.precision, default.embed.precision) == ("sscd", "auto", "auto")
+    assert "sscd.precision" in error_for({**base, "sscd": {"precision": "fp16"}})
+    assert "images.jpeg_quality" in error_for({**base, "images": {"jpeg_quality": 101}})
+
+
+def test_download_decodes_and_encodes_with_the_images_settings():
+    """The download stage's decoder takes its bomb limit and JPEG quality from ``images``."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from curation.config import DownloadConfig, ImagesConfig
+    from curation.stages.download import ImageNormalizer, reason_from_error
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(buf, "PNG")
+    png = buf.getvalue()
+    dl = DownloadConfig()
+    *_, err = ImageNormalizer(dl, ImagesConfig(max_image_pixels=40 * 50 - 1))(io.BytesIO(png))
+    assert reason_from_error(err)[0] == "decompression_bomb"
+    sizes = {}
+    for q in (30, 95):
+        jpeg, w, h, *_, err = ImageNormalizer(dl, ImagesConfig(max_image_pixels=40 * 50, jpeg_quality=q))(
+            io.BytesIO(png))
+        assert err is None and (w, h) == (50, 40)
+        sizes[q] = len(jpeg)
+    assert sizes[30] < sizes[95]  # random pixels: a lower quality drops most of the detail
+
+
+def test_image_sets_lists_eval_and_anchor_sets(base, tmp_path):
+    a, b, e = (tmp_path / n for n in ("a", "b", "e"))
+    for d in (a, b, e):
+        d.mkdir()
+    cfg = load_config(data={**base, "dedup": {"eval_sets": [{"name": "heldout", "path": str(e)}]},
+                            "retrieve": {"anchor_sets": [{"name": "objects", "path": str(a), "method": "sample"},
+                                                         {"name": "in1k", "path": str(b), "method": "as_is"}]}})
+    sets = {role: [(s.name, s.path) for s in found] for role, found in cfg.image_sets().items()}
+    assert sets == {"eval": [("heldout", e)], "anchors": [("objects", a), ("in1k", b)]}
+    assert load_config(data=base).image_sets() == {"eval": [], "anchors": []}
+
+
+def test_demo_config_loads_with_its_paths_made_absolute(tmp_path):
+    """pipelines/configs/demo.yaml as pipelines/demo.py submits it (demo-run/ under --out) loads, with the weight-free
+    copy descriptor in its new place (a key left in its old place would fail here)."""
+    from pipelines.demo import _absolutise
+
+    cfg = _absolutise(yaml.safe_load((REPO / "pipelines" / "configs" / "demo.yaml").read_text()), tmp_path)
+    Path(cfg["input"]["url_list"]).parent.mkdir(parents=True)
+    Path(cfg["input"]["url_list"]).write_bytes(b"")
+    for s in cfg["dedup"]["eval_sets"] + cfg["retrieve"]["anchor_sets"]:
+        Path(s["path"]).mkdir(parents=True)
+    loaded = load_config(data=cfg)
+    assert loaded.sscd.descriptor == "pixels" and loaded.embed.model == "pixels"
+    assert [s.name for s in loaded.image_sets()["anchors"]] == ["objects", "scenes"]

@@ -102,10 +102,10 @@ def _jpeg(arr, **save) -> bytes:
 
 
 def _normalize(data, **dl):
-    from curation.config import DownloadConfig
+    from curation.config import DownloadConfig, ImagesConfig
     from curation.stages.download import ImageNormalizer, reason_from_error
 
-    jpeg, w, h, ow, oh, err = ImageNormalizer(DownloadConfig(max_side=256, **dl))(io.BytesIO(data))
+    jpeg, w, h, ow, oh, err = ImageNormalizer(DownloadConfig(max_side=256, **dl), ImagesConfig())(io.BytesIO(data))
     return (reason_from_error(err)[0], None) if err else (None, (Image.open(io.BytesIO(jpeg)), (w, h), (ow, oh)))
 
 

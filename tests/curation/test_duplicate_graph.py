@@ -170,8 +170,8 @@ def test_eval_copies_removed_at_hash_level_count_as_contamination(tmp_path):
     images += [("c1", copy_bytes), ("c2_twin", copy_bytes), ("c3_half", _jpeg(half(ev), 85)),
                ("u1", _jpeg(_photo(0))), ("u2_twin", _jpeg(_photo(0)))]
     root, cfg = _run_until_hash(tmp_path, images, dedup={
-        "descriptor": "pixels", "threshold": 0.75, "eval_threshold": 0.6,
-        "eval_sets": [{"name": "heldout", "path": str(evald)}]}, sscd={"num_workers": 1})
+        "threshold": 0.75, "eval_threshold": 0.6,
+        "eval_sets": [{"name": "heldout", "path": str(evald)}]}, sscd={"descriptor": "pixels", "num_workers": 1})
     led = _judge(root, cfg)
     for k in ("c1", "c2_twin", "c3_half"):
         assert led[k]["reason"] == "eval_contamination", (k, led[k])
@@ -308,7 +308,7 @@ def test_a_shard_of_duplicates_and_an_empty_pool_run_through(tmp_path):
     cfg = make_run(tmp_path, originals + twins, shard_size=30,
                    stages=["filter", "hash", "sscd", "dedup", "embed", "retrieve", "shards"],
                    filter={"detector": "none", "min_side": 32},
-                   dedup={"descriptor": "pixels", "threshold": 0.75, "eval_threshold": 0.6}, sscd={"num_workers": 1},
+                   dedup={"threshold": 0.75, "eval_threshold": 0.6}, sscd={"descriptor": "pixels", "num_workers": 1},
                    retrieve={"anchor_sets": [{"name": "a", "path": str(tmp_path / "anchors"), "method": "sample",
                                               "k": 2}]})
     run_pipeline(load_config(data=copy.deepcopy(cfg)), progress=False)

@@ -99,7 +99,7 @@ def test_embed_stage_outputs(tmp_path):
     cfg = make_run(tmp_path, images, shard_size=12, stages=["embed"],
                    retrieve={"anchor_sets": [{"name": "a", "path": str(anchors), "method": "sample"},
                                              {"name": "skip", "path": str(anchors), "method": "as_is"}]},
-                   dedup={"descriptor": "pixels", "eval_sets": [{"name": "heldout", "path": str(evald)}]})
+                   sscd={"descriptor": "pixels"}, dedup={"eval_sets": [{"name": "heldout", "path": str(evald)}]})
     cfg["embed"].update(model="vit_tiny_patch16_224", img_size=32, num_workers=0, batch_size=4)
     root = tmp_path / "run"
     # a later ledger stage (dedup) dropped one key: embed takes the keys it kept

@@ -80,8 +80,8 @@ def _make_download_run(tmp_path, filter_cfg):
     ledger = accounting.make_ledger("download", keys, [f"http://x.test/{k}.jpg" for k in keys], [None] * len(keys))
     accounting.write_ledger(root, "download", "00000", ledger)
     data = {"run_root": str(root), "input": {"url_list": str(urls)}, "ray": {"local": True},
-            "stages": ["filter"], "filter": {"min_side": 48, "max_aspect": 4.0, "max_image_pixels": 1_000_000,
-                                             **filter_cfg}}
+            "stages": ["filter"], "images": {"max_image_pixels": 1_000_000},
+            "filter": {"min_side": 48, "max_aspect": 4.0, **filter_cfg}}
     return root, load_config(data=data)
 
 

@@ -65,7 +65,7 @@ def own_config(own: dict, run_root: Path) -> dict:
         "download": {"shard_size": 10, "threads": 4, "timeout_s": 10, "max_side": 64,
                      "allow_networks": ["127.0.0.1/32"]},
         "filter": {"min_side": 32, "detector": "none"},
-        "dedup": {"descriptor": "pixels"},
+        "sscd": {"descriptor": "pixels"},
         "embed": {"model": "pixels", "batch_size": 16, "num_workers": 0},
         "retrieve": {"anchor_sets": [
             {"name": "mine", "path": str(own["anchors"]), "method": "sample", "k": 3},

@@ -30,7 +30,7 @@ def test_whole_pipeline_via_ray_job_submit(ray_head, demo_download, tmp_path):
     cfg = base_config(corpus, root)  # every stage
     cfg.pop("ray")
     cfg["embed"] = {"model": "pixels", "batch_size": 64, "num_workers": 1}
-    cfg["sscd"] = {"num_workers": 1, "batch_size": 64}
+    cfg["sscd"] = {"descriptor": "pixels", "num_workers": 1, "batch_size": 64}
     cfg["retrieve"] = {"anchor_sets": [
         {"name": "objects", "path": str(corpus / "anchors" / "objects"), "method": "sample", "k": 4},
         {"name": "scenes", "path": str(corpus / "anchors" / "scenes"), "method": "cluster", "clusters": 12,

@@ -121,7 +121,8 @@ def _small_pipeline_config(corpus: Path, tmp_path: Path) -> dict:
     urls = urls.filter(pa.array(["/slow" not in u for u in urls["url"].to_pylist()])).slice(0, 100)
     pq.write_table(urls, tmp_path / "urls.parquet")
     stages = ["download", "filter", "hash", "sscd", "dedup", "embed", "retrieve", "shards"]
-    cfg = base_config(corpus, tmp_path / "unused", stages=stages, sscd={"num_workers": 0, "batch_size": 32},
+    cfg = base_config(corpus, tmp_path / "unused", stages=stages,
+                      sscd={"descriptor": "pixels", "num_workers": 0, "batch_size": 32},
                       embed={"model": "pixels", "num_workers": 0, "batch_size": 32},
                       shards={"samples_per_shard": 20})
     cfg["input"] = {"url_list": str(tmp_path / "urls.parquet")}
