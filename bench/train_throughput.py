@@ -37,7 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.models.vision_transformer import ARCHS, swiglu_hidden  # noqa: E402
+from training.models.layers import swiglu_hidden  # noqa: E402
+from training.models.vision_transformer import ARCHS  # noqa: E402
 
 # peak dense bf16 tensor-core FLOP/s by device-name substring (first match wins)
 PEAK_BF16_FLOPS = [

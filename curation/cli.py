@@ -43,7 +43,7 @@ def _lazy(module: str, func: str = "main"):
 
 COMMANDS = {
     "curate": ("run the curation pipeline", _lazy("pipelines.curate")),
-    "train": ("train DINOv2 on curated shards", _lazy("training.train")),
+    "train": ("train DINOv2 on curated shards", _lazy("training.cli")),
     "export": ("export a trained backbone (official DINOv2 format)", _lazy("training.export")),
     "plot": ("draw training curves to a PNG", _lazy("training.plot")),
     "report": ("write RUN/stats/report.html", _lazy("curation.report")),

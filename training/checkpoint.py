@@ -258,7 +258,7 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 def export_backbone(checkpoint: str | os.PathLike | dict[str, Any], out_path: str | os.PathLike,
                     which: str = "teacher") -> Path:
     """Write the teacher (or student) backbone of a training checkpoint in the official DINOv2 layout + sidecar."""
-    from .models.vision_transformer import save_backbone
+    from .models.backbone_io import save_backbone
 
     if not isinstance(checkpoint, dict):
         p = Path(checkpoint)

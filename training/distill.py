@@ -38,7 +38,9 @@ from torch import nn
 
 from .config import ConfigError
 from .heads import DINOHead
+from .distributed import reshard
 from .losses import dino_multicrop_loss, ibot_masked_loss, koleo_loss
+from .objective import head_logits, teacher_probs
 
 log = logging.getLogger("lvd.distill")
 __all__ = ["load_teacher", "build_distill_teacher", "distill_forward_losses", "head_from_state"]
@@ -66,7 +68,7 @@ def load_teacher(path: str | Path, arch: str | None = None) -> nn.ModuleDict:
     """The frozen teacher as a ModuleDict: ``backbone`` and, when the checkpoint has them, ``dino_head`` /
     ``ibot_head`` (see the module docstring for the accepted files)."""
     from .checkpoint import FORMAT, backbone_from_state, find_latest_checkpoint, load_checkpoint
-    from .models.vision_transformer import backbone_from_official_state, sidecar_path
+    from .models.backbone_io import backbone_from_official_state, sidecar_path
 
     p = Path(path)
     if not p.exists():
@@ -155,10 +157,7 @@ def build_distill_teacher(cfg, student: nn.ModuleDict, student_ema: nn.ModuleDic
 
 
 def distill_forward_losses(trainer, batch: dict[str, Any], teacher_temp: float) -> dict[str, torch.Tensor]:
-    """One distillation step's loss terms (see the module docstring); the counterpart of ``forward_losses``."""
-    from .distributed import reshard
-    from .train import _head_logits, teacher_probs
-
+    """One distillation step's loss terms (see the module docstring); the counterpart of ``objective.forward_losses``."""
     cfg, device = trainer.cfg, trainer.device
     student, teacher, ema = trainer.student, trainer.distill_teacher, trainer.teacher
     gc = batch["global_crops"].to(device, non_blocking=True)
@@ -171,7 +170,7 @@ def distill_forward_losses(trainer, batch: dict[str, Any], teacher_temp: float) 
         t = teacher["backbone"].forward_features(gc)
         t_cls = t["x_norm_clstoken"]
         t_patch = t["x_norm_patchtokens"].flatten(0, 1) if do_ibot else None
-        (t_cls_logits,), t_patch_logits = _head_logits(t_heads, [t_cls], t_patch)
+        (t_cls_logits,), t_patch_logits = head_logits(t_heads, [t_cls], t_patch)
         reshard(t_heads)  # the EMA head trained alongside is FSDP2-sharded with the student's EMA: no backward
         dino_probs, ibot_probs = teacher_probs(trainer.dino_loss, trainer.ibot_loss, t_cls_logits, t_patch_logits,
                                                teacher_temp, cfg.loss.centering)
@@ -182,8 +181,8 @@ def distill_forward_losses(trainer, batch: dict[str, Any], teacher_temp: float) 
         s_g_cls = outs[0]["x_norm_clstoken"]
         cls = [s_g_cls] + ([outs[1]["x_norm_clstoken"]] if n_local else [])
         s_patch = outs[0]["x_norm_patchtokens"].flatten(0, 1) if do_ibot else None
-        cls_logits, s_patch_logits = _head_logits(student, cls, s_patch)
-        head_logits = student["distill_head"](t_cls) if "distill_head" in student else None
+        cls_logits, s_patch_logits = head_logits(student, cls, s_patch)
+        alongside_logits = student["distill_head"](t_cls) if "distill_head" in student else None
 
     st = cfg.loss.student_temp
     terms: dict[str, torch.Tensor] = {
@@ -196,8 +195,8 @@ def distill_forward_losses(trainer, batch: dict[str, Any], teacher_temp: float) 
         terms["ibot"] = ibot_masked_loss(s_patch_logits, ibot_probs, masks, st)
     weights = {"dino": cfg.loss.dino_weight, "koleo": cfg.loss.koleo_weight, "ibot": cfg.loss.ibot_weight}
     total = sum(weights[k] * v for k, v in terms.items())
-    if head_logits is not None:  # the teacher-side head trained alongside: global pairs only
-        terms["distill_head"] = dino_multicrop_loss(head_logits, None, dino_probs, st)
+    if alongside_logits is not None:  # the teacher-side head trained alongside: global pairs only
+        terms["distill_head"] = dino_multicrop_loss(alongside_logits, None, dino_probs, st)
         total = total + terms["distill_head"]
     terms["loss"] = total
     return terms

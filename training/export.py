@@ -1,4 +1,4 @@
-"""``lvd export``: write a trained backbone in the official DINOv2 layout (see training.models.vision_transformer)."""
+"""``lvd export``: write a trained backbone in the official DINOv2 layout (see training.models.backbone_io)."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lvd export",
         description="Export the EMA-teacher backbone of a DINOv2 training checkpoint as a plain state dict with the "
                     "official DINOv2 key names (OUT.pth) plus a JSON sidecar (OUT.json: arch, img_size, patch_size, "
-                    "num_register_tokens). Load it with training.models.vision_transformer.load_official_checkpoint.")
+                    "num_register_tokens). Load it with training.models.backbone_io.load_official_checkpoint.")
     p.add_argument("checkpoint", help="a checkpoint_*.pt file, or a training output dir (its newest checkpoint)")
     p.add_argument("-o", "--output", required=True, help="output .pth path (the sidecar goes next to it)")
     p.add_argument("--student", action="store_true", help="export the student instead of the EMA teacher")

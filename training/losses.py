@@ -30,7 +30,6 @@ __all__ = [
     "koleo_loss",
     "DINOLoss",
     "iBOTPatchLoss",
-    "KoLeoLoss",
 ]
 
 
@@ -172,8 +171,3 @@ class iBOTPatchLoss(DINOLoss):
     def forward(self, student_patch: Tensor, teacher_patch_probs: Tensor, masks: Tensor,  # type: ignore[override]
                 masks_weight: Tensor | None = None) -> Tensor:
         return ibot_masked_loss(student_patch, teacher_patch_probs, masks, self.student_temp, masks_weight)
-
-
-class KoLeoLoss(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return koleo_loss(x)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
+from .train import train
 
 log = logging.getLogger("lvd.train")
 __all__ = ["run_ray_train"]
@@ -28,8 +29,6 @@ _REPO = Path(__file__).resolve().parents[1]
 def _worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point: one rank of ``train()``."""
     import ray.train
-
-    from .train import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ctx = ray.train.get_context()

@@ -1,6 +1,6 @@
-"""DINOv2 pretraining loop (``lvd train`` / ``pipelines/train.py``).
+"""DINOv2 pretraining: the step and the loop (run by ``lvd train`` / ``pipelines/train.py``, see training/cli.py).
 
-One iteration (as the reference ``SSLMetaArch.forward_backward``):
+One iteration (as the reference ``SSLMetaArch.forward_backward``; steps 1-3 are training/objective.py):
 
 1. Teacher (EMA, eval mode: no drop-path; global crops only, no masks): CLS tokens -> DINO head; patch tokens at
    the student's masked positions -> iBOT head (the DINO head when shared). Probabilities by centering (centre
@@ -24,7 +24,9 @@ for what is per rank by design: KoLeo (within each rank's batch, as the referenc
 Logged losses are averaged over ranks. Each rank reads its slice of every global batch (one global sample order,
 training/data.py: a resume on any number of ranks continues it exactly). Checkpoints of multi-process runs are
 ``torch.distributed.checkpoint`` directories (training/checkpoint.py), resumable on any number of ranks.
-One iteration is ``Trainer.train_step(batch, it)``; ``train()`` adds data, resume, metrics and checkpoints.
+One iteration is ``Trainer.train_step(batch, it)``; ``train()`` is the loop around it: ``Trainer.resume()``, then
+per iteration a batch, the step, its metrics row, and when due ``Trainer.evaluate(it)`` and
+``Trainer.save_checkpoint(it, samples_consumed)``.
 Variants: ``mode: distill`` takes the targets from a frozen pretrained teacher and keeps the student's EMA as the
 run's teacher (training/distill.py); ``high_res`` runs the last iterations at bigger crops (training/high_res.py).
 Metrics: one JSON object per line in ``OUTPUT/metrics.jsonl`` (``"type": "train"`` per iteration,
@@ -34,7 +36,6 @@ saving, on a non-finite loss or exploding gradient / weight norms (training/dive
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -44,7 +45,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -56,23 +57,24 @@ from .augment import AugmentConfig, MultiCropAugmentation
 from .checkpoint import (backbone_from_state, find_latest_checkpoint, load_training_state,
                          remove_stale_temporaries, rng_state, save_checkpoint, save_distributed_checkpoint,
                          set_rng_state)
-from .config import ConfigError, TrainConfig, load_config
-from .data import MultiCropStream, make_loader
 from . import high_res
-from .divergence import (DivergenceError, check_grad_norms, check_resumed_weights, check_weight_norm, grad_norm,
-                         weight_norm)
-from .shard_check import DataError, SourceReport, check_sources
-from .distributed import (DistInfo, all_reduce_mean, all_reduce_sum, allreduce_gradients, broadcast_module,
-                          clip_grad_norm, ema_update, init_distributed, reshard, resolve_strategy, shard_models)
+from .config import TrainConfig
+from .data import MultiCropStream, make_loader
+from .distill import build_distill_teacher, distill_forward_losses
+from .distributed import (DistInfo, all_reduce_mean, allreduce_gradients, broadcast_module, clip_grad_norm,
+                          ema_update, init_distributed, resolve_strategy, shard_models)
+from .divergence import check_grad_norms, check_resumed_weights, check_weight_norm, grad_norm, weight_norm
 from .heads import DINOHead
-from .losses import DINOLoss, dino_multicrop_loss, ibot_masked_loss, iBOTPatchLoss, koleo_loss
+from .losses import DINOLoss, iBOTPatchLoss
 from .masking import MaskingGenerator
+from .objective import forward_losses
 from .models.vision_transformer import build_backbone
 from .optim import apply_schedules, build_optimizer, get_param_groups
 from .schedules import build_schedules, scaled_lr
+from .shard_check import SourceReport, check_sources
 
 log = logging.getLogger("lvd.train")
-__all__ = ["main", "train", "Trainer", "build_models", "build_stream", "ema_update", "NonFiniteLossError", "build_parser"]
+__all__ = ["train", "Trainer", "ResumePoint", "build_models", "build_stream", "ema_update", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -107,77 +109,6 @@ def _clone(m: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------- one step
-def _head_logits(heads: nn.ModuleDict, cls: list[torch.Tensor], patches: torch.Tensor | None):
-    """Run the DINO head on the CLS tokens (and the iBOT head on the patches; one pass when shared)."""
-    n_cls = [c.shape[0] for c in cls]
-    if patches is None:
-        return list(heads["dino_head"](torch.cat(cls)).split(n_cls)), None
-    if "ibot_head" in heads:
-        return list(heads["dino_head"](torch.cat(cls)).split(n_cls)), heads["ibot_head"](patches)
-    out = heads["dino_head"](torch.cat(cls + [patches]))
-    parts = out.split(n_cls + [patches.shape[0]])
-    return list(parts[:-1]), parts[-1]
-
-
-def teacher_probs(dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, cls_logits: torch.Tensor,
-                  patch_logits: torch.Tensor | None, temp: float, centering: str):
-    """The teacher's DINO (and iBOT) probabilities at temperature ``temp``; with centering, the centres are
-    updated after use."""
-    cls_logits = cls_logits.float()
-    dino_probs = dino_loss.teacher_probs(cls_logits, temp, centering)
-    ibot_probs = None if patch_logits is None else ibot_loss.teacher_probs(patch_logits.float(), temp, centering)
-    if centering == "centering":
-        dino_loss.update_center(cls_logits)
-        if patch_logits is not None:
-            ibot_loss.update_center(patch_logits.float())
-    return dino_probs, ibot_probs
-
-
-def forward_losses(student, teacher, dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, batch: dict[str, Any],
-                   cfg: TrainConfig, teacher_temp: float, device: torch.device, autocast) -> dict[str, torch.Tensor]:
-    gc = batch["global_crops"].to(device, non_blocking=True)
-    lc = batch["local_crops"].to(device, non_blocking=True)
-    # decided on the global batch: every rank runs the same modules and collectives (a rank without masked
-    # patches contributes zero rows to the iBOT head, the Sinkhorn-Knopp sums and the centre)
-    n_masked = int(batch["n_masked_patches"])
-    if dist.is_initialized():  # on the device: NCCL reduces CUDA tensors only
-        n_masked = int(all_reduce_sum(torch.tensor([float(n_masked)], device=device)).item())
-    do_ibot = cfg.loss.ibot_weight > 0 and n_masked > 0
-    masks = batch["masks"].to(device) if do_ibot else None
-    mask_idx = batch["mask_indices"].to(device) if do_ibot else None
-    centering = cfg.loss.centering
-    n_local = lc.shape[0]
-
-    with torch.no_grad(), autocast():
-        t = teacher["backbone"].forward_features(gc)
-        t_patch = t["x_norm_patchtokens"].flatten(0, 1)[mask_idx] if do_ibot else None
-        (t_cls_logits,), t_patch_logits = _head_logits(teacher, [t["x_norm_clstoken"]], t_patch)
-        reshard(teacher)  # FSDP2 keeps roots unsharded after forward; the teacher has no backward
-        dino_probs, ibot_probs = teacher_probs(dino_loss, ibot_loss, t_cls_logits, t_patch_logits, teacher_temp,
-                                               centering)
-
-    with autocast():
-        inputs = [gc, lc] if n_local else [gc]
-        outs = student["backbone"].forward_features(inputs, masks=[masks, None] if n_local else [masks])
-        s_g = outs[0]
-        s_g_cls = s_g["x_norm_clstoken"]
-        cls = [s_g_cls] + ([outs[1]["x_norm_clstoken"]] if n_local else [])
-        s_patch = s_g["x_norm_patchtokens"].flatten(0, 1)[mask_idx] if do_ibot else None
-        cls_logits, s_patch_logits = _head_logits(student, cls, s_patch)
-
-    terms: dict[str, torch.Tensor] = {}
-    st = cfg.loss.student_temp
-    terms["dino"] = dino_multicrop_loss(cls_logits[0], cls_logits[1] if n_local else None, dino_probs, st)
-    if cfg.loss.koleo_weight > 0:
-        terms["koleo"] = sum(koleo_loss(c) for c in s_g_cls.chunk(2))
-    if do_ibot:
-        terms["ibot"] = ibot_masked_loss(s_patch_logits, ibot_probs, masks, st, batch["masks_weight"].to(device))
-    weights = {"dino": cfg.loss.dino_weight, "koleo": cfg.loss.koleo_weight, "ibot": cfg.loss.ibot_weight}
-    total = sum(weights[k] * v for k, v in terms.items())
-    terms["loss"] = total
-    return terms
-
-
 def check_finite(terms: dict[str, torch.Tensor | float], iteration: int) -> None:
     """Raise on a non-finite term (on several ranks: give the rank-averaged terms, so all ranks stop together)."""
     for name, v in terms.items():
@@ -191,9 +122,11 @@ def check_finite(terms: dict[str, torch.Tensor | float], iteration: int) -> None
 
 # ---------------------------------------------------------------------- metrics
 class MetricsWriter:
-    def __init__(self, path: Path, enabled: bool = True):
+    """``metrics.jsonl``: one JSON object per line (nothing written when disabled or without a path)."""
+
+    def __init__(self, path: Path | None, enabled: bool = True):
         self.path = path
-        self.enabled = enabled
+        self.enabled = enabled and path is not None
 
     def truncate_after(self, iteration: int) -> None:
         """On a (re)start at ``iteration`` (0: no checkpoint) drop what the previous run wrote after its last
@@ -238,18 +171,34 @@ def build_stream(cfg: TrainConfig, data: str | list[str], rank: int = 0, world: 
 
 
 # ---------------------------------------------------------------------- trainer
+class ResumePoint(NamedTuple):
+    """Where a run starts: the iteration, the global samples consumed before it, the RNG states to restore (None:
+    a fresh run, or one resumed on another number of ranks)."""
+
+    iteration: int
+    samples_consumed: int
+    rng: dict[str, Any] | None
+
+
 class Trainer:
     """Models, losses, optimizer and schedules of one run, on this process's share of the ranks.
 
     ``train_step(batch, it)`` is one iteration on this rank's batch (see the module docstring); it returns the
     metrics row (loss terms averaged over ranks, which for equal per-rank batches is the global-batch loss).
-    ``load`` / ``save`` handle checkpoints (collective on several ranks).
+    ``load`` / ``save`` read and write checkpoints (collective on several ranks). With an ``output_dir`` (what
+    :func:`train` gives) the run's own steps: ``resume()`` from the newest checkpoint there, ``batches(...)``,
+    ``evaluate(iteration)`` (a metrics row) and ``save_checkpoint(iteration, samples_consumed)``; metrics go to
+    ``output_dir/metrics.jsonl`` (rank 0).
     """
 
-    def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None):
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None,
+                 output_dir: str | os.PathLike | None = None):
         self.cfg = cfg
         self.dist = d = dist_info or DistInfo()
         self.rank, self.world = d.rank, d.world
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl" if self.output_dir else None,
+                                     enabled=self.rank == 0)
         if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
             self.device = torch.device("cuda", d.local_rank % max(torch.cuda.device_count(), 1))
             torch.cuda.set_device(self.device)
@@ -272,8 +221,6 @@ class Trainer:
         self.high_res = False  # inside the high-resolution phase (training/high_res.py)
         self.distill_teacher = None  # mode distill: the frozen teacher (``teacher`` is then the student's EMA)
         if cfg.mode == "distill":
-            from .distill import build_distill_teacher
-
             self.distill_teacher = build_distill_teacher(cfg, student, teacher).to(self.device)
         student.to(self.device)
         teacher.to(self.device)
@@ -325,8 +272,6 @@ class Trainer:
         apply_schedules(self.optimizer, lr_it, wd_it, ll_lr)
         self.optimizer.zero_grad(set_to_none=True)
         if self.distill_teacher is not None:
-            from .distill import distill_forward_losses
-
             terms = distill_forward_losses(self, batch, temp_it)
         else:
             terms = forward_losses(self.student, self.teacher, self.dino_loss, self.ibot_loss, batch, cfg, temp_it,
@@ -393,6 +338,75 @@ class Trainer:
         self.ibot_loss.center.copy_(meta["ibot_center"].to(self.device))
         return meta
 
+    # ------------------------------------------------------------------ the run in output_dir
+    def resume(self) -> ResumePoint:
+        """Restore the newest checkpoint in the output dir (rank 0's choice: every rank resumes from the same one),
+        entering the high-resolution phase first when the checkpoint is inside it; a fresh run starts at 0."""
+        latest = find_latest_checkpoint(self.output_dir)
+        if self.world > 1:
+            box = [str(latest) if latest is not None else None]
+            dist.broadcast_object_list(box, 0)
+            latest = Path(box[0]) if box[0] is not None else None
+        if latest is None:
+            return ResumePoint(0, 0, None)
+        cfg = self.cfg
+        if high_res.in_phase(cfg, latest):
+            high_res.enter_high_res(self)  # the checkpoint holds the high-resolution grid
+        meta = self.load(latest)
+        if cfg.optim.max_weight_norm > 0:
+            check_resumed_weights(weight_norm(self.all_params), cfg.optim.max_weight_norm, str(latest))
+        iteration = int(meta["iteration"])
+        pos = meta["data_position"]
+        # the global sample order depends on the data and the seed only (training/data.py): continue exactly
+        # after the samples consumed, whatever the number of ranks that consumed them
+        samples = int(pos.get("samples_consumed", iteration * self.batch_size * self.world))
+        if pos.get("sample_order") != SAMPLE_ORDER:
+            log.warning("checkpoint from an older sample order: the data position is approximate")
+        rng = None
+        if pos.get("world_size", 1) == self.world:
+            rng = meta["rng"]  # restored right before the loop (the loader draws a seed)
+        else:  # per-rank RNG streams (drop-path) cannot be mapped to other ranks: they restart from the seed
+            log.info("checkpoint written by %s rank(s), resumed on %d: data continues exactly at sample %d",
+                     pos.get("world_size", 1), self.world, samples)
+        log.info("resumed from %s at iteration %d", latest, iteration)
+        return ResumePoint(iteration, samples, rng)
+
+    def batches(self, data: str | list[str], samples_consumed: int):
+        """This rank's batches of the current phase (the high-resolution one's crops once entered), continuing
+        the global sample order exactly after ``samples_consumed`` samples (training/data.py)."""
+        cfg = high_res.phase_config(self.cfg) if self.high_res else self.cfg
+        stream = build_stream(cfg, data, rank=self.rank, world=self.world, start_sample=samples_consumed)
+        return iter(make_loader(stream, self.cfg.data.num_workers))
+
+    def evaluate(self, iteration: int) -> dict[str, Any] | None:
+        """k-NN / linear probe of the teacher backbone on ``eval.train_dir`` (None without one); rank 0 writes
+        and returns the ``"type": "eval"`` row, the other ranks return None (collective when sharded)."""
+        e = self.cfg.eval
+        if not e.train_dir:
+            return None
+        from .evaluate import evaluate_backbone
+
+        backbone = self.teacher["backbone"]
+        if self.strategy == "fsdp":  # gather the sharded teacher (collective), evaluate a full copy on rank 0
+            full = self.full_state_dict("teacher")
+            if self.rank != 0:
+                return None
+            backbone = backbone_from_state(self.backbone_info, full).to(self.device).eval()
+        elif self.rank != 0:
+            return None
+        res = evaluate_backbone(backbone, e.train_dir, e.val_dir, e.img_size or self.cfg.crops.global_crops_size,
+                                e.knn_k, e.knn_temp, e.linear_probe, e.batch_size, e.center_crop_ratio, self.device)
+        row = {"type": "eval", "iteration": iteration, **res}
+        self.metrics.write(row)
+        log.info("eval at iteration %d: %s", iteration, res)
+        return row
+
+    def save_checkpoint(self, iteration: int, samples_consumed: int) -> None:
+        """Checkpoint the state after ``iteration`` iterations into the output dir, with the data position."""
+        self.save(self.output_dir, iteration, {
+            "batches_consumed": iteration, "samples_consumed": samples_consumed,
+            "batch_size_per_rank": self.batch_size, "world_size": self.world, "sample_order": SAMPLE_ORDER})
+
 
 SAMPLE_ORDER = "global-block-shuffle"  # data_position["sample_order"] of checkpoints with training/data.py's order
 
@@ -406,7 +420,7 @@ def _global_keys(keys: list[str], world: int) -> list[str]:
     return [k for p in parts for k in p]
 
 
-def _log_start(trainer: Trainer, source: SourceReport, metrics: MetricsWriter, start_iter: int) -> None:
+def _log_start(trainer: Trainer, source: SourceReport, start_iter: int) -> None:
     """The dataset and model sizes in the log, and the data check as the ``"type": "data"`` metrics row."""
     if trainer.rank != 0:
         return
@@ -419,7 +433,7 @@ def _log_start(trainer: Trainer, source: SourceReport, metrics: MetricsWriter, s
     log.info("model: %s (embed_dim %d, depth %d, %d heads) %.2fM params; heads %s; student %.2fM params, teacher "
              "the same (EMA)", trainer.cfg.model.arch, bb.embed_dim, bb.depth, bb.num_heads,
              counts["backbone"] / 1e6, heads, sum(counts.values()) / 1e6)
-    metrics.write({"type": "data", "iteration": start_iter, **source.row(),
+    trainer.metrics.write({"type": "data", "iteration": start_iter, **source.row(),
                    "params": counts, "global_batch": trainer.batch_size * trainer.world})
 
 
@@ -441,14 +455,30 @@ class _Throughput:
             self.t1 = None
 
 
-def _latest_checkpoint(out: Path, world: int) -> Path | None:
-    """Rank 0's choice, so that every rank resumes from the same checkpoint."""
-    latest = find_latest_checkpoint(out)
-    if world > 1:
-        box = [str(latest) if latest is not None else None]
-        dist.broadcast_object_list(box, 0)
-        latest = Path(box[0]) if box[0] is not None else None
-    return latest
+class _ProgressBar:
+    """A tqdm bar (when ``enabled``) whose postfix shows loss and lr every ``log_every`` iterations."""
+
+    def __init__(self, enabled: bool, total_iters: int, start_iter: int, log_every: int):
+        self.total, self.log_every, self.bar = total_iters, log_every, None
+        if enabled:
+            from tqdm import tqdm
+
+            # in a log (ray job logs, CI, a file) every redraw becomes a line: redraw at most every 10 s there
+            interactive = sys.stderr.isatty()
+            self.bar = tqdm(total=total_iters, initial=start_iter, desc="train", dynamic_ncols=True,
+                            mininterval=0.1 if interactive else 10.0)
+
+    def update(self, it: int, row: dict[str, Any]) -> None:
+        """Iteration ``it`` (counted from 1) is done; ``row`` its metrics."""
+        if self.bar is None:
+            return
+        if it % self.log_every == 0 or it == self.total:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
+        self.bar.update(1)  # redraws (with the postfix) at most every mininterval
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def train(cfg: TrainConfig, data: str | list[str], output_dir: str | os.PathLike) -> dict[str, Any]:
@@ -464,213 +494,65 @@ def train(cfg: TrainConfig, data: str | list[str], output_dir: str | os.PathLike
 
 
 def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -> dict[str, Any]:
-    rank, world = info.rank, info.world
     # before creating anything: bad --data fails fast (DataError, one line), a one-class eval folder too
     source = check_sources(data)
     if cfg.eval.train_dir:
         from .evaluate import check_eval_folders
 
         check_eval_folders(cfg.eval.train_dir, cfg.eval.val_dir)
-    if rank == 0:
+    if info.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for p in remove_stale_temporaries(out):
             log.info("removed %s, left by an interrupted checkpoint save", p)
-    trainer = Trainer(cfg, info)
+    trainer = Trainer(cfg, info, out)
     high_res.check_supported(trainer)
-    hr_start = high_res.phase_start(cfg)
+    rank, world = trainer.rank, trainer.world
     if world > 1:
         log.info("rank %d/%d: strategy %s on %s", rank, world, trainer.strategy, trainer.device)
-    bs = trainer.batch_size
+    images_per_iter = trainer.batch_size * world
     total_iters = cfg.total_iters if cfg.max_steps is None else min(cfg.max_steps, cfg.total_iters)
+    hr_start = high_res.phase_start(cfg)
 
-    metrics = MetricsWriter(out / "metrics.jsonl", enabled=rank == 0)
-    start_iter = start_sample = 0
-    resume_rng = None
-    latest = _latest_checkpoint(out, world)
-    if latest is not None:
-        if high_res.in_phase(cfg, latest):
-            high_res.enter_high_res(trainer)  # the checkpoint holds the high-resolution grid
-        meta = trainer.load(latest)
-        if cfg.optim.max_weight_norm > 0:
-            check_resumed_weights(weight_norm(trainer.all_params), cfg.optim.max_weight_norm, str(latest))
-        start_iter = int(meta["iteration"])
-        pos = meta["data_position"]
-        # the global sample order depends on the data and the seed only (training/data.py): continue exactly
-        # after the samples consumed, whatever the number of ranks that consumed them
-        start_sample = int(pos.get("samples_consumed", start_iter * bs * world))
-        if pos.get("sample_order") != SAMPLE_ORDER:
-            log.warning("checkpoint from an older sample order: the data position is approximate")
-        if pos.get("world_size", 1) == world:
-            resume_rng = meta["rng"]  # restored right before the loop (the loader draws a seed)
-        else:  # per-rank RNG streams (drop-path) cannot be mapped to other ranks: they restart from the seed
-            log.info("checkpoint written by %s rank(s), resumed on %d: data continues exactly at sample %d",
-                     pos.get("world_size", 1), world, start_sample)
-        log.info("resumed from %s at iteration %d", latest, start_iter)
-    metrics.truncate_after(start_iter)
-    _log_start(trainer, source, metrics, start_iter)
+    start = trainer.resume()
+    trainer.metrics.truncate_after(start.iteration)
+    _log_start(trainer, source, start.iteration)
     if rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    last_eval = trainer.evaluate(0) if cfg.eval.at_start and start.iteration == 0 else None
 
-    def open_data(first_sample: int):
-        # the global sample order continues exactly after the samples consumed (training/data.py)
-        stream = build_stream(high_res.phase_config(cfg) if trainer.high_res else cfg, source.readable, rank=rank,
-                              world=world, start_sample=first_sample)
-        return iter(make_loader(stream, cfg.data.num_workers))
-
-    def run_eval(iteration: int) -> dict[str, Any] | None:
-        e = cfg.eval
-        if not e.train_dir:
-            return None
-        from .evaluate import evaluate_backbone
-
-        backbone = trainer.teacher["backbone"]
-        if trainer.strategy == "fsdp":  # gather the sharded teacher (collective), evaluate a full copy on rank 0
-            full = trainer.full_state_dict("teacher")
-            if rank != 0:
-                return None
-            backbone = backbone_from_state(trainer.backbone_info, full).to(trainer.device).eval()
-        elif rank != 0:
-            return None
-        res = evaluate_backbone(backbone, e.train_dir, e.val_dir, e.img_size or cfg.crops.global_crops_size,
-                                e.knn_k, e.knn_temp, e.linear_probe, e.batch_size, e.center_crop_ratio, trainer.device)
-        row = {"type": "eval", "iteration": iteration, **res}
-        metrics.write(row)
-        log.info("eval at iteration %d: %s", iteration, res)
-        return row
-
-    def save(iteration: int) -> None:
-        consumed = start_sample + (iteration - start_iter) * bs * world
-        trainer.save(out, iteration, {"batches_consumed": iteration, "samples_consumed": consumed,
-                                      "batch_size_per_rank": bs, "world_size": world, "sample_order": SAMPLE_ORDER})
-
-    last_eval = None
-    if cfg.eval.at_start and start_iter == 0:
-        last_eval = run_eval(0)
-
-    bar = None
-    if rank == 0 and cfg.progress_bar:
-        from tqdm import tqdm
-
-        # in a log (ray job logs, CI, a file) every redraw becomes a line: redraw at most every 10 s there
-        interactive = sys.stderr.isatty()
-        bar = tqdm(total=total_iters, initial=start_iter, desc="train", dynamic_ncols=True,
-                   mininterval=0.1 if interactive else 10.0)
-    it = start_iter
-    t0 = time.time()
-    throughput = _Throughput(start_iter, bs * world, over=min(10, total_iters - start_iter - 1))
+    it, samples = start.iteration, start.samples_consumed
+    bar = _ProgressBar(rank == 0 and cfg.progress_bar, total_iters, it, cfg.log_every)
+    throughput = _Throughput(it, images_per_iter, over=min(10, total_iters - it - 1))
     last_row: dict[str, Any] = {}
-    data_iter = open_data(start_sample)
-    if resume_rng is not None:
-        set_rng_state(resume_rng)
+    t0 = time.time()
+    batches = trainer.batches(source.readable, samples)
+    if start.rng is not None:
+        set_rng_state(start.rng)
     try:
         while it < total_iters:
-            if it == hr_start and not trainer.high_res:
-                if it % cfg.checkpoint.period_iters and it > start_iter:
-                    save(it)  # the checkpoint the phase starts from
+            if it == hr_start and not trainer.high_res:  # the high-resolution phase starts here
+                if it % cfg.checkpoint.period_iters and it > start.iteration:
+                    trainer.save_checkpoint(it, samples)  # the checkpoint the phase starts from
                 high_res.enter_high_res(trainer)
-                data_iter = open_data(start_sample + (it - start_iter) * bs * world)
-            batch = next(data_iter)
+                batches = trainer.batches(source.readable, samples)
+            batch = next(batches)
             row = trainer.train_step(batch, it)
             row["time"] = time.time() - t0
             if cfg.data.log_sample_keys:
                 row["sample_keys"] = _global_keys(batch["keys"], world)
-            metrics.write(row)
+            trainer.metrics.write(row)
             last_row = row
             it += 1
+            samples += images_per_iter
             throughput.step(it)
-            if bar is not None:
-                if it % cfg.log_every == 0 or it == total_iters:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
-                bar.update(1)  # redraws (with the postfix) at most every mininterval
+            bar.update(it, row)
             if cfg.eval.period_iters and it % cfg.eval.period_iters == 0 and it < total_iters:
-                last_eval = run_eval(it)
+                last_eval = trainer.evaluate(it)
             if it % cfg.checkpoint.period_iters == 0 or it == total_iters:
-                save(it)
+                trainer.save_checkpoint(it, samples)
     finally:
-        if bar is not None:
-            bar.close()
-    if it > start_iter or last_eval is None:
-        last_eval = run_eval(it) if cfg.eval.train_dir else None
+        bar.close()
+    if it > start.iteration or last_eval is None:
+        last_eval = trainer.evaluate(it)
     return {"iterations": it, "last": last_row, "eval": last_eval, "output_dir": str(out), "world_size": world,
             "rank": rank, "strategy": trainer.strategy}
-
-
-# ---------------------------------------------------------------------- CLI
-def build_parser(prog: str = "lvd train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="DINOv2 pretraining (EMA teacher, DINO + iBOT + KoLeo losses) on WebDataset shards or an image "
-                    "folder. Resumes automatically from the newest checkpoint in --output.",
-        epilog="Overrides are dotted YAML keys, e.g. optim.base_lr=0.002 crops.local_crops_number=6 "
-               "model.arch=vit_small_patch14. Several processes: torchrun --nproc-per-node N pipelines/train.py ..., or "
-               "Ray Train with --ray-workers N (also as a Ray job: ray job submit --working-dir . -- python "
-               "pipelines/train.py --ray-workers N ...).")
-    p.add_argument("--config", required=True, help="YAML config (see pipelines/configs/train_*.yaml)")
-    p.add_argument("--data", required=True, help="shard dir, glob / brace pattern of .tar shards, or image folder")
-    p.add_argument("--output", default="runs/train", help="output dir: checkpoints/, metrics.jsonl, config.yaml")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many iterations in total")
-    p.add_argument("--eval-train-dir", default=None, help="labelled folder (class subfolders) for k-NN / linear probe")
-    p.add_argument("--eval-val-dir", default=None, help="labelled validation folder (default: split of train dir)")
-    p.add_argument("--export", default=None, help="after training, export the teacher backbone to this .pth")
-    p.add_argument("--ray-workers", type=int, default=0,
-                   help="train on N Ray Train workers (TorchTrainer; GPUs when the cluster has them, else CPU)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster to join with --ray-workers (default: the "
-                   "job's cluster under `ray job submit`, else a local Ray instance)")
-    p.add_argument("overrides", nargs="*", help="key.path=value config overrides")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    overrides = list(args.overrides)
-    if args.max_steps is not None:
-        overrides.append(f"max_steps={args.max_steps}")
-    if args.eval_train_dir:
-        overrides.append(f"eval.train_dir={args.eval_train_dir}")
-    if args.eval_val_dir:
-        overrides.append(f"eval.val_dir={args.eval_val_dir}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    try:  # what would fail late (after training, or inside Ray workers) fails now, with one line
-        if cfg.eval.train_dir:
-            from .evaluate import check_eval_folders
-
-            check_eval_folders(cfg.eval.train_dir, cfg.eval.val_dir)
-        if args.ray_workers > 0:
-            check_sources(args.data)
-    except (DataError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        if args.ray_workers > 0:
-            from .ray_launch import run_ray_train
-
-            summary = run_ray_train(cfg, args.data, args.output, args.ray_workers, args.ray_address)
-        else:
-            summary = train(cfg, args.data, args.output)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (NonFiniteLossError, DivergenceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (ConfigError, FileNotFoundError) as e:  # found while setting up (distill teacher, high_res phase)
-        print(str(e) if isinstance(e, ConfigError) else f"error: {e}", file=sys.stderr)
-        return 2
-    if summary.get("rank", 0) != 0:
-        return 0  # torchrun: rank 0 exports and prints the summary
-    if args.export:
-        from .checkpoint import export_backbone
-
-        path = export_backbone(args.output, args.export)
-        summary["export"] = str(path)
-    print(json.dumps({k: v for k, v in summary.items() if k != "last"} | {"loss": summary["last"].get("loss")}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

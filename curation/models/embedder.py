@@ -15,7 +15,7 @@ Retrieval embedders, :func:`build_embedder` from the ``embed`` settings (``embed
   module's ``checkpoint_filter_fn``, which renames keys and resamples position embeddings.
 * ``lvd``: a backbone exported by our trainer (``backbone.pth`` + ``backbone.json`` sidecar) or an official DINOv2
   backbone file (architecture inferred from the tensors), loaded by
-  :func:`training.models.vision_transformer.load_official_checkpoint`; position embeddings are interpolated to
+  :func:`training.models.backbone_io.load_official_checkpoint`; position embeddings are interpolated to
   the crop size.
 * ``pixels``: a fixed function of pixels with known behaviour, for tests and the demo (random-weight ViTs map
   every image to nearly the same vector).  See :class:`PixelDescriptor`.
@@ -329,7 +329,7 @@ def build_embedder(settings, device: str | None = None) -> Embedder:
         if settings.checkpoint is None:
             raise ValueError("embed.model 'lvd' needs embed.checkpoint: a backbone exported by `lvd export` "
                              "(backbone.pth + backbone.json) or an official DINOv2 backbone file")
-        from training.models.vision_transformer import load_official_checkpoint
+        from training.models.backbone_io import load_official_checkpoint
 
         model = load_official_checkpoint(settings.checkpoint)
         return BackboneEmbedder(model, "lvd", settings.img_size, settings.pooling, dev, precision,

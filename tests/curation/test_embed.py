@@ -62,9 +62,10 @@ def test_timm_dinov2_and_cnn_and_checkpoint(tmp_path):
 
 def test_lvd_exported_backbone(tmp_path):
     vt = pytest.importorskip("training.models.vision_transformer")
+    backbone_io = pytest.importorskip("training.models.backbone_io")
     model = vt.build_backbone("vit_tiny_patch14", depth=2, img_size=56)
     torch.nn.init.normal_(model.cls_token, std=1.0)
-    path = vt.save_backbone(model, tmp_path / "backbone.pth")
+    path = backbone_io.save_backbone(model, tmp_path / "backbone.pth")
     emb = build_embedder(EmbedConfig(model="lvd", checkpoint=path, img_size=28, pooling="cls", device="cpu"))
     imgs = _imgs()
     v = emb.embed_images(imgs)

@@ -16,7 +16,8 @@ from training.checkpoint import export_backbone, load_checkpoint
 from training.config import ConfigError, load_config
 from training.distill import load_teacher
 from training.evaluate import evaluate_backbone
-from training.models.vision_transformer import build_backbone, load_official_checkpoint, save_backbone
+from training.models.backbone_io import load_official_checkpoint, save_backbone
+from training.models.vision_transformer import build_backbone
 from training.train import Trainer, build_stream, train
 
 
@@ -174,7 +175,7 @@ def test_distill_config_errors(tmp_path):
 
 def test_cli_stops_with_one_line_when_the_teacher_does_not_fit(tmp_path, capsys):
     from lvd_train_testutils import REPO, write_shards
-    from training.train import main
+    from training.cli import main
 
     pre = Trainer(_tiny())  # heads with 128 prototypes
     pre.save(tmp_path / "pre", 0, {})

@@ -18,7 +18,8 @@ from lvd_train_testutils import REPO, TINY_CFG, random_image, read_metrics, subp
 
 from training.config import load_config
 from training.export import main as export_main
-from training.train import build_models, main as train_main
+from training.cli import main as train_main
+from training.train import build_models
 
 
 def _cfg(**over) -> dict:
@@ -265,7 +266,8 @@ def test_eval_folder_with_one_class_fails_before_training(tmp_path, capsys):
 # ---------------------------------------------------------------------- issue 14 item 9
 def test_arch_override_brings_its_dims_and_export_records_them(tmp_path):
     from training.checkpoint import backbone_from_state
-    from training.models.vision_transformer import ARCHS, save_backbone
+    from training.models.backbone_io import save_backbone
+    from training.models.vision_transformer import ARCHS
 
     demo = REPO / "pipelines" / "configs" / "train_demo.yaml"
     cfg = load_config(demo, ["model.arch=vit_small_patch14", "head.n_prototypes=64"])

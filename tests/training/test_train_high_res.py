@@ -66,7 +66,7 @@ def test_high_res_phase_resizes_once_continues_the_schedules_and_resumes(tmp_pat
         assert r["momentum"] == sched["momentum"][r["step"]]
     # the exported backbone is the high-resolution one
     from training.checkpoint import export_backbone
-    from training.models.vision_transformer import load_official_checkpoint
+    from training.models.backbone_io import load_official_checkpoint
 
     bb = load_official_checkpoint(export_backbone(tmp_path / "out", tmp_path / "bb.pth"))
     assert bb.img_size == 42 and bb.pos_embed.shape[1] == 10

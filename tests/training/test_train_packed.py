@@ -14,8 +14,10 @@ from lvd_train_testutils import REPO, TINY_CFG, read_metrics, tiny_tol, write_sh
 from tests.tolerance import approx, assert_close, rounding_tol
 from training.config import load_config
 from training.masking import MaskingGenerator, collate_multicrop
-from training.models.vision_transformer import (Attention, backbone_metadata, block_diagonal_mask, build_backbone,
-                                                official_key_list)
+from training.models.backbone_io import backbone_metadata, official_key_list
+from training.models.layers import Attention
+from training.models.packing import block_diagonal_mask
+from training.models.vision_transformer import build_backbone
 from training.train import Trainer, train
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -138,7 +140,7 @@ def test_packed_drop_path_is_per_image_and_active():
     assert (a[0]["x_prenorm"] - e[0]["x_prenorm"]).abs().max() > tol
     # one block, p = 0.5 on 8 global + 16 local images: exactly half the images of each group get each branch
     blk = m.blocks[0].train()
-    from training.models.vision_transformer import PackedLayout
+    from training.models.packing import PackedLayout
 
     tokens = [m.prepare_tokens_with_masks(xi, mi) for xi, mi in zip(x, masks)]
     calls = []
@@ -164,6 +166,23 @@ def test_flex_block_mask_matches_boolean_mask():
     with torch.no_grad():
         # qkv (24 terms), scores and the weighted sum over a row of `total` keys: 3 chained reductions
         assert_close(attn(x, block_mask), attn(x, bool_mask), n_terms=total, dtype=torch.float32, depth=3)
+
+
+def test_flex_kernels_live_on_the_model():
+    """The FlexAttention functions a model compiles are its own (shared by its blocks, no process-wide cache); a
+    copy (the teacher is a deepcopy of the student, after which both compile separately) starts empty."""
+    from training.models.packing import FlexKernels, flex_attention
+
+    m = _model()
+    assert all(blk.attn.kernels is m.flex_kernels for blk in m.blocks)
+    cpu = torch.device("cpu")
+    assert m.flex_kernels.attention(cpu) is flex_attention and not m.flex_kernels._compiled  # eager off CUDA
+    m.flex_kernels._compiled["flex_attention"] = torch.compile(flex_attention, dynamic=False)  # as CUDA does
+    twin = copy.deepcopy(m)
+    assert twin.flex_kernels is not m.flex_kernels and not twin.flex_kernels._compiled
+    assert all(blk.attn.kernels is twin.flex_kernels for blk in twin.blocks)
+    assert "flex_attention" in m.flex_kernels._compiled and not FlexKernels()._compiled
+    assert Attention(24, 3).kernels is not Attention(24, 3).kernels
 
 
 def test_option_defaults_keys_and_config():

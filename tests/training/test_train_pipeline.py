@@ -10,7 +10,8 @@ from lvd_train_testutils import REPO, TINY_CFG, read_metrics, write_shards, writ
 
 from training.checkpoint import find_latest_checkpoint, load_checkpoint
 from training.export import main as export_main
-from training.models.vision_transformer import build_backbone, load_official_checkpoint
+from training.models.backbone_io import load_official_checkpoint
+from training.models.vision_transformer import build_backbone
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.tolerance import assert_close
-from training.models.vision_transformer import build_backbone, load_official_checkpoint, save_backbone
+from training.models.backbone_io import load_official_checkpoint, save_backbone
+from training.models.vision_transformer import build_backbone
 
 
 def official_keys(depth, swiglu=False, registers=False):
@@ -162,7 +163,7 @@ def test_efficient_stochastic_depth_runs_branch_on_kept_subset():
     m(x)
     assert seen == [8]
     # the kept residuals are scaled by B / kept
-    from training.models.vision_transformer import _drop_add_residual
+    from training.models.layers import _drop_add_residual
 
     torch.manual_seed(3)
     y = torch.zeros(4, 2, 3)

@@ -1,0 +1,89 @@
+"""The pretraining objective of one step: the EMA teacher's targets and the student's weighted DINO + iBOT +
+KoLeo loss terms (steps 1-3 of training/train.py's docstring); ``mode: distill`` has its counterpart in
+training/distill.py, which shares :func:`head_logits` and :func:`teacher_probs`."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import TrainConfig
+from .distributed import all_reduce_sum, reshard
+from .losses import DINOLoss, dino_multicrop_loss, ibot_masked_loss, iBOTPatchLoss, koleo_loss
+
+__all__ = ["forward_losses", "head_logits", "teacher_probs"]
+
+
+def head_logits(heads: nn.ModuleDict, cls: list[torch.Tensor], patches: torch.Tensor | None):
+    """Run the DINO head on the CLS tokens (and the iBOT head on the patches; one pass when shared)."""
+    n_cls = [c.shape[0] for c in cls]
+    if patches is None:
+        return list(heads["dino_head"](torch.cat(cls)).split(n_cls)), None
+    if "ibot_head" in heads:
+        return list(heads["dino_head"](torch.cat(cls)).split(n_cls)), heads["ibot_head"](patches)
+    out = heads["dino_head"](torch.cat(cls + [patches]))
+    parts = out.split(n_cls + [patches.shape[0]])
+    return list(parts[:-1]), parts[-1]
+
+
+def teacher_probs(dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, cls_logits: torch.Tensor,
+                  patch_logits: torch.Tensor | None, temp: float, centering: str):
+    """The teacher's DINO (and iBOT) probabilities at temperature ``temp``; with centering, the centres are
+    updated after use."""
+    cls_logits = cls_logits.float()
+    dino_probs = dino_loss.teacher_probs(cls_logits, temp, centering)
+    ibot_probs = None if patch_logits is None else ibot_loss.teacher_probs(patch_logits.float(), temp, centering)
+    if centering == "centering":
+        dino_loss.update_center(cls_logits)
+        if patch_logits is not None:
+            ibot_loss.update_center(patch_logits.float())
+    return dino_probs, ibot_probs
+
+
+def forward_losses(student, teacher, dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, batch: dict[str, Any],
+                   cfg: TrainConfig, teacher_temp: float, device: torch.device, autocast) -> dict[str, torch.Tensor]:
+    """One pretraining step's loss terms (``dino``, ``ibot``, ``koleo``; ``loss`` their weighted sum) on this
+    rank's ``batch``; the teacher's centres are updated."""
+    gc = batch["global_crops"].to(device, non_blocking=True)
+    lc = batch["local_crops"].to(device, non_blocking=True)
+    # decided on the global batch: every rank runs the same modules and collectives (a rank without masked
+    # patches contributes zero rows to the iBOT head, the Sinkhorn-Knopp sums and the centre)
+    n_masked = int(batch["n_masked_patches"])
+    if dist.is_initialized():  # on the device: NCCL reduces CUDA tensors only
+        n_masked = int(all_reduce_sum(torch.tensor([float(n_masked)], device=device)).item())
+    do_ibot = cfg.loss.ibot_weight > 0 and n_masked > 0
+    masks = batch["masks"].to(device) if do_ibot else None
+    mask_idx = batch["mask_indices"].to(device) if do_ibot else None
+    centering = cfg.loss.centering
+    n_local = lc.shape[0]
+
+    with torch.no_grad(), autocast():
+        t = teacher["backbone"].forward_features(gc)
+        t_patch = t["x_norm_patchtokens"].flatten(0, 1)[mask_idx] if do_ibot else None
+        (t_cls_logits,), t_patch_logits = head_logits(teacher, [t["x_norm_clstoken"]], t_patch)
+        reshard(teacher)  # FSDP2 keeps roots unsharded after forward; the teacher has no backward
+        dino_probs, ibot_probs = teacher_probs(dino_loss, ibot_loss, t_cls_logits, t_patch_logits, teacher_temp,
+                                               centering)
+
+    with autocast():
+        inputs = [gc, lc] if n_local else [gc]
+        outs = student["backbone"].forward_features(inputs, masks=[masks, None] if n_local else [masks])
+        s_g = outs[0]
+        s_g_cls = s_g["x_norm_clstoken"]
+        cls = [s_g_cls] + ([outs[1]["x_norm_clstoken"]] if n_local else [])
+        s_patch = s_g["x_norm_patchtokens"].flatten(0, 1)[mask_idx] if do_ibot else None
+        cls_logits, s_patch_logits = head_logits(student, cls, s_patch)
+
+    terms: dict[str, torch.Tensor] = {}
+    st = cfg.loss.student_temp
+    terms["dino"] = dino_multicrop_loss(cls_logits[0], cls_logits[1] if n_local else None, dino_probs, st)
+    if cfg.loss.koleo_weight > 0:
+        terms["koleo"] = sum(koleo_loss(c) for c in s_g_cls.chunk(2))
+    if do_ibot:
+        terms["ibot"] = ibot_masked_loss(s_patch_logits, ibot_probs, masks, st, batch["masks_weight"].to(device))
+    weights = {"dino": cfg.loss.dino_weight, "koleo": cfg.loss.koleo_weight, "ibot": cfg.loss.ibot_weight}
+    total = sum(weights[k] * v for k, v in terms.items())
+    terms["loss"] = total
+    return terms
