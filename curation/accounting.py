@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from curation.layout import LEDGER_STAGES, STAGE_ORDER, RunLayout
 from curation.storage import read_tables, write_table
@@ -67,6 +68,21 @@ def make_ledger(
 
 def write_ledger(root: Path, stage: str, unit_id: str, table: pa.Table) -> None:
     write_table(ledger_path(root, stage, unit_id), table, "ledger")
+
+
+def write_ledger_by_shard(root: Path, stage: str, table: pa.Table, input_stage: str) -> None:
+    """Write a global step's ledger partitioned like its input: one part per ledger part of `input_stage` (one per
+    pool shard), holding the verdicts on the keys that part kept, sorted by key; so a reader of one shard's keys
+    reads one small file (and Parquet statistics let a key-range read skip the others)."""
+    placed = 0
+    for part in RunLayout(root).ledger_parts(input_stage):
+        kept = pq.read_table(part, columns=["key"], filters=[("kept", "=", True)])["key"]
+        rows = table.filter(pc.is_in(table["key"], value_set=kept)).sort_by("key")
+        write_ledger(root, stage, part.stem, rows)
+        placed += rows.num_rows
+    if placed != table.num_rows:
+        raise AccountingError(f"stage {stage!r}: {table.num_rows - placed} of its {table.num_rows} verdicts are on "
+                              f"keys no {input_stage!r} ledger part kept")
 
 
 def read_ledger(root: Path, stage: str) -> pa.Table:

@@ -399,7 +399,7 @@ class DedupStage(Stage):
         write_table(self.layout.stats("component_sizes"), component_size_histogram(labels, n), "component_sizes")
         url = dict(zip(inputs["key"].to_pylist(), inputs["url"].to_pylist()))
         ledger = accounting.make_ledger(self.name, keys, [url[k] for k in keys], v.reasons, details)
-        accounting.write_ledger(self.root, self.name, FINAL, ledger)
+        accounting.write_ledger_by_shard(self.root, self.name, ledger, self.layout.input_ledger_stage(self.name))
         return {"kept": int(v.kept.sum()), **{r: v.reasons.count(r) for r in DUPLICATE_REASONS}}
 
     def _pool_descriptors(self, in_keys: list[str]) -> tuple[list[str], np.ndarray]:

@@ -42,7 +42,6 @@ from curation.storage import atomic_path, read_table, read_tables, write_json, w
 from curation.vectors import load_descriptors
 from curation.workers import wants_gpu
 
-FINAL = "final"
 NO_NEIGHBORS = pa.table({"anchor_set": pa.array([], pa.string())})  # a set that searched no k nearest neighbours
 
 
@@ -315,7 +314,7 @@ class RetrieveStage(Stage):
 
     # -- merge -------------------------------------------------------------------------------------------------
     def finalize(self) -> None:
-        if self.layout.ledger_part(self.name, FINAL).exists():
+        if self.layout.ledger_parts(self.name):  # written last (an interrupted finalize is removed and redone)
             return
         sets = self._sets()
         sels, nbrs, clus, summaries = self._read_sets(sets)
@@ -357,5 +356,5 @@ class RetrieveStage(Stage):
             embedded.update(read_table(p).column("key").to_pylist())
         keys, urls = inputs["key"].to_pylist(), inputs["url"].to_pylist()
         reasons, details = ledger_verdicts(keys, selected, embedded, failed)
-        accounting.write_ledger(self.root, self.name, FINAL,
-                                accounting.make_ledger(self.name, keys, urls, reasons, details))
+        accounting.write_ledger_by_shard(self.root, self.name, accounting.make_ledger(self.name, keys, urls, reasons,
+                                         details), self.layout.input_ledger_stage(self.name))

@@ -239,11 +239,11 @@ def test_missing_download_ledger_fails_loudly(demo_download, tmp_path):
 
 
 def test_deleted_later_stage_ledgers_are_recomputed(demo_cleaned, tmp_path):
-    """A deleted filter ledger part, the hash stage's groups and the dedup final ledger are redone; the run used to
+    """A deleted filter ledger part, the hash stage's groups and a dedup ledger part are redone; the run used to
     stop with `input differs from the previous stage's kept keys (60 never judged)`."""
     src = demo_cleaned["root"]
     root = _copy_run(src, tmp_path / "run")
-    for stage, unit in (("filter", "00002"), ("dedup", "final")):
+    for stage, unit in (("filter", "00002"), ("dedup", "00001")):
         accounting.ledger_path(root, stage, unit).unlink()
     (root / "hash" / "groups.parquet").unlink()
     _rerun(demo_cleaned["config"], root)
