@@ -56,14 +56,19 @@ def table_vectors(t: pa.Table) -> np.ndarray:
 
 
 def load_descriptors(paths: Iterable[Path], keys: Iterable[str] | None = None) -> tuple[list[str], np.ndarray]:
-    """Concatenate descriptor parts -> (keys, float32 [N, D]), optionally restricted to `keys`, sorted by key."""
-    tables = [read_table(p, "descriptors") for p in sorted(map(Path, paths))]
-    tables = [t for t in tables if t.num_rows]
+    """Concatenate descriptor parts -> (keys, float32 [N, D]), optionally restricted to `keys` (each part is
+    filtered as it is read, so memory follows the rows kept), sorted by key."""
+    wanted = pa.array(list(keys), pa.string()) if keys is not None else None
+    tables = []
+    for p in sorted(map(Path, paths)):
+        t = read_table(p, "descriptors")
+        if wanted is not None:
+            t = t.filter(pc.is_in(t["key"], value_set=wanted))
+        if t.num_rows:
+            tables.append(t)
     if not tables:
         return [], np.zeros((0, 0), np.float32)
     t = pa.concat_tables(tables)
-    if keys is not None:
-        t = t.filter(pc.is_in(t["key"], value_set=pa.array(list(keys), pa.string())))
     order = pc.sort_indices(t["key"]).to_numpy()
     keys_sorted = np.asarray(t["key"].to_pylist(), dtype=object)[order].tolist()
     return keys_sorted, table_vectors(t)[order]

@@ -146,6 +146,36 @@ def survivor_priority(rule: str, labels: np.ndarray, X: np.ndarray, info: HashIn
     raise ValueError(f"unknown dedup.survivor {rule!r}")
 
 
+def hash_links(info: HashInfo) -> tuple[np.ndarray, np.ndarray]:
+    """The hash groups as extra pool-pool edges of the duplicate graph: each grouped image to its group's label."""
+    linked = np.flatnonzero(info.group != np.arange(len(info.group)))
+    return linked, info.group[linked]
+
+
+def rows_with_duplicates(labels: np.ndarray, n: int) -> np.ndarray:
+    """The pool rows (of the first `n` nodes) whose component holds another node, pool or evaluation image: the
+    only rows whose descriptors the survivor rule and the verdict details read."""
+    return np.flatnonzero(np.bincount(labels)[labels[:n]] > 1) if n else np.zeros(0, np.int64)
+
+
+class LoadedRows:
+    """Some rows of an [n, d] matrix, indexed by their row numbers in the whole (reading a row that was not loaded
+    is an error): what the verdicts of a partitioned dedup read instead of the whole pool's descriptors."""
+
+    def __init__(self, n: int, rows: np.ndarray, vectors: np.ndarray):
+        self.shape = (n, vectors.shape[1])
+        self.size = n * vectors.shape[1]
+        self._at = np.full(n, -1, np.int64)
+        self._at[rows] = np.arange(len(rows))
+        self._vectors = vectors
+
+    def __getitem__(self, idx):
+        at = self._at[idx]
+        if np.any(at < 0):
+            raise IndexError("a descriptor the dedup verdicts read was not loaded")
+        return self._vectors[at]
+
+
 # ------------------------------------------------------------------------------------------------------ the graph
 def dedup_graph(
     pool: np.ndarray,
@@ -380,12 +410,22 @@ class DedupStage(Stage):
     def run_unit(self, unit: Unit) -> dict:
         s = self.settings
         inputs = self.input_keys()
-        keys, X = self._pool_descriptors(inputs["key"].to_pylist())
-        eval_names, eval_keys, E = self._eval_descriptors(X)
+        keys = inputs["key"].to_pylist()
         n = len(keys)
-        X = X.reshape(n, E.shape[1]) if n else np.zeros((0, E.shape[1]), np.float32)
         info = read_hash_info(self.layout, keys)
-        g = self._graph(keys, X, E, info)
+        plan = pool_plan(self.layout.vectors_parts("sscd", "pool"), None, self.scale)
+        if plan is not None:  # by partitions: the graph first, then only the vectors the verdicts look at
+            self._check_described(plan_keys(plan), keys)
+            eval_names, eval_keys, E = self._eval_descriptors(plan.dim)
+            g = self._partitioned_graph(plan, E, info)
+            X = self._vectors_of_duplicates(keys, g["labels"], plan.dim)
+        else:
+            described, X = load_descriptors(self.layout.vectors_parts("sscd", "pool"))
+            self._check_described(described, keys)
+            eval_names, eval_keys, E = self._eval_descriptors(X.shape[1] if X.size else None)
+            X = X.reshape(n, E.shape[1]) if n else np.zeros((0, E.shape[1]), np.float32)
+            g = dedup_graph(X, E, s.k, s.threshold, s.eval_threshold, device=resolve_device(s.device),
+                            links=hash_links(info))
         labels = g["labels"]
         is_eval = np.arange(len(labels)) >= n
         v = decide_duplicates(labels, survivor_priority(s.survivor, labels[:n], X, info), is_eval, info.sha,
@@ -402,41 +442,41 @@ class DedupStage(Stage):
         accounting.write_ledger_by_shard(self.root, self.name, ledger, self.layout.input_ledger_stage(self.name))
         return {"kept": int(v.kept.sum()), **{r: v.reasons.count(r) for r in DUPLICATE_REASONS}}
 
-    def _pool_descriptors(self, in_keys: list[str]) -> tuple[list[str], np.ndarray]:
-        """(keys, descriptors) of the pool images, which must be exactly the images this stage received."""
-        keys, X = load_descriptors(self.layout.vectors_parts("sscd", "pool"))
-        if keys != in_keys:
-            raise RuntimeError(f"dedup: sscd described {len(keys)} pool images but the previous stage kept "
+    @staticmethod
+    def _check_described(described: list[str], in_keys: list[str]) -> None:
+        """The sscd stage described exactly the images this stage received."""
+        if described != in_keys:
+            raise RuntimeError(f"dedup: sscd described {len(described)} pool images but the previous stage kept "
                                f"{len(in_keys)} (run the sscd stage first)")
-        return keys, X
 
-    def _eval_descriptors(self, X: np.ndarray) -> tuple[list[str], list[str], np.ndarray]:
+    def _eval_descriptors(self, dim: int | None) -> tuple[list[str], list[str], np.ndarray]:
         """(set name, node key ``eval/<set>/<key>``, descriptors [m, d]) of every evaluation image, in set order;
-        d is the pool's dimension (the first evaluation set's when the pool is empty, else 1)."""
+        d is the pool's dimension `dim` (the first evaluation set's when the pool is empty, else 1)."""
         names, node_keys, vecs = [], [], []
         for es in self.image_sets["eval"]:
             ek, ev = load_descriptors(self.layout.vectors_parts("sscd", "eval", es.name))
-            if ev.size and X.size and ev.shape[1] != X.shape[1]:
+            if ev.size and dim and ev.shape[1] != dim:
                 raise RuntimeError(f"dedup: eval set {es.name} descriptors have dimension {ev.shape[1]}, pool "
-                                   f"{X.shape[1]}")
+                                   f"{dim}")
             names += [es.name] * len(ek)
             node_keys += [f"eval/{es.name}/{k}" for k in ek]
             if len(ek):
                 vecs.append(ev)
-        d = X.shape[1] if X.size else (vecs[0].shape[1] if vecs else 1)
+        d = dim or (vecs[0].shape[1] if vecs else 1)
         return names, node_keys, np.concatenate(vecs) if vecs else np.zeros((0, d), np.float32)
 
-    def _graph(self, keys: list[str], X: np.ndarray, E: np.ndarray, info: HashInfo) -> dict[str, np.ndarray]:
-        """The duplicate graph: in this process, or by partitions on searcher actors when the pool exceeds one
-        worker's memory budget (issue 10; the sscd files are in key order, as the sscd stage writes them, and X is
-        still read whole for the details)."""
+    def _partitioned_graph(self, plan, E: np.ndarray, info: HashInfo) -> dict[str, np.ndarray]:
+        """The duplicate graph by partitions on searcher actors, when the pool exceeds one worker's memory budget
+        (issue 10; the sscd files are in key order, as the sscd stage writes them)."""
         s = self.settings
-        linked = np.flatnonzero(info.group != np.arange(len(keys)))
-        links = (linked, info.group[linked])
-        plan = pool_plan(self.layout.vectors_parts("sscd", "pool"), None, self.scale)
-        if plan is not None and plan_keys(plan) == keys:
-            placement = Placement(use_ray=self.uses_ray(), device=s.device, searchers=self.scale.searchers)
-            return partitioned_dedup_graph(plan, E, s.k, s.threshold, s.eval_threshold,
-                                           self.layout.scratch(self.name, "partitioned"), placement,
-                                           self.scale.query_block, links=links)
-        return dedup_graph(X, E, s.k, s.threshold, s.eval_threshold, device=resolve_device(s.device), links=links)
+        placement = Placement(use_ray=self.uses_ray(), device=s.device, searchers=self.scale.searchers)
+        return partitioned_dedup_graph(plan, E, s.k, s.threshold, s.eval_threshold,
+                                       self.layout.scratch(self.name, "partitioned"), placement,
+                                       self.scale.query_block, links=hash_links(info))
+
+    def _vectors_of_duplicates(self, keys: list[str], labels: np.ndarray, dim: int) -> "LoadedRows":
+        """The descriptors the survivor rule and the details read: those of pool images in components of more than
+        one node (a pool image alone in its component is kept and needs none), read shard by shard."""
+        rows = rows_with_duplicates(labels, len(keys))
+        _, vectors = load_descriptors(self.layout.vectors_parts("sscd", "pool"), [keys[i] for i in rows])
+        return LoadedRows(len(keys), rows, vectors.reshape(len(rows), dim))

@@ -4,6 +4,7 @@ demo corpus's planted copies (pixels descriptor) against its ground truth."""
 from collections import Counter
 
 import numpy as np
+import pytest
 import pyarrow.parquet as pq
 
 from curation import accounting
@@ -180,3 +181,16 @@ def test_graph_statistics_in_memory():
     got = {(r["kind"], r["threshold"]): (r["images_above"], r["edges_above"]) for r in rows}
     assert got == {("self", 0.4): (2, 2), ("self", 0.6): (1, 1), ("eval/a", 0.4): (1, 1), ("eval/a", 0.6): (1, 1),
                    ("eval/b", 0.4): (0, 0), ("eval/b", 0.6): (0, 0)}
+
+
+def test_a_partitioned_dedup_reads_only_the_vectors_of_images_with_duplicates():
+    from curation.stages.dedup import LoadedRows, rows_with_duplicates
+
+    # nodes 0-5 pool, 6-7 evaluation: {0, 3} copies, {5, 6} pool image with an evaluation copy, 1, 2, 4 alone
+    labels = np.array([0, 1, 2, 0, 4, 5, 5, 7])
+    rows = rows_with_duplicates(labels, 6)
+    assert rows.tolist() == [0, 3, 5]
+    X = LoadedRows(6, rows, np.arange(6, dtype=np.float32).reshape(3, 2))
+    assert X.shape == (6, 2) and X[3].tolist() == [2.0, 3.0] and X[np.array([5, 0])].tolist() == [[4, 5], [0, 1]]
+    with pytest.raises(IndexError, match="not loaded"):
+        X[1]
