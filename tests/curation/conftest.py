@@ -60,6 +60,20 @@ def base_config(corpus: Path, run_root: Path, **sections) -> dict:
     return cfg
 
 
+def later_stages(corpus: Path) -> dict:
+    """The embed, retrieve and shards sections of a whole demo run (weight-free embedder, one sample-based and one
+    cluster-based anchor set), as the whole-pipeline tests use them."""
+    return {
+        "embed": {"model": "pixels", "batch_size": 64, "num_workers": 1},
+        "retrieve": {"anchor_sets": [
+            {"name": "objects", "path": str(corpus / "anchors" / "objects"), "method": "sample", "k": 4},
+            {"name": "scenes", "path": str(corpus / "anchors" / "scenes"), "method": "cluster", "clusters": 12,
+             "min_anchors_per_cluster": 1, "per_cluster": 25},
+        ]},
+        "shards": {"samples_per_shard": 50},
+    }
+
+
 @pytest.fixture(scope="session")
 def demo_download(demo_server, demo_corpus, tmp_path_factory) -> dict:
     """The download stage run once over the served corpus: {'root', 'corpus', 'config' (dict), 'truth'}."""

@@ -21,7 +21,7 @@ import pytest
 
 from curation.config import load_config
 from curation.runner import run_pipeline
-from tests.curation.conftest import base_config
+from tests.curation.conftest import later_stages
 from tests.curation.run_snapshot import differences, snapshot
 from tests.tolerance import rounding_tol
 
@@ -46,13 +46,7 @@ def test_demo_outputs_match_the_snapshot(demo_cleaned, demo_server, tmp_path):
     cfg = copy.deepcopy(demo_cleaned["config"])
     cfg["run_root"] = str(root)
     cfg.pop("stages")
-    cfg["embed"] = {"model": "pixels", "batch_size": 64, "num_workers": 1}
-    cfg["retrieve"] = {"anchor_sets": [
-        {"name": "objects", "path": str(corpus / "anchors" / "objects"), "method": "sample", "k": 4},
-        {"name": "scenes", "path": str(corpus / "anchors" / "scenes"), "method": "cluster", "clusters": 12,
-         "min_anchors_per_cluster": 1, "per_cluster": 25},
-    ]}
-    cfg["shards"] = {"samples_per_shard": 50}
+    cfg.update(later_stages(corpus))
     run_pipeline(load_config(data=cfg), progress=False)
 
     actual = snapshot(root, {str(demo_cleaned["root"]): "RUN", str(corpus): "CORPUS", demo_server.base_url: "URL"})

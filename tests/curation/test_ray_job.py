@@ -12,7 +12,7 @@ from PIL import Image
 
 from curation import accounting
 from curation.local_cluster import LocalRayHead
-from tests.curation.conftest import base_config
+from tests.curation.conftest import base_config, later_stages
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,14 +29,8 @@ def test_whole_pipeline_via_ray_job_submit(ray_head, demo_download, tmp_path):
     root = tmp_path / "run"
     cfg = base_config(corpus, root)  # every stage
     cfg.pop("ray")
-    cfg["embed"] = {"model": "pixels", "batch_size": 64, "num_workers": 1}
     cfg["sscd"] = {"descriptor": "pixels", "num_workers": 1, "batch_size": 64}
-    cfg["retrieve"] = {"anchor_sets": [
-        {"name": "objects", "path": str(corpus / "anchors" / "objects"), "method": "sample", "k": 4},
-        {"name": "scenes", "path": str(corpus / "anchors" / "scenes"), "method": "cluster", "clusters": 12,
-         "min_anchors_per_cluster": 1, "per_cluster": 25},
-    ]}
-    cfg["shards"] = {"samples_per_shard": 50}
+    cfg.update(later_stages(corpus))
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     rc, log = ray_head.submit(["python", "pipelines/curate.py", "--config", str(cfg_path), "--no-progress"],

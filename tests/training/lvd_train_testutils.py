@@ -70,6 +70,13 @@ def write_yaml(path: Path, cfg: dict) -> Path:
     return path
 
 
+def shards_and_config(tmp_path: Path, cfg: dict) -> tuple[Path, Path]:
+    """Three shards of ten images under tmp_path/shards and `cfg` as tmp_path/cfg.yaml: (data, config path)."""
+    data = tmp_path / "shards"
+    write_shards(data, n_shards=3, per_shard=10)
+    return data, write_yaml(tmp_path / "cfg.yaml", cfg)
+
+
 def read_metrics(path: Path, kind: str = "train") -> list[dict]:
     return [r for r in (json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()) if r["type"] == kind]
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from lvd_train_testutils import REPO, TINY_CFG, read_metrics, subprocess_env, tiny_tol, write_shards, write_yaml
+from lvd_train_testutils import (REPO, TINY_CFG, read_metrics, shards_and_config, subprocess_env, tiny_tol, write_shards,
+                                 write_yaml)
 
 from tests.tolerance import approx, assert_close, rounding_tol
 from training.checkpoint import export_backbone, find_latest_checkpoint, load_checkpoint
@@ -216,9 +217,7 @@ def _losses(out):
 
 @pytest.mark.slow
 def test_dcp_checkpoints_resume_on_two_ranks_and_on_one(tmp_path):
-    data = tmp_path / "shards"
-    write_shards(data, n_shards=3, per_shard=10)
-    cfg_path = write_yaml(tmp_path / "cfg.yaml", _resume_cfg())
+    data, cfg_path = shards_and_config(tmp_path, _resume_cfg())
 
     # uninterrupted 2-rank run with torchrun (process group from the environment), exported by rank 0
     ref = tmp_path / "ref"

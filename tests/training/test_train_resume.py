@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from lvd_train_testutils import REPO, TINY_CFG, read_metrics, subprocess_env, tiny_tol, write_shards, write_yaml
+from lvd_train_testutils import REPO, TINY_CFG, read_metrics, shards_and_config, subprocess_env, tiny_tol
 
 from tests.tolerance import approx
 
@@ -46,9 +46,7 @@ def _assert_same(a, b):
 
 @pytest.mark.slow
 def test_resume_after_stop_and_after_sigkill_matches_uninterrupted(tmp_path):
-    data = tmp_path / "shards"
-    write_shards(data, n_shards=3, per_shard=10)
-    cfg_path = write_yaml(tmp_path / "cfg.yaml", _cfg())
+    data, cfg_path = shards_and_config(tmp_path, _cfg())
 
     ref = tmp_path / "ref"
     _run(_cmd(cfg_path, data, ref))
