@@ -147,7 +147,7 @@ class NudeNetDetector:
         except ImportError:
             raise DetectorUnavailable(MISSING_DETECTOR_MESSAGE) from None
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1  # one Ray task per CPU; parallelism comes from tasks
+        opts.intra_op_num_threads = 1  # one stage worker per CPU; parallelism comes from workers
         avail = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)

@@ -215,8 +215,8 @@ class Workers:
             self.ray = ray
             total = ray.cluster_resources()
             self.gpu = placement.device != "cpu" and total.get("GPU", 0) >= 1
-            # CPU searchers ask for the memory budget, not a CPU: the unit task that drives them holds one, and
-            # several units may run at once; waiting for CPUs they hold would deadlock
+            # CPU searchers ask for the memory budget, not a CPU: the stage worker that drives them holds one, and
+            # several workers may run at once; waiting for CPUs they hold would deadlock
             node_mem = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
             self.memory = int(min(plan.budget_bytes, 0.9 * node_mem)) if node_mem else 0
             fit = int(total.get("memory", 0) // self.memory) if self.memory else len(plan.partitions)

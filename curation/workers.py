@@ -38,7 +38,7 @@ def loader_workers(requested: int) -> int:
 
 
 def task_cores() -> int:
-    """CPU cores this task may use: Ray's assigned CPUs inside a Ray task, else the process's usable CPUs."""
+    """CPU cores this worker may use: the CPUs Ray assigned to its actor (or task), else the process's usable CPUs."""
     try:
         import ray
 
