@@ -122,6 +122,7 @@ def _equality_rank(rank, world, port, out):
     results = {name: _run_steps(raw, info) for name, raw in CASES.items()}
     if rank == 0:
         torch.save(results, out)
+    dist.barrier()  # neither rank tears the group down while the other may still have collective work in flight
     dist.destroy_process_group()
 
 
