@@ -32,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from training.checkpoint import backbone_from_state, find_latest_checkpoint, load_checkpoint  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.evaluate import extract_features, knn_accuracy, list_labelled_folder  # noqa: E402
 from training.plot import plot_metrics  # noqa: E402
@@ -42,10 +43,10 @@ INKS = {"both": (255.0, 0.0), "white": (255.0,), "black": (0.0,)}
 
 
 def paste_digit(digit: np.ndarray, size: int, rng: np.random.Generator, min_px: int, max_px: int,
-                ink: str = "both", noise: float = 48.0) -> np.ndarray:
+                ink: str = "both", noise: float = 48.0) -> tuple[np.ndarray, dict[str, int]]:
     """One ``size`` x ``size`` RGB uint8 image: noise, and the 8x8 digit (values 0-16) at a random scale, position
     and ink (``both``: white or black at random, else one ink for every image); the noise is grey, standard
-    deviation ``noise``."""
+    deviation ``noise``. Also returns the placement: digit size ``px``, top-left ``y``, ``x`` and ``ink`` (0-255)."""
     from PIL import Image
 
     bg = rng.normal(128, noise, (size, size, 1)).clip(0, 255).repeat(3, axis=2)
@@ -54,16 +55,17 @@ def paste_digit(digit: np.ndarray, size: int, rng: np.random.Generator, min_px: 
                        dtype=np.float64)[..., None] / 255
     y, x = rng.integers(0, size - px + 1, 2)
     inks = INKS[ink]
-    ink_rgb = np.full(3, inks[0] if rng.random() < 0.5 else inks[-1])  # drawn for every ink: same placements
+    ink_value = inks[0] if rng.random() < 0.5 else inks[-1]  # drawn for every ink: the same placements
     patch = bg[y:y + px, x:x + px]
-    bg[y:y + px, x:x + px] = patch * (1 - alpha) + ink_rgb * alpha
-    return bg.round().astype(np.uint8)
+    bg[y:y + px, x:x + px] = patch * (1 - alpha) + np.full(3, ink_value) * alpha
+    return bg.round().astype(np.uint8), {"px": px, "y": int(y), "x": int(x), "ink": int(ink_value)}
 
 
 def build_dataset(root: Path, size: int = 64, train_digits: int = 1297, pastes: int = 2, min_px: int = 28,
                   max_px: int = 48, seed: int = 0, ink: str = "both",
                   noise: float = 48.0) -> dict[str, int]:
-    """``root/ssl`` (unlabelled), ``root/knn_train/<digit>`` and ``root/knn_val/<digit>`` PNGs; returns counts."""
+    """``root/ssl`` (unlabelled), ``root/knn_train/<digit>`` and ``root/knn_val/<digit>`` PNGs, and
+    ``root/placements.json`` (each image's placement by its path under ``root``); returns counts."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -71,26 +73,49 @@ def build_dataset(root: Path, size: int = 64, train_digits: int = 1297, pastes: 
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(d.images))
     counts = {"ssl": 0, "knn_train": 0, "knn_val": 0}
+    placements = {}
     for i, idx in enumerate(perm):
         jobs = [("ssl", None)] * pastes + [("knn_train", d.target[idx])] if i < train_digits \
             else [("knn_val", d.target[idx])]
         for j, (split, label) in enumerate(jobs):
             sub = root / split / ("" if label is None else str(label))
             sub.mkdir(parents=True, exist_ok=True)
-            img = paste_digit(d.images[idx], size, rng, min_px, max_px, ink, noise)
-            Image.fromarray(img).save(sub / f"{i:05d}_{j}.png")
+            path = sub / f"{i:05d}_{j}.png"
+            img, placements[str(path.relative_to(root))] = paste_digit(d.images[idx], size, rng, min_px, max_px,
+                                                                       ink, noise)
+            Image.fromarray(img).save(path)
             counts[split] += 1
+    (root / "placements.json").write_text(json.dumps(placements))
     return counts
 
 
-def raw_pixel_knn(root: Path, size: int, k: int = 20, T: float = 0.07) -> float:
-    """k-NN top-1 on the evaluation's own preprocessing, flattened (no model)."""
-    feats = {}
+def knn_by_attribute(root: Path, size: int, backbone: torch.nn.Module, k: int = 20,
+                     T: float = 0.07) -> dict[str, float]:
+    """k-NN top-1 (the evaluation's preprocessing and classifier) of ``backbone``'s features on the digit and on
+    what the digit's placement gives away: its size, horizontal and vertical centre (each in 3 equal bins over
+    its range) and, when the inks differ, its ink. Features that score high on placement or ink and low on the
+    digit learned a shortcut (``torch.nn.Flatten()``: raw pixels)."""
+    placements = json.loads((root / "placements.json").read_text())
+    feats, labels = {}, {}
     for split in ("knn_train", "knn_val"):
-        paths, labels, _ = list_labelled_folder(root / split)
-        feats[split] = (extract_features(torch.nn.Flatten(), paths, size, crop_ratio=1.0), labels)
-    (ftr, ltr), (fte, lte) = feats["knn_train"], feats["knn_val"]
-    return knn_accuracy(ftr, ltr, fte, lte, k, T)
+        paths, digit, _ = list_labelled_folder(root / split)
+        feats[split] = extract_features(backbone, paths, size, crop_ratio=1.0)
+        pl = [placements[str(Path(p).relative_to(root))] for p in paths]
+        labels[split] = {"digit": digit, "size": [p["px"] for p in pl], "x": [p["x"] + p["px"] / 2 for p in pl],
+                         "y": [p["y"] + p["px"] / 2 for p in pl], "ink": [p["ink"] for p in pl]}
+    out = {}
+    for attr in ("digit", "size", "x", "y", "ink"):
+        both = labels["knn_train"][attr] + labels["knn_val"][attr]
+        if len(set(both)) < 2:
+            continue
+        if attr in ("size", "x", "y"):  # 3 equal-width bins over the attribute's range
+            edges = np.linspace(min(both), max(both), 4)[1:-1]
+            lab = {s: np.digitize(labels[s][attr], edges).tolist() for s in labels}
+        else:
+            lab = {s: labels[s][attr] for s in labels}
+        out[attr] = round(knn_accuracy(feats["knn_train"], lab["knn_train"], feats["knn_val"], lab["knn_val"], k, T),
+                          3)
+    return out
 
 
 def recipe(root: Path, size: int, steps: int, batch: int, args: argparse.Namespace) -> dict:
@@ -162,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = build_dataset(data, args.size, pastes=args.pastes, seed=args.seed, ink=args.ink,
                            noise=args.noise)
     result = {"bench": "learning", "size": args.size, "ink": args.ink, "noise": args.noise, "images": counts, "threads": args.threads,
-              "raw_pixels_knn_top1": raw_pixel_knn(data, args.size)}
+              "raw_pixels_knn_top1_by_attribute": knn_by_attribute(data, args.size, torch.nn.Flatten())}
+    result["raw_pixels_knn_top1"] = result["raw_pixels_knn_top1_by_attribute"]["digit"]
     if not args.raw_only:
         run = out / "run"
         if run.exists():
@@ -173,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.time() - t0
         evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
         plot_metrics(run / "metrics.jsonl", run / "loss_curves.png")
+        ck = load_checkpoint(find_latest_checkpoint(run))
+        result["trained_knn_top1_by_attribute"] = knn_by_attribute(
+            data, args.size, backbone_from_state(ck["backbone"], ck["teacher"]))
         result.update({"steps": args.steps, "batch": args.batch, "wall_s": round(wall, 1),
                        "init_knn_top1": evals[0]["knn_top1"], "trained_knn_top1": evals[-1]["knn_top1"],
                        "knn_top1_by_iteration": {e["iteration"]: round(e["knn_top1"], 3) for e in evals},

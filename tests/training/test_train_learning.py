@@ -84,14 +84,19 @@ def test_learning_bench_one_ink_keeps_the_placements_and_carries_no_ink_informat
     digits = load_digits().images[:40]
     both = [bench.paste_digit(d, 56, np.random.default_rng(i), 28, 48, "both") for i, d in enumerate(digits)]
     white = [bench.paste_digit(d, 56, np.random.default_rng(i), 28, 48, "white") for i, d in enumerate(digits)]
+    assert [p for _, p in white] == [{**p, "ink": 255} for _, p in both]  # same size and position, white ink
     inked = []
-    for d, b, w in zip(digits, both, white):
+    for (b, pb), (w, _) in zip(both, white):
         diff = np.abs(b.astype(int) - w.astype(int)).any(axis=2)
         if diff.any():  # a black-ink digit: it differs only where the digit lies, and there by its ink
             inked.append(True)
+            ys, xs = np.nonzero(diff)
+            assert pb["ink"] == 0 and pb["y"] <= ys.min() and ys.max() < pb["y"] + pb["px"] \
+                and pb["x"] <= xs.min() and xs.max() < pb["x"] + pb["px"]
             assert (w[diff].astype(int) > b[diff].astype(int)).all()  # blended towards white, not black
         else:
             inked.append(False)
+            assert pb["ink"] == 255
         # the digit's full-ink pixels (the brightest of an 8x8 digit reach 16) are white in the white-ink image
         assert w.max() == 255
     assert 5 < sum(inked) < 35  # "both" draws black ink for about half of the digits
