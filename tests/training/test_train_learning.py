@@ -59,7 +59,7 @@ def test_dino_training_improves_knn_on_digits(tmp_path, capsys):
     # (bench/learning_bench.py measures 0.11 for 10 classes, BENCHMARKS.md), and training must lift it by more
     # than 3 standard deviations of the difference of two such accuracies, sqrt(2 x 0.25 / n_val) each (0.12).
     # Not more: on the pasted digits of the learning bench no recipe has yet beaten raw pixels (with one ink, no
-    # colour shortcut: at best 0.20 against 0.42 for raw pixels; BENCHMARKS.md, runs A-K and L1-M2), so what the
+    # colour shortcut: at best 0.20 against 0.42 for raw pixels; BENCHMARKS.md, runs A-K and L1-N2), so what the
     # benchmark supports is "training moves k-NN off chance", not "above raw pixels" (0.97 on these digits).
     n_val = summary["eval"]["n_val"]
     margin = 3 * math.sqrt(2 * 0.25 / n_val)
