@@ -58,7 +58,48 @@ def test_dino_training_improves_knn_on_digits(tmp_path, capsys):
     # sqrt(0.25 / n_val), 0.029 for the 297 validation digits): the backbone at initialisation sits at chance
     # (bench/learning_bench.py measures 0.11 for 10 classes, BENCHMARKS.md), and training must lift it by more
     # than 3 standard deviations of the difference of two such accuracies, sqrt(2 x 0.25 / n_val) each (0.12).
+    # Not more: on the pasted digits of the learning bench no recipe has yet beaten raw pixels (with one ink, no
+    # colour shortcut: at best 0.20 against 0.42 for raw pixels; BENCHMARKS.md, runs A-K and L1-N2), so what the
+    # benchmark supports is "training moves k-NN off chance", not "above raw pixels" (0.97 on these digits).
     n_val = summary["eval"]["n_val"]
     margin = 3 * math.sqrt(2 * 0.25 / n_val)
     assert init <= 0.1 + 3 * math.sqrt(0.25 / n_val), msg  # chance: 10 classes
     assert trained >= init + margin, msg
+
+
+def _learning_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "learning_bench.py"
+    spec = importlib.util.spec_from_file_location("learning_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_learning_bench_one_ink_keeps_the_placements_and_carries_no_ink_information():
+    """``--ink white``: the same noise, scale and position as ``--ink both`` (same random draws), but every digit in
+    white ink, so the ink colour no longer tells images apart (the shortcut the trained features took)."""
+    from sklearn.datasets import load_digits
+
+    bench = _learning_bench()
+    digits = load_digits().images[:40]
+    both = [bench.paste_digit(d, 56, np.random.default_rng(i), 28, 48, "both") for i, d in enumerate(digits)]
+    white = [bench.paste_digit(d, 56, np.random.default_rng(i), 28, 48, "white") for i, d in enumerate(digits)]
+    assert [p for _, p in white] == [{**p, "ink": 255} for _, p in both]  # same size and position, white ink
+    inked = []
+    for (b, pb), (w, _) in zip(both, white):
+        diff = np.abs(b.astype(int) - w.astype(int)).any(axis=2)
+        if diff.any():  # a black-ink digit: it differs only where the digit lies, and there by its ink
+            inked.append(True)
+            ys, xs = np.nonzero(diff)
+            assert pb["ink"] == 0 and pb["y"] <= ys.min() and ys.max() < pb["y"] + pb["px"] \
+                and pb["x"] <= xs.min() and xs.max() < pb["x"] + pb["px"]
+            assert (w[diff].astype(int) > b[diff].astype(int)).all()  # blended towards white, not black
+        else:
+            inked.append(False)
+            assert pb["ink"] == 255
+        # the digit's full-ink pixels (the brightest of an 8x8 digit reach 16) are white in the white-ink image
+        assert w.max() == 255
+    assert 5 < sum(inked) < 35  # "both" draws black ink for about half of the digits
