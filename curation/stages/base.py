@@ -16,8 +16,8 @@ A stage declares
 * ``finalize()``: global work after every unit is done (grouping duplicates, retrieval), idempotent.
 
 *Unit done* has one meaning: the unit's completion marker exists and matches its outputs
-(:mod:`curation.markers`); the runner checks it, stages do not.  Nothing here imports Ray: the same stage runs in
-a Ray actor, in a plain process, and in GPU benchmarks.
+(:mod:`curation.markers`); the runner checks it, stages do not.  Stages do not import Ray (``uses_ray`` only asks
+whether it is running): the same stage runs in a Ray actor, in a plain process, and in GPU benchmarks.
 """
 
 from __future__ import annotations
