@@ -31,14 +31,13 @@ import torch
 from PIL import Image
 
 from curation.config import SSCDConfig
-from curation.describe import describe, loader_plan
+from curation.describe import describe, describe_in_task, loader_plan
 from curation.images import decode_image
 from curation.knn import knn_search
 from curation.models.embedder import build_copy_embedder
 from curation.models.sscd import build_sscd_random, sscd_transform
 from curation.samples import iter_tars
 from curation.storage import TarShardWriter
-from curation.workers import torch_threads
 
 
 def make_shards(out: Path, n: int, per_shard: int, w: int = 640, h: int = 480) -> list[Path]:
@@ -87,11 +86,10 @@ def main(argv=None):
         warm = list(iter_tars(shards))[: min(args.batch, 16)]
         describe(emb, partial(iter, warm), args.batch)
         _sync(dev)
-        workers, threads, batch = loader_plan(emb, args.workers, args.batch)  # as the sscd stage runs it
+        workers, threads, batch = loader_plan(emb, args.workers, args.batch)  # for the report line
         t0 = time.perf_counter()
-        with torch_threads(threads):
-            keys, vec, _ = describe(emb, partial(iter_tars, shards), batch, workers)
-            _sync(dev)
+        keys, vec, _ = describe_in_task(emb, partial(iter_tars, shards), args.workers, args.batch)  # as the stage
+        _sync(dev)
         t_pipe = time.perf_counter() - t0
         assert len(keys) == args.images
         amp = "bf16 autocast, channels-last" if dev.startswith("cuda") else "fp32"

@@ -19,11 +19,12 @@ def _funnel(argv) -> int:
     from pathlib import Path
 
     from curation import accounting
+    from curation.layout import RunLayout
 
     p = argparse.ArgumentParser(prog="lvd funnel", description="print a run's per-stage funnel and drop reasons")
     p.add_argument("run_root", type=Path)
     args = p.parse_args(argv)
-    if not (args.run_root / "config.yaml").is_file():
+    if not RunLayout(args.run_root).config_file.is_file():
         what = "does not exist" if not args.run_root.exists() else "is not a run root (no config.yaml)"
         print(f"lvd funnel: {args.run_root} {what}", file=sys.stderr)
         return 2

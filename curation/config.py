@@ -20,9 +20,9 @@ from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_v
 
 from curation.config_base import (ConfigError, ConfigModel, Precision, apply_overrides, read_yaml_mapping,
                                   validate_config)
+from curation.layout import STAGE_ORDER
 
-STAGE_ORDER = ("download", "filter", "hash", "sscd", "dedup", "embed", "retrieve", "shards", "report")
-StageName = Literal["download", "filter", "hash", "sscd", "dedup", "embed", "retrieve", "shards", "report"]
+StageName = Literal[STAGE_ORDER]  # every stage name, in pipeline order
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(ge=1)]

@@ -16,8 +16,9 @@ or evaluation set) and returns :class:`Described` (keys, float32 vectors, failur
   vocabulary; what a failure means is the stage's decision.
 
 :func:`loader_plan` is how a stage sizes the pipeline to its task: a model on CPU gets the task's cores
-(:func:`curation.workers.cpu_split`), a pixel function keeps its decode workers.  Results do not depend on the
-worker count, and on the batch size only through float rounding.
+(:func:`curation.workers.cpu_split`), a pixel function keeps its decode workers; :func:`describe_in_task` runs
+:func:`describe` so sized, as the sscd and embed stages do.  Results do not depend on the worker count, and on the
+batch size only through float rounding.
 """
 
 from __future__ import annotations
@@ -28,12 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from curation.images import ImageRejected, decode_image
+from curation.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from curation.samples import Sample
-from curation.workers import cpu_split, loader_workers
-
-#: decode_image's default declared-pixel limit (PIL's own decompression-bomb limit)
-DEFAULT_MAX_PIXELS = 89_478_485
+from curation.workers import cpu_split, loader_workers, torch_threads
 
 
 class Described(NamedTuple):
@@ -85,6 +83,15 @@ def loader_plan(embedder, num_workers: int, batch_size: int) -> tuple[int, int |
     if embedder.device.type == "cpu" and embedder.cpu_max_batch:
         batch_size = min(batch_size, embedder.cpu_max_batch)
     return workers, threads, batch_size
+
+
+def describe_in_task(embedder, samples: Callable[[], Iterable[Sample]], num_workers: int, batch_size: int, *,
+                     prefetch_factor: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS) -> Described:
+    """:func:`describe` with the decode workers, torch threads and batch size :func:`loader_plan` gives the running
+    task for the configured ``num_workers`` and ``batch_size``."""
+    workers, threads, batch = loader_plan(embedder, num_workers, batch_size)
+    with torch_threads(threads):
+        return describe(embedder, samples, batch, workers, prefetch_factor=prefetch_factor, max_pixels=max_pixels)
 
 
 def make_loader(embedder, samples: Callable[[], Iterable[Sample]], batch_size: int, num_workers: int = 0, *,

@@ -27,6 +27,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # libjpeg fills what a premature end of the scan leaves undecoded with zero coefficients: mid-grey pixels.
 _JPEG_PADDING = {"L": 128, "RGB": (128, 128, 128)}
 MAX_PADDING_FRACTION = 0.5
+#: decode_image's default declared-pixel limit (PIL's own decompression-bomb limit; ``images.max_image_pixels``)
+DEFAULT_MAX_PIXELS = 89_478_485
 
 
 class ImageRejected(Exception):
@@ -82,7 +84,7 @@ def padding_fraction(im: Image.Image) -> float:
 
 def decode_image(
     data: bytes,
-    max_pixels: int = 89_478_485,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     drop_animated: bool = True,
     draft_size: int | None = None,
     orient: bool = False,

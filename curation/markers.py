@@ -18,13 +18,14 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from curation.layout import RunLayout
 from curation.storage import file_sha256, write_json
 
 PLAN, FINALIZE = "_plan", "_finalize"
 
 
 def marker_dir(root: Path, stage: str) -> Path:
-    return Path(root) / "_markers" / stage
+    return RunLayout(root).markers_dir(stage)
 
 
 def marker_path(root: Path, stage: str, unit_id: str) -> Path:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from curation import accounting, markers, storage
 from curation.config import ConfigError, CurateConfig, check_resume, dump_config
+from curation.layout import RunLayout
 from curation.stages import stage_class
 from curation.stages.base import Stage, Unit
 from curation.storage import clean_temporaries, crash_point, write_text
@@ -207,7 +208,7 @@ def prepare_run_root(cfg: CurateConfig) -> Path:
             f"config error: run_root {str(root)!r} is relative: inside a Ray job it would land in the job's "
             f"temporary copy of the working directory ({os.getcwd()}) and be lost; give an absolute path on storage "
             "every node shares (or --run-root)")
-    saved = root / "config.yaml"
+    saved = RunLayout(root).config_file
     try:
         root.mkdir(parents=True, exist_ok=True)
         if saved.exists():
@@ -326,4 +327,4 @@ def stop_if_nothing_survived(root: Path, drops) -> None:
         [("key", "count")]).sort_by([("key_count", "descending")]).to_pylist()
     reasons = ", ".join(f"{r['reason']} {r['key_count']}" for r in counts[:5]) or "no URLs in the input"
     raise StageFailed(f"nothing survived download ({reasons}); later stages were not run. See "
-                      f"{Path(root) / 'stats' / 'drops.parquet'} for every URL's reason and detail.")
+                      f"{RunLayout(root).stats('drops')} for every URL's reason and detail.")

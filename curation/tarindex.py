@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from curation.layout import RunLayout
 from curation.storage import iter_tar_members, read_table, write_table
 
 
@@ -31,7 +32,7 @@ def scan_tar(path: str | Path) -> pa.Table:
 def tar_index(root: str | Path, tar: str | Path) -> pa.Table:
     """The member index of `tar` (cached under RUN/_tarindex/<folder of tar>/<tar stem>.parquet)."""
     tar = Path(tar)
-    cache = Path(root) / "_tarindex" / tar.parent.name / f"{tar.stem}.parquet"
+    cache = RunLayout(root).tarindex(tar)
     if cache.exists() and cache.stat().st_mtime_ns >= tar.stat().st_mtime_ns:
         return read_table(cache, "tar_index")
     return write_table(cache, scan_tar(tar), "tar_index")

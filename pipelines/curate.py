@@ -93,6 +93,7 @@ def _main(argv=None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from curation import accounting
+    from curation.layout import RunLayout
     from curation.runner import StageFailed, run_pipeline
 
     try:
@@ -103,17 +104,18 @@ def _main(argv=None) -> int:
     except (StageFailed, accounting.AccountingError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    root = Path(cfg.run_root)
+    layout = RunLayout(Path(cfg.run_root).resolve())
+    root = layout.root
     funnel, drops = accounting.update_stats(root)
     print("\nFunnel (rows in, kept, dropped per stage):")
     print(accounting.format_funnel(funnel, drops))
     for name, s in summaries.items():
         print(f"  {name}: {s['ran']} units run, {s['skipped']} skipped, {s['seconds']} s")
-    print(f"\nOutputs under {root.resolve()}: stats/funnel.parquet, stats/drops.parquet", end="")
-    if (root / "shards").exists():
-        print(f", shards/ ({len(list((root / 'shards').glob('*.tar')))} tar shards)", end="")
-    if (root / "stats" / "report.html").exists():
-        print(f", report {root.resolve() / 'stats' / 'report.html'}", end="")
+    print(f"\nOutputs under {root}: stats/funnel.parquet, stats/drops.parquet", end="")
+    if layout.shards_dir.exists():
+        print(f", shards/ ({len(list(layout.shards_dir.glob('*.tar')))} tar shards)", end="")
+    if layout.report_html.exists():
+        print(f", report {layout.report_html}", end="")
     print()
     return 0
 

@@ -31,13 +31,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curation.describe import describe, loader_plan
+from curation.describe import describe_in_task
 from curation.models.embedder import build_embedder
 from curation.samples import iter_image_set, iter_shard_samples, shard_input_keys
 from curation.stages.base import Stage, Unit
 from curation.storage import write_table
 from curation.vectors import descriptor_table
-from curation.workers import torch_threads, wants_gpu
+from curation.workers import wants_gpu
 
 
 def failures_table(failures: list[tuple[str, str, str]], source: str) -> pa.Table:
@@ -85,10 +85,8 @@ class EmbedStage(Stage):
             source = f"{kind}/{set_name}"
         t0 = time.time()
         s = self.settings
-        workers, threads, batch = loader_plan(self.embedder, s.num_workers, s.batch_size)
-        with torch_threads(threads):
-            out = describe(self.embedder, samples, batch, workers, prefetch_factor=s.prefetch_factor,
-                           max_pixels=self.images.max_image_pixels)
+        out = describe_in_task(self.embedder, samples, s.num_workers, s.batch_size, prefetch_factor=s.prefetch_factor,
+                               max_pixels=self.images.max_image_pixels)
         if out.failures:
             write_table(self.layout.failed_part(self.name, kind, part, set_name), failures_table(out.failures, source),
                         "embed_failures")

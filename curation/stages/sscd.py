@@ -32,13 +32,13 @@ import logging
 from functools import partial
 from pathlib import Path
 
-from curation.describe import Described, describe, loader_plan
+from curation.describe import Described, describe_in_task
 from curation.models.embedder import build_copy_embedder
 from curation.samples import iter_image_set, iter_shard_samples, shard_input_keys
 from curation.stages.base import Stage, Unit
 from curation.storage import write_table
 from curation.vectors import descriptor_table
-from curation.workers import cluster_has_gpu, torch_threads
+from curation.workers import cluster_has_gpu
 
 log = logging.getLogger("lvd")
 
@@ -91,7 +91,5 @@ class SSCDStage(Stage):
         return {"described": len(out.keys), "skipped": len(out.failures)}
 
     def _describe(self, samples) -> Described:
-        s = self.settings
-        workers, threads, batch = loader_plan(self.embedder, s.num_workers, s.batch_size)
-        with torch_threads(threads):
-            return describe(self.embedder, samples, batch, workers, max_pixels=self.images.max_image_pixels)
+        return describe_in_task(self.embedder, samples, self.settings.num_workers, self.settings.batch_size,
+                                max_pixels=self.images.max_image_pixels)
