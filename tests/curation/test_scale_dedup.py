@@ -3,6 +3,8 @@ verdicts as the in-process stage (copy duplicates and evaluation contamination).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -17,7 +19,8 @@ N, D, SHARD = 3000, 64, 250
 THRESHOLD = 0.75  # planted copies ~0.86-0.93; random 64-d pairs stay far below
 
 
-def _dedup_run(tmp, worker_memory_gb=None):
+def dedup_inputs(tmp, worker_memory_gb=None) -> tuple[dict, np.ndarray]:
+    """The run's inputs written under `tmp`: (its config dict, the planted group of every pool vector)."""
     x, group = planted_pool(N, D, n_sources=200, copies=2, seed=3)
     rng = np.random.default_rng(9)
     originals = np.flatnonzero(group == np.arange(N))[:10]  # 10 planted groups
@@ -39,8 +42,13 @@ def _dedup_run(tmp, worker_memory_gb=None):
             "dedup": {"threshold": THRESHOLD, "eval_threshold": THRESHOLD, "k": 8, "eval_sets": [{"name": "ev", "path": str(tmp)}]}}
     if worker_memory_gb:
         data["scale"] = {"worker_memory_gb": worker_memory_gb}
+    return data, group
+
+
+def _dedup_run(tmp, worker_memory_gb=None):
+    data, group = dedup_inputs(tmp, worker_memory_gb)
     run_pipeline(load_config(data=data), progress=False)
-    return root, group
+    return Path(data["run_root"]), group
 
 
 def test_dedup_stage_by_partitions_reaches_the_in_process_verdicts(tmp_path):

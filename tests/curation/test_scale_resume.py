@@ -34,25 +34,14 @@ run_pipeline(load_config(data=json.loads(Path(sys.argv[1]).read_text())), progre
 """
 
 
-def _capture(module, run, *args, **kwargs) -> dict:
-    """The config of one of the scale tests' runs, its inputs written but the pipeline not run."""
-    captured = {}
-    real = module.run_pipeline
-    module.run_pipeline = lambda cfg, progress: captured.setdefault("cfg", cfg)
-    try:
-        run(*args, **kwargs)
-    finally:
-        module.run_pipeline = real
-    return captured["cfg"].model_dump(mode="json")
-
-
 def _dedup_case(tmp: Path) -> dict:  # 4 partitions, 4 query blocks (test_scale_dedup)
     gb = 3 * scale_dedup.SHARD * scale_dedup.D * 4 * 3 / 2**30
-    return _capture(scale_dedup, scale_dedup._dedup_run, tmp, worker_memory_gb=gb)
+    return load_config(data=scale_dedup.dedup_inputs(tmp, worker_memory_gb=gb)[0]).model_dump(mode="json")
 
 
 def _retrieve_case(tmp: Path) -> dict:  # 3 partitions; two anchor sets, one with Lloyd k-means
-    return _capture(scale_retrieve, scale_retrieve.retrieve_run, tmp, scale_retrieve.three_partitions_gb())
+    cfg, _ = scale_retrieve.retrieve_inputs(tmp, scale_retrieve.three_partitions_gb())
+    return load_config(data=cfg).model_dump(mode="json")
 
 
 def _dedup_output(root: Path) -> list:

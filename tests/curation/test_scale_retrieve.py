@@ -23,9 +23,9 @@ def _unit(x):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def retrieve_run(tmp, worker_memory_gb=None, ray_address=None, **retrieve):
-    """Run the retrieve stage on a clustered pool of N vectors in N / SHARD embed files (in-process unless
-    `ray_address`); returns (run root, pool vectors)."""
+def retrieve_inputs(tmp, worker_memory_gb=None, ray_address=None, **retrieve) -> tuple[dict, np.ndarray]:
+    """A clustered pool of N vectors in N / SHARD embed files and two anchor sets written under `tmp`: (the config
+    dict of a run of the retrieve stage on them, in-process unless `ray_address`; the pool vectors)."""
     tmp.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(5)
     centers = _unit(rng.normal(size=(30, D)))
@@ -49,8 +49,14 @@ def retrieve_run(tmp, worker_memory_gb=None, ray_address=None, **retrieve):
         write_table(root / "embed" / "anchors" / name / "part-00000.parquet",
                     descriptor_table([f"a{i:05d}" for i in range(60)], anchors, f"anchors/{name}"), "descriptors")
         (tmp / name).mkdir(exist_ok=True)
+    return cfg, pool
+
+
+def retrieve_run(tmp, worker_memory_gb=None, ray_address=None, **retrieve):
+    """Run the retrieve stage on :func:`retrieve_inputs`; returns (run root, pool vectors)."""
+    cfg, pool = retrieve_inputs(tmp, worker_memory_gb, ray_address, **retrieve)
     run_pipeline(load_config(data=cfg), progress=False)
-    return root, pool
+    return tmp / "run", pool
 
 
 def three_partitions_gb():
