@@ -1,21 +1,27 @@
 """Does the trainer learn what raw pixels cannot? DINOv2 on "pasted digits", on CPU.
 
-Dataset (built here, deterministic): scikit-learn's 1,797 8x8 digits, each pasted at a random scale (28 to 48 px)
-and position, in white or black ink (``--ink both``) or in one ink for every image (``--ink white``: the ink then
-carries no information; the same placements and noise), onto a ``--size`` px image of grey Gaussian noise
-(standard deviation ``--noise``). The 1,797 digits are split once: the first 1,297 give the unlabelled SSL set
+Dataset (built here, deterministic): scikit-learn's 1,797 8x8 digits, each pasted at a random scale (``--min-px``
+to ``--max-px``, default 14 to 32 px) and position onto a ``--size`` px (64) image of grey Gaussian noise
+(standard deviation ``--noise``, 8), in white ink (``--ink white``; ``both``: white or black at random, which the
+features learn as a shortcut). The 1,797 digits are split once: the first 1,297 give the unlabelled SSL set
 (``--pastes`` placements each) and the labelled k-NN train set (one more placement each), the rest the labelled
 k-NN validation set (500). Position and scale vary, so nearest neighbours on raw pixels mostly match placement,
-not the digit: raw-pixel k-NN is low (0.38 with both inks, 0.42 with white ink, at noise 48), and a backbone has
-to learn shape to beat it.
+not the digit: raw-pixel k-NN is 0.25-0.28 at the defaults (0.37 at 56 px), and a backbone has to learn shape
+to beat it.
+
+Recipe (the defaults; BENCHMARKS.md has the runs that chose it): a ViT with patch 16, dim 96, depth 4,
+LayerScale 1, 512 prototypes, 2 global 64 px + 4 local 32 px crops at DINOv2's scales and no other augmentation
+(``--aug light``), teacher temperature 0.01, lr 6e-4, batch 32, 1,500 iterations. With DINOv2's temperature,
+learning rate and augmentations the teacher collapses to the uniform target on this data within tens of steps
+(training/collapse.py warns of it).
 
 Reported (weighted k-NN, k=20, T=0.07, top-1 on the validation digits; evaluation as training/evaluate.py):
 raw pixels (the same resized, normalised images, flattened), the backbone at initialisation and the trained EMA
-teacher (also every ``--eval-period`` iterations); plus the run's wall time and the training curves
-(``OUT/run/loss_curves.png`` beside ``OUT/run/metrics.jsonl``, drawn by ``lvd plot``'s training/plot.py).
-One JSON line on stdout.
+teacher (also every ``--eval-period`` iterations), each also on what the placement gives away (size, position);
+plus the run's wall time and the training curves (``OUT/run/loss_curves.png`` beside ``OUT/run/metrics.jsonl``,
+drawn by ``lvd plot``'s training/plot.py). One JSON line on stdout.
 
-    python bench/learning_bench.py --steps 600 --threads 2 --out runs/learning_bench
+    python bench/learning_bench.py --threads 2 --out runs/learning_bench
 """
 from __future__ import annotations
 
@@ -40,6 +46,9 @@ from training.train import train  # noqa: E402
 
 
 INKS = {"both": (255.0, 0.0), "white": (255.0,), "black": (0.0,)}
+AUGMENTATIONS = {"light": {"flip_p": 0.0, "color_jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": [0.0, 0.0, 0.0]},
+                 "dinov2": {}}
+"""``--aug``: crops settings on top of the trainer's defaults (training/config.py CropsConfig)."""
 
 
 def paste_digit(digit: np.ndarray, size: int, rng: np.random.Generator, min_px: int, max_px: int,
@@ -119,23 +128,23 @@ def knn_by_attribute(root: Path, size: int, backbone: torch.nn.Module, k: int = 
 
 
 def recipe(root: Path, size: int, steps: int, batch: int, args: argparse.Namespace) -> dict:
-    """The small-model recipe (CPU-sized DINOv2: ViT with patch 8, DINO + iBOT + KoLeo)."""
+    """The small-model recipe (CPU-sized DINOv2: a 4-block ViT, DINO + iBOT + KoLeo) from the flags."""
     return {
         "model": {"arch": "vit_tiny_patch14", "patch_size": args.patch, "embed_dim": args.dim, "depth": args.depth,
                   "num_heads": 3, "drop_path_rate": 0.0, "layerscale": args.layerscale},
         "head": {"n_prototypes": args.prototypes, "hidden_dim": 256, "bottleneck_dim": args.bottleneck},
         "loss": {"centering": args.centering, "koleo_weight": args.koleo, "ibot_weight": args.ibot},
         "teacher": {"momentum_teacher": args.momentum, "final_momentum_teacher": 0.999,
-                    "warmup_teacher_temp": 0.04, "teacher_temp": args.teacher_temp,
+                    "warmup_teacher_temp": min(0.04, args.teacher_temp), "teacher_temp": args.teacher_temp,
                     "warmup_teacher_temp_epochs": 0.1},
         "optim": {"epochs": 1, "iters_per_epoch": steps, "batch_size_per_gpu": batch, "base_lr": args.lr,
                   "lr_scaling": "none", "warmup_epochs": 0.1,
                   "freeze_last_layer_epochs": args.freeze_last_layer,
                   "layerwise_decay": 1.0, "min_lr": 1e-5, "weight_decay": 0.04, "weight_decay_end": 0.1},
-        "crops": {"global_crops_size": size, "local_crops_number": args.locals, "local_crops_size": size // 2,
-                  "solarize_p": args.solarize,
+        "crops": {"global_crops_size": size, "local_crops_number": args.locals, "local_crops_size": max(args.patch, size // 2 // args.patch * args.patch),
+                  "solarize_p": args.solarize, **AUGMENTATIONS[args.aug],
                   **({"global_crops_scale": [0.5, 1.0], "local_crops_scale": [0.2, 0.5]}
-                     if args.crop_scales == "bench" else {})},
+                     if args.crop_scales == "bench" else {}), **json.loads(args.crops)},
         "data": {"shuffle_buffer": 512, "num_workers": 0},
         "eval": {"train_dir": str(root / "knn_train"), "val_dir": str(root / "knn_val"), "at_start": True,
                  "period_iters": args.eval_period,
@@ -145,21 +154,23 @@ def recipe(root: Path, size: int, steps: int, batch: int, args: argparse.Namespa
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The bench's flags; their defaults are the recipe and dataset described in the module docstring."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/learning_bench")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--size", type=int, default=56)
-    p.add_argument("--patch", type=int, default=14)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--patch", type=int, default=16)
     p.add_argument("--dim", type=int, default=96)
     p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--prototypes", type=int, default=1024)
-    p.add_argument("--locals", type=int, default=2)
-    p.add_argument("--lr", type=float, default=0.003)
-    p.add_argument("--layerscale", type=float, default=1e-5, help="LayerScale init (DINOv2: 1e-5)")
+    p.add_argument("--prototypes", type=int, default=512)
+    p.add_argument("--locals", type=int, default=4)
+    p.add_argument("--lr", type=float, default=0.0006)
+    p.add_argument("--layerscale", type=float, default=1.0, help="LayerScale init (DINOv2: 1e-5)")
     p.add_argument("--bottleneck", type=int, default=64)
-    p.add_argument("--teacher-temp", type=float, default=0.06, help="after a warmup from 0.04 over 10%% of the run")
+    p.add_argument("--teacher-temp", type=float, default=0.01,
+                   help="after a warmup from min(0.04, this) over 10%% of the run")
     p.add_argument("--momentum", type=float, default=0.99, help="teacher EMA momentum at the start (cosine to 0.999)")
     p.add_argument("--koleo", type=float, default=0.1, help="KoLeo weight")
     p.add_argument("--ibot", type=float, default=1.0, help="iBOT weight (0: DINO on the class token only)")
@@ -167,39 +178,50 @@ def main(argv: list[str] | None = None) -> int:
                    help="fraction of the run with the prototype layers frozen (1: fixed random prototypes)")
     p.add_argument("--pastes", type=int, default=2)
     p.add_argument("--centering", choices=["centering", "sinkhorn_knopp"], default="centering")
-    p.add_argument("--crop-scales", choices=["bench", "reference"], default="bench",
+    p.add_argument("--crop-scales", choices=["bench", "reference"], default="reference",
                    help="bench: global (0.5, 1), local (0.2, 0.5); reference: DINOv2's (0.32, 1) and (0.05, 0.32)")
-    p.add_argument("--ink", choices=sorted(INKS), default="both",
+    p.add_argument("--ink", choices=sorted(INKS), default="white",
                    help="both: each digit in white or black ink at random; white / black: one ink for all")
-    p.add_argument("--noise", type=float, default=48.0, help="standard deviation of the grey background noise")
-    p.add_argument("--solarize", type=float, default=0.2, help="crops.solarize_p (second global crop only)")
+    p.add_argument("--min-px", type=int, default=14, help="smallest pasted digit side (px)")
+    p.add_argument("--max-px", type=int, default=32, help="largest pasted digit side (px)")
+    p.add_argument("--noise", type=float, default=8.0, help="standard deviation of the grey background noise")
+    p.add_argument("--solarize", type=float, default=0.0, help="crops.solarize_p (second global crop only)")
+    p.add_argument("--aug", choices=sorted(AUGMENTATIONS), default="light",
+                   help="light: crops only (no flip, colour jitter, grayscale or blur: flipping changes a digit, and "
+                        "the rest gives a random ViT views that no longer match); dinov2: the trainer's defaults")
+    p.add_argument("--crops", default="{}",
+                   help='more crops settings as JSON (training/config.py CropsConfig), e.g. \'{"blur_p": [0, 0, 0]}\'')
     p.add_argument("--eval-period", type=int, default=0, help="k-NN every N iterations too (0: start and end)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--raw-only", action="store_true", help="build the dataset and report raw-pixel k-NN only")
-    args = p.parse_args(argv)
+    return p
 
+
+def run(args: argparse.Namespace) -> dict:
+    """Build the dataset under ``args.out``, train, evaluate; the result (the JSON line ``main`` prints)."""
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     data = out / "data"
     if data.exists():
         shutil.rmtree(data)
-    counts = build_dataset(data, args.size, pastes=args.pastes, seed=args.seed, ink=args.ink,
-                           noise=args.noise)
-    result = {"bench": "learning", "size": args.size, "ink": args.ink, "noise": args.noise, "images": counts, "threads": args.threads,
+    counts = build_dataset(data, args.size, pastes=args.pastes, min_px=args.min_px, max_px=args.max_px,
+                           seed=args.seed, ink=args.ink, noise=args.noise)
+    result = {"bench": "learning", "size": args.size, "ink": args.ink, "noise": args.noise,
+              "digit_px": [args.min_px, args.max_px], "images": counts, "threads": args.threads,
               "raw_pixels_knn_top1_by_attribute": knn_by_attribute(data, args.size, torch.nn.Flatten())}
     result["raw_pixels_knn_top1"] = result["raw_pixels_knn_top1_by_attribute"]["digit"]
     if not args.raw_only:
-        run = out / "run"
-        if run.exists():
-            shutil.rmtree(run)
+        run_dir = out / "run"
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
         cfg = load_config(raw=recipe(data, args.size, args.steps, args.batch, args))
         t0 = time.time()
-        train(cfg, str(data / "ssl"), run)
+        train(cfg, str(data / "ssl"), run_dir)
         wall = time.time() - t0
-        evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
-        plot_metrics(run / "metrics.jsonl", run / "loss_curves.png")
-        ck = load_checkpoint(find_latest_checkpoint(run))
+        evals = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curves.png")
+        ck = load_checkpoint(find_latest_checkpoint(run_dir))
         result["trained_knn_top1_by_attribute"] = knn_by_attribute(
             data, args.size, backbone_from_state(ck["backbone"], ck["teacher"]))
         result.update({"steps": args.steps, "batch": args.batch, "wall_s": round(wall, 1),
@@ -208,9 +230,14 @@ def main(argv: list[str] | None = None) -> int:
                        "recipe": {k: getattr(args, k) for k in ("patch", "dim", "depth", "layerscale", "prototypes", "bottleneck",
                                                                  "locals", "lr", "teacher_temp", "momentum", "koleo", "ibot",
                                                                  "freeze_last_layer", "pastes", "centering",
-                                                                 "crop_scales", "ink", "solarize")},
-                       "metrics": str(run / "metrics.jsonl"), "loss_curves": str(run / "loss_curves.png")})
-    print(json.dumps(result))
+                                                                 "crop_scales", "ink", "solarize", "aug", "crops",
+                                                                 "noise", "min_px", "max_px", "size")},
+                       "metrics": str(run_dir / "metrics.jsonl"), "loss_curves": str(run_dir / "loss_curves.png")})
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    print(json.dumps(run(build_parser().parse_args(argv))))
     return 0
 
 

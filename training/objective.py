@@ -13,7 +13,23 @@ from .config import TrainConfig
 from .distributed import all_reduce_sum, reshard
 from .losses import DINOLoss, dino_multicrop_loss, ibot_masked_loss, iBOTPatchLoss, koleo_loss
 
-__all__ = ["forward_losses", "head_logits", "teacher_probs"]
+__all__ = ["forward_losses", "head_logits", "teacher_probs", "teacher_entropies", "DIAGNOSTICS"]
+
+DIAGNOSTICS = ("teacher_entropy", "teacher_marginal_entropy")
+"""Keys of a step's terms that are collapse monitors, not loss terms (logged under their own names)."""
+
+
+@torch.no_grad()
+def teacher_entropies(probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The two collapse monitors of the teacher's DINO targets ``probs`` [B, K] (this rank's rows), in nats:
+    ``teacher_entropy``, the mean entropy of a row (ln K: every image gets the uniform target, a collapse to the
+    uniform distribution), and ``teacher_marginal_entropy``, the entropy of the global batch's mean row (the row
+    sums are all-reduced over ranks; near 0: every image gets the same prototype, a collapse to one dimension).
+    A healthy teacher is sharp per image (low first) and spread over the batch (high second)."""
+    p = probs.float()
+    row = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
+    m = all_reduce_sum(p.sum(0)) / all_reduce_sum(torch.tensor(float(p.shape[0]), device=p.device))
+    return {"teacher_entropy": row, "teacher_marginal_entropy": -(m * torch.log(m.clamp_min(1e-30))).sum()}
 
 
 def head_logits(heads: nn.ModuleDict, cls: list[torch.Tensor], patches: torch.Tensor | None):
@@ -44,8 +60,8 @@ def teacher_probs(dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, cls_logits: tor
 
 def forward_losses(student, teacher, dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, batch: dict[str, Any],
                    cfg: TrainConfig, teacher_temp: float, device: torch.device, autocast) -> dict[str, torch.Tensor]:
-    """One pretraining step's loss terms (``dino``, ``ibot``, ``koleo``; ``loss`` their weighted sum) on this
-    rank's ``batch``; the teacher's centres are updated."""
+    """One pretraining step's loss terms (``dino``, ``ibot``, ``koleo``; ``loss`` their weighted sum) and the
+    teacher's collapse monitors (:data:`DIAGNOSTICS`) on this rank's ``batch``; the teacher's centres are updated."""
     gc = batch["global_crops"].to(device, non_blocking=True)
     lc = batch["local_crops"].to(device, non_blocking=True)
     # decided on the global batch: every rank runs the same modules and collectives (a rank without masked
@@ -86,4 +102,5 @@ def forward_losses(student, teacher, dino_loss: DINOLoss, ibot_loss: iBOTPatchLo
     weights = {"dino": cfg.loss.dino_weight, "koleo": cfg.loss.koleo_weight, "ibot": cfg.loss.ibot_weight}
     total = sum(weights[k] * v for k, v in terms.items())
     terms["loss"] = total
+    terms.update(teacher_entropies(dino_probs))
     return terms

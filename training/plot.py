@@ -1,7 +1,9 @@
 """``lvd plot OUT``: training curves from ``OUT/metrics.jsonl`` as one PNG (matplotlib, Agg backend).
 
-Three panels over iterations: the loss terms (total, DINO, iBOT, KoLeo; log scale when all are positive), the
-learning rate (and weight decay on a second axis), and the k-NN / linear-probe top-1 accuracy of the ``eval``
+Four panels over iterations: the loss terms (total, DINO, iBOT, KoLeo; log scale when all are positive), the
+teacher's collapse monitors (the mean per-image entropy of its DINO targets and the entropy of their batch mean,
+training/objective.py: both at ln K is a collapse to the uniform target, both near 0 a collapse to one prototype),
+the learning rate (and weight decay on a second axis), and the k-NN / linear-probe top-1 accuracy of the ``eval``
 rows. A PNG was chosen over a TensorBoard writer: no extra dependency or server, viewable anywhere (also over
 ``ray job logs`` copies), and ``metrics.jsonl`` stays the one record of a run.
 """
@@ -17,6 +19,7 @@ __all__ = ["read_metrics_rows", "plot_metrics", "main"]
 
 LOSSES = ("loss", "dino_loss", "ibot_loss", "koleo_loss")
 ACCURACIES = ("knn_top1", "linear_top1")
+ENTROPIES = ("teacher_entropy", "teacher_marginal_entropy")
 
 
 def read_metrics_rows(path: Path) -> list[dict[str, Any]]:
@@ -46,7 +49,7 @@ def plot_metrics(metrics: Path, out: Path) -> dict[str, int]:
     if not any(r.get("type") == "train" for r in rows):
         raise ValueError(f"{metrics}: no training iteration recorded yet")
     drawn: dict[str, int] = {}
-    fig, (ax_loss, ax_lr, ax_acc) = plt.subplots(3, 1, figsize=(8, 10), sharex=True)
+    fig, (ax_loss, ax_ent, ax_lr, ax_acc) = plt.subplots(4, 1, figsize=(8, 13), sharex=True)
     for key in LOSSES:
         x, y = _series(rows, "train", key)
         if x:
@@ -56,6 +59,14 @@ def plot_metrics(metrics: Path, out: Path) -> dict[str, int]:
         ax_loss.set_yscale("log")
     ax_loss.set_ylabel("loss")
     ax_loss.legend(loc="upper right")
+    for key, label in zip(ENTROPIES, ("per image", "of the batch mean")):
+        x, y = _series(rows, "train", key)
+        if x:
+            ax_ent.plot(x, y, label=label)
+            drawn[key] = len(x)
+    if any(k in drawn for k in ENTROPIES):
+        ax_ent.legend(loc="best")
+    ax_ent.set_ylabel("teacher entropy (nats)")
     x, y = _series(rows, "train", "lr")
     ax_lr.plot(x, y, color="tab:blue", label="lr")
     drawn["lr"] = len(x)

@@ -31,7 +31,8 @@ Variants: ``mode: distill`` takes the targets from a frozen pretrained teacher a
 run's teacher (training/distill.py); ``high_res`` runs the last iterations at bigger crops (training/high_res.py).
 Metrics: one JSON object per line in ``OUTPUT/metrics.jsonl`` (``"type": "train"`` per iteration,
 ``"type": "eval"``, and ``"type": "data"`` per (re)start: the data check of training/shard_check.py and the
-parameter counts), plus a tqdm bar; ``lvd plot OUTPUT`` draws them (training/plot.py). A run stops, without
+parameter counts), plus a tqdm bar; a lasting collapse of the DINO teacher is logged (training/collapse.py);
+``lvd plot OUTPUT`` draws them (training/plot.py). A run stops, without
 saving, on a non-finite loss or exploding gradient / weight norms (training/divergence.py).
 """
 from __future__ import annotations
@@ -63,11 +64,12 @@ from .data import MultiCropStream, make_loader
 from .distill import build_distill_teacher, distill_forward_losses
 from .distributed import (DistInfo, all_reduce_mean, allreduce_gradients, broadcast_module, clip_grad_norm,
                           ema_update, init_distributed, resolve_strategy, shard_models)
+from .collapse import CollapseWatch
 from .divergence import check_grad_norms, check_resumed_weights, check_weight_norm, grad_norm, weight_norm
 from .heads import DINOHead
 from .losses import DINOLoss, iBOTPatchLoss
 from .masking import MaskingGenerator
-from .objective import forward_losses
+from .objective import DIAGNOSTICS, forward_losses
 from .models.vision_transformer import build_backbone
 from .optim import apply_schedules, build_optimizer, get_param_groups
 from .schedules import build_schedules, scaled_lr
@@ -298,7 +300,7 @@ class Trainer:
             check_weight_norm(w_norm["weight_norm"], cfg.optim.max_weight_norm, it)
         ema_update(self.teacher, self.student, mom_it)
         return {"type": "train", "step": it, "iteration": it + 1, "epoch": it / cfg.optim.iters_per_epoch,
-                **{f"{k}_loss" if k != "loss" else "loss": v for k, v in values.items()},
+                **{k if k == "loss" or k in DIAGNOSTICS else f"{k}_loss": v for k, v in values.items()},
                 "lr": lr_it, "wd": wd_it, "momentum": mom_it, "teacher_temp": temp_it,
                 "n_masked_patches": int(batch["n_masked_patches"]),
                 **{f"grad_norm_{k}": v for k, v in grad_norms.items()}, **w_norm,
@@ -523,6 +525,7 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
     it, samples = start.iteration, start.samples_consumed
     bar = _ProgressBar(rank == 0 and cfg.progress_bar, total_iters, it, cfg.log_every)
     throughput = _Throughput(it, images_per_iter, over=min(10, total_iters - it - 1))
+    collapse = CollapseWatch(cfg.head.n_prototypes)
     last_row: dict[str, Any] = {}
     t0 = time.time()
     batches = trainer.batches(source.readable, samples)
@@ -541,6 +544,8 @@ def _train(cfg: TrainConfig, data: str | list[str], out: Path, info: DistInfo) -
             if cfg.data.log_sample_keys:
                 row["sample_keys"] = _global_keys(batch["keys"], world)
             trainer.metrics.write(row)
+            if rank == 0 and (warning := collapse.update(row)):
+                log.warning(warning)
             last_row = row
             it += 1
             samples += images_per_iter

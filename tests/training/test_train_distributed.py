@@ -148,7 +148,7 @@ def _compare_rows(name: str, ref_rows: list[dict], rows: list[dict]) -> None:
             assert all(math.isfinite(g[k]) for k in r if k.endswith("loss")), (name, step)
             continue
         for k, v in r.items():
-            if k.endswith("_loss") or k == "loss":
+            if k.endswith("_loss") or k == "loss" or k.startswith("teacher_") and k.endswith("entropy"):
                 tol = BF16_LOSS if "bf16" in name else tiny_tol(step + 1)
             elif k.startswith("grad_norm_"):
                 tol = BF16_GRAD if "bf16" in name else tiny_tol(step + 1)

@@ -312,9 +312,10 @@ def test_plot_draws_losses_lr_and_accuracy_and_log_states_sizes(tmp_path, caplog
     assert lvd(["plot", str(out)]) == 0
     png = out / "curves.png"
     with Image.open(png) as im:
-        assert im.format == "PNG" and im.size == (800, 1000)
+        assert im.format == "PNG" and im.size == (800, 1300)
     from training.plot import plot_metrics
 
     drawn = plot_metrics(out / "metrics.jsonl", tmp_path / "again.png")
     assert drawn["loss"] == drawn["lr"] == 4 and drawn["knn_top1"] == drawn["linear_top1"] == 3  # at 0, 2, 4
+    assert drawn["teacher_entropy"] == drawn["teacher_marginal_entropy"] == 4
     assert lvd(["plot", str(tmp_path / "nope")]) == 2

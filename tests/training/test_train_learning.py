@@ -1,12 +1,17 @@
 """Learning, not just running: DINOv2 on scikit-learn digits (upsampled to 56 px) lifts k-NN accuracy of the
-EMA-teacher backbone far above the same backbone at initialisation (which sits at chance, see DESIGN.md 7)."""
+EMA-teacher backbone far above the same backbone at initialisation (which sits at chance, see DESIGN.md 7); on the
+learning bench's pasted digits, built so that raw pixels mostly match placement, the bench's recipe reaches the
+raw pixels' k-NN and the DINOv2 recipe's teacher collapses, which the trainer reports."""
 import json
+import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.tolerance import rounding_tol
 from training.config import load_config
 from training.train import train
 
@@ -58,13 +63,73 @@ def test_dino_training_improves_knn_on_digits(tmp_path, capsys):
     # sqrt(0.25 / n_val), 0.029 for the 297 validation digits): the backbone at initialisation sits at chance
     # (bench/learning_bench.py measures 0.11 for 10 classes, BENCHMARKS.md), and training must lift it by more
     # than 3 standard deviations of the difference of two such accuracies, sqrt(2 x 0.25 / n_val) each (0.12).
-    # Not more: on the pasted digits of the learning bench no recipe has yet beaten raw pixels (with one ink, no
-    # colour shortcut: at best 0.20 against 0.42 for raw pixels; BENCHMARKS.md, runs A-K and L1-N2), so what the
-    # benchmark supports is "training moves k-NN off chance", not "above raw pixels" (0.97 on these digits).
+    # This recipe (DINOv2's temperatures and LayerScale, a high learning rate) is kept as it was: on plain digits
+    # it learns although its DINO head collapses; what the learning bench shows about raw pixels is tested below
+    # on the bench's own data and recipe.
     n_val = summary["eval"]["n_val"]
     margin = 3 * math.sqrt(2 * 0.25 / n_val)
     assert init <= 0.1 + 3 * math.sqrt(0.25 / n_val), msg  # chance: 10 classes
     assert trained >= init + margin, msg
+
+
+def _knn_sd(n_val: int) -> float:
+    """The largest standard deviation of a k-NN accuracy measured on ``n_val`` images (binomial, p = 0.5)."""
+    return math.sqrt(0.25 / n_val)
+
+
+@pytest.mark.slow
+def test_bench_recipe_beats_raw_pixels_on_pasted_digits_without_a_collapse(tmp_path, capsys, caplog):
+    """bench/learning_bench.py at its defaults (the recipe and data of its docstring, seed 0), 1,500 iterations.
+
+    Thresholds: the trained teacher beats the backbone at initialisation by more than 3 standard deviations of
+    the difference of two accuracies on the 500 validation digits (binomial: sqrt(2 x 0.25 / 500) = 0.032), and
+    beats raw pixels. The bench measured trained - raw = +0.142, +0.136 and +0.120 for seeds 0, 1 and 2 (each its
+    own draw of the dataset and of the run; BENCHMARKS.md), all above 3.7 of those standard deviations, so the
+    claim holds with that margin whatever another CPU's rounding does to one run's trajectory. The teacher must
+    also stay out of both collapses (training/collapse.py) over the last 100 iterations."""
+    from training.collapse import CollapseWatch
+
+    bench = _learning_bench()
+    args = bench.build_parser().parse_args(["--out", str(tmp_path), "--threads", "2"])
+    with caplog.at_level(logging.WARNING, logger="lvd.train"):
+        result = bench.run(args)
+    raw, init, trained = result["raw_pixels_knn_top1"], result["init_knn_top1"], result["trained_knn_top1"]
+    msg = f"k-NN top-1 on pasted digits: raw pixels {raw:.3f}, init {init:.3f}, trained {trained:.3f}"
+    with capsys.disabled():
+        print(f"\n{msg}")
+    n_val = result["images"]["knn_val"]
+    sd_diff = math.sqrt(2) * _knn_sd(n_val)
+    assert trained >= init + 3 * sd_diff, msg
+    assert trained > raw, msg
+    rows = [json.loads(l) for l in Path(result["metrics"]).read_text().splitlines()]
+    train_rows = [r for r in rows if r["type"] == "train"]
+    assert len(train_rows) == args.steps
+    watch = CollapseWatch(args.prototypes)
+    assert all(not watch.kinds(r) for r in train_rows[-100:]), msg
+    assert "collapsed" not in caplog.text
+
+
+@pytest.mark.slow
+def test_dinov2_recipe_collapses_on_pasted_digits_and_the_log_says_so(tmp_path, caplog):
+    """The bench's data with DINOv2's LayerScale init (1e-5), teacher temperature (0.04 -> 0.06) and augmentations
+    and the bench's earlier learning rate (3e-3): the teacher gives every image the uniform target from about
+    iteration 20 on (the DINO loss at ln K), and the trainer logs that once."""
+    bench = _learning_bench()
+    args = bench.build_parser().parse_args([
+        "--out", str(tmp_path), "--threads", "2", "--steps", "300", "--layerscale", "1e-5", "--teacher-temp",
+        "0.06", "--lr", "0.003", "--aug", "dinov2", "--solarize", "0.2"])
+    with caplog.at_level(logging.WARNING, logger="lvd.train"):
+        result = bench.run(args)
+    warnings = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
+    assert len(warnings) == 1 and "(uniform)" in warnings[0] and "teacher_temp" in warnings[0], caplog.text
+    rows = [json.loads(l) for l in Path(result["metrics"]).read_text().splitlines()]
+    last = [r for r in rows if r["type"] == "train"][-50:]
+    log_k = math.log(args.prototypes)
+    # the DINO loss is a mean of cross-entropies against those targets, each teacher view in as many pairs, so it
+    # is at least their mean entropy (up to rounding of sums over K prototypes and 2 x 32 rows)
+    slack = rounding_tol(log_k, n_terms=args.prototypes * 64)
+    assert all(r["dino_loss"] >= r["teacher_entropy"] - slack for r in last)
+    assert all(r["teacher_entropy"] >= log_k - math.log(10 / 9) for r in last)
 
 
 def _learning_bench():

@@ -170,3 +170,29 @@ def test_dino_loss_gradient_flows(n_local):
     tg = torch.softmax(torch.randn(4, 8), -1)
     dino_multicrop_loss(sg, sl, tg).backward()
     assert sg.grad is not None and torch.isfinite(sg.grad).all()
+
+
+def test_teacher_entropies_name_the_two_collapses():
+    """The collapse monitors logged per step (training/objective.py): a uniform target has entropy ln K per image
+    and for the batch mean; one prototype for every image has 0 for both; a distinct prototype per image has 0
+    per image and ln B for the batch mean; against a float64 loop on random targets."""
+    from training.objective import teacher_entropies
+
+    B, K = 8, 64
+    tol = {"n_terms": K, "dtype": torch.float32}  # a sum over K prototypes of p log p (|p log p| <= 1/e)
+    uniform = teacher_entropies(torch.full((B, K), 1.0 / K))
+    assert float(uniform["teacher_entropy"]) == approx(math.log(K), magnitude=math.log(K), **tol)
+    assert float(uniform["teacher_marginal_entropy"]) == approx(math.log(K), magnitude=math.log(K), **tol)
+    same = teacher_entropies(torch.nn.functional.one_hot(torch.zeros(B, dtype=torch.long), K).float())
+    assert float(same["teacher_entropy"]) == 0 and float(same["teacher_marginal_entropy"]) == approx(0, magnitude=1, **tol)
+    spread = teacher_entropies(torch.nn.functional.one_hot(torch.arange(B), K).float())
+    assert float(spread["teacher_entropy"]) == 0
+    assert float(spread["teacher_marginal_entropy"]) == approx(math.log(B), magnitude=math.log(B), **tol)
+    p = torch.softmax(torch.randn(B, K, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    rows = p.double().tolist()
+    ref_row = sum(-sum(x * math.log(x) for x in r) for r in rows) / B
+    mean = [sum(r[k] for r in rows) / B for k in range(K)]
+    got = teacher_entropies(p)
+    assert float(got["teacher_entropy"]) == approx(ref_row, magnitude=math.log(K), n_terms=K * B, dtype=torch.float32)
+    assert float(got["teacher_marginal_entropy"]) == approx(-sum(m * math.log(m) for m in mean), magnitude=math.log(K),
+                                                            n_terms=K * B, dtype=torch.float32)

@@ -29,7 +29,8 @@ def test_train_script_on_shards_then_export_and_reload(tmp_path):
     rows = read_metrics(out / "metrics.jsonl")
     assert [x["step"] for x in rows] == [0, 1, 2]
     for x in rows:
-        assert all(k in x for k in ("loss", "dino_loss", "koleo_loss", "lr", "wd", "momentum", "teacher_temp"))
+        assert all(k in x for k in ("loss", "dino_loss", "koleo_loss", "lr", "wd", "momentum", "teacher_temp",
+                                             "teacher_entropy", "teacher_marginal_entropy"))
     assert (out / "config.yaml").exists()
     ck_path = find_latest_checkpoint(out)
     assert ck_path.name == "checkpoint_00000003.pt"
