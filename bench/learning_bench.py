@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 from training.checkpoint import backbone_from_state, find_latest_checkpoint, load_checkpoint  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.evaluate import extract_features, knn_accuracy, list_labelled_folder  # noqa: E402
-from training.plot import plot_metrics  # noqa: E402
+from training.plot import plot_metrics, read_metrics_rows  # noqa: E402
 from training.train import train  # noqa: E402
 
 
@@ -141,7 +141,8 @@ def recipe(root: Path, size: int, steps: int, batch: int, args: argparse.Namespa
                   "lr_scaling": "none", "warmup_epochs": 0.1,
                   "freeze_last_layer_epochs": args.freeze_last_layer,
                   "layerwise_decay": 1.0, "min_lr": 1e-5, "weight_decay": 0.04, "weight_decay_end": 0.1},
-        "crops": {"global_crops_size": size, "local_crops_number": args.locals, "local_crops_size": max(args.patch, size // 2 // args.patch * args.patch),
+        "crops": {"global_crops_size": size, "local_crops_number": args.locals,
+                  "local_crops_size": max(args.patch, size // 2 // args.patch * args.patch),  # a patch multiple
                   "solarize_p": args.solarize, **AUGMENTATIONS[args.aug],
                   **({"global_crops_scale": [0.5, 1.0], "local_crops_scale": [0.2, 0.5]}
                      if args.crop_scales == "bench" else {}), **json.loads(args.crops)},
@@ -219,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
         t0 = time.time()
         train(cfg, str(data / "ssl"), run_dir)
         wall = time.time() - t0
-        evals = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+        evals = [r for r in read_metrics_rows(run_dir / "metrics.jsonl") if r.get("type") == "eval"]
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curves.png")
         ck = load_checkpoint(find_latest_checkpoint(run_dir))
         result["trained_knn_top1_by_attribute"] = knn_by_attribute(

@@ -26,10 +26,12 @@ def teacher_entropies(probs: torch.Tensor) -> dict[str, torch.Tensor]:
     uniform distribution), and ``teacher_marginal_entropy``, the entropy of the global batch's mean row (the row
     sums are all-reduced over ranks; near 0: every image gets the same prototype, a collapse to one dimension).
     A healthy teacher is sharp per image (low first) and spread over the batch (high second)."""
+    def entropy(q: torch.Tensor) -> torch.Tensor:  # over the last dimension; 0 log 0 = 0
+        return -(q * torch.log(q.clamp_min(1e-30))).sum(-1)
+
     p = probs.float()
-    row = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
-    m = all_reduce_sum(p.sum(0)) / all_reduce_sum(torch.tensor(float(p.shape[0]), device=p.device))
-    return {"teacher_entropy": row, "teacher_marginal_entropy": -(m * torch.log(m.clamp_min(1e-30))).sum()}
+    sums = all_reduce_sum(torch.cat([p.sum(0), p.new_tensor([p.shape[0]])]))  # row sums and row count, one call
+    return {"teacher_entropy": entropy(p).mean(), "teacher_marginal_entropy": entropy(sums[:-1] / sums[-1])}
 
 
 def head_logits(heads: nn.ModuleDict, cls: list[torch.Tensor], patches: torch.Tensor | None):

@@ -59,12 +59,12 @@ from .checkpoint import (backbone_from_state, find_latest_checkpoint, load_train
                          remove_stale_temporaries, rng_state, save_checkpoint, save_distributed_checkpoint,
                          set_rng_state)
 from . import high_res
+from .collapse import CollapseWatch
 from .config import TrainConfig
 from .data import MultiCropStream, make_loader
 from .distill import build_distill_teacher, distill_forward_losses
 from .distributed import (DistInfo, all_reduce_mean, allreduce_gradients, broadcast_module, clip_grad_norm,
                           ema_update, init_distributed, resolve_strategy, shard_models)
-from .collapse import CollapseWatch
 from .divergence import check_grad_norms, check_resumed_weights, check_weight_norm, grad_norm, weight_norm
 from .heads import DINOHead
 from .losses import DINOLoss, iBOTPatchLoss

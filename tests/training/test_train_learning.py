@@ -1,6 +1,6 @@
 """Learning, not just running: DINOv2 on scikit-learn digits (upsampled to 56 px) lifts k-NN accuracy of the
 EMA-teacher backbone far above the same backbone at initialisation (which sits at chance, see DESIGN.md 7); on the
-learning bench's pasted digits, built so that raw pixels mostly match placement, the bench's recipe reaches the
+learning bench's pasted digits, built so that raw pixels mostly match placement, the bench's recipe beats the
 raw pixels' k-NN and the DINOv2 recipe's teacher collapses, which the trainer reports."""
 import json
 import logging
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from lvd_train_testutils import read_metrics
 from tests.tolerance import rounding_tol
 from training.config import load_config
 from training.train import train
@@ -101,8 +102,7 @@ def test_bench_recipe_beats_raw_pixels_on_pasted_digits_without_a_collapse(tmp_p
     sd_diff = math.sqrt(2) * _knn_sd(n_val)
     assert trained >= init + 3 * sd_diff, msg
     assert trained > raw, msg
-    rows = [json.loads(l) for l in Path(result["metrics"]).read_text().splitlines()]
-    train_rows = [r for r in rows if r["type"] == "train"]
+    train_rows = read_metrics(result["metrics"])
     assert len(train_rows) == args.steps
     watch = CollapseWatch(args.prototypes)
     assert all(not watch.kinds(r) for r in train_rows[-100:]), msg
@@ -114,6 +114,8 @@ def test_dinov2_recipe_collapses_on_pasted_digits_and_the_log_says_so(tmp_path, 
     """The bench's data with DINOv2's LayerScale init (1e-5), teacher temperature (0.04 -> 0.06) and augmentations
     and the bench's earlier learning rate (3e-3): the teacher gives every image the uniform target from about
     iteration 20 on (the DINO loss at ln K), and the trainer logs that once."""
+    from training.collapse import CollapseWatch
+
     bench = _learning_bench()
     args = bench.build_parser().parse_args([
         "--out", str(tmp_path), "--threads", "2", "--steps", "300", "--layerscale", "1e-5", "--teacher-temp",
@@ -122,19 +124,18 @@ def test_dinov2_recipe_collapses_on_pasted_digits_and_the_log_says_so(tmp_path, 
         result = bench.run(args)
     warnings = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
     assert len(warnings) == 1 and "(uniform)" in warnings[0] and "teacher_temp" in warnings[0], caplog.text
-    rows = [json.loads(l) for l in Path(result["metrics"]).read_text().splitlines()]
-    last = [r for r in rows if r["type"] == "train"][-50:]
+    last = read_metrics(result["metrics"])[-50:]
     log_k = math.log(args.prototypes)
     # the DINO loss is a mean of cross-entropies against those targets, each teacher view in as many pairs, so it
     # is at least their mean entropy (up to rounding of sums over K prototypes and 2 x 32 rows)
     slack = rounding_tol(log_k, n_terms=args.prototypes * 64)
     assert all(r["dino_loss"] >= r["teacher_entropy"] - slack for r in last)
-    assert all(r["teacher_entropy"] >= log_k - math.log(10 / 9) for r in last)
+    watch = CollapseWatch(args.prototypes)
+    assert all("uniform" in watch.kinds(r) for r in last)
 
 
 def _learning_bench():
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "bench" / "learning_bench.py"
     spec = importlib.util.spec_from_file_location("learning_bench", path)
