@@ -1,0 +1,114 @@
+"""ARCHITECTURE.md is how a new developer finds where each concern lives, so what it names must exist.
+
+Every backticked module path (``curation/layout.py``, ``knn.py``) must be a file of the repository; every
+``path.py: Name`` / ``path.py:name`` must define ``Name`` there (dotted names as ``Class.method``); every
+``module.name`` whose first part is a product module (``download.precheck``, ``samples.shard_input_keys``) must name
+a function, class or constant defined in that module, or a key of the curation config section of that name
+(``dedup.threshold``, ``scale.worker_memory_gb``). The test reads the code with ``ast``: nothing is imported.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from functools import lru_cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "ARCHITECTURE.md"
+PRODUCT = ("curation", "training", "pipelines", "schemas", "bench", "tests")
+
+PATH_REF = re.compile(r"`([\w./]+\.py)(?:\s*:\s*([\w.]+))?`")
+DOTTED_REF = re.compile(r"`([a-z_]+)\.([A-Za-z_]\w*)(?:\(\))?`")
+
+
+def backticked(text: str) -> list[str]:
+    return re.findall(r"`[^`\n]+`", text)
+
+
+@lru_cache(maxsize=None)
+def files_named(name: str) -> tuple[Path, ...]:
+    """The repository files a module reference can mean: the path itself from the root or from a top-level
+    package (``models/sscd.py`` is ``curation/models/sscd.py``), else every file of that base name."""
+    direct = [ROOT / name] + [ROOT / top / name for top in PRODUCT]
+    found = [p for p in direct if p.is_file()]
+    if found or "/" in name:
+        return tuple(found)
+    return tuple(p for top in PRODUCT for p in (ROOT / top).rglob(name) if ".venv" not in p.parts)
+
+
+@lru_cache(maxsize=None)
+def defined_names(path: Path) -> frozenset[str]:
+    """Top-level names a module defines (functions, classes, assignments, imports it re-exports) and
+    ``Class.member`` for the members of its classes."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+
+    def targets(node) -> list[str]:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            ts = node.targets if isinstance(node, ast.Assign) else [node.target]
+            return [t.id for t in ts if isinstance(t, ast.Name)]
+        return []
+
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            if isinstance(node, ast.ClassDef):
+                for member in node.body:
+                    if isinstance(member, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                        names.add(f"{node.name}.{member.name}")
+                    for t in targets(member):
+                        names.add(f"{node.name}.{t}")
+        names.update(targets(node))
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return frozenset(names)
+
+
+@lru_cache(maxsize=None)
+def config_keys(section: str) -> frozenset[str]:
+    """The keys of curation config section `section` (its pydantic field names, read from the class body)."""
+    tree = ast.parse((ROOT / "curation" / "config.py").read_text())
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    top = classes["CurateConfig"]
+    for field in top.body:
+        if isinstance(field, ast.AnnAssign) and field.target.id == section:
+            cls = classes.get(ast.unparse(field.annotation))
+            if cls is not None:
+                return frozenset(f.target.id for f in cls.body if isinstance(f, ast.AnnAssign))
+    return frozenset()
+
+
+def test_every_module_the_architecture_page_names_exists():
+    text = DOC.read_text()
+    missing = [m.group(1) for m in PATH_REF.finditer(text) if not files_named(m.group(1))]
+    assert not missing, f"ARCHITECTURE.md names modules that do not exist: {missing}"
+
+
+def test_every_name_the_architecture_page_places_in_a_module_is_defined_there():
+    text = DOC.read_text()
+    wrong = []
+    for m in PATH_REF.finditer(text):
+        module, name = m.groups()
+        files = files_named(module)
+        if name and files and not any(name in defined_names(f) for f in files):
+            wrong.append(f"{module}: {name}")
+    for token in backticked(text):
+        m = DOTTED_REF.fullmatch(token)
+        if not m or m.group(2) == "py":
+            continue  # not dotted, or a module path (checked above)
+        module, name = m.groups()
+        files = files_named(f"{module}.py")
+        if not files:
+            continue  # not a module reference (a config key of the trainer, a Ray option, an attribute)
+        if not any(name in defined_names(f) for f in files) and name not in config_keys(module):
+            wrong.append(f"{module}.{name}")
+    assert not wrong, f"ARCHITECTURE.md names what its module does not define: {wrong}"
+
+
+def test_the_check_itself_catches_a_wrong_name(tmp_path):
+    """The two checks above must be able to fail: a reference to a name no module defines is found."""
+    assert "RunLayout" in defined_names(ROOT / "curation" / "layout.py")
+    assert "no_such_function_anywhere" not in defined_names(ROOT / "curation" / "layout.py")
+    assert not files_named("no_such_module.py")
+    assert "threshold" in config_keys("dedup") and "threshold" not in config_keys("scale")
