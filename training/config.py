@@ -111,6 +111,9 @@ class OptimConfig(_Strict):
     patch_embed_lr_mult: float = Field(0.2, ge=0)
     clip_grad: float = Field(3.0, ge=0, description="0 disables clipping")
     freeze_last_layer_epochs: float = Field(1, ge=0)
+    tokens_without_decay: bool = Field(
+        False, description="also exempt cls/mask/register tokens and pos_embed from weight decay (DINO v1 / timm "
+                           "convention: they are offsets, decay only shrinks them); false: decayed, as the reference")
     betas: tuple[float, float] = (0.9, 0.999)
     fused_adamw: bool | Literal["auto"] = Field(
         "auto", description="torch's fused AdamW kernel (one launch for all parameters); auto: on CUDA")

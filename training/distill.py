@@ -14,8 +14,8 @@ Teacher sources (``distill.teacher``): an ``lvd export`` backbone (``.pth`` + ``
 DINOv2 backbone ``.pth`` (``distill.teacher_arch`` names its architecture, else it is inferred from the shapes);
 an lvd training checkpoint (``checkpoint_*.pt``, a DCP checkpoint directory or a training output directory: its EMA
 teacher, backbone *and* heads); a reference DINOv2 training checkpoint (``teacher.backbone.*``,
-``teacher.dino_head.*``, ``teacher.ibot_head.*`` keys, optionally under ``model``; the heads' ``weight_g`` is dropped,
-the reference fixes it to 1 as we do).
+``teacher.dino_head.*``, ``teacher.ibot_head.*`` keys, optionally under ``model``; the heads' weight-norm ``weight_g``
+is loaded as ours).
 
 Heads: with the teacher's DINO (and iBOT) heads, the teacher's probabilities come from them; their prototype counts
 must equal the student's (``head.n_prototypes``, ``head.ibot_n_prototypes``). Without heads, one DINO head on the
@@ -48,7 +48,6 @@ __all__ = ["load_teacher", "build_distill_teacher", "distill_forward_losses", "h
 
 def head_from_state(sd: dict[str, torch.Tensor]) -> DINOHead:
     """A :class:`DINOHead` shaped as the state dict ``sd`` (``mlp.*``, ``last_layer.weight_v``), loaded strictly."""
-    sd = {k: v for k, v in sd.items() if k != "last_layer.weight_g"}  # the reference's weight norm g (fixed 1)
     linears = sorted({int(k.split(".")[1]) for k in sd if k.startswith("mlp.") and k.endswith(".weight")})
     if linears:
         first, last = sd[f"mlp.{linears[0]}.weight"], sd[f"mlp.{linears[-1]}.weight"]

@@ -10,7 +10,8 @@ One iteration (as the reference ``SSLMetaArch.forward_backward``; steps 1-3 are 
 3. Loss = dino_w * DINO (18 pairs) + ibot_w * iBOT + koleo_w * sum over the 2 global crops of KoLeo(pre-head CLS).
    A non-finite term stops the run with an error naming it.
 4. Backward, gradient clip 3.0 per module (backbone, dino head, ibot head; as the reference), prototype layer
-   frozen (no update at all) during ``freeze_last_layer_epochs``, AdamW step with scheduled lr / wd per group,
+   frozen during ``freeze_last_layer_epochs`` (lr 0: unchanged, moments still accumulate), AdamW step with
+   scheduled lr / wd per group,
    EMA update of the teacher with the scheduled momentum.
 
 Several processes (``torchrun --nproc-per-node N pipelines/train.py ...``, or ``--ray-workers N`` for Ray Train,
@@ -249,7 +250,8 @@ class Trainer:
         self.ibot_loss = iBOTPatchLoss(ibot_dim, cfg.loss.student_temp, cfg.loss.center_momentum).to(self.device)
 
         o, tc = cfg.optim, cfg.teacher
-        groups = get_param_groups(student, student["backbone"].depth, o.layerwise_decay, o.patch_embed_lr_mult)
+        groups = get_param_groups(student, student["backbone"].depth, o.layerwise_decay, o.patch_embed_lr_mult,
+                                  o.tokens_without_decay)
         fused = o.fused_adamw is True or (o.fused_adamw == "auto" and self.device.type == "cuda")
         self.optimizer = build_optimizer(groups, o.betas, fused=fused)
         self.batch_size = o.batch_size_per_gpu
@@ -261,9 +263,7 @@ class Trainer:
             warmup_teacher_temp=tc.warmup_teacher_temp, teacher_temp=tc.teacher_temp,
             warmup_teacher_temp_epochs=tc.warmup_teacher_temp_epochs,
             freeze_last_layer_epochs=o.freeze_last_layer_epochs)
-        self.freeze_iters = int(round(o.freeze_last_layer_epochs * o.iters_per_epoch))
         self.params_by_module = {k: [p for p in m.parameters() if p.requires_grad] for k, m in student.items()}
-        self.last_layer_params = [p for g in self.optimizer.param_groups if g["is_last_layer"] for p in g["params"]]
         self.all_params = [p for ps in self.params_by_module.values() for p in ps]
 
     # ------------------------------------------------------------------ one iteration
@@ -290,9 +290,9 @@ class Trainer:
         elif cfg.optim.max_grad_norm > 0:
             grad_norms = {name: grad_norm(ps) for name, ps in self.params_by_module.items()}
         check_grad_norms(grad_norms, cfg.optim.max_grad_norm, it)  # before the step: never apply an exploded one
-        if it < self.freeze_iters:
-            for p in self.last_layer_params:
-                p.grad = None
+        # during the freeze the prototype layers' lr is 0 (schedules): AdamW's update and its decoupled weight decay
+        # are both multiplied by the lr, so they stay exactly as they are while their moments and step count
+        # advance, as the reference's
         self.optimizer.step()
         w_norm = {}
         if cfg.optim.max_weight_norm > 0:

@@ -140,8 +140,10 @@ def test_reference_training_checkpoint_gives_backbone_and_heads(tmp_path):
     """A reference DINOv2 training checkpoint: ``model`` holds ``teacher.backbone.*`` / ``teacher.dino_head.*`` (with
     the weight-norm ``weight_g``); an official backbone file has no heads."""
     tr = Trainer(_tiny(model={"embed_dim": 192}))  # a standard width (vit_tiny): the architecture is inferred
+    with torch.no_grad():  # a trained weight-norm g (the reference trains it): loaded, not dropped
+        tr.teacher["dino_head"].last_layer.weight_g.copy_(torch.rand(128, 1) + 0.5)
     sd = {f"teacher.{k}": v for k, v in tr.teacher.state_dict().items()}
-    sd["teacher.dino_head.last_layer.weight_g"] = torch.ones(128, 1)
+    assert "teacher.dino_head.last_layer.weight_g" in sd
     sd.update({f"student.{k}": v for k, v in tr.student.state_dict().items()})
     torch.save({"model": sd, "iteration": 10}, tmp_path / "model_0000009.rank_0.pth")
     t = load_teacher(tmp_path / "model_0000009.rank_0.pth")
