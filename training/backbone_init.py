@@ -38,7 +38,8 @@ def load_initial_backbone(backbone: nn.Module, path: str, arch: str | None = Non
     if not Path(path).is_file():
         raise ConfigError(f"config error: model.init_backbone: {path} is not a file")
     try:
-        loaded = load_official_checkpoint(path, arch=arch)
+        with torch.random.fork_rng(devices=[]):  # building the file's model draws no numbers of the run's: its
+            loaded = load_official_checkpoint(path, arch=arch)  # heads are those of a run without the file
     except (KeyError, ValueError, RuntimeError) as e:
         raise ConfigError(f"config error: model.init_backbone: {path}: {str(e).splitlines()[0]}") from None
     resize_pos_embed(loaded, backbone.img_size)
