@@ -24,6 +24,14 @@ by the DINO loss between the teacher's CLS tokens of the two global crops (swapp
 against the probabilities of its EMA (``distill_head`` of the student's EMA), which are also the student's DINO and
 iBOT targets (so ``head.ibot_separate_head`` must be false there). Gradients of that term reach only ``distill_head``
 (the teacher's features are constants).
+
+Several students (``distill.students: {name: model section}``): every further student is the role
+``student_<name>`` with its own AdamW (same schedules) and EMA ``teacher_<name>`` (training/roles.py); the one
+teacher forward per batch gives the targets of all of them (the head trained alongside, when there is one, lives
+in the first student and its EMA gives everyone's targets). The students' losses are summed for one backward
+(their parameters are disjoint, so each gets exactly its own gradients); each is clipped per module and stepped
+by its own optimizer. ``--export OUT.pth`` writes ``OUT_<name>.pth`` for each, ``lvd export --role
+teacher_<name>`` one of them.
 """
 from __future__ import annotations
 

@@ -28,8 +28,13 @@ training/data.py: a resume on any number of ranks continues it exactly). Checkpo
 One iteration is ``Trainer.train_step(batch, it)``; ``train()`` is the loop around it: ``Trainer.resume()``, then
 per iteration a batch, the step, its metrics row, and when due ``Trainer.evaluate(it)`` and
 ``Trainer.save_checkpoint(it, samples_consumed)``.
+The models are roles (training/roles.py: ``student``, its EMA ``teacher``, and when configured ``gram_teacher``,
+``distill_teacher`` and further ``student_<name>`` / ``teacher_<name>``); every student role has its own AdamW,
+and sharding, checkpoints, the EMA and the high-resolution phase iterate the roles.
 Variants: ``mode: distill`` takes the targets from a frozen pretrained teacher and keeps the student's EMA as the
-run's teacher (training/distill.py); ``high_res`` runs the last iterations at bigger crops (training/high_res.py).
+run's teacher, for one or several students (training/distill.py); ``gram`` adds Gram anchoring to pretraining
+(training/gram.py); ``model.init_backbone`` starts from a released backbone (training/backbone_init.py);
+``high_res`` runs the last iterations at bigger crops (training/high_res.py).
 Metrics: one JSON object per line in ``OUTPUT/metrics.jsonl`` (``"type": "train"`` per iteration,
 ``"type": "eval"``, and ``"type": "data"`` per (re)start: the data check of training/shard_check.py and the
 parameter counts), plus a tqdm bar; a lasting collapse of the DINO teacher is logged (training/collapse.py);
