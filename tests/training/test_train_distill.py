@@ -239,3 +239,10 @@ def test_two_students_distilled_in_one_job_and_each_exported(tmp_path):
         assert exported.embed_dim == dim
         for k, v in exported.state_dict().items():
             assert torch.equal(v, ck[role]["backbone." + k]), (role, k)
+    # lvd export --role: one of them later; a role the checkpoint lacks is one line
+    from training.export import main as export_main
+
+    assert export_main([str(tmp_path / "out"), "-o", str(tmp_path / "b.pth"), "--role", "teacher_b"]) == 0
+    b_sd = torch.load(tmp_path / "b.pth", weights_only=True)
+    assert torch.equal(b_sd["cls_token"], ck["teacher_b"]["backbone.cls_token"])
+    assert export_main([str(tmp_path / "out"), "-o", str(tmp_path / "c.pth"), "--role", "teacher_c"]) == 2
