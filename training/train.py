@@ -297,7 +297,12 @@ class Trainer:
             for k, m in role.module.items():
                 self.params_by_module[prefix + k] = [p for p in m.parameters() if p.requires_grad]
         self.all_params = [p for ps in self.params_by_module.values() for p in ps]
-        self.backbone_params = self.params_by_module["backbone"]
+        # head warm-up on a pretrained backbone (training/backbone_init.py): (iterations, backbone parameters) per
+        # student whose model section asks for one
+        model_cfgs = {"student": cfg.model, **{f"student_{n}": m for n, m in cfg.distill.students.items()}}
+        self.backbone_warmups = [(model_cfgs[r.name].init_backbone_frozen_iters,
+                                  [p for p in r.module["backbone"].parameters() if p.requires_grad])
+                                 for r in roles.of_kind("student") if model_cfgs[r.name].init_backbone_frozen_iters]
 
     # the roles the loop and the tests use most
     student = property(lambda self: self.roles["student"])
@@ -336,9 +341,10 @@ class Trainer:
         elif cfg.optim.max_grad_norm > 0:
             grad_norms = {name: grad_norm(ps) for name, ps in self.params_by_module.items()}
         check_grad_norms(grad_norms, cfg.optim.max_grad_norm, it)  # before the step: never apply an exploded one
-        if it < cfg.model.init_backbone_frozen_iters:  # head warm-up on a pretrained backbone: not stepped at all
-            for p in self.backbone_params:
-                p.grad = None
+        for n_iters, params in self.backbone_warmups:  # head warm-up on a pretrained backbone: not stepped at all
+            if it < n_iters:
+                for p in params:
+                    p.grad = None
         # during the freeze the prototype layers' lr is 0 (schedules): AdamW's update and its decoupled weight decay
         # are both multiplied by the lr, so they stay exactly as they are while their moments and step count
         # advance, as the reference's
@@ -360,7 +366,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def full_state_dict(self, which: str = "teacher") -> dict[str, torch.Tensor]:
-        """Unsharded CPU state dict of the teacher / student (collective when sharded; full on rank 0 only)."""
+        """Unsharded CPU state dict of a role (``teacher``, ``student``, ...; collective when sharded; full on rank
+        0 only)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         model = self.roles[which]
