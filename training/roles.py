@@ -23,7 +23,7 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
-from .distributed import broadcast_module, local_tensor, reshard
+from .distributed import broadcast_module, ema_update, local_tensor, reshard, shard_trees
 
 __all__ = ["Role", "ModelRoles", "optimizer_key", "copy_weights"]
 
@@ -115,8 +115,6 @@ class ModelRoles:
     def shard(self, mixed_precision=None) -> None:
         """FSDP2-shard every student-shaped role by the same calls and check that each follower's shards match
         its source's (see training/distributed.py)."""
-        from .distributed import shard_trees
-
         shard_trees([r.module for r in self._roles.values() if r.student_shaped], mixed_precision)
         for r in self._roles.values():
             if r.source is None:
@@ -132,8 +130,6 @@ class ModelRoles:
 
     # ------------------------------------------------------------------ updates
     def update_emas(self, momentum: float) -> None:
-        from .distributed import ema_update
-
         for r in self.of_kind("ema"):
             ema_update(r.module, self[r.source], momentum)
 

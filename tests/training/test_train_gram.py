@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from lvd_train_testutils import TINY_CFG, read_metrics, shards_and_config
 
-from tests.tolerance import approx, assert_close
+from tests.tolerance import approx
 from training.checkpoint import load_checkpoint
 from training.config import ConfigError, load_config
 from training.gram import gram_loss, gram_teacher_patches, gram_weight, snapshot_due
