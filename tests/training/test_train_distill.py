@@ -246,3 +246,15 @@ def test_two_students_distilled_in_one_job_and_each_exported(tmp_path):
     b_sd = torch.load(tmp_path / "b.pth", weights_only=True)
     assert torch.equal(b_sd["cls_token"], ck["teacher_b"]["backbone.cls_token"])
     assert export_main([str(tmp_path / "out"), "-o", str(tmp_path / "c.pth"), "--role", "teacher_c"]) == 2
+
+
+def test_further_students_config_errors_are_one_line():
+    cases = [({"distill": {"students": {"b": {"arch": "vit_base_patch14"}}}}, "needs mode distill"),
+             ({"mode": "distill", "distill": {"teacher": "t.pth", "students": {"b-1": {}}}}, "letters, digits"),
+             ({"mode": "distill", "distill": {"teacher": "t.pth", "students": {"b": {"patch_size": 16}}}},
+              "distill.students.b.patch_size"),
+             ({"mode": "distill", "distill": {"teacher": "t.pth"}, "gram": {"enabled": True}}, "gram anchoring")]
+    for raw, expect in cases:
+        with pytest.raises(ConfigError) as e:
+            load_config(raw=raw)
+        assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)
