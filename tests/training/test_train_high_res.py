@@ -89,6 +89,7 @@ def test_high_res_config_is_validated():
         _cfg(high_res={"iterations": 8})
 
 
+@pytest.mark.slow
 def test_high_res_phase_resizes_every_role_and_resumes_them(tmp_path):
     """With Gram anchoring the Gram teacher is one more role the phase resizes (its snapshot keeps the new grid),
     and a run resumed inside the phase ends with every role bit-equal."""
