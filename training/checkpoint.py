@@ -190,6 +190,21 @@ def _named_optimizer_state(optimizer: torch.optim.Optimizer, osd: dict[str, Any]
     return {"state": {names[i]: st for i, st in osd["state"].items()}, "param_groups": groups}
 
 
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, osd: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(osd)``; when the parameters differ from the saved ones (a checkpoint written
+    before a parameter was added, e.g. the prototype layer's ``weight_g``), the saved state is matched by parameter
+    name (the groups' ``names``) and parameters the checkpoint has none for start without state."""
+    saved = [n for g in osd["param_groups"] for n in g.get("names", [])]
+    current = [n for g in optimizer.param_groups for n in g["names"]]
+    if saved == current or len(saved) != sum(len(g["params"]) for g in osd["param_groups"]):
+        optimizer.load_state_dict(osd)
+        return
+    index = {n: i for i, n in enumerate(current)}
+    mine = optimizer.state_dict()
+    mine["state"] = {index[saved[i]]: st for i, st in osd["state"].items() if saved[i] in index}
+    optimizer.load_state_dict(mine)
+
+
 def _drop_unsaved_state(optimizer: torch.optim.Optimizer, saved_names: set[str]) -> None:
     """Forget optimizer state of parameters the checkpoint had none for (``get_state_dict`` initialised it)."""
     for g in optimizer.param_groups:
@@ -247,7 +262,7 @@ def load_training_state(path: str | os.PathLike, models: dict[str, torch.nn.Modu
         for k, m in models.items():
             m.load_state_dict(ck[k])
         for k, (_, opt) in optimizers.items():
-            opt.load_state_dict(ck[k])
+            _load_optimizer_state(opt, ck[k])
     else:  # a single-process checkpoint resumed on several ranks: full state dicts, sharded on load
         full = StateDictOptions(full_state_dict=True)
         for k, m in models.items():

@@ -251,3 +251,38 @@ def test_config_validation_one_line_errors(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "optim.warmup_epochs" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_written_before_weight_g_was_trained_resumes(tmp_path):
+    """A checkpoint without the prototype layer's weight_g (it was a fixed buffer): the models load with g = 1, the
+    optimizer state of every other parameter is matched by name, weight_g starts without state."""
+    from training.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = load_config(raw={**copy.deepcopy(TINY_CFG), "device": "cpu"})
+    tr = Trainer(cfg)
+    for it in range(3):
+        tr.train_step(synthetic_batch(cfg, seed=it), it)
+    tr.save(tmp_path, 3, {})
+    ck = load_checkpoint(tmp_path / "checkpoints" / "checkpoint_00000003.pt")
+    g = "dino_head.last_layer.weight_g"
+    for role in ("student", "teacher"):
+        del ck[role][g]
+    osd = ck["optimizer"]
+    names = [n for grp in osd["param_groups"] for n in grp["names"]]
+    drop = names.index(g)
+    keep = [i for i in range(len(names)) if i != drop]
+    new_index = {old: new for new, old in enumerate(keep)}
+    osd["state"] = {new_index[i]: st for i, st in osd["state"].items() if i != drop}
+    for grp in osd["param_groups"]:
+        pairs = [(n, i) for n, i in zip(grp["names"], grp["params"]) if i != drop]
+        grp["names"], grp["params"] = [n for n, _ in pairs], [new_index[i] for _, i in pairs]
+    ck.pop("format")
+    save_checkpoint(tmp_path / "old", ck)
+    fresh = Trainer(cfg)
+    fresh.load(tmp_path / "old" / "checkpoints" / "checkpoint_00000003.pt")
+    assert torch.equal(fresh.student["dino_head"].last_layer.weight_g, torch.ones(128, 1))
+    assert fresh.student["dino_head"].last_layer.weight_g not in fresh.optimizer.state
+    mine = dict(fresh.student.named_parameters())
+    theirs = dict(tr.student.named_parameters())
+    for n in ("dino_head.last_layer.weight_v", "backbone.pos_embed"):
+        assert torch.equal(fresh.optimizer.state[mine[n]]["exp_avg"], tr.optimizer.state[theirs[n]]["exp_avg"]), n
