@@ -1,8 +1,8 @@
 """Training checkpoints under ``OUTPUT/checkpoints/`` (N = completed iterations), in two layouts:
 
 * single process: ``checkpoint_NNNNNNNN.pt``, one ``torch.save``-d dict (below);
-* several processes: ``checkpoint_NNNNNNNN/``, a ``torch.distributed.checkpoint`` (DCP) directory: the
-  ``student``, ``teacher`` and ``optimizer`` state dicts (from ``get_state_dict``: FQN keys, each shard written by
+* several processes: ``checkpoint_NNNNNNNN/``, a ``torch.distributed.checkpoint`` (DCP) directory: the state
+  dicts of the roles and optimizers (from ``get_state_dict``: FQN keys, each shard written by
   the rank holding it, so FSDP2 shards are never gathered), plus ``meta.pt`` (rank 0: everything else of the
   dict below) and ``rng_rank{r}.pt`` (every rank's RNG state). All ranks write into ``.checkpoint_NNNNNNNN.tmp/``
   which rank 0 renames once every rank is done: a directory with the final name is complete. DCP reshards on
@@ -17,7 +17,9 @@ The single-process checkpoint is one ``torch.save``-d dict::
      "data_position": {"batches_consumed", "samples_consumed", "batch_size_per_rank", "world_size"},
      "rng": {"python", "numpy", "torch", "cuda"}, "config": dict, "backbone": {"arch", "kwargs"}}
 
-``student``/``teacher`` are ``ModuleDict`` state dicts (``backbone.*``, ``dino_head.*``, ``ibot_head.*``).
+``student``/``teacher`` are ``ModuleDict`` state dicts (``backbone.*``, ``dino_head.*``, ``ibot_head.*``); every
+saved role of training/roles.py has its own key the same way (``gram_teacher``, ``student_<name>`` /
+``teacher_<name>`` with ``optimizer_<name>``), and ``roles`` lists the role and optimizer keys the file holds.
 Writes go to a temporary name then ``os.replace`` (atomic on POSIX); only the newest ``keep_last`` are kept.
 """
 from __future__ import annotations
@@ -39,7 +41,7 @@ __all__ = ["checkpoint_dir", "save_checkpoint", "save_distributed_checkpoint", "
 
 _PAT = re.compile(r"^checkpoint_(\d{8,})(\.pt)?$")
 _TMP = re.compile(r"^(checkpoint_\d{8,}\.pt\.tmp\d+|\.checkpoint_\d{8,}\.tmp)$")  # left by a killed save
-_MODEL_KEYS = ("student", "teacher", "optimizer")
+_MODEL_KEYS = ("student", "teacher", "optimizer")  # what checkpoints without a "roles" list hold
 FORMAT = "lvd-dinov2-train/1"
 
 
@@ -170,7 +172,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ck = load_checkpoint_meta(p)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ck.update(_load_state_dict_from_keys(set(_MODEL_KEYS), checkpoint_id=str(p)))
+            ck.update(_load_state_dict_from_keys(set(model_keys(ck)), checkpoint_id=str(p)))
         ck["rng"] = load_rng(p, 0)
         return ck
     ck = torch.load(p, map_location=map_location, weights_only=False)
@@ -188,6 +190,21 @@ def _named_optimizer_state(optimizer: torch.optim.Optimizer, osd: dict[str, Any]
     return {"state": {names[i]: st for i, st in osd["state"].items()}, "param_groups": groups}
 
 
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, osd: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(osd)``; when the parameters differ from the saved ones (a checkpoint written
+    before a parameter was added, e.g. the prototype layer's ``weight_g``), the saved state is matched by parameter
+    name (the groups' ``names``) and parameters the checkpoint has none for start without state."""
+    saved = [n for g in osd["param_groups"] for n in g.get("names", [])]
+    current = [n for g in optimizer.param_groups for n in g["names"]]
+    if saved == current or len(saved) != sum(len(g["params"]) for g in osd["param_groups"]):
+        optimizer.load_state_dict(osd)
+        return
+    index = {n: i for i, n in enumerate(current)}
+    mine = optimizer.state_dict()
+    mine["state"] = {index[saved[i]]: st for i, st in osd["state"].items() if saved[i] in index}
+    optimizer.load_state_dict(mine)
+
+
 def _drop_unsaved_state(optimizer: torch.optim.Optimizer, saved_names: set[str]) -> None:
     """Forget optimizer state of parameters the checkpoint had none for (``get_state_dict`` initialised it)."""
     for g in optimizer.param_groups:
@@ -196,52 +213,72 @@ def _drop_unsaved_state(optimizer: torch.optim.Optimizer, saved_names: set[str])
                 optimizer.state.pop(p, None)
 
 
-def load_training_state(path: str | os.PathLike, student: torch.nn.Module, teacher: torch.nn.Module,
-                        optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def model_keys(ck: dict[str, Any]) -> tuple[str, ...]:
+    """The keys of a checkpoint dict (or its meta) that hold model / optimizer state."""
+    return tuple(ck.get("roles", _MODEL_KEYS))
+
+
+def load_training_state(path: str | os.PathLike, models: dict[str, torch.nn.Module],
+                        optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]) -> dict[str, Any]:
     """Load model and optimizer state from either layout into (possibly FSDP2-sharded) modules, on any number
-    of ranks (collective when a process group exists); returns the checkpoint's meta dict (no tensors of the
-    models) with ``rng``: this rank's saved RNG state (rank 0's for a single-process file), or None."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    of ranks (collective when a process group exists): ``models`` by checkpoint key (the roles), ``optimizers``
+    by checkpoint key as (the model it steps, the optimizer). Returns the checkpoint's meta dict (no tensors of
+    the models) with ``rng``: this rank's saved RNG state (rank 0's for a single-process file), or None."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
 
     p = Path(path)
     if p.is_dir():
         import torch.distributed.checkpoint as dcp
 
-        msd, osd = get_state_dict(student, optimizer)  # initialises optimizer state for every parameter
-        tsd = get_model_state_dict(teacher)
-        # parameters that had no optimizer step yet when saved (the prototype layer during the freeze, the mask
-        # token before any masked batch) have no state in the checkpoint: they get none (as before the save)
         saved = dcp.FileSystemReader(str(p)).read_metadata().state_dict_metadata
-        osd["state"] = {fqn: st for fqn, st in osd["state"].items()
-                        if all(f"optimizer.state.{fqn}.{k}" in saved for k in st)}
-        state = {"student": msd, "teacher": tsd, "optimizer": osd}
+        _check_keys(p, {k.split(".", 1)[0] for k in saved}, models, optimizers)
+        state: dict[str, Any] = {k: get_model_state_dict(m) for k, m in models.items()}
+        for k, (model, opt) in optimizers.items():
+            osd = get_optimizer_state_dict(model, opt)  # initialises optimizer state for every parameter
+            # parameters that had no optimizer step yet when saved (the mask token before any masked batch, a
+            # backbone during a head warm-up) have no state in the checkpoint: they get none (as before the save)
+            osd["state"] = {fqn: st for fqn, st in osd["state"].items()
+                            if all(f"{k}.state.{fqn}.{s}" in saved for s in st)}
+            state[k] = osd
         with warnings.catch_warnings():  # one process without a process group: DCP warns that it loads locally
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(p))
-        set_model_state_dict(student, state["student"])
-        set_model_state_dict(teacher, state["teacher"])
-        set_optimizer_state_dict(student, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
-        _drop_unsaved_state(optimizer, set(state["optimizer"]["state"]))
+        for k, m in models.items():
+            set_model_state_dict(m, state[k])
+        for k, (model, opt) in optimizers.items():
+            set_optimizer_state_dict(model, opt, state[k], options=StateDictOptions(strict=False))
+            _drop_unsaved_state(opt, set(state[k]["state"]))
         import torch.distributed as dist
 
         meta = load_checkpoint_meta(p)
         meta["rng"] = load_rng(p, dist.get_rank() if dist.is_initialized() else 0)
         return meta
     ck = load_checkpoint(p)
-    sharded = any(hasattr(t, "to_local") for t in student.parameters())
+    _check_keys(p, set(ck), models, optimizers)
+    sharded = any(hasattr(t, "to_local") for m in models.values() for t in m.parameters())
     if not sharded:
-        student.load_state_dict(ck["student"])
-        teacher.load_state_dict(ck["teacher"])
-        optimizer.load_state_dict(ck["optimizer"])
+        for k, m in models.items():
+            m.load_state_dict(ck[k])
+        for k, (_, opt) in optimizers.items():
+            _load_optimizer_state(opt, ck[k])
     else:  # a single-process checkpoint resumed on several ranks: full state dicts, sharded on load
         full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(student, ck["student"], options=full)
-        set_model_state_dict(teacher, ck["teacher"], options=full)
-        named = _named_optimizer_state(optimizer, ck["optimizer"])
-        set_optimizer_state_dict(student, optimizer, named, options=StateDictOptions(full_state_dict=True, strict=False))
-        _drop_unsaved_state(optimizer, set(named["state"]))
-    return {k: v for k, v in ck.items() if k not in _MODEL_KEYS}
+        for k, m in models.items():
+            set_model_state_dict(m, ck[k], options=full)
+        for k, (model, opt) in optimizers.items():
+            named = _named_optimizer_state(opt, ck[k])
+            set_optimizer_state_dict(model, opt, named, options=StateDictOptions(full_state_dict=True, strict=False))
+            _drop_unsaved_state(opt, set(named["state"]))
+    return {k: v for k, v in ck.items() if k not in model_keys(ck)}
+
+
+def _check_keys(path: Path, present: set[str], models: dict, optimizers: dict) -> None:
+    missing = sorted(k for k in (*models, *optimizers) if k not in present)
+    if missing:
+        raise ValueError(f"{path}: the checkpoint holds no {', '.join(missing)} (was it written by a run with "
+                         f"another configuration of models?)")
 
 
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -257,7 +294,8 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 def export_backbone(checkpoint: str | os.PathLike | dict[str, Any], out_path: str | os.PathLike,
                     which: str = "teacher") -> Path:
-    """Write the teacher (or student) backbone of a training checkpoint in the official DINOv2 layout + sidecar."""
+    """Write the backbone of role ``which`` (``teacher``: the EMA teacher; ``student``, ``teacher_<name>``, ...)
+    of a training checkpoint in the official DINOv2 layout + sidecar."""
     from .models.backbone_io import save_backbone
 
     if not isinstance(checkpoint, dict):
@@ -268,7 +306,11 @@ def export_backbone(checkpoint: str | os.PathLike | dict[str, Any], out_path: st
                 raise FileNotFoundError(f"no training checkpoint under {p}")
             p = latest
         checkpoint = load_checkpoint(p)
-    return save_backbone(backbone_from_state(checkpoint["backbone"], checkpoint[which]), out_path)
+    if which not in checkpoint:
+        raise ValueError(f"the checkpoint has no model {which!r}; it holds "
+                         f"{', '.join(k for k in model_keys(checkpoint) if not k.startswith('optimizer'))}")
+    info = checkpoint.get("backbones", {}).get(which, checkpoint["backbone"])
+    return save_backbone(backbone_from_state(info, checkpoint[which]), out_path)
 
 
 def backbone_from_state(info: dict[str, Any], model_state: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from .checkpoint import export_backbone
 from .config import ConfigError, load_config
@@ -90,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.export:
         path = export_backbone(args.output, args.export)
         summary["export"] = str(path)
+        for name in cfg.distill.students:  # every further student's EMA beside it: OUT_<name>.pth (+ .json)
+            out = Path(args.export)
+            path = export_backbone(args.output, out.with_name(f"{out.stem}_{name}{out.suffix}"), f"teacher_{name}")
+            summary[f"export_{name}"] = str(path)
     print(json.dumps({k: v for k, v in summary.items() if k != "last"} | {"loss": summary["last"].get("loss")}))
     return 0
 

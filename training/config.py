@@ -46,6 +46,13 @@ class ModelConfig(_Strict):
                            "auto: on CUDA only. See training/models/vision_transformer.py")
     compile: bool = Field(False, description="torch.compile each transformer block of student and teacher "
                                              "(first steps are slow while it compiles)")
+    init_backbone: str | None = Field(None, description="start student and teacher backbones from this file: an "
+                                      "official DINOv2 backbone .pth or an `lvd export` .pth (+ .json); heads start "
+                                      "fresh (training/backbone_init.py)")
+    init_backbone_arch: str | None = Field(None, description="architecture of an official .pth without sidecar "
+                                           "(default: inferred from the tensor shapes)")
+    init_backbone_frozen_iters: int = Field(0, ge=0, description="head warm-up: the backbone is not stepped for "
+                                            "this many first iterations (only the heads learn)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -55,6 +62,11 @@ class ModelConfig(_Strict):
         heads = self.num_heads or ARCHS[self.arch]["num_heads"]
         if dim % heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {heads}")
+        if self.init_backbone_arch is not None and self.init_backbone_arch not in ARCHS:
+            raise ValueError(f"unknown init_backbone_arch {self.init_backbone_arch!r}")
+        if self.init_backbone_frozen_iters and not self.init_backbone:
+            raise ValueError("init_backbone_frozen_iters needs init_backbone (a head warm-up on a pretrained "
+                             "backbone)")
         return self
 
     def build_kwargs(self) -> dict[str, Any]:
@@ -111,6 +123,9 @@ class OptimConfig(_Strict):
     patch_embed_lr_mult: float = Field(0.2, ge=0)
     clip_grad: float = Field(3.0, ge=0, description="0 disables clipping")
     freeze_last_layer_epochs: float = Field(1, ge=0)
+    tokens_without_decay: bool = Field(
+        False, description="also exempt cls/mask/register tokens and pos_embed from weight decay (DINO v1 / timm "
+                           "convention: they are offsets, decay only shrinks them); false: decayed, as the reference")
     betas: tuple[float, float] = (0.9, 0.999)
     fused_adamw: bool | Literal["auto"] = Field(
         "auto", description="torch's fused AdamW kernel (one launch for all parameters); auto: on CUDA")
@@ -229,12 +244,37 @@ class DistillConfig(_Strict):
                                 "with heads) or a reference DINOv2 training checkpoint (teacher.backbone/heads keys)")
     teacher_arch: str | None = Field(None, description="architecture of an official .pth without sidecar "
                                                        "(default: inferred from the tensor shapes)")
+    students: dict[str, ModelConfig] = Field(
+        default_factory=dict, description="further students distilled in the same job from the same teacher "
+        "forward, by name: each a model section (e.g. {b: {arch: vit_base_patch14}}), with its own optimizer and "
+        "EMA, exported as teacher_<name>")
 
     @model_validator(mode="after")
     def _check(self):
         if self.teacher_arch is not None and self.teacher_arch not in ARCHS:
             raise ValueError(f"unknown teacher_arch {self.teacher_arch!r}; known: {', '.join(sorted(ARCHS))}")
+        for name in self.students:
+            if not name.isidentifier():
+                raise ValueError(f"student name {name!r}: letters, digits and underscores only")
         return self
+
+
+class GramConfig(_Strict):
+    """Gram anchoring (DINOv3; training/gram.py): the student's patch-similarity matrices are pulled towards those
+    of the Gram teacher, a snapshot of the EMA teacher taken at ``start_iter`` and refreshed every
+    ``refresh_every`` iterations at most ``max_refreshes`` times (DINOv3's 7B: from ~1M, every 10k, 3 times)."""
+    enabled: bool = False
+    weight: float = Field(1.0, ge=0, description="loss weight (after the warm-up)")
+    weight_warmup_iters: int = Field(0, ge=0, description="the weight rises linearly from 0 over this many "
+                                     "iterations after start_iter")
+    start_iter: int = Field(0, ge=0, description="first snapshot of the EMA teacher; the loss applies from here")
+    refresh_every: int = Field(0, ge=0, description="iterations between refreshes of the snapshot; 0: never")
+    max_refreshes: int = Field(0, ge=0, description="refreshes after the first snapshot, at most")
+    remove_negative: bool = Field(False, description="clip both similarity matrices at 0 (negative similarities "
+                                  "carry no anchoring)")
+    img_size: int | None = Field(None, gt=0, description="the Gram teacher's input size: the global crops resized "
+                                 "(bicubic) to it, its patch features resized (bicubic) back to the student's grid; "
+                                 "default: the global crop size")
 
 
 class HighResConfig(_Strict):
@@ -260,6 +300,7 @@ class TrainConfig(_Strict):
     mode: Literal["pretrain", "distill"] = "pretrain"
     distill: DistillConfig = DistillConfig()
     high_res: HighResConfig = HighResConfig()
+    gram: GramConfig = GramConfig()
     seed: int = 0
     max_steps: int | None = Field(None, ge=0, description="stop after this iteration (default: epochs * iters)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -286,6 +327,18 @@ class TrainConfig(_Strict):
                                  f"{self.total_iters} iterations (it is their final part)")
         if self.mode == "distill" and not self.distill.teacher:
             raise ValueError("mode distill needs distill.teacher (the frozen teacher's checkpoint)")
+        for name, m in self.distill.students.items():
+            for key, size in (("global_crops_size", self.crops.global_crops_size),
+                              ("local_crops_size", self.crops.local_crops_size)):
+                if size % m.patch_size:
+                    raise ValueError(f"crops.{key} ({size}) must be a multiple of distill.students.{name}"
+                                     f".patch_size ({m.patch_size})")
+        if self.distill.students and self.mode != "distill":
+            raise ValueError("distill.students needs mode distill (several students of one frozen teacher)")
+        if self.gram.enabled and self.mode == "distill":
+            raise ValueError("gram anchoring applies to pretraining (mode pretrain)")
+        if self.gram.img_size is not None and self.gram.img_size % p:
+            raise ValueError(f"gram.img_size ({self.gram.img_size}) must be a multiple of model.patch_size ({p})")
         return self
 
     @property

@@ -14,8 +14,8 @@ Teacher sources (``distill.teacher``): an ``lvd export`` backbone (``.pth`` + ``
 DINOv2 backbone ``.pth`` (``distill.teacher_arch`` names its architecture, else it is inferred from the shapes);
 an lvd training checkpoint (``checkpoint_*.pt``, a DCP checkpoint directory or a training output directory: its EMA
 teacher, backbone *and* heads); a reference DINOv2 training checkpoint (``teacher.backbone.*``,
-``teacher.dino_head.*``, ``teacher.ibot_head.*`` keys, optionally under ``model``; the heads' ``weight_g`` is dropped,
-the reference fixes it to 1 as we do).
+``teacher.dino_head.*``, ``teacher.ibot_head.*`` keys, optionally under ``model``; the heads' weight-norm ``weight_g``
+is loaded as ours).
 
 Heads: with the teacher's DINO (and iBOT) heads, the teacher's probabilities come from them; their prototype counts
 must equal the student's (``head.n_prototypes``, ``head.ibot_n_prototypes``). Without heads, one DINO head on the
@@ -24,6 +24,14 @@ by the DINO loss between the teacher's CLS tokens of the two global crops (swapp
 against the probabilities of its EMA (``distill_head`` of the student's EMA), which are also the student's DINO and
 iBOT targets (so ``head.ibot_separate_head`` must be false there). Gradients of that term reach only ``distill_head``
 (the teacher's features are constants).
+
+Several students (``distill.students: {name: model section}``): every further student is the role
+``student_<name>`` with its own AdamW (same schedules) and EMA ``teacher_<name>`` (training/roles.py); the one
+teacher forward per batch gives the targets of all of them (the head trained alongside, when there is one, lives
+in the first student and its EMA gives everyone's targets). The students' losses are summed for one backward
+(their parameters are disjoint, so each gets exactly its own gradients); each is clipped per module and stepped
+by its own optimizer. ``--export OUT.pth`` writes ``OUT_<name>.pth`` for each, ``lvd export --role
+teacher_<name>`` one of them.
 """
 from __future__ import annotations
 
@@ -39,8 +47,8 @@ from torch import nn
 from .config import ConfigError
 from .heads import DINOHead
 from .distributed import reshard
-from .losses import dino_multicrop_loss, ibot_masked_loss, koleo_loss
-from .objective import head_logits, teacher_probs
+from .losses import dino_multicrop_loss
+from .objective import head_logits, student_terms, teacher_probs
 
 log = logging.getLogger("lvd.distill")
 __all__ = ["load_teacher", "build_distill_teacher", "distill_forward_losses", "head_from_state"]
@@ -48,7 +56,6 @@ __all__ = ["load_teacher", "build_distill_teacher", "distill_forward_losses", "h
 
 def head_from_state(sd: dict[str, torch.Tensor]) -> DINOHead:
     """A :class:`DINOHead` shaped as the state dict ``sd`` (``mlp.*``, ``last_layer.weight_v``), loaded strictly."""
-    sd = {k: v for k, v in sd.items() if k != "last_layer.weight_g"}  # the reference's weight norm g (fixed 1)
     linears = sorted({int(k.split(".")[1]) for k in sd if k.startswith("mlp.") and k.endswith(".weight")})
     if linears:
         first, last = sd[f"mlp.{linears[0]}.weight"], sd[f"mlp.{linears[-1]}.weight"]
@@ -157,12 +164,13 @@ def build_distill_teacher(cfg, student: nn.ModuleDict, student_ema: nn.ModuleDic
 
 
 def distill_forward_losses(trainer, batch: dict[str, Any], teacher_temp: float) -> dict[str, torch.Tensor]:
-    """One distillation step's loss terms (see the module docstring); the counterpart of ``objective.forward_losses``."""
-    cfg, device = trainer.cfg, trainer.device
-    student, teacher, ema = trainer.student, trainer.distill_teacher, trainer.teacher
+    """One distillation step's loss terms (see the module docstring); the counterpart of ``objective.forward_losses``.
+    One forward of the frozen teacher gives the targets of every student role: the terms of ``student`` keep
+    their names (``loss`` its total), those of ``student_<name>`` are ``<name>/dino``, ..., ``<name>/loss``."""
+    cfg, device, roles = trainer.cfg, trainer.device, trainer.roles
+    teacher, ema = roles["distill_teacher"], roles["teacher"]
     gc = batch["global_crops"].to(device, non_blocking=True)
     lc = batch["local_crops"].to(device, non_blocking=True)
-    n_local = lc.shape[0]
     do_ibot = cfg.loss.ibot_weight > 0
     # targets: the teacher's heads, or the EMA of the head trained alongside
     t_heads = teacher if "dino_head" in teacher else nn.ModuleDict({"dino_head": ema["distill_head"]})
@@ -175,28 +183,15 @@ def distill_forward_losses(trainer, batch: dict[str, Any], teacher_temp: float) 
         dino_probs, ibot_probs = teacher_probs(trainer.dino_loss, trainer.ibot_loss, t_cls_logits, t_patch_logits,
                                                teacher_temp, cfg.loss.centering)
 
-    with trainer.autocast():
-        inputs = [gc, lc] if n_local else [gc]
-        outs = student["backbone"].forward_features(inputs)  # no masks
-        s_g_cls = outs[0]["x_norm_clstoken"]
-        cls = [s_g_cls] + ([outs[1]["x_norm_clstoken"]] if n_local else [])
-        s_patch = outs[0]["x_norm_patchtokens"].flatten(0, 1) if do_ibot else None
-        cls_logits, s_patch_logits = head_logits(student, cls, s_patch)
-        alongside_logits = student["distill_head"](t_cls) if "distill_head" in student else None
-
-    st = cfg.loss.student_temp
-    terms: dict[str, torch.Tensor] = {
-        "dino": dino_multicrop_loss(cls_logits[0], cls_logits[1] if n_local else None, dino_probs, st)}
-    if cfg.loss.koleo_weight > 0:
-        terms["koleo"] = sum(koleo_loss(c) for c in s_g_cls.chunk(2))
-    if do_ibot:  # every patch of the two global crops
-        n_img, n_patch = gc.shape[0], outs[0]["x_norm_patchtokens"].shape[1]
-        masks = torch.ones(n_img, n_patch, dtype=torch.bool, device=device)
-        terms["ibot"] = ibot_masked_loss(s_patch_logits, ibot_probs, masks, st)
-    weights = {"dino": cfg.loss.dino_weight, "koleo": cfg.loss.koleo_weight, "ibot": cfg.loss.ibot_weight}
-    total = sum(weights[k] * v for k, v in terms.items())
-    if alongside_logits is not None:  # the teacher-side head trained alongside: global pairs only
-        terms["distill_head"] = dino_multicrop_loss(alongside_logits, None, dino_probs, st)
-        total = total + terms["distill_head"]
-    terms["loss"] = total
-    return terms
+    out: dict[str, torch.Tensor] = {}
+    for role in roles.of_kind("student"):
+        student = role.module
+        terms, _ = student_terms(cfg, student, gc, lc, dino_probs, ibot_probs, trainer.autocast)  # no masks
+        if "distill_head" in student:  # the teacher-side head trained alongside: global pairs only
+            with trainer.autocast():
+                alongside_logits = student["distill_head"](t_cls)
+            terms["distill_head"] = dino_multicrop_loss(alongside_logits, None, dino_probs, cfg.loss.student_temp)
+            terms["loss"] = terms["loss"] + terms["distill_head"]
+        prefix = "" if role.name == "student" else role.name[len("student_"):] + "/"
+        out.update({prefix + k: v for k, v in terms.items()})
+    return out

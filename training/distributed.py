@@ -2,10 +2,11 @@
 
 Strategies (``distributed.strategy`` in the config):
 
-* ``fsdp`` (``auto`` picks it when world_size > 1): student and teacher are wrapped with FSDP2
+* ``fsdp`` (``auto`` picks it when world_size > 1): every role of training/roles.py but the frozen ones (student,
+  EMA teacher, Gram teacher, further students) is wrapped with FSDP2
   (``torch.distributed.fsdp.fully_shard``): every transformer block, then the backbone as its root; each head is
   its own root. Parameters become ``DTensor`` shards (dim 0, over all ranks); gradients are reduce-scattered
-  (averaged) after backward. Teacher and student are sharded by the same calls on modules of the same shapes, so
+  (averaged) after backward. The roles are sharded by the same calls on modules of the same shapes, so
   rank r holds the same slice of each teacher / student parameter and the EMA update is a local ``foreach`` over
   ``DTensor.to_local()`` shards, with no communication. Works with gloo on CPU and NCCL on GPU.
   Mixed precision (``distributed.mixed_precision``, as the paper: backbone in bf16, heads in fp32): one FSDP2
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 
 log = logging.getLogger("lvd.train")
 
-__all__ = ["DistInfo", "init_distributed", "resolve_strategy", "broadcast_module", "shard_models", "reshard",
+__all__ = ["DistInfo", "init_distributed", "resolve_strategy", "broadcast_module", "shard_trees", "reshard",
            "local_tensor", "precision_policies",
            "ema_update", "allreduce_gradients", "clip_grad_norm", "all_reduce_mean", "all_reduce_sum",
            "shard_batch", "barrier"]
@@ -124,20 +125,15 @@ def _without_output_cast(policy: Any) -> Any:
     return replace(policy, output_dtype=None)
 
 
-def shard_models(student: nn.ModuleDict, teacher: nn.ModuleDict, mixed_precision: Any = None) -> None:
-    """FSDP2-wrap student and teacher identically (in place), with the mixed-precision policies of
-    ``precision_policies(mixed_precision)``; see the module docstring."""
+def shard_trees(models: list[nn.ModuleDict], mixed_precision: Any = None) -> None:
+    """FSDP2-wrap models of the same architecture identically (in place: the roles of training/roles.py), with the
+    mixed-precision policies of ``precision_policies(mixed_precision)``; see the module docstring."""
     # forward_features returns views (CLS / patch slices of the normed tokens); FSDP2 warns that an in-place op
     # on them would skip its pre-backward hook. The losses only use them out of place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     policies = precision_policies(mixed_precision)
-    _fully_shard_tree(student, policies)
-    _fully_shard_tree(teacher, policies)
-    t_params = dict(teacher.named_parameters())
-    for name, sp in student.named_parameters():
-        tp = t_params[name]
-        if local_tensor(sp).shape != local_tensor(tp).shape:
-            raise RuntimeError(f"teacher and student shards differ for {name}")
+    for model in models:
+        _fully_shard_tree(model, policies)
 
 
 def reshard(module: nn.Module) -> None:

@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoint_*.pt file, or a training output dir (its newest checkpoint)")
     p.add_argument("-o", "--output", required=True, help="output .pth path (the sidecar goes next to it)")
     p.add_argument("--student", action="store_true", help="export the student instead of the EMA teacher")
+    p.add_argument("--role", default=None, help="export this model of the checkpoint instead (e.g. teacher_b: the "
+                   "EMA of the further student b of a multi-student distillation; gram_teacher)")
     return p
 
 
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.checkpoint}: no such checkpoint file or training output dir", file=sys.stderr)
         return 2
     try:
-        out = export_backbone(args.checkpoint, args.output, which="student" if args.student else "teacher")
+        out = export_backbone(args.checkpoint, args.output, which=args.role or ("student" if args.student else "teacher"))
     except (FileNotFoundError, ValueError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
         print(f"error: {args.checkpoint}: {e}".splitlines()[0], file=sys.stderr)
         return 2

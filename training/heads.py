@@ -3,9 +3,11 @@
 DINOHead = MLP (in -> 2048 -> 2048 -> 256, GELU, 3 layers) -> L2 normalisation -> weight-normalised prototype
 layer (256 -> K, K = 65,536 by default, no bias).
 
-Decision: the prototype layer uses an explicit weight normalisation with the norm ``g`` fixed to 1 (a buffer,
-never trained; the reference sets ``weight_g`` to 1): ``W = weight_v / ||weight_v||_row``. Its parameter is
-``last_layer.weight_v``; ``is_last_layer_param`` names it for the first-epoch freeze.
+The prototype layer is weight-normalised as the reference's (``nn.utils.weight_norm`` on a bias-free Linear, then
+``weight_g`` filled with 1): ``W = weight_g * weight_v / ||weight_v||_row``, with ``weight_g`` [K, 1] initialised
+to 1 and trained like ``weight_v`` (both in the last-layer group of the first-epoch freeze, both weight-decayed).
+``is_last_layer_param`` names them. A state dict without ``weight_g`` (older lvd checkpoints, whose g was fixed
+to 1) loads with g = 1.
 """
 from __future__ import annotations
 
@@ -17,13 +19,18 @@ __all__ = ["DINOHead", "WeightNormLinear", "is_last_layer_param"]
 
 
 class WeightNormLinear(nn.Module):
-    """Linear layer without bias whose rows are L2-normalised (weight norm with g fixed to 1)."""
+    """Linear layer without bias, weight-normalised per row: ``W = weight_g * weight_v / ||weight_v||_row``."""
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
-        self.register_buffer("weight_g", torch.ones(out_dim, 1), persistent=False)
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
         nn.init.trunc_normal_(self.weight_v, std=0.02)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "weight_v" in state_dict and prefix + "weight_g" not in state_dict:
+            state_dict[prefix + "weight_g"] = torch.ones_like(self.weight_g)  # written when g was fixed to 1
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def weight(self) -> Tensor:

@@ -5,7 +5,8 @@ a short period at the end of pretraining.
 ``high_res.global_crops_size`` / ``high_res.local_crops_size`` (the block masks follow the new global grid). When
 the loop reaches iteration ``total - N`` it writes a checkpoint (unless one was just written), then
 
-* interpolates the position embeddings of the student and of the EMA teacher **once** to the new global grid
+* interpolates the position embeddings of every role of the student's shape (students, EMA teachers, the Gram
+  teacher; training/roles.py) **once** to the new global grid
   (the backbone's own interpolation, so the ``_reg4`` settings apply): from then on the stored grid is the high-res
   one and the global crops use it as is;
 * drops the AdamW moments of the resized ``pos_embed`` (they belonged to the old grid; they restart);
@@ -72,11 +73,13 @@ def resize_pos_embed(backbone, img_size: int) -> None:
 def enter_high_res(trainer) -> None:
     """Switch a :class:`~training.train.Trainer` to the phase (see the module docstring)."""
     size = trainer.cfg.high_res.global_crops_size
-    pos = trainer.student["backbone"].pos_embed
-    for model in (trainer.student, trainer.teacher):
-        resize_pos_embed(model["backbone"], size)
-    trainer.optimizer.state.pop(pos, None)
-    trainer.backbone_info["kwargs"]["img_size"] = size
+    for role in trainer.roles:  # every role of the student's shape: students, their EMAs, the Gram teacher
+        if role.student_shaped:
+            resize_pos_embed(role.module["backbone"], size)
+    for name, opt in trainer.optimizers.items():
+        opt.state.pop(trainer.roles[name]["backbone"].pos_embed, None)
+    for info in trainer.backbone_infos.values():
+        info["kwargs"]["img_size"] = size
     trainer.high_res = True
     log.info("high-resolution phase: position embeddings interpolated to %d px (%d x %d grid)", size,
              size // trainer.cfg.model.patch_size, size // trainer.cfg.model.patch_size)

@@ -6,8 +6,13 @@ For each parameter (names as in the student ``ModuleDict``: ``backbone.*``, ``di
   ``pos_embed``, ``register_tokens``, ``mask_token`` and ``patch_embed.*``, ``i + 1`` for ``blocks.i.*`` and
   ``depth + 1`` for everything else (final norm, heads -> multiplier 1); times ``patch_embed_lr_mult`` (0.2)
   for ``patch_embed.*``;
-* weight-decay multiplier 0 for biases, norms, LayerScale gammas, tokens and position embeddings, else 1;
-* ``is_last_layer`` for the heads' prototype layers (frozen for the first epoch).
+* weight-decay multiplier 0 for biases, norms and LayerScale gammas, else 1 (as the reference's
+  ``dinov2/utils/param_groups.py``: the tokens, the position embedding and the prototype layer's ``weight_g`` are
+  decayed); ``tokens_without_decay=True`` (``optim.tokens_without_decay``) also exempts ``cls_token``,
+  ``pos_embed``, ``mask_token`` and ``register_tokens``, the DINO v1 / timm convention: those are learned offsets,
+  not weights whose scale the normalisations undo, so decay only pulls them towards zero;
+* ``is_last_layer`` for the heads' prototype layers (frozen for the first epoch: their lr is 0 then, and the
+  optimizer still steps them, so their moments and step count include the frozen iterations as the reference's).
 
 Groups are fused by (lr multiplier, wd multiplier, is_last_layer); the loop sets ``lr`` and ``weight_decay`` of
 each group from the schedules times the multipliers.
@@ -24,7 +29,8 @@ __all__ = ["param_multipliers", "get_param_groups", "build_optimizer", "apply_sc
 _NO_LAYER = ("cls_token", "pos_embed", "register_tokens", "mask_token")
 
 
-def param_multipliers(name: str, depth: int, layerwise_decay: float = 0.9, patch_embed_lr_mult: float = 0.2) -> dict[str, Any]:
+def param_multipliers(name: str, depth: int, layerwise_decay: float = 0.9, patch_embed_lr_mult: float = 0.2,
+                      tokens_without_decay: bool = False) -> dict[str, Any]:
     is_backbone = name.startswith("backbone.")
     short = name[len("backbone."):] if is_backbone else name
     layer_id = depth + 1
@@ -36,17 +42,19 @@ def param_multipliers(name: str, depth: int, layerwise_decay: float = 0.9, patch
     lr_mult = layerwise_decay ** (depth + 1 - layer_id)
     if is_backbone and short.startswith("patch_embed."):
         lr_mult *= patch_embed_lr_mult
-    no_wd = name.endswith(".bias") or "norm" in name or name.endswith(".gamma") or short in _NO_LAYER
+    no_wd = name.endswith(".bias") or "norm" in name or name.endswith(".gamma")
+    if tokens_without_decay and is_backbone and short in _NO_LAYER:
+        no_wd = True
     return {"lr_multiplier": lr_mult, "wd_multiplier": 0.0 if no_wd else 1.0, "is_last_layer": "last_layer" in name}
 
 
 def get_param_groups(model: nn.Module, depth: int, layerwise_decay: float = 0.9,
-                     patch_embed_lr_mult: float = 0.2) -> list[dict[str, Any]]:
+                     patch_embed_lr_mult: float = 0.2, tokens_without_decay: bool = False) -> list[dict[str, Any]]:
     fused: dict[tuple, dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        m = param_multipliers(name, depth, layerwise_decay, patch_embed_lr_mult)
+        m = param_multipliers(name, depth, layerwise_decay, patch_embed_lr_mult, tokens_without_decay)
         key = (m["lr_multiplier"], m["wd_multiplier"], m["is_last_layer"])
         g = fused.setdefault(key, {**m, "params": [], "names": []})
         g["params"].append(p)

@@ -10,7 +10,8 @@ One iteration (as the reference ``SSLMetaArch.forward_backward``; steps 1-3 are 
 3. Loss = dino_w * DINO (18 pairs) + ibot_w * iBOT + koleo_w * sum over the 2 global crops of KoLeo(pre-head CLS).
    A non-finite term stops the run with an error naming it.
 4. Backward, gradient clip 3.0 per module (backbone, dino head, ibot head; as the reference), prototype layer
-   frozen (no update at all) during ``freeze_last_layer_epochs``, AdamW step with scheduled lr / wd per group,
+   frozen during ``freeze_last_layer_epochs`` (lr 0: unchanged, moments still accumulate), AdamW step with
+   scheduled lr / wd per group,
    EMA update of the teacher with the scheduled momentum.
 
 Several processes (``torchrun --nproc-per-node N pipelines/train.py ...``, or ``--ray-workers N`` for Ray Train,
@@ -27,8 +28,13 @@ training/data.py: a resume on any number of ranks continues it exactly). Checkpo
 One iteration is ``Trainer.train_step(batch, it)``; ``train()`` is the loop around it: ``Trainer.resume()``, then
 per iteration a batch, the step, its metrics row, and when due ``Trainer.evaluate(it)`` and
 ``Trainer.save_checkpoint(it, samples_consumed)``.
+The models are roles (training/roles.py: ``student``, its EMA ``teacher``, and when configured ``gram_teacher``,
+``distill_teacher`` and further ``student_<name>`` / ``teacher_<name>``); every student role has its own AdamW,
+and sharding, checkpoints, the EMA and the high-resolution phase iterate the roles.
 Variants: ``mode: distill`` takes the targets from a frozen pretrained teacher and keeps the student's EMA as the
-run's teacher (training/distill.py); ``high_res`` runs the last iterations at bigger crops (training/high_res.py).
+run's teacher, for one or several students (training/distill.py); ``gram`` adds Gram anchoring to pretraining
+(training/gram.py); ``model.init_backbone`` starts from a released backbone (training/backbone_init.py);
+``high_res`` runs the last iterations at bigger crops (training/high_res.py).
 Metrics: one JSON object per line in ``OUTPUT/metrics.jsonl`` (``"type": "train"`` per iteration,
 ``"type": "eval"``, and ``"type": "data"`` per (re)start: the data check of training/shard_check.py and the
 parameter counts), plus a tqdm bar; a lasting collapse of the DINO teacher is logged (training/collapse.py);
@@ -62,9 +68,11 @@ from . import high_res
 from .collapse import CollapseWatch
 from .config import TrainConfig
 from .data import MultiCropStream, make_loader
+from . import gram
+from .backbone_init import load_initial_backbone
 from .distill import build_distill_teacher, distill_forward_losses
-from .distributed import (DistInfo, all_reduce_mean, allreduce_gradients, broadcast_module, clip_grad_norm,
-                          ema_update, init_distributed, resolve_strategy, shard_models)
+from .distributed import (DistInfo, all_reduce_mean, allreduce_gradients, clip_grad_norm, ema_update,
+                          init_distributed, resolve_strategy)
 from .divergence import check_grad_norms, check_resumed_weights, check_weight_norm, grad_norm, weight_norm
 from .heads import DINOHead
 from .losses import DINOLoss, iBOTPatchLoss
@@ -72,6 +80,7 @@ from .masking import MaskingGenerator
 from .objective import DIAGNOSTICS, forward_losses
 from .models.vision_transformer import build_backbone
 from .optim import apply_schedules, build_optimizer, get_param_groups
+from .roles import ModelRoles, optimizer_key
 from .schedules import build_schedules, scaled_lr
 from .shard_check import SourceReport, check_sources
 
@@ -84,10 +93,15 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # ---------------------------------------------------------------------- models
-def build_models(cfg: TrainConfig) -> tuple[nn.ModuleDict, nn.ModuleDict, dict[str, Any]]:
-    kw = cfg.model.build_kwargs()
-    kw["img_size"] = cfg.model.img_size or cfg.crops.global_crops_size
-    backbone = build_backbone(cfg.model.arch, **kw)
+def build_models(cfg: TrainConfig, model_cfg=None) -> tuple[nn.ModuleDict, nn.ModuleDict, dict[str, Any]]:
+    """A student (backbone and heads) of ``model_cfg`` (default ``cfg.model``), its teacher (an equal copy without
+    gradients) and the backbone info checkpoints keep (``arch``, build kwargs)."""
+    m = model_cfg or cfg.model
+    kw = m.build_kwargs()
+    kw["img_size"] = m.img_size or cfg.crops.global_crops_size
+    backbone = build_backbone(m.arch, **kw)
+    if m.init_backbone:
+        load_initial_backbone(backbone, m.init_backbone, m.init_backbone_arch)
     dim = backbone.embed_dim
     h = cfg.head
     student = nn.ModuleDict({
@@ -101,7 +115,7 @@ def build_models(cfg: TrainConfig) -> tuple[nn.ModuleDict, nn.ModuleDict, dict[s
     teacher.backbone.set_drop_path(0.0)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    return student, teacher, {"arch": cfg.model.arch, "kwargs": kw}
+    return student, teacher, {"arch": m.arch, "kwargs": kw}
 
 
 def _clone(m: nn.Module) -> nn.Module:
@@ -219,39 +233,54 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and rank 0's are broadcast)
-        student, teacher, self.backbone_info = build_models(cfg)
+        student, teacher, info = build_models(cfg)
         self.high_res = False  # inside the high-resolution phase (training/high_res.py)
-        self.distill_teacher = None  # mode distill: the frozen teacher (``teacher`` is then the student's EMA)
-        if cfg.mode == "distill":
-            self.distill_teacher = build_distill_teacher(cfg, student, teacher).to(self.device)
-        student.to(self.device)
-        teacher.to(self.device)
+        # every model of the run by role (training/roles.py): sharding, checkpoints, EMA, high-res and export
+        # iterate them
+        self.roles = roles = ModelRoles()
+        roles.add("student", student, "student")
+        roles.add("teacher", teacher, "ema", source="student")
+        self.backbone_infos = {"student": info, "teacher": info}
+        if cfg.mode == "distill":  # the frozen teacher (``teacher`` is then the student's EMA); further students
+            frozen = build_distill_teacher(cfg, student, teacher)
+            for name, model_cfg in cfg.distill.students.items():
+                s, t, inf = build_models(cfg, model_cfg)
+                s["backbone"].set_drop_path(0.0)
+                roles.add(f"student_{name}", s, "student")
+                roles.add(f"teacher_{name}", t, "ema", source=f"student_{name}")
+                self.backbone_infos.update({f"student_{name}": inf, f"teacher_{name}": inf})
+            roles.add("distill_teacher", frozen, "frozen")
+        if cfg.gram.enabled:
+            roles.add("gram_teacher", gram.build_gram_teacher(teacher), "snapshot", source="teacher")
+        roles.to(self.device)
         self.strategy = resolve_strategy(cfg.distributed.strategy, self.world)
         if self.world > 1:
-            broadcast_module(student)
-            broadcast_module(teacher)
+            roles.broadcast()
             torch.manual_seed(cfg.seed + self.rank)  # drop-path differs per rank
         if self.strategy == "fsdp":
-            shard_models(student, teacher, cfg.distributed.mixed_precision)
+            roles.shard(cfg.distributed.mixed_precision)
         elif cfg.distributed.mixed_precision != type(cfg.distributed.mixed_precision)():
             log.warning("distributed.mixed_precision applies to FSDP only; strategy %s trains in fp32 "
                         "(plus bf16 autocast on CUDA)", self.strategy)
         if cfg.model.compile:  # per block (after sharding, so FSDP2's hooks stay outside the compiled graphs)
-            for model in (student, teacher):
-                for block in model["backbone"].blocks:
-                    block.compile()
-        teacher.eval()
-        student.train()
-        self.student, self.teacher = student, teacher
+            for role in roles:
+                if role.student_shaped:
+                    for block in role.module["backbone"].blocks:
+                        block.compile()
+        roles.set_modes()
         h = cfg.head
         self.dino_loss = DINOLoss(h.n_prototypes, cfg.loss.student_temp, cfg.loss.center_momentum).to(self.device)
         ibot_dim = h.ibot_n_prototypes if "ibot_head" in student else h.n_prototypes
         self.ibot_loss = iBOTPatchLoss(ibot_dim, cfg.loss.student_temp, cfg.loss.center_momentum).to(self.device)
 
         o, tc = cfg.optim, cfg.teacher
-        groups = get_param_groups(student, student["backbone"].depth, o.layerwise_decay, o.patch_embed_lr_mult)
         fused = o.fused_adamw is True or (o.fused_adamw == "auto" and self.device.type == "cuda")
-        self.optimizer = build_optimizer(groups, o.betas, fused=fused)
+        self.optimizers = {}  # per student role
+        for role in roles.of_kind("student"):
+            m = role.module
+            groups = get_param_groups(m, m["backbone"].depth, o.layerwise_decay, o.patch_embed_lr_mult,
+                                      o.tokens_without_decay)
+            self.optimizers[role.name] = build_optimizer(groups, o.betas, fused=fused)
         self.batch_size = o.batch_size_per_gpu
         lr = scaled_lr(o.base_lr, self.batch_size * self.world, o.lr_scaling)
         self.sched = build_schedules(
@@ -261,26 +290,48 @@ class Trainer:
             warmup_teacher_temp=tc.warmup_teacher_temp, teacher_temp=tc.teacher_temp,
             warmup_teacher_temp_epochs=tc.warmup_teacher_temp_epochs,
             freeze_last_layer_epochs=o.freeze_last_layer_epochs)
-        self.freeze_iters = int(round(o.freeze_last_layer_epochs * o.iters_per_epoch))
-        self.params_by_module = {k: [p for p in m.parameters() if p.requires_grad] for k, m in student.items()}
-        self.last_layer_params = [p for g in self.optimizer.param_groups if g["is_last_layer"] for p in g["params"]]
+        # per module of every student (clipped separately, as the reference); further students' under "<name>/"
+        self.params_by_module = {}
+        for role in roles.of_kind("student"):
+            prefix = "" if role.name == "student" else role.name[len("student_"):] + "/"
+            for k, m in role.module.items():
+                self.params_by_module[prefix + k] = [p for p in m.parameters() if p.requires_grad]
         self.all_params = [p for ps in self.params_by_module.values() for p in ps]
+        # head warm-up on a pretrained backbone (training/backbone_init.py): (iterations, backbone parameters) per
+        # student whose model section asks for one
+        model_cfgs = {"student": cfg.model, **{f"student_{n}": m for n, m in cfg.distill.students.items()}}
+        self.backbone_warmups = [(model_cfgs[r.name].init_backbone_frozen_iters,
+                                  [p for p in r.module["backbone"].parameters() if p.requires_grad])
+                                 for r in roles.of_kind("student") if model_cfgs[r.name].init_backbone_frozen_iters]
+
+    # the roles the loop and the tests use most
+    student = property(lambda self: self.roles["student"])
+    teacher = property(lambda self: self.roles["teacher"])
+    distill_teacher = property(lambda self: self.roles["distill_teacher"] if "distill_teacher" in self.roles
+                               else None)
+    optimizer = property(lambda self: self.optimizers["student"])
+    backbone_info = property(lambda self: self.backbone_infos["teacher"])
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self, batch: dict[str, Any], it: int) -> dict[str, Any]:
         cfg, sched = self.cfg, self.sched
         lr_it, wd_it, mom_it = sched["lr"][it], sched["wd"][it], sched["momentum"][it]
         ll_lr, temp_it = sched["last_layer_lr"][it], sched["teacher_temp"][it]
-        apply_schedules(self.optimizer, lr_it, wd_it, ll_lr)
-        self.optimizer.zero_grad(set_to_none=True)
+        for opt in self.optimizers.values():
+            apply_schedules(opt, lr_it, wd_it, ll_lr)
+            opt.zero_grad(set_to_none=True)
+        g_w = gram.gram_weight(cfg.gram, it)
+        if gram.snapshot_due(cfg.gram, it):  # from the EMA teacher after ``it`` iterations (training/gram.py)
+            self.roles.snapshot("gram_teacher")
         if self.distill_teacher is not None:
             terms = distill_forward_losses(self, batch, temp_it)
         else:
             terms = forward_losses(self.student, self.teacher, self.dino_loss, self.ibot_loss, batch, cfg, temp_it,
-                                   self.device, self.autocast)
+                                   self.device, self.autocast,
+                                   self.roles["gram_teacher"] if g_w > 0 else None, g_w)
         values = all_reduce_mean(terms)  # global-batch loss values; every rank sees the same
         check_finite(values, it)
-        terms["loss"].backward()
+        sum(v for k, v in terms.items() if k == "loss" or k.endswith("/loss")).backward()  # every student's
         if self.strategy == "ddp_allreduce":
             allreduce_gradients(self.all_params, self.world)
         grad_norms = {}
@@ -290,17 +341,24 @@ class Trainer:
         elif cfg.optim.max_grad_norm > 0:
             grad_norms = {name: grad_norm(ps) for name, ps in self.params_by_module.items()}
         check_grad_norms(grad_norms, cfg.optim.max_grad_norm, it)  # before the step: never apply an exploded one
-        if it < self.freeze_iters:
-            for p in self.last_layer_params:
-                p.grad = None
-        self.optimizer.step()
+        for n_iters, params in self.backbone_warmups:  # head warm-up on a pretrained backbone: not stepped at all
+            if it < n_iters:
+                for p in params:
+                    p.grad = None
+        # during the freeze the prototype layers' lr is 0 (schedules): AdamW's update and its decoupled weight decay
+        # are both multiplied by the lr, so they stay exactly as they are while their moments and step count
+        # advance, as the reference's
+        for opt in self.optimizers.values():
+            opt.step()
         w_norm = {}
         if cfg.optim.max_weight_norm > 0:
             w_norm["weight_norm"] = weight_norm(self.all_params)
             check_weight_norm(w_norm["weight_norm"], cfg.optim.max_weight_norm, it)
-        ema_update(self.teacher, self.student, mom_it)
+        self.roles.update_emas(mom_it)
+        extra = {"gram_weight": g_w} if cfg.gram.enabled else {}
         return {"type": "train", "step": it, "iteration": it + 1, "epoch": it / cfg.optim.iters_per_epoch,
-                **{k if k == "loss" or k in DIAGNOSTICS else f"{k}_loss": v for k, v in values.items()},
+                **{k if k.endswith("loss") or k in DIAGNOSTICS else f"{k}_loss": v for k, v in values.items()},
+                **extra,
                 "lr": lr_it, "wd": wd_it, "momentum": mom_it, "teacher_temp": temp_it,
                 "n_masked_patches": int(batch["n_masked_patches"]),
                 **{f"grad_norm_{k}": v for k, v in grad_norms.items()}, **w_norm,
@@ -308,34 +366,44 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def full_state_dict(self, which: str = "teacher") -> dict[str, torch.Tensor]:
-        """Unsharded CPU state dict of the teacher / student (collective when sharded; full on rank 0 only)."""
+        """Unsharded CPU state dict of a role (``teacher``, ``student``, ...; collective when sharded; full on rank
+        0 only)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        model = self.teacher if which == "teacher" else self.student
+        model = self.roles[which]
         if self.strategy != "fsdp":
             return {k: v.detach().cpu() for k, v in model.state_dict().items()}
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+    def _state_keys(self) -> tuple[dict[str, nn.Module], dict[str, tuple[nn.Module, torch.optim.Optimizer]]]:
+        """Checkpoint key -> model of every saved role, and -> (student, optimizer) of every optimizer."""
+        models = {r.name: r.module for r in self.roles.saved()}
+        optims = {optimizer_key(n): (self.roles[n], opt) for n, opt in self.optimizers.items()}
+        return models, optims
+
     def save(self, out: Path, iteration: int, data_position: dict[str, Any]) -> None:
+        models, optims = self._state_keys()
         meta = {"iteration": iteration, "dino_center": self.dino_loss.center.cpu(),
                 "ibot_center": self.ibot_loss.center.cpu(), "data_position": data_position,
                 "config": self.cfg.model_dump(mode="json"), "backbone": self.backbone_info,
-                "world_size": self.world, "strategy": self.strategy}
+                "backbones": {k: self.backbone_infos[k] for k in models if k in self.backbone_infos},
+                "roles": [*models, *optims], "world_size": self.world, "strategy": self.strategy}
         keep = self.cfg.checkpoint.keep_last
         if self.world == 1:
-            save_checkpoint(out, {**meta, "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
-                                  "optimizer": self.optimizer.state_dict(), "rng": rng_state()}, keep_last=keep)
+            save_checkpoint(out, {**meta, **{k: m.state_dict() for k, m in models.items()},
+                                  **{k: opt.state_dict() for k, (_, opt) in optims.items()}, "rng": rng_state()},
+                            keep_last=keep)
             return
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        msd, osd = get_state_dict(self.student, self.optimizer)
-        app_state = {"student": msd, "teacher": get_model_state_dict(self.teacher), "optimizer": osd}
+        app_state = {k: get_model_state_dict(m) for k, m in models.items()}
+        app_state.update({k: get_optimizer_state_dict(m, opt) for k, (m, opt) in optims.items()})
         save_distributed_checkpoint(out, app_state, meta, rng_state(), keep_last=keep)
 
     def load(self, path: Path) -> dict[str, Any]:
-        """Restore models, optimizer and centres from either checkpoint layout (any writer world size); returns
+        """Restore models, optimizers and centres from either checkpoint layout (any writer world size); returns
         the checkpoint's meta dict."""
-        meta = load_training_state(path, self.student, self.teacher, self.optimizer)
+        meta = load_training_state(path, *self._state_keys())
         self.dino_loss.center.copy_(meta["dino_center"].to(self.device))
         self.ibot_loss.center.copy_(meta["ibot_center"].to(self.device))
         return meta

@@ -103,3 +103,23 @@ def write_digits(root: Path, size: int, splits: dict[str, int], seed: int = 0) -
             sub = root / split / ("" if split == "ssl" else str(d.target[idx]))
             sub.mkdir(parents=True, exist_ok=True)
             img.convert("RGB").save(sub / f"{idx:05d}.png")
+
+
+def synthetic_batch(cfg, seed: int = 0, mask_probability: float = 1.0) -> dict:
+    """One collated multi-crop batch of ``cfg``'s sizes from Gaussian noise (no files, no augmentation): for
+    trainer steps that need exact inputs."""
+    import random
+
+    import torch
+
+    from training.masking import MaskingGenerator, collate_multicrop
+
+    c = cfg.crops
+    g = torch.Generator().manual_seed(seed)
+    gs, ls = c.global_crops_size, c.local_crops_size
+    samples = [{"global_crops": [torch.randn(3, gs, gs, generator=g) for _ in range(2)],
+                "local_crops": [torch.randn(3, ls, ls, generator=g) for _ in range(c.local_crops_number)]}
+               for _ in range(cfg.optim.batch_size_per_gpu)]
+    grid = gs // cfg.model.patch_size
+    return collate_multicrop(samples, MaskingGenerator(grid, min_num_patches=1), random.Random(seed), (0.3, 0.6),
+                             mask_probability)

@@ -140,8 +140,10 @@ def test_reference_training_checkpoint_gives_backbone_and_heads(tmp_path):
     """A reference DINOv2 training checkpoint: ``model`` holds ``teacher.backbone.*`` / ``teacher.dino_head.*`` (with
     the weight-norm ``weight_g``); an official backbone file has no heads."""
     tr = Trainer(_tiny(model={"embed_dim": 192}))  # a standard width (vit_tiny): the architecture is inferred
+    with torch.no_grad():  # a trained weight-norm g (the reference trains it): loaded, not dropped
+        tr.teacher["dino_head"].last_layer.weight_g.copy_(torch.rand(128, 1) + 0.5)
     sd = {f"teacher.{k}": v for k, v in tr.teacher.state_dict().items()}
-    sd["teacher.dino_head.last_layer.weight_g"] = torch.ones(128, 1)
+    assert "teacher.dino_head.last_layer.weight_g" in sd
     sd.update({f"student.{k}": v for k, v in tr.student.state_dict().items()})
     torch.save({"model": sd, "iteration": 10}, tmp_path / "model_0000009.rank_0.pth")
     t = load_teacher(tmp_path / "model_0000009.rank_0.pth")
@@ -186,3 +188,73 @@ def test_cli_stops_with_one_line_when_the_teacher_does_not_fit(tmp_path, capsys)
                "model.num_heads=3"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("config error: distill: head.n_prototypes (64)") and "\n" not in err, err
+
+
+def test_two_students_distilled_in_one_job_and_each_exported(tmp_path):
+    """distill.students: one frozen-teacher forward per batch gives the targets of the configured student and of a
+    further, wider one; each has its own optimizer and EMA, both in the checkpoint and both exported by --export."""
+    import subprocess
+    import sys
+
+    from lvd_train_testutils import REPO, subprocess_env, write_yaml
+
+    from training.train import Trainer as T
+
+    write_shards(tmp_path / "shards", n_shards=1, per_shard=8)
+    _random_feature_teacher(tmp_path / "teacher.pth")
+    raw = copy.deepcopy(TINY_CFG)
+    raw.update({"mode": "distill", "distill": {"teacher": str(tmp_path / "teacher.pth"), "students": {
+        "b": {"arch": "vit_tiny_patch14", "patch_size": 4, "embed_dim": 72, "depth": 1, "num_heads": 3}}},
+        "device": "cpu"})
+    raw["model"].update({"patch_size": 4})
+    raw["crops"].update({"local_crops_size": 12})
+    raw["optim"].update({"epochs": 1, "iters_per_epoch": 3})
+    raw["checkpoint"] = {"period_iters": 3, "keep_last": 1}
+    tr = T(load_config(raw=raw))
+    calls = []
+    t_bb = tr.distill_teacher["backbone"]
+    t_forward = t_bb.forward_features
+    t_bb.forward_features = lambda *a, **k: (calls.append(1), t_forward(*a, **k))[1]  # counts the calls
+    assert set(tr.optimizers) == {"student", "student_b"}
+    assert tr.roles["student_b"]["backbone"].embed_dim == 72
+    batch = next(iter(build_stream(tr.cfg, str(tmp_path / "shards"))))
+    before = {k: v.clone() for k, v in tr.roles["teacher_b"].state_dict().items()}
+    row = tr.train_step(batch, 1)
+    assert len(calls) == 1  # one teacher forward for both students
+    assert {"loss", "dino_loss", "distill_head_loss", "b/loss", "b/dino_loss"} <= set(row)
+    assert "b/distill_head_loss" not in row  # the head trained alongside lives in the first student only
+    assert "grad_norm_b/backbone" in row
+    assert not torch.equal(tr.roles["teacher_b"].state_dict()["backbone.cls_token"], before["backbone.cls_token"])
+
+    cfg_path = write_yaml(tmp_path / "cfg.yaml", raw)
+    r = subprocess.run([sys.executable, str(REPO / "pipelines" / "train.py"), "--config", str(cfg_path), "--data",
+                        str(tmp_path / "shards"), "--output", str(tmp_path / "out"), "--export",
+                        str(tmp_path / "s.pth")], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = load_checkpoint(tmp_path / "out" / "checkpoints" / "checkpoint_00000003.pt")
+    assert {"student", "teacher", "student_b", "teacher_b", "optimizer", "optimizer_b"} <= set(ck)
+    assert "distill_teacher" not in ck  # frozen: read from its file again on resume
+    for path, role, dim in ((tmp_path / "s.pth", "teacher", 48), (tmp_path / "s_b.pth", "teacher_b", 72)):
+        exported = load_official_checkpoint(path)
+        assert exported.embed_dim == dim
+        for k, v in exported.state_dict().items():
+            assert torch.equal(v, ck[role]["backbone." + k]), (role, k)
+    # lvd export --role: one of them later; a role the checkpoint lacks is one line
+    from training.export import main as export_main
+
+    assert export_main([str(tmp_path / "out"), "-o", str(tmp_path / "b.pth"), "--role", "teacher_b"]) == 0
+    b_sd = torch.load(tmp_path / "b.pth", weights_only=True)
+    assert torch.equal(b_sd["cls_token"], ck["teacher_b"]["backbone.cls_token"])
+    assert export_main([str(tmp_path / "out"), "-o", str(tmp_path / "c.pth"), "--role", "teacher_c"]) == 2
+
+
+def test_further_students_config_errors_are_one_line():
+    cases = [({"distill": {"students": {"b": {"arch": "vit_base_patch14"}}}}, "needs mode distill"),
+             ({"mode": "distill", "distill": {"teacher": "t.pth", "students": {"b-1": {}}}}, "letters, digits"),
+             ({"mode": "distill", "distill": {"teacher": "t.pth", "students": {"b": {"patch_size": 16}}}},
+              "distill.students.b.patch_size"),
+             ({"mode": "distill", "distill": {"teacher": "t.pth"}, "gram": {"enabled": True}}, "gram anchoring")]
+    for raw, expect in cases:
+        with pytest.raises(ConfigError) as e:
+            load_config(raw=raw)
+        assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -329,3 +329,41 @@ def test_ray_train_two_workers_via_ray_job_submit(tmp_path):
     assert latest is not None and latest.name == "checkpoint_00000002" and latest.is_dir()
     ck = load_checkpoint(latest)
     assert ck["world_size"] == 2 and ck["strategy"] == "fsdp"
+
+
+# ---------------------------------------------------------------------- a further role on shards
+def _gram_cfg():
+    raw = _resume_cfg()
+    raw["gram"] = {"enabled": True, "start_iter": 2, "weight": 1.0}  # one snapshot, at the start of iteration 2
+    raw["checkpoint"] = {"period_iters": 2, "keep_last": 5}
+    return raw
+
+
+def _gram_rank(rank, world, port, data, ref, out):
+    _join_group(rank, world, port)
+    cfg = load_config(raw=_gram_cfg())
+    train(cfg.model_copy(update={"max_steps": 4}), data, ref)
+    train(cfg.model_copy(update={"max_steps": 2}), data, out)
+    train(cfg.model_copy(update={"max_steps": 4}), data, out)  # resumes the DCP checkpoint at 2
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gram_teacher_is_sharded_saved_and_resumed_in_dcp_checkpoints(tmp_path):
+    """The Gram teacher as one more role under FSDP2: its snapshot is a copy of the EMA teacher's local shards,
+    saved in the DCP checkpoints, and a 2-rank run resumed before the snapshot ends bit-equal to the uninterrupted one."""
+    data, _ = shards_and_config(tmp_path, _gram_cfg())
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    _spawn(_gram_rank, str(data), str(ref), str(out))
+    ck2 = load_checkpoint(ref / "checkpoints" / "checkpoint_00000002")
+    ck4 = load_checkpoint(ref / "checkpoints" / "checkpoint_00000004")
+    assert "gram_teacher" in ck4["roles"]
+    for k, v in ck4["gram_teacher"].items():  # the snapshot at 2 = the teacher after 2 iterations
+        assert torch.equal(v, ck2["teacher"][k]), k
+    end = load_checkpoint(out / "checkpoints" / "checkpoint_00000004")
+    for role in ("student", "teacher", "gram_teacher"):
+        for k, v in ck4[role].items():
+            assert torch.equal(end[role][k], v), (role, k)
+    rows = read_metrics(ref / "metrics.jsonl")
+    assert "gram_loss" not in rows[1] and rows[2]["gram_loss"] > 0
+    assert [r["loss"] for r in read_metrics(out / "metrics.jsonl")] == [r["loss"] for r in rows]

@@ -1,18 +1,19 @@
 """Schedules, parameter groups, EMA, NaN guard, config validation."""
+import copy
 import math
 import subprocess
 import sys
 
 import pytest
 import torch
-from lvd_train_testutils import REPO
+from lvd_train_testutils import REPO, TINY_CFG, synthetic_batch
 
 from tests.tolerance import approx, assert_close, rounding_tol
 from training.config import ConfigError, load_config
 from training.heads import DINOHead
 from training.optim import apply_schedules, build_optimizer, get_param_groups, param_multipliers
 from training.schedules import CosineScheduler, build_schedules, scaled_lr
-from training.train import NonFiniteLossError, check_finite, ema_update
+from training.train import NonFiniteLossError, Trainer, check_finite, ema_update
 from training.models.vision_transformer import build_backbone
 
 
@@ -67,9 +68,15 @@ def test_param_groups_decay_and_lr_multipliers():
     mult = {n: param_multipliers(n, depth, lwd, 0.2) for n, _ in st.named_parameters()}
     f64 = {"dtype": float, "depth": depth + 2}  # lwd ** k and a product: at most depth + 2 float64 roundings
     top = lwd ** (depth + 1)
-    # tokens and position embedding: layer 0, no weight decay
-    for n in ("backbone.cls_token", "backbone.pos_embed", "backbone.mask_token", "backbone.register_tokens"):
-        assert mult[n]["lr_multiplier"] == approx(top, **f64) and mult[n]["wd_multiplier"] == 0.0
+    # tokens and position embedding: layer 0, weight-decayed as the reference's (only biases, norms and LayerScale
+    # gammas are exempt); tokens_without_decay exempts them too
+    tokens = ("backbone.cls_token", "backbone.pos_embed", "backbone.mask_token", "backbone.register_tokens")
+    for n in tokens:
+        assert mult[n]["lr_multiplier"] == approx(top, **f64) and mult[n]["wd_multiplier"] == 1.0
+        assert param_multipliers(n, depth, lwd, 0.2, tokens_without_decay=True)["wd_multiplier"] == 0.0
+    assert param_multipliers("backbone.blocks.0.mlp.fc1.weight", depth, lwd, 0.2, True)["wd_multiplier"] == 1.0
+    assert mult["dino_head.last_layer.weight_g"] == {"lr_multiplier": 1.0, "wd_multiplier": 1.0,
+                                                     "is_last_layer": True}
     assert mult["backbone.patch_embed.proj.weight"]["lr_multiplier"] == approx(0.2 * top, **f64)
     assert mult["backbone.patch_embed.proj.weight"]["wd_multiplier"] == 1.0
     assert mult["backbone.patch_embed.proj.bias"]["wd_multiplier"] == 0.0
@@ -93,16 +100,84 @@ def test_param_groups_decay_and_lr_multipliers():
         assert g["weight_decay"] == approx(0.04 * g["wd_multiplier"], **f64)
 
 
-def test_head_weight_norm_fixed_g():
+def test_head_weight_norm_trains_g_initialised_to_one():
+    """The prototype layer as the reference's ``weight_norm`` Linear: W = g * v / ||v||_row, g [K, 1] a parameter
+    initialised to 1 that receives gradients; checked against the formula in float64."""
+    torch.manual_seed(0)
     h = DINOHead(10, out_dim=7, hidden_dim=16, bottleneck_dim=4)
-    assert [n for n, _ in h.named_parameters() if "last_layer" in n] == ["last_layer.weight_v"]
-    w = h.last_layer.weight
-    assert_close(w.norm(dim=1), torch.ones(7), n_terms=4, depth=2)  # normalise, then the norm, over 4 values
+    assert [n for n, _ in h.named_parameters() if "last_layer" in n] == ["last_layer.weight_v", "last_layer.weight_g"]
+    assert torch.equal(h.last_layer.weight_g, torch.ones(7, 1))
+    with torch.no_grad():
+        h.last_layer.weight_g.copy_(torch.rand(7, 1) + 0.5)
     x = torch.randn(3, 10)
-    z = torch.nn.functional.normalize(h.mlp(x), dim=-1)
-    # unit rows against unit rows: dots of 4 terms bounded by 1
-    assert_close(h(x), z @ w.t(), n_terms=4, depth=2, magnitude=1.0)
+    out = h(x)
+    out.square().sum().backward()
+    assert h.last_layer.weight_g.grad is not None and h.last_layer.weight_g.grad.abs().sum() > 0
+    v, g = h.last_layer.weight_v.double(), h.last_layer.weight_g.double()
+    z = torch.nn.functional.normalize(h.mlp.double()(x.double()), dim=-1)
+    ref = z @ (g * v / v.norm(dim=1, keepdim=True)).t()
+    # fp32: the MLP (3 layers, up to 16 terms), a normalisation and the 4-term prototype dot products
+    assert_close(out.detach().double(), ref, n_terms=16, dtype=torch.float32, depth=6, magnitude=float(g.detach().max()))
     assert len(h.mlp) == 5  # Linear GELU Linear GELU Linear
+    # a state dict written while g was fixed to 1 (no weight_g) loads with g = 1
+    old = {k: v for k, v in h.state_dict().items() if k != "last_layer.weight_g"}
+    h2 = DINOHead(10, out_dim=7, hidden_dim=16, bottleneck_dim=4)
+    with torch.no_grad():
+        h2.last_layer.weight_g.fill_(3.0)
+    h2.load_state_dict(old)
+    assert torch.equal(h2.last_layer.weight_g, torch.ones(7, 1))
+
+
+def test_adamw_steps_of_frozen_prototypes_and_decayed_tokens_match_a_float64_loop():
+    """Three trainer steps against a float64 AdamW loop over the same (clipped) gradients, lr and weight decay:
+    the prototype layer, frozen for the first two (lr 0, as the reference: the optimizer still steps it), keeps
+    its weights bit-equal, and its moments and step count include the frozen iterations, so its first trained step
+    is the step of that history, not a fresh Adam step; the tokens and the position embedding are weight-decayed
+    (the reference's groups)."""
+    cfg = load_config(raw={**copy.deepcopy(TINY_CFG), "device": "cpu"})  # prototypes frozen for 2 iterations
+    trainer = Trainer(cfg)
+    opt = trainer.optimizer
+    names = {n: (g, p) for g in opt.param_groups for n, p in zip(g["names"], g["params"])}
+    watched = ["dino_head.last_layer.weight_v", "dino_head.last_layer.weight_g", "backbone.pos_embed",
+               "backbone.cls_token", "backbone.mask_token"]
+    assert all(names[n][0]["wd_multiplier"] == 1.0 for n in watched)
+    seen = []  # per step and watched parameter: lr, wd and the gradient the optimizer applies
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(
+        {n: (names[n][0]["lr"], names[n][0]["weight_decay"], names[n][1].grad.detach().double().clone())
+         for n in watched}))
+    start = {n: names[n][1].detach().double().clone() for n in watched}
+    frozen = [n for n in watched if "last_layer" in n]
+    for it in range(3):
+        before = {n: names[n][1].detach().clone() for n in frozen}
+        trainer.train_step(synthetic_batch(cfg, seed=it), it)
+        if it < 2:
+            assert all(names[n][0]["lr"] == 0.0 and torch.equal(names[n][1], before[n]) for n in frozen)
+    assert seen[2][frozen[0]][0] > 0 and seen[1]["backbone.pos_embed"][0] > 0
+    b1, b2 = cfg.optim.betas
+    for n in watched:
+        p = names[n][1]
+        assert int(opt.state[p]["step"]) == 3
+        w, m, v = start[n].clone(), torch.zeros_like(start[n]), torch.zeros_like(start[n])
+        for t, step in enumerate(seen, start=1):
+            lr, wd, g = step[n]
+            w = w * (1 - lr * wd)
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            w = w - lr / (1 - b1 ** t) * m / ((v / (1 - b2 ** t)).sqrt() + 1e-8)
+        # float32 AdamW: a few elementwise roundings per step at the weight's scale (Adam's update ~lr)
+        mag = float(w.abs().max())
+        assert_close(p.detach().double(), w, n_terms=1, dtype=torch.float32, depth=8 * 3, magnitude=mag, msg=n)
+        if n in frozen:  # a fresh Adam step (no history) moves every coordinate by the full lr: far outside
+            lr, wd, g = seen[2][n]
+            fresh = start[n] * (1 - lr * wd) - lr * g.sign()
+            assert (fresh - w).abs().max() > 100 * rounding_tol(mag, 1, torch.float32, 24)
+        else:  # without the decay the tokens would end elsewhere, far outside the bound
+            w0, m, v = start[n].clone(), torch.zeros_like(w), torch.zeros_like(w)
+            for t, (lr, wd, g) in enumerate((st[n] for st in seen), start=1):
+                m = b1 * m + (1 - b1) * g
+                v = b2 * v + (1 - b2) * g * g
+                w0 = w0 - lr / (1 - b1 ** t) * m / ((v / (1 - b2 ** t)).sqrt() + 1e-8)
+            assert (w0 - w).abs().max() > 10 * rounding_tol(mag, 1, torch.float32, 24), n
 
 
 def test_ema_update():
@@ -176,3 +251,38 @@ def test_config_validation_one_line_errors(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "optim.warmup_epochs" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_written_before_weight_g_was_trained_resumes(tmp_path):
+    """A checkpoint without the prototype layer's weight_g (it was a fixed buffer): the models load with g = 1, the
+    optimizer state of every other parameter is matched by name, weight_g starts without state."""
+    from training.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = load_config(raw={**copy.deepcopy(TINY_CFG), "device": "cpu"})
+    tr = Trainer(cfg)
+    for it in range(3):
+        tr.train_step(synthetic_batch(cfg, seed=it), it)
+    tr.save(tmp_path, 3, {})
+    ck = load_checkpoint(tmp_path / "checkpoints" / "checkpoint_00000003.pt")
+    g = "dino_head.last_layer.weight_g"
+    for role in ("student", "teacher"):
+        del ck[role][g]
+    osd = ck["optimizer"]
+    names = [n for grp in osd["param_groups"] for n in grp["names"]]
+    drop = names.index(g)
+    keep = [i for i in range(len(names)) if i != drop]
+    new_index = {old: new for new, old in enumerate(keep)}
+    osd["state"] = {new_index[i]: st for i, st in osd["state"].items() if i != drop}
+    for grp in osd["param_groups"]:
+        pairs = [(n, i) for n, i in zip(grp["names"], grp["params"]) if i != drop]
+        grp["names"], grp["params"] = [n for n, _ in pairs], [new_index[i] for _, i in pairs]
+    ck.pop("format")
+    save_checkpoint(tmp_path / "old", ck)
+    fresh = Trainer(cfg)
+    fresh.load(tmp_path / "old" / "checkpoints" / "checkpoint_00000003.pt")
+    assert torch.equal(fresh.student["dino_head"].last_layer.weight_g, torch.ones(128, 1))
+    assert fresh.student["dino_head"].last_layer.weight_g not in fresh.optimizer.state
+    mine = dict(fresh.student.named_parameters())
+    theirs = dict(tr.student.named_parameters())
+    for n in ("dino_head.last_layer.weight_v", "backbone.pos_embed"):
+        assert torch.equal(fresh.optimizer.state[mine[n]]["exp_avg"], tr.optimizer.state[theirs[n]]["exp_avg"]), n

@@ -3,17 +3,15 @@ import copy
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 
 import pytest
 import torch
-from lvd_train_testutils import REPO, TINY_CFG, read_metrics, tiny_tol, write_shards
+from lvd_train_testutils import REPO, TINY_CFG, read_metrics, synthetic_batch, tiny_tol, write_shards
 
 from tests.tolerance import approx, assert_close, rounding_tol
 from training.config import load_config
-from training.masking import MaskingGenerator, collate_multicrop
 from training.models.backbone_io import backbone_metadata, official_key_list
 from training.models.layers import Attention
 from training.models.packing import block_diagonal_mask
@@ -210,22 +208,13 @@ def _tiny_cfg(packed, **model):
     return load_config(raw=raw)
 
 
-def _batch(cfg, seed=0):
-    c = cfg.crops
-    g = torch.Generator().manual_seed(seed)
-    samples = [{"global_crops": [torch.randn(3, 28, 28, generator=g) for _ in range(2)],
-                "local_crops": [torch.randn(3, 14, 14, generator=g) for _ in range(c.local_crops_number)]}
-               for _ in range(cfg.optim.batch_size_per_gpu)]
-    return collate_multicrop(samples, MaskingGenerator(2, min_num_patches=1), random.Random(seed), (0.3, 0.6), 1.0)
-
-
 def test_trainer_step_packed_equals_unpacked():
     """One full training step (teacher, student with drop path, losses, clip, AdamW, EMA), fp32 on CPU."""
     rows, params = {}, {}
     for packed in (False, True):
         trainer = Trainer(_tiny_cfg(packed, num_register_tokens=4))
         assert trainer.student["backbone"].packed_attention is packed
-        batch = _batch(trainer.cfg)
+        batch = synthetic_batch(trainer.cfg)
         torch.manual_seed(11)
         rows[packed] = trainer.train_step(batch, 2)  # past freeze_last_layer_epochs: every parameter updates
         params[packed] = {k: v.clone() for k, v in trainer.student.state_dict().items()}
