@@ -49,6 +49,7 @@ FILL_TOLERANCE = 10  # max per-channel difference from the fill colour (JPEG noi
 CANVAS_SIDE = 64  # the longer side of the grayscale canvas the containment test matches on
 MATCH_NCC = 0.92  # normalised cross-correlation above which the smaller canvas is a sub-image (a rotated copy: 0.84-0.86)
 FLAT_MARGIN = 0.35  # margin detail / matched-area detail below which the rest of a canvas is low-detail
+SCREENSHOT_SHARE = 0.5  # a source under this share of a canvas's width on a low-detail rest: a screenshot
 FLAT_DETAIL = 2.0  # or median gray step (canvas px) below which it is low-detail whatever the matched part holds
 MIN_TEMPLATE = 8  # the smallest template side (canvas px) the containment test tries
 SCALES = np.geomspace(0.15, 0.9, 26)  # template width as a share of the larger canvas's width
@@ -203,10 +204,12 @@ def _detail_map(g: np.ndarray) -> np.ndarray:
     return d
 
 
-def holds(big: np.ndarray, small: np.ndarray) -> str | None:
-    """How `big`'s canvas holds `small`'s content: ``"canvas"`` (matched, the rest of `big` low-detail: `big` is a
-    screenshot, bordered or padded copy), ``"crop"`` (matched, the rest as detailed: `small` is a crop of `big`),
-    or None (not a sub-image)."""
+def holds(big: np.ndarray, small: np.ndarray, fill_big: float = 0.0, fill_small: float = 0.0) -> str | None:
+    """How `big`'s canvas holds `small`'s content (`fill_*`: their edge fills): ``"canvas"`` when `big` is a
+    canvas copy of `small` (a screenshot, border or padding: matched, the rest of `big` low-detail, and either
+    `small` under :data:`SCREENSHOT_SHARE` of `big`'s width or `big` with more edge fill), ``"crop"`` when `small`
+    is a crop of `big` (matched, and `big` without added fill: a rotated copy of a smooth photograph can hold its
+    source well enough to match, but its corners give it away), or None."""
     ncc, rect = find_inside(big, small)
     if rect is None or ncc < MATCH_NCC:
         return None
@@ -219,23 +222,30 @@ def holds(big: np.ndarray, small: np.ndarray) -> str | None:
         return None
     # medians: a strip of the source's edge left in the margin by a 1-2 px misplacement does not count
     low = max(FLAT_MARGIN * float(np.median(inside)), FLAT_DETAIL)
-    return "canvas" if np.median(d[margin]) < low else "crop"
+    flat = np.median(d[margin]) < low
+    added_fill = fill_big >= fill_small + FILL_STEP / 2
+    if flat and (w <= SCREENSHOT_SHARE * big.shape[1] or added_fill):
+        return "canvas"
+    return None if added_fill else "crop"
 
 
-def derived_members(labels: np.ndarray, canvases: list[np.ndarray | None], max_size: int = 16) -> np.ndarray:
-    """For each pool image, whether it is derived from another member of its component by the containment test:
-    it holds the other on a low-detail canvas, or it is a crop of the other.  Only members of components of 2 to
-    `max_size` images are compared (pairs within a component: cheap, as copy groups are small)."""
+def derived_members(labels: np.ndarray, canvases: list[np.ndarray | None], fill: np.ndarray | None = None,
+                    max_size: int = 16) -> np.ndarray:
+    """For each pool image, whether it is derived from another member of its component by the containment test
+    (:func:`holds`): it holds the other on a canvas, or it is a crop of the other; when each holds the other (the
+    same framing) neither is.  Only components of 2 to `max_size` images are compared, pair by pair (copy groups
+    are small)."""
     n = len(labels)
     derived = np.zeros(n, bool)
     if not n:
         return derived
+    fill = np.zeros(n) if fill is None else fill
     sizes = np.bincount(labels)
     multi = np.flatnonzero((sizes[labels] > 1) & (sizes[labels] <= max_size))
     order = multi[np.argsort(labels[multi], kind="stable")]
     for comp in np.split(order, np.flatnonzero(np.diff(labels[order])) + 1):
         comp = [int(i) for i in comp if canvases[i] is not None and canvases[i].size]
-        how = {(a, b): holds(canvases[a], canvases[b]) for a in comp for b in comp if a != b}
+        how = {(a, b): holds(canvases[a], canvases[b], fill[a], fill[b]) for a in comp for b in comp if a != b}
         for (a, b), h in how.items():
             if h is None or how[(b, a)] is not None:  # each inside the other: the same framing, no verdict
                 continue
@@ -351,6 +361,6 @@ def survivor_priority(rule: str, labels: np.ndarray, X: np.ndarray, info: HashIn
     if rule == "resolution":
         return [-info.resolution]
     if rule == "original":
-        return [derived_members(labels, info.canvases).astype(np.int64), fill_steps(labels, info.fill),
+        return [derived_members(labels, info.canvases, info.fill).astype(np.int64), fill_steps(labels, info.fill),
                 -info.resolution, -np.floor(info.quality / QUALITY_STEP), -medoid_scores(labels, X)]
     raise ValueError(f"unknown dedup.survivor {rule!r}")
