@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-cluster", type=int, default=40)
     p.add_argument("--knn-train", type=int, default=2000)
     p.add_argument("--knn-val", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=250)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
