@@ -283,7 +283,8 @@ def table(result: dict) -> str:
     lines = [f"pool {result['pool']} images (Fashion-MNIST share {result['fashion_share_pool']}), curated "
              f"{result['curated']} (share {result['fashion_share_curated']}); k-NN top-1 on {n} held-out images, "
              "+- binomial standard deviation",
-             "", "| seed | curated | random subset | curated - random | raw pixels |", "| --- | --- | --- | --- | --- |"]
+             "", "| seed | curated | random subset | curated - random | raw pixels |",
+             "| --- | --- | --- | --- | --- |"]
     for r in result["runs"]:
         d = r["curated"] - r["random"]
         lines.append(f"| {r['seed']} | {r['curated']:.3f} +- {sd(r['curated']):.3f} | {r['random']:.3f} +- "

@@ -5,13 +5,16 @@ those measurements (:func:`read_hash_info`) and sorts each component's members b
 
 ``original`` (the default ``dedup.survivor``) prefers the source of the edits, by in turn:
 
-1. **not derived** (:func:`derived_members`): within a component, a member whose small grayscale canvas holds
-   another member as a sub-image (normalised cross-correlation of the smaller one's canvas, searched over scales
-   and positions) is either a canvas copy of it - a screenshot, border or padding, where the rest of its canvas is
-   low-detail - or its source, of which the other is a crop (the rest of the canvas holds as much detail as the
-   matched part).  The canvas copy, or the crop, is *derived* and sorts after every member that is not;
+1. **not derived** (:func:`derived_members`, :func:`holds`): within a component, a member whose small grayscale
+   canvas holds another member as a sub-image (normalised cross-correlation of the other's canvas, searched over
+   scales and positions) is either a canvas copy of it - a screenshot (the other under half its width) or a
+   border or padding (more edge fill), the rest of its canvas low-detail - or its source, of which the other is a
+   crop (no added fill: a rotated copy of a smooth photograph can match its source, its corners give it away).
+   The canvas copy, or the crop, is *derived* and sorts after every member that is not; two members that each
+   hold the other (the same framing) are neither;
 2. the least **edge fill** (:func:`edge_fill`: uniform area joined to the edges, any colour), in
-   steps of :data:`FILL_STEP` above the component's least (:func:`fill_steps`): a border, letterbox or the corners of a rotation add fill, so a copy never has less
+   steps of :data:`FILL_STEP` above the component's least (:func:`fill_steps`): a border, letterbox or the
+   corners of a rotation add fill, so a copy never has less
    than its source;
 3. the largest **resolution** (size before download's resize): a source before its downscaled copies;
 4. the best **JPEG quality** estimated from the quantisation tables, in steps of :data:`QUALITY_STEP` (a
@@ -47,7 +50,7 @@ FILL_STEP = 0.1  # edge-fill differences below one step (JPEG noise, natural fla
 QUALITY_STEP = 10  # JPEG quality differences below one step (re-saves at close settings) do not decide
 FILL_TOLERANCE = 10  # max per-channel difference from the fill colour (JPEG noise on a flat band is a few levels)
 CANVAS_SIDE = 64  # the longer side of the grayscale canvas the containment test matches on
-MATCH_NCC = 0.92  # normalised cross-correlation above which the smaller canvas is a sub-image (a rotated copy: 0.84-0.86)
+MATCH_NCC = 0.92  # cross-correlation above which the smaller canvas is a sub-image (rotated copies: 0.67-0.97)
 FLAT_MARGIN = 0.35  # margin detail / matched-area detail below which the rest of a canvas is low-detail
 SCREENSHOT_SHARE = 0.5  # a source under this share of a canvas's width on a low-detail rest: a screenshot
 FLAT_DETAIL = 2.0  # or median gray step (canvas px) below which it is low-detail whatever the matched part holds

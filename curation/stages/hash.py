@@ -47,8 +47,8 @@ from curation.survivor import edge_fill, measurements
 from schemas.tables import HASHES
 
 def border_fill(im: Image.Image, side: int = 128) -> float:
-    """Fraction of the image that is uniform fill reached straight from its edges, any colour (a
-    border, letterbox padding, the corners of a rotated copy on a larger canvas): :func:`curation.survivor.edge_fill`."""
+    """Fraction of the image that is uniform fill reached straight from its edges, any colour (a border, letterbox
+    padding, the corners of a rotated copy on a larger canvas): :func:`curation.survivor.edge_fill`."""
     return edge_fill(im, side)
 
 

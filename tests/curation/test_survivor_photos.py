@@ -3,7 +3,8 @@
 Photographs: Debian's wallpaper packages (``plasma-workspace-wallpapers`` in /usr/share/wallpapers,
 ``mate-backgrounds`` in /usr/share/backgrounds; installed here when missing and possible), and always the committed set
 ``tests/curation/data/survivor`` (the same edits of tiles of the sample photographs matplotlib and scikit-learn ship,
-written by :func:`write_committed_set`).  Each source (320 px on its longer side, 200 px in the committed set; JPEG quality 90) gets five edits:
+written by :func:`write_committed_set`).  Each source (320 px on its longer side, 200 px in the committed set;
+JPEG quality 90) gets five edits:
 rotated onto a canvas of a uniform colour, bordered in a colour, a screenshot (the photo at 20-45 % of the width of
 an interface-like canvas), reframed (a crop scaled back to the source's size) and a quality-30 re-encode.
 
