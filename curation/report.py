@@ -8,6 +8,8 @@ at any time (:func:`build_report` for ``lvd report``; the report stage calls :fu
 * per anchor set: retrieval statistics (``stats/retrieval_stats.parquet``; a set whose similarities are all ~1.0 is
   flagged as degenerate retrieval: a collapsed or random embedder), a histogram of similarities (neighbours
   of sample-based sets, best-anchor similarity of cluster-based ones), cluster sizes (``stats/cluster_stats.parquet``);
+* what curation did (:func:`curation_section_html`): per anchor set the share of its selection from each source
+  and cluster, and the embedder's leave-one-out k-NN on each labelled evaluation set;
 * image grids: ``report.grid_anchors`` random anchors of each searched set beside their ``report.grid_neighbors``
   best retrieved pool images, with similarities (pool images read by offset through :mod:`curation.tarindex`).
 
@@ -229,6 +231,98 @@ def plot_grids(layout: RunLayout, anchor_sets, rep, seed: int = 0) -> list[tuple
     return grids
 
 
+# ------------------------------------------------------------------------------------- what curation did
+def selection_shares(layout: RunLayout, top_clusters: int = 10):
+    """Per anchor set, the share of its selection from each source (the URL's host; ``anchors/<set>`` for images
+    of an as-is set) and, for cluster-based sets, from each cluster (the `top_clusters` largest, the rest as one
+    row): columns anchor_set, by, value, images, share.  None without ``retrieve/selection.parquet``."""
+    import pandas as pd
+    from urllib.parse import urlsplit
+
+    sel = _read(layout.retrieve_selection)
+    if sel is None or not len(sel):
+        return None
+    rows = []
+    for name, g in sel.groupby("anchor_set", sort=True):
+        n = len(g)
+        src = [s if s != "pool" else (urlsplit(u).netloc or "(no host)") if isinstance(u, str) else "(no url)"
+               for s, u in zip(g["source"], g["url"])]
+        for value, count in pd.Series(src).value_counts().items():
+            rows.append({"anchor_set": name, "by": "source", "value": str(value), "images": int(count),
+                         "share": count / n})
+        clusters = g["cluster"].dropna()
+        if len(clusters):
+            counts = clusters.astype("int64").value_counts()
+            for value, count in counts.iloc[:top_clusters].items():
+                rows.append({"anchor_set": name, "by": "cluster", "value": str(value), "images": int(count),
+                             "share": count / n})
+            rest = int(counts.iloc[top_clusters:].sum())
+            if rest:
+                rows.append({"anchor_set": name, "by": "cluster",
+                             "value": f"{len(counts) - top_clusters} other clusters", "images": rest,
+                             "share": rest / n})
+    return pd.DataFrame(rows)
+
+
+def loo_knn_top1(X: np.ndarray, labels: list, k: int = 20, T: float = 0.07) -> float:
+    """Leave-one-out weighted k-NN top-1 (cosine similarity, weights exp(s / T), DINO's evaluation) of the rows of
+    `X` with their `labels`: each image classified by its k nearest other images."""
+    X = np.asarray(X, np.float64)
+    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    _, y = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+    n, c = len(y), int(y.max()) + 1 if len(y) else 0
+    k = min(k, n - 1)
+    if k < 1:
+        return float("nan")
+    correct = 0
+    for start in range(0, n, 1024):
+        s = X[start:start + 1024] @ X.T
+        s[np.arange(len(s)), np.arange(start, start + len(s))] = -np.inf  # not itself
+        idx = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        w = np.exp(np.take_along_axis(s, idx, 1) / T - 1 / T)
+        votes = np.zeros((len(s), c))
+        np.add.at(votes, (np.repeat(np.arange(len(s)), k), y[idx].ravel()), w.ravel())
+        correct += int((votes.argmax(1) == y[start:start + len(s)]).sum())
+    return correct / n
+
+
+def eval_set_knn(layout: RunLayout, eval_sets=(), k: int = 20, T: float = 0.07):
+    """Per evaluation set with labels (class folders), the embedder's leave-one-out k-NN top-1 on its embeddings
+    (``embed/eval/<set>``) and its binomial standard deviation: columns eval_set, images, classes, knn_top1,
+    binomial_sd.  None when no set has both embeddings and at least two classes."""
+    import pandas as pd
+
+    from curation.samples import iter_image_set
+    from curation.vectors import load_descriptors
+
+    rows = []
+    for es in eval_sets:
+        parts = layout.vectors_parts("embed", "eval", es.name)
+        if not parts:
+            continue
+        cls = {s.key: s.meta.get("class") for s in iter_image_set(es.path, getattr(es, "format", "auto"))}
+        keys, X = load_descriptors(parts)
+        have = [i for i, key in enumerate(keys) if cls.get(key) is not None]
+        labels = [cls[keys[i]] for i in have]
+        if len(set(labels)) < 2:
+            continue
+        acc = loo_knn_top1(X.reshape(len(keys), -1)[have], labels, k, T)
+        rows.append({"eval_set": es.name, "images": len(have), "classes": len(set(labels)), "knn_top1": acc,
+                     "binomial_sd": float(np.sqrt(acc * (1 - acc) / len(have)))})
+    return pd.DataFrame(rows) if rows else None
+
+
+def curation_section_html(shares, knn) -> str:
+    """The report's "What curation did" section: selection shares per anchor set, and the embedder's k-NN."""
+    parts = ["<h2 id='what-curation-did'>What curation did</h2>",
+             "<p>Share of each anchor set's selection by source (URL host) and by cluster.</p>",
+             _table_html(shares)]
+    if knn is not None:
+        parts += ["<p id='embedder-knn'>The embedder's leave-one-out weighted k-NN (k=20, T=0.07) top-1 on each "
+                  "labelled evaluation set, with its binomial standard deviation.</p>", _table_html(knn)]
+    return "\n".join(parts)
+
+
 def _table_html(df, floatfmt="{:.3f}") -> str:
     if df is None or not len(df):
         return "<p><em>none</em></p>"
@@ -264,12 +358,13 @@ def build_report(root: str | Path, cfg=None) -> Path:
             print(f"lvd report: no image grids ({err})", file=sys.stderr)
     if cfg is None:
         return write_report(RunLayout(root))
-    return write_report(RunLayout.of(cfg, root), cfg.retrieve.anchor_sets, cfg.report, cfg.seed)
+    return write_report(RunLayout.of(cfg, root), cfg.retrieve.anchor_sets, cfg.report, cfg.seed,
+                        cfg.dedup.eval_sets)
 
 
-def write_report(layout: RunLayout, anchor_sets=(), rep=None, seed: int = 0) -> Path:
+def write_report(layout: RunLayout, anchor_sets=(), rep=None, seed: int = 0, eval_sets=()) -> Path:
     """Write the run's report page and its PNGs; image grids of `anchor_sets` under `rep` (the report section;
-    None: no grids).  Returns the page's path."""
+    None: no grids); the embedder's k-NN on the labelled `eval_sets`.  Returns the page's path."""
     import json
 
     from curation.storage import write_text
@@ -286,13 +381,16 @@ def write_report(layout: RunLayout, anchor_sets=(), rep=None, seed: int = 0) -> 
     }
     grids = plot_grids(layout, anchor_sets, rep, seed) if rep is not None else []
     manifest = json.loads(layout.shards_manifest.read_text()) if layout.shards_manifest.exists() else None
-    write_text(layout.report_html, page_html(str(layout.root), manifest, tables, imgs, grids))
+    curation = curation_section_html(selection_shares(layout), eval_set_knn(layout, eval_sets))
+    write_text(layout.report_html, page_html(str(layout.root), manifest, tables, imgs, grids, [curation]))
     return layout.report_html
 
 
-def page_html(root: str, manifest: dict | None, tables: dict, imgs: dict, grids: list[tuple[str, str]]) -> str:
+def page_html(root: str, manifest: dict | None, tables: dict, imgs: dict, grids: list[tuple[str, str]],
+              more: list[str] = ()) -> str:
     """The report page: the dataset line (from the shards `manifest`), then a section per table with its plot
-    (`imgs`: plot name -> PNG file name or None) and the image grids ((set, PNG file name))."""
+    (`imgs`: plot name -> PNG file name or None), the image grids ((set, PNG file name)) and `more` sections
+    (HTML)."""
     from curation.retrieval import degenerate_sets
 
     funnel, drops, stats = tables["funnel"], tables["drops"], tables["retrieval_stats"]
@@ -326,6 +424,7 @@ def page_html(root: str, manifest: dict | None, tables: dict, imgs: dict, grids:
         parts.append("<h2>Anchors and their retrieved images</h2>")
         for name, png in grids:
             parts.append(f"<h3>{html.escape(name)}</h3><img class='grid' src='{png}' alt='grid {html.escape(name)}'>")
+    parts += list(more)
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -117,6 +117,15 @@ HASHES = pa.schema(
         # size before download's resize (from the sample json), the resolution of dedup's survivor rule
         pa.field("original_width", pa.int32()),
         pa.field("original_height", pa.int32()),
+        # the survivor rule's encoding measurements: IJG quality from the JPEG quantisation tables (null: not a
+        # JPEG), encoded bytes per decoded pixel, variance of the Laplacian
+        pa.field("jpeg_quality", pa.int16()),
+        pa.field("bytes_per_pixel", pa.float32()),
+        pa.field("sharpness", pa.float32()),
+        # grayscale copy, at most 64 px on the longer side, aspect kept: the survivor rule's containment test
+        pa.field("canvas", pa.binary()),
+        pa.field("canvas_width", pa.int16()),
+        pa.field("canvas_height", pa.int16()),
     ]
 )
 

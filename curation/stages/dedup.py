@@ -23,23 +23,11 @@ Verdicts, in order of precedence:
   the survivor and that twin), ``near_duplicate`` for an image in the survivor's hash group (``detail``: the
   survivor and the Hamming distance), ``copy_duplicate`` for the rest (``detail``: the survivor and the cosine).
 
-**Survivor** (``dedup.survivor``).  ``original`` (default) prefers the source of the edits, by in turn:
-(1) the least ``border_fill`` (hash stage), in steps of :data:`FILL_STEP`: a border, letterbox padding or the
-corners of a rotated copy on a larger canvas add uniform fill at the edges (measured on real photographs: copies
-0.14-0.34, sources 0-0.02), so such a copy loses to its source although its canvas is larger; (2) the largest
-resolution (size before download's resize), which puts a source before its downscaled and cropped copies; (3) the
-SSCD medoid, the largest summed cosine similarity to the component's other members (rounded to 1e-4), which among
-same-size edits (JPEG, colour, text, flip) picks the one the others were made from - edits of one source are each
-close to it and less close to each other; (4) the smallest key.  ``resolution`` is the plain rule: largest
-resolution, then smallest key (it keeps a bordered, padded or rotated copy over its source).  No rule can tell an
-upscaled copy from its source by pixels alone: both rules keep the larger.
-
-Measured (tests/curation/test_duplicate_graph.py corpora: tiles of three photographs with real edits through the
-real hash stage, SSCD similarities modelled as copy.source 0.85, copy.copy 0.72): in 12 source + one copy pairs
-(border, padding, rotation, half size, JPEG q40, text) the source survives in 8 under ``original``, 2 under
-``resolution`` and 2 under medoid-first (a pair's medoid is a tie, so resolution decides); the 4 misses are the
-same-size JPEG and text pairs, where the key decides.  In 4 groups of a source and 3-5 edits the source survives in
-4 under ``original`` and medoid-first, 0 under ``resolution``.
+**Survivor** (``dedup.survivor``, :mod:`curation.survivor`).  ``original`` (default) prefers the source of the
+edits: not a canvas copy (screenshot, border, padding) or crop of another member by a containment test on the
+hash stage's small canvases, then the least edge fill (uniform or low-detail, any colour), the largest
+resolution, the best JPEG quality, the SSCD medoid, bytes per pixel and sharpness.  ``resolution``: largest
+resolution, then smallest key.
 
 Outputs: ``dedup/components.parquet`` (schema ``components``: every pool and evaluation image with its component,
 component size, kept flag, reason, nearest neighbour and similarity; evaluation rows have ``kept`` false and no
@@ -55,97 +43,26 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curation import accounting
 from curation.components import connected_components, first_of_equal, kept_of_component, pick_one_per_component
 from curation.distributed_knn import Placement
-from curation.hashing import HASH_METHOD_KEY, hamming
+from curation.hashing import hamming
 from curation.knn import knn_search, resolve_device
-from curation.layout import RunLayout
 from curation.partitioned_dedup import partitioned_dedup_graph
 from curation.partitioned_pool import pool_plan
 from curation.partitions import plan_keys
 from curation.stages.base import Stage, Unit
-from curation.storage import read_table, write_table
+from curation.survivor import FILL_STEP, HashInfo, medoid_scores, read_hash_info, survivor_priority  # noqa: F401
+from curation.storage import write_table
 from curation.vectors import load_descriptors
 from curation.workers import cluster_has_gpu
 
 FINAL = "final"
-FILL_STEP = 0.1  # border_fill differences below one step (JPEG noise, natural flat edges) do not decide
 DUPLICATE_REASONS = ("exact_duplicate", "near_duplicate", "copy_duplicate", "eval_contamination")
 
 
-# ------------------------------------------------------------------------------------------------------ loading
-@dataclass
-class HashInfo:
-    """Per pool image (in key order), what the hash stage measured; neutral values when it did not run."""
-
-    sha: np.ndarray  # pixel hash per image (the key itself when unknown: no exact twins)
-    group: np.ndarray  # hash group label (own index when unknown)
-    codes: np.ndarray | None  # packed hash codes, for the near_duplicate detail
-    resolution: np.ndarray  # pixels before download's resize when known, else as stored; 0 when unknown
-    fill: np.ndarray  # border_fill, 0 when unknown
-    method: str = "pca"  # the hash the codes are, as the hash stage recorded it
-
-
-def read_hash_info(layout: RunLayout, keys: list[str]) -> HashInfo:
-    """The hash stage's groups and per-image measurements for `keys` (sorted), or neutral values without it."""
-    n = len(keys)
-    info = HashInfo(np.array(keys, dtype=object), np.arange(n), None, np.zeros(n, np.int64), np.zeros(n))
-    if layout.hash_groups.exists():
-        g = read_table(layout.hash_groups, "hash_groups")
-        if g["key"].to_pylist() != keys:
-            raise RuntimeError(f"dedup: hash/groups.parquet holds {g.num_rows} images but the filter kept {n} "
-                               "(rerun the hash stage)")
-        info.sha = np.array(g["pixel_sha256"].to_pylist(), dtype=object)
-        info.group = np.array(g["group"], np.int64)
-        info.codes = np.stack([np.frombuffer(b, np.uint8) for b in g["hash"].to_pylist()]) if n else None
-        info.method = (pq.read_schema(layout.hash_groups).metadata or {}).get(HASH_METHOD_KEY.encode(), b"pca").decode()
-    parts = layout.hash_parts()
-    if parts:
-        cols = ["key", "width", "height", "original_width", "original_height", "border_fill"]
-        t = pa.concat_tables([pq.read_table(p, columns=cols) for p in parts])
-        ow = np.array(t["original_width"].fill_null(0), np.int64)
-        oh = np.array(t["original_height"].fill_null(0), np.int64)
-        res = np.where(ow * oh > 0, ow * oh, np.array(t["width"], np.int64) * np.array(t["height"], np.int64))
-        row = {k: i for i, k in enumerate(t["key"].to_pylist())}
-        idx = np.array([row.get(k, -1) for k in keys], np.int64)
-        found = idx >= 0
-        info.resolution[found] = res[idx[found]]
-        info.fill[found] = np.array(t["border_fill"], np.float64)[idx[found]]
-    return info
-
-
-# -------------------------------------------------------------------------------------------- the survivor rule
-def medoid_scores(labels: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """Each node's summed cosine similarity to the other nodes of its component (0 when alone), rounded to 1e-4.
-
-    x_i . (S_c - x_i) with S_c the component's descriptor sum: O(n d), no pairwise matrix."""
-    n = len(labels)
-    score = np.zeros(n)
-    multi = np.flatnonzero(np.bincount(labels)[labels] > 1) if n else np.zeros(0, np.int64)
-    if not multi.size:
-        return score
-    order = multi[np.argsort(labels[multi], kind="stable")]
-    lab = labels[order]
-    starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
-    xs = X[order].astype(np.float64)
-    sums = np.add.reduceat(xs, starts, axis=0)
-    comp = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(order)]))
-    score[order] = np.einsum("ij,ij->i", xs, sums[comp] - xs)
-    return np.round(score, 4)
-
-
-def survivor_priority(rule: str, labels: np.ndarray, X: np.ndarray, info: HashInfo) -> list[np.ndarray]:
-    """Sort keys (smallest first) of the pool images for :func:`decide_duplicates` under `rule`."""
-    if rule == "resolution":
-        return [-info.resolution]
-    if rule == "original":
-        return [np.floor(info.fill / FILL_STEP), -info.resolution, -medoid_scores(labels, X)]
-    raise ValueError(f"unknown dedup.survivor {rule!r}")
-
-
+# the survivor rule (curation/survivor.py), under the names this module has always exported
 def hash_links(info: HashInfo) -> tuple[np.ndarray, np.ndarray]:
     """The hash groups as extra pool-pool edges of the duplicate graph: each grouped image to its group's label."""
     linked = np.flatnonzero(info.group != np.arange(len(info.group)))

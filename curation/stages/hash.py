@@ -6,8 +6,10 @@ the SSCD k-NN edges, so a chain original -> hash copy -> SSCD copy stays one com
 
 Per unit (a filter shard, same id): decode every kept image, and write ``hash/part-NNNNN.parquet`` (schema
 ``hashes``): key, ``pixel_sha256`` (:func:`curation.images.pixel_sha256`), width, height, a grayscale
-``thumb_side`` x ``thumb_side`` thumbnail (area-averaged, uint8), ``border_fill`` (:func:`border_fill`, used by
-dedup's survivor rule) and the size before download's resize.
+``thumb_side`` x ``thumb_side`` thumbnail (area-averaged, uint8), the size before download's resize, and the
+measurements of dedup's survivor rule (:func:`curation.survivor.measurements`): ``border_fill`` (uniform edge fill,
+any colour), ``jpeg_quality`` (from the quantisation tables), ``bytes_per_pixel``, ``sharpness`` and a grayscale
+``canvas`` of at most 64 px per side for the containment test.
 
 ``finalize`` (global, idempotent: skipped when ``hash/groups.parquet`` exists):
 
@@ -41,44 +43,13 @@ from curation.images import decode_image, pixel_sha256
 from curation.samples import Sample, iter_shard_samples
 from curation.stages.base import Stage, Unit
 from curation.storage import atomic_path, read_tables, write_table
+from curation.survivor import edge_fill, measurements
 from schemas.tables import HASHES
 
-FILL_TOLERANCE = 10  # max per-channel difference from the fill colour (JPEG noise on a flat band is a few levels)
-FILL_LEVELS = 24  # black fill: every channel <= this; white fill: every channel >= 255 - this
-
-
-def border_fill(im: Image.Image, side: int = 128, tol: int = FILL_TOLERANCE) -> float:
-    """Fraction of the image that is black or white fill reached straight from its edges: a border, letterbox
-    padding, or the corners of a rotated copy on a larger canvas.
-
-    The fill colour is the median colour of the outermost pixel ring; it counts only when black or white (within
-    :data:`FILL_LEVELS`), what padding, letterboxing and rotation leave and what transparency becomes: a coloured
-    flat background is content, and a crop that trims some of it must not look like its source.  A pixel is fill
-    when every channel is within `tol` of that colour and an unbroken run of fill pixels joins it to the edge along
-    its row or column.  Measured on a copy of at most `side` px per side (area average)."""
-    w, h = im.size
-    scale = min(1.0, side / max(w, h))
-    if scale < 1.0:
-        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
-    a = np.asarray(im.convert("RGB"), dtype=np.int16)
-    h, w = a.shape[:2]
-    ring = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-    fill = np.median(ring, axis=0)
-    if not ((fill <= FILL_LEVELS).all() or (fill >= 255 - FILL_LEVELS).all()):
-        return 0.0
-    is_fill = (np.abs(a - fill).max(axis=2) <= tol)
-    if not is_fill.any():
-        return 0.0
-
-    def run(m: np.ndarray) -> np.ndarray:  # per row: length of the leading run of True
-        return np.where(m.all(1), m.shape[1], np.argmin(m, axis=1))
-
-    left, right = run(is_fill), run(is_fill[:, ::-1])
-    top, bottom = run(is_fill.T), run(is_fill[::-1].T)
-    cols, rows = np.arange(w)[None, :], np.arange(h)[:, None]
-    mask = ((cols < left[:, None]) | (cols >= w - right[:, None]) | (rows < top[None, :])
-            | (rows >= h - bottom[None, :]))
-    return float(mask.mean())
+def border_fill(im: Image.Image, side: int = 128) -> float:
+    """Fraction of the image that is uniform fill reached straight from its edges, any colour (a border, letterbox
+    padding, the corners of a rotated copy on a larger canvas): :func:`curation.survivor.edge_fill`."""
+    return edge_fill(im, side)
 
 
 @dataclass
@@ -134,7 +105,7 @@ class HashStage(Stage):
         """One image's row of ``hash/part-<shard>.parquet``."""
         im, _ = decode_image(sample.data, self.images.max_image_pixels, drop_animated=False)
         return {"key": sample.key, "pixel_sha256": pixel_sha256(im), "width": im.width, "height": im.height,
-                "thumb": thumbnail(im, self.settings.thumb_side).tobytes(), "border_fill": border_fill(im),
+                "thumb": thumbnail(im, self.settings.thumb_side).tobytes(), **measurements(im, sample.data),
                 "original_width": sample.meta.get("original_width"),
                 "original_height": sample.meta.get("original_height")}
 

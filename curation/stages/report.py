@@ -17,5 +17,5 @@ class ReportStage(Stage):
     def run_unit(self, unit: Unit) -> dict:
         from curation.report import write_report
 
-        write_report(self.layout, self.image_sets["anchors"], self.settings, self.seed)
+        write_report(self.layout, self.image_sets["anchors"], self.settings, self.seed, self.image_sets["eval"])
         return {"pages": 1}

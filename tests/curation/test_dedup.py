@@ -54,7 +54,8 @@ def test_stage_on_hand_made_descriptors(tmp_path):
     # resolution from the hash tables: key 2 is the largest of the chain
     hashes = {"key": keys, "pixel_sha256": ["x"] * 8, "width": [10] * 8, "height": [10] * 8, "thumb": [b""] * 8,
               "border_fill": [0.0] * 8, "original_width": [100, 100, 300] + [100] * 5,
-              "original_height": [100] * 8}
+              "original_height": [100] * 8, "jpeg_quality": [90] * 8, "bytes_per_pixel": [1.0] * 8,
+              "sharpness": [1.0] * 8, "canvas": [None] * 8, "canvas_width": [None] * 8, "canvas_height": [None] * 8}
     import pyarrow as pa
 
     write_table(root / "hash" / "part-00000.parquet", pa.table(hashes), "hashes")

@@ -122,16 +122,17 @@ def test_groups_and_idempotence(tmp_path, method):
 
 
 def _one_pixel_ring(size) -> float:
-    """Share of the image in a one-pixel ring at border_fill's 128 px measuring scale: the rounding of each edge of
-    the fill region (a boundary pixel mixes fill and image when area-averaged)."""
+    """Share of the image in a two-pixel ring at border_fill's 128 px measuring scale: the rounding of each edge of
+    the fill region (a boundary pixel mixes fill and image when area-averaged, and the flat pixel beside it steps
+    to it by more than the flatness tolerance)."""
     s = 128 / max(size)
     w, h = size[0] * s, size[1] * s
-    return 2 * (w + h) / (w * h)
+    return 4 * (w + h) / (w * h)
 
 
 def test_border_fill_measures_added_borders_padding_and_rotation_corners():
     im = _img(5, 200, 150)
-    assert border_fill(im) == 0.0
+    assert border_fill(im) == pytest.approx(0.0, abs=_one_pixel_ring(im.size))  # a few flat edge pixels at most
     bordered = ImageOps.expand(im, border=20, fill=(255, 255, 255))  # 240 x 190, 200 x 150 of it the image
     assert border_fill(bordered) == pytest.approx(1 - 200 * 150 / (240 * 190), abs=_one_pixel_ring(bordered.size))
     padded = Image.new("RGB", (200, 200))
@@ -140,8 +141,9 @@ def test_border_fill_measures_added_borders_padding_and_rotation_corners():
     rotated = im.rotate(15, expand=True, fillcolor=(0, 0, 0))  # rotation keeps the image's area
     assert border_fill(rotated) == pytest.approx(1 - 200 * 150 / (rotated.width * rotated.height),
                                                  abs=_one_pixel_ring(rotated.size))
-    # a coloured flat frame is content, not fill: a crop that trims it must not look like its source
-    assert border_fill(ImageOps.expand(im, border=20, fill=(200, 120, 40))) == 0.0
+    # any colour counts: a frame or canvas of a uniform colour is fill as black and white are
+    framed = ImageOps.expand(im, border=20, fill=(200, 120, 40))
+    assert border_fill(framed) == pytest.approx(border_fill(bordered), abs=_one_pixel_ring(framed.size))
 
 
 # -- the demo corpus ------------------------------------------------------------------------------------------------
@@ -177,7 +179,8 @@ def test_corpus_near_exact_duplicates(demo_cleaned):
     found = [k for k, o in pairs if k in groups and o in groups and groups[k]["group"] == groups[o]["group"]]
     recall = len(found) / len(pairs)
     assert recall >= 0.95, (recall, set(dict(pairs)) - set(found))
-    assert all(led[k]["reason"] == "near_duplicate" and o in led[k]["detail"] for k, o in pairs if k in found)
+    bad = [(k, o, led[k]["reason"], led[k]["detail"], truth[k]["edit"]) for k, o in pairs if k in found and not (led[k]["reason"] == "near_duplicate" and o in led[k]["detail"])]
+    assert not bad, bad
     # precision: every hash-level drop is a planted copy of the image it names (crop/text copies may be hash-near)
     drops = [r for r in led.values() if r["reason"] in ("exact_duplicate", "near_duplicate")]
     true = [r for r in drops if _family(truth[r["key"]]) == _family(truth[r["detail"].split()[2]])]

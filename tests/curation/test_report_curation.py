@@ -1,0 +1,74 @@
+"""The report's "What curation did" section: selection shares per anchor set (by source host and by cluster) and
+the embedder's leave-one-out k-NN on a labelled evaluation set, from real run tables (Parquet written with the
+project's schemas) and a real image folder."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from curation.layout import RunLayout
+from curation.report import eval_set_knn, loo_knn_top1, selection_shares, write_report
+from curation.samples import iter_image_set
+from curation.storage import write_table
+from curation.vectors import descriptor_table
+
+
+def test_leave_one_out_knn_counts_each_image_against_the_others():
+    # two tight classes: every image's neighbours are its own class
+    X = np.array([[1, 0.01], [1, -0.01], [1, 0.02], [0.01, 1], [-0.01, 1], [0.02, 1]])
+    assert loo_knn_top1(X, list("aaabbb"), k=2) == 1.0
+    # a stray of class b among the a's (nearest: the a at angle -0.01, 0.04 away; no a is nearer to it than to
+    # another a): with k=1 it alone is wrong
+    X2 = np.vstack([X[:3], [[1, -0.05]], X[3:5]])
+    assert loo_knn_top1(X2, list("aaabbb"), k=1) == pytest.approx(5 / 6)
+
+
+def _selection(rows):
+    cols = {f.name: [r.get(f.name) for r in rows] for f in __import__("schemas").tables.SELECTION}
+    return pa.table(cols)
+
+
+def test_report_shows_selection_shares_and_embedder_knn(tmp_path):
+    root = tmp_path / "run"
+    layout = RunLayout(root)
+    rows = ([{"key": f"{i:04d}", "source": "pool", "url": f"http://a.test/{i}.jpg", "anchor_set": "near",
+              "anchor_key": "x", "rank": 0, "similarity": 0.9} for i in range(6)]
+            + [{"key": f"1{i:03d}", "source": "pool", "url": f"https://b.test/{i}.jpg", "anchor_set": "near",
+                "anchor_key": "x", "rank": 1, "similarity": 0.8} for i in range(2)]
+            + [{"key": f"2{i:03d}", "source": "pool", "url": f"http://a.test/c{i}.jpg", "anchor_set": "groups",
+                "cluster": i % 3 if i < 9 else 7} for i in range(10)])
+    write_table(layout.retrieve_selection, _selection(rows), "selection")
+    shares = selection_shares(layout, top_clusters=2)
+    got = {(r.anchor_set, r.by, r.value): (r.images, r.share) for r in shares.itertuples()}
+    assert got[("near", "source", "a.test")] == (6, 0.75) and got[("near", "source", "b.test")] == (2, 0.25)
+    assert got[("groups", "source", "a.test")] == (10, 1.0)
+    # clusters 0, 1, 2 hold 3 each, cluster 7 one: the two largest, then the other two as one row
+    assert sorted(v for (s, b, v) in got if s == "groups" and b == "cluster") == ["0", "1", "2 other clusters"]
+    assert got[("groups", "cluster", "2 other clusters")] == (4, 0.4)
+
+    ev = tmp_path / "eval"
+    for c in ("cat", "dog"):
+        (ev / c).mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(ev / c / f"{i}.png")
+    keys = [s.key for s in iter_image_set(ev)]
+    cls = {s.key: s.meta["class"] for s in iter_image_set(ev)}
+    rng = np.random.default_rng(0)
+    centre = {"cat": rng.normal(size=16), "dog": rng.normal(size=16)}
+    X = np.stack([centre[cls[k]] + 0.05 * rng.normal(size=16) for k in keys]).astype(np.float32)
+    write_table(layout.vectors_dir("embed", "eval", "ev") / "part-00000.parquet",
+                descriptor_table(keys, X, "eval/ev"), "descriptors")
+    sets = [SimpleNamespace(name="ev", path=ev, format="auto")]
+    knn = eval_set_knn(layout, sets)
+    assert knn.to_dict("records") == [{"eval_set": "ev", "images": 24, "classes": 2, "knn_top1": 1.0,
+                                       "binomial_sd": 0.0}]
+    page = write_report(layout, eval_sets=sets).read_text()
+    assert "id='what-curation-did'" in page and "id='embedder-knn'" in page and "b.test" in page
+    # without labels (a flat folder) or embeddings there is no k-NN table
+    assert eval_set_knn(layout, [SimpleNamespace(name="other", path=ev, format="auto")]) is None
+    assert "embedder-knn" not in write_report(layout).read_text()
