@@ -3,8 +3,8 @@
 Every backticked module path (``curation/layout.py``, ``knn.py``) must be a file of the repository; every
 ``path.py: Name`` / ``path.py:name`` must define ``Name`` there (dotted names as ``Class.method``); every
 ``module.name`` whose first part is a product module (``download.precheck``, ``samples.shard_input_keys``) must name
-a function, class or constant defined in that module, or a key of the curation config section of that name
-(``dedup.threshold``, ``scale.worker_memory_gb``). The test reads the code with ``ast``: nothing is imported.
+a function, class or constant defined in that module, or a key of the curation or trainer config section of
+that name (``dedup.threshold``, ``scale.worker_memory_gb``, ``distill.students``). The test reads the code with ``ast``: nothing is imported.
 """
 
 from __future__ import annotations
@@ -65,18 +65,24 @@ def defined_names(path: Path) -> frozenset[str]:
     return frozenset(names)
 
 
+#: The two configs whose section keys the page may name as ``section.key``: (file, top-level class).
+CONFIGS = (("curation/config.py", "CurateConfig"), ("training/config.py", "TrainConfig"))
+
+
 @lru_cache(maxsize=None)
 def config_keys(section: str) -> frozenset[str]:
-    """The keys of curation config section `section` (its pydantic field names, read from the class body)."""
-    tree = ast.parse((ROOT / "curation" / "config.py").read_text())
-    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-    top = classes["CurateConfig"]
-    for field in top.body:
-        if isinstance(field, ast.AnnAssign) and field.target.id == section:
-            cls = classes.get(ast.unparse(field.annotation))
-            if cls is not None:
-                return frozenset(f.target.id for f in cls.body if isinstance(f, ast.AnnAssign))
-    return frozenset()
+    """The keys of config section `section` in the curation or the trainer config (its pydantic field names, read
+    from the class bodies)."""
+    keys: set[str] = set()
+    for path, top_name in CONFIGS:
+        tree = ast.parse((ROOT / path).read_text())
+        classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+        for field in classes[top_name].body:
+            if isinstance(field, ast.AnnAssign) and field.target.id == section:
+                cls = classes.get(ast.unparse(field.annotation))
+                if cls is not None:
+                    keys.update(f.target.id for f in cls.body if isinstance(f, ast.AnnAssign))
+    return frozenset(keys)
 
 
 def test_every_module_the_architecture_page_names_exists():
@@ -112,3 +118,4 @@ def test_the_check_itself_catches_a_wrong_name(tmp_path):
     assert "no_such_function_anywhere" not in defined_names(ROOT / "curation" / "layout.py")
     assert not files_named("no_such_module.py")
     assert "threshold" in config_keys("dedup") and "threshold" not in config_keys("scale")
+    assert "students" in config_keys("distill") and "students" not in config_keys("gram")
