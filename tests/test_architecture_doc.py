@@ -4,7 +4,8 @@ Every backticked module path (``curation/layout.py``, ``knn.py``) must be a file
 ``path.py: Name`` / ``path.py:name`` must define ``Name`` there (dotted names as ``Class.method``); every
 ``module.name`` whose first part is a product module (``download.precheck``, ``samples.shard_input_keys``) must name
 a function, class or constant defined in that module, or a key of the curation or trainer config section of
-that name (``dedup.threshold``, ``scale.worker_memory_gb``, ``distill.students``). The test reads the code with ``ast``: nothing is imported.
+that name (``dedup.threshold``, ``scale.worker_memory_gb``, ``distill.students``). The test reads the code with
+``ast``: nothing is imported.
 """
 
 from __future__ import annotations
