@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -113,12 +114,8 @@ class PartitionWorker:
 
     def info(self) -> dict:
         """Where this worker runs, on which device, and its peak resident memory (VmHWM of this process)."""
-        try:
-            import ray
-
-            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-        except ImportError:  # pragma: no cover
-            node = "local"
+        ray = sys.modules.get("ray")  # only a Ray actor asks Ray; an in-process worker does not import it
+        node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else "local"
         return {"partition": self.part.index, "rows": len(self.x), "pid": os.getpid(), "node": node,
                 "device": self.device, "peak_rss_bytes": peak_rss_bytes(), "index": self.index}
 
