@@ -2,13 +2,15 @@
 cluster scale).
 
 * :class:`PartitionWorker` holds one partition's vectors (:mod:`curation.partitions`): it searches query blocks
-  against them (CPU: ``faiss.knn`` brute force on the held array, no index copy; ``ivf_flat`` / ``ivf_pq``: a FAISS
-  IVF index of the partition; CUDA: fp32 torch matmul + top-k on the device) and serves the Lloyd steps of
-  :mod:`curation.distributed_kmeans`.
-* :class:`Workers` places them: on Ray one actor per partition (``num_gpus=1`` each when the cluster has GPUs, else
-  Ray's ``memory`` resource = the worker budget, single-threaded FAISS; SPREAD over nodes), at most ``searchers``
-  partitions at once (auto: one per GPU, else one per cluster CPU as far as cluster memory holds the budgets); more
-  partitions run in *waves*.  Without Ray the partitions are loaded one at a time in this process.
+  against them with :mod:`curation.knn` (candidates by ``faiss.knn`` on the held array, faiss-gpu, or torch
+  matmul + top-k on the device; ``ivf_flat`` / ``ivf_pq``: a FAISS IVF index of the partition; then exact
+  rescoring) and serves the Lloyd steps of :mod:`curation.distributed_kmeans`.
+* :class:`Workers` places them: on Ray one actor per partition (one GPU each where the device setting and the
+  cluster allow, :mod:`curation.gpu`; Ray's ``memory`` resource = the worker budget; never a CPU; SPREAD over
+  nodes), at most ``searchers`` partitions at once (auto: one per GPU, else one per cluster CPU as far as cluster
+  memory holds the budgets); more partitions run in *waves*.  Every wait on searchers is bounded
+  (``Placement.place_timeout_s``, ``call_timeout_s``) and its error names the resources asked for.  Without Ray the
+  partitions are loaded one at a time in this process.
 * :func:`partitioned_knn` streams query blocks through every partition and merges each query's top-k exactly
   (order: similarity, then smaller global id, so the result does not depend on how the pool is partitioned).
   Each finished block is one Parquet file (written under a temporary name and renamed); a rerun skips finished

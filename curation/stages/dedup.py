@@ -60,7 +60,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation import accounting
-from curation.components import connected_components, first_of_equal, kept_of_component, pick_one_per_component
+from curation.components import first_of_equal, kept_of_component, pick_one_per_component
 from curation.distributed_knn import Placement
 from curation.hashing import HASH_METHOD_KEY, hamming
 from curation.layout import RunLayout
