@@ -201,9 +201,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from curation.config import EmbedConfig
-    from curation.models.embedder import build_embedder, resolve_device
+    import torch
 
-    dev = resolve_device(args.device)
+    from curation import gpu
+    from curation.models.embedder import build_embedder
+
+    dev = torch.device(gpu.resolve(args.device))
     label = torch.cuda.get_device_name(0) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     results = {"device": label, "torch": torch.__version__}
     print(f"device: {label}")

@@ -9,6 +9,15 @@ never ``ray stop``) runs :func:`curation.distributed_knn.partitioned_knn` with a
 One JSON line per run: seconds (search, components), partitions, waves, peak RSS of the largest searcher
 (ru_maxrss reported by the actor), of the driver, the budget, and recall@k against exact search on a query sample
 (exact runs: 1.0 by construction; IVF: measured).
+
+    python bench/scale_bench.py --compare --dedup-size 20000 --dedup-dim 512
+
+``--compare`` (no Ray; each measurement in its own spawned process, whose peak RSS is its VmHWM from
+/proc/self/status) prints the engine beside its plain baselines, one JSON line each: dedup's graph + components
+(the engine on 1 and 8 partitions of the same shard files) against a plain ``faiss.IndexFlatIP`` k-NN +
+``scipy.sparse.csgraph.connected_components`` script (same components checked); the engine's k-means against
+``faiss.Kmeans`` (time and objective, same k-means++ seeds); hierarchical k-means + balanced sampling at a fixed
+per-partition budget as the pool doubles (peak memory of the process).
 """
 
 from __future__ import annotations
@@ -16,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -27,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from curation.distributed_knn import Placement, partitioned_knn, read_block  # noqa: E402
+from curation.distributed_knn import Placement, partitioned_knn, peak_rss_bytes, read_block  # noqa: E402
 from curation.edge_components import edge_batches, streamed_components  # noqa: E402
 from curation.local_cluster import LocalRayHead  # noqa: E402
 from curation.partitions import VECTOR_SHARE, plan_partitions  # noqa: E402
@@ -83,7 +91,7 @@ def run_one(n: int, index: str, args, work: Path) -> dict:
     _, eids = exact.results()
     eids = np.stack([row[row != s][:args.k] for row, s in zip(eids, sample)])
     recall = recall_at_k(ids, eids)
-    peak = max(i["peak_rss_bytes"] for i in run.worker_infos)
+    peak = max(i["peak_rss_bytes"] for i in run.worker_infos)  # each searcher's own VmHWM
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work / f"exact-{n}-{index}", ignore_errors=True)
     shutil.rmtree(shards, ignore_errors=True)
@@ -95,9 +103,158 @@ def run_one(n: int, index: str, args, work: Path) -> dict:
         "components": int(np.unique(labels).size), "budget_mb": round(budget_gb * 1024, 1),
         "partition_mb": round(max(p.nbytes for p in plan.partitions) / 2**20, 1),
         "peak_rss_worker_mb": round(peak / 2**20, 1),
-        "peak_rss_driver_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_driver_mb": round(peak_rss_bytes() / 2**20, 1),
         "recall_at_k": round(recall, 4), "recall_sample": len(sample), "cpus": args.cpus,
     }
+
+
+# ------------------------------------------------------------------------------------------------ --compare
+def _emit(row: dict, out: Path | None) -> None:
+    line = json.dumps(row)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def _in_child(fn, *args) -> dict:
+    """fn(*args) -> dict in a spawned process, with that process's VmHWM added."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_main, args=(q, fn, args))
+    p.start()
+    row = q.get()
+    p.join()
+    if isinstance(row, str):
+        raise RuntimeError(row)
+    return row
+
+
+def _child_main(q, fn, args) -> None:
+    import faiss  # noqa: F401 - imported before any timing, as in a running stage worker
+    import torch  # noqa: F401
+
+    from curation.distributed_knn import peak_rss_bytes
+
+    try:
+        row = fn(*args)
+        row["peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
+        q.put(row)
+    except Exception as e:  # noqa: BLE001 - reported by the parent
+        q.put(f"{type(e).__name__}: {e}")
+
+
+def _dedup_engine(paths, n, d, k, thr, parts) -> dict:
+    from curation.partitioned_dedup import partitioned_dedup_graph
+
+    budget = (n // parts + 1) * d * 4 / VECTOR_SHARE / 2**30
+    plan = plan_partitions(paths, budget)
+    work = Path(tempfile.mkdtemp(prefix="dedup-bench-"))
+    t0 = time.perf_counter()
+    g = partitioned_dedup_graph(plan, np.zeros((0, d), np.float32), k, thr, thr, work, Placement(), block=16_384)
+    t = time.perf_counter() - t0
+    shutil.rmtree(work, ignore_errors=True)
+    np.save(Path(paths[0]).parent / f"labels-{parts}.npy", g["labels"])
+    return {"bench": "dedup", "impl": "engine", "partitions": len(plan.partitions), "pool": n, "dim": d, "k": k,
+            "seconds": round(t, 2), "components": int(np.unique(g["labels"]).size)}
+
+
+def _dedup_plain(paths, n, d, k, thr) -> dict:
+    import faiss
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from curation.vectors import load_descriptors
+
+    _, x = load_descriptors(paths)
+    t0 = time.perf_counter()
+    index = faiss.IndexFlatIP(d)
+    index.add(x)
+    sims, ids = index.search(x, k + 1)
+    mask = (sims > thr) & (ids >= 0) & (ids != np.arange(n)[:, None])
+    src = np.repeat(np.arange(n), k + 1)[mask.ravel()]
+    graph = coo_matrix((np.ones(len(src), np.int8), (src, ids[mask])), shape=(n, n))
+    nc, labels = connected_components(graph, directed=False)
+    t = time.perf_counter() - t0
+    np.save(Path(paths[0]).parent / "labels-plain.npy", labels)
+    return {"bench": "dedup", "impl": "faiss.IndexFlatIP+scipy", "pool": n, "dim": d, "k": k,
+            "seconds": round(t, 2), "components": int(nc)}
+
+
+def _kmeans_pair(n, d, k, niter, seed) -> list[dict]:
+    import faiss
+
+    from curation.distributed_kmeans import kmeans_pp_seed
+    from curation.knn import nearest_centroid
+    from curation.partitioned_pool import array_pool
+
+    x, _ = planted_pool(n, d, n_sources=n // 50, copies=2, seed=seed)
+    t0 = time.perf_counter()
+    with array_pool(x) as pool:
+        res = pool.kmeans(k, niter, seed)
+    t_engine = time.perf_counter() - t0
+    rng = np.random.default_rng(seed)
+    m = min(n, 64 * k)
+    init = kmeans_pp_seed(x if m == n else x[rng.choice(n, m, replace=False)], k, rng)
+    t0 = time.perf_counter()
+    km = faiss.Kmeans(d, k, niter=niter, seed=seed, verbose=False, min_points_per_centroid=1,
+                      max_points_per_centroid=256)
+    km.train(x, init_centroids=init)
+    t_faiss = time.perf_counter() - t0
+    _, d2f = nearest_centroid(x, km.centroids)
+    obj_e, obj_f = float(res.d2.astype(np.float64).sum()), float(d2f.astype(np.float64).sum())
+    return {"bench": "kmeans", "pool": n, "dim": d, "k": k, "niter": niter, "engine_s": round(t_engine, 2),
+            "faiss_s": round(t_faiss, 2), "time_ratio": round(t_engine / t_faiss, 2), "engine_objective": obj_e,
+            "faiss_objective": obj_f, "objective_ratio": round(obj_e / obj_f, 4),
+            "note": "faiss.Kmeans subsamples 256 rows per centroid; the engine trains on every row"}
+
+
+def _balanced(paths, n, d, rows_per_partition) -> dict:
+    from curation import retrieval as R
+    from curation.partitioned_pool import PartitionedPool
+
+    plan = plan_partitions(paths, rows_per_partition * d * 4 / VECTOR_SHARE / 2**30)
+    t0 = time.perf_counter()
+    with PartitionedPool(plan) as pool:
+        levels = R.hierarchical_kmeans(pool, [200, 20], resampling_steps=1, niter=5, seed=0)
+    sel = R.balanced_sample(levels, n // 10, seed=0)
+    return {"bench": "balanced", "pool": n, "dim": d, "partitions": len(plan.partitions),
+            "partition_mb": round(rows_per_partition * d * 4 / 2**20, 1), "selected": int(len(sel)),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def compare(args) -> None:
+    work = Path(tempfile.mkdtemp(prefix="scale-compare-"))
+    try:
+        n, d = args.dedup_size, args.dedup_dim
+        x, _ = planted_pool(n, d, n_sources=n // 50, copies=2, seed=1)
+        paths = write_shards(x, work / "dedup", max(1, n // 40))
+        del x
+        plain = _in_child(_dedup_plain, paths, n, d, args.k, args.threshold)
+        _emit(plain, args.out)
+        for parts in (1, 8):
+            row = _in_child(_dedup_engine, paths, n, d, args.k, args.threshold, parts)
+            same = np.array_equal(np.load(work / "dedup" / f"labels-{parts}.npy"),
+                                  _smallest_member_labels(np.load(work / "dedup" / "labels-plain.npy")))
+            row.update(ratio_to_plain=round(row["seconds"] / plain["seconds"], 2), same_components=bool(same))
+            _emit(row, args.out)
+        _emit(_in_child(_kmeans_pair, args.kmeans_size, args.kmeans_dim, args.kmeans_k, 10, 0), args.out)
+        for m in args.balanced_sizes:
+            x, _ = planted_pool(m, 64, n_sources=m // 50, copies=2, seed=m)
+            bpaths = write_shards(x, work / f"bal-{m}", 2_500)
+            del x
+            _emit(_in_child(_balanced, bpaths, m, 64, 25_000), args.out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _smallest_member_labels(labels: np.ndarray) -> np.ndarray:
+    """Component labels renamed to the smallest node of each component (the engine's convention)."""
+    first = np.full(labels.max() + 1, len(labels), np.int64)
+    np.minimum.at(first, labels, np.arange(len(labels)))
+    return first[labels]
 
 
 def main(argv=None):
@@ -114,7 +271,16 @@ def main(argv=None):
     ap.add_argument("--recall-sample", type=int, default=1000)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--out", type=Path, help="append the JSON lines to this file too")
+    ap.add_argument("--compare", action="store_true", help="the engine against plain FAISS baselines (no Ray)")
+    ap.add_argument("--dedup-size", type=int, default=100_000)
+    ap.add_argument("--dedup-dim", type=int, default=512)
+    ap.add_argument("--kmeans-size", type=int, default=200_000)
+    ap.add_argument("--kmeans-dim", type=int, default=256)
+    ap.add_argument("--kmeans-k", type=int, default=1000)
+    ap.add_argument("--balanced-sizes", type=int, nargs="+", default=[50_000, 100_000, 200_000])
     args = ap.parse_args(argv)
+    if args.compare:
+        return compare(args)
     os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 

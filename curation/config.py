@@ -78,21 +78,22 @@ class RayConfig(Section):
 
 
 class ScaleConfig(Section):
-    """How the global steps (dedup's k-NN graph, retrieval's k-NN and k-means) spread over a Ray cluster.
+    """How the global steps (dedup's k-NN graph, retrieval's k-NN, k-means and balanced sampling) spread over a Ray
+    cluster.
 
-    Run-time choices like ``ray``: they change where the work runs, not what exact search and Lloyd k-means
-    produce, so a run may resume with other values."""
+    Run-time choices like ``ray``: every pool runs the same partitioned engine (one partition when it fits), whose
+    exact search (rescored, ties to the smaller key) and Lloyd k-means (seeded by global row, summed in fixed point)
+    give identical tables at any budget and number of searchers, so they stay out of the run's identity and a run
+    may resume with other values.  (An IVF index is built per partition: its approximate neighbours do depend on
+    the partitioning.)"""
 
     worker_memory_gb: Annotated[float, Field(gt=0)] = Field(
         16.0, description="per-worker memory budget: the vectors of one partition take at most a third of it "
-        "(the rest: the search index copy and the Arrow read); a pool that fits one partition runs in-process")
+        "(the rest: the search index copy and the Arrow read); a pool that fits is one partition of the same engine")
     query_block: PositiveInt = Field(65_536, description="queries per streamed block (one result file each)")
     searchers: Annotated[int, Field(ge=0)] = Field(
         0, description="partitions held at once (one searcher actor each); 0 = one per GPU, else per CPU of the "
         "cluster")
-    partitioned: Literal["auto", "always"] = Field(
-        "auto", description="auto: the partitioned path only for a pool larger than one partition; always: also "
-        "for one (cluster retrieval then runs Lloyd k-means, as at scale, instead of in-process FAISS k-means)")
 
 
 class ImagesConfig(Section):
@@ -374,6 +375,7 @@ MOVED_KEYS = {
     "dedup.descriptor": "moved to sscd.descriptor",
     "sscd.bf16": "was replaced by sscd.precision (auto | bf16 | fp32; auto = bf16 on CUDA, as bf16: true was)",
     "ray.cpus_per_task": "was removed (it was never used)",
+    "scale.partitioned": "was removed (every pool runs the partitioned engine, one partition when it fits)",
     **{f"{section}.{key}": _IMAGES_KEY.format(key)
        for section, key in (("download", "jpeg_quality"), ("filter", "jpeg_quality"), ("shards", "jpeg_quality"),
                             ("download", "max_image_pixels"), ("filter", "max_image_pixels"),

@@ -1,14 +1,20 @@
-"""Lloyd k-means over a partitioned pool (cluster-based retrieval and hierarchical k-means at scale).
+"""The one Lloyd k-means of the global steps (cluster retrieval, every level of hierarchical k-means), over a pool
+held by partitions (one partition when it fits the budget; an array in memory is a plan of one partition too).
 
-Each iteration, every partition's worker (:class:`curation.distributed_knn.PartitionWorker`, a Ray actor or a
-local object) assigns its vectors to the current centroids and returns per-centroid float64 sums and counts; the
-driver adds them up in partition order and divides.  A centroid that receives no vector keeps its position.
-Initialisation is k-means++ (:func:`curation.retrieval.kmeans_pp_init`) on a uniform sample of the pool drawn by
-global row, so it is the same however the pool is partitioned.  Stops after ``niter`` iterations or when the
-centroids no longer move.
+* **Initialisation**: k-means++ (:func:`kmeans_pp_seed`) on a uniform sample of at most 64 k rows drawn by global
+  row (or by position in a row subset) with the seeded generator, so the seeds do not depend on the partitioning;
+  beyond :data:`KMEANSPP_BUDGET` multiply-adds, k random rows.
+* **Lloyd steps**: every partition's worker (:class:`curation.distributed_knn.PartitionWorker`, a Ray actor or a
+  local object) assigns its rows (:func:`curation.knn.nearest_centroid`: exact distances, ties to the smaller
+  centroid) and returns per-centroid sums in fixed point (int64) and counts; the driver adds them up (integer
+  addition: the same total in any grouping) and divides.  A centroid that receives no row keeps its position.  Stops
+  after ``niter`` steps or when the centroids no longer move (a fixed point stays fixed, so the result is the same
+  as running every step).  Each step reads each partition once at most: while one wave holds every partition the
+  searchers keep them in memory across steps.
+* ``rows``: k-means of a subset of the pool (the resampling steps of hierarchical k-means), given as global rows;
+  the final assignment still labels every row.
 
-Training on a sample only is an explicit option (``train_sample``): the Lloyd steps then run on that many rows
-drawn uniformly (held by the driver), and only the final assignment visits every partition.
+Memory: the driver holds k centroids, the sample, and two numbers per pool row (label, distance).
 """
 
 from __future__ import annotations
@@ -17,69 +23,98 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from curation.distributed_knn import Workers
+from curation.distributed_knn import FIXED_POINT, Workers
 from curation.partitions import PartitionPlan
-from curation.retrieval import assign, kmeans_pp_init
+
+KMEANSPP_BUDGET = 2e10  # multiply-adds allowed for k-means++ seeding; beyond it, random rows
 
 
 @dataclass
 class KMeansResult:
     centroids: np.ndarray  # float32 [k, d]
     labels: np.ndarray  # int64 [rows]: nearest centroid of every pool row (global row order)
+    d2: np.ndarray  # float32 [rows]: squared distance to it
     iterations: int
-    inertia: float  # summed squared distance at the last Lloyd step
+    inertia: float  # summed squared distance of the trained rows at the last Lloyd step
+
+
+def kmeans_pp_seed(sample: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding of k centroids among the rows of `sample` (float64 distances).
+
+    Random init puts most seeds in the dense regions and leaves small, well separated modes without a centroid,
+    which is exactly what balanced sampling must not miss."""
+    m, d = sample.shape
+    sq = (sample * sample).sum(1)
+    cents = np.empty((k, d), np.float32)
+    cents[0] = sample[rng.integers(m)]
+    best = np.maximum(sq - 2 * sample @ cents[0] + cents[0] @ cents[0], 0)
+    for i in range(1, k):
+        total = best.sum()
+        j = rng.choice(m, p=best / total) if total > 0 else rng.integers(m)
+        cents[i] = sample[j]
+        best = np.minimum(best, np.maximum(sq - 2 * sample @ cents[i] + cents[i] @ cents[i], 0))
+    return cents
+
+
+def _local_rows(plan: PartitionPlan, rows: np.ndarray) -> dict[int, np.ndarray]:
+    """Each partition's share of sorted global `rows`, as local rows."""
+    out = {}
+    for p in plan.partitions:
+        lo, hi = np.searchsorted(rows, [p.offset, p.offset + p.rows])
+        out[p.index] = rows[lo:hi] - p.offset
+    return out
 
 
 def take_rows(plan: PartitionPlan, workers: Workers, rows) -> np.ndarray:
     """The vectors at global `rows` (any order), fetched from the partitions that hold them."""
     rows = np.asarray(rows, np.int64)
     order = np.argsort(rows, kind="stable")
-    got = _sorted_rows(plan, workers, rows[order])
-    out = np.empty_like(got)
-    out[order] = got
+    local = _local_rows(plan, rows[order])
+    got = [g for g in workers.map_each("take", lambda p: (local[p.index],)) if len(g)]
+    flat = np.concatenate(got) if got else np.zeros((0, plan.dim), np.float32)
+    out = np.empty_like(flat)
+    out[order] = flat
     return out
 
 
-def _sorted_rows(plan: PartitionPlan, workers: Workers, rows: np.ndarray) -> np.ndarray:
-    out = []
-    for w, wave in enumerate(workers.waves):
-        local = [rows[(rows >= p.offset) & (rows < p.offset + p.rows)] - p.offset for p in wave]
-        with workers.opened(w) as handles:
-            out += workers.call_each(handles, "take", local)
-    return np.concatenate(out) if out else np.zeros((0, plan.dim), np.float32)
+def assign_all(plan: PartitionPlan, workers: Workers, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(label, squared distance) of every pool row to its nearest centroid, in global row order."""
+    if not plan.rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    res = workers.map("assign", np.ascontiguousarray(centroids, np.float32))
+    return np.concatenate([r[0] for r in res]), np.concatenate([r[1] for r in res])
 
 
 def partitioned_kmeans(plan: PartitionPlan, workers: Workers, k: int, niter: int = 20, seed: int = 0,
-                       init_sample: int = 0, train_sample: int = 0) -> KMeansResult:
-    """k-means (L2) of every row of `plan`; k is clamped to the number of rows."""
-    n = plan.rows
+                       rows: np.ndarray | None = None) -> KMeansResult:
+    """k-means (L2) of the rows of `plan` (or of the global `rows`, in their given order for the seeding); k is
+    clamped to the number of rows."""
+    n = plan.rows if rows is None else len(rows)
     k = max(1, min(int(k), n))
     rng = np.random.default_rng(seed)
-    m = min(n, init_sample or 64 * k)
-    sample = _sorted_rows(plan, workers, np.sort(rng.choice(n, m, replace=False)))
-    init = kmeans_pp_init(sample, k, rng)
-    cents = init if init is not None else sample[np.sort(rng.choice(m, k, replace=False))]
-    cents = np.ascontiguousarray(cents, np.float32)
-    train = None
-    if train_sample and train_sample < n:
-        train = _sorted_rows(plan, workers, np.sort(rng.choice(n, train_sample, replace=False)))
-    it = inertia = 0
-    for it in range(1, niter + 1):
-        if train is not None:
-            labels, d2 = assign(train, cents, device="cpu")
-            sums = np.zeros(cents.shape, np.float64)
-            np.add.at(sums, labels, train.astype(np.float64))
-            counts = np.bincount(labels, minlength=k)
-            inertia = float(d2.astype(np.float64).sum())
+    pick = (lambda r: r) if rows is None else (lambda r: np.asarray(rows, np.int64)[r])
+    it, inertia = 0, 0.0
+    if k == n:  # every row its own centroid
+        cents = take_rows(plan, workers, pick(np.arange(n)))
+    else:
+        m = min(n, 64 * k)
+        if float(k) * m * plan.dim > KMEANSPP_BUDGET:
+            cents = take_rows(plan, workers, pick(np.sort(rng.choice(n, k, replace=False))))
         else:
-            stats = workers.map("lloyd_stats", cents)
+            sample = take_rows(plan, workers, pick(np.arange(n) if m == n else rng.choice(n, m, replace=False)))
+            cents = kmeans_pp_seed(sample, k, rng)
+        cents = np.ascontiguousarray(cents, np.float32)
+        local = None if rows is None else _local_rows(plan, np.sort(np.asarray(rows, np.int64)))
+        for it in range(1, niter + 1):
+            stats = workers.map_each("lloyd_stats", lambda p: (cents, None if local is None else local[p.index]))
             sums = sum(s[0] for s in stats)
             counts = sum(s[1] for s in stats)
             inertia = float(sum(s[2] for s in stats))
-        new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], cents).astype(np.float32)
-        moved = not np.array_equal(new, cents)
-        cents = new
-        if not moved:
-            break
-    labels = np.concatenate(workers.map("assign", cents)) if n else np.zeros(0, np.int64)
-    return KMeansResult(cents, labels, it, inertia)
+            means = sums / (np.maximum(counts, 1)[:, None] * FIXED_POINT)
+            new = np.where(counts[:, None] > 0, means, cents).astype(np.float32)
+            moved = not np.array_equal(new, cents)
+            cents = new
+            if not moved:
+                break
+    labels, d2 = assign_all(plan, workers, cents)
+    return KMeansResult(np.ascontiguousarray(cents, np.float32), labels, d2, it, inertia)

@@ -2,13 +2,15 @@
 cluster scale).
 
 * :class:`PartitionWorker` holds one partition's vectors (:mod:`curation.partitions`): it searches query blocks
-  against them (CPU: ``faiss.knn`` brute force on the held array, no index copy; ``ivf_flat`` / ``ivf_pq``: a FAISS
-  IVF index of the partition; CUDA: fp32 torch matmul + top-k on the device) and serves the Lloyd steps of
-  :mod:`curation.distributed_kmeans`.
-* :class:`Workers` places them: on Ray one actor per partition (``num_gpus=1`` each when the cluster has GPUs, else
-  Ray's ``memory`` resource = the worker budget, single-threaded FAISS; SPREAD over nodes), at most ``searchers``
-  partitions at once (auto: one per GPU, else one per cluster CPU as far as cluster memory holds the budgets); more
-  partitions run in *waves*.  Without Ray the partitions are loaded one at a time in this process.
+  against them with :mod:`curation.knn` (candidates by ``faiss.knn`` on the held array, faiss-gpu, or torch
+  matmul + top-k on the device; ``ivf_flat`` / ``ivf_pq``: a FAISS IVF index of the partition; then exact
+  rescoring) and serves the Lloyd steps of :mod:`curation.distributed_kmeans`.
+* :class:`Workers` places them: on Ray one actor per partition (one GPU each where the device setting and the
+  cluster allow, :mod:`curation.gpu`; Ray's ``memory`` resource = the worker budget; never a CPU; SPREAD over
+  nodes), at most ``searchers`` partitions at once (auto: one per GPU, else one per cluster CPU as far as cluster
+  memory holds the budgets); more partitions run in *waves*.  Every wait on searchers is bounded
+  (``Placement.place_timeout_s``, ``call_timeout_s``) and its error names the resources asked for.  Without Ray the
+  partitions are loaded one at a time in this process.
 * :func:`partitioned_knn` streams query blocks through every partition and merges each query's top-k exactly
   (order: similarity, then smaller global id, so the result does not depend on how the pool is partitioned).
   Each finished block is one Parquet file (written under a temporary name and renamed); a rerun skips finished
@@ -24,8 +26,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -34,10 +36,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curation import knn
 from curation.partitions import Partition, PartitionPlan, iter_query_blocks, read_partition
 from curation.storage import atomic_path
 
-SCORE_BYTES = 64 * 2**20  # the torch path scores at most this many bytes of a query block at once
+SCORE_BYTES = 64 * 2**20  # k-means assigns at most this many bytes of a partition at once
+
+
+#: k-means sums are taken in fixed point (int64 units of 2**-30): integer addition is associative, so the centroids do
+#: not depend on how the pool is partitioned; unit vectors keep ~9 decimal digits, and 2**33 rows cannot overflow
+FIXED_POINT = 2.0**30
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak resident memory (VmHWM), not a maximum inherited from a parent as ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------- merging
@@ -75,11 +94,14 @@ class PartitionWorker:
                  rerank: int = 0):
         import faiss
 
+        from curation import gpu
+
         if threads:
             faiss.omp_set_num_threads(threads)
         self.part = part
         _, self.x = read_partition(part, keys_filter, with_keys=False)
-        self.device = device
+        # a searcher placed on a GPU slot that this process cannot use (no CUDA here) searches on the CPU
+        self.device = gpu.resolve(device, fallback=True)
         self.ivf = None
         self.index = "exact"
         if index != "exact" and len(self.x) >= 2:
@@ -89,99 +111,68 @@ class PartitionWorker:
         self.rerank = rerank if index == "ivf_pq" else 0
         if self.rerank > 1:
             self.index += f",rerank{self.rerank}x"
-        self.xt = None
-        if device.startswith("cuda"):
-            import torch
-
-            self.xt = torch.from_numpy(self.x).to(device)
+        self.backend = knn.default_backend(self.device)
+        self.device_db = knn.device_parts(self.x, self.device) if self.backend == "torch" and len(self.x) else None
 
     def info(self) -> dict:
-        """Where this worker runs and its peak memory so far (ru_maxrss: kB on Linux)."""
-        try:
-            import ray
-
-            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-        except ImportError:  # pragma: no cover
-            node = "local"
+        """Where this worker runs, on which device, and its peak resident memory (VmHWM of this process)."""
+        ray = sys.modules.get("ray")  # only a Ray actor asks Ray; an in-process worker does not import it
+        node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else "local"
         return {"partition": self.part.index, "rows": len(self.x), "pid": os.getpid(), "node": node,
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "index": self.index}
+                "device": self.device, "peak_rss_bytes": peak_rss_bytes(), "index": self.index}
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k of each query in this partition: (sims float32 [nq, k], global ids int64 [nq, k]), -1 padded."""
+        """Top-k of each query in this partition: (sims float32 [nq, k], global ids int64 [nq, k]), -1 padded;
+        similarities rescored exactly (:func:`curation.knn.rescore`), so they do not depend on the partitioning."""
         n = len(self.x)
-        kk = min(k, n)
         q = np.ascontiguousarray(q, np.float32)
-        if kk == 0 or len(q) == 0:
-            sims, ids = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-        elif self.ivf is not None and self.rerank > 1:
-            # PQ codes rank coarsely: rerank * k candidates re-ranked with the exact vectors this worker holds
-            from curation.retrieval import rerank_exact
-
-            _, cand = self.ivf.search(q, min(n, self.rerank * kk))
-            sims, ids = rerank_exact(q, self.x, cand, kk)
-        elif self.ivf is not None:
-            sims, ids = self.ivf.search(q, kk)
-        elif self.xt is not None:
-            sims, ids = self._search_torch(q, kk)
+        if min(k, n) == 0 or len(q) == 0:
+            return merge_topk([np.zeros((len(q), 0), np.float32)], [np.zeros((len(q), 0), np.int64)], k)
+        if self.ivf is not None:
+            # IVF ranks coarsely (PQ codes) or over probed lists only: its candidates, rescored with the vectors held
+            _, cand = self.ivf.search(q, min(n, max(self.rerank, 1) * k + knn.TIE_MARGIN))
         else:
-            import faiss
-
-            sims, ids = faiss.knn(q, self.x, kk, metric=faiss.METRIC_INNER_PRODUCT)
-        ids = np.asarray(ids, np.int64)
-        sims = np.where(ids < 0, -np.inf, sims).astype(np.float32)
+            cand = knn.candidates(q, self.x, k + knn.TIE_MARGIN, self.backend, self.device_db)
+        sims, ids = knn.rescore(q, self.x, np.asarray(cand, np.int64), k)
         ids = np.where(ids < 0, -1, ids + self.part.offset)
         return merge_topk([sims], [ids], k)
 
-    def _search_torch(self, q: np.ndarray, k: int):
-        import torch
-
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 products
-        try:
-            step = max(1, SCORE_BYTES // (4 * len(self.x)))
-            sims, ids = [], []
-            with torch.inference_mode():
-                for s in range(0, len(q), step):
-                    qt = torch.from_numpy(q[s:s + step]).to(self.xt.device)
-                    v, i = torch.topk(qt @ self.xt.T, k, dim=1)
-                    sims.append(v.cpu().numpy())
-                    ids.append(i.cpu().numpy())
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev
-        return np.concatenate(sims), np.concatenate(ids)
-
     # -- Lloyd k-means (curation.distributed_kmeans) ------------------------------------------------------------
-    def _assign_chunks(self, centroids: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        from curation.retrieval import assign
+    def _assign_chunks(self, centroids: np.ndarray, rows: np.ndarray | None
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(local rows, labels, squared distances) of this partition's rows (or `rows`), chunk by chunk."""
+        rows = np.arange(len(self.x)) if rows is None else np.asarray(rows, np.int64)
+        step = max(1, SCORE_BYTES // (4 * (self.x.shape[1] + 1)))  # assignment copies a chunk with one extra column
+        for s in range(0, len(rows), step):
+            r = rows[s:s + step]
+            labels, d2 = knn.nearest_centroid(self.x[r], centroids, self.device)
+            yield r, labels, d2
 
-        device = self.device if self.device.startswith("cuda") else "cpu"
-        step = max(1, SCORE_BYTES // (4 * (self.x.shape[1] + 1)))  # assign copies a chunk with one extra column
-        for s in range(0, len(self.x), step):
-            labels, d2 = assign(self.x[s:s + step], centroids, device=device)
-            yield s, labels, d2
-
-    def lloyd_stats(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-        """Per-centroid float64 sums and int64 counts of the partition's vectors assigned to them, and the summed
-        squared distance."""
+    def lloyd_stats(self, centroids: np.ndarray, rows: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Per-centroid sums (int64, fixed point: x * FIXED_POINT rounded, so that adding partitions in any grouping
+        gives the same total) and int64 counts of this partition's vectors (or local `rows`) assigned to them, and
+        the summed squared distance."""
         k, d = centroids.shape
-        sums = np.zeros((k, d), np.float64)
+        sums = np.zeros((k, d), np.int64)
         counts = np.zeros(k, np.int64)
         inertia = 0.0
-        for s, labels, d2 in self._assign_chunks(centroids):
-            chunk = self.x[s:s + len(labels)].astype(np.float64)
+        for r, labels, d2 in self._assign_chunks(centroids, rows):
+            fixed = np.rint(self.x[r].astype(np.float64) * FIXED_POINT).astype(np.int64)
             order = np.argsort(labels, kind="stable")
             uniq, starts = np.unique(labels[order], return_index=True)
-            sums[uniq] += np.add.reduceat(chunk[order], starts, axis=0)
+            sums[uniq] += np.add.reduceat(fixed[order], starts, axis=0)
             counts += np.bincount(labels, minlength=k)
             inertia += float(d2.astype(np.float64).sum())
         return sums, counts, inertia
 
-    def assign(self, centroids: np.ndarray) -> np.ndarray:
-        """Nearest centroid (L2) of every row, int64."""
-        out = np.empty(len(self.x), np.int64)
-        for s, labels, _ in self._assign_chunks(centroids):
-            out[s:s + len(labels)] = labels
-        return out
+    def assign(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest centroid (L2) of every row: (labels int64, squared distances float32)."""
+        labels = np.empty(len(self.x), np.int64)
+        d2 = np.empty(len(self.x), np.float32)
+        for r, lab, dist in self._assign_chunks(centroids, None):
+            labels[r], d2[r] = lab, dist
+        return labels, d2
 
     def take(self, local_rows: np.ndarray) -> np.ndarray:
         return self.x[np.asarray(local_rows, np.int64)]
@@ -199,12 +190,20 @@ class Placement:
     pq_m: int = 0
     rerank: int = 0  # ivf_pq: re-rank this many x k candidates exactly
     seed: int = 0
+    place_timeout_s: float = 600.0  # a searcher not placed and loaded within this is an error naming its resources
+    call_timeout_s: float = 6 * 3600.0  # one call on the searchers of a wave (guards against a lost actor only)
 
 
 class Workers:
-    """Opens PartitionWorkers for a plan, wave by wave; keeps them open across calls when one wave holds all."""
+    """Opens PartitionWorkers for a plan, wave by wave; keeps them open across calls when one wave holds all.
+
+    On Ray each searcher asks for one GPU where the device setting and the cluster allow (:mod:`curation.gpu`),
+    and for the memory budget; never for a CPU: the stage worker that drives them holds one (and no GPU), and
+    several stage workers may run at once - waiting for resources they hold would deadlock."""
 
     def __init__(self, plan: PartitionPlan, placement: Placement):
+        from curation import gpu
+
         self.plan = plan
         self.pl = placement
         self.infos: list[dict] = []  # info() of every worker opened, for peak-memory reports
@@ -214,19 +213,23 @@ class Workers:
 
             self.ray = ray
             total = ray.cluster_resources()
-            self.gpu = placement.device != "cpu" and total.get("GPU", 0) >= 1
-            # CPU searchers ask for the memory budget, not a CPU: the stage worker that drives them holds one, and
-            # several workers may run at once; waiting for CPUs they hold would deadlock
+            self.gpus = gpu.worker_gpus(placement.device)
             node_mem = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
             self.memory = int(min(plan.budget_bytes, 0.9 * node_mem)) if node_mem else 0
             fit = int(total.get("memory", 0) // self.memory) if self.memory else len(plan.partitions)
-            auto = int(total.get("GPU", 0)) if self.gpu else max(1, min(int(total.get("CPU", 1)), fit))
+            auto = max(1, int(total.get("GPU", 0))) if self.gpus else max(1, min(int(total.get("CPU", 1)), fit))
+            self.device = "cuda" if self.gpus else "cpu"  # a searcher without CUDA falls back to its CPU
         else:
             self.ray = None
-            self.gpu = placement.device.startswith("cuda") or (placement.device == "auto" and _local_cuda())
+            self.gpus = 0
+            self.memory = 0
             auto = 1  # in-process: one partition in memory at a time
+            self.device = gpu.resolve(placement.device, fallback=True)
         self.width = max(1, min(placement.searchers or auto, len(plan.partitions) or 1))
-        self.device = "cuda" if self.gpu else "cpu"
+
+    def resources(self) -> dict:
+        """What one searcher actor asks Ray for."""
+        return {"num_cpus": 0, "num_gpus": self.gpus, "memory": self.memory}
 
     @property
     def waves(self) -> list[list[Partition]]:
@@ -239,22 +242,40 @@ class Workers:
                     nprobe=pl.nprobe, seed=pl.seed, pq_m=pl.pq_m, rerank=pl.rerank)
         if self.ray is None:
             return [PartitionWorker(p, **args) for p in parts]
-        actor = self.ray.remote(PartitionWorker).options(
-            num_cpus=0, num_gpus=1 if self.gpu else 0, memory=0 if self.gpu else self.memory,
-            scheduling_strategy="SPREAD")
-        return [actor.remote(p, threads=0 if self.gpu else 1, **args) for p in parts]
+        actor = self.ray.remote(PartitionWorker).options(**self.resources(), scheduling_strategy="SPREAD")
+        handles = [actor.remote(p, threads=0 if self.gpus else 1, **args) for p in parts]
+        refs = [h.info.remote() for h in handles]
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=pl.place_timeout_s)
+        if len(ready) < len(refs):
+            waiting = [p.index for p, r in zip(parts, refs) if r not in ready]
+            for h in handles:
+                self.ray.kill(h)
+            raise RuntimeError(
+                f"searchers of partitions {waiting} asking {self.resources()} could not be placed (or load their "
+                f"partition) within {pl.place_timeout_s:.0f} s; the cluster has {self.ray.cluster_resources()}")
+        self.ray.get(refs)  # a searcher that failed to start raises its error here
+        return handles
+
+    def _get(self, refs: list, method: str, handles: list) -> list:
+        from ray.exceptions import GetTimeoutError
+
+        try:
+            return self.ray.get(refs, timeout=self.pl.call_timeout_s)
+        except GetTimeoutError:
+            raise RuntimeError(f"searchers ({len(handles)}, asking {self.resources()}) did not answer {method} "
+                               f"within {self.pl.call_timeout_s:.0f} s") from None
 
     def call(self, handles: list, method: str, *args) -> list:
         if self.ray is None:
             return [getattr(h, method)(*args) for h in handles]
         refs = [self.ray.put(a) if isinstance(a, np.ndarray) else a for a in args]
-        return self.ray.get([getattr(h, method).remote(*refs) for h in handles])
+        return self._get([getattr(h, method).remote(*refs) for h in handles], method, handles)
 
     def call_each(self, handles: list, method: str, per_handle_args: list) -> list:
-        """method(arg) on each handle with its own argument."""
+        """method(*args) on each handle with its own argument tuple."""
         if self.ray is None:
-            return [getattr(h, method)(a) for h, a in zip(handles, per_handle_args)]
-        return self.ray.get([getattr(h, method).remote(a) for h, a in zip(handles, per_handle_args)])
+            return [getattr(h, method)(*a) for h, a in zip(handles, per_handle_args)]
+        return self._get([getattr(h, method).remote(*a) for h, a in zip(handles, per_handle_args)], method, handles)
 
     def close(self, handles: list) -> None:
         try:
@@ -284,10 +305,14 @@ class Workers:
 
     def map(self, method: str, *args) -> list:
         """method(*args) on every partition, results in partition order."""
+        return self.map_each(method, lambda part: args)
+
+    def map_each(self, method: str, args_of) -> list:
+        """method(*args_of(partition)) on every partition, results in partition order."""
         out = []
-        for w in range(len(self.waves)):
+        for w, wave in enumerate(self.waves):
             with self.opened(w) as handles:
-                out += self.call(handles, method, *args)
+                out += self.call_each(handles, method, [tuple(args_of(p)) for p in wave])
         return out
 
     def release(self) -> None:
@@ -300,15 +325,6 @@ class Workers:
 
     def __exit__(self, *exc):
         self.release()
-
-
-def _local_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        return False
 
 
 # ------------------------------------------------------------------------------------------------- search

@@ -1,5 +1,6 @@
-"""The dedup graph (DINOv2 App. A.3) of a pool held by partitions: the same nodes, edges and components as
-:func:`curation.stages.dedup.dedup_graph`, with the edges spilled per query block.
+"""The dedup graph (DINOv2 App. A.3) of a pool held by partitions (one when it fits the budget): the one
+implementation the dedup stage and :func:`curation.stages.dedup.dedup_graph` (arrays in memory) run, with the
+edges spilled per query block.
 
 * self graph: :func:`curation.distributed_knn.partitioned_knn` of the pool against itself (own match removed),
   edges where similarity > ``threshold`` written per query block;
@@ -8,9 +9,8 @@
 * components: :func:`curation.edge_components.streamed_components` over both edge sets (int64 labels, memory
   O(nodes)).
 
-:func:`partitioned_dedup_graph` returns the arrays of ``dedup_graph``'s result (n x k neighbour tables, assembled
-from the block files), which the dedup stage uses when the pool exceeds one partition (``pool_plan(...)`` is not
-None); the edge files and the per-block results stay under ``work_dir`` for a stage that streams them instead.
+:func:`partitioned_dedup_graph` returns the graph's arrays (n x k neighbour tables, assembled from the block
+files); the edge files and the per-block results stay under ``work_dir`` for a stage that streams them instead.
 """
 
 from __future__ import annotations

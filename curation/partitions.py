@@ -9,13 +9,17 @@ the optional key filter; a partition knows its first global row (``offset``).
 Only Parquet metadata is read to plan (the key column too when a key filter applies), and
 :func:`read_partition` fills one preallocated float32 array file by file, so no step holds more than one
 partition plus one file's Arrow table; nothing concatenates the whole pool.
+
+A pool that fits one partition is a plan of one partition: the global steps have one implementation, whatever the
+budget.  :func:`array_plan` makes a plan of an array already in memory (the centroids of a k-means level, a test's
+vectors), so the same code serves it too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -35,6 +39,7 @@ class Partition:
     rows: int  # rows after the key filter
     offset: int  # first global row
     dim: int
+    data: np.ndarray | None = field(default=None, compare=False, repr=False)  # vectors held in memory (array_plan)
 
     @property
     def nbytes(self) -> int:
@@ -57,9 +62,13 @@ class PartitionPlan:
 
     def signature(self) -> str:
         """Changes whenever the partitions or their files do (a resumed search checks it)."""
-        parts = [asdict(p) for p in self.partitions]
+        parts = [[p.index, list(p.files), p.rows, p.offset, p.dim] for p in self.partitions]
         stamps = [[f, Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for p in self.partitions for f in p.files]
-        return hashlib.sha256(json.dumps([parts, stamps]).encode()).hexdigest()[:16]
+        h = hashlib.sha256(json.dumps([parts, stamps]).encode())
+        for p in self.partitions:
+            if p.data is not None:
+                h.update(np.ascontiguousarray(p.data).tobytes())
+        return h.hexdigest()[:16]
 
 
 def budget_bytes(worker_memory_gb: float) -> int:
@@ -123,9 +132,23 @@ def plan_partitions(paths: Iterable[str | Path], worker_memory_gb: float,
     return PartitionPlan(parts, budget, keys_filter)
 
 
+def array_plan(x: np.ndarray, partitions: int = 1) -> PartitionPlan:
+    """A plan over the rows of an array in memory, cut into `partitions` contiguous partitions (views)."""
+    x = np.ascontiguousarray(x, np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-d array, got shape {x.shape}")
+    n = len(x)
+    bounds = np.linspace(0, n, max(1, min(int(partitions), n or 1)) + 1).round().astype(int)
+    parts = [Partition(i, (), int(b - a), int(a), x.shape[1], x[a:b])
+             for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a or n == 0]
+    return PartitionPlan(parts, 3 * max(x.nbytes, 1))
+
+
 def read_partition(part: Partition, keys_filter: pa.Array | None = None,
                    with_keys: bool = True) -> tuple[list[str] | None, np.ndarray]:
     """(keys in row order or None, float32 [rows, dim]) of one partition, one file in memory at a time."""
+    if part.data is not None:
+        return None, part.data
     out = np.empty((part.rows, part.dim), np.float32)
     keys: list[str] | None = [] if with_keys else None
     at = 0

@@ -2,17 +2,20 @@
 
 All embeddings are L2-normalised, so cosine similarity is the inner product.
 
-* :func:`search`: k nearest database vectors of each query, exact (``curation.vectors.knn``) or with a FAISS IVF
-  index (``ivf_flat`` / ``ivf_pq``), whose recall@k against exact search is measured on a query sample.
+* :func:`search`: k nearest database vectors of each query, exact or with a FAISS IVF index (``ivf_flat`` /
+  ``ivf_pq``), whose recall@k against exact search is measured on a query sample: an array is a pool of one
+  partition of the engine (:func:`curation.partitioned_pool.array_pool`), the stage's pool is searched by the same
+  code.
 * :func:`sample_select`: DINOv2 sample-based retrieval: the k nearest pool images of each anchor; each selected
   pool image keeps its best match (highest similarity, then lower rank, then earlier anchor).
-* :func:`kmeans` / :func:`assign`: FAISS k-means (GPU when FAISS has one) and nearest-centroid assignment (L2, done
-  as an inner product on augmented vectors so it runs on the same exact k-NN as everything else).
+* :func:`kmeans` / :func:`assign`: the engine's Lloyd k-means (:mod:`curation.distributed_kmeans`) of an array and
+  nearest-centroid assignment (:func:`curation.knn.nearest_centroid`).
 * :func:`cluster_select`: DINOv2 cluster-based retrieval: pool clusters holding more than m anchors contribute up
   to n random pool images each; the total is capped per anchor set.
 * :func:`hierarchical_kmeans` / :func:`balanced_sample`: Vo et al. 2024 (arXiv 2405.15613): k-means level by level
   (each level clusters the previous level's centroids) with resampling steps (k-means again on the s points
-  closest to each centroid, then reassign everything), then top-down balanced sampling.
+  closest to each centroid, then reassign everything), then top-down balanced sampling; level 0 runs on the
+  pool's partitions (never a whole-pool array), the levels above on the centroids.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from curation.vectors import knn
 
 
 # ------------------------------------------------------------------------------------------------- search
@@ -68,14 +70,6 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     return float(np.sum(hits) / exact_ids.size)
 
 
-def rerank_exact(q: np.ndarray, database: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best of each query's candidate rows (-1 = none) by exact inner product: (sims, ids)."""
-    exact = np.einsum("qd,qkd->qk", q, database[np.maximum(cand, 0)])
-    exact[cand < 0] = -np.inf
-    top = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(exact, top, 1), np.take_along_axis(cand, top, 1)
-
-
 @dataclass
 class SearchResult:
     sims: np.ndarray  # float32 [nq, k]
@@ -87,24 +81,13 @@ class SearchResult:
 def search(queries: np.ndarray, database: np.ndarray, k: int, index: str = "exact", *, nlist: int = 0,
            nprobe: int = 32, pq_m: int = 0, recall_sample: int = 1000, seed: int = 0,
            device: str = "auto", rerank: int = 4) -> SearchResult:
-    k = min(int(k), len(database))
-    if index == "exact" or len(database) < 2 or len(queries) == 0:
-        sims, ids = knn(queries, database, k, device=device)
-        return SearchResult(sims, ids, 1.0 if len(queries) else None, "exact")
-    idx, desc = build_ivf(database, index, nlist, nprobe, pq_m, seed)
-    q = np.ascontiguousarray(queries, np.float32)
-    if index == "ivf_pq" and rerank > 1:
-        # PQ codes rank coarsely: take rerank * k candidates, re-rank them with the exact vectors (held anyway)
-        kk = min(len(database), rerank * k)
-        _, cand = idx.search(q, kk)
-        sims, ids = rerank_exact(q, database, cand, k)
-        desc += f",rerank{kk}"
-    else:
-        sims, ids = idx.search(q, k)
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(len(queries), min(recall_sample, len(queries)), replace=False))
-    _, exact = knn(queries[sample], database, k, device=device)
-    return SearchResult(sims.astype(np.float32), ids.astype(np.int64), recall_at_k(ids[sample], exact), desc)
+    """k nearest rows of the array `database` for each query, by the engine on one partition."""
+    from curation.distributed_knn import Placement
+    from curation.partitioned_pool import array_pool
+
+    pl = Placement(device=device, index=index, nlist=nlist, nprobe=nprobe, pq_m=pq_m, rerank=rerank, seed=seed)
+    with array_pool(database, placement=pl) as pool:
+        return pool.search(queries, k, "search", recall_sample)
 
 
 #: a searched set whose 5th-percentile similarity reaches this finds everything "identical": a collapsed or random
@@ -141,69 +124,20 @@ def sample_select(sims: np.ndarray, ids: np.ndarray):
 
 
 # ------------------------------------------------------------------------------------------------- k-means
-def faiss_has_gpu() -> bool:
-    try:
-        import faiss
+def kmeans(x, k: int, niter: int = 20, seed: int = 0) -> np.ndarray:
+    """Lloyd k-means (L2) of the rows of an array, seeded by k-means++; k is clamped to len(x).  Returns centroids
+    [k, d] (the engine's :func:`curation.distributed_kmeans.partitioned_kmeans` on one partition)."""
+    from curation.partitioned_pool import array_pool
 
-        return faiss.get_num_gpus() > 0
-    except Exception:  # noqa: BLE001
-        return False
-
-
-KMEANSPP_BUDGET = 2e10  # multiply-adds allowed for k-means++ seeding; beyond it, FAISS's random init
-
-
-def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray | None:
-    """k-means++ seeding on a sample of at most 64 k points (None when too costly: then FAISS's random init).
-
-    Random init puts most seeds in the dense regions and leaves small, well separated modes without a centroid,
-    which is exactly what balanced sampling must not miss."""
-    n, d = x.shape
-    m = min(n, 64 * k)
-    if float(k) * m * d > KMEANSPP_BUDGET:
-        return None
-    sample = x if m == n else x[rng.choice(n, m, replace=False)]
-    sq = (sample * sample).sum(1)
-    cents = np.empty((k, d), np.float32)
-    cents[0] = sample[rng.integers(m)]
-    best = np.maximum(sq - 2 * sample @ cents[0] + cents[0] @ cents[0], 0)
-    for i in range(1, k):
-        total = best.sum()
-        j = rng.choice(m, p=best / total) if total > 0 else rng.integers(m)
-        cents[i] = sample[j]
-        best = np.minimum(best, np.maximum(sq - 2 * sample @ cents[i] + cents[i] @ cents[i], 0))
-    return cents
-
-
-def kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, init: np.ndarray | None = None) -> np.ndarray:
-    """FAISS k-means (L2), on GPU when FAISS has one, seeded by k-means++ when affordable; k is clamped to
-    len(x).  Returns centroids [k, d]."""
-    import faiss
-
-    x = np.ascontiguousarray(x, np.float32)
-    k = max(1, min(int(k), len(x)))
-    if k == len(x):
-        return x.copy()
-    if init is None:
-        init = kmeans_pp_init(x, k, np.random.default_rng(seed))
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, gpu=faiss_has_gpu(),
-                      min_points_per_centroid=1, max_points_per_centroid=256)
-    km.train(x, init_centroids=None if init is None else np.ascontiguousarray(init, np.float32))
-    return km.centroids.copy()
+    with array_pool(x) as pool:
+        return pool.kmeans(k, niter, seed).centroids
 
 
 def assign(x: np.ndarray, centroids: np.ndarray, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid by L2 distance -> (labels int64, squared distances float32).
+    """Nearest centroid by L2 distance -> (labels int64, squared distances float32)."""
+    from curation.knn import nearest_centroid
 
-    argmin |x - c|^2 = argmax (2 x.c - |c|^2): an inner-product search of [x, 1] against [2c, -|c|^2]."""
-    x = np.ascontiguousarray(x, np.float32)
-    c = np.ascontiguousarray(centroids, np.float32)
-    cn = (c * c).sum(1)
-    qa = np.hstack([x, np.ones((len(x), 1), np.float32)])
-    ca = np.hstack([2 * c, -cn[:, None]])
-    sims, ids = knn(qa, ca, 1, device=device)
-    d2 = np.maximum((x * x).sum(1) - sims[:, 0], 0)
-    return ids[:, 0], d2.astype(np.float32)
+    return nearest_centroid(x, centroids, device)
 
 
 def sensible_clusters(requested: int, n: int, min_size: int = 4) -> int:
@@ -248,39 +182,50 @@ def cluster_select(pool_labels: np.ndarray, anchor_labels: np.ndarray, n_cluster
 class Level:
     centroids: np.ndarray  # [k, d]
     assignment: np.ndarray  # [n_prev]: cluster of each item of the level below (points for level 0)
+    d2: np.ndarray | None = None  # [n_prev]: squared distance of each item to its centroid
 
 
-def hierarchical_kmeans(x: np.ndarray, levels: list[int], resampling_steps: int = 1,
-                        resample_sizes: list[int] | None = None, niter: int = 20, seed: int = 0,
-                        device: str = "auto") -> list[Level]:
-    """Level 0 clusters the points, level l the centroids of level l-1; each level's k is clamped to its input.
+def hierarchical_kmeans(x, levels: list[int], resampling_steps: int = 1, resample_sizes: list[int] | None = None,
+                        niter: int = 20, seed: int = 0, device: str = "auto") -> list[Level]:
+    """Level 0 clusters the points (`x`: an array, or a :class:`curation.partitioned_pool.PartitionedPool`, whose
+    partitions are never loaded whole), level l the centroids of level l-1; each level's k is clamped to its input.
 
     Resampling step (Vo et al., Alg. 1): take the s items closest to each centroid, run k-means on their union,
     reassign every item to the new centroids.  Small clusters give all their items and large ones only s, so the
     centroids spread over the data's modes instead of crowding its dense regions."""
+    from curation.distributed_knn import Placement
+    from curation.partitioned_pool import PartitionedPool, array_pool
+
     out: list[Level] = []
-    items = np.ascontiguousarray(x, np.float32)
-    for li, k in enumerate(levels):
-        k = max(1, min(int(k), len(items)))
-        cents = kmeans(items, k, niter, seed + li)
-        labels, d2 = assign(items, cents, device)
-        s = resample_sizes[li] if resample_sizes else max(2, len(items) // k // 2)
-        for step in range(resampling_steps):
-            order = np.lexsort((d2, labels))  # by cluster, then distance to its centroid
-            lab_sorted = labels[order]
-            starts = np.searchsorted(lab_sorted, np.arange(k))
-            pos = np.arange(len(order)) - starts[lab_sorted]
-            sample = items[order[pos < s]]
-            if len(sample) < k:
-                break
-            cents = kmeans(sample, k, niter, seed + 1000 * (step + 1) + li)
-            labels, d2 = assign(items, cents, device)
-        # drop empty clusters so every centroid above stands for real items
-        used = np.unique(labels)
-        remap = np.full(k, -1, np.int64)
-        remap[used] = np.arange(len(used))
-        out.append(Level(cents[used], remap[labels]))
-        items = cents[used]
+    pool = x if isinstance(x, PartitionedPool) else array_pool(x, placement=Placement(device=device))
+    try:
+        for li, k in enumerate(levels):
+            if li:
+                pool.close()
+                pool = array_pool(out[-1].centroids, placement=Placement(device=device))
+            n = len(pool)
+            k = max(1, min(int(k), n))
+            res = pool.kmeans(k, niter, seed + li)
+            cents, labels, d2 = res.centroids, res.labels, res.d2
+            s = resample_sizes[li] if resample_sizes else max(2, n // k // 2)
+            for step in range(resampling_steps):
+                order = np.lexsort((d2, labels))  # by cluster, then distance to its centroid
+                lab_sorted = labels[order]
+                starts = np.searchsorted(lab_sorted, np.arange(k))
+                pos = np.arange(len(order)) - starts[lab_sorted]
+                subset = order[pos < s]
+                if len(subset) < k:
+                    break
+                res = pool.kmeans(k, niter, seed + 1000 * (step + 1) + li, rows=subset)
+                cents, labels, d2 = res.centroids, res.labels, res.d2
+            # drop empty clusters so every centroid above stands for real items
+            used = np.unique(labels)
+            remap = np.full(k, -1, np.int64)
+            remap[used] = np.arange(len(used))
+            out.append(Level(cents[used], remap[labels], d2))
+    finally:
+        if pool is not x:
+            pool.close()
     return out
 
 
@@ -303,11 +248,11 @@ def allocate(budget: int, capacities: np.ndarray, rng: np.random.Generator) -> n
     return alloc
 
 
-def balanced_sample(levels: list[Level], target: int, seed: int = 0, strategy: str = "random",
-                    points: np.ndarray | None = None) -> np.ndarray:
+def balanced_sample(levels: list[Level], target: int, seed: int = 0, strategy: str = "random") -> np.ndarray:
     """Top-down balanced sampling: the budget is split equally among the top level's clusters, each cluster's
     share equally among its children, and so on down to the points (``random`` members, or the ``closest`` to
-    their level-0 centroid, which needs `points`).  Returns sorted point indices."""
+    their level-0 centroid by the distances level 0 recorded, ties to the smaller index).  Returns sorted point
+    indices."""
     rng = np.random.default_rng(seed)
     L = len(levels)
     # members[l][c] = items of level l-1 (points for l = 0) in cluster c of level l
@@ -330,9 +275,8 @@ def balanced_sample(levels: list[Level], target: int, seed: int = 0, strategy: s
                 continue
             if level == 0:
                 m = members[0][c]
-                if strategy == "closest" and points is not None:
-                    d = ((points[m] - levels[0].centroids[c]) ** 2).sum(1)
-                    chosen.append(m[np.argsort(d, kind="stable")[:a]])
+                if strategy == "closest":
+                    chosen.append(m[np.argsort(levels[0].d2[m], kind="stable")[:a]])
                 else:
                     chosen.append(rng.choice(m, a, replace=False))
             else:

@@ -5,8 +5,7 @@ retrieve, shards, report).
   vector per key; :func:`descriptor_table` writes one, :func:`load_descriptors` / :func:`table_vectors` are the one
   reader, converting chunk by chunk to ``(keys, float32 [N, D])`` (a whole pool's vectors exceed the int32 list
   offsets that combining the chunks into one list array would need: 2**31 floats, ~4.2M x 512-d).
-* :func:`knn` is the one call site for exact inner-product k-NN: :func:`curation.knn.knn_search` (FAISS flat on
-  CPU, chunked torch matmul + top-k on CUDA).
+(k-NN search lives in :mod:`curation.knn`, the one search of every global step.)
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.knn import knn_search
 from curation.storage import read_table
 
 
@@ -72,15 +70,3 @@ def load_descriptors(paths: Iterable[Path], keys: Iterable[str] | None = None) -
     order = pc.sort_indices(t["key"]).to_numpy()
     keys_sorted = np.asarray(t["key"].to_pylist(), dtype=object)[order].tolist()
     return keys_sorted, table_vectors(t)[order]
-
-
-# ------------------------------------------------------------------------------------------------- k-NN
-def knn(queries: np.ndarray, database: np.ndarray, k: int, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product k-NN: (sims float32 [nq, k'], ids int64 [nq, k']) with k' = min(k, len(database)),
-    best first."""
-    k = min(int(k), len(database))
-    if len(queries) == 0 or k == 0:
-        return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
-    sims, ids = knn_search(np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(database, np.float32),
-                           k, device=device)
-    return np.asarray(sims, np.float32), np.asarray(ids, np.int64)

@@ -72,26 +72,3 @@ def torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(prev)
-
-
-def cluster_has_gpu() -> bool:
-    """Whether the Ray cluster this process is connected to (else this host) has a GPU."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.cluster_resources().get("GPU", 0) > 0
-    except ImportError:  # pragma: no cover
-        pass
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def wants_gpu(device: str) -> int:
-    """1 when a stage's workers should ask Ray for a GPU: 'cuda', or 'auto' and the cluster (or this host) has one."""
-    if device == "cpu":
-        return 0
-    if device == "cuda":
-        return 1
-    return int(cluster_has_gpu())

@@ -42,17 +42,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from curation import gpu
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def resolve_device(device: str, setting: str = "embed.device") -> torch.device:
-    """'auto' -> CUDA when visible, else CPU; 'cuda' without a visible CUDA device is an error naming `setting`."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"{setting} is 'cuda' but no CUDA device is visible to this process")
-    return torch.device(device)
 
 
 def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
@@ -320,7 +313,7 @@ class CopyPixelEmbedder(Embedder):
 
 def build_embedder(settings, device: str | None = None) -> Embedder:
     """Build the embedder the embed settings (an EmbedConfig) describe (see the module docstring)."""
-    dev = resolve_device(device or settings.device, "embed.device")
+    dev = torch.device(gpu.resolve(device or settings.device, "embed.device"))
     precision = getattr(settings, "precision", "auto")
     name = settings.model
     if name == "pixels":
@@ -350,7 +343,7 @@ def build_copy_embedder(settings) -> Embedder:
         raise ValueError(f"unknown descriptor {settings.descriptor!r}")
     from curation.models.sscd import build_sscd_random, load_sscd
 
-    dev = resolve_device(settings.device, "sscd.device")
+    dev = torch.device(gpu.resolve(settings.device, "sscd.device"))
     if settings.weights is None:
         warnings.warn("sscd.weights is null: random SSCD weights (meaningless descriptors; testing only)")
         model = build_sscd_random(0)

@@ -7,9 +7,11 @@ filter kept (hash duplicates included) and every evaluation set:
 1. **Hash edges**: every image is linked to its hash group (same decoded pixels, or PCA/pHash codes within
    ``hash.hamming_threshold`` bits; ``hash/groups.parquet``).  Hash duplicates stay nodes, so a chain original ->
    hash copy -> SSCD copy stays one component.
-2. **Self edges**: the k = ``dedup.k`` nearest pool neighbours of every pool image by cosine similarity
-   (:func:`curation.knn.knn_search`: exact FAISS flat on CPU, chunked torch matmul + top-k on CUDA); an edge where
-   similarity > ``dedup.threshold`` (0.6).
+2. **Self edges**: the k = ``dedup.k`` nearest pool neighbours of every pool image by cosine similarity (exact,
+   ties to the smaller key: :mod:`curation.knn` on the partition searchers of
+   :func:`curation.partitioned_dedup.partitioned_dedup_graph`, one partition when the pool fits
+   ``scale.worker_memory_gb``, so the graph is the same at any budget); an edge where similarity >
+   ``dedup.threshold`` (0.6).
 3. **Evaluation edges**: the k nearest evaluation images of every pool image; an edge where similarity >
    ``dedup.eval_threshold`` (0.45).
 4. Connected components over pool and evaluation nodes together (:mod:`curation.components`, vectorised).
@@ -45,18 +47,16 @@ import numpy as np
 import pyarrow as pa
 
 from curation import accounting
-from curation.components import connected_components, first_of_equal, kept_of_component, pick_one_per_component
+from curation.components import first_of_equal, kept_of_component, pick_one_per_component
 from curation.distributed_knn import Placement
 from curation.hashing import hamming
-from curation.knn import knn_search, resolve_device
 from curation.partitioned_dedup import partitioned_dedup_graph
 from curation.partitioned_pool import pool_plan
-from curation.partitions import plan_keys
+from curation.partitions import array_plan, plan_keys
 from curation.stages.base import Stage, Unit
 from curation.survivor import FILL_STEP, HashInfo, medoid_scores, read_hash_info, survivor_priority  # noqa: F401
 from curation.storage import write_table
 from curation.vectors import load_descriptors
-from curation.workers import cluster_has_gpu
 
 FINAL = "final"
 DUPLICATE_REASONS = ("exact_duplicate", "near_duplicate", "copy_duplicate", "eval_contamination")
@@ -102,46 +102,26 @@ def dedup_graph(
     eval_threshold: float,
     device: str = "auto",
     links: tuple[np.ndarray, np.ndarray] | None = None,
+    partitions: int = 1,
 ) -> dict[str, np.ndarray]:
-    """The dedup graph and its components.  Nodes 0..n-1 are pool rows, n..n+m-1 evaluation rows; `links` are
-    extra pool-pool edges (the hash groups).
+    """The dedup graph of arrays in memory, by the stage's own engine (:func:`partitioned_dedup_graph` on a plan of
+    `partitions` partitions of `pool`).  Nodes 0..n-1 are pool rows, n..n+m-1 evaluation rows; `links` are extra
+    pool-pool edges (the hash groups).
 
     Returns labels (component per node), self_sims/self_ids (pool k-NN without self), eval_sims/eval_ids
     (pool -> eval k-NN, eval ids as node numbers), eval_nn_sims/eval_nn_ids (eval -> nearest pool)."""
-    n, m = len(pool), len(evals)
-    out: dict[str, np.ndarray] = {}
-    if n:
-        sims, ids = knn_search(pool, pool, min(k + 1, n), device=device)
-        # drop each row's own match (normally rank 0; with exact duplicates it may sit anywhere in the list)
-        own = ids == np.arange(n)[:, None]
-        drop_last = ~own.any(1)
-        own[drop_last, -1] = True  # keep a rectangular k: drop the last column where self did not appear
-        keep = ~own
-        self_sims = sims[keep].reshape(n, -1)
-        self_ids = ids[keep].reshape(n, -1)
-    else:
-        self_sims = np.zeros((0, 0), np.float32)
-        self_ids = np.zeros((0, 0), np.int64)
-    src = [np.repeat(np.arange(n), self_ids.shape[1])[(self_sims > threshold).ravel()]]
-    dst = [self_ids[self_sims > threshold]]
-    if links is not None:
-        src.append(np.asarray(links[0], np.int64))
-        dst.append(np.asarray(links[1], np.int64))
-    if m and n:
-        esims, eids = knn_search(pool, evals, min(k, m), device=device)
-        mask = esims > eval_threshold
-        src.append(np.repeat(np.arange(n), eids.shape[1])[mask.ravel()])
-        dst.append(eids[mask] + n)
-        nn_s, nn_i = knn_search(evals, pool, 1, device=device)
-    else:
-        esims, eids = np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
-        nn_s, nn_i = np.full((m, 1), -np.inf, np.float32), np.full((m, 1), -1, np.int64)
-    src_a, dst_a = np.concatenate(src), np.concatenate(dst)
-    ok = dst_a >= 0  # -1 ids pad searches with fewer than k rows
-    out["labels"] = connected_components(n + m, src_a[ok], dst_a[ok])
-    out.update(self_sims=self_sims, self_ids=self_ids, eval_sims=esims, eval_ids=eids + n,
-               eval_nn_sims=nn_s[:, 0], eval_nn_ids=nn_i[:, 0])
-    return out
+    import shutil
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="lvd-dedup-")
+    try:
+        g = partitioned_dedup_graph(array_plan(pool, partitions), np.asarray(evals, np.float32), k, threshold,
+                                    eval_threshold, work, Placement(device=device), links=links)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    g.pop("self_edge_files", None)
+    g.pop("eval_edge_files", None)
+    return g
 
 
 # --------------------------------------------------------------------------------------------------- the verdicts
@@ -318,8 +298,8 @@ class DedupStage(Stage):
     writes = ("dedup.components", "ledgers", "stats")
 
     def resources(self) -> dict[str, float]:
-        gpu = self.settings.device != "cpu" and cluster_has_gpu()
-        return {"num_cpus": self.num_cpus, "num_gpus": 1 if gpu else 0}
+        # the worker drives the global step: its searchers hold the GPUs (one each), it holds none
+        return {"num_cpus": self.num_cpus, "num_gpus": 0}
 
     def plan(self) -> list[Unit]:
         return [Unit(FINAL)]
@@ -330,19 +310,12 @@ class DedupStage(Stage):
         keys = inputs["key"].to_pylist()
         n = len(keys)
         info = read_hash_info(self.layout, keys)
+        # by partitions (one when the pool fits the budget): the graph first, then only the vectors the verdicts read
         plan = pool_plan(self.layout.vectors_parts("sscd", "pool"), None, self.scale)
-        if plan is not None:  # by partitions: the graph first, then only the vectors the verdicts look at
-            self._check_described(plan_keys(plan), keys)
-            eval_names, eval_keys, E = self._eval_descriptors(plan.dim)
-            g = self._partitioned_graph(plan, E, info)
-            X = self._vectors_of_duplicates(keys, g["labels"], plan.dim)
-        else:
-            described, X = load_descriptors(self.layout.vectors_parts("sscd", "pool"))
-            self._check_described(described, keys)
-            eval_names, eval_keys, E = self._eval_descriptors(X.shape[1] if X.size else None)
-            X = X.reshape(n, E.shape[1]) if n else np.zeros((0, E.shape[1]), np.float32)
-            g = dedup_graph(X, E, s.k, s.threshold, s.eval_threshold, device=resolve_device(s.device),
-                            links=hash_links(info))
+        self._check_described(plan_keys(plan), keys)
+        eval_names, eval_keys, E = self._eval_descriptors(plan.dim or None)
+        g = self._partitioned_graph(plan, E, info)
+        X = self._vectors_of_duplicates(keys, g["labels"], E.shape[1])
         labels = g["labels"]
         is_eval = np.arange(len(labels)) >= n
         v = decide_duplicates(labels, survivor_priority(s.survivor, labels[:n], X, info), is_eval, info.sha,
@@ -383,8 +356,8 @@ class DedupStage(Stage):
         return names, node_keys, np.concatenate(vecs) if vecs else np.zeros((0, d), np.float32)
 
     def _partitioned_graph(self, plan, E: np.ndarray, info: HashInfo) -> dict[str, np.ndarray]:
-        """The duplicate graph by partitions on searcher actors, when the pool exceeds one worker's memory budget
-        (issue 10; the sscd files are in key order, as the sscd stage writes them)."""
+        """The duplicate graph by partitions of ``scale.worker_memory_gb``, on searcher actors when the run is on Ray
+        (the sscd files are in key order, as the sscd stage writes them)."""
         s = self.settings
         placement = Placement(use_ray=self.uses_ray(), device=s.device, searchers=self.scale.searchers)
         return partitioned_dedup_graph(plan, E, s.k, s.threshold, s.eval_threshold,

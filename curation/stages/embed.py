@@ -37,7 +37,7 @@ from curation.samples import iter_image_set, iter_shard_samples, shard_input_key
 from curation.stages.base import Stage, Unit
 from curation.storage import write_table
 from curation.vectors import descriptor_table
-from curation.workers import wants_gpu
+from curation import gpu
 
 
 def failures_table(failures: list[tuple[str, str, str]], source: str) -> pa.Table:
@@ -57,7 +57,7 @@ class EmbedStage(Stage):
     writes = ("embed.vectors",)
 
     def resources(self) -> dict[str, float]:
-        return {"num_cpus": 1, "num_gpus": wants_gpu(self.settings.device) if self.settings.model != "pixels" else 0}
+        return {"num_cpus": 1, "num_gpus": gpu.worker_gpus(self.settings.device) if self.settings.model != "pixels" else 0}
 
     def setup(self) -> None:
         self.embedder = build_embedder(self.settings)

@@ -19,9 +19,11 @@ keeping its best match: highest similarity, ties to the set listed first); ``sta
 ``stats/cluster_stats.parquet``; and the ledger unit ``final`` for the pool keys received (kept = selected, else
 ``not_selected``, or ``embed_failed`` for images the embedder could not decode).
 
-The pool is held in memory as float32 (N x D x 4 bytes: 40 GB for 10M x 1024), loaded once per worker (kept on
-the stage object) while a third of ``scale.worker_memory_gb`` holds it; a larger pool is searched and clustered by
-partitions (:mod:`curation.partitioned_pool`: searcher actors, Lloyd k-means; results under ``retrieve/_partitioned/``).
+Every method reads the pool through one engine (:mod:`curation.partitioned_pool`): partitions of
+``scale.worker_memory_gb`` (one when the pool fits), searched and clustered by searchers - Ray actors when the run is
+on Ray, else objects in the worker - with results under ``retrieve/_partitioned/``.  Exact search, k-means and
+hierarchical k-means give the same selection at any budget and number of searchers; an IVF index is built per
+partition, so its (approximate) result depends on the partitioning.
 """
 
 from __future__ import annotations
@@ -35,12 +37,12 @@ import pyarrow as pa
 
 from curation import accounting
 from curation import retrieval as R
-from curation.partitioned_pool import PartitionedPool, pool_plan
+from curation.knn import knn_search
+from curation.partitioned_pool import PartitionedPool
 from curation.samples import iter_image_set
 from curation.stages.base import Stage, Unit
 from curation.storage import atomic_path, read_table, read_tables, write_json, write_table
 from curation.vectors import load_descriptors
-from curation.workers import wants_gpu
 
 NO_NEIGHBORS = pa.table({"anchor_set": pa.array([], pa.string())})  # a set that searched no k nearest neighbours
 
@@ -122,12 +124,9 @@ class RetrieveStage(Stage):
     reads = ("ledgers", "embed.vectors", "image_sets")
     writes = ("retrieve.selection", "ledgers", "stats")
 
-    def __init__(self, cfg, root=None):
-        super().__init__(cfg, root)
-        self._pool: tuple | None = None  # (keys, vectors, input table): loaded by the first unit that needs it
-
     def resources(self) -> dict[str, float]:
-        return {"num_cpus": 1, "num_gpus": wants_gpu(self.settings.device)}
+        # the worker drives the global steps: its searchers hold the GPUs (one each), it holds none
+        return {"num_cpus": 1, "num_gpus": 0}
 
     # -- planning ----------------------------------------------------------------------------------------------
     def _sets(self) -> list[dict]:
@@ -141,24 +140,11 @@ class RetrieveStage(Stage):
         return [Unit(f"set-{s['name']}", s) for s in self._sets()]
 
     # -- the pool and the anchors -------------------------------------------------------------------------------
-    def _loaded_pool(self) -> tuple[list[str], np.ndarray, pa.Table]:
-        """(keys, vectors, input table) of the pool images this stage receives, loaded once per worker."""
-        if self._pool is None:
-            inputs = self.input_keys()
-            keys, vecs = load_descriptors(self.layout.vectors_parts("embed", "pool"), inputs["key"].to_pylist())
-            self._pool = (keys, vecs, inputs)
-        return self._pool
-
-    def _partitioned_pool(self, method: str) -> PartitionedPool | None:
-        """The pool as partitions of ``scale.worker_memory_gb`` when it needs more than one (sample and cluster
-        retrieval; balanced sampling still loads the pool)."""
-        if method not in ("sample", "cluster"):
-            return None
-        plan = pool_plan(self.layout.vectors_parts("embed", "pool"), self.input_keys()["key"], self.scale)
-        if plan is None:
-            return None
-        return PartitionedPool(plan, self.layout.scratch(self.name, "partitioned"), self.settings, self.scale,
-                               self.seed, self.uses_ray(), self.settings.device)
+    def _pool(self, method: str) -> PartitionedPool:
+        """The pool of the images this stage receives, as partitions of ``scale.worker_memory_gb``; sample retrieval
+        searches with the configured index, the other methods exactly."""
+        return PartitionedPool.of_stage(self, self.layout.vectors_parts("embed", "pool"), self.input_keys()["key"],
+                                        self.settings.device, self.settings if method == "sample" else None)
 
     def _anchor_vectors(self, name: str) -> tuple[list[str], np.ndarray]:
         return load_descriptors(self.layout.vectors_parts("embed", "anchors", name))
@@ -193,11 +179,10 @@ class RetrieveStage(Stage):
         return sel, NO_NEIGHBORS, None, summary
 
     def _from_pool(self, method: str, acfg, summary):
-        """(selection, neighbours, clusters, summary) of a set retrieved from the pool: in this worker's memory,
-        or by partitions when the pool exceeds its budget."""
+        """(selection, neighbours, clusters, summary) of a set retrieved from the pool, by partitions."""
         neighbors, clusters = NO_NEIGHBORS, None
-        pool = self._partitioned_pool(method)  # None while the pool fits one worker's budget
-        pkeys, pvecs, inputs = (pool.keys, pool, self.input_keys()) if pool else self._loaded_pool()
+        pool = self._pool(method)
+        pkeys, pvecs, inputs = pool.keys, pool, self.input_keys()
         urls = dict(zip(inputs["key"].to_pylist(), inputs["url"].to_pylist()))
         try:
             if method == "sample":
@@ -207,19 +192,13 @@ class RetrieveStage(Stage):
             else:
                 sel, clusters, summary = self._balanced(pkeys, pvecs, urls, summary)
         finally:
-            if pool:
-                pool.close()
+            pool.close()
         return sel, neighbors, clusters, summary
 
     def _sample(self, acfg, pkeys, pvecs, urls, summary):
         rc = self.settings
         akeys, avecs = self._anchor_vectors(acfg.name)
-        if isinstance(pvecs, PartitionedPool):
-            res = pvecs.search(avecs, acfg.k, acfg.name, rc.recall_sample)
-        else:
-            res = R.search(avecs, pvecs, acfg.k, rc.index, nlist=rc.nlist, nprobe=rc.nprobe, pq_m=rc.pq_m,
-                           recall_sample=rc.recall_sample, seed=self.seed, device=rc.device,
-                           rerank=rc.pq_rerank)
+        res = pvecs.search(avecs, acfg.k, acfg.name, rc.recall_sample)
         nq, k = res.ids.shape
         ok = res.ids.reshape(-1) >= 0
         pk = np.asarray(pkeys, dtype=object)
@@ -244,17 +223,13 @@ class RetrieveStage(Stage):
     def _pool_kmeans(self, pvecs, C: int):
         """Pool k-means with C clusters, cached under retrieve/_kmeans (shared by sets with the same C)."""
         rc = self.settings
-        lloyd = isinstance(pvecs, PartitionedPool)  # Lloyd iterations over the partitions
-        name = f"pool-C{C}-seed{self.seed}-n{len(pvecs)}{'-lloyd' if lloyd else ''}.npz"
+        name = f"pool-C{C}-seed{self.seed}-n{len(pvecs)}.npz"
         path = self.layout.scratch(self.name, "kmeans") / name
         if path.exists():
             z = np.load(path)
             return z["centroids"], z["labels"]
-        if lloyd:
-            cents, labels = pvecs.kmeans(C, rc.kmeans_iters)
-        else:
-            cents = R.kmeans(pvecs, C, rc.kmeans_iters, self.seed)
-            labels, _ = R.assign(pvecs, cents, rc.device)
+        res = pvecs.kmeans(C, rc.kmeans_iters, self.seed)
+        cents, labels = res.centroids, res.labels
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, centroids=cents, labels=labels)
@@ -275,7 +250,7 @@ class RetrieveStage(Stage):
         keys = pk[cs.pool_idx].tolist()
         n = len(keys)
         # the most similar anchor of the set, for provenance and the report's grids
-        sims, ids = R.knn(pvecs[cs.pool_idx], avecs, 1, device=rc.device) if n and len(akeys) else (None, None)
+        sims, ids = knn_search(pvecs[cs.pool_idx], avecs, 1, device=rc.device) if n and len(akeys) else (None, None)
         ak = np.asarray(akeys, dtype=object)
         sel = _selection_table({
             "key": keys, "source": ["pool"] * n, "url": [urls.get(x) for x in keys], "anchor_set": [acfg.name] * n,
@@ -293,7 +268,7 @@ class RetrieveStage(Stage):
         if len(pvecs):
             levels = R.hierarchical_kmeans(pvecs, bc.levels, bc.resampling_steps, bc.resample_sizes,
                                            rc.kmeans_iters, self.seed, rc.device)
-            idx = R.balanced_sample(levels, bc.target_size, self.seed, bc.leaf_sampling, pvecs)
+            idx = R.balanced_sample(levels, bc.target_size, self.seed, bc.leaf_sampling)
             labels = levels[0].assignment
         else:
             levels, idx, labels = [], np.zeros(0, np.int64), np.zeros(0, np.int64)

@@ -38,7 +38,7 @@ from curation.samples import iter_image_set, iter_shard_samples, shard_input_key
 from curation.stages.base import Stage, Unit
 from curation.storage import write_table
 from curation.vectors import descriptor_table
-from curation.workers import cluster_has_gpu
+from curation import gpu
 
 log = logging.getLogger("lvd")
 
@@ -52,7 +52,7 @@ class SSCDStage(Stage):
     def resources(self) -> dict[str, float]:
         gpus = 0
         if self.settings.descriptor == "sscd" and self.settings.device != "cpu":
-            gpus = 1 if cluster_has_gpu() else 0
+            gpus = int(gpu.cluster_gpus() > 0)
         return {"num_cpus": max(self.num_cpus, float(min(self.settings.num_workers, 4)) or 1.0), "num_gpus": gpus}
 
     def setup(self) -> None:

@@ -10,7 +10,7 @@ checked-in snapshot) table by table.
 * Floats are kept apart from the exact part and compared with a rounding tolerance (``tests/tolerance.py``).
 * Tar files are snapshotted as their sorted (member name, sha256) lists (JSON members normalised first); JSON
   outputs as their normalised content.
-* Internal bookkeeping (``_markers``, ``_tarindex``, ``shards_meta/_index``, ``shards_meta/_plan``, ``_inputs``,
+* Internal bookkeeping (``_markers``, ``_tarindex``, ``shards_meta/_index``, the global steps' scratch ``_partitioned``, ``shards_meta/_plan``, ``_inputs``,
   per-unit ``*_stats.json``, ``inputs.json``, ``config.yaml``) is not an output and is not compared.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-INTERNAL = re.compile(r"(^|/)(_markers|_tarindex|_index|_inputs|_staging)(/|$)|(^|/)_plan\.parquet$|_stats\.json$"
+INTERNAL = re.compile(r"(^|/)(_markers|_tarindex|_index|_inputs|_staging|_partitioned)(/|$)|(^|/)_plan\.parquet$|_stats\.json$"
                       r"|^inputs\.json$|^config\.yaml$|^train/|\.tmp")
 TIMING_KEYS = {"seconds", "elapsed_s", "wall_s", "started", "finished", "created", "mtime_ns"}
 

@@ -215,16 +215,18 @@ def test_partitioned_kmeans_equals_the_single_partition_run(pool):
         b = partitioned_kmeans(four, w, 40, niter=8, seed=3)
     assert a.iterations == b.iterations
     assert np.array_equal(a.labels, b.labels)
-    # per-centroid sums are float64 over float32 inputs, summed in another order: rounding of the mean only
-    np.testing.assert_allclose(a.centroids, b.centroids, atol=1e-6, rtol=0)
+    # fixed-point sums: integer addition in any grouping gives the same total, so the centroids are equal bit for bit
+    assert np.array_equal(a.centroids, b.centroids) and np.array_equal(a.d2, b.d2)
     # every row is labelled with its nearest centroid (up to the rounding of |x - c|^2 <= 4 over D terms)
     d2 = ((x[:, None, :] - b.centroids[None]) ** 2).sum(-1)
     assert (d2[np.arange(N), b.labels] <= d2.min(1) + 4 * _tol(D)).all()
     # the budget of 40 clusters is used, and the reported inertia is that of a real assignment
     assert b.inertia > 0 and len(np.unique(b.labels)) > 30
-    # training on an explicit sample only
-    s = partitioned_kmeans(four, Workers(four, Placement()), 40, niter=8, seed=3, train_sample=2000)
+    # training on a subset of rows (hierarchical k-means' resampling) still labels every row
+    rows = np.random.default_rng(1).choice(N, 2000, replace=False)
+    s = partitioned_kmeans(four, Workers(four, Placement()), 40, niter=8, seed=3, rows=rows)
     assert s.labels.shape == (N,) and len(np.unique(s.labels)) > 20
+    assert np.array_equal(s.centroids, partitioned_kmeans(one, Workers(one, Placement()), 40, 8, 3, rows).centroids)
 
 
 @pytest.mark.parametrize("n_eval", [0, 40])

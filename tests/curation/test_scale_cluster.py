@@ -70,7 +70,7 @@ def test_two_node_partitioned_dedup_graph_and_kmeans_equal_the_in_process_run(tm
     s1, i1 = ref.results()
     s4, i4 = run.results()
     tol = 4 * D * EPS32
-    np.testing.assert_allclose(s4, s1, atol=tol, rtol=0)
+    np.testing.assert_array_equal(s4, s1)  # candidates rescored exactly: the same similarities, bit for bit
     gaps = np.abs(np.diff(s1, axis=1)) > 2 * tol
     clear = np.ones_like(s1, bool)
     clear[:, 1:] &= gaps
@@ -90,8 +90,8 @@ def test_two_node_partitioned_dedup_graph_and_kmeans_equal_the_in_process_run(tm
     assert np.unique(lab4[~planted]).size == (~planted).sum()
     # the retrieve stage by partitions on the cluster finds what the in-process stage finds
     assert_same_sample_retrieval(retrieve_run(tmp_path / "whole")[0], staged, 60 * 4)
-    assert list((staged / "retrieve" / "_kmeans").glob("*-lloyd.npz"))
+    assert list((staged / "retrieve" / "_kmeans").glob("*.npz"))
     # Lloyd k-means over the two nodes equals the in-process run
     assert km.iterations == ref_km.iterations
     assert np.array_equal(km.labels, ref_km.labels)
-    np.testing.assert_allclose(km.centroids, ref_km.centroids, atol=1e-6, rtol=0)
+    assert np.array_equal(km.centroids, ref_km.centroids)  # fixed-point sums: the same in any grouping
