@@ -26,7 +26,6 @@ import json
 import shutil
 import struct
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from learning_bench import build_parser as digits_parser, recipe  # noqa: E402
-from training.config import load_config  # noqa: E402
+from learning_bench import build_parser as digits_parser, main as digits_main, recipe_flags, train_recipe  # noqa: E402
 from training.evaluate import extract_features, knn_accuracy, list_labelled_folder  # noqa: E402
-from training.plot import plot_metrics, read_metrics_rows  # noqa: E402
-from training.train import train  # noqa: E402
 
 DEFAULT_IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot")
@@ -122,33 +118,22 @@ def run(args) -> dict:
               "raw_pixels_knn_top1": round(raw_pixel_knn(data, args.size), 4)}
     if args.raw_only:
         return result
-    run_dir = out / "run"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    cfg = load_config(raw=recipe(data, args.size, args.steps, args.batch, args))
-    t0 = time.time()
-    train(cfg, str(data / "ssl"), run_dir)
-    wall = time.time() - t0
-    rows = read_metrics_rows(run_dir / "metrics.jsonl")
+    run_dir, wall, rows = train_recipe(data, out / "run", args)
     evals = [r for r in rows if r.get("type") == "eval"]
     steps = [r for r in rows if "teacher_entropy" in r]
-    plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curves.png")
     result.update({
         "steps": args.steps, "batch": args.batch, "wall_s": round(wall, 1), "seed": args.seed,
         "init_knn_top1": evals[0]["knn_top1"], "trained_knn_top1": evals[-1]["knn_top1"],
         "knn_top1_by_iteration": {e["iteration"]: round(e["knn_top1"], 4) for e in evals},
         "last_teacher_entropy": steps[-1]["teacher_entropy"] if steps else None,
         "last_teacher_marginal_entropy": steps[-1].get("teacher_marginal_entropy") if steps else None,
-        "recipe": {k: getattr(args, k) for k in ("patch", "dim", "depth", "layerscale", "prototypes", "bottleneck",
-                                                 "locals", "lr", "teacher_temp", "momentum", "koleo", "ibot",
-                                                 "centering", "crop_scales", "solarize", "aug", "crops", "size")},
+        "recipe": recipe_flags(args, skip=("ink", "noise", "min_px", "max_px", "pastes")),
         "metrics": str(run_dir / "metrics.jsonl"), "loss_curves": str(run_dir / "loss_curves.png")})
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    print(json.dumps(run(build_parser().parse_args(argv))))
-    return 0
+    return digits_main(argv, run, build_parser)
 
 
 if __name__ == "__main__":
