@@ -199,6 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def train_recipe(data: Path, run_dir: Path, args: argparse.Namespace) -> tuple[Path, float, list[dict]]:
+    """Train the flags' recipe on ``data/ssl`` into a fresh ``run_dir`` (k-NN on ``data/knn_*``), draw the curves;
+    returns ``run_dir``, the wall time (s) and the metrics rows."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cfg = load_config(raw=recipe(data, args.size, args.steps, args.batch, args))
+    t0 = time.time()
+    train(cfg, str(data / "ssl"), run_dir)
+    wall = time.time() - t0
+    plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curves.png")
+    return run_dir, wall, read_metrics_rows(run_dir / "metrics.jsonl")
+
+
 def run(args: argparse.Namespace) -> dict:
     """Build the dataset under ``args.out``, train, evaluate; the result (the JSON line ``main`` prints)."""
     torch.set_num_threads(args.threads)
@@ -213,32 +226,32 @@ def run(args: argparse.Namespace) -> dict:
               "raw_pixels_knn_top1_by_attribute": knn_by_attribute(data, args.size, torch.nn.Flatten())}
     result["raw_pixels_knn_top1"] = result["raw_pixels_knn_top1_by_attribute"]["digit"]
     if not args.raw_only:
-        run_dir = out / "run"
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        cfg = load_config(raw=recipe(data, args.size, args.steps, args.batch, args))
-        t0 = time.time()
-        train(cfg, str(data / "ssl"), run_dir)
-        wall = time.time() - t0
-        evals = [r for r in read_metrics_rows(run_dir / "metrics.jsonl") if r.get("type") == "eval"]
-        plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curves.png")
+        run_dir, wall, rows = train_recipe(data, out / "run", args)
+        evals = [r for r in rows if r.get("type") == "eval"]
         ck = load_checkpoint(find_latest_checkpoint(run_dir))
         result["trained_knn_top1_by_attribute"] = knn_by_attribute(
             data, args.size, backbone_from_state(ck["backbone"], ck["teacher"]))
         result.update({"steps": args.steps, "batch": args.batch, "wall_s": round(wall, 1),
                        "init_knn_top1": evals[0]["knn_top1"], "trained_knn_top1": evals[-1]["knn_top1"],
                        "knn_top1_by_iteration": {e["iteration"]: round(e["knn_top1"], 3) for e in evals},
-                       "recipe": {k: getattr(args, k) for k in ("patch", "dim", "depth", "layerscale", "prototypes", "bottleneck",
-                                                                 "locals", "lr", "teacher_temp", "momentum", "koleo", "ibot",
-                                                                 "freeze_last_layer", "pastes", "centering",
-                                                                 "crop_scales", "ink", "solarize", "aug", "crops",
-                                                                 "noise", "min_px", "max_px", "size")},
+                       "recipe": recipe_flags(args),
                        "metrics": str(run_dir / "metrics.jsonl"), "loss_curves": str(run_dir / "loss_curves.png")})
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    print(json.dumps(run(build_parser().parse_args(argv))))
+RECIPE_FLAGS = ("patch", "dim", "depth", "layerscale", "prototypes", "bottleneck", "locals", "lr", "teacher_temp",
+                "momentum", "koleo", "ibot", "freeze_last_layer", "pastes", "centering", "crop_scales", "ink",
+                "solarize", "aug", "crops", "noise", "min_px", "max_px", "size")
+
+
+def recipe_flags(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict:
+    """The flags that set the recipe and data, as the result's ``recipe`` records them."""
+    return {k: getattr(args, k) for k in RECIPE_FLAGS if k not in skip}
+
+
+def main(argv: list[str] | None = None, run=run, parser=build_parser) -> int:
+    """Print the bench's one JSON line (``run`` / ``parser``: another bench's, sharing this entry point)."""
+    print(json.dumps(run(parser().parse_args(argv))))
     return 0
 
 

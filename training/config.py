@@ -53,6 +53,21 @@ class ModelConfig(_Strict):
                                            "(default: inferred from the tensor shapes)")
     init_backbone_frozen_iters: int = Field(0, ge=0, description="head warm-up: the backbone is not stepped for "
                                             "this many first iterations (only the heads learn)")
+    rope_rescale: float | None = Field(None, ge=1, description="RoPE archs (*_patch16_rope_reg4): coordinate "
+                                       "rescale factor R in training (log-uniform in [1/R, R]); None: the arch's (2)")
+    rope_jitter: float | None = Field(None, ge=1, description="RoPE archs: per-axis coordinate jitter factor in "
+                                      "training; None: the arch's (off)")
+    rope_shift: float | None = Field(None, ge=0, description="RoPE archs: coordinate shift in training (units of "
+                                     "the [-1, 1] grid); None: the arch's (off)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _arch_patch_size(cls, data: Any):
+        """An architecture that names its patch size (the patch-16 RoPE ones) gives it unless the config does."""
+        if isinstance(data, dict) and "patch_size" not in data and data.get("arch") in ARCHS \
+                and "patch_size" in ARCHS[data["arch"]]:
+            data = {**data, "patch_size": ARCHS[data["arch"]]["patch_size"]}
+        return data
 
     @model_validator(mode="after")
     def _check(self):
@@ -67,12 +82,18 @@ class ModelConfig(_Strict):
         if self.init_backbone_frozen_iters and not self.init_backbone:
             raise ValueError("init_backbone_frozen_iters needs init_backbone (a head warm-up on a pretrained "
                              "backbone)")
+        rope = ARCHS[self.arch].get("pos_embed_type") == "rope"
+        if rope and (dim // heads) % 4:
+            raise ValueError(f"RoPE arch {self.arch}: head width {dim // heads} must be divisible by 4")
+        if not rope and any(v is not None for v in (self.rope_rescale, self.rope_jitter, self.rope_shift)):
+            raise ValueError(f"model.rope_* apply to the RoPE archs (*_patch16_rope_reg4), not {self.arch}")
         return self
 
     def build_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"patch_size": self.patch_size, "drop_path_rate": self.drop_path_rate,
                               "init_values": self.layerscale}
-        for k in ("ffn_layer", "num_register_tokens", "embed_dim", "depth", "num_heads", "mlp_ratio"):
+        for k in ("ffn_layer", "num_register_tokens", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                  "rope_rescale", "rope_jitter", "rope_shift"):
             v = getattr(self, k)
             if v is not None:
                 kw[k] = v

@@ -179,8 +179,11 @@ def backbone_from_official_state(sd: dict[str, Tensor], meta: dict[str, Any] | N
     kwargs.update(overrides)
     if img_size is None:
         patch = kwargs.get("patch_size", sd["patch_embed.proj.weight"].shape[-1])
-        grid = int(round(math.sqrt(sd["pos_embed"].shape[1] - 1)))
-        img_size = meta.get("img_size") or grid * patch
+        if "pos_embed" in sd:
+            grid = int(round(math.sqrt(sd["pos_embed"].shape[1] - 1)))
+            img_size = meta.get("img_size") or grid * patch
+        else:  # RoPE backbones store no position grid: any size works, the sidecar's is kept
+            img_size = meta.get("img_size") or 224
     model = build_backbone(arch, img_size=img_size, **kwargs)
     missing_unexpected = model.load_state_dict(sd, strict=strict)
     if not strict and (missing_unexpected.missing_keys or missing_unexpected.unexpected_keys):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .packing import FlexKernels, PackedLayout, is_block_mask
+from .rope import apply_rope
 
 __all__ = ["PatchEmbed", "LayerScale", "Attention", "Mlp", "SwiGLUFFN", "swiglu_hidden", "Block"]
 
@@ -45,25 +46,30 @@ class LayerScale(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; ``kernels``: the model's FlexAttention functions (shared by its blocks)."""
+    """Multi-head self-attention; ``kernels``: the model's FlexAttention functions (shared by its blocks);
+    ``num_prefix_tokens``: the leading tokens (class, registers) that rotary embeddings leave unrotated."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True,
-                 kernels: FlexKernels | None = None):
+                 kernels: FlexKernels | None = None, num_prefix_tokens: int = 1):
         super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
         assert dim % num_heads == 0, "embed_dim must be divisible by num_heads"
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.kernels = kernels if kernels is not None else FlexKernels()
 
-    def forward(self, x: Tensor, attn_mask=None) -> Tensor:
-        """``attn_mask``: None, a boolean ``[N, N]`` mask (True = may attend) or a FlexAttention ``BlockMask``."""
+    def forward(self, x: Tensor, attn_mask=None, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``attn_mask``: None, a boolean ``[N, N]`` mask (True = may attend) or a FlexAttention ``BlockMask``;
+        ``rope``: rotary ``(sin, cos)`` tables for the patch tokens (``training.models.rope``), or None."""
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = apply_rope(q, rope, self.num_prefix_tokens), apply_rope(k, rope, self.num_prefix_tokens)
         if is_block_mask(attn_mask):
-            x = self.kernels.attention(x.device)(qkv[0], qkv[1], qkv[2], block_mask=attn_mask)
+            x = self.kernels.attention(x.device)(q, k, v, block_mask=attn_mask)
         else:
-            x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -108,12 +114,15 @@ class Block(nn.Module):
         proj_bias: bool = True,
         ffn_bias: bool = True,
         kernels: FlexKernels | None = None,
+        norm_eps: float = 1e-6,
+        num_prefix_tokens: int = 1,
     ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, kernels=kernels)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, kernels=kernels,
+                              num_prefix_tokens=num_prefix_tokens)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         if ffn_layer == "mlp":
             self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=ffn_bias)
         elif ffn_layer in ("swiglu", "swiglufused"):
@@ -123,15 +132,25 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = drop_path
 
-    def _attn_branch(self, x: Tensor, attn_mask=None) -> Tensor:
-        return self.ls1(self.attn(self.norm1(x), attn_mask))
+    def _attn_branch(self, x: Tensor, attn_mask=None, rope=None) -> Tensor:
+        return self.ls1(self.attn(self.norm1(x), attn_mask, rope))
 
     def _ffn_branch(self, x: Tensor, attn_mask=None) -> Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
-    def forward(self, x: Tensor, packed: PackedLayout | None = None) -> Tensor:
-        """``x``: ``[B, N, D]``, or a packed ``[1, T, D]`` sequence laid out as ``packed`` says."""
+    def forward(self, x: Tensor, packed: PackedLayout | None = None, rope: tuple[Tensor, Tensor] | None = None
+                ) -> Tensor:
+        """``x``: ``[B, N, D]``, or a packed ``[1, T, D]`` sequence laid out as ``packed`` says; ``rope``: rotary
+        tables for ``x``'s patch grid (unpacked inputs only)."""
         drop = self.training and self.drop_path > 0.0
+        if rope is not None:
+            assert packed is None, "rotary embeddings are applied per crop group, not on a packed sequence"
+            attn = lambda t, m=None: self._attn_branch(t, m, rope)  # noqa: E731
+            if drop:
+                x = _drop_add_residual(x, attn, self.drop_path)
+                return _drop_add_residual(x, self._ffn_branch, self.drop_path)
+            x = x + attn(x)
+            return x + self._ffn_branch(x)
         if packed is not None:
             if drop:
                 return _packed_drop_path(x, packed, self._attn_branch, self._ffn_branch, self.drop_path)

@@ -1,5 +1,6 @@
-"""DINOv2-style Vision Transformer backbone (patch 14), written for this project: the model, the named
-architectures (:data:`ARCHS`) and :func:`build_backbone`.
+"""DINOv2-style Vision Transformer backbone (patch 14), and DINOv3-style ones (patch 16, rotary position
+embeddings, 4 storage tokens), written for this project: the model, the named architectures (:data:`ARCHS`) and
+:func:`build_backbone`.
 
 Layers: ``training.models.layers``; packed multi-crop attention: ``training.models.packing``; the backbone file
 format (official key names, ``lvd export``'s sidecar, loading official checkpoints): ``training.models.backbone_io``.
@@ -9,6 +10,12 @@ Decisions written down here:
 * Position embeddings are interpolated like the reference (bicubic) from the stored grid ``M`` to the crop's grid;
   a crop whose grid equals the stored one uses them as is. Plain models: ``scale_factor = (grid + 0.1) / M``, no
   antialias; ``_reg4`` models (as the reference hub builds them): ``size = grid``, antialias on.
+* ``pos_embed_type="rope"`` (the ``*_patch16_rope_reg4`` architectures): no stored position embeddings; each
+  attention layer rotates the patch tokens' queries and keys by their grid position (``training.models.rope``:
+  base 100, coordinates normalised to [-1, 1] per axis, so any resolution works without interpolation; coordinate
+  shift / jitter / rescale augmentation in training mode only). Class and storage tokens are not rotated. These
+  models never pack crop groups (each group's tables differ by grid); ``packed_attention`` is ignored for them.
+  The DINOv3 layout also has no qkv bias and LayerNorm eps 1e-5.
 * A list of crop groups goes through the blocks packed into one sequence (block-diagonal attention, see
   ``packing``) when ``packed_attention=True``, or ``"auto"`` and the inputs are on CUDA; a single tensor input is
   never packed. The model caches the block-diagonal masks per (group sizes, device) and owns the compiled
@@ -25,6 +32,7 @@ from torch import Tensor, nn
 
 from .layers import Block, PatchEmbed
 from .packing import HAS_FLEX_ATTENTION, FlexKernels, PackedLayout, block_diagonal_mask
+from .rope import AxialRope
 
 __all__ = ["VisionTransformer", "build_backbone", "ARCHS"]
 
@@ -49,8 +57,16 @@ class VisionTransformer(nn.Module):
         interpolate_offset: float = 0.1,
         interpolate_antialias: bool = False,
         packed_attention: bool | str = False,
+        pos_embed_type: str = "learned",
+        rope_base: float = 100.0,
+        rope_shift: float | None = None,
+        rope_jitter: float | None = None,
+        rope_rescale: float | None = None,
+        norm_eps: float = 1e-6,
     ):
         super().__init__()
+        if pos_embed_type not in ("learned", "rope"):
+            raise ValueError(f"pos_embed_type must be 'learned' or 'rope', got {pos_embed_type!r}")
         if packed_attention not in (True, False, "auto"):
             raise ValueError(f"packed_attention must be True, False or 'auto', got {packed_attention!r}")
         self.packed_attention = packed_attention
@@ -68,7 +84,13 @@ class VisionTransformer(nn.Module):
         grid = img_size // patch_size
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
+        self.pos_embed_type = pos_embed_type
+        if pos_embed_type == "rope":
+            self.pos_embed = None
+            self.rope = AxialRope(embed_dim // num_heads, rope_base, rope_shift, rope_jitter, rope_rescale)
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
+            self.rope = None
         if num_register_tokens:
             self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
         else:
@@ -76,8 +98,9 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList()
         for _ in range(depth):
             self.blocks.append(Block(embed_dim, num_heads, mlp_ratio, ffn_layer, init_values, drop_path_rate,
-                                     qkv_bias, proj_bias, ffn_bias, kernels=self.flex_kernels))
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+                                     qkv_bias, proj_bias, ffn_bias, kernels=self.flex_kernels, norm_eps=norm_eps,
+                                     num_prefix_tokens=1 + num_register_tokens))
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head = nn.Identity()
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         # set by build_backbone; used by backbone_io.save_backbone's sidecar
@@ -86,10 +109,17 @@ class VisionTransformer(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        # DINOv2 gives the class / register tokens std 1e-6 (its position embeddings set their scale); DINOv3's
+        # RoPE models have no position embedding on them and use std 0.02 (a token of ~1e-6 going into
+        # LayerNorm gets gradients ~1e6 times its size).
+        token_std = 1e-6
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:
+            token_std = 0.02
+        nn.init.normal_(self.cls_token, std=token_std)
         if self.register_tokens is not None:
-            nn.init.normal_(self.register_tokens, std=1e-6)
+            nn.init.normal_(self.register_tokens, std=token_std)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -134,7 +164,8 @@ class VisionTransformer(nn.Module):
         if masks is not None:
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
         x = torch.cat((self.cls_token.expand(B, -1, -1).to(x.dtype), x), dim=1)
-        x = x + self.interpolate_pos_encoding(x, h, w)
+        if self.pos_embed is not None:
+            x = x + self.interpolate_pos_encoding(x, h, w)
         if self.register_tokens is not None:
             x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]), dim=1)
         return x
@@ -164,13 +195,21 @@ class VisionTransformer(nn.Module):
                     seq = blk(seq, layout)
                 tokens = layout.unpack(seq)
             else:
+                ropes = [self.rope_tables(xi) for xi in x]
                 for blk in self.blocks:
-                    tokens = [blk(t) for t in tokens]
+                    tokens = [blk(t, rope=r) for t, r in zip(tokens, ropes)]
             return [self._outputs(t, m) for t, m in zip(tokens, masks)]
+        rope = self.rope_tables(x)
         x = self.prepare_tokens_with_masks(x, masks)
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, rope=rope)
         return self._outputs(x, masks)
+
+    def rope_tables(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The rotary ``(sin, cos)`` tables for image batch ``x``'s patch grid (one augmentation draw), or None."""
+        if self.rope is None:
+            return None
+        return self.rope(x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x)["x_norm_clstoken"])
@@ -178,7 +217,7 @@ class VisionTransformer(nn.Module):
     # ------------------------------------------------------------------ packing
     def uses_packing(self, tokens: Sequence[Tensor]) -> bool:
         """Whether a list of token groups goes through the blocks packed (see the module docstring)."""
-        if len(tokens) < 2 or self.packed_attention is False:
+        if len(tokens) < 2 or self.packed_attention is False or self.rope is not None:
             return False
         return self.packed_attention is True or tokens[0].device.type == "cuda"
 
@@ -213,8 +252,19 @@ for _name in list(ARCHS):
                                   interpolate_offset=0.0)
 
 
+# DINOv3's layout (as its ViT-S/B/L 16 backbones are defined): patch 16, rotary position embeddings of base 100,
+# 4 storage tokens, no qkv bias, LayerNorm eps 1e-5, LayerScale 1e-5; coordinate rescale augmentation of factor 2
+# in training (DINOv3's pretraining configs).
+for _size, _dims in (("tiny", ARCHS["vit_tiny_patch14"]), ("small", ARCHS["vit_small_patch14"]),
+                     ("base", ARCHS["vit_base_patch14"]), ("large", ARCHS["vit_large_patch14"])):
+    ARCHS[f"vit_{_size}_patch16_rope_reg4"] = dict(
+        _dims, patch_size=16, pos_embed_type="rope", rope_base=100.0, rope_rescale=2.0, num_register_tokens=4,
+        qkv_bias=False, norm_eps=1e-5)
+
+
 def build_backbone(name: str, **overrides: Any) -> VisionTransformer:
-    """Build a named backbone (``vit_{tiny,small,base,large,giant2}_patch14[_reg4]``); keyword overrides win.
+    """Build a named backbone (``vit_{tiny,small,base,large,giant2}_patch14[_reg4]``,
+    ``vit_{tiny,small,base,large}_patch16_rope_reg4``); keyword overrides win.
 
     ``img_size`` defaults to 224 (a 16x16 grid of stored position embeddings); give ``img_size=518`` to load the
     official pretrained files.
