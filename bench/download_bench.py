@@ -6,7 +6,7 @@ A loopback server answers every URL with a big body (a third with an honest Cont
 without one, a third just under ``download.max_bytes`` so it is read whole and then found undecodable).  For each
 thread count the download stage runs in a fresh child process (in-process executor, one shard); the child prints
 one JSON line: its RSS after a warm-up run (``baseline_mb``), its peak RSS (``peak_mb``), the bound
-``threads x max_bytes`` and the drop reasons.  Before issue 13.4 each body was buffered whole (peak ~ threads x
+``threads x max_bytes`` and the drop reasons.  Before the download streamed bodies, each was buffered whole (peak ~ threads x
 body size).
 """
 

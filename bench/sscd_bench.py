@@ -12,7 +12,7 @@
 * **naive**: decode in the main process, batch 1, eager fp32, synchronous - what a first implementation does.
 * **knn**: :func:`curation.knn.knn_search` exact inner-product top-k (faiss flat on CPU, chunked torch on CUDA).
 
-Images are synthetic 640x480 JPEGs (the size of the DESIGN.md decode figure) written to shards in a temp dir;
+Images are synthetic 640x480 JPEGs (the size the 1-core decode figure of ~210 img/s was measured at) written to shards in a temp dir;
 weights are random (speed does not depend on them).  Prints one line per measurement with the device.
 """
 

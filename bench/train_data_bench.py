@@ -4,7 +4,7 @@
     python bench/train_data_bench.py --workers 0 1 2 --images 256  # a quick CPU run
 
 Synthetic 640x480 JPEGs (web-image sized) in WebDataset shards are read through the trainer's own stream
-(``training.train.build_stream``: decode, the DESIGN.md section 4 augmentations, block masks, collation) and
+(``training.train.build_stream``: decode, DINOv2's augmentations, block masks, collation) and
 DataLoader (``training.data.make_loader``), for each worker count. Prints images/s (after the first batch) per
 worker count; compare with the training step's images/s from ``bench/train_throughput.py`` to choose
 ``data.num_workers``. Needs neither Ray nor a GPU.

@@ -47,7 +47,7 @@ def build_ivf(database: np.ndarray, kind: str, nlist: int = 0, nprobe: int = 32,
     n, d = database.shape
     desc = ivf_factory(n, d, kind, nlist, pq_m)
     index = faiss.index_factory(d, desc, faiss.METRIC_INNER_PRODUCT)  # already the concrete class
-    if hasattr(index, "do_polysemous_training"):  # DESIGN 7: polysemous training makes PQ training ~30x slower
+    if hasattr(index, "do_polysemous_training"):  # faiss-cpu's default polysemous training makes PQ training ~30x slower
         index.do_polysemous_training = False
         index.polysemous_ht = 0
     ivf = faiss.extract_index_ivf(index)

@@ -174,7 +174,7 @@ class MetricsWriter:
 def build_stream(cfg: TrainConfig, data: str | list[str], rank: int = 0, world: int = 1,
                  start_batch: int = 0, start_sample: int | None = None) -> MultiCropStream:
     """The multi-crop, masked batch stream of this rank as the config describes it (augmentations of
-    DESIGN.md section 4, block masks on the global crops)."""
+    DINOv2's recipe, block masks on the global crops)."""
     c = cfg.crops
     augment = MultiCropAugmentation(AugmentConfig(**c.model_dump()))
     grid = c.global_crops_size // cfg.model.patch_size

@@ -297,7 +297,7 @@ def test_pairs_keep_their_source_when_the_copy_is_bordered_padded_rotated_or_sma
 
 # ---------------------------------------------------------------------------------------------------------------
 def test_a_shard_of_duplicates_and_an_empty_pool_run_through(tmp_path):
-    """Issue 14, bug 1: a shard whose images are all duplicates of another shard's (before: the hash stage dropped
+    """A shard whose images are all duplicates of another shard's (before: the hash stage dropped
     them all and sscd failed with ZeroDivisionError on the empty unit).  Every stage accepts an empty unit."""
     anchors = tmp_path / "anchors" / "c0"
     anchors.mkdir(parents=True)

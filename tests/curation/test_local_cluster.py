@@ -1,5 +1,5 @@
 """A local Ray head stops exactly its own processes: another cluster on the same machine keeps running; and it
-listens on loopback only (issue 13 item 21).
+listens on loopback only (no port of a test cluster is reachable from the network).
 
 (`ray stop --force`, which the helper used before, kills every Ray process on the machine: another test session's,
 or a user's own cluster when `make demo` finished.)"""

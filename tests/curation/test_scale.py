@@ -1,4 +1,4 @@
-"""Issue 10, in-process: partitions under a memory budget, partitioned k-NN (exact merge, waves, resume),
+"""In-process: partitions under a memory budget, partitioned k-NN (exact merge, waves, resume),
 components streamed from edge files, distributed Lloyd k-means.  Real Parquet shards, real FAISS."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 10, item 6: the partitioned global steps on a real two-node Ray cluster equal the in-process run.
+"""The partitioned global steps on a real two-node Ray cluster equal the in-process run.
 
 A head and a worker node (two `ray start` raylets on this machine, 1 CPU and their own custom resource each) run
 the searcher actors of a pool split into 4 partitions (2 at a time: two waves); the k-NN graph, its edge files,

@@ -1,4 +1,4 @@
-"""Issue 10: a dedup or retrieve stage killed (SIGKILL) in the middle of its partitioned work resumes from the
+"""A dedup or retrieve stage killed (SIGKILL) in the middle of its partitioned work resumes from the
 query blocks (and k-means results) it had finished, which are not computed again, and ends with the same output
 as an uninterrupted run."""
 

@@ -154,7 +154,7 @@ def test_shards_folder_holds_only_tars(shard_run):
 
 
 def test_trainer_reads_each_curated_image_once(shard_run):
-    """Issue 9 item 7: an as_is anchor set's staging tar is not under shards/, and the trainer reads the shards the
+    """An as_is anchor set's staging tar is not under shards/, and the trainer reads the shards the
     manifest lists, so every curated image (the as_is anchors included) is one sample of a training pass."""
     from tests.training.lvd_train_testutils import TINY_CFG
     from training.config import load_config as load_train_config

@@ -94,7 +94,7 @@ def test_hostnames_are_checked_after_resolution(server):
     assert "lvd:private_address" in str(info.value)
 
 
-# -- issue 13.1: hosts are normalised exactly as the HTTP client will use them -----------------------------------
+# -- hosts are normalised exactly as the HTTP client will use them -----------------------------------
 @pytest.mark.parametrize(
     "url",
     [
@@ -122,7 +122,7 @@ def test_percent_encoded_delimiters_and_userinfo_are_bad_urls():
         assert info.value.reason == "bad_url", url
 
 
-# -- issue 13.2: IPv4 addresses inside IPv6 forms, and every non-global range -----------------------------------
+# -- IPv4 addresses inside IPv6 forms, and every non-global range -----------------------------------
 @pytest.mark.parametrize(
     "host",
     [
@@ -146,7 +146,7 @@ def test_private_ipv4_inside_ipv6_is_refused(host):
     with pytest.raises(Refused) as info:
         policy.check_url(f"http://[{host}]/a.jpg")
     assert info.value.reason == "private_address"
-    assert "download.allow_networks" in info.value.detail  # issue 14.6: the detail names the key that allows it
+    assert "download.allow_networks" in info.value.detail  # the detail names the key that allows it
     with pytest.raises(Refused):
         policy.check_ip(host)  # the connect-time check (DNS answers) refuses it too
 

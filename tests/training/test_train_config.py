@@ -1,4 +1,4 @@
-"""The trainer config on the shared config base (curation/config_base.py, issue 9 item 4): the same ConfigError,
+"""The trainer config on the shared config base (curation/config_base.py): the same ConfigError,
 the same one-line errors for a config file that cannot be read, the same overrides (list indices included), and
 the augmentation settings defined once (``AugmentConfig`` is the ``crops`` section plus the fixed recipe parts)."""
 import pytest

@@ -1,4 +1,4 @@
-"""Trainer hardening (issue 13 items 17-20, issue 14 items 7, 9, 10): bad shards, restarts after a kill before
+"""Trainer hardening: bad shards, restarts after a kill before
 the first checkpoint, DataLoader workers of a killed trainer, diverging runs, one-line errors, architecture
 overrides, training curves."""
 import copy
@@ -41,7 +41,6 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
-# ---------------------------------------------------------------------- issue 13 item 17
 def test_garbage_and_truncated_shards_are_skipped_and_counted(tmp_path):
     data = tmp_path / "shards"
     good, garbage, cut = write_shards(data, n_shards=3, per_shard=6)
@@ -90,7 +89,6 @@ def test_no_readable_shard_fails_with_one_line(tmp_path, capsys):
     assert "no readable sample in 2 shard(s)" in line and str(data) in line
 
 
-# ---------------------------------------------------------------------- issue 13 item 18
 def test_restart_after_kill_before_first_checkpoint_writes_metrics_once(tmp_path):
     data = tmp_path / "shards"
     write_shards(data, n_shards=2, per_shard=8)
@@ -113,7 +111,6 @@ def test_restart_after_kill_before_first_checkpoint_writes_metrics_once(tmp_path
     assert [r["iteration"] for r in rows if r["type"] == "data"] == [0, 3]
 
 
-# ---------------------------------------------------------------------- issue 13 item 19
 _HUNG_LOADER = r"""
 import os, sys, time
 from torch.utils.data import IterableDataset
@@ -198,7 +195,6 @@ def test_sigkilled_trainer_leaves_no_dataloader_worker(tmp_path):
     _kill_parent_and_wait_for_workers(proc, workers)
 
 
-# ---------------------------------------------------------------------- issue 13 item 20
 def test_exploding_lr_stops_before_saving_exploded_weights(tmp_path, capsys):
     data = tmp_path / "shards"
     write_shards(data, n_shards=1, per_shard=8)
@@ -234,7 +230,6 @@ def test_exploding_gradient_bound_is_configurable(tmp_path, capsys):
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-# ---------------------------------------------------------------------- issue 14 item 7
 def test_missing_data_and_export_paths_fail_with_one_line(tmp_path, capsys):
     assert _train(tmp_path, tmp_path / "nope", tmp_path / "out") == 2
     assert str(tmp_path / "nope") in _one_line(capsys.readouterr().err)
@@ -263,7 +258,6 @@ def test_eval_folder_with_one_class_fails_before_training(tmp_path, capsys):
     assert not out.exists()  # nothing trained
 
 
-# ---------------------------------------------------------------------- issue 14 item 9
 def test_arch_override_brings_its_dims_and_export_records_them(tmp_path):
     from training.checkpoint import backbone_from_state
     from training.models.backbone_io import save_backbone
@@ -284,7 +278,6 @@ def test_arch_override_brings_its_dims_and_export_records_them(tmp_path):
     assert (kept.embed_dim, kept.depth) == (96, 4)
 
 
-# ---------------------------------------------------------------------- issue 14 item 10
 def test_plot_draws_losses_lr_and_accuracy_and_log_states_sizes(tmp_path, caplog):
     import numpy as np
     from PIL import Image
