@@ -107,6 +107,26 @@ def planned_rows(root: Path) -> int | None:
     return json.loads(plan.read_text())["rows"] if plan.exists() else None
 
 
+def unfinished_line(root: Path) -> str | None:
+    """One line when the run's configured stages have not all finished (a run still going, stopped, or run with a
+    subset of --stages), e.g. ``unfinished: 1 of 9 stages finished (download); next: filter``; None when finished."""
+    import yaml
+
+    from curation import markers
+
+    layout = RunLayout(root)
+    try:
+        stages = list(yaml.safe_load(layout.config_file.read_text()).get("stages") or STAGE_ORDER)
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        stages = list(STAGE_ORDER)
+    done = markers.finished_stages(root, stages)
+    if len(done) == len(stages):
+        return None
+    todo = [s for s in stages if s not in done]
+    return (f"unfinished: {len(done)} of {len(stages)} stages finished ({', '.join(done) or 'none'}); next: "
+            f"{todo[0]} (rerun the curate command to finish the run)")
+
+
 def check_invariants(root: Path, stages: Iterable[str] | None = None, upto: str | None = None) -> None:
     """Raise AccountingError if the download ledger does not hold one row per planned URL, a key is judged twice by
     one stage, or a stage's input differs from the previous stage's kept keys.  With `upto`, only the stages up to

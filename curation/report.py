@@ -337,6 +337,11 @@ def main(argv=None) -> int:
     if not args.run_root.exists():
         print(f"lvd report: no such run root: {args.run_root}", file=sys.stderr)
         return 2
+    from curation.accounting import unfinished_line
+
+    unfinished = unfinished_line(args.run_root)
+    if unfinished:  # the report then covers the stages that finished
+        print(unfinished, file=sys.stderr)
     page = build_report(args.run_root)
     print(page)
     return 0

@@ -14,6 +14,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from curation.deps import require_dependencies  # noqa: E402 - standard library only
+
+require_dependencies("pipelines/train.py")  # a job started with a Python that lacks lvd's packages: one line, not a traceback
+
 from training.cli import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -151,3 +151,212 @@ def test_own_urls_walkthrough_via_ray_job_submit(own_urls, tmp_path):
     assert rc == 0, log[-4000:]
     assert "succeeded" in log
     check_captions(own_urls, root)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# An image server that goes down in the middle of a run and comes back; --retry-failed; an unfinished run; the
+# cluster recipe of the README, run as written.
+
+N_OUTAGE = 6  # images served; the server goes down after OUTAGE_AFTER of them
+OUTAGE_AFTER = 3
+
+
+class _CountingServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def process_request(self, request, client_address):
+        self.accepted += 1  # counted when the connection is accepted, in the serving loop
+        super().process_request(request, client_address)
+
+
+class OutageServer:
+    """A folder served on a fixed 127.0.0.1 port.  `up(budget)`: listen, and after `budget` accepted connections
+    close the listening socket (the next connection is refused: the server is down in the middle of a run, at the
+    same URL count every time, whatever the timing); `up()` serves until `stop()`."""
+
+    def __init__(self, directory: Path):
+        from curation.local_cluster import free_port
+
+        self.directory, self.port = directory, free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self._srv = self._thread = None
+
+    def up(self, budget: int | None = None) -> "OutageServer":
+        self.stop()
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(self.directory))
+        handler.log_message = lambda *a, **k: None
+        _CountingServer.allow_reuse_address = True  # the same port again after the outage
+        srv = _CountingServer(("127.0.0.1", self.port), handler)
+        srv.accepted, srv.timeout, srv.stopping = 0, 0.2, False
+
+        def loop():
+            while not srv.stopping and (budget is None or srv.accepted < budget):
+                srv.handle_request()
+            srv.server_close()
+
+        self._srv, self._thread = srv, threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def accepted(self) -> int:
+        """Connections accepted since the last `up()`."""
+        return self._srv.accepted if self._srv is not None else 0
+
+    def stop(self) -> None:
+        if self._srv is not None:
+            self._srv.stopping = True
+            self._thread.join(timeout=60)
+            self._srv = None
+
+
+@pytest.fixture
+def outage(tmp_path):
+    """N_OUTAGE distinct photos behind an OutageServer, urls.csv, and anchors: a crop of every photo, so that each
+    anchor's nearest pool image is its own photo and a complete run keeps every URL."""
+    www, anchors = tmp_path / "www", tmp_path / "anchors"
+    www.mkdir()
+    anchors.mkdir()
+    rng = np.random.default_rng(5)
+    lines = ["url,caption"]
+    server = OutageServer(www)
+    yy, xx = np.mgrid[0:72, 0:96]
+    for i in range(N_OUTAGE):  # stripes of another angle and frequency each: no two are near duplicates
+        angle, freq = np.pi * i / N_OUTAGE, 0.08 + 0.03 * i
+        wave = np.sin(freq * (xx * np.cos(angle) + yy * np.sin(angle)))[..., None]
+        tint = np.array([(40 * i) % 256, (90 * i + 60) % 256, (150 + 50 * i) % 256])
+        arr = np.clip(tint * 0.5 + 60 + 90 * wave + rng.normal(0, 10, (72, 96, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(www / f"p{i}.jpg", quality=92)
+        Image.fromarray(arr[4:-4, 4:-4]).save(anchors / f"a{i}.jpg", quality=90)
+        lines.append(f"{server.base}/p{i}.jpg,photo {i}")
+    (tmp_path / "urls.csv").write_text("\n".join(lines) + "\n")
+    cfg = {
+        "run_root": str(tmp_path / "run"),
+        "input": {"url_list": str(tmp_path / "urls.csv")},
+        "images": {"max_side": 64},
+        # one thread: the URLs are fetched in row order, so the outage always falls after the same URLs
+        "download": {"shard_size": 4, "threads": 1, "timeout_s": 10, "allow_networks": ["127.0.0.1/32"]},
+        "filter": {"min_side": 32, "detector": "none"},
+        "hash": {"method": "phash"},  # a PCA hash fitted on a handful of images would group them all
+        "sscd": {"descriptor": "pixels"},
+        "embed": {"model": "pixels", "batch_size": 16, "num_workers": 0},
+        "retrieve": {"anchor_sets": [{"name": "mine", "path": str(anchors), "method": "sample", "k": 1}]},
+        "shards": {"samples_per_shard": 4},
+    }
+    path = tmp_path / "own.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    try:
+        urls = [line.split(",")[0] for line in lines[1:]]
+        yield {"server": server, "config": path, "root": tmp_path / "run", "urls": urls}
+    finally:
+        server.stop()
+
+
+def curated_urls(root: Path) -> list[str]:
+    import webdataset as wds
+
+    tars = sorted(str(p) for p in (root / "shards").glob("*.tar"))
+    return sorted(meta["url"] for meta in wds.WebDataset(tars, shardshuffle=False).decode().to_tuple("json")
+                  for meta in meta if meta["source"] == "pool")
+
+
+def download_drops(root: Path) -> list[tuple[str, str]]:
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(root / "stats" / "drops.parquet").to_pylist()
+    return sorted((r["key"], r["reason"]) for r in rows if r["stage"] == "download")
+
+
+def check_outage_then_retry(outage: dict, run) -> None:
+    """`run(extra_args)` runs the curate command (in-process or as a Ray job); the server goes down after
+    OUTAGE_AFTER images, the run finishes with those, the server comes back, --retry-failed keeps every URL."""
+    from curation import accounting
+
+    root = outage["root"]
+    outage["server"].up(budget=OUTAGE_AFTER)
+    run([])
+    lost = [(f"{i:010d}", "network_error") for i in range(OUTAGE_AFTER, N_OUTAGE)]
+    assert download_drops(root) == lost  # connection refused: a transient reason
+    assert curated_urls(root) == sorted(outage["urls"][:OUTAGE_AFTER])
+    outage["server"].up()  # back
+    run([])  # a plain rerun changes nothing: the outage's drops stay (the run is finished)
+    assert download_drops(root) == lost
+    run(["--retry-failed"])
+    assert outage["server"].accepted == N_OUTAGE - OUTAGE_AFTER  # only the failed URLs were fetched again
+    assert download_drops(root) == []
+    assert curated_urls(root) == sorted(outage["urls"])  # every URL kept, down to the curated shards
+    accounting.check_invariants(root)
+    funnel = {r["stage"]: r for r in accounting.update_stats(root)[0].to_pylist()}
+    assert funnel["download"]["kept"] == funnel["retrieve"]["kept"] == N_OUTAGE
+    assert accounting.unfinished_line(root) is None
+    assert not (root / "download" / "_retry").exists()
+
+
+@pytest.mark.slow
+def test_retry_failed_fetches_what_an_outage_dropped_in_process(outage):
+    from pipelines.curate import main
+
+    def run(extra):
+        assert main(["--config", str(outage["config"]), "--local", "--no-progress", *extra]) == 0
+
+    check_outage_then_retry(outage, run)
+
+
+def test_transient_reasons_are_the_ones_a_retry_can_change():
+    from curation.stages.download import is_transient
+
+    assert is_transient("network_error", "<urlopen error [Errno 111] Connection refused>")
+    assert is_transient("timeout", "timed out")
+    assert is_transient("http_error", "HTTP Error 503: Service Unavailable")
+    assert is_transient("http_error", "HTTP Error 429: Too Many Requests")
+    assert not is_transient("http_error", "HTTP Error 404: Not Found")
+    assert not is_transient("undecodable", "cannot identify image file")
+    assert not is_transient("private_address", "127.0.0.1 is loopback")
+
+
+def test_unfinished_run_is_named_by_funnel_and_report(outage, capsys):
+    from curation.cli import main as lvd
+    from pipelines.curate import main
+
+    outage["server"].up()
+    assert main(["--config", str(outage["config"]), "--local", "--no-progress", "--stages", "download"]) == 0
+    capsys.readouterr()
+    want = "unfinished: 1 of 9 stages finished (download); next: filter"
+    for command in (["funnel", str(outage["root"])], ["report", str(outage["root"])]):
+        assert lvd(command) == 0
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith(want), err
+
+
+def test_a_python_without_lvds_dependencies_gets_one_line(tmp_path):
+    """`python -S` has no site-packages: the Python a job gets when `ray start` ran outside the venv."""
+    import subprocess
+    import sys
+
+    for script in ("pipelines/curate.py", "pipelines/train.py"):
+        r = subprocess.run([sys.executable, "-S", script, "--config", str(tmp_path / "x.yaml")], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: this Python") and "pyarrow" in lines[0], r.stderr
+        assert "source .venv/bin/activate" in lines[0] and script in lines[0]
+
+
+def test_check_prints_problems_first_and_the_config_only_when_asked(own_urls, tmp_path, capsys):
+    from pipelines.curate import main
+
+    cfg = own_config(own_urls, tmp_path / "run")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(path), "--check"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip().splitlines() == [f"config ok: {path} (1 warnings; --show-config prints it resolved)"]
+    assert main(["--config", str(path), "--check", "--show-config"]) == 0
+    out = capsys.readouterr()
+    assert "run_root:" in out.out and len(out.out.splitlines()) > 50
+    (tmp_path / "bad.csv").write_text("link,caption\nhttp://127.0.0.1/x.jpg,x\n")
+    cfg["input"]["url_list"] = str(tmp_path / "bad.csv")
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(path), "--check"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "no column 'url'" in out.err.splitlines()[0]
