@@ -267,7 +267,7 @@ def download_drops(root: Path) -> list[tuple[str, str]]:
     return sorted((r["key"], r["reason"]) for r in rows if r["stage"] == "download")
 
 
-def check_outage_then_retry(outage: dict, run) -> None:
+def check_outage_then_retry(outage: dict, run, plain_rerun: bool = True) -> None:
     """`run(extra_args)` runs the curate command (in-process or as a Ray job); the server goes down after
     OUTAGE_AFTER images, the run finishes with those, the server comes back, --retry-failed keeps every URL."""
     from curation import accounting
@@ -279,8 +279,9 @@ def check_outage_then_retry(outage: dict, run) -> None:
     assert download_drops(root) == lost  # connection refused: a transient reason
     assert curated_urls(root) == sorted(outage["urls"][:OUTAGE_AFTER])
     outage["server"].up()  # back
-    run([])  # a plain rerun changes nothing: the outage's drops stay (the run is finished)
-    assert download_drops(root) == lost
+    if plain_rerun:
+        run([])  # a plain rerun changes nothing: the outage's drops stay (the run is finished)
+        assert download_drops(root) == lost
     run(["--retry-failed"])
     assert outage["server"].accepted == N_OUTAGE - OUTAGE_AFTER  # only the failed URLs were fetched again
     assert download_drops(root) == []
@@ -360,3 +361,63 @@ def test_check_prints_problems_first_and_the_config_only_when_asked(own_urls, tm
     assert main(["--config", str(path), "--check"]) == 2
     out = capsys.readouterr()
     assert out.out == "" and "no column 'url'" in out.err.splitlines()[0]
+
+
+def readme_cluster_recipe() -> list[str]:
+    """The command lines of the README's cluster recipe, as written there."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- cluster recipe -->")[1].split("<!-- end cluster recipe -->")[0]
+    return [line.strip() for line in block.strip().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_walkthrough_readme_cluster_recipe_outage_and_retry(outage):
+    """The README's cluster recipe run line by line in bash from a shell without the venv on the PATH (ports made
+    free, and a private temp dir so that only this head is stopped); a job with a Python lacking lvd's packages
+    answers in one line; the image server goes down in the middle of the job and comes back; --retry-failed as a
+    second job keeps every URL."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    from curation.local_cluster import _node_args, free_port, stop_cluster_processes
+
+    lines = readme_cluster_recipe()
+    submit = next(line for line in lines if line.startswith("ray job submit"))
+    start = next(line for line in lines if " ray start " in f" {line} ")
+    setup = [line for line in lines if line not in (submit, start)]  # source the venv, the token
+    assert setup[0] == "source .venv/bin/activate" and "export RAY_AUTH_MODE=token" in setup
+    gcs, dashboard = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="lvdray-", dir="/tmp")
+    start = (start.replace("--port=6379", f"--port={gcs}").replace("8265", str(dashboard))
+             + f" --temp-dir={temp} --ray-client-server-port={free_port()} --num-cpus=2 "
+             + " ".join(_node_args(None, None)))  # beside other heads on this machine: their own agent ports
+    submit = submit.replace("8265", str(dashboard)).replace("~/own.yaml", str(outage["config"]))
+    venv_bin = str(REPO / ".venv" / "bin")
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                  if p and Path(p).resolve() != Path(venv_bin).resolve())
+
+    def bash(*commands: str) -> subprocess.CompletedProcess:
+        script = "\n".join(["set -e", *setup, *commands])
+        return subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=900)  # only against a hang
+
+    try:
+        r = bash(start)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        r = bash(submit.replace("-- python ", "-- python -S "))  # no site-packages: the system Python's case
+        log = r.stdout + r.stderr
+        assert r.returncode != 0 and "error: this Python" in log and "lacks lvd's dependencies" in log, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+
+        def run(extra):
+            r = bash(" ".join([submit, *extra]))
+            assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+            assert "succeeded" in r.stdout
+
+        check_outage_then_retry(outage, run, plain_rerun=False)
+    finally:
+        stop_cluster_processes([temp, f":{gcs} "])
+        shutil.rmtree(temp, ignore_errors=True)
