@@ -36,6 +36,10 @@ from curation.urllists import check_inputs
 log = logging.getLogger("lvd")
 
 
+#: without a terminal (a file, a Ray job's log), a stage longer than this prints a progress line this often
+HEARTBEAT_S = 60.0
+
+
 class StageFailed(RuntimeError):
     pass
 
@@ -269,7 +273,10 @@ def run_stage(stage: Stage, executor, progress: bool = True, verify: bool = Fals
     print(f"[{stage.name}] {len(units)} units, {skipped} already complete", flush=True)
     failures: list[tuple[Unit, Exception]] = []
     totals: dict[str, float] = {}
-    bar = tqdm(total=len(todo), desc=stage.name, unit="shard", disable=not progress or not todo, file=sys.stderr)
+    # a bar on a terminal only: in a file or a Ray job's log every refresh of it would be one more line
+    live = progress and bool(todo) and sys.stderr.isatty()
+    bar = tqdm(total=len(todo), desc=stage.name, unit="shard", disable=not live, file=sys.stderr, leave=False)
+    beat = {"done": 0, "at": time.time()}
 
     def on_done(unit, result, err):
         if err is not None:
@@ -281,6 +288,10 @@ def run_stage(stage: Stage, executor, progress: bool = True, verify: bool = Fals
                     totals[k] = totals.get(k, 0) + v
             bar.set_postfix({k: int(v) for k, v in totals.items() if k != "seconds"}, refresh=False)
         bar.update(1)
+        beat["done"] += 1
+        if progress and not live and time.time() - beat["at"] >= HEARTBEAT_S and beat["done"] < len(todo):
+            beat["at"] = time.time()  # without a bar, a long stage still shows it is moving, rarely
+            print(f"[{stage.name}] {beat['done']} of {len(todo)} units done", flush=True)
 
     if todo:
         markers.marker_path(stage.root, stage.name, markers.DONE).unlink(missing_ok=True)  # unfinished again

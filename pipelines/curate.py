@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_summary(summaries: dict) -> str:
+    """One line for the whole run: units run and skipped, and the seconds of each stage."""
+    ran = sum(s["ran"] for s in summaries.values())
+    skipped = sum(s["skipped"] for s in summaries.values())
+    seconds = sum(s["seconds"] for s in summaries.values())
+    times = ", ".join(f"{name} {s['seconds']:.1f}" for name, s in summaries.items())
+    return f"ran {ran} units of {len(summaries)} stages ({skipped} already complete) in {seconds:.1f} s: {times}"
+
+
 def main(argv=None) -> int:
     try:
         return _main(argv)
@@ -126,8 +135,7 @@ def _main(argv=None) -> int:
     funnel, drops = accounting.update_stats(root)
     print("\nFunnel (rows in, kept, dropped per stage):")
     print(accounting.format_funnel(funnel, drops))
-    for name, s in summaries.items():
-        print(f"  {name}: {s['ran']} units run, {s['skipped']} skipped, {s['seconds']} s")
+    print(run_summary(summaries))
     print(f"\nOutputs under {root}: stats/funnel.parquet, stats/drops.parquet", end="")
     if layout.shards_dir.exists():
         print(f", shards/ ({len(list(layout.shards_dir.glob('*.tar')))} tar shards)", end="")

@@ -4,6 +4,7 @@ with the webdataset library and with Ray Data.  Also what `--check` says about f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
@@ -212,6 +213,12 @@ class OutageServer:
 
 @pytest.fixture
 def outage(tmp_path):
+    with outage_site(tmp_path) as site:
+        yield site
+
+
+@contextlib.contextmanager
+def outage_site(tmp_path: Path):
     """N_OUTAGE distinct photos behind an OutageServer, urls.csv, and anchors: a crop of every photo, so that each
     anchor's nearest pool image is its own photo and a complete run keeps every URL."""
     www, anchors = tmp_path / "www", tmp_path / "anchors"
