@@ -36,7 +36,14 @@ def build_parser(prog: str = "lvd train") -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (see pipelines/configs/train_*.yaml)")
     p.add_argument("--data", required=True, help="shard dir, glob / brace pattern of .tar shards, or image folder")
     p.add_argument("--output", default="runs/train", help="output dir: checkpoints/, metrics.jsonl, config.yaml")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many iterations in total")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="train for N iterations in total, with every schedule fitted to them: optim.epochs, "
+                   "optim.warmup_epochs, optim.freeze_last_layer_epochs, teacher.warmup_teacher_temp_epochs and "
+                   "high_res.iterations are scaled by N / (epochs x iters_per_epoch), so lr, wd, teacher momentum "
+                   "and temperature reach their final values at step N (see --keep-schedule)")
+    p.add_argument("--keep-schedule", action="store_true",
+                   help="with --max-steps: keep the config's schedules and stop after N iterations (the first N "
+                   "steps of the full run, lr still high at the end; the config key max_steps does the same)")
     p.add_argument("--eval-train-dir", default=None, help="labelled folder (class subfolders) for k-NN / linear probe")
     p.add_argument("--eval-val-dir", default=None, help="labelled validation folder (default: split of train dir)")
     p.add_argument("--export", default=None, help="after training, export the teacher backbone to this .pth")
@@ -46,6 +53,20 @@ def build_parser(prog: str = "lvd train") -> argparse.ArgumentParser:
                    "job's cluster under `ray job submit`, else a local Ray instance)")
     p.add_argument("overrides", nargs="*", help="key.path=value config overrides")
     return p
+
+
+def fitted_schedule(cfg, steps: int) -> list[str]:
+    """Overrides that make a run of `steps` iterations the whole schedule of `cfg`: every length given in epochs
+    (and the high-resolution phase, the schedules' final part) scaled by steps / total iterations, so each
+    schedule keeps its shape (warmup share, frozen last layer share) and ends at its final value at `steps`."""
+    f = steps / cfg.total_iters
+    o, t = cfg.optim, cfg.teacher
+    out = [f"optim.epochs={o.epochs * f!r}", f"optim.warmup_epochs={o.warmup_epochs * f!r}",
+           f"optim.freeze_last_layer_epochs={o.freeze_last_layer_epochs * f!r}",
+           f"teacher.warmup_teacher_temp_epochs={t.warmup_teacher_temp_epochs * f!r}"]
+    if cfg.high_res.iterations:
+        out.append(f"high_res.iterations={min(max(1, round(cfg.high_res.iterations * f)), steps - 1)}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"eval.val_dir={args.eval_val_dir}")
     try:
         cfg = load_config(args.config, overrides)
+        if args.max_steps and not args.keep_schedule and args.max_steps != cfg.total_iters:
+            cfg = load_config(args.config, overrides + fitted_schedule(cfg, args.max_steps))
     except (ConfigError, FileNotFoundError) as e:
         print(str(e), file=sys.stderr)
         return 2
