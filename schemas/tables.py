@@ -74,6 +74,9 @@ DROPS = pa.schema(
         pa.field("url", pa.string()),
         pa.field("reason", pa.string(), nullable=False),
         pa.field("detail", pa.string()),
+        # a duplicate's survivor (the image of its component that dedup kept; `detail` names its key): its URL, so
+        # no join is needed; null for every other drop (eval_contamination has no surviving pool image)
+        pa.field("survivor_url", pa.string()),
     ]
 )
 

@@ -218,7 +218,7 @@ def outage(tmp_path):
 
 
 @contextlib.contextmanager
-def outage_site(tmp_path: Path):
+def outage_site(tmp_path: Path, extras: bool = False):
     """N_OUTAGE distinct photos behind an OutageServer, urls.csv, and anchors: a crop of every photo, so that each
     anchor's nearest pool image is its own photo and a complete run keeps every URL."""
     www, anchors = tmp_path / "www", tmp_path / "anchors"
@@ -236,6 +236,11 @@ def outage_site(tmp_path: Path):
         Image.fromarray(arr).save(www / f"p{i}.jpg", quality=92)
         Image.fromarray(arr[4:-4, 4:-4]).save(anchors / f"a{i}.jpg", quality=90)
         lines.append(f"{server.base}/p{i}.jpg,photo {i}")
+    if extras:  # a drop of each kind of stage: a 404 (download), too small (filter), the same bytes again (dedup)
+        Image.fromarray(np.full((20, 24, 3), 90, np.uint8)).save(www / "small.jpg")
+        (www / "copy.jpg").write_bytes((www / "p0.jpg").read_bytes())
+        lines += [f"{server.base}/missing.jpg,gone", f"{server.base}/small.jpg,tiny",
+                  f"{server.base}/copy.jpg,photo 0 again"]
     (tmp_path / "urls.csv").write_text("\n".join(lines) + "\n")
     cfg = {
         "run_root": str(tmp_path / "run"),
@@ -428,3 +433,43 @@ def test_walkthrough_readme_cluster_recipe_outage_and_retry(outage):
     finally:
         stop_cluster_processes([temp, f":{gcs} "])
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_report_shows_why_with_example_grids_and_the_descriptors_in_chromium(tmp_path):
+    """The report of a run with a drop at download (404), filter (too small) and dedup (the same bytes under
+    another URL): per reason the rule and the example images, a duplicate beside its survivor, each image linked
+    to its URL and titled with its key; the banner names the demo-only descriptors.  Rendered in headless
+    Chromium: the text and the images on the page as a browser builds it."""
+    import re
+
+    import pyarrow.parquet as pq
+
+    from pipelines.curate import main
+    from tests.curation.chromium import dump_dom, screenshot
+
+    with outage_site(tmp_path, extras=True) as site:
+        site["server"].up()
+        assert main(["--config", str(site["config"]), "--local", "--no-progress"]) == 0
+    root = site["root"]
+    drops = {r["reason"]: r for r in pq.read_table(root / "stats" / "drops.parquet").to_pylist()}
+    assert set(drops) == {"http_error", "too_small", "exact_duplicate"}, drops
+    copy_url, original_url = site["urls"][8], site["urls"][0]
+    assert drops["exact_duplicate"]["url"] == copy_url
+    assert drops["exact_duplicate"]["survivor_url"] == original_url  # no join needed
+    assert drops["http_error"]["survivor_url"] is None and drops["too_small"]["survivor_url"] is None
+
+    dom = dump_dom(root / "stats" / "report.html")
+    text = re.sub(r"<[^>]+>", " ", dom)
+    assert "Descriptors used" in text and text.count("demo only") == 2
+    assert "copy detection (dedup): pixels" in text and "retrieval embedder: pixels" in text
+    for reason in ("download: http_error (1)", "filter: too_small (1)", "dedup: exact_duplicate (1)"):
+        assert reason in text, reason
+    assert "shorter side below filter.min_side = 32 px" in text
+    dropped = re.findall(r"<img class=\"dropped\"[^>]*>", dom)
+    kept = re.findall(r"<img class=\"survivor\"[^>]*>", dom)
+    assert len(dropped) == 2 and len(kept) == 1  # the 404 has no image: a box with its key and URL
+    assert dom.count("class=\"noimage\"") == 1
+    assert f'href="{copy_url}"' in dom and f'href="{original_url}"' in dom
+    assert re.search(r'title="key 0000000008: ' + re.escape(copy_url), dom)
+    png = screenshot(root / "stats" / "report.html", tmp_path / "report.png")
+    assert png.stat().st_size > 10_000
