@@ -473,3 +473,29 @@ def test_report_shows_why_with_example_grids_and_the_descriptors_in_chromium(tmp
     assert re.search(r'title="key 0000000008: ' + re.escape(copy_url), dom)
     png = screenshot(root / "stats" / "report.html", tmp_path / "report.png")
     assert png.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_a_retry_killed_midway_is_finished_by_the_next_plain_run(outage):
+    """SIGKILL inside the retry's download unit (the fifth atomic commit of the process: after the request, inside
+    the refetch), then the same command without --retry-failed: the pending request is finished."""
+    import subprocess
+    import sys
+
+    from curation import accounting
+    from pipelines.curate import main
+
+    args = ["--config", str(outage["config"]), "--local", "--no-progress"]
+    outage["server"].up(budget=OUTAGE_AFTER)
+    assert main(args) == 0
+    assert len(download_drops(outage["root"])) == N_OUTAGE - OUTAGE_AFTER
+    outage["server"].up()
+    env = {**__import__("os").environ, "LVD_CRASH_AT": "5"}
+    killed = subprocess.run([sys.executable, "pipelines/curate.py", *args, "--retry-failed"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert (outage["root"] / "download" / "_retry" / "request.json").exists()
+    assert main(args) == 0
+    assert download_drops(outage["root"]) == []
+    assert curated_urls(outage["root"]) == sorted(outage["urls"])
+    accounting.check_invariants(outage["root"])
