@@ -1,7 +1,7 @@
 """DINOv2 pretraining entry point.
 
     python pipelines/train.py --config pipelines/configs/train_demo.yaml --data RUN/shards [--output DIR]
-        [--max-steps N] [key.path=value ...]
+        [--max-steps N | --total-steps N] [key.path=value ...]
     ray job submit --working-dir . -- python pipelines/train.py --config train.yaml --data RUN/shards
 
 The config is validated (pydantic) before any work; a bad key or value fails with one line naming its path.

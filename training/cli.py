@@ -37,13 +37,14 @@ def build_parser(prog: str = "lvd train") -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="shard dir, glob / brace pattern of .tar shards, or image folder")
     p.add_argument("--output", default="runs/train", help="output dir: checkpoints/, metrics.jsonl, config.yaml")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="train for N iterations in total, with every schedule fitted to them: optim.epochs, "
+                   help="stop after N iterations of the config's schedules, which are NOT shortened: lr, wd, "
+                   "teacher momentum and temperature are where the full run has them at step N (lr still high); "
+                   "rerun without it to continue the same run. To train a shorter run, use --total-steps")
+    p.add_argument("--total-steps", type=int, default=None,
+                   help="train N iterations in total with every schedule fitted to them: optim.epochs, "
                    "optim.warmup_epochs, optim.freeze_last_layer_epochs, teacher.warmup_teacher_temp_epochs and "
-                   "high_res.iterations are scaled by N / (epochs x iters_per_epoch), so lr, wd, teacher momentum "
-                   "and temperature reach their final values at step N (see --keep-schedule)")
-    p.add_argument("--keep-schedule", action="store_true",
-                   help="with --max-steps: keep the config's schedules and stop after N iterations (the first N "
-                   "steps of the full run, lr still high at the end; the config key max_steps does the same)")
+                   "high_res.iterations scaled by N / (epochs x iters_per_epoch), so lr, wd, teacher momentum and "
+                   "temperature reach their final values at step N")
     p.add_argument("--eval-train-dir", default=None, help="labelled folder (class subfolders) for k-NN / linear probe")
     p.add_argument("--eval-val-dir", default=None, help="labelled validation folder (default: split of train dir)")
     p.add_argument("--export", default=None, help="after training, export the teacher backbone to this .pth")
@@ -81,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"eval.val_dir={args.eval_val_dir}")
     try:
         cfg = load_config(args.config, overrides)
-        if args.max_steps and not args.keep_schedule and args.max_steps != cfg.total_iters:
-            cfg = load_config(args.config, overrides + fitted_schedule(cfg, args.max_steps))
+        if args.total_steps is not None:
+            if args.total_steps < 1:
+                raise ConfigError(f"config error: --total-steps: must be at least 1 (got {args.total_steps})")
+            if args.total_steps != cfg.total_iters:
+                cfg = load_config(args.config, overrides + fitted_schedule(cfg, args.total_steps))
     except (ConfigError, FileNotFoundError) as e:
         print(str(e), file=sys.stderr)
         return 2

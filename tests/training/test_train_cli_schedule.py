@@ -1,5 +1,5 @@
-"""`lvd train --max-steps N` fits the schedules to N steps (the lr ends near min_lr at step N), and the messages of
-`lvd export` on a file that is no checkpoint."""
+"""`lvd train --total-steps N` fits the schedules to N steps (the lr ends near min_lr at step N), `--max-steps N`
+stops the full schedules after N steps; and the messages of `lvd export` on a file that is no checkpoint."""
 import copy
 import math
 
@@ -10,7 +10,7 @@ from training.cli import main as train_main
 from training.export import main as export_main
 
 
-def test_max_steps_fits_the_schedules_to_the_run(tmp_path):
+def test_total_steps_fits_the_schedules_to_the_run(tmp_path):
     cfg = copy.deepcopy(TINY_CFG)
     cfg["optim"].update(epochs=5, iters_per_epoch=4, warmup_epochs=1, freeze_last_layer_epochs=0.5,
                         base_lr=0.002, min_lr=1e-5)  # 20 iterations: warmup 4, last layer frozen 2
@@ -18,7 +18,7 @@ def test_max_steps_fits_the_schedules_to_the_run(tmp_path):
     data, path = shards_and_config(tmp_path, cfg)
     steps = 10
     assert train_main(["--config", str(path), "--data", str(data), "--output", str(tmp_path / "out"),
-                       "--max-steps", str(steps)]) == 0
+                       "--total-steps", str(steps)]) == 0
     rows = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert len(rows) == steps
     # the schedule of a 10-iteration run: warmup round(4 x 10/20) = 2 iterations (0 -> base_lr), then a half
@@ -29,13 +29,13 @@ def test_max_steps_fits_the_schedules_to_the_run(tmp_path):
     assert lr[-1] - low < 0.04 * (base - low)  # a cut-off schedule would still be at its midpoint (~base / 2)
 
 
-def test_max_steps_with_keep_schedule_is_the_start_of_the_full_run(tmp_path):
+def test_max_steps_stops_the_full_schedules_after_n_steps(tmp_path):
     cfg = copy.deepcopy(TINY_CFG)
     cfg["optim"].update(epochs=5, iters_per_epoch=4, warmup_epochs=1, base_lr=0.002, min_lr=1e-5)
     cfg["checkpoint"]["period_iters"] = 100
     data, path = shards_and_config(tmp_path, cfg)
     assert train_main(["--config", str(path), "--data", str(data), "--output", str(tmp_path / "out"),
-                       "--max-steps", "6", "--keep-schedule"]) == 0
+                       "--max-steps", "6"]) == 0
     lr = [r["lr"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl")]
     base, low = 0.002, 1e-5  # warmup linspace(0, base, 4), then the cosine over 16 iterations
     want = [0.0, base / 3, 2 * base / 3, base] + [low + 0.5 * (base - low) * (1 + math.cos(math.pi * i / 16))
