@@ -348,6 +348,7 @@ def _example_file(out: Path, key: str, data: bytes | None, size: int) -> str | N
 
 def _figure_image(cls: str, key: str, url: str | None, uri: str | None) -> str:
     """One grid image, linked to its URL, titled with its key (a 'no image' box where none was downloaded)."""
+    url = url if isinstance(url, str) else None  # a null cell may come back from pandas as NaN
     label = html.escape(f"key {key}" + (f": {url}" if url else ""))
     if uri is None:
         box = f"<span class='noimage' title='{label}'>no image</span>"
