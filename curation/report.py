@@ -436,8 +436,8 @@ th{background:#f0f0f0}img{max-width:100%;border:1px solid #ddd;margin:4px 0}h2{b
 .warning{background:#fde8e8;border:1px solid #d33;padding:6px 10px}
 .banner{background:#eef4fb;border:1px solid #7aa7d8;padding:6px 10px}.demo-only{color:#b00}
 .examples{display:flex;flex-wrap:wrap;gap:8px}figure.drop{margin:0;padding:4px;border:1px solid #ddd;font-size:11px;
-max-width:320px}figure.drop img{margin:0 2px}.pair{display:flex;align-items:center}.noimage{display:inline-block;width:80px;height:80px;background:#eee;
-color:#888;text-align:center;line-height:80px}.arrow{font-size:10px;color:#555;margin:0 2px}.rule{color:#444}"""
+max-width:320px}figure.drop img{margin:0 2px}.pair{display:flex;align-items:center}
+.noimage{display:inline-block;width:80px;height:80px;background:#eee;color:#888;text-align:center;line-height:80px}.arrow{font-size:10px;color:#555;margin:0 2px}.rule{color:#444}"""
 
 
 def build_report(root: str | Path, cfg=None) -> Path:

@@ -1,6 +1,8 @@
-"""A newcomer's own-data walkthrough (issue 14): images on a local HTTP server, a CSV of URLs with captions, the
-pipeline (in-process, and as `ray job submit` to a real local Ray head), captions read back from the curated shards
-with the webdataset library and with Ray Data.  Also what `--check` says about face blurring."""
+"""A newcomer's own-data walkthrough: images on a local HTTP server, a CSV of URLs with captions, the pipeline
+(in-process, and as `ray job submit` to a real local Ray head), captions read back from the curated shards with the
+webdataset library and with Ray Data.  Also what `--check` says (face blurring, errors before the config); the
+README's cluster recipe run as written; an image server that goes down mid-run and `--retry-failed`; an unfinished
+run named by `lvd funnel` / `lvd report`; the report's reasons rendered in headless Chromium."""
 
 from __future__ import annotations
 

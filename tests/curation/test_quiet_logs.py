@@ -1,5 +1,5 @@
-"""Log noise a newcomer meets on a first run (issue 14 item 12): faiss loader lines, DataLoader worker warnings,
-Ray uploading .git/.venv with a job."""
+"""Log noise a newcomer meets on a first run: faiss loader lines, DataLoader worker warnings, Ray uploading
+.git/.venv with a job, the Ray job client's chatter, a progress bar in a log file."""
 
 from __future__ import annotations
 
