@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from curation.layout import LEDGER_STAGES, STAGE_ORDER, RunLayout
 from curation.storage import read_tables, write_table
-from schemas.tables import DROP_REASONS, LEDGER
+from schemas.tables import DROP_REASONS, DROPS, LEDGER
 
 
 class AccountingError(RuntimeError):
@@ -107,6 +107,27 @@ def planned_rows(root: Path) -> int | None:
     return json.loads(plan.read_text())["rows"] if plan.exists() else None
 
 
+def unfinished_line(root: Path, ignore: Sequence[str] = ()) -> str | None:
+    """One line when the run's configured stages have not all finished (a run still going, stopped, or run with a
+    subset of --stages), e.g. ``unfinished: 1 of 9 stages finished (download); next: filter``; None when finished."""
+    import yaml
+
+    from curation import markers
+
+    layout = RunLayout(root)
+    try:
+        stages = list(yaml.safe_load(layout.config_file.read_text()).get("stages") or STAGE_ORDER)
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        stages = list(STAGE_ORDER)
+    stages = [s for s in stages if s not in ignore]
+    done = markers.finished_stages(root, stages)
+    if len(done) == len(stages):
+        return None
+    todo = [s for s in stages if s not in done]
+    return (f"unfinished: {len(done)} of {len(stages)} stages finished ({', '.join(done) or 'none'}); next: "
+            f"{todo[0]} (rerun the curate command to finish the run)")
+
+
 def check_invariants(root: Path, stages: Iterable[str] | None = None, upto: str | None = None) -> None:
     """Raise AccountingError if the download ledger does not hold one row per planned URL, a key is judged twice by
     one stage, or a stage's input differs from the previous stage's kept keys.  With `upto`, only the stages up to
@@ -160,9 +181,29 @@ def update_stats(root: Path) -> tuple[pa.Table, pa.Table]:
         from schemas import empty
 
         drops_t = empty("drops")
+    else:  # a key is dropped by one stage at most: its survivor (dedup's drops only) joins by key
+        found = survivors(root).select(["key", "survivor_url"])
+        drops_t = drops_t.join(found, "key", join_type="left outer").select(DROPS.names)
     drops_t = write_table(layout.stats("drops"), drops_t.sort_by([("stage", "ascending"), ("key", "ascending")]),
                           "drops")
     return funnel, drops_t
+
+
+def survivors(root: Path) -> pa.Table:
+    """(key, survivor_key, survivor_url) of every pool image dedup dropped as a duplicate of an image it kept: the
+    kept member of its component (components.parquet), with that image's URL from the dedup ledger.  Empty before
+    dedup ran; an evaluation-contaminated component has no survivor."""
+    layout = RunLayout(root)
+    out = pa.schema([("key", pa.string()), ("survivor_key", pa.string()), ("survivor_url", pa.string())])
+    if not layout.dedup_components.exists() or not layout.ledger_parts("dedup"):
+        return out.empty_table()
+    comp = pq.read_table(layout.dedup_components, columns=["key", "source", "component", "kept"])
+    pool = comp.filter(pc.equal(comp["source"], "pool"))
+    kept = pool.filter(pool["kept"]).select(["component", "key"]).rename_columns(["component", "survivor_key"])
+    dropped = pool.filter(pc.invert(pool["kept"])).select(["key", "component"])
+    pairs = dropped.join(kept, "component", join_type="inner").select(["key", "survivor_key"])
+    urls = read_ledger(root, "dedup").select(["key", "url"]).rename_columns(["survivor_key", "survivor_url"])
+    return pairs.join(urls, "survivor_key", join_type="left outer").select(out.names).cast(out)
 
 
 def format_funnel(funnel: pa.Table, drops: pa.Table | None = None) -> str:

@@ -28,6 +28,9 @@ def _funnel(argv) -> int:
         what = "does not exist" if not args.run_root.exists() else "is not a run root (no config.yaml)"
         print(f"lvd funnel: {args.run_root} {what}", file=sys.stderr)
         return 2
+    unfinished = accounting.unfinished_line(args.run_root)
+    if unfinished:  # first, so it is not missed above a long funnel
+        print(unfinished, file=sys.stderr)
     funnel, drops = accounting.update_stats(args.run_root)
     print(accounting.format_funnel(funnel, drops))
     return 0

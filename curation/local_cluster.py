@@ -8,6 +8,7 @@ sides agree: a token is generated when missing and every ray command we run gets
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import signal
@@ -117,6 +118,32 @@ def stop_cluster_processes(marks: list[str], grace_s: float = 10.0) -> int:
     return len(pids)
 
 
+#: a line of the `ray job submit` client's own logger: "2026-12-07 11:22:02,090\tINFO cli.py:42 -- text"
+_RAY_CLI_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING|SUCC|ERROR)\s+\S+:\d+ -- (.*)$")
+_JOB_STATE = re.compile(r"Job '(\S+)' (submitted successfully|succeeded|failed|stopped)")
+#: Ray warnings about what it does anyway and the repository's .rayignore already does (skip .git/, .venv/)
+_EXPECTED_WARNINGS = ("is now ignored by default when packaging the working directory",)
+
+
+def quiet_job_line(line: str) -> str | None:
+    """What the `ray job submit` client prints, reduced to what a user needs: the job's own log as it is, one line
+    when the job is submitted (with how to stop it) and one when it ends; Ray's INFO chatter (addresses, uploads,
+    next steps, web sockets) and its expected warnings dropped, other warnings and errors kept."""
+    m = _RAY_CLI_LINE.match(line.rstrip("\n"))
+    if m is None:
+        return None if line.startswith("Running entrypoint for job ") else line
+    level, text = m.groups()
+    state = _JOB_STATE.search(text)
+    if state:
+        job, what = state.groups()
+        if what == "submitted successfully":
+            return f"ray: job {job} submitted (ray job stop {job} ends it)\n"
+        return f"ray: job {job} {what}\n"
+    if level == "ERROR" or (level == "WARNING" and not any(w in text for w in _EXPECTED_WARNINGS)):
+        return f"ray {level.lower()}: {text}\n"
+    return None
+
+
 class RayJobClient:
     """Submits jobs to a Ray cluster's dashboard (http://HEAD:8265) with `ray job submit`."""
 
@@ -129,15 +156,20 @@ class RayJobClient:
 
     def submit(self, entrypoint: list[str], working_dir: str | None = None, stream=None,
                timeout: float | None = None) -> tuple[int, str]:
-        """`ray job submit` and wait; return (exit code, log).  `stream` (a file) receives the log live."""
-        cmd = [_ray_bin(), "job", "submit", "--address", self.dashboard_url]
+        """`ray job submit` and wait; return (exit code, log).  `stream` (a file) receives the log live.  The log is
+        the job's own, with the Ray client's chatter reduced to a line at submission and one at the end
+        (:func:`quiet_job_line`)."""
+        cmd = [_ray_bin(), "job", "submit", "--address", self.dashboard_url, "--log-color", "false"]
         if working_dir:
             cmd += ["--working-dir", working_dir]
         cmd += ["--", *entrypoint]
         proc = subprocess.Popen(cmd, env=ray_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
         deadline = time.time() + timeout if timeout else None
-        for line in proc.stdout:
+        for raw in proc.stdout:
+            line = quiet_job_line(raw)
+            if line is None:
+                continue
             lines.append(line)
             if stream is not None:
                 stream.write(line)

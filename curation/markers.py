@@ -22,6 +22,8 @@ from curation.layout import RunLayout
 from curation.storage import file_sha256, write_json
 
 PLAN, FINALIZE = "_plan", "_finalize"
+#: written by the runner when a whole stage has finished (units and finalize): what "N of M stages" counts
+DONE = "_done"
 
 
 def marker_dir(root: Path, stage: str) -> Path:
@@ -33,8 +35,9 @@ def marker_path(root: Path, stage: str, unit_id: str) -> Path:
 
 
 #: caches a step may fill on the way, reused by whichever step comes next, so not one step's outputs: tar member
-#: indexes (checked against their tar's mtime) and retrieve's k-means fits (named by their parameters)
-CACHE_DIRS = ("_tarindex/", "retrieve/_kmeans/")
+#: indexes (checked against their tar's mtime) and retrieve's k-means fits (named by their parameters); and the
+#: scratch of a download retry (the request and the refetched rows, removed when the retry is done)
+CACHE_DIRS = ("_tarindex/", "retrieve/_kmeans/", "download/_retry/")
 
 
 def _rel(root: Path, p: Path) -> str:
@@ -88,3 +91,8 @@ def marked_outputs(root: Path, stage: str, unit_id: str) -> list[Path]:
         return [Path(root) / rel for rel in json.loads(path.read_text())["outputs"]]
     except (OSError, ValueError, KeyError, TypeError):
         return []
+
+
+def finished_stages(root: Path, stages: Iterable[str]) -> list[str]:
+    """The stages of `stages` that finished (their stage marker exists and matches)."""
+    return [s for s in stages if marker_problem(root, s, DONE) is None]

@@ -13,7 +13,12 @@ at any time (:func:`build_report` for ``lvd report``; the report stage calls :fu
 * image grids: ``report.grid_anchors`` random anchors of each searched set beside their ``report.grid_neighbors``
   best retrieved pool images, with similarities (pool images read by offset through :mod:`curation.tarindex`).
 
-The page uses relative links only (``report.html`` and ``*.png`` in the same folder), no scripts, no network.
+* why images were dropped: the descriptors and weights used (a banner at the top, demo-only ones flagged), and per
+  drop reason its rule and example images (``stats/example_<key>.jpg``), a duplicate beside its survivor, each
+  linked to its source URL and titled with its key.
+
+The page loads only relative links (``report.html``, ``*.png`` and ``*.jpg`` in the same folder), no scripts, no
+network; the only absolute links are the example images' source URLs, followed only when clicked.
 """
 
 from __future__ import annotations
@@ -320,6 +325,185 @@ def curation_section_html(shares, knn) -> str:
     if knn is not None:
         parts += ["<p id='embedder-knn'>The embedder's leave-one-out weighted k-NN (k=20, T=0.07) top-1 on each "
                   "labelled evaluation set, with its binomial standard deviation.</p>", _table_html(knn)]
+
+
+# ---------------------------------------------------------------------------------------------- why: the rules
+#: per drop reason, the rule that dropped the image, in words; {section.key} is filled from the run's config
+RULES = {
+    "bad_url": "the URL is malformed or not http(s)",
+    "duplicate_url": "the same URL as an earlier row, which is the one kept",
+    "blocked_domain": "the host (or a redirect's) is on download.blocklist_file",
+    "private_address": "the host is a private, loopback, link-local or metadata address outside "
+                       "download.allow_networks",
+    "bad_redirect": "a redirect to a URL that is not http(s)",
+    "redirect_loop": "a redirect back to a URL of the same chain",
+    "too_many_redirects": "a longer redirect chain than the downloader follows",
+    "opted_out": "the server sent X-Robots-Tag noai / noimageai",
+    "http_error": "the server answered with an error status (429 and 5xx: retried by --retry-failed)",
+    "timeout": "no answer within download.timeout_s = {download.timeout_s} s (retried by --retry-failed)",
+    "network_error": "the connection failed (refused, reset, DNS; retried by --retry-failed)",
+    "empty": "the server sent zero bytes",
+    "too_large_file": "more than download.max_bytes = {download.max_bytes} bytes",
+    "undecodable": "not an image the decoder can read",
+    "truncated": "the image data ends early",
+    "decompression_bomb": "more pixels than images.max_image_pixels = {images.max_image_pixels}",
+    "animated": "more than one frame",
+    "unsupported_mode": "a pixel format that cannot be converted to RGB",
+    "too_small": "shorter side below filter.min_side = {filter.min_side} px",
+    "bad_aspect": "long side / short side above filter.max_aspect = {filter.max_aspect}",
+    "nsfw": "the NSFW detector's score above its threshold",
+    "exact_duplicate": "the same decoded pixels as the image dedup kept (right)",
+    "near_duplicate": "in the hash group of the image dedup kept (right): hash codes within "
+                      "hash.hamming_threshold = {hash.hamming_threshold} bits",
+    "copy_duplicate": "a copy of the image dedup kept (right), joined through SSCD cosine above "
+                      "dedup.threshold = {dedup.threshold}",
+    "eval_contamination": "in a duplicate component with an evaluation image (dedup.eval_threshold = "
+                          "{dedup.eval_threshold}): no pool image of it is kept",
+    "embed_failed": "the embedder could not decode the image",
+    "not_selected": "no anchor set retrieved it",
+}
+#: example images shown per drop reason
+EXAMPLES_PER_REASON = 6
+
+
+def _config_dict(layout: RunLayout) -> dict:
+    import yaml
+
+    try:
+        return yaml.safe_load(layout.config_file.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def rule_text(reason: str, cfg: dict) -> str:
+    import re
+
+    def value(m):
+        section, key = m.group(1).split(".", 1)
+        v = (cfg.get(section) or {}).get(key)
+        return "?" if v is None else str(v)
+
+    return re.sub(r"\{([a-z_]+\.[a-z_]+)\}", value, RULES.get(reason, reason))
+
+
+def descriptor_lines(cfg: dict) -> list[tuple[str, bool]]:
+    """(what the run used, demo-only?) for its copy-detection descriptor and its retrieval embedder."""
+    stages = cfg.get("stages") or ()
+    sscd, embed = cfg.get("sscd") or {}, cfg.get("embed") or {}
+    lines = []
+    if "sscd" in stages:
+        if sscd.get("descriptor") == "pixels":
+            lines.append(("copy detection (dedup): pixels, a weight-free function of the pixels", True))
+        elif sscd.get("weights"):
+            lines.append((f"copy detection (dedup): SSCD, real weights {sscd['weights']}", False))
+        else:
+            lines.append(("copy detection (dedup): SSCD with random weights (sscd.weights: null)", True))
+    if "embed" in stages:
+        model, ckpt = embed.get("model"), embed.get("checkpoint")
+        if model == "pixels":
+            lines.append(("retrieval embedder: pixels, a weight-free function of the pixels", True))
+        elif ckpt:
+            lines.append((f"retrieval embedder: {model}, real weights {ckpt}", False))
+        else:
+            lines.append((f"retrieval embedder: {model} with random weights (embed.checkpoint: null)", True))
+    return lines
+
+
+def descriptor_banner(cfg: dict) -> str:
+    """The banner at the top of the page: which descriptors and weights made the duplicate and retrieval verdicts;
+    demo-only ones (weight-free or random) flagged, since their verdicts say little about real images."""
+    lines = descriptor_lines(cfg)
+    if not lines:
+        return ""
+    demo = any(d for _, d in lines)
+    items = "".join(f"<li>{html.escape(text)}"
+                    f"{' <b class=demo-only>demo only</b>' if d else ''}</li>" for text, d in lines)
+    note = (" Demo-only descriptors are fine for tests and the demo corpus; on real data their duplicate and "
+            "retrieval verdicts are meaningless: give real weights.") if demo else ""
+    return (f"<div id='descriptors' class='{'warning' if demo else 'banner'}'><b>Descriptors used</b>:"
+            f"<ul>{items}</ul>{html.escape(note)}</div>")
+
+
+def _example_file(out: Path, key: str, data: bytes | None, size: int) -> str | None:
+    """A grid thumbnail written beside the page (stats/example_<key>.jpg); its relative link, None without data."""
+    from PIL import Image
+
+    from curation.storage import write_bytes
+
+    if data is None:
+        return None
+    buf = io.BytesIO()
+    Image.fromarray(_thumb(data, size)).save(buf, "JPEG", quality=85)
+    name = f"example_{key}.jpg"
+    write_bytes(out / name, buf.getvalue())
+    return name
+
+
+def _figure_image(cls: str, key: str, url: str | None, uri: str | None) -> str:
+    """One grid image, linked to its URL, titled with its key (a 'no image' box where none was downloaded)."""
+    url = url if isinstance(url, str) else None  # a null cell may come back from pandas as NaN
+    label = html.escape(f"key {key}" + (f": {url}" if url else ""))
+    if uri is None:
+        box = f"<span class='noimage' title='{label}'>no image</span>"
+    else:
+        box = f"<img class='{cls}' src='{uri}' alt='{label}' title='{label}'>"
+    return f"<a href='{html.escape(url or '#')}' title='{label}'>{box}</a>"
+
+
+def drop_examples_html(layout: RunLayout, drops, cfg: dict, size: int = 80) -> str:
+    """Per drop reason (stage order, then the largest first): the rule, and up to EXAMPLES_PER_REASON dropped
+    images (smallest keys), each linked to its URL and titled with its key; a duplicate beside the image dedup
+    kept instead (its survivor).  Download drops have no image: their key, URL and error stand there."""
+    from curation.layout import STAGE_ORDER
+    from curation.tarindex import MemberReader, image_locations
+
+    if drops is None or not len(drops):
+        return ""
+    groups = drops.groupby(["stage", "reason"]).size().reset_index(name="n")
+    groups["order"] = [STAGE_ORDER.index(s) for s in groups["stage"]]
+    groups = groups.sort_values(["order", "n"], ascending=[True, False])
+    picked = {(r.stage, r.reason): drops[(drops["stage"] == r.stage) & (drops["reason"] == r.reason)]
+              .sort_values("key").head(EXAMPLES_PER_REASON) for r in groups.itertuples()}
+    survivor_keys = {}
+    if "dedup" in set(drops["stage"]):
+        from curation.accounting import survivors
+
+        survivor_keys = dict(zip(*(survivors(layout.root).column(c).to_pylist() for c in ("key", "survivor_key"))))
+    # where each image is: what filter dropped is in the download tars, what later stages dropped in the pool's
+    wanted = {"filter": set(), "later": set()}
+    for (stage, _), rows in picked.items():
+        if stage == "download":
+            continue
+        keys = set(rows["key"]) | {survivor_keys[k] for k in rows["key"] if k in survivor_keys}
+        wanted["filter" if stage == "filter" else "later"] |= keys
+    loc = {}
+    if wanted["filter"]:
+        loc.update(image_locations(layout.root, layout.pool_tars("filter"), wanted["filter"]))
+    if wanted["later"]:
+        loc.update(image_locations(layout.root, layout.pool_tars("dedup"), wanted["later"]))
+    parts = ["<h2 id='drop-examples'>Why images were dropped: examples per reason</h2>"]
+    for old in layout.stats_dir.glob("example_*.jpg"):  # an earlier report's examples
+        old.unlink(missing_ok=True)
+    with MemberReader() as reader:
+        def uri(key):
+            return _example_file(layout.stats_dir, key, reader.read(*loc[key]), size) if key in loc else None
+
+        for r in groups.itertuples():
+            rows = picked[(r.stage, r.reason)]
+            parts.append(f"<h3 id='drops-{r.stage}-{r.reason}'>{r.stage}: {html.escape(r.reason)} ({r.n:,})</h3>"
+                         f"<p class='rule'>Rule: {html.escape(rule_text(r.reason, cfg))}</p><div class='examples'>")
+            for d in rows.itertuples():
+                cells = [_figure_image("dropped", d.key, d.url, uri(d.key) if r.stage != "download" else None)]
+                skey = survivor_keys.get(d.key) if r.stage == "dedup" else None
+                if skey is not None:
+                    surl = getattr(d, "survivor_url", None)
+                    cells.append("<span class='arrow'>kept instead:</span>"
+                                 + _figure_image("survivor", skey, surl, uri(skey)))
+                detail = html.escape(str(d.detail)[:160]) if isinstance(d.detail, str) else ""
+                parts.append(f"<figure class='drop'><div class='pair'>{''.join(cells)}</div>"
+                             f"<figcaption>key {html.escape(d.key)}"
+                             f"<br>{detail}</figcaption></figure>")
+            parts.append("</div>")
     return "\n".join(parts)
 
 
@@ -342,7 +526,11 @@ def _table_html(df, floatfmt="{:.3f}") -> str:
 CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f0f0f0}img{max-width:100%;border:1px solid #ddd;margin:4px 0}h2{border-bottom:1px solid #ccc}
-.warning{background:#fde8e8;border:1px solid #d33;padding:6px 10px}"""
+.warning{background:#fde8e8;border:1px solid #d33;padding:6px 10px}
+.banner{background:#eef4fb;border:1px solid #7aa7d8;padding:6px 10px}.demo-only{color:#b00}
+.examples{display:flex;flex-wrap:wrap;gap:8px}figure.drop{margin:0;padding:4px;border:1px solid #ddd;font-size:11px;
+max-width:320px}figure.drop img{margin:0 2px}.pair{display:flex;align-items:center}
+.noimage{display:inline-block;width:80px;height:80px;background:#eee;color:#888;text-align:center;line-height:80px}.arrow{font-size:10px;color:#555;margin:0 2px}.rule{color:#444}"""
 
 
 def build_report(root: str | Path, cfg=None) -> Path:
@@ -382,12 +570,25 @@ def write_report(layout: RunLayout, anchor_sets=(), rep=None, seed: int = 0, eva
     grids = plot_grids(layout, anchor_sets, rep, seed) if rep is not None else []
     manifest = json.loads(layout.shards_manifest.read_text()) if layout.shards_manifest.exists() else None
     curation = curation_section_html(selection_shares(layout), eval_set_knn(layout, eval_sets))
-    write_text(layout.report_html, page_html(str(layout.root), manifest, tables, imgs, grids, [curation]))
+    cfg = _config_dict(layout)
+    top, why = why_sections(layout, cfg, tables["drops"], rep.thumb_size if rep is not None else 80)
+    write_text(layout.report_html, page_html(str(layout.root), manifest, tables, imgs, grids, [curation], top=top,
+                                             why=why))
     return layout.report_html
 
 
+def why_sections(layout: RunLayout, cfg: dict, drops, size: int) -> tuple[str, str]:
+    """(HTML for the top of the page: an unfinished run's line and the descriptor banner; the per-reason example
+    grids, after the drops table)."""
+    from curation.accounting import unfinished_line
+
+    unfinished = unfinished_line(layout.root, ignore=("report",))  # the report stage is the one writing this
+    top = f"<p class='warning' id='unfinished'>{html.escape(unfinished)}</p>" if unfinished else ""
+    return top + descriptor_banner(cfg), drop_examples_html(layout, drops, cfg, size)
+
+
 def page_html(root: str, manifest: dict | None, tables: dict, imgs: dict, grids: list[tuple[str, str]],
-              more: list[str] = ()) -> str:
+              more: list[str] = (), top: str = "", why: str = "") -> str:
     """The report page: the dataset line (from the shards `manifest`), then a section per table with its plot
     (`imgs`: plot name -> PNG file name or None), the image grids ((set, PNG file name)) and `more` sections
     (HTML)."""
@@ -397,7 +598,7 @@ def page_html(root: str, manifest: dict | None, tables: dict, imgs: dict, grids:
     cs, comp = tables["cluster_stats"], tables["component_sizes"]
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lvd report: {html.escape(root)}</title>"
              f"<style>{CSS}</style></head><body>",
-             f"<h1>Curation report</h1><p>run root <code>{html.escape(root)}</code></p>"]
+             f"<h1>Curation report</h1><p>run root <code>{html.escape(root)}</code></p>", top]
     if manifest is not None:
         parts.append(f"<p>Curated dataset: <b>{manifest['samples']:,}</b> images in {manifest['shards']} shards "
                      f"(<code>shards/{html.escape(manifest['pattern'])}</code>).</p>")
@@ -412,6 +613,7 @@ def page_html(root: str, manifest: dict | None, tables: dict, imgs: dict, grids:
     section("Funnel", "funnel", _table_html(funnel.sort_values("order").drop(columns=["order"])) if funnel is not None else "")
     dtab = drops.groupby(["stage", "reason"]).size().reset_index(name="images") if drops is not None and len(drops) else None
     section("Drops by reason", "drops", _table_html(dtab))
+    parts.append(why)
     if comp is not None:
         section("Duplicate components", "components", _table_html(comp))
     degenerate = degenerate_sets(stats.to_dict("records")) if stats is not None else []
@@ -436,6 +638,11 @@ def main(argv=None) -> int:
     if not args.run_root.exists():
         print(f"lvd report: no such run root: {args.run_root}", file=sys.stderr)
         return 2
+    from curation.accounting import unfinished_line
+
+    unfinished = unfinished_line(args.run_root)
+    if unfinished:  # the report then covers the stages that finished
+        print(unfinished, file=sys.stderr)
     page = build_report(args.run_root)
     print(page)
     return 0

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from curation import accounting, markers, storage
+from curation import accounting, markers, retry, storage
 from curation.config import ConfigError, CurateConfig, check_resume, dump_config
 from curation.layout import RunLayout
 from curation.stages import stage_class
@@ -34,6 +34,10 @@ from curation.storage import clean_temporaries, crash_point, write_text
 from curation.urllists import check_inputs
 
 log = logging.getLogger("lvd")
+
+
+#: without a terminal (a file, a Ray job's log), a stage longer than this prints a progress line this often
+HEARTBEAT_S = 60.0
 
 
 class StageFailed(RuntimeError):
@@ -269,7 +273,10 @@ def run_stage(stage: Stage, executor, progress: bool = True, verify: bool = Fals
     print(f"[{stage.name}] {len(units)} units, {skipped} already complete", flush=True)
     failures: list[tuple[Unit, Exception]] = []
     totals: dict[str, float] = {}
-    bar = tqdm(total=len(todo), desc=stage.name, unit="shard", disable=not progress or not todo, file=sys.stderr)
+    # a bar on a terminal only: in a file or a Ray job's log every refresh of it would be one more line
+    live = progress and bool(todo) and sys.stderr.isatty()
+    bar = tqdm(total=len(todo), desc=stage.name, unit="shard", disable=not live, file=sys.stderr, leave=False)
+    beat = {"done": 0, "at": time.time()}
 
     def on_done(unit, result, err):
         if err is not None:
@@ -281,8 +288,13 @@ def run_stage(stage: Stage, executor, progress: bool = True, verify: bool = Fals
                     totals[k] = totals.get(k, 0) + v
             bar.set_postfix({k: int(v) for k, v in totals.items() if k != "seconds"}, refresh=False)
         bar.update(1)
+        beat["done"] += 1
+        if progress and not live and time.time() - beat["at"] >= HEARTBEAT_S and beat["done"] < len(todo):
+            beat["at"] = time.time()  # without a bar, a long stage still shows it is moving, rarely
+            print(f"[{stage.name}] {beat['done']} of {len(todo)} units done", flush=True)
 
     if todo:
+        markers.marker_path(stage.root, stage.name, markers.DONE).unlink(missing_ok=True)  # unfinished again
         executor.map(stage, todo, on_done)
     bar.close()
     if failures:
@@ -292,19 +304,27 @@ def run_stage(stage: Stage, executor, progress: bool = True, verify: bool = Fals
             f"first error: {failures[0][1]}. Completed units are kept: rerun the same command to retry the rest."
         )
     run_global_step(stage, markers.FINALIZE, stage.finalize, verify)
+    markers.write_marker(stage.root, stage.name, markers.DONE, [])
     totals.pop("seconds", None)
     return {"units": len(units), "skipped": skipped, "ran": len(todo), "seconds": round(time.time() - t0, 2), **totals}
 
 
 def run_pipeline(cfg: CurateConfig, stages: Sequence[str] | None = None, progress: bool = True,
-                 verify: bool = False) -> dict[str, Any]:
+                 verify: bool = False, retry_failed: bool = False) -> dict[str, Any]:
     """Run `stages` (default: the config's) in pipeline order; return per-stage summaries.  `verify`: check the
-    content hash of every finished output against its marker (sizes are always checked)."""
+    content hash of every finished output against its marker (sizes are always checked).  `retry_failed`: fetch
+    the URLs dropped for a transient reason again and redo what depends on them (:mod:`curation.retry`)."""
     root = prepare_run_root(cfg)
     removed = clean_temporaries(root)  # stage folders, stats/, markers...: one driver per run root
     if removed:
         print(f"removed {removed} partial files of an interrupted run", flush=True)
     names = list(stages) if stages else list(cfg.stages)
+    try:
+        line = retry.prepare(root, names, retry_failed)
+    except ValueError as err:
+        raise ConfigError(f"config error: {err}") from None
+    if line:
+        print(line, flush=True)
     executor = None
     summaries = {}
     for name in names:
@@ -312,6 +332,8 @@ def run_pipeline(cfg: CurateConfig, stages: Sequence[str] | None = None, progres
         if executor is None:
             executor = make_executor(cfg)
         summaries[name] = run_stage(stage, executor, progress=progress, verify=verify)
+        if name == "download":
+            retry.finish(root)
         _, drops = accounting.update_stats(root)
         accounting.check_invariants(root, upto=name)
         if name == "download" and name != names[-1]:

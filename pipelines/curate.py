@@ -16,6 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from curation.deps import require_dependencies  # noqa: E402 - standard library only
+
+require_dependencies()  # a job started with a Python that lacks lvd's packages: one line, not a traceback
+
 from curation.config import STAGE_ORDER, ConfigError, load_config  # noqa: E402
 
 
@@ -40,11 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="run shard tasks in this process instead of on Ray")
     p.add_argument("--ray-address", help="Ray address (default: RAY_ADDRESS, else an in-process Ray)")
     p.add_argument("--check", action="store_true",
-                   help="validate the config, print it resolved, warn about likely mistakes, and exit")
+                   help="validate the config, print errors and warnings about likely mistakes, and exit "
+                   "(status 2 on an error)")
+    p.add_argument("--show-config", action="store_true",
+                   help="with --check: also print the resolved config (every key, defaults included), after the "
+                   "errors and warnings")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="fetch again the URLs dropped for a transient reason (network_error, timeout, HTTP 429 or "
+                   "5xx) and redo the later stages where they depend on them; the other rows are kept as they are")
     p.add_argument("--verify", action="store_true",
                    help="on resume, check the content hash of every finished output (sizes are always checked)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     return p
+
+
+def run_summary(summaries: dict) -> str:
+    """One line for the whole run: units run and skipped, and the seconds of each stage."""
+    ran = sum(s["ran"] for s in summaries.values())
+    skipped = sum(s["skipped"] for s in summaries.values())
+    seconds = sum(s["seconds"] for s in summaries.values())
+    times = ", ".join(f"{name} {s['seconds']:.1f}" for name, s in summaries.items())
+    return f"ran {ran} units of {len(summaries)} stages ({skipped} already complete) in {seconds:.1f} s: {times}"
 
 
 def main(argv=None) -> int:
@@ -82,13 +102,18 @@ def _main(argv=None) -> int:
         from curation.detectors import detection_warning
         from curation.urllists import check_url_lists
 
-        print(dump_config(cfg))
-        faces = detection_warning(cfg.stages, cfg.filter)
-        for warning in ([faces] if faces else []) + preflight_warnings(cfg):
-            print(f"warning: {warning}", file=sys.stderr)
         problems = check_url_lists(cfg.input)
-        for line in problems:  # unreadable URL files or a missing url column, one line each
+        for line in problems:  # unreadable URL files or a missing url column, one line each: errors first
             print(line, file=sys.stderr)
+        faces = detection_warning(cfg.stages, cfg.filter)
+        warnings = ([faces] if faces else []) + preflight_warnings(cfg)
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        if args.show_config:
+            sys.stderr.flush()
+            print(dump_config(cfg))
+        elif not problems:
+            print(f"config ok: {args.config} ({len(warnings)} warnings; --show-config prints it resolved)")
         return 2 if problems else 0
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -97,7 +122,8 @@ def _main(argv=None) -> int:
     from curation.runner import StageFailed, run_pipeline
 
     try:
-        summaries = run_pipeline(cfg, stages, progress=not args.no_progress, verify=args.verify)
+        summaries = run_pipeline(cfg, stages, progress=not args.no_progress, verify=args.verify,
+                                 retry_failed=args.retry_failed)
     except ConfigError as err:
         print(str(err), file=sys.stderr)
         return 2
@@ -109,8 +135,7 @@ def _main(argv=None) -> int:
     funnel, drops = accounting.update_stats(root)
     print("\nFunnel (rows in, kept, dropped per stage):")
     print(accounting.format_funnel(funnel, drops))
-    for name, s in summaries.items():
-        print(f"  {name}: {s['ran']} units run, {s['skipped']} skipped, {s['seconds']} s")
+    print(run_summary(summaries))
     print(f"\nOutputs under {root}: stats/funnel.parquet, stats/drops.parquet", end="")
     if layout.shards_dir.exists():
         print(f", shards/ ({len(list(layout.shards_dir.glob('*.tar')))} tar shards)", end="")

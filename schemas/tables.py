@@ -48,6 +48,9 @@ DROP_REASONS: dict[str, tuple[str, ...]] = {
     "retrieve": ("not_selected", "embed_failed"),
 }
 ALL_DROP_REASONS = sorted({r for rs in DROP_REASONS.values() for r in rs})
+#: download reasons that may not repeat when the URL is fetched again (``--retry-failed``): the network or the
+#: server failed, not the content; an ``http_error`` is transient too when its status is 429 or 5xx
+TRANSIENT_REASONS = ("network_error", "timeout")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Accounting
@@ -71,6 +74,9 @@ DROPS = pa.schema(
         pa.field("url", pa.string()),
         pa.field("reason", pa.string(), nullable=False),
         pa.field("detail", pa.string()),
+        # a duplicate's survivor (the image of its component that dedup kept; `detail` names its key): its URL, so
+        # no join is needed; null for every other drop (eval_contamination has no surviving pool image)
+        pa.field("survivor_url", pa.string()),
     ]
 )
 

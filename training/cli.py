@@ -37,7 +37,15 @@ def build_parser(prog: str = "lvd train") -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (see pipelines/configs/train_*.yaml)")
     p.add_argument("--data", required=True, help="shard dir, glob / brace pattern of .tar shards, or image folder")
     p.add_argument("--output", default="runs/train", help="output dir: checkpoints/, metrics.jsonl, config.yaml")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many iterations in total")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after N iterations of the config's schedules, which are NOT shortened: lr, wd, "
+                   "teacher momentum and temperature are where the full run has them at step N (lr still high); "
+                   "rerun without it to continue the same run. To train a shorter run, use --total-steps")
+    p.add_argument("--total-steps", type=int, default=None,
+                   help="train N iterations in total with every schedule fitted to them: optim.epochs, "
+                   "optim.warmup_epochs, optim.freeze_last_layer_epochs, teacher.warmup_teacher_temp_epochs and "
+                   "high_res.iterations scaled by N / (epochs x iters_per_epoch), so lr, wd, teacher momentum and "
+                   "temperature reach their final values at step N")
     p.add_argument("--eval-train-dir", default=None, help="labelled folder (class subfolders) for k-NN / linear probe")
     p.add_argument("--eval-val-dir", default=None, help="labelled validation folder (default: split of train dir)")
     p.add_argument("--export", default=None, help="after training, export the teacher backbone to this .pth")
@@ -47,6 +55,20 @@ def build_parser(prog: str = "lvd train") -> argparse.ArgumentParser:
                    "job's cluster under `ray job submit`, else a local Ray instance)")
     p.add_argument("overrides", nargs="*", help="key.path=value config overrides")
     return p
+
+
+def fitted_schedule(cfg, steps: int) -> list[str]:
+    """Overrides that make a run of `steps` iterations the whole schedule of `cfg`: every length given in epochs
+    (and the high-resolution phase, the schedules' final part) scaled by steps / total iterations, so each
+    schedule keeps its shape (warmup share, frozen last layer share) and ends at its final value at `steps`."""
+    f = steps / cfg.total_iters
+    o, t = cfg.optim, cfg.teacher
+    out = [f"optim.epochs={o.epochs * f!r}", f"optim.warmup_epochs={o.warmup_epochs * f!r}",
+           f"optim.freeze_last_layer_epochs={o.freeze_last_layer_epochs * f!r}",
+           f"teacher.warmup_teacher_temp_epochs={t.warmup_teacher_temp_epochs * f!r}"]
+    if cfg.high_res.iterations:
+        out.append(f"high_res.iterations={min(max(1, round(cfg.high_res.iterations * f)), steps - 1)}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"eval.val_dir={args.eval_val_dir}")
     try:
         cfg = load_config(args.config, overrides)
+        if args.total_steps is not None:
+            if args.total_steps < 1:
+                raise ConfigError(f"config error: --total-steps: must be at least 1 (got {args.total_steps})")
+            if args.total_steps != cfg.total_iters:
+                cfg = load_config(args.config, overrides + fitted_schedule(cfg, args.total_steps))
     except (ConfigError, FileNotFoundError) as e:
         print(str(e), file=sys.stderr)
         return 2

@@ -10,6 +10,9 @@ from .checkpoint import export_backbone
 
 __all__ = ["main"]
 
+#: what `lvd export` says of a file it cannot export: it takes lvd training checkpoints (the DINOv2 trainer's)
+NOT_A_CHECKPOINT = "not an lvd or DINOv2 checkpoint"
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -31,9 +34,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.checkpoint}: no such checkpoint file or training output dir", file=sys.stderr)
         return 2
     try:
-        out = export_backbone(args.checkpoint, args.output, which=args.role or ("student" if args.student else "teacher"))
-    except (FileNotFoundError, ValueError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
-        print(f"error: {args.checkpoint}: {e}".splitlines()[0], file=sys.stderr)
+        which = args.role or ("student" if args.student else "teacher")
+        out = export_backbone(args.checkpoint, args.output, which=which)
+    except (pickle.UnpicklingError, EOFError) as e:  # torch's unpickler on a file that is no checkpoint at all
+        print(f"error: {args.checkpoint}: {NOT_A_CHECKPOINT} (unreadable as one: {e})".splitlines()[0],
+              file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        text = str(e)
+        if "is not an lvd training checkpoint" in text:  # a torch file, but some other one
+            text = f"{NOT_A_CHECKPOINT} (a torch file without lvd's checkpoint format)"
+        elif "PytorchStreamReader" in text:  # a damaged or foreign zip
+            text = f"{NOT_A_CHECKPOINT} (unreadable as one: {text})"
+        print(f"error: {args.checkpoint}: {text}".splitlines()[0], file=sys.stderr)
         return 2
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0

@@ -29,9 +29,11 @@ import pyarrow.parquet as pq
 from curation import accounting
 from curation.images import ImageRejected, decode_image, encode_jpeg, resize_max_side
 from curation.stages.base import Stage, Unit
-from curation.storage import TarShardWriter, atomic_path, temporary_link, write_json, write_table
+from curation.storage import (TarShardWriter, atomic_path, iter_tar_samples, temporary_link, write_json,
+                             write_table)
 from curation.urllists import read_url_lists
 from curation.urlsafety import Refused, UrlPolicy, safe_urlopen
+from schemas.tables import TRANSIENT_REASONS
 
 KEY_DIGITS = 10
 
@@ -91,6 +93,17 @@ def reason_from_error(message: str) -> tuple[str, str]:
     if "timed out" in low or "timeout" in low:
         return "timeout", message
     return "network_error", message
+
+
+def is_transient(reason: str | None, detail: str | None) -> bool:
+    """Whether a download drop may succeed when fetched again: the network failed, the request timed out, or the
+    server answered 429 (too many requests) or a 5xx (its own error).  Other drops would repeat."""
+    if reason in TRANSIENT_REASONS:
+        return True
+    if reason == "http_error":
+        m = _HTTP.search(detail or "")
+        return bool(m) and (int(m.group(1)) == 429 or 500 <= int(m.group(1)) <= 599)
+    return False
 
 
 class ImageNormalizer:
@@ -217,9 +230,12 @@ class DownloadStage(Stage):
 
     # -- one shard ---------------------------------------------------------------------------------------------
     def run_unit(self, unit: Unit) -> dict:
+        from curation.retry import keys_to_retry
+
         dl = self.settings
+        retry = keys_to_retry(self.root, unit.id)
         with safe_urlopen(UrlPolicy.from_config(dl), dl.use_env_proxy, dl.max_bytes, dl.deadline_s or 3 * dl.timeout_s):
-            rows = self._fetch(unit)
+            rows = self._refetch(unit, retry) if retry else self._fetch(unit)
         if len(rows) != unit.payload["rows"]:
             raise RuntimeError(f"shard {unit.id}: {len(rows)} status rows for {unit.payload['rows']} URLs")
         status = sorted(rows + self._refused_status_rows(unit), key=lambda r: r["row_id"])
@@ -232,11 +248,36 @@ class DownloadStage(Stage):
         n_ok = sum(r["status"] == "success" for r in rows)
         return {"ok": n_ok, "failed": len(rows) - n_ok}
 
-    def _fetch(self, unit: Unit) -> list[dict]:
-        """Fetch the shard's URLs with img2dataset's downloader into ``download/<shard>.tar``; return its status
-        rows, sorted by row id."""
+    def _refetch(self, unit: Unit, keys: set[str]) -> list[dict]:
+        """Fetch only the rows `keys` of a finished shard again (a retry of transient failures) and merge them into
+        the shard: the other rows keep their images and status rows; the shard's tar is rewritten in key order.
+        Reruns give the same shard (the merge takes the other rows from the shard, never from an earlier merge's
+        fetches), so a retry killed at any point is simply run again."""
+        scratch = self.layout.stage_dir(self.name) / "_retry"
+        scratch.mkdir(parents=True, exist_ok=True)
+        shard_rows = ipc.open_file(self.layout.download_input(unit.id)).read_all()
+        todo = shard_rows.filter(pc.is_in(shard_rows["lvd_key"], value_set=pa.array(sorted(keys), pa.string())))
+        subset = scratch / f"{unit.id}.arrow"
+        with atomic_path(subset, record=False) as tmp:
+            with ipc.new_file(tmp, todo.schema) as w:
+                w.write_table(todo)
+        fetched = {r["key"]: r for r in self._fetch(unit, subset, scratch / f"{unit.id}.tar")}
+        own = set(shard_rows["lvd_key"].to_pylist())
+        old = pq.read_table(self.layout.download_status(unit.id)).to_pylist()
+        rows = [fetched.get(r["key"], r) for r in old if r["key"] in own]
+        new_images = dict(iter_tar_samples(scratch / f"{unit.id}.tar"))
+        images = {k: m for k, m in iter_tar_samples(self.layout.download_tar(unit.id)) if k not in keys}
+        images.update(new_images)
+        with TarShardWriter(self.layout.download_tar(unit.id)) as tar:
+            for key in sorted(images):
+                tar.write(key, images[key])
+        return rows
+
+    def _fetch(self, unit: Unit, rows_file=None, tar=None) -> list[dict]:
+        """Fetch the shard's URLs (those of `rows_file`, default the shard's input) with img2dataset's downloader
+        into ``download/<shard>.tar`` (or `tar`); return its status rows, sorted by row id."""
         dl = self.settings
-        sink = {"tar": self.layout.download_tar(unit.id), "rows": []}
+        sink = {"tar": tar or self.layout.download_tar(unit.id), "rows": []}
         downloader = img2dataset_downloader()(
             sample_writer_class=partial(_ShardWriter, sink=sink),
             resizer=ImageNormalizer(dl, self.images),
@@ -257,7 +298,7 @@ class DownloadStage(Stage):
         )
         # img2dataset deletes the shard file it was given: hand it a temporary link, so the input outlives the
         # unit's completion marker (a unit killed after that delete, or whose ledger is removed, can be redone).
-        with temporary_link(self.layout.download_input(unit.id)) as consumable:
+        with temporary_link(rows_file or self.layout.download_input(unit.id)) as consumable:
             ok, _ = downloader((int(unit.id), str(consumable)))
         if not ok:
             raise RuntimeError(f"img2dataset failed on shard {unit.id} (traceback above)")

@@ -1,5 +1,5 @@
-"""Log noise a newcomer meets on a first run (issue 14 item 12): faiss loader lines, DataLoader worker warnings,
-Ray uploading .git/.venv with a job."""
+"""Log noise a newcomer meets on a first run: faiss loader lines, DataLoader worker warnings, Ray uploading
+.git/.venv with a job, the Ray job client's chatter, a progress bar in a log file."""
 
 from __future__ import annotations
 
@@ -99,3 +99,47 @@ def test_report_component_plot_logs_nothing(tmp_path, caplog):
         png = plot_components(comp, tmp_path)
     assert png and (tmp_path / png).exists()
     assert "categorical units" not in caplog.text
+
+
+def test_ray_job_client_keeps_the_jobs_log_and_one_line_each_for_submission_and_end():
+    from curation.local_cluster import quiet_job_line
+
+    raw = [
+        "2026-12-07 11:02:58,751\tINFO cli.py:42 -- Job submission server address: http://127.0.0.1:36001",
+        "2026-12-07 11:02:58,751\tWARNING working_dir.py:101 -- Directory '.git' is now ignored by default when "
+        "packaging the working directory. To disable this behavior, set the ...",
+        "2026-12-07 11:02:58,752\tINFO packaging.py:385 -- Ignoring upload to cluster for these files: [...]",
+        "2026-12-07 11:02:58,782\tINFO dashboard_sdk.py:371 -- Uploading package gcs://_ray_pkg_03cb.zip.",
+        "2026-12-07 11:03:00,203\tSUCC cli.py:66 -- -------------------------------------------------------",
+        "2026-12-07 11:03:00,207\tSUCC cli.py:67 -- Job 'raysubmit_q' submitted successfully",
+        "2026-12-07 11:03:00,211\tINFO cli.py:331 -- Query the logs of the job:",
+        "2026-12-07 11:03:00,211\tINFO cli.py:333 -- ray job logs raysubmit_q",
+        "2026-12-07 11:02:59,872\tINFO job_manager.py:581 -- Runtime env is setting up.",
+        "Running entrypoint for job raysubmit_q: python pipelines/curate.py --config own.yaml",
+        "[download] 2 units, 0 already complete",
+        "2026-12-07 11:03:01,000\tWARNING worker.py:1 -- something lvd did not expect",
+        "2026-12-07 11:03:49,422\tINFO sdk.py:520 -- WebSocket closed for job raysubmit_q with close code 1000",
+        "2026-12-07 11:03:49,429\tSUCC cli.py:67 -- Job 'raysubmit_q' succeeded",
+    ]
+    kept = [line.rstrip("\n") for line in map(quiet_job_line, (r + "\n" for r in raw)) if line is not None]
+    assert kept == ["ray: job raysubmit_q submitted (ray job stop raysubmit_q ends it)",
+                    "[download] 2 units, 0 already complete",
+                    "ray warning: something lvd did not expect",
+                    "ray: job raysubmit_q succeeded"]
+
+
+def test_a_run_logged_to_a_file_prints_one_line_per_stage_and_a_summary(tmp_path):
+    """Without a terminal (a Ray job's log, a redirect) there is no progress bar, whose every refresh would be a
+    line of its own."""
+    from tests.curation.test_newcomer import outage_site
+
+    with outage_site(tmp_path) as site:
+        site["server"].up()
+        res = subprocess.run([sys.executable, "pipelines/curate.py", "--config", str(site["config"]), "--local",
+                              "--stages", "download,filter"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = (res.stdout + res.stderr).splitlines()
+    stage_lines = [line for line in log if line.startswith("[") and not line.endswith(" units done")]  # heartbeats
+    assert [line.split("]")[0] for line in stage_lines] == ["[download", "[filter"], log  # (a minute apart) aside
+    assert not any("%|" in line for line in log), log
+    assert sum(line.startswith("ran 4 units of 2 stages") for line in log) == 1, log

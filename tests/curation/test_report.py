@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
 import shutil
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from curation.config import load_config
@@ -59,7 +61,11 @@ def test_report_files_and_links(report_run):
         assert "/" not in s and ":" not in s, f"not a relative link: {s}"
         assert (report_run / "stats" / s).stat().st_size > 1000
     assert "<script" not in text
-    assert not re.findall(r"(?:src|href)=['\"](?:https?:|/)", text), "only relative links"
+    assert not re.findall(r"src=['\"](?:https?:|/)", text), "only relative links"
+    drops = pq.read_table(report_run / "stats" / "drops.parquet")
+    urls = set(drops["url"].to_pylist()) | set(drops["survivor_url"].to_pylist())
+    for href in re.findall(r"href=['\"]((?:https?:|/)[^'\"]*)", text):  # the examples' source URLs, when clicked
+        assert html.unescape(href) in urls, href
     assert "not_selected" in text and "http_error" in text  # drop reasons tabulated
 
 
