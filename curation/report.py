@@ -325,6 +325,7 @@ def curation_section_html(shares, knn) -> str:
     if knn is not None:
         parts += ["<p id='embedder-knn'>The embedder's leave-one-out weighted k-NN (k=20, T=0.07) top-1 on each "
                   "labelled evaluation set, with its binomial standard deviation.</p>", _table_html(knn)]
+    return "\n".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------- why: the rules
