@@ -60,7 +60,11 @@ def check_supported(trainer) -> None:
 
 @torch.no_grad()
 def resize_pos_embed(backbone, img_size: int) -> None:
-    """Interpolate ``backbone.pos_embed`` in place (same Parameter object) to the grid of ``img_size``."""
+    """Interpolate ``backbone.pos_embed`` in place (same Parameter object) to the grid of ``img_size``.  A RoPE
+    backbone stores no position embedding (its rotations follow the input's grid): only its size changes."""
+    if backbone.pos_embed is None:
+        backbone.img_size = img_size
+        return
     grid = img_size // backbone.patch_size
     if backbone.pos_embed.shape[1] == 1 + grid * grid:
         return
@@ -77,7 +81,9 @@ def enter_high_res(trainer) -> None:
         if role.student_shaped:
             resize_pos_embed(role.module["backbone"], size)
     for name, opt in trainer.optimizers.items():
-        opt.state.pop(trainer.roles[name]["backbone"].pos_embed, None)
+        pos_embed = trainer.roles[name]["backbone"].pos_embed
+        if pos_embed is not None:
+            opt.state.pop(pos_embed, None)
     for info in trainer.backbone_infos.values():
         info["kwargs"]["img_size"] = size
     trainer.high_res = True

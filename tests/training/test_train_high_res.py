@@ -106,3 +106,21 @@ def test_high_res_phase_resizes_every_role_and_resumes_them(tmp_path):
     for which in ("student", "teacher", "gram_teacher"):
         for k, v in a[which].items():
             assert torch.equal(v, b[which][k]), (which, k)
+
+
+def test_resizing_a_rope_backbone_changes_only_its_size():
+    """A RoPE backbone has no stored position embedding: the high-resolution phase and continued pretraining set its
+    size and leave every weight as it was (its rotations follow the input's grid)."""
+    from training.high_res import resize_pos_embed
+    from training.models.vision_transformer import build_backbone
+
+    torch.manual_seed(0)
+    model = build_backbone("vit_tiny_patch16_rope_reg4", img_size=64, depth=1).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    resize_pos_embed(model, 96)
+    assert model.img_size == 96 and model.pos_embed is None
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 96, 96))
+    assert out.shape == (2, model.embed_dim) and torch.isfinite(out).all()
