@@ -30,8 +30,9 @@ from curation import accounting
 from curation.images import ImageRejected, decode_image, encode_jpeg, resize_max_side
 from curation.stages.base import Stage, Unit
 from curation.storage import TarShardWriter, atomic_path, temporary_link, write_json, write_table
-from curation.urllists import read_url_lists
+from curation.urllists import iter_url_batches
 from curation.urlsafety import Refused, UrlPolicy, safe_urlopen
+from schemas import conform
 
 KEY_DIGITS = 10
 
@@ -50,11 +51,13 @@ def img2dataset_downloader():
     return Downloader
 
 
-def precheck(row_ids: list[int], urls: list, url_errors: list,
-             policy: UrlPolicy) -> list[tuple[str | None, str | None]]:
+def precheck(row_ids: list[int], urls: list, url_errors: list, policy: UrlPolicy, seen: dict | None = None,
+             may_repeat=None) -> list[tuple[str | None, str | None]]:
     """The verdict (reason, detail) on each input row before any fetch, (None, None) for a row to fetch: a row the
-    URL list could not decode (``url_error``), a URL the policy refuses, or a repeat of an earlier row's URL."""
-    seen: dict[str, int] = {}
+    URL list could not decode (``url_error``), a URL the policy refuses, or a repeat of an earlier row's URL.
+    `seen` ({url: row id}) carries the URLs of earlier batches; `may_repeat(url)`, when given, says which URLs can
+    occur again at all (only those are remembered)."""
+    seen = {} if seen is None else seen
     verdicts = []
     for row_id, url, url_error in zip(row_ids, urls, url_errors):
         reason = detail = None
@@ -67,7 +70,7 @@ def precheck(row_ids: list[int], urls: list, url_errors: list,
         if reason is None:
             if url in seen:
                 reason, detail = "duplicate_url", f"same URL as key {make_key(seen[url])}"
-            else:
+            elif may_repeat is None or may_repeat(url):
                 seen[url] = row_id
         verdicts.append((reason, detail))
     return verdicts
@@ -91,6 +94,44 @@ def reason_from_error(message: str) -> tuple[str, str]:
     if "timed out" in low or "timeout" in low:
         return "timeout", message
     return "network_error", message
+
+
+def repeated_hashes(url_batches) -> set[int]:
+    """The values of Python's ``hash`` (stable within one process) that more than one URL of `url_batches` (lists
+    of URLs) has: 8 bytes per URL and one sort, instead of a set of every URL."""
+    import numpy as np
+
+    hashes = np.concatenate([np.fromiter((hash(u) for u in urls), np.int64, len(urls)) for urls in url_batches]
+                            or [np.zeros(0, np.int64)])
+    hashes.sort()
+    return set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+
+
+def _empty_input_shard() -> pa.Table:
+    return pa.table({"row_id": pa.array([], pa.int64()), "url": pa.array([], pa.string()),
+                     "caption": pa.array([], pa.string()), "lvd_key": pa.array([], pa.string())})
+
+
+class LedgerWriter:
+    """A ledger part written batch by batch (one Parquet row group per batch, keys in order: statistics let a
+    key-range read skip the others), committed atomically when the block ends without error."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        self._writer = pq.ParquetWriter(tmp, conform(accounting.make_ledger("download", [], [], []), "ledger").schema)
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._writer.write_table(conform(table, "ledger"))
+
+    def __exit__(self, *exc):
+        self._writer.close()
+        return self._atomic.__exit__(*exc)
 
 
 class ImageNormalizer:
@@ -167,39 +208,63 @@ class DownloadStage(Stage):
 
     def _make_plan(self) -> None:
         """Number and precheck every input row, write the refused ones as ledger unit ``precheck``, cut the rest
-        into input shards, then the plan (shards, their row counts and row ranges)."""
-        inputs = self.url_lists
-        table = read_url_lists(inputs.url_list, inputs.url_col, inputs.caption_col)
-        row_ids, urls = table["row_id"].to_pylist(), table["url"].to_pylist()
-        verdicts = precheck(row_ids, urls, table["url_error"].to_pylist(), UrlPolicy.from_config(self.settings))
-        refused = [i for i, (reason, _) in enumerate(verdicts) if reason is not None]
-        ledger = accounting.make_ledger("download", [make_key(row_ids[i]) for i in refused], [urls[i] for i in refused],
-                                        [verdicts[i][0] for i in refused], [verdicts[i][1] for i in refused])
-        keep = table.drop_columns(["url_error"]).filter(pa.array([r is None for r, _ in verdicts], pa.bool_()))
-        keep = keep.append_column("lvd_key", pa.array([make_key(r) for r in keep["row_id"].to_pylist()], pa.string()))
-        shards, row_ranges = self._write_input_shards(keep, table.num_rows)
-        accounting.write_ledger(self.root, "download", "precheck", ledger)
-        write_json(self.layout.download_plan, {"shards": shards, "rows": table.num_rows,
-                                               "refused_before_fetch": ledger.num_rows, "row_ranges": row_ranges})
+        into input shards, then the plan (shards, their row counts and row ranges).
 
-    def _write_input_shards(self, keep: pa.Table, n_rows: int) -> tuple[list, dict]:
-        """Cut the rows to fetch into input shards of ``shard_size``; return [(shard, rows)] and each shard's range
-        of input rows [lo, hi): its fetched rows and the refused ones between them."""
+        The list streams through twice, a batch at a time: the first pass keeps an 8-byte hash of each URL, to
+        find the hashes seen more than once; the second prechecks each batch, remembering only the URLs whose hash
+        repeats (the repeat check of :func:`precheck` then sees every URL an earlier row holds), and writes each
+        input shard when it is full.  Memory holds one batch, one shard and the hashes, whatever the list's size."""
+        inputs = self.url_lists
+
+        def batches():
+            return iter_url_batches(inputs.url_list, inputs.url_col, inputs.caption_col)
+
+        repeated = repeated_hashes(t["url"].to_pylist() for t in batches())
+        policy = UrlPolicy.from_config(self.settings)
         size = self.settings.shard_size
         self.layout.download_inputs_dir.mkdir(parents=True, exist_ok=True)
-        shards, row_ranges = [], {}
-        # at least one shard when there are rows at all: its status table also lists the URLs refused before fetch
-        for i, start in enumerate(range(0, keep.num_rows or min(n_rows, 1), size)):
-            part = keep.slice(start, size)
-            sid = f"{i:05d}"
+        seen: dict[str, int] = {}
+        shards, row_ranges, buffer, buffered = [], {}, [], 0
+        n_rows = refused_rows = 0
+
+        def flush(next_row: int | None) -> None:
+            nonlocal buffer, buffered
+            sid = f"{len(shards):05d}"
+            part = pa.concat_tables(buffer) if buffer else _empty_input_shard()
             with atomic_path(self.layout.download_input(sid)) as tmp:
                 with ipc.new_file(tmp, part.schema) as w:
                     w.write_table(part)
+            lo = 0 if not shards else part["row_id"][0].as_py()
             shards.append((sid, part.num_rows))
-            nxt = start + size
-            row_ranges[sid] = [0 if i == 0 else keep["row_id"][start].as_py(),
-                               keep["row_id"][nxt].as_py() if nxt < keep.num_rows else n_rows]
-        return shards, row_ranges
+            row_ranges[sid] = [lo, next_row]
+            buffer, buffered = [], 0
+
+        with LedgerWriter(self.layout.ledger_part(self.name, "precheck")) as ledger:
+            for table in batches():
+                row_ids, urls = table["row_id"].to_pylist(), table["url"].to_pylist()
+                verdicts = precheck(row_ids, urls, table["url_error"].to_pylist(), policy, seen,
+                                    lambda url: hash(url) in repeated)
+                refused = [i for i, (reason, _) in enumerate(verdicts) if reason is not None]
+                ledger.write(accounting.make_ledger(
+                    "download", [make_key(row_ids[i]) for i in refused], [urls[i] for i in refused],
+                    [verdicts[i][0] for i in refused], [verdicts[i][1] for i in refused]))
+                refused_rows += len(refused)
+                n_rows += table.num_rows
+                keep = table.drop_columns(["url_error"]).filter(pa.array([r is None for r, _ in verdicts]))
+                keep = keep.append_column("lvd_key", pa.array([make_key(r) for r in keep["row_id"].to_pylist()],
+                                                              pa.string()))
+                while keep.num_rows:
+                    if buffered == size:  # a full shard ends where the next kept row starts
+                        flush(keep["row_id"][0].as_py())
+                    take = keep.slice(0, size - buffered)
+                    keep = keep.slice(take.num_rows)
+                    buffer.append(take)
+                    buffered += take.num_rows
+        # the last shard (at least one when there are rows at all: its status table lists the refused URLs)
+        if buffered or n_rows:
+            flush(n_rows)
+        write_json(self.layout.download_plan, {"shards": shards, "rows": n_rows,
+                                               "refused_before_fetch": refused_rows, "row_ranges": row_ranges})
 
     def _refused_status_rows(self, unit: Unit) -> list[dict]:
         """Status rows for the URLs of this shard's row range that were refused before any fetch."""
