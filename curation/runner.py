@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from curation import accounting, markers, storage
 from curation.config import ConfigError, CurateConfig, check_resume, dump_config
 from curation.layout import RunLayout
+from curation.runlock import run_root_lock
 from curation.stages import stage_class
 from curation.stages.base import Stage, Unit
 from curation.storage import clean_temporaries, crash_point, write_text
@@ -301,7 +302,12 @@ def run_pipeline(cfg: CurateConfig, stages: Sequence[str] | None = None, progres
     """Run `stages` (default: the config's) in pipeline order; return per-stage summaries.  `verify`: check the
     content hash of every finished output against its marker (sizes are always checked)."""
     root = prepare_run_root(cfg)
-    removed = clean_temporaries(root)  # stage folders, stats/, markers...: one driver per run root
+    with run_root_lock(root):
+        return _run_locked(cfg, root, stages, progress, verify)
+
+
+def _run_locked(cfg: CurateConfig, root: Path, stages, progress: bool, verify: bool) -> dict[str, Any]:
+    removed = clean_temporaries(root)  # stage folders, stats/, markers...: one driver per run root (the lock)
     if removed:
         print(f"removed {removed} partial files of an interrupted run", flush=True)
     names = list(stages) if stages else list(cfg.stages)
