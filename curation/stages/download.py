@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from functools import partial
 
 import pyarrow as pa
@@ -180,7 +181,34 @@ class _ShardWriter:
         self.sink["rows"].append(row)
 
     def close(self):
-        self.tar.close()
+        if self.sink.get("abandoned"):  # an interrupted unit commits nothing
+            self.tar.abort()
+        else:
+            self.tar.close()
+
+
+def _interruptible(fn, on_interrupt):
+    """`fn()` run in a daemon thread while this thread waits for it; on an interrupt (KeyboardInterrupt, or any
+    exception raised here while waiting) call `on_interrupt()` and re-raise without waiting for `fn`."""
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
+            result["error"] = err
+
+    thread = threading.Thread(target=target, name="lvd-download", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(1.0)
+    except BaseException:
+        on_interrupt()
+        raise
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 class DownloadStage(Stage):
@@ -283,8 +311,9 @@ class DownloadStage(Stage):
     # -- one shard ---------------------------------------------------------------------------------------------
     def run_unit(self, unit: Unit) -> dict:
         dl = self.settings
-        with safe_urlopen(UrlPolicy.from_config(dl), dl.use_env_proxy, dl.max_bytes, dl.deadline_s or 3 * dl.timeout_s):
-            rows = self._fetch(unit)
+        policy = UrlPolicy.from_config(dl)
+        with safe_urlopen(policy, dl.use_env_proxy, dl.max_bytes, dl.deadline_s or 3 * dl.timeout_s):
+            rows = self._fetch(unit, policy)
         if len(rows) != unit.payload["rows"]:
             raise RuntimeError(f"shard {unit.id}: {len(rows)} status rows for {unit.payload['rows']} URLs")
         status = sorted(rows + self._refused_status_rows(unit), key=lambda r: r["row_id"])
@@ -297,9 +326,14 @@ class DownloadStage(Stage):
         n_ok = sum(r["status"] == "success" for r in rows)
         return {"ok": n_ok, "failed": len(rows) - n_ok}
 
-    def _fetch(self, unit: Unit) -> list[dict]:
+    def _fetch(self, unit: Unit, policy: UrlPolicy) -> list[dict]:
         """Fetch the shard's URLs with img2dataset's downloader into ``download/<shard>.tar``; return its status
-        rows, sorted by row id."""
+        rows, sorted by row id.
+
+        The downloader runs in a helper thread while this one waits: an interrupt (Ctrl-C) reaches this thread
+        at once, abandons the fetches in flight (``policy.abandon()`` shuts their connections) and leaves the unit
+        unfinished, its tar uncommitted, instead of waiting in img2dataset's thread pool for every open request,
+        and of recording the interrupted fetches as failures: a rerun fetches them again."""
         dl = self.settings
         sink = {"tar": self.layout.download_tar(unit.id), "rows": []}
         downloader = img2dataset_downloader()(
@@ -323,7 +357,8 @@ class DownloadStage(Stage):
         # img2dataset deletes the shard file it was given: hand it a temporary link, so the input outlives the
         # unit's completion marker (a unit killed after that delete, or whose ledger is removed, can be redone).
         with temporary_link(self.layout.download_input(unit.id)) as consumable:
-            ok, _ = downloader((int(unit.id), str(consumable)))
+            ok = _interruptible(lambda: downloader((int(unit.id), str(consumable)))[0],
+                                on_interrupt=lambda: (sink.__setitem__("abandoned", True), policy.abandon()))
         if not ok:
             raise RuntimeError(f"img2dataset failed on shard {unit.id} (traceback above)")
         return sorted(sink["rows"], key=lambda r: r["row_id"])
