@@ -48,8 +48,15 @@ def build_stage(stage_name: str, cfg_json: dict, root: str) -> Stage:
 def execute_unit(stage: Stage, unit: Unit) -> dict[str, Any]:
     """Run one unit and write its completion marker (the list of outputs it wrote) last."""
     t0 = time.time()
-    with storage.recording() as outputs:
-        summary = stage.run_unit(unit) or {}
+    try:
+        with storage.recording() as outputs:
+            summary = stage.run_unit(unit) or {}
+    except BaseException:
+        # its partial files go with it (one unit runs at a time in a worker process, so this process's
+        # temporaries under the stage's folders are this unit's)
+        for folder in (stage.dir, markers.marker_path(stage.root, stage.name, unit.id).parent):
+            storage.remove_own_temporaries(folder)
+        raise
     markers.write_marker(stage.root, stage.name, unit.id, dict.fromkeys(outputs))
     summary["seconds"] = round(time.time() - t0, 3)
     return summary
