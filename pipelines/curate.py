@@ -48,13 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    import signal
-    import threading
+    from curation.signals import ctrl_c_stops
 
-    if threading.current_thread() is threading.main_thread():
-        # a process started from a background shell job inherits SIGINT ignored: Ctrl-C / kill -INT must still
-        # stop the run (and leave it resumable)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    ctrl_c_stops()  # also when started from a background job, which inherits SIGINT ignored
     try:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C: every finished unit is kept, the rerun resumes
