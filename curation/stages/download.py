@@ -16,6 +16,7 @@ included), then the ledger part that marks the shard complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -189,22 +190,27 @@ class _ShardWriter:
 
 def _interruptible(fn, on_interrupt):
     """`fn()` run in a daemon thread while this thread waits for it; on an interrupt (KeyboardInterrupt, or any
-    exception raised here while waiting) call `on_interrupt()` and re-raise without waiting for `fn`."""
+    exception raised here while waiting) call `on_interrupt()` (which makes `fn` end at once), give `fn` a few
+    seconds to wind down (so it does not outlive the files it uses), and re-raise."""
     result: dict = {}
+    done = threading.Event()  # not Thread.join: an interrupted join can leave the thread looking finished
 
     def target():
         try:
             result["value"] = fn()
         except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
             result["error"] = err
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=target, name="lvd-download", daemon=True)
-    thread.start()
+    threading.Thread(target=target, name="lvd-download", daemon=True).start()
     try:
-        while thread.is_alive():
-            thread.join(1.0)
+        while not done.wait(1.0):
+            pass
     except BaseException:
         on_interrupt()
+        with contextlib.suppress(BaseException):  # a second Ctrl-C stops waiting
+            done.wait(10.0)
         raise
     if "error" in result:
         raise result["error"]
