@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from curation.config import CurateConfig
+from curation.config import ConfigError, CurateConfig
 from curation.urllists import check_url_lists
 
 #: URLs read for the private-address check (the check is a hint, not a scan of a billion-row list)
@@ -19,11 +19,17 @@ URL_SAMPLE = 100_000
 
 def _private_urls(cfg: CurateConfig) -> tuple[int, list[str]]:
     """(how many sampled URLs point at loopback/private hosts the policy refuses, a few examples)."""
-    from curation.urllists import read_url_lists
+    from itertools import islice
+
+    from curation.urllists import iter_url_batches
     from curation.urlsafety import Refused, UrlPolicy
 
     policy = UrlPolicy.from_config(cfg.download)
-    urls = read_url_lists(cfg.input.url_list, cfg.input.url_col, None)["url"].slice(0, URL_SAMPLE).to_pylist()
+    batches = iter_url_batches(cfg.input.url_list, cfg.input.url_col, None)
+    try:
+        urls = list(islice((u for t in batches for u in t["url"].to_pylist()), URL_SAMPLE))
+    except ConfigError:  # a malformed row beyond what check_url_lists parsed: the run reports it, in one line
+        return 0, []
     hits = []
     for url in urls:
         try:

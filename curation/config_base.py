@@ -47,8 +47,39 @@ _YamlLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+#: the deepest nesting of lists and mappings a config value may have (real configs use three or four levels; the
+#: bound keeps validation, overrides and dumps far from Python's recursion limit)
+MAX_NESTING = 50
+
+
+class NestedTooDeep(yaml.YAMLError):
+    def __init__(self):
+        super().__init__(f"nested more than {MAX_NESTING} levels deep (lists or mappings inside each other); "
+                         "a config needs only a few levels")
+
+
+def _depth_exceeds(data: Any, limit: int) -> bool:
+    """True when lists/mappings nest deeper than `limit` in `data` (walked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return True
+            stack += [(v, depth + 1) for v in (value.values() if isinstance(value, dict) else value)]
+    return False
+
+
 def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    """YAML as Python values; a value nested too deeply (beyond :data:`MAX_NESTING`, or beyond what the parser's
+    recursion can read) raises :class:`NestedTooDeep`, a ``yaml.YAMLError``."""
+    try:
+        data = yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise NestedTooDeep() from None
+    if _depth_exceeds(data, MAX_NESTING):
+        raise NestedTooDeep()
+    return data
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
@@ -83,7 +114,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         return key.strip().split("."), parse_yaml(value)
     except yaml.YAMLError as err:
         problem = str(err).splitlines()[0]
-        raise ConfigError(f"config error: override {text!r}: the value is not valid YAML ({problem})") from None
+        shown = text if len(text) <= 120 else text[:120] + "..."  # the line stays one line of a terminal or so
+        raise ConfigError(f"config error: override {shown!r}: the value is not valid YAML ({problem})") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -23,6 +23,8 @@ batch size only through float rounding.
 
 from __future__ import annotations
 
+import os
+from functools import partial
 from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
@@ -32,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from curation.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from curation.samples import Sample
 from curation.workers import cpu_split, loader_workers, torch_threads
+from training.worker_exit import exit_with_parent
 
 
 class Described(NamedTuple):
@@ -105,6 +108,8 @@ def make_loader(embedder, samples: Callable[[], Iterable[Sample]], batch_size: i
         batch_size=min(batch_size, embedder.max_batch or batch_size), num_workers=num_workers, collate_fn=collate,
         pin_memory=embedder.device.type == "cuda",
         prefetch_factor=prefetch_factor if num_workers else None,
+        # workers die with this process, also when it is killed with kill -9 mid-read (the trainer's rule)
+        worker_init_fn=partial(exit_with_parent, os.getpid()) if num_workers else None,
     )
 
 

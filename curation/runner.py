@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from curation import accounting, markers, retry, storage
 from curation.config import ConfigError, CurateConfig, check_resume, dump_config
 from curation.layout import RunLayout
+from curation.runlock import run_root_lock
 from curation.stages import stage_class
 from curation.stages.base import Stage, Unit
 from curation.storage import clean_temporaries, crash_point, write_text
@@ -51,8 +52,15 @@ def build_stage(stage_name: str, cfg_json: dict, root: str) -> Stage:
 def execute_unit(stage: Stage, unit: Unit) -> dict[str, Any]:
     """Run one unit and write its completion marker (the list of outputs it wrote) last."""
     t0 = time.time()
-    with storage.recording() as outputs:
-        summary = stage.run_unit(unit) or {}
+    try:
+        with storage.recording() as outputs:
+            summary = stage.run_unit(unit) or {}
+    except BaseException:
+        # its partial files go with it (one unit runs at a time in a worker process, so this process's
+        # temporaries under the stage's folders are this unit's)
+        for folder in (stage.dir, markers.marker_path(stage.root, stage.name, unit.id).parent):
+            storage.remove_own_temporaries(folder)
+        raise
     markers.write_marker(stage.root, stage.name, unit.id, dict.fromkeys(outputs))
     summary["seconds"] = round(time.time() - t0, 3)
     return summary
@@ -315,7 +323,12 @@ def run_pipeline(cfg: CurateConfig, stages: Sequence[str] | None = None, progres
     content hash of every finished output against its marker (sizes are always checked).  `retry_failed`: fetch
     the URLs dropped for a transient reason again and redo what depends on them (:mod:`curation.retry`)."""
     root = prepare_run_root(cfg)
-    removed = clean_temporaries(root)  # stage folders, stats/, markers...: one driver per run root
+    with run_root_lock(root):
+        return _run_locked(cfg, root, stages, progress, verify)
+
+
+def _run_locked(cfg: CurateConfig, root: Path, stages, progress: bool, verify: bool) -> dict[str, Any]:
+    removed = clean_temporaries(root)  # stage folders, stats/, markers...: one driver per run root (the lock)
     if removed:
         print(f"removed {removed} partial files of an interrupted run", flush=True)
     names = list(stages) if stages else list(cfg.stages)

@@ -55,9 +55,40 @@ def commit(tmp: Path, path: Path, record: bool = True) -> None:
             finally:
                 _announcing = False
     crash_point()  # every commit is a crash point of the kill -9 tests: outputs, and a search's resumable blocks
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
     for paths, _ in recorders:
         paths.append(Path(path))
+
+
+def _fsync_path(path: Path, directory: bool) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_replace(tmp: Path, path: Path) -> None:
+    """``os.replace(tmp, path)`` that survives a power loss: the file's data is flushed before the rename and the
+    directory's new entry after it (without the second, a marker can vanish or point at a file that never
+    reached the disk, although the rename itself is atomic)."""
+    _fsync_path(Path(tmp), directory=False)
+    os.replace(tmp, path)
+    _fsync_path(Path(path).parent, directory=True)
+
+
+def remove_own_temporaries(directory: str | os.PathLike) -> int:
+    """Remove the temporaries this process left below `directory` (a failed unit's partial files, e.g. after
+    ENOSPC); another process's are left alone (it may still be writing them).  Returns how many were removed."""
+    directory = Path(directory)
+    if not directory.exists():
+        return 0
+    removed = 0
+    for p in directory.rglob(f"*{TMP_MARK}{os.getpid()}-*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 @contextlib.contextmanager

@@ -35,7 +35,8 @@ import ipaddress
 import socket
 import time
 import urllib.request
-from contextlib import contextmanager
+import weakref
+from contextlib import contextmanager, suppress
 from functools import partial
 from pathlib import Path
 from typing import Iterator
@@ -152,6 +153,8 @@ class UrlPolicy:
                 except Refused:
                     domains.add(line.lower().rstrip("."))
         self.blocked = frozenset(domains)
+        self._open: weakref.WeakSet = weakref.WeakSet()  # connections made, for abandon()
+        self._abandoned = False
 
     @classmethod
     def from_config(cls, dl_cfg) -> "UrlPolicy":
@@ -202,9 +205,20 @@ class UrlPolicy:
             raise Refused("bad_url", f"scheme {parts.scheme or '(none)'!r} is not http/https: {url[:200]!r}")
         self.check_host(client_host(url))
 
+    # -- abandoning fetches ------------------------------------------------------------------------------------
+    def abandon(self) -> None:
+        """Stop every fetch of this policy now (an interrupted run): the open connections are shut down, so a
+        thread blocked reading one returns at once, and no new connection is made."""
+        self._abandoned = True
+        for sock in list(self._open):
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     # -- connect-time checks -----------------------------------------------------------------------------------
     def safe_create_connection(self, address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, **_):
         host, port = address
+        if self._abandoned:
+            raise OSError("fetch abandoned: the run was interrupted")
         self.check_host(host)
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -220,6 +234,7 @@ class UrlPolicy:
                     sock.settimeout(timeout)
                 if source_address:
                     sock.bind(source_address)
+                self._open.add(sock)
                 sock.connect(sockaddr)
                 return sock
             except OSError as err:

@@ -68,6 +68,9 @@ def run_summary(summaries: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from curation.signals import ctrl_c_stops
+
+    ctrl_c_stops()  # also when started from a background job, which inherits SIGINT ignored
     try:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C: every finished unit is kept, the rerun resumes

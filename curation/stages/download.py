@@ -16,9 +16,11 @@ included), then the ledger part that marks the shard complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import threading
 from functools import partial
 
 import pyarrow as pa
@@ -31,8 +33,9 @@ from curation.images import ImageRejected, decode_image, encode_jpeg, resize_max
 from curation.stages.base import Stage, Unit
 from curation.storage import (TarShardWriter, atomic_path, iter_tar_samples, temporary_link, write_json,
                              write_table)
-from curation.urllists import read_url_lists
+from curation.urllists import iter_url_batches
 from curation.urlsafety import Refused, UrlPolicy, safe_urlopen
+from schemas import conform
 from schemas.tables import TRANSIENT_REASONS
 
 KEY_DIGITS = 10
@@ -52,11 +55,13 @@ def img2dataset_downloader():
     return Downloader
 
 
-def precheck(row_ids: list[int], urls: list, url_errors: list,
-             policy: UrlPolicy) -> list[tuple[str | None, str | None]]:
+def precheck(row_ids: list[int], urls: list, url_errors: list, policy: UrlPolicy, seen: dict | None = None,
+             may_repeat=None) -> list[tuple[str | None, str | None]]:
     """The verdict (reason, detail) on each input row before any fetch, (None, None) for a row to fetch: a row the
-    URL list could not decode (``url_error``), a URL the policy refuses, or a repeat of an earlier row's URL."""
-    seen: dict[str, int] = {}
+    URL list could not decode (``url_error``), a URL the policy refuses, or a repeat of an earlier row's URL.
+    `seen` ({url: row id}) carries the URLs of earlier batches; `may_repeat(url)`, when given, says which URLs can
+    occur again at all (only those are remembered)."""
+    seen = {} if seen is None else seen
     verdicts = []
     for row_id, url, url_error in zip(row_ids, urls, url_errors):
         reason = detail = None
@@ -69,7 +74,7 @@ def precheck(row_ids: list[int], urls: list, url_errors: list,
         if reason is None:
             if url in seen:
                 reason, detail = "duplicate_url", f"same URL as key {make_key(seen[url])}"
-            else:
+            elif may_repeat is None or may_repeat(url):
                 seen[url] = row_id
         verdicts.append((reason, detail))
     return verdicts
@@ -104,6 +109,44 @@ def is_transient(reason: str | None, detail: str | None) -> bool:
         m = _HTTP.search(detail or "")
         return bool(m) and (int(m.group(1)) == 429 or 500 <= int(m.group(1)) <= 599)
     return False
+
+
+def repeated_hashes(url_batches) -> set[int]:
+    """The values of Python's ``hash`` (stable within one process) that more than one URL of `url_batches` (lists
+    of URLs) has: 8 bytes per URL and one sort, instead of a set of every URL."""
+    import numpy as np
+
+    hashes = np.concatenate([np.fromiter((hash(u) for u in urls), np.int64, len(urls)) for urls in url_batches]
+                            or [np.zeros(0, np.int64)])
+    hashes.sort()
+    return set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+
+
+def _empty_input_shard() -> pa.Table:
+    return pa.table({"row_id": pa.array([], pa.int64()), "url": pa.array([], pa.string()),
+                     "caption": pa.array([], pa.string()), "lvd_key": pa.array([], pa.string())})
+
+
+class LedgerWriter:
+    """A ledger part written batch by batch (one Parquet row group per batch, keys in order: statistics let a
+    key-range read skip the others), committed atomically when the block ends without error."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        self._writer = pq.ParquetWriter(tmp, conform(accounting.make_ledger("download", [], [], []), "ledger").schema)
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._writer.write_table(conform(table, "ledger"))
+
+    def __exit__(self, *exc):
+        self._writer.close()
+        return self._atomic.__exit__(*exc)
 
 
 class ImageNormalizer:
@@ -152,7 +195,39 @@ class _ShardWriter:
         self.sink["rows"].append(row)
 
     def close(self):
-        self.tar.close()
+        if self.sink.get("abandoned"):  # an interrupted unit commits nothing
+            self.tar.abort()
+        else:
+            self.tar.close()
+
+
+def _interruptible(fn, on_interrupt):
+    """`fn()` run in a daemon thread while this thread waits for it; on an interrupt (KeyboardInterrupt, or any
+    exception raised here while waiting) call `on_interrupt()` (which makes `fn` end at once), give `fn` a few
+    seconds to wind down (so it does not outlive the files it uses), and re-raise."""
+    result: dict = {}
+    done = threading.Event()  # not Thread.join: an interrupted join can leave the thread looking finished
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
+            result["error"] = err
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="lvd-download", daemon=True).start()
+    try:
+        while not done.wait(1.0):
+            pass
+    except BaseException:
+        on_interrupt()
+        with contextlib.suppress(BaseException):  # a second Ctrl-C stops waiting
+            done.wait(10.0)
+        raise
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 class DownloadStage(Stage):
@@ -180,39 +255,63 @@ class DownloadStage(Stage):
 
     def _make_plan(self) -> None:
         """Number and precheck every input row, write the refused ones as ledger unit ``precheck``, cut the rest
-        into input shards, then the plan (shards, their row counts and row ranges)."""
-        inputs = self.url_lists
-        table = read_url_lists(inputs.url_list, inputs.url_col, inputs.caption_col)
-        row_ids, urls = table["row_id"].to_pylist(), table["url"].to_pylist()
-        verdicts = precheck(row_ids, urls, table["url_error"].to_pylist(), UrlPolicy.from_config(self.settings))
-        refused = [i for i, (reason, _) in enumerate(verdicts) if reason is not None]
-        ledger = accounting.make_ledger("download", [make_key(row_ids[i]) for i in refused], [urls[i] for i in refused],
-                                        [verdicts[i][0] for i in refused], [verdicts[i][1] for i in refused])
-        keep = table.drop_columns(["url_error"]).filter(pa.array([r is None for r, _ in verdicts], pa.bool_()))
-        keep = keep.append_column("lvd_key", pa.array([make_key(r) for r in keep["row_id"].to_pylist()], pa.string()))
-        shards, row_ranges = self._write_input_shards(keep, table.num_rows)
-        accounting.write_ledger(self.root, "download", "precheck", ledger)
-        write_json(self.layout.download_plan, {"shards": shards, "rows": table.num_rows,
-                                               "refused_before_fetch": ledger.num_rows, "row_ranges": row_ranges})
+        into input shards, then the plan (shards, their row counts and row ranges).
 
-    def _write_input_shards(self, keep: pa.Table, n_rows: int) -> tuple[list, dict]:
-        """Cut the rows to fetch into input shards of ``shard_size``; return [(shard, rows)] and each shard's range
-        of input rows [lo, hi): its fetched rows and the refused ones between them."""
+        The list streams through twice, a batch at a time: the first pass keeps an 8-byte hash of each URL, to
+        find the hashes seen more than once; the second prechecks each batch, remembering only the URLs whose hash
+        repeats (the repeat check of :func:`precheck` then sees every URL an earlier row holds), and writes each
+        input shard when it is full.  Memory holds one batch, one shard and the hashes, whatever the list's size."""
+        inputs = self.url_lists
+
+        def batches():
+            return iter_url_batches(inputs.url_list, inputs.url_col, inputs.caption_col)
+
+        repeated = repeated_hashes(t["url"].to_pylist() for t in batches())
+        policy = UrlPolicy.from_config(self.settings)
         size = self.settings.shard_size
         self.layout.download_inputs_dir.mkdir(parents=True, exist_ok=True)
-        shards, row_ranges = [], {}
-        # at least one shard when there are rows at all: its status table also lists the URLs refused before fetch
-        for i, start in enumerate(range(0, keep.num_rows or min(n_rows, 1), size)):
-            part = keep.slice(start, size)
-            sid = f"{i:05d}"
+        seen: dict[str, int] = {}
+        shards, row_ranges, buffer, buffered = [], {}, [], 0
+        n_rows = refused_rows = 0
+
+        def flush(next_row: int | None) -> None:
+            nonlocal buffer, buffered
+            sid = f"{len(shards):05d}"
+            part = pa.concat_tables(buffer) if buffer else _empty_input_shard()
             with atomic_path(self.layout.download_input(sid)) as tmp:
                 with ipc.new_file(tmp, part.schema) as w:
                     w.write_table(part)
+            lo = 0 if not shards else part["row_id"][0].as_py()
             shards.append((sid, part.num_rows))
-            nxt = start + size
-            row_ranges[sid] = [0 if i == 0 else keep["row_id"][start].as_py(),
-                               keep["row_id"][nxt].as_py() if nxt < keep.num_rows else n_rows]
-        return shards, row_ranges
+            row_ranges[sid] = [lo, next_row]
+            buffer, buffered = [], 0
+
+        with LedgerWriter(self.layout.ledger_part(self.name, "precheck")) as ledger:
+            for table in batches():
+                row_ids, urls = table["row_id"].to_pylist(), table["url"].to_pylist()
+                verdicts = precheck(row_ids, urls, table["url_error"].to_pylist(), policy, seen,
+                                    lambda url: hash(url) in repeated)
+                refused = [i for i, (reason, _) in enumerate(verdicts) if reason is not None]
+                ledger.write(accounting.make_ledger(
+                    "download", [make_key(row_ids[i]) for i in refused], [urls[i] for i in refused],
+                    [verdicts[i][0] for i in refused], [verdicts[i][1] for i in refused]))
+                refused_rows += len(refused)
+                n_rows += table.num_rows
+                keep = table.drop_columns(["url_error"]).filter(pa.array([r is None for r, _ in verdicts]))
+                keep = keep.append_column("lvd_key", pa.array([make_key(r) for r in keep["row_id"].to_pylist()],
+                                                              pa.string()))
+                while keep.num_rows:
+                    if buffered == size:  # a full shard ends where the next kept row starts
+                        flush(keep["row_id"][0].as_py())
+                    take = keep.slice(0, size - buffered)
+                    keep = keep.slice(take.num_rows)
+                    buffer.append(take)
+                    buffered += take.num_rows
+        # the last shard (at least one when there are rows at all: its status table lists the refused URLs)
+        if buffered or n_rows:
+            flush(n_rows)
+        write_json(self.layout.download_plan, {"shards": shards, "rows": n_rows,
+                                               "refused_before_fetch": refused_rows, "row_ranges": row_ranges})
 
     def _refused_status_rows(self, unit: Unit) -> list[dict]:
         """Status rows for the URLs of this shard's row range that were refused before any fetch."""
@@ -234,8 +333,9 @@ class DownloadStage(Stage):
 
         dl = self.settings
         retry = keys_to_retry(self.root, unit.id)
-        with safe_urlopen(UrlPolicy.from_config(dl), dl.use_env_proxy, dl.max_bytes, dl.deadline_s or 3 * dl.timeout_s):
-            rows = self._refetch(unit, retry) if retry else self._fetch(unit)
+        policy = UrlPolicy.from_config(dl)
+        with safe_urlopen(policy, dl.use_env_proxy, dl.max_bytes, dl.deadline_s or 3 * dl.timeout_s):
+            rows = self._refetch(unit, retry, policy) if retry else self._fetch(unit, policy)
         if len(rows) != unit.payload["rows"]:
             raise RuntimeError(f"shard {unit.id}: {len(rows)} status rows for {unit.payload['rows']} URLs")
         status = sorted(rows + self._refused_status_rows(unit), key=lambda r: r["row_id"])
@@ -248,7 +348,7 @@ class DownloadStage(Stage):
         n_ok = sum(r["status"] == "success" for r in rows)
         return {"ok": n_ok, "failed": len(rows) - n_ok}
 
-    def _refetch(self, unit: Unit, keys: set[str]) -> list[dict]:
+    def _refetch(self, unit: Unit, keys: set[str], policy: UrlPolicy) -> list[dict]:
         """Fetch only the rows `keys` of a finished shard again (a retry of transient failures) and merge them into
         the shard: the other rows keep their images and status rows; the shard's tar is rewritten in key order.
         Reruns give the same shard (the merge takes the other rows from the shard, never from an earlier merge's
@@ -261,7 +361,7 @@ class DownloadStage(Stage):
         with atomic_path(subset, record=False) as tmp:
             with ipc.new_file(tmp, todo.schema) as w:
                 w.write_table(todo)
-        fetched = {r["key"]: r for r in self._fetch(unit, subset, scratch / f"{unit.id}.tar")}
+        fetched = {r["key"]: r for r in self._fetch(unit, policy, subset, scratch / f"{unit.id}.tar")}
         own = set(shard_rows["lvd_key"].to_pylist())
         old = pq.read_table(self.layout.download_status(unit.id)).to_pylist()
         rows = [fetched.get(r["key"], r) for r in old if r["key"] in own]
@@ -273,9 +373,14 @@ class DownloadStage(Stage):
                 tar.write(key, images[key])
         return rows
 
-    def _fetch(self, unit: Unit, rows_file=None, tar=None) -> list[dict]:
+    def _fetch(self, unit: Unit, policy: UrlPolicy, rows_file=None, tar=None) -> list[dict]:
         """Fetch the shard's URLs (those of `rows_file`, default the shard's input) with img2dataset's downloader
-        into ``download/<shard>.tar`` (or `tar`); return its status rows, sorted by row id."""
+        into ``download/<shard>.tar`` (or `tar`); return its status rows, sorted by row id.
+
+        The downloader runs in a helper thread while this one waits: an interrupt (Ctrl-C) reaches this thread
+        at once, abandons the fetches in flight (``policy.abandon()`` shuts their connections) and leaves the unit
+        unfinished, its tar uncommitted, instead of waiting in img2dataset's thread pool for every open request,
+        and of recording the interrupted fetches as failures: a rerun fetches them again."""
         dl = self.settings
         sink = {"tar": tar or self.layout.download_tar(unit.id), "rows": []}
         downloader = img2dataset_downloader()(
@@ -299,7 +404,8 @@ class DownloadStage(Stage):
         # img2dataset deletes the shard file it was given: hand it a temporary link, so the input outlives the
         # unit's completion marker (a unit killed after that delete, or whose ledger is removed, can be redone).
         with temporary_link(rows_file or self.layout.download_input(unit.id)) as consumable:
-            ok, _ = downloader((int(unit.id), str(consumable)))
+            ok = _interruptible(lambda: downloader((int(unit.id), str(consumable)))[0],
+                                on_interrupt=lambda: (sink.__setitem__("abandoned", True), policy.abandon()))
         if not ok:
             raise RuntimeError(f"img2dataset failed on shard {unit.id} (traceback above)")
         return sorted(sink["rows"], key=lambda r: r["row_id"])

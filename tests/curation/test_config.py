@@ -351,3 +351,22 @@ def test_demo_config_loads_with_its_paths_made_absolute(tmp_path):
     loaded = load_config(data=cfg)
     assert loaded.sscd.descriptor == "pixels" and loaded.embed.model == "pixels"
     assert [s.name for s in loaded.image_sets()["anchors"]] == ["objects", "scenes"]
+
+
+@pytest.mark.parametrize("command", [["pipelines/curate.py", "--check"],
+                                     ["pipelines/train.py", "--data", "DATA", "--output", "OUT"]])
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_deeply_nested_yaml_is_one_line(tmp_path, command, where):
+    """A list nested 5,000 deep exceeds Python's recursion limit while it is parsed (or validated): the user gets
+    one line, as for every other bad config, from both the curation and the trainer command."""
+    deep = "[" * 5000 + "]" * 5000
+    cfg = tmp_path / "deep.yaml"
+    cfg.write_text(f"a: {deep}\n" if where == "file" else "{}\n")
+    flag = ["--set"] if "curate" in command[0] else []  # the trainer takes overrides as positional arguments
+    extra = [] if where == "file" else [*flag, f"a={deep}"]
+    args = [str(tmp_path / a) if a in ("DATA", "OUT") else a for a in command[1:]]
+    proc = subprocess.run([sys.executable, str(REPO / command[0]), "--config", str(cfg), *args, *extra],
+                          capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "nested" in lines[0] and len(lines[0]) < 400, lines[0]

@@ -279,17 +279,22 @@ def test_altered_outputs_are_detected_and_redone(demo_download, tmp_path, capsys
 
 def test_ctrl_c_says_rerun_to_resume(tmp_path):
     """SIGINT while a download is in flight: one line "interrupted; rerun to resume", exit 130, no traceback; the
-    rerun then finishes the run.  The server holds the request until the interrupt has been sent."""
+    interrupted unit is left unfinished (no marker, no ledger row: never a drop), and the rerun then finishes it.
+
+    No timing: the interrupt is sent once the server holds the request (the fetch is provably in flight), and the
+    server keeps holding it until the interrupted run has exited, so the run can only exit by abandoning the fetch.
+    The run starts with SIGINT ignored, as a process started from a background shell job is (a test suite run with
+    `make test &`): a Ctrl-C or `kill -INT` must still stop it."""
     import http.server
     import threading
 
-    asked, interrupted = threading.Event(), threading.Event()
+    asked, exited = threading.Event(), threading.Event()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
             asked.set()
             if self.path == "/hold":
-                interrupted.wait(60)
+                exited.wait(300)  # a guard against a hang, never the expected path
             self.send_response(404)
             self.end_headers()
 
@@ -307,16 +312,22 @@ def test_ctrl_c_says_rerun_to_resume(tmp_path):
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
         cmd = [sys.executable, str(REPO / "pipelines" / "curate.py"), "--config", str(tmp_path / "c.yaml"),
                "--no-progress"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         assert asked.wait(300), "the download never reached the server"
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-        interrupted.set()
+        try:
+            out, err = proc.communicate(timeout=240)  # hang guard: the held fetch must be abandoned
+        finally:
+            exited.set()
         assert proc.returncode == 130, err[-2000:]
         assert err.strip().splitlines()[-1] == "interrupted; rerun to resume" and "Traceback" not in err, err
+        run = tmp_path / "run"
+        assert not list((run / "_markers" / "download").glob("0*.json")), "the interrupted unit was marked done"
+        assert not list((run / "download" / "_ledger").glob("0*.parquet")), "the interrupted fetch became a drop"
         rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert rerun.returncode == 0, rerun.stderr[-2000:]
         assert "download           1         0         1  http_error 1" in rerun.stdout
     finally:
-        interrupted.set()
+        exited.set()
         server.shutdown()
