@@ -100,7 +100,7 @@ def test_help_documents_every_option():
         assert command in lvd.stdout
 
 
-# -- issue 13 items 15-16, issue 14 items 6-8: strict values, one-line errors, warnings before the work ----------
+# -- strict values, one-line errors, warnings before the work ----------
 
 
 def one_line(text: str) -> str:
@@ -261,7 +261,7 @@ def test_cli_errors_are_one_line(base, tmp_path):
     assert proc.returncode == 2 and "lies under a file" in one_line(proc.stderr)
 
 
-# -- issue 9 item 4: one config base, shared settings stated once, keys that moved -------------------------------
+# -- one config base, shared settings stated once, keys that moved -------------------------------
 
 
 @pytest.mark.parametrize("old, value, where", [

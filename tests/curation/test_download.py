@@ -92,7 +92,7 @@ def test_status_tables_match_their_schema(demo_download):
     assert n > 0 and precheck.num_rows > 0
 
 
-# -- issue 13.6 / 13.7: what the download decoder makes of hostile and rotated images --------------------------
+# -- what the download decoder makes of hostile and rotated images --------------------------
 def _jpeg(arr, **save) -> bytes:
     import numpy as np
 
@@ -166,7 +166,7 @@ def test_exif_orientation_is_applied_once_at_download():
     assert im.getexif().get(0x0112) is None  # stored without the tag: no later stage rotates it again
 
 
-# -- issue 13.8 / 13.9: URL lists ------------------------------------------------------------------------------
+# -- URL lists ------------------------------------------------------------------------------
 
 
 class _OneImage(Handler):
@@ -267,7 +267,7 @@ def test_unreadable_url_lists_fail_with_one_line(tmp_path, capsys, name, content
 
 
 def test_status_tables_hold_one_row_per_url(demo_download, tmp_path):
-    """issue 14.5: download/NNNNN.parquet together list every input URL once, those refused before fetch included."""
+    """download/NNNNN.parquet together list every input URL once, those refused before fetch included."""
     root, truth = demo_download["root"], demo_download["truth"]
     status = [r for p in sorted((root / "download").glob("[0-9]*.parquet")) for r in pq.read_table(p).to_pylist()]
     assert sorted(r["key"] for r in status) == [f"{i:010d}" for i in range(truth.num_rows)]
@@ -286,7 +286,7 @@ def test_status_table_when_every_url_is_refused(tmp_path):
 
 
 def test_a_changed_url_list_is_refused_on_rerun(tmp_path, image_server):
-    """issue 13.10: rewriting the URL list at the same path must not silently resume the old run."""
+    """Rewriting the URL list at the same path must not silently resume the old run."""
     from curation.config import ConfigError
 
     lists = tmp_path / "lists"
@@ -309,7 +309,7 @@ def test_a_changed_url_list_is_refused_on_rerun(tmp_path, image_server):
 
 
 def test_stage_bounds_body_size_and_time_per_url(tmp_path, image_server):
-    """issue 13.4 / 13.5 through the stage: download.max_bytes and download.deadline_s reach the fetch."""
+    """Through the stage: download.max_bytes and download.deadline_s reach the fetch."""
     (tmp_path / "u.csv").write_text(f"url\n{image_server}/big/0\n{image_server}/dribble/1\n{image_server}/2.jpg\n")
     root = _run_download(tmp_path, [tmp_path / "u.csv"], max_bytes=1 << 20, timeout_s=2.0, deadline_s=1.0)
     status = {r["key"]: r for r in pq.read_table(root / "download" / "00000.parquet").to_pylist()}

@@ -1,6 +1,6 @@
 """Kill the curate driver with SIGKILL mid-download, rerun: finished shards are not fetched again and the final
-tables equal an uninterrupted run's; and kill -9 at random points of the whole pipeline (plus the resume bugs of
-issue 13: lost inputs, deleted ledgers, altered outputs)."""
+tables equal an uninterrupted run's; and kill -9 at random points of the whole pipeline (plus resumes after
+lost inputs, deleted ledgers and altered outputs)."""
 
 import copy
 import json
@@ -165,7 +165,7 @@ def test_kill9_at_random_points_resumes_to_identical_output(demo_server, demo_co
         assert not differ, f"kill point {t['kill_at']}: contents differ: {differ}"
 
 
-# -- issue 13: lost inputs, deleted ledgers, altered outputs ---------------------------------------------------
+# -- lost inputs, deleted ledgers, altered outputs ---------------------------------------------------
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
