@@ -324,10 +324,11 @@ def run_pipeline(cfg: CurateConfig, stages: Sequence[str] | None = None, progres
     the URLs dropped for a transient reason again and redo what depends on them (:mod:`curation.retry`)."""
     root = prepare_run_root(cfg)
     with run_root_lock(root):
-        return _run_locked(cfg, root, stages, progress, verify)
+        return _run_locked(cfg, root, stages, progress, verify, retry_failed)
 
 
-def _run_locked(cfg: CurateConfig, root: Path, stages, progress: bool, verify: bool) -> dict[str, Any]:
+def _run_locked(cfg: CurateConfig, root: Path, stages, progress: bool, verify: bool,
+                retry_failed: bool) -> dict[str, Any]:
     removed = clean_temporaries(root)  # stage folders, stats/, markers...: one driver per run root (the lock)
     if removed:
         print(f"removed {removed} partial files of an interrupted run", flush=True)
