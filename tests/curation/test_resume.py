@@ -108,6 +108,9 @@ def _run_files(root: Path) -> dict:
             marker = json.loads(p.read_text())
             out[rel] = (marker["complete"], {k: None if k == "shards_meta/_plan.parquet" else v["size"]
                                              for k, v in marker["outputs"].items()})
+        elif "_partitioned/" in rel and p.name == "plan.json":  # a global step's resume check: the same search,
+            plan = json.loads(p.read_text())                   # its inputs' signature (paths, mtimes) left out
+            out[rel] = {k: v for k, v in plan.items() if k not in ("db", "queries")}
         elif rel == "config.yaml":
             out[rel] = {k: v for k, v in yaml.safe_load(p.read_text()).items() if k != "run_root"}
         else:
