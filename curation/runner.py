@@ -322,6 +322,11 @@ def run_pipeline(cfg: CurateConfig, stages: Sequence[str] | None = None, progres
     """Run `stages` (default: the config's) in pipeline order; return per-stage summaries.  `verify`: check the
     content hash of every finished output against its marker (sizes are always checked).  `retry_failed`: fetch
     the URLs dropped for a transient reason again and redo what depends on them (:mod:`curation.retry`)."""
+    from curation.samples import image_set_problems
+
+    problems = image_set_problems(cfg, list(stages) if stages else list(cfg.stages))
+    if problems:  # before anything is written: an unreadable or empty image set would fail late, or select nothing
+        raise ConfigError("\n".join(problems))
     root = prepare_run_root(cfg)
     with run_root_lock(root):
         return _run_locked(cfg, root, stages, progress, verify, retry_failed)

@@ -133,3 +133,59 @@ def iter_image_set(path: Path, fmt: str = "auto") -> Iterator[Sample]:
             yield Sample(str(key), p, {"path": str(p), "class": row.get("class")})
     else:
         raise ValueError(f"unknown image set format {fmt!r}")
+
+
+def image_set_problem(path: Path, fmt: str = "auto") -> str | None:
+    """Why the anchor or evaluation set at `path` cannot be read, or None: a path that is no image folder, .tar
+    shard(s) or .parquet list; a Parquet list without a text column ``path`` (any other type fails late, in a decode
+    worker); a set that holds no image (an empty folder, tars without an image member, a Parquet list without
+    rows). A set with nothing in it is a mistake (a wrong folder, a copy not finished), never a set to run on:
+    every selection from it would be empty without a word. Reads no more than the first image."""
+    import pyarrow as pa
+
+    path = Path(path)
+    try:
+        fmt = detect_format(path) if fmt == "auto" else fmt
+    except ValueError as err:
+        return str(err)
+    if fmt == "parquet":
+        try:
+            schema = pq.read_schema(path)
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except (OSError, pa.ArrowException) as err:
+            return f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})"
+        if "path" not in schema.names:
+            return f"{path}: no column 'path' (columns: {schema.names}); an image list names each image's file"
+        if not (pa.types.is_string(schema.field("path").type) or pa.types.is_large_string(schema.field("path").type)):
+            return f"{path}: column 'path' is {schema.field('path').type}, not text (the image files' paths)"
+        return None if rows else f"{path}: holds no image (a Parquet list without rows)"
+    if fmt == "folder" and not path.is_dir():
+        return f"{path}: not a folder"
+    if fmt == "webdataset" and not (path.is_file() or any(path.glob("*.tar"))):
+        return f"{path}: no .tar shard"
+    try:
+        first = next(iter_image_set(path, fmt), None)
+    except Exception as err:  # noqa: BLE001 - an unreadable tar: said in one line, with the reader's reason
+        return f"{path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    if first is None:
+        what = {"folder": f"a folder without image files ({', '.join(IMAGE_EXTS)})",
+                "webdataset": "tar shards without an image member"}.get(fmt, "no image")
+        return f"{path}: holds no image ({what})"
+    return None
+
+
+def image_set_problems(cfg, stages) -> list[str]:
+    """One config-error line per anchor or evaluation set that cannot be read (:func:`image_set_problem`), when one
+    of `stages` reads the image sets (its declared ``reads``); checked at ``--check`` and before a run starts."""
+    from curation.stages import stage_class
+
+    if not any("image_sets" in stage_class(name).reads for name in stages):
+        return []
+    sets = [(f"dedup.eval_sets[{i}]", s, "auto") for i, s in enumerate(cfg.dedup.eval_sets)]
+    sets += [(f"retrieve.anchor_sets[{i}]", s, s.format) for i, s in enumerate(cfg.retrieve.anchor_sets)]
+    out = []
+    for where, s, fmt in sets:
+        problem = image_set_problem(s.path, fmt)
+        if problem:
+            out.append(f"config error: {where} ({s.name!r}): {problem}")
+    return out

@@ -105,8 +105,10 @@ def _main(argv=None) -> int:
         from curation.detectors import detection_warning
         from curation.urllists import check_url_lists
 
-        problems = check_url_lists(cfg.input)
-        for line in problems:  # unreadable URL files or a missing url column, one line each: errors first
+        from curation.samples import image_set_problems
+
+        problems = check_url_lists(cfg.input) + image_set_problems(cfg, stages or cfg.stages)
+        for line in problems:  # unreadable URL files or image sets, a missing url column: one line each, first
             print(line, file=sys.stderr)
         faces = detection_warning(cfg.stages, cfg.filter)
         warnings = ([faces] if faces else []) + preflight_warnings(cfg)
