@@ -80,15 +80,7 @@ def durable_replace(tmp: Path, path: Path) -> None:
 def remove_own_temporaries(directory: str | os.PathLike) -> int:
     """Remove the temporaries this process left below `directory` (a failed unit's partial files, e.g. after
     ENOSPC); another process's are left alone (it may still be writing them).  Returns how many were removed."""
-    directory = Path(directory)
-    if not directory.exists():
-        return 0
-    removed = 0
-    for p in directory.rglob(f"*{TMP_MARK}{os.getpid()}-*"):
-        if p.is_file():
-            p.unlink(missing_ok=True)
-            removed += 1
-    return removed
+    return clean_temporaries(directory, f"{TMP_MARK}{os.getpid()}-")
 
 
 @contextlib.contextmanager
@@ -187,13 +179,14 @@ def read_tables(paths, schema: pa.Schema | str) -> pa.Table:
     return pa.concat_tables(tables) if tables else empty(schema)
 
 
-def clean_temporaries(directory: str | os.PathLike) -> int:
-    """Remove leftovers of interrupted atomic writes below `directory`; return how many were removed."""
+def clean_temporaries(directory: str | os.PathLike, mark: str = TMP_MARK) -> int:
+    """Remove leftovers of interrupted atomic writes below `directory` (files whose name holds `mark`: any
+    process's temporaries by default); return how many were removed."""
     directory = Path(directory)
     if not directory.exists():
         return 0
     removed = 0
-    for p in directory.rglob(f"*{TMP_MARK}*"):
+    for p in directory.rglob(f"*{mark}*"):
         if p.is_file():
             p.unlink(missing_ok=True)
             removed += 1
