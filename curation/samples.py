@@ -174,12 +174,15 @@ def image_set_problem(path: Path, fmt: str = "auto") -> str | None:
     return None
 
 
+#: the stages that decode every image of the anchor and evaluation sets (the others read their vectors or names)
+IMAGE_SET_READERS = ("sscd", "embed")
+
+
 def image_set_problems(cfg, stages) -> list[str]:
     """One config-error line per anchor or evaluation set that cannot be read (:func:`image_set_problem`), when one
-    of `stages` reads the image sets (its declared ``reads``); checked at ``--check`` and before a run starts."""
-    from curation.stages import stage_class
-
-    if not any("image_sets" in stage_class(name).reads for name in stages):
+    of `stages` decodes the sets' images (:data:`IMAGE_SET_READERS`; a later run of dedup or retrieve alone reads
+    the vectors those wrote); checked at ``--check`` and before a run starts."""
+    if not any(name in IMAGE_SET_READERS for name in stages):
         return []
     sets = [(f"dedup.eval_sets[{i}]", s, "auto") for i, s in enumerate(cfg.dedup.eval_sets)]
     sets += [(f"retrieve.anchor_sets[{i}]", s, s.format) for i, s in enumerate(cfg.retrieve.anchor_sets)]

@@ -248,7 +248,7 @@ def outage_site(tmp_path: Path, extras: bool = False):
         "run_root": str(tmp_path / "run"),
         "input": {"url_list": str(tmp_path / "urls.csv")},
         "images": {"max_side": 64},
-        # one thread: the URLs are fetched in row order, so the outage always falls after the same URLs
+        # one thread per shard: its URLs are fetched in row order (shards themselves may run side by side)
         "download": {"shard_size": 4, "threads": 1, "timeout_s": 10, "allow_networks": ["127.0.0.1/32"]},
         "filter": {"min_side": 32, "detector": "none"},
         "hash": {"method": "phash"},  # a PCA hash fitted on a handful of images would group them all
@@ -289,9 +289,12 @@ def check_outage_then_retry(outage: dict, run, plain_rerun: bool = True) -> None
     root = outage["root"]
     outage["server"].up(budget=OUTAGE_AFTER)
     run([])
-    lost = [(f"{i:010d}", "network_error") for i in range(OUTAGE_AFTER, N_OUTAGE)]
-    assert download_drops(root) == lost  # connection refused: a transient reason
-    assert curated_urls(root) == sorted(outage["urls"][:OUTAGE_AFTER])
+    # Which OUTAGE_AFTER URLs the server answered before it went down is the downloader threads' order (it varies
+    # with load): the count, the reason and the split between drops and curated images are what is fixed.
+    lost = download_drops(root)
+    assert len(lost) == N_OUTAGE - OUTAGE_AFTER and {r for _, r in lost} == {"network_error"}  # transient
+    served = [u for i, u in enumerate(outage["urls"]) if f"{i:010d}" not in {k for k, _ in lost}]
+    assert curated_urls(root) == sorted(served)
     outage["server"].up()  # back
     if plain_rerun:
         run([])  # a plain rerun changes nothing: the outage's drops stay (the run is finished)
