@@ -107,12 +107,17 @@ def detect_format(path: Path) -> str:
     raise ValueError(f"{path}: not an image folder, .tar shard(s) or .parquet list")
 
 
+def is_image_file(p: Path) -> bool:
+    """A file an image folder contributes (by its extension; decoding decides later whether it is one)."""
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTS
+
+
 def iter_image_set(path: Path, fmt: str = "auto") -> Iterator[Sample]:
     """Iterate an anchor or evaluation set in a deterministic order."""
     path = Path(path)
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt == "folder":
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        files = sorted(p for p in path.rglob("*") if is_image_file(p))
         for p in files:
             rel = p.relative_to(path).as_posix()
             cls = rel.split("/")[0] if "/" in rel else None
@@ -163,13 +168,15 @@ def image_set_problem(path: Path, fmt: str = "auto") -> str | None:
         return f"{path}: not a folder"
     if fmt == "webdataset" and not (path.is_file() or any(path.glob("*.tar"))):
         return f"{path}: no .tar shard"
+    if fmt == "folder":  # the first image file found, not a sorted listing of a set of millions
+        found = any(is_image_file(p) for p in path.rglob("*"))
+        return None if found else f"{path}: holds no image (a folder without image files ({', '.join(IMAGE_EXTS)}))"
     try:
         first = next(iter_image_set(path, fmt), None)
     except Exception as err:  # noqa: BLE001 - an unreadable tar: said in one line, with the reader's reason
         return f"{path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
     if first is None:
-        what = {"folder": f"a folder without image files ({', '.join(IMAGE_EXTS)})",
-                "webdataset": "tar shards without an image member"}.get(fmt, "no image")
+        what = "tar shards without an image member" if fmt == "webdataset" else "no image"
         return f"{path}: holds no image ({what})"
     return None
 
