@@ -1,4 +1,4 @@
-"""Time the vectorised connected components (curation.components) on a random sparse graph, CPU.
+"""Time the vectorised connected components (curation.engine.components) on a random sparse graph, CPU.
 
     python bench/components_bench.py --nodes 5000000 --edges 10000000
 
@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from curation.components import connected_components
+from curation.engine.components import connected_components
 
 
 def main(argv=None):

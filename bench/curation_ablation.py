@@ -161,8 +161,8 @@ def build(out: Path, args: argparse.Namespace) -> dict:
 def curate(out: Path, pool: list[tuple[str, str, bytes]], args: argparse.Namespace) -> list[str]:
     """Run the curation stages on the pool; the keys of the curated shards' samples."""
     from curation.config import load_config
-    from curation.runner import run_pipeline
-    from curation.samples import iter_shard_samples
+    from curation.pipeline.runner import run_pipeline
+    from curation.data.samples import iter_shard_samples
     from tests.curation.fakerun import make_run
 
     anchors = str(out / "anchors")

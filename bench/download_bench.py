@@ -59,7 +59,7 @@ def worker(args) -> None:
     """Run the download stage once in this (fresh) process and print one JSON line."""
     sys.path.insert(0, str(REPO))
     from curation.config import load_config
-    from curation.runner import run_pipeline
+    from curation.pipeline.runner import run_pipeline
 
     # The baseline is taken after a warm-up run on two tiny bodies: the stage imports img2dataset (and its stack)
     # lazily, and the first run also loads PIL plugins, pyarrow kernels and per-thread malloc arenas.

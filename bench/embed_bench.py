@@ -6,7 +6,7 @@
 
 1. **Embedding** (timm model, random weights, ``pretrained=False``): synthetic JPEGs (``--src-size``, 640x480 by
    default, like web images) written as WebDataset shards, then
-   * *pipeline*: the embed stage's path (:func:`curation.describe.make_loader` feeding the embedder): DataLoader
+   * *pipeline*: the embed stage's path (:func:`curation.models.describe.make_loader` feeding the embedder): DataLoader
      workers decode + resize/crop to uint8, pinned memory, normalisation on the device, bf16 autocast on CUDA (fp32
      on CPU), ``--batch-size`` images;
    * *naive*: the same images decoded and transformed in the main process, float32 tensors, eager fp32 model,
@@ -39,7 +39,7 @@ def make_shards(out: Path, n: int, per_shard: int, size: tuple[int, int], seed: 
     """n JPEGs (64 distinct smooth random images, cycled) in WebDataset shards of per_shard samples."""
     from PIL import Image
 
-    from curation.storage import TarShardWriter
+    from curation.pipeline.storage import TarShardWriter
 
     rng = np.random.default_rng(seed)
     distinct = []
@@ -62,8 +62,8 @@ def make_shards(out: Path, n: int, per_shard: int, size: tuple[int, int], seed: 
 def bench_pipeline(emb, tars, batch_size: int, num_workers: int, prefetch: int) -> dict:
     from functools import partial
 
-    from curation.describe import make_loader
-    from curation.samples import iter_tars
+    from curation.models.describe import make_loader
+    from tests.sample_tars import iter_tars
 
     loader = make_loader(emb, partial(iter_tars, tars), batch_size, num_workers, prefetch_factor=prefetch)
     n, t0, first = 0, None, 0
@@ -81,9 +81,9 @@ def bench_pipeline(emb, tars, batch_size: int, num_workers: int, prefetch: int) 
 
 def bench_naive(emb, tars, batch_size: int, max_images: int) -> dict:
     """Main-process decode + float32 CPU transform + eager fp32 forward, batch by batch."""
-    from curation.images import decode_image
+    from curation.data.images import decode_image
     from curation.models.embedder import resize_center_crop
-    from curation.samples import iter_shard_samples
+    from curation.data.samples import iter_shard_samples
 
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     from curation.config import EmbedConfig
     import torch
 
-    from curation import gpu
+    from curation.cluster import gpu
     from curation.models.embedder import build_embedder
 
     dev = torch.device(gpu.resolve(args.device))

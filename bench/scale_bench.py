@@ -4,7 +4,7 @@
 
 For each pool size and index: a synthetic pool (planted copy clusters, ``--dim`` dims, shards of
 ``--shard-rows``) is written as descriptor files; a private local Ray head (``--cpus`` CPUs, stopped afterwards,
-never ``ray stop``) runs :func:`curation.distributed_knn.partitioned_knn` with a fixed worker budget that holds
+never ``ray stop``) runs :func:`curation.engine.distributed_knn.partitioned_knn` with a fixed worker budget that holds
 ``--rows-per-partition`` vectors per partition, so partitions grow with the pool and the budget stays the same.
 One JSON line per run: seconds (search, components), partitions, waves, peak RSS of the largest searcher
 (ru_maxrss reported by the actor), of the driver, the budget, and recall@k against exact search on a query sample
@@ -35,12 +35,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from curation.distributed_knn import Placement, partitioned_knn, peak_rss_bytes, read_block  # noqa: E402
-from curation.edge_components import edge_batches, streamed_components  # noqa: E402
-from curation.local_cluster import LocalRayHead  # noqa: E402
-from curation.partitions import VECTOR_SHARE, plan_partitions  # noqa: E402
-from curation.retrieval import recall_at_k  # noqa: E402
-from curation.synthetic_pool import planted_pool, write_shards  # noqa: E402
+from curation.engine.distributed_knn import Placement, partitioned_knn, peak_rss_bytes, read_block  # noqa: E402
+from curation.engine.edge_components import edge_batches, streamed_components  # noqa: E402
+from curation.cluster.local_cluster import LocalRayHead  # noqa: E402
+from curation.engine.partitions import VECTOR_SHARE, plan_partitions  # noqa: E402
+from curation.engine.retrieval import recall_at_k  # noqa: E402
+from tests.synthetic_pool import planted_pool, write_shards  # noqa: E402
 
 
 def _make_pool(n: int, dim: int, shards: Path, shard_rows: int, sample: np.ndarray, sample_path: Path) -> None:
@@ -136,7 +136,7 @@ def _child_main(q, fn, args) -> None:
     import faiss  # noqa: F401 - imported before any timing, as in a running stage worker
     import torch  # noqa: F401
 
-    from curation.distributed_knn import peak_rss_bytes
+    from curation.engine.distributed_knn import peak_rss_bytes
 
     try:
         row = fn(*args)
@@ -147,7 +147,7 @@ def _child_main(q, fn, args) -> None:
 
 
 def _dedup_engine(paths, n, d, k, thr, parts) -> dict:
-    from curation.partitioned_dedup import partitioned_dedup_graph
+    from curation.engine.partitioned_dedup import partitioned_dedup_graph
 
     budget = (n // parts + 1) * d * 4 / VECTOR_SHARE / 2**30
     plan = plan_partitions(paths, budget)
@@ -166,7 +166,7 @@ def _dedup_plain(paths, n, d, k, thr) -> dict:
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    from curation.vectors import load_descriptors
+    from curation.data.vectors import load_descriptors
 
     _, x = load_descriptors(paths)
     t0 = time.perf_counter()
@@ -186,9 +186,9 @@ def _dedup_plain(paths, n, d, k, thr) -> dict:
 def _kmeans_pair(n, d, k, niter, seed) -> list[dict]:
     import faiss
 
-    from curation.distributed_kmeans import kmeans_pp_seed
-    from curation.knn import nearest_centroid
-    from curation.partitioned_pool import array_pool
+    from curation.engine.distributed_kmeans import kmeans_pp_seed
+    from curation.engine.knn import nearest_centroid
+    from curation.engine.partitioned_pool import array_pool
 
     x, _ = planted_pool(n, d, n_sources=n // 50, copies=2, seed=seed)
     t0 = time.perf_counter()
@@ -212,8 +212,8 @@ def _kmeans_pair(n, d, k, niter, seed) -> list[dict]:
 
 
 def _balanced(paths, n, d, rows_per_partition) -> dict:
-    from curation import retrieval as R
-    from curation.partitioned_pool import PartitionedPool
+    from curation.engine import retrieval as R
+    from curation.engine.partitioned_pool import PartitionedPool
 
     plan = plan_partitions(paths, rows_per_partition * d * 4 / VECTOR_SHARE / 2**30)
     t0 = time.perf_counter()

@@ -3,14 +3,14 @@
     python bench/sscd_bench.py                          # GPU-sized defaults (2,048 images, batch 256, 8 workers)
     python bench/sscd_bench.py --images 24 --batch 8 --workers 2 --naive-images 8 --knn-db 20000 --knn-queries 2000
 
-* **pipeline**: the sscd stage's path, :func:`curation.describe.describe` with the SSCD embedder
+* **pipeline**: the sscd stage's path, :func:`curation.models.describe.describe` with the SSCD embedder
   (:func:`curation.models.embedder.build_copy_embedder`, built once) - JPEG decode + resize in DataLoader worker
   processes, uint8 batches pinned and copied non-blocking, normalised on the device, bf16 autocast + channels-last
   on CUDA; on CPU fp32, with the process's cores split between decode workers and torch threads by
-  :func:`curation.describe.loader_plan` (on 2 cores: no decode worker, both cores for the model) and batches of at
+  :func:`curation.models.describe.loader_plan` (on 2 cores: no decode worker, both cores for the model) and batches of at
   most ``CPU_BATCH``.
 * **naive**: decode in the main process, batch 1, eager fp32, synchronous - what a first implementation does.
-* **knn**: :func:`curation.knn.knn_search` exact inner-product top-k (faiss flat on CPU, chunked torch on CUDA).
+* **knn**: :func:`curation.engine.knn.knn_search` exact inner-product top-k (faiss flat on CPU, chunked torch on CUDA).
 
 Images are synthetic 640x480 JPEGs (the size the 1-core decode figure of ~210 img/s was measured at) written to shards in a temp dir;
 weights are random (speed does not depend on them).  Prints one line per measurement with the device.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 import tempfile
 import time
 import warnings
@@ -30,14 +31,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's tests/ helpers, run as a script
+
 from curation.config import SSCDConfig
-from curation.describe import describe, describe_in_task, loader_plan
-from curation.images import decode_image
-from curation.knn import knn_search
+from curation.models.describe import describe, describe_in_task, loader_plan
+from curation.data.images import decode_image
+from curation.engine.knn import knn_search
 from curation.models.embedder import build_copy_embedder
 from curation.models.sscd import build_sscd_random, sscd_transform
-from curation.samples import iter_tars
-from curation.storage import TarShardWriter
+from tests.sample_tars import iter_tars
+from curation.pipeline.storage import TarShardWriter
 
 
 def make_shards(out: Path, n: int, per_shard: int, w: int = 640, h: int = 480) -> list[Path]:

@@ -3,7 +3,7 @@
 The config schema refuses impossible values; these are possible but almost certainly not meant: models that would
 run with random weights, and URLs on loopback/private addresses that the download refuses unless
 ``download.allow_networks`` lets them through.  (URL files that cannot be read or lack the URL column are errors:
-:func:`curation.urllists.check_url_lists`.)
+:func:`curation.data.urllists.check_url_lists`.)
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from curation.config import ConfigError, CurateConfig
-from curation.urllists import check_url_lists
+from curation.data.urllists import check_url_lists
 
 #: URLs read for the private-address check (the check is a hint, not a scan of a billion-row list)
 URL_SAMPLE = 100_000
@@ -21,8 +21,8 @@ def _private_urls(cfg: CurateConfig) -> tuple[int, list[str]]:
     """(how many sampled URLs point at loopback/private hosts the policy refuses, a few examples)."""
     from itertools import islice
 
-    from curation.urllists import iter_url_batches
-    from curation.urlsafety import Refused, UrlPolicy
+    from curation.data.urllists import iter_url_batches
+    from curation.rules.urlsafety import Refused, UrlPolicy
 
     policy = UrlPolicy.from_config(cfg.download)
     batches = iter_url_batches(cfg.input.url_list, cfg.input.url_col, None)

@@ -20,7 +20,7 @@ from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_v
 
 from curation.config_base import (ConfigError, ConfigModel, Precision, apply_overrides, read_yaml_mapping,
                                   validate_config)
-from curation.layout import STAGE_ORDER
+from curation.pipeline.layout import STAGE_ORDER
 
 StageName = Literal[STAGE_ORDER]  # every stage name, in pipeline order
 
@@ -147,7 +147,7 @@ class FilterConfig(Section):
     detector: str = Field(
         "nudenet",
         description="'nudenet' (optional extra lvd[detect]), 'none', or 'package.module:Class' implementing "
-        "curation.detectors.Detector (constructed with no arguments)",
+        "curation.models.detectors.Detector (constructed with no arguments)",
     )
     on_missing_detector: Literal["warn", "fail"] = Field(
         "warn", description="detector 'nudenet' without the extra installed: warn once and skip, or fail at start"
@@ -188,7 +188,7 @@ class SSCDConfig(Section):
     batch_size: PositiveInt = 256
     device: Device = "auto"
     num_workers: Annotated[int, Field(ge=0)] = Field(4, description="decode workers (torch DataLoader) per task; on a "
-                                                     "CPU device at most one per 8 of the task's cores (curation.workers)")
+                                                     "CPU device at most one per 8 of the task's cores (curation.cluster.workers)")
     precision: Precision = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU (bf16 applies on "
                                  "CUDA only)")
     channels_last: bool = Field(True, description="channels-last memory format on CUDA (faster convolutions)")

@@ -1,6 +1,6 @@
 """`lvd report RUN`: a static HTML page of a run's statistics, ``RUN/stats/report.html``, with PNG plots beside it.
 
-Everything comes from the run's tables (paths from :class:`curation.layout.RunLayout`), so the page can be rebuilt
+Everything comes from the run's tables (paths from :class:`curation.pipeline.layout.RunLayout`), so the page can be rebuilt
 at any time (:func:`build_report` for ``lvd report``; the report stage calls :func:`write_report` directly):
 
 * the funnel (``stats/funnel.parquet``) and drops by stage and reason (``stats/drops.parquet``);
@@ -11,7 +11,7 @@ at any time (:func:`build_report` for ``lvd report``; the report stage calls :fu
 * what curation did (:func:`curation_section_html`): per anchor set the share of its selection from each source
   and cluster, and the embedder's leave-one-out k-NN on each labelled evaluation set;
 * image grids: ``report.grid_anchors`` random anchors of each searched set beside their ``report.grid_neighbors``
-  best retrieved pool images, with similarities (pool images read by offset through :mod:`curation.tarindex`).
+  best retrieved pool images, with similarities (pool images read by offset through :mod:`curation.data.tarindex`).
 
 * why images were dropped: the descriptors and weights used (a banner at the top, demo-only ones flagged), and per
   drop reason its rule and example images (``stats/example_<key>.jpg``), a duplicate beside its survivor, each
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from curation.layout import RunLayout
+from curation.pipeline.layout import RunLayout
 
 PLOTS = ("funnel", "drops", "components", "similarity", "clusters")
 
@@ -51,7 +51,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> str:
-    from curation.storage import write_bytes
+    from curation.pipeline.storage import write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
@@ -159,7 +159,7 @@ def plot_clusters(cs, out: Path) -> str | None:
 
 
 def _anchor_images(acfg, keys: set[str]) -> dict[str, bytes]:
-    from curation.samples import iter_image_set
+    from curation.data.samples import iter_image_set
 
     found = {}
     for s in iter_image_set(acfg.path, acfg.format):
@@ -173,7 +173,7 @@ def _anchor_images(acfg, keys: set[str]) -> dict[str, bytes]:
 def _thumb(data: bytes | None, size: int):
     from PIL import Image
 
-    from curation.images import decode_image
+    from curation.data.images import decode_image
     from curation.models.embedder import resize_center_crop
 
     if data is None:
@@ -188,7 +188,7 @@ def _thumb(data: bytes | None, size: int):
 def plot_grids(layout: RunLayout, anchor_sets, rep, seed: int = 0) -> list[tuple[str, str]]:
     """One PNG per searched anchor set of `anchor_sets`: sampled anchors (left column) and their best retrieved
     pool images, sized by `rep` (the report section)."""
-    from curation.tarindex import MemberReader, image_locations
+    from curation.data.tarindex import MemberReader, image_locations
 
     nb = _read(layout.retrieve_neighbors)
     grids = []
@@ -297,8 +297,8 @@ def eval_set_knn(layout: RunLayout, eval_sets=(), k: int = 20, T: float = 0.07):
     binomial_sd.  None when no set has both embeddings and at least two classes."""
     import pandas as pd
 
-    from curation.samples import iter_image_set
-    from curation.vectors import load_descriptors
+    from curation.data.samples import iter_image_set
+    from curation.data.vectors import load_descriptors
 
     rows = []
     for es in eval_sets:
@@ -429,7 +429,7 @@ def _example_file(out: Path, key: str, data: bytes | None, size: int) -> str | N
     """A grid thumbnail written beside the page (stats/example_<key>.jpg); its relative link, None without data."""
     from PIL import Image
 
-    from curation.storage import write_bytes
+    from curation.pipeline.storage import write_bytes
 
     if data is None:
         return None
@@ -455,8 +455,8 @@ def drop_examples_html(layout: RunLayout, drops, cfg: dict, size: int = 80) -> s
     """Per drop reason (stage order, then the largest first): the rule, and up to EXAMPLES_PER_REASON dropped
     images (smallest keys), each linked to its URL and titled with its key; a duplicate beside the image dedup
     kept instead (its survivor).  Download drops have no image: their key, URL and error stand there."""
-    from curation.layout import STAGE_ORDER
-    from curation.tarindex import MemberReader, image_locations
+    from curation.pipeline.layout import STAGE_ORDER
+    from curation.data.tarindex import MemberReader, image_locations
 
     if drops is None or not len(drops):
         return ""
@@ -467,7 +467,7 @@ def drop_examples_html(layout: RunLayout, drops, cfg: dict, size: int = 80) -> s
               .sort_values("key").head(EXAMPLES_PER_REASON) for r in groups.itertuples()}
     survivor_keys = {}
     if "dedup" in set(drops["stage"]):
-        from curation.accounting import survivors
+        from curation.pipeline.accounting import survivors
 
         survivor_keys = dict(zip(*(survivors(layout.root).column(c).to_pylist() for c in ("key", "survivor_key"))))
     # where each image is: what filter dropped is in the download tars, what later stages dropped in the pool's
@@ -556,7 +556,7 @@ def write_report(layout: RunLayout, anchor_sets=(), rep=None, seed: int = 0, eva
     None: no grids); the embedder's k-NN on the labelled `eval_sets`.  Returns the page's path."""
     import json
 
-    from curation.storage import write_text
+    from curation.pipeline.storage import write_text
 
     out = layout.stats_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -581,7 +581,7 @@ def write_report(layout: RunLayout, anchor_sets=(), rep=None, seed: int = 0, eva
 def why_sections(layout: RunLayout, cfg: dict, drops, size: int) -> tuple[str, str]:
     """(HTML for the top of the page: an unfinished run's line and the descriptor banner; the per-reason example
     grids, after the drops table)."""
-    from curation.accounting import unfinished_line
+    from curation.pipeline.accounting import unfinished_line
 
     unfinished = unfinished_line(layout.root, ignore=("report",))  # the report stage is the one writing this
     top = f"<p class='warning' id='unfinished'>{html.escape(unfinished)}</p>" if unfinished else ""
@@ -593,7 +593,7 @@ def page_html(root: str, manifest: dict | None, tables: dict, imgs: dict, grids:
     """The report page: the dataset line (from the shards `manifest`), then a section per table with its plot
     (`imgs`: plot name -> PNG file name or None), the image grids ((set, PNG file name)) and `more` sections
     (HTML)."""
-    from curation.retrieval import degenerate_sets
+    from curation.engine.retrieval import degenerate_sets
 
     funnel, drops, stats = tables["funnel"], tables["drops"], tables["retrieval_stats"]
     cs, comp = tables["cluster_stats"], tables["component_sizes"]
@@ -639,7 +639,7 @@ def main(argv=None) -> int:
     if not args.run_root.exists():
         print(f"lvd report: no such run root: {args.run_root}", file=sys.stderr)
         return 2
-    from curation.accounting import unfinished_line
+    from curation.pipeline.accounting import unfinished_line
 
     unfinished = unfinished_line(args.run_root)
     if unfinished:  # the report then covers the stages that finished

@@ -68,7 +68,7 @@ def run_summary(summaries: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from curation.signals import ctrl_c_stops
+    from curation.pipeline.signals import ctrl_c_stops
 
     ctrl_c_stops()  # also when started from a background job, which inherits SIGINT ignored
     try:
@@ -102,10 +102,10 @@ def _main(argv=None) -> int:
     if args.check:
         from curation.checks import preflight_warnings
         from curation.config import dump_config
-        from curation.detectors import detection_warning
-        from curation.urllists import check_url_lists
+        from curation.models.detectors import detection_warning
+        from curation.data.urllists import check_url_lists
 
-        from curation.samples import image_set_problems
+        from curation.data.samples import image_set_problems
 
         problems = check_url_lists(cfg.input) + image_set_problems(cfg, stages or cfg.stages)
         for line in problems:  # unreadable URL files or image sets, a missing url column: one line each, first
@@ -122,9 +122,9 @@ def _main(argv=None) -> int:
         return 2 if problems else 0
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from curation import accounting
-    from curation.layout import RunLayout
-    from curation.runner import StageFailed, run_pipeline
+    from curation.pipeline import accounting
+    from curation.pipeline.layout import RunLayout
+    from curation.pipeline.runner import StageFailed, run_pipeline
 
     try:
         summaries = run_pipeline(cfg, stages, progress=not args.no_progress, verify=args.verify,

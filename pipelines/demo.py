@@ -54,10 +54,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-train", action="store_true", help="stop after curation")
     args = p.parse_args(argv)
 
-    from curation import accounting
+    from curation.pipeline import accounting
     from curation.demo.corpus import generate_corpus, write_url_list
     from curation.demo.server import DemoServer
-    from curation.local_cluster import LocalRayHead, RayJobClient
+    from curation.cluster.local_cluster import LocalRayHead, RayJobClient
 
     t0 = time.time()
     out = args.out.resolve()
@@ -155,7 +155,7 @@ def _check_export(train_dir: Path, shards: Path) -> bool:
         return False
     from curation.config import EmbedConfig
     from curation.models.embedder import build_embedder
-    from curation.storage import iter_tar_samples
+    from curation.pipeline.storage import iter_tar_samples
 
     embedder = build_embedder(EmbedConfig(model="lvd", checkpoint=export, img_size=112, device="cpu"))
     images = []

@@ -1,6 +1,6 @@
 """ARCHITECTURE.md is how a new developer finds where each concern lives, so what it names must exist.
 
-Every backticked module path (``curation/layout.py``, ``knn.py``) must be a file of the repository; every
+Every backticked module path (``curation/pipeline/layout.py``, ``knn.py``) must be a file of the repository; every
 ``path.py: Name`` / ``path.py:name`` must define ``Name`` there (dotted names as ``Class.method``); every
 ``module.name`` whose first part is a product module (``download.precheck``, ``samples.shard_input_keys``) must name
 a function, class or constant defined in that module, or a key of the curation or trainer config section of
@@ -115,8 +115,34 @@ def test_every_name_the_architecture_page_places_in_a_module_is_defined_there():
 
 def test_the_check_itself_catches_a_wrong_name(tmp_path):
     """The two checks above must be able to fail: a reference to a name no module defines is found."""
-    assert "RunLayout" in defined_names(ROOT / "curation" / "layout.py")
-    assert "no_such_function_anywhere" not in defined_names(ROOT / "curation" / "layout.py")
+    assert "RunLayout" in defined_names(ROOT / "curation" / "pipeline" / "layout.py")
+    assert "no_such_function_anywhere" not in defined_names(ROOT / "curation" / "pipeline" / "layout.py")
     assert not files_named("no_such_module.py")
     assert "threshold" in config_keys("dedup") and "threshold" not in config_keys("scale")
     assert "students" in config_keys("distill") and "students" not in config_keys("gram")
+
+
+def layout_table() -> dict[str, set[str]]:
+    """The "Inside `curation/`" table: folder -> the module file names its row lists."""
+    text = DOC.read_text()
+    section = text.split("## Inside `curation/`", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, set[str]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`curation/"):
+            rows[cells[0].strip("`").rstrip("/")] = set(re.findall(r"`(\w+\.py)`", cells[2]))
+    return rows
+
+
+def test_every_curation_module_has_its_place_in_the_layout_table():
+    # The table is the map of curation/'s layers: a module added, moved or removed without updating it would make the
+    # map wrong, so each folder's modules must be exactly those its row lists (package __init__ files aside).
+    rows = layout_table()
+    assert rows, "ARCHITECTURE.md has no `Inside curation/` table"
+    folders = {"curation"} | {
+        str(p.parent.relative_to(ROOT)) for p in (ROOT / "curation").rglob("__init__.py") if p.parent != ROOT / "curation"
+    }
+    assert set(rows) == folders, f"folders without a row or rows without a folder: {set(rows) ^ folders}"
+    for folder, listed in rows.items():
+        actual = {p.name for p in (ROOT / folder).glob("*.py") if p.name != "__init__.py"}
+        assert listed == actual, f"{folder}: only in the table {listed - actual}, only on disk {actual - listed}"

@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from curation.workers import usable_cpus  # one definition of "the CPUs this process may use"
+from curation.cluster.workers import usable_cpus  # one definition of "the CPUs this process may use"
 
 from .augment import MultiCropAugmentation
 from .masking import MaskingGenerator, collate_multicrop

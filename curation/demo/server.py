@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     _positive_scale(p, args.scale)
     if not _is_loopback(args.host):
         p.error(f"--host must be a loopback address, got {args.host!r}")
-    from curation.signals import ctrl_c_stops
+    from curation.pipeline.signals import ctrl_c_stops
 
     ctrl_c_stops()  # also when started from a background job, which inherits SIGINT ignored
     generated = ensure_corpus(args.out, args.seed, args.scale)

@@ -1,6 +1,6 @@
 """Image embedders: a model (or a fixed pixel function) with its preprocessing, for the embed stage (retrieval
 embeddings) and the sscd stage (copy-detection descriptors).  Every image goes through one pipeline
-(:mod:`curation.describe`); an :class:`Embedder` has two halves:
+(:mod:`curation.models.describe`); an :class:`Embedder` has two halves:
 
 * ``preprocess(image) -> tensor``: plain, picklable CPU work run inside DataLoader worker processes.  For models
   the result stays uint8, so the host-to-device copy is 4x smaller than float32.
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from curation import gpu
+from curation.cluster import gpu
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -159,7 +159,7 @@ class Embedder:
     DataLoader workers) and :meth:`embed` (a batch of preprocessed images -> L2-normalised float32 rows, on
     ``device``, under bf16 autocast on CUDA when ``precision`` says so).  Subclasses give :meth:`_features`.
 
-    ``uses_model``: whether the forward is model work (the CPU core split of :func:`curation.describe.loader_plan`
+    ``uses_model``: whether the forward is model work (the CPU core split of :func:`curation.models.describe.loader_plan`
     gives a model the task's cores; a pixel function is decode-bound); ``max_batch``: the largest batch its
     preprocessed images can form (None: any); ``cpu_max_batch``: on CPU, the batch beyond which it gains nothing."""
 

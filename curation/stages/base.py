@@ -11,12 +11,12 @@ A stage declares
 * ``setup()``: run once per worker before its first unit (models are loaded here, into the stage object, never
   into module globals);
 * ``plan()``: its units of work (usually one input shard each), deterministic for a config and run root;
-* ``run_unit(unit)``: one unit; outputs are written atomically (:mod:`curation.storage`) and the runner records
+* ``run_unit(unit)``: one unit; outputs are written atomically (:mod:`curation.pipeline.storage`) and the runner records
   them in the unit's completion marker;
 * ``finalize()``: global work after every unit is done (grouping duplicates, retrieval), idempotent.
 
 *Unit done* has one meaning: the unit's completion marker exists and matches its outputs
-(:mod:`curation.markers`); the runner checks it, stages do not.  Stages do not import Ray (``uses_ray`` only asks
+(:mod:`curation.pipeline.markers`); the runner checks it, stages do not.  Stages do not import Ray (``uses_ray`` only asks
 whether it is running): the same stage runs in a Ray actor, in a plain process, and in GPU benchmarks.
 """
 
@@ -28,11 +28,11 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from curation import accounting
+from curation.pipeline import accounting
 from curation.config import CurateConfig
-from curation.layout import RunLayout
+from curation.pipeline.layout import RunLayout
 
-#: every artefact a stage reads or writes, by name -> what it is (paths: :class:`curation.layout.RunLayout`)
+#: every artefact a stage reads or writes, by name -> what it is (paths: :class:`curation.pipeline.layout.RunLayout`)
 ARTEFACTS = {
     "url_lists": "the input URL lists (Parquet/CSV/TSV/text)",
     "download.shards": "fetched images, WebDataset tars RUN/download/<shard>.tar",

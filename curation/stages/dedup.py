@@ -8,13 +8,13 @@ filter kept (hash duplicates included) and every evaluation set:
    ``hash.hamming_threshold`` bits; ``hash/groups.parquet``).  Hash duplicates stay nodes, so a chain original ->
    hash copy -> SSCD copy stays one component.
 2. **Self edges**: the k = ``dedup.k`` nearest pool neighbours of every pool image by cosine similarity (exact,
-   ties to the smaller key: :mod:`curation.knn` on the partition searchers of
-   :func:`curation.partitioned_dedup.partitioned_dedup_graph`, one partition when the pool fits
+   ties to the smaller key: :mod:`curation.engine.knn` on the partition searchers of
+   :func:`curation.engine.partitioned_dedup.partitioned_dedup_graph`, one partition when the pool fits
    ``scale.worker_memory_gb``, so the graph is the same at any budget); an edge where similarity >
    ``dedup.threshold`` (0.6).
 3. **Evaluation edges**: the k nearest evaluation images of every pool image; an edge where similarity >
    ``dedup.eval_threshold`` (0.45).
-4. Connected components over pool and evaluation nodes together (:mod:`curation.components`, vectorised).
+4. Connected components over pool and evaluation nodes together (:mod:`curation.engine.components`, vectorised).
 
 Verdicts, in order of precedence:
 
@@ -25,7 +25,7 @@ Verdicts, in order of precedence:
   the survivor and that twin), ``near_duplicate`` for an image in the survivor's hash group (``detail``: the
   survivor and the Hamming distance), ``copy_duplicate`` for the rest (``detail``: the survivor and the cosine).
 
-**Survivor** (``dedup.survivor``, :mod:`curation.survivor`).  ``original`` (default) prefers the source of the
+**Survivor** (``dedup.survivor``, :mod:`curation.rules.survivor`).  ``original`` (default) prefers the source of the
 edits: not a canvas copy (screenshot, border, padding) or crop of another member by a containment test on the
 hash stage's small canvases, then the least edge fill (uniform or low-detail, any colour), the largest
 resolution, the best JPEG quality, the SSCD medoid, bytes per pixel and sharpness.  ``resolution``: largest
@@ -46,23 +46,23 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from curation import accounting
-from curation.components import first_of_equal, kept_of_component, pick_one_per_component
-from curation.distributed_knn import Placement
-from curation.hashing import hamming
-from curation.partitioned_dedup import partitioned_dedup_graph
-from curation.partitioned_pool import pool_plan
-from curation.partitions import array_plan, plan_keys
+from curation.pipeline import accounting
+from curation.engine.components import first_of_equal, kept_of_component, pick_one_per_component
+from curation.engine.distributed_knn import Placement
+from curation.rules.hashing import hamming
+from curation.engine.partitioned_dedup import partitioned_dedup_graph
+from curation.engine.partitioned_pool import pool_plan
+from curation.engine.partitions import array_plan, plan_keys
 from curation.stages.base import Stage, Unit
-from curation.survivor import FILL_STEP, HashInfo, medoid_scores, read_hash_info, survivor_priority  # noqa: F401
-from curation.storage import write_table
-from curation.vectors import load_descriptors
+from curation.rules.survivor import FILL_STEP, HashInfo, medoid_scores, read_hash_info, survivor_priority  # noqa: F401
+from curation.pipeline.storage import write_table
+from curation.data.vectors import load_descriptors
 
 FINAL = "final"
 DUPLICATE_REASONS = ("exact_duplicate", "near_duplicate", "copy_duplicate", "eval_contamination")
 
 
-# the survivor rule (curation/survivor.py), under the names this module has always exported
+# the survivor rule (curation/rules/survivor.py), under the names this module has always exported
 def hash_links(info: HashInfo) -> tuple[np.ndarray, np.ndarray]:
     """The hash groups as extra pool-pool edges of the duplicate graph: each grouped image to its group's label."""
     linked = np.flatnonzero(info.group != np.arange(len(info.group)))

@@ -7,7 +7,7 @@ as Arrow IPC files under ``download/_inputs/``.
 
 Each shard is one unit: img2dataset's per-shard ``Downloader`` fetches with its thread pool (and its
 ``X-Robots-Tag`` opt-out check), through a urllib opener that re-checks every connection and redirect against the
-address policy (:mod:`curation.urlsafety`).  Bytes are decoded by :func:`curation.images.decode_image` (our
+address policy (:mod:`curation.rules.urlsafety`).  Bytes are decoded by :func:`curation.data.images.decode_image` (our
 "resizer": bombs, truncation, animation, CMYK/16-bit/alpha handled there), resized to ``images.max_side`` and stored
 as JPEG.  Outputs, each written atomically: ``NNNNN.tar`` (``key.jpg`` + ``key.json``), ``NNNNN.parquet`` (status
 rows, schema ``download_status``: one per input URL of the shard's row range, those refused before the fetch
@@ -28,13 +28,13 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from curation import accounting
-from curation.images import ImageRejected, decode_image, encode_jpeg, resize_max_side
+from curation.pipeline import accounting
+from curation.data.images import ImageRejected, decode_image, encode_jpeg, resize_max_side
 from curation.stages.base import Stage, Unit
-from curation.storage import (TarShardWriter, atomic_path, iter_tar_samples, temporary_link, write_json,
+from curation.pipeline.storage import (TarShardWriter, atomic_path, iter_tar_samples, temporary_link, write_json,
                              write_table)
-from curation.urllists import iter_url_batches
-from curation.urlsafety import Refused, UrlPolicy, safe_urlopen
+from curation.data.urllists import iter_url_batches
+from curation.rules.urlsafety import Refused, UrlPolicy, safe_urlopen
 from schemas import conform
 from schemas.tables import TRANSIENT_REASONS
 
@@ -329,7 +329,7 @@ class DownloadStage(Stage):
 
     # -- one shard ---------------------------------------------------------------------------------------------
     def run_unit(self, unit: Unit) -> dict:
-        from curation.retry import keys_to_retry
+        from curation.pipeline.retry import keys_to_retry
 
         dl = self.settings
         retry = keys_to_retry(self.root, unit.id)

@@ -2,8 +2,8 @@
 
 Units (outputs written atomically):
 
-* ``pool-NNNNN``: the run's pool tar ``NNNNN.tar`` (:meth:`curation.layout.RunLayout.pool_tars`), restricted to
-  the keys kept by the nearest earlier ledger stage (:func:`curation.samples.shard_input_keys`)
+* ``pool-NNNNN``: the run's pool tar ``NNNNN.tar`` (:meth:`curation.pipeline.layout.RunLayout.pool_tars`), restricted to
+  the keys kept by the nearest earlier ledger stage (:func:`curation.data.samples.shard_input_keys`)
   -> ``embed/pool/part-NNNNN.parquet``;
 * ``anchors-<set>``: an anchor set (``as_is`` sets are copied, never searched, so they are not embedded)
   -> ``embed/anchors/<set>/part-00000.parquet``;
@@ -14,13 +14,13 @@ cannot be decoded is listed in ``.../failed/part-NNNNN.parquet`` (written first)
 with reason ``embed_failed``.  A pool shard whose images were all dropped earlier writes an empty part.
 
 The embedder (:func:`curation.models.embedder.build_embedder`, ``embed.model``) is built once per worker in
-:meth:`EmbedStage.setup`.  Images go through the one decode-and-describe pipeline (:mod:`curation.describe`),
+:meth:`EmbedStage.setup`.  Images go through the one decode-and-describe pipeline (:mod:`curation.models.describe`),
 decoded once with the run's pixel limit (``images.max_image_pixels``): decoding and resize/crop run in
 ``embed.num_workers`` DataLoader worker processes, each taking every n-th sample of the unit's stream; batches
 travel as uint8 (4x less than float32) through pinned memory and are normalised on the GPU; the model runs under
 bf16 autocast on CUDA with ``embed.batch_size`` images per step, so the GPU is fed ``embed.prefetch_factor``
 batches ahead.  On CPU a model is the bottleneck, so the task's cores are split by
-:func:`curation.describe.loader_plan` (on 2 cores: decode inline, both cores for the model).
+:func:`curation.models.describe.loader_plan` (on 2 cores: decode inline, both cores for the model).
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curation.describe import describe_in_task
+from curation.models.describe import describe_in_task
 from curation.models.embedder import build_embedder
-from curation.samples import iter_image_set, iter_shard_samples, shard_input_keys
+from curation.data.samples import iter_image_set, iter_shard_samples, shard_input_keys
 from curation.stages.base import Stage, Unit
-from curation.storage import write_table
-from curation.vectors import descriptor_table
-from curation import gpu
+from curation.pipeline.storage import write_table
+from curation.data.vectors import descriptor_table
+from curation.cluster import gpu
 
 
 def failures_table(failures: list[tuple[str, str, str]], source: str) -> pa.Table:

@@ -3,12 +3,12 @@
 Units are the download shards (same ids).  A unit's input is the keys the download ledger kept for that shard
 (exactly the samples of ``download/NNNNN.tar``).  For each image, in order:
 
-1. decode with :func:`curation.images.decode_image` (bomb limit ``images.max_image_pixels``): a declared pixel
+1. decode with :func:`curation.data.images.decode_image` (bomb limit ``images.max_image_pixels``): a declared pixel
    count over the limit is ``decompression_bomb``; any other decode failure (corrupt, truncated, unsupported
    mode) is ``undecodable`` with the decoder's reason in ``detail``;
 2. shorter side below ``filter.min_side``: ``too_small``;
 3. longer/shorter side above ``filter.max_aspect``: ``bad_aspect``;
-4. the detector (:mod:`curation.detectors`), in batches of ``filter.batch_size``: an NSFW score above
+4. the detector (:mod:`curation.models.detectors`), in batches of ``filter.batch_size``: an NSFW score above
    ``filter.nsfw_threshold`` is ``nsfw``; face boxes are Gaussian-blurred in the stored image
    (``filter.blur_faces``).
 
@@ -18,8 +18,8 @@ when a face was blurred (the json gains ``faces_blurred``) or the download store
 ledger part.
 
 Detector "nudenet" without the optional extra: ``on_missing_detector: warn`` prints
-:data:`~curation.detectors.MISSING_DETECTOR_MESSAGE` once per run (from :meth:`FilterStage.plan`, in the driver)
-and skips NSFW/face checks; ``fail`` raises :class:`~curation.detectors.DetectorUnavailable` from
+:data:`~curation.models.detectors.MISSING_DETECTOR_MESSAGE` once per run (from :meth:`FilterStage.plan`, in the driver)
+and skips NSFW/face checks; ``fail`` raises :class:`~curation.models.detectors.DetectorUnavailable` from
 :meth:`FilterStage.plan`, before any unit runs.
 """
 
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 from PIL import Image
 
-from curation import accounting
+from curation.pipeline import accounting
 from curation.config import FilterConfig
-from curation.detectors import (
+from curation.models.detectors import (
     MISSING_DETECTOR_MESSAGE,
     Detector,
     DetectorUnavailable,
@@ -42,10 +42,10 @@ from curation.detectors import (
     detector_available,
     make_detector,
 )
-from curation.images import ImageRejected, decode_image, encode_jpeg
-from curation.samples import image_member
+from curation.data.images import ImageRejected, decode_image, encode_jpeg
+from curation.data.samples import image_member
 from curation.stages.base import Stage, Unit
-from curation.storage import TarShardWriter, iter_tar_samples
+from curation.pipeline.storage import TarShardWriter, iter_tar_samples
 
 Verdict = tuple[str | None, str | None]  # (drop reason, detail); (None, None) keeps the image
 

@@ -5,9 +5,9 @@ the SSCD k-NN edges, so a chain original -> hash copy -> SSCD copy stays one com
 (``exact_duplicate``, ``near_duplicate``, ``copy_duplicate`` or ``eval_contamination``) is decided there.
 
 Per unit (a filter shard, same id): decode every kept image, and write ``hash/part-NNNNN.parquet`` (schema
-``hashes``): key, ``pixel_sha256`` (:func:`curation.images.pixel_sha256`), width, height, a grayscale
+``hashes``): key, ``pixel_sha256`` (:func:`curation.data.images.pixel_sha256`), width, height, a grayscale
 ``thumb_side`` x ``thumb_side`` thumbnail (area-averaged, uint8), the size before download's resize, and the
-measurements of dedup's survivor rule (:func:`curation.survivor.measurements`): ``border_fill`` (uniform edge fill,
+measurements of dedup's survivor rule (:func:`curation.rules.survivor.measurements`): ``border_fill`` (uniform edge fill,
 any colour), ``jpeg_quality`` (from the quantisation tables), ``bytes_per_pixel``, ``sharpness`` and a grayscale
 ``canvas`` of at most 64 px per side for the containment test.
 
@@ -21,10 +21,10 @@ any colour), ``jpeg_quality`` (from the quantisation tables), ``bytes_per_pixel`
 2. **Groups**: images with the same ``pixel_sha256`` (exact), and images whose hashes are within
    ``hash.hamming_threshold`` bits (a FAISS binary range search over the distinct hashes: ``IndexBinaryFlat``, or
    ``IndexBinaryMultiHash`` with threshold + 1 tables for large sets, which is exact by the pigeonhole principle),
-   are joined in a graph whose connected components are the hash groups (:mod:`curation.components`).
+   are joined in a graph whose connected components are the hash groups (:mod:`curation.engine.components`).
    ``hash/groups.parquet`` (schema ``hash_groups``) records every image's code and group.
 
-The hash codes and the grouping are pure functions (:mod:`curation.hashing`, :func:`group_images`); the stage
+The hash codes and the grouping are pure functions (:mod:`curation.rules.hashing`, :func:`group_images`); the stage
 reads, calls them, and writes.
 """
 
@@ -38,17 +38,17 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from curation.config import HashConfig
-from curation.hashing import HASH_METHOD_KEY, fit_pca, hash_groups, pca_hashes, phash_codes, thumbnail
-from curation.images import decode_image, pixel_sha256
-from curation.samples import Sample, iter_shard_samples
+from curation.rules.hashing import HASH_METHOD_KEY, fit_pca, hash_groups, pca_hashes, phash_codes, thumbnail
+from curation.data.images import decode_image, pixel_sha256
+from curation.data.samples import Sample, iter_shard_samples
 from curation.stages.base import Stage, Unit
-from curation.storage import atomic_path, read_tables, write_table
-from curation.survivor import edge_fill, measurements
+from curation.pipeline.storage import atomic_path, read_tables, write_table
+from curation.rules.survivor import edge_fill, measurements
 from schemas.tables import HASHES
 
 def border_fill(im: Image.Image, side: int = 128) -> float:
     """Fraction of the image that is uniform fill reached straight from its edges, any colour (a border, letterbox
-    padding, the corners of a rotated copy on a larger canvas): :func:`curation.survivor.edge_fill`."""
+    padding, the corners of a rotated copy on a larger canvas): :func:`curation.rules.survivor.edge_fill`."""
     return edge_fill(im, side)
 
 

@@ -11,7 +11,7 @@ writes ``retrieve/sets/<name>/{neighbors,selection,clusters}.parquet`` and ``sum
   more than m anchors up to n random pool images, at most ``cap`` per set; each selected image records its most
   similar anchor of the set;
 * ``balanced`` (no anchors): hierarchical k-means with resampling and balanced top-down sampling to
-  ``target_size`` (:mod:`curation.retrieval`);
+  ``target_size`` (:mod:`curation.engine.retrieval`);
 * ``as_is``: the anchor set itself, copied (source ``anchors/<set>``).
 
 ``finalize`` merges them: ``retrieve/neighbors.parquet``; ``retrieve/selection.parquet`` (one row per selected image,
@@ -19,7 +19,7 @@ keeping its best match: highest similarity, ties to the set listed first); ``sta
 ``stats/cluster_stats.parquet``; and the ledger unit ``final`` for the pool keys received (kept = selected, else
 ``not_selected``, or ``embed_failed`` for images the embedder could not decode).
 
-Every method reads the pool through one engine (:mod:`curation.partitioned_pool`): partitions of
+Every method reads the pool through one engine (:mod:`curation.engine.partitioned_pool`): partitions of
 ``scale.worker_memory_gb`` (one when the pool fits), searched and clustered by searchers - Ray actors when the run is
 on Ray, else objects in the worker - with results under ``retrieve/_partitioned/``.  Exact search, k-means and
 hierarchical k-means give the same selection at any budget and number of searchers; an IVF index is built per
@@ -35,14 +35,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from curation import accounting
-from curation import retrieval as R
-from curation.knn import knn_search
-from curation.partitioned_pool import PartitionedPool
-from curation.samples import iter_image_set
+from curation.pipeline import accounting
+from curation.engine import retrieval as R
+from curation.engine.knn import knn_search
+from curation.engine.partitioned_pool import PartitionedPool
+from curation.data.samples import iter_image_set
 from curation.stages.base import Stage, Unit
-from curation.storage import atomic_path, read_table, read_tables, write_json, write_table
-from curation.vectors import load_descriptors
+from curation.pipeline.storage import atomic_path, read_table, read_tables, write_json, write_table
+from curation.data.vectors import load_descriptors
 
 NO_NEIGHBORS = pa.table({"anchor_set": pa.array([], pa.string())})  # a set that searched no k nearest neighbours
 

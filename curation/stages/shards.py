@@ -2,13 +2,13 @@
 
 ``shards/`` holds the tars and nothing else, so ``ray.data.read_webdataset(RUN/shards)``, ``wds.WebDataset`` and
 the trainer read it as it is.  Everything else of the stage lives beside it, in ``shards_meta/``
-(:data:`curation.layout.SHARDS_META`, paths from :class:`curation.layout.RunLayout`): the plan ``_plan.parquet``,
+(:data:`curation.pipeline.layout.SHARDS_META`, paths from :class:`curation.pipeline.layout.RunLayout`): the plan ``_plan.parquet``,
 the index parts ``_index/``, the staging tars of ``as_is`` anchor sets ``_staging/``, and the outputs
 ``index.parquet`` (schema ``shard_index``) and ``manifest.json`` (shard file names, counts).
 
 Planning (in the driver, once; deterministic): the union of selections (``retrieve/selection.parquet``, one row per
 image) is shuffled with ``numpy.random.default_rng(seed)`` and cut into shards of ``shards.samples_per_shard``.
-Each image's location is resolved through tar member indexes (:mod:`curation.tarindex`): pool images from the pool
+Each image's location is resolved through tar member indexes (:mod:`curation.data.tarindex`): pool images from the pool
 shards (``filter/`` when the run filters, else ``download/``), images of ``as_is`` anchor sets from a staging tar
 written once per set (``shards_meta/_staging/<set>.tar``: the set in any format, resized to ``images.max_side``
 as pool images are, as WebDataset with the same json fields as a downloaded sample).
@@ -18,7 +18,7 @@ One unit per output shard: read its images (and their source json) by offset, wr
 empty when there is none) and ``<sample_key>.json``: the img2dataset fields (key, url, caption, width, height,
 original_width, original_height, sha256) and ours (source, anchor_set, anchor_key, rank, similarity, cluster).
 The sample key is the pool key, or ``<set>_<key>`` for an as-is anchor image; it is the json ``key`` too.
-Shards are written with :class:`curation.storage.TarShardWriter` (atomic, deterministic bytes), after their rows
+Shards are written with :class:`curation.pipeline.storage.TarShardWriter` (atomic, deterministic bytes), after their rows
 of the shard index.  ``wds.WebDataset(...).to_tuple("jpg", "txt")`` works on them, and so does our trainer.
 """
 
@@ -31,11 +31,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.images import decode_image, encode_jpeg, resize_max_side
-from curation.samples import iter_image_set
+from curation.data.images import decode_image, encode_jpeg, resize_max_side
+from curation.data.samples import iter_image_set
 from curation.stages.base import Stage, Unit
-from curation.storage import TarShardWriter, clean_temporaries, read_table, read_tables, write_json, write_table
-from curation.tarindex import MemberReader, member_locations
+from curation.pipeline.storage import TarShardWriter, clean_temporaries, read_table, read_tables, write_json, write_table
+from curation.data.tarindex import MemberReader, member_locations
 
 #: the img2dataset fields of a sample's json, taken from its source json (download's, or the staging tar's)
 SOURCE_FIELDS = ("url", "caption", "width", "height", "original_width", "original_height", "sha256")
@@ -121,7 +121,7 @@ class ShardsStage(Stage):
         write_table(self.layout.shards_plan, plan)
 
     def _locations(self, keys: list[str], sources: list[str]) -> dict:
-        """Where each selected image is (:func:`curation.tarindex.member_locations`): pool images by key in the
+        """Where each selected image is (:func:`curation.data.tarindex.member_locations`): pool images by key in the
         pool tars, images of an as-is anchor set by (source, key) in its staging tar (written here, once)."""
         loc: dict = member_locations(self.root, self.layout.pool_tars(self.name),
                                      {k for k, s in zip(keys, sources) if s == "pool"})

@@ -1,8 +1,8 @@
 """sscd: copy-detection descriptors for the pool and every evaluation set.
 
-Units: one per pool shard (``pool-NNNNN``: the run's pool tar, :meth:`curation.layout.RunLayout.pool_tars`,
-restricted to the keys the input ledger stage kept, :func:`curation.samples.shard_input_keys`) and one per
-evaluation set (``eval-<name>``, read with :func:`curation.samples.iter_image_set`).  Outputs (schema
+Units: one per pool shard (``pool-NNNNN``: the run's pool tar, :meth:`curation.pipeline.layout.RunLayout.pool_tars`,
+restricted to the keys the input ledger stage kept, :func:`curation.data.samples.shard_input_keys`) and one per
+evaluation set (``eval-<name>``, read with :func:`curation.data.samples.iter_image_set`).  Outputs (schema
 ``descriptors``): ``sscd/pool/part-NNNNN.parquet`` and ``sscd/eval/<set>/part-00000.parquet``.
 
 Descriptor (``sscd.descriptor``), built once per worker in :meth:`SSCDStage.setup` by
@@ -11,12 +11,12 @@ Descriptor (``sscd.descriptor``), built once per worker in :meth:`SSCDStage.setu
 * ``sscd`` - the SSCD ResNet-50 (:mod:`curation.models.sscd`; ``sscd.weights``, random weights when null, for
   tests only), batches of ``sscd.batch_size``, on CUDA under bf16 autocast with channels-last memory
   (``sscd.precision``, ``sscd.channels_last``).  On CPU it runs fp32 with the task's cores split by
-  :func:`curation.describe.loader_plan` (on 2 cores: decode inline, both cores for the model) and batches of at
+  :func:`curation.models.describe.loader_plan` (on 2 cores: decode inline, both cores for the model) and batches of at
   most :data:`curation.models.embedder.CPU_BATCH`.  ``short288`` preprocessing keeps the aspect ratio, so it runs
   batch 1.
 * ``pixels`` - :func:`curation.models.sscd.pixel_descriptor`, computed in the decode workers (no model).
 
-Images go through the one decode-and-describe pipeline (:mod:`curation.describe`): decoded once with the run's
+Images go through the one decode-and-describe pipeline (:mod:`curation.models.describe`): decoded once with the run's
 pixel limit (``images.max_image_pixels``), in ``sscd.num_workers`` DataLoader worker processes, each taking every
 num_workers-th sample of the stream (so shards are read streaming).
 
@@ -32,13 +32,13 @@ import logging
 from functools import partial
 from pathlib import Path
 
-from curation.describe import Described, describe_in_task
+from curation.models.describe import Described, describe_in_task
 from curation.models.embedder import build_copy_embedder
-from curation.samples import iter_image_set, iter_shard_samples, shard_input_keys
+from curation.data.samples import iter_image_set, iter_shard_samples, shard_input_keys
 from curation.stages.base import Stage, Unit
-from curation.storage import write_table
-from curation.vectors import descriptor_table
-from curation import gpu
+from curation.pipeline.storage import write_table
+from curation.data.vectors import descriptor_table
+from curation.cluster import gpu
 
 log = logging.getLogger("lvd")
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.config import load_config
-from curation.runner import run_pipeline
+from curation.pipeline.runner import run_pipeline
 
 SLOW_SECONDS = 8.0  # the demo server's slow route; the download timeout below is shorter
 

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from curation import accounting
-from curation.storage import TarShardWriter
+from curation.pipeline import accounting
+from curation.pipeline.storage import TarShardWriter
 
 
 def jpeg(im: Image.Image, quality: int = 92) -> bytes:

@@ -3,7 +3,7 @@
 It imports the pipeline once, then forks one child per run, so that a run costs no interpreter start:
 
 1. a reference child runs the whole pipeline and reports how many crash points it passed (every atomic commit
-   and stage boundary, see :func:`curation.storage.crash_point`);
+   and stage boundary, see :func:`curation.pipeline.storage.crash_point`);
 2. for each of ``trials`` kill points drawn with ``seed`` from that range, a child runs the pipeline on a fresh run
    root with ``LVD_CRASH_AT`` set and SIGKILLs itself there (a real ``kill -9``: no cleanup, no finally blocks),
    then a second child resumes the same run root to the end.
@@ -23,11 +23,11 @@ import sys
 import traceback
 from pathlib import Path
 
-from curation import storage  # noqa: E402
+from curation.pipeline import storage  # noqa: E402
 from curation.config import load_config  # noqa: E402
-from curation.runner import run_pipeline  # noqa: E402
+from curation.pipeline.runner import run_pipeline  # noqa: E402
 # Imported here, before forking, so that no child pays for them (importing starts no thread pool).
-import curation.knn  # noqa: E402,F401
+import curation.engine.knn  # noqa: E402,F401
 import curation.models.embedder  # noqa: E402,F401
 import curation.models.sscd  # noqa: E402,F401
 import curation.stages  # noqa: E402,F401

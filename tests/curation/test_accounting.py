@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from curation import accounting
+from curation.pipeline import accounting
 
 
 def _ledger(root, stage, unit, keys, reasons):

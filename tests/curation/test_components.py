@@ -5,13 +5,13 @@ import pytest
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components as scipy_cc
 
-from curation.components import (
+from curation.engine.components import (
     component_sizes,
     connected_components,
     kept_of_component,
     pick_one_per_component,
 )
-from curation.knn import knn_search
+from curation.engine.knn import knn_search
 from tests.tolerance import assert_close
 
 

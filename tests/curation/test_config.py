@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from curation.config import ConfigError, load_config
-from curation.runner import prepare_run_root
+from curation.pipeline.runner import prepare_run_root
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,7 +94,7 @@ def test_help_documents_every_option():
     for option in ("--config", "--run-root", "--stages", "--set", "--local", "--ray-address", "--check",
                    "--no-progress"):
         assert option in proc.stdout
-    lvd = subprocess.run([sys.executable, "-m", "curation.cli", "--help"], capture_output=True, text=True,
+    lvd = subprocess.run([sys.executable, "-m", "pipelines.lvd", "--help"], capture_output=True, text=True,
                          check=True)
     for command in ("curate", "train", "export", "report", "funnel", "serve-demo"):
         assert command in lvd.stdout
@@ -198,7 +198,7 @@ def test_relative_run_root_refused_inside_a_ray_job(base, monkeypatch, tmp_path)
 
 
 def test_driver_says_which_ray_it_uses(monkeypatch):
-    from curation.runner import describe_ray_target
+    from curation.pipeline.runner import describe_ray_target
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert describe_ray_target("10.1.2.3:6379") == "ray: connecting to the cluster at 10.1.2.3:6379 (from ray.address)"
@@ -225,7 +225,7 @@ def test_check_warns_about_likely_mistakes(tmp_path):
 def test_run_stops_when_nothing_survives_download(tmp_path):
     """Every URL refused before any fetch (private addresses, nothing allowed): the run stops after download with
     the reasons instead of running the later stages on nothing."""
-    from curation.runner import StageFailed, run_pipeline
+    from curation.pipeline.runner import StageFailed, run_pipeline
 
     urls = tmp_path / "urls.csv"
     urls.write_text("url\nhttp://10.0.0.1/a.jpg\nhttp://192.168.1.1/b.jpg\nnot a url\n")
@@ -240,7 +240,7 @@ def test_run_stops_when_nothing_survives_download(tmp_path):
 
 
 def test_funnel_of_a_folder_that_is_not_a_run(tmp_path, capsys):
-    from curation.cli import main
+    from pipelines.lvd import main
 
     assert main(["funnel", str(tmp_path)]) == 2
     assert one_line(capsys.readouterr().err) == f"lvd funnel: {tmp_path} is not a run root (no config.yaml)"

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import pyarrow.parquet as pq
 
-from curation import accounting
+from curation.pipeline import accounting
 from curation.config import load_config
-from curation.runner import run_pipeline
+from curation.pipeline.runner import run_pipeline
 from curation.stages.dedup import dedup_graph
-from curation.vectors import descriptor_table as descriptors_table
-from curation.storage import write_table
+from curation.data.vectors import descriptor_table as descriptors_table
+from curation.pipeline.storage import write_table
 from schemas import validate
 
 

@@ -334,7 +334,7 @@ def test_serve_demo_command(small):
     job).  No timing: it is awaited line by line and on exit; the deadlines only guard against a hang."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "curation.cli", "serve-demo", "--out", str(small), "--seed", "0", "--scale", "0.3",
+        [sys.executable, "-m", "pipelines.lvd", "serve-demo", "--out", str(small), "--seed", "0", "--scale", "0.3",
          "--port", "0", "--slow-seconds", "1"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))

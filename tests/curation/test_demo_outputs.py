@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from curation.config import load_config
-from curation.runner import run_pipeline
+from curation.pipeline.runner import run_pipeline
 from tests.curation.conftest import later_stages
 from tests.curation.run_snapshot import differences, snapshot
 from tests.tolerance import rounding_tol

@@ -1,4 +1,4 @@
-"""The one decode-and-describe pipeline (curation.describe): failures with reasons, one set of decode limits,
+"""The one decode-and-describe pipeline (curation.models.describe): failures with reasons, one set of decode limits,
 results independent of the worker count."""
 
 import io
@@ -8,10 +8,10 @@ import numpy as np
 from PIL import Image
 
 from curation.config import SSCDConfig
-from curation.describe import describe
+from curation.models.describe import describe
 from curation.models.embedder import build_copy_embedder
 from curation.models.sscd import pixel_descriptor
-from curation.samples import Sample
+from curation.data.samples import Sample
 
 
 def _encoded(im: Image.Image, fmt: str, **kw) -> bytes:

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curation import accounting
-from curation.samples import iter_shard_samples
+from curation.pipeline import accounting
+from curation.data.samples import iter_shard_samples
 from schemas import validate
 from tests.curation.loopback import Handler, serve
 
@@ -105,7 +105,7 @@ def test_precheck_verdicts_in_memory():
     """The verdict on each URL row before any fetch: refusals name the policy's reason, a repeat names the first
     row's key, and a repeat of a refused URL keeps its own refusal."""
     from curation.stages.download import precheck
-    from curation.urlsafety import UrlPolicy
+    from curation.rules.urlsafety import UrlPolicy
 
     rows = [(7, "http://8.8.8.8/a.jpg", None), (8, "http://ads.blocked.example/x.jpg", None),
             (9, "http://10.0.0.1/a.jpg", None), (10, "http://8.8.8.8/a.jpg", None),
@@ -195,7 +195,7 @@ def image_server():
 
 def _run_download(tmp_path, url_list, **download):
     from curation.config import load_config
-    from curation.runner import run_pipeline
+    from curation.pipeline.runner import run_pipeline
 
     cfg = {"run_root": str(tmp_path / "run"), "input": {"url_list": [str(p) for p in url_list]},
            "ray": {"local": True}, "stages": ["download"],

@@ -22,11 +22,11 @@ import pytest
 import sklearn
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
-from curation import accounting
+from curation.pipeline import accounting
 from curation.config import load_config
-from curation.runner import run_pipeline
-from curation.storage import write_table
-from curation.vectors import descriptor_table, load_descriptors
+from curation.pipeline.runner import run_pipeline
+from curation.pipeline.storage import write_table
+from curation.data.vectors import descriptor_table, load_descriptors
 from tests.curation.fakerun import make_run
 
 PHOTOS = [Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg",
@@ -325,7 +325,7 @@ def test_a_shard_of_duplicates_and_an_empty_pool_run_through(tmp_path):
     empty.mkdir()
     cfg2 = make_run(empty, [], dropped=["0000000000", "0000000001"], stages=cfg["stages"],
                     filter=cfg["filter"], dedup=cfg["dedup"], sscd=cfg["sscd"], retrieve=cfg["retrieve"])
-    from curation.storage import TarShardWriter
+    from curation.pipeline.storage import TarShardWriter
 
     with TarShardWriter(empty / "run" / "download" / "00000.tar"):
         pass

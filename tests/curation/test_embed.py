@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from curation import accounting
+from curation.pipeline import accounting
 from curation.config import EmbedConfig, load_config
-from curation.describe import describe
+from curation.models.describe import describe
 from curation.models.embedder import Preprocess, build_embedder, resize_center_crop
-from curation.runner import run_pipeline
-from curation.samples import iter_shard_samples
-from curation.vectors import load_descriptors
+from curation.pipeline.runner import run_pipeline
+from curation.data.samples import iter_shard_samples
+from curation.data.vectors import load_descriptors
 from schemas import validate
 from tests.tolerance import assert_close
 from tests.curation.fakerun import make_run, random_images

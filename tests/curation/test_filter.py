@@ -11,13 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curation import accounting
+from curation.pipeline import accounting
 from curation.config import load_config
-from curation.detectors import Detection, Detector, NudeNetDetector, DetectorUnavailable, blur_boxes
-from curation.runner import run_pipeline
+from curation.models.detectors import Detection, Detector, NudeNetDetector, DetectorUnavailable, blur_boxes
+from curation.pipeline.runner import run_pipeline
 from curation.config import FilterConfig
 from curation.stages.filter import ImageFacts, filter_verdict
-from curation.storage import TarShardWriter, iter_tar_samples
+from curation.pipeline.storage import TarShardWriter, iter_tar_samples
 
 
 class ColourDetector:
@@ -130,7 +130,7 @@ def test_detector_none_skips_nsfw(tmp_path):
 
 
 def test_missing_detector_warns_once_and_skips(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("curation.detectors.nudenet_model_path", lambda: None)  # the extra is absent
+    monkeypatch.setattr("curation.models.detectors.nudenet_model_path", lambda: None)  # the extra is absent
     with pytest.raises(DetectorUnavailable):
         NudeNetDetector()
     root, cfg = _make_download_run(tmp_path, {"detector": "nudenet", "on_missing_detector": "warn"})
@@ -145,7 +145,7 @@ def test_missing_detector_warns_once_and_skips(tmp_path, monkeypatch, capsys):
 
 
 def test_missing_detector_fail_raises_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.setattr("curation.detectors.nudenet_model_path", lambda: None)
+    monkeypatch.setattr("curation.models.detectors.nudenet_model_path", lambda: None)
     root, cfg = _make_download_run(tmp_path, {"detector": "nudenet", "on_missing_detector": "fail"})
     with pytest.raises(DetectorUnavailable, match="lvd\\[detect\\]"):
         run_pipeline(cfg, progress=False)

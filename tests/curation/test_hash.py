@@ -8,13 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from curation import accounting
+from curation.pipeline import accounting
 from curation.config import load_config
-from curation.runner import run_pipeline
+from curation.pipeline.runner import run_pipeline
 from curation.config import HashConfig
-from curation.hashing import fit_pca, near_pairs, pca_hashes
+from curation.rules.hashing import fit_pca, near_pairs, pca_hashes
 from curation.stages.hash import border_fill, group_images
-from curation.storage import TarShardWriter
+from curation.pipeline.storage import TarShardWriter
 from schemas import validate
 
 

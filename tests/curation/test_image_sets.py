@@ -19,8 +19,8 @@ import yaml
 from PIL import Image
 
 from curation.config import ConfigError, load_config
-from curation.runner import run_pipeline
-from curation.samples import image_set_problem, image_set_problems
+from curation.pipeline.runner import run_pipeline
+from curation.data.samples import image_set_problem, image_set_problems
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from curation import accounting
-from curation.layout import RunLayout
+from curation.pipeline import accounting
+from curation.pipeline.layout import RunLayout
 
 
 def test_a_run_of_later_stages_takes_the_keys_an_earlier_run_judged(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from curation.local_cluster import LOOPBACK_ENV, LocalRayHead, _ray_bin, processes_of_cluster, ray_env
+from curation.cluster.local_cluster import LOOPBACK_ENV, LocalRayHead, _ray_bin, processes_of_cluster, ray_env
 
 
 def _status(head: LocalRayHead) -> subprocess.CompletedProcess:

@@ -109,7 +109,7 @@ def check_captions(own: dict, run_root: Path) -> int:
 
 
 def test_check_says_plainly_when_faces_are_not_blurred(own_urls, tmp_path, capsys):
-    from curation.detectors import detector_available
+    from curation.models.detectors import detector_available
     from pipelines.curate import main
 
     cfg = own_config(own_urls, tmp_path / "run")
@@ -143,7 +143,7 @@ def test_own_urls_walkthrough_in_process(own_urls, tmp_path):
 @pytest.mark.slow
 def test_own_urls_walkthrough_via_ray_job_submit(own_urls, tmp_path):
     """The same run as `ray job submit` to a real local Ray head (starts and stops its own head: run it alone)."""
-    from curation.local_cluster import LocalRayHead
+    from curation.cluster.local_cluster import LocalRayHead
 
     root = tmp_path / "run"
     path = tmp_path / "cfg.yaml"
@@ -178,7 +178,7 @@ class OutageServer:
     same URL count every time, whatever the timing); `up()` serves until `stop()`."""
 
     def __init__(self, directory: Path):
-        from curation.local_cluster import free_port
+        from curation.cluster.local_cluster import free_port
 
         self.directory, self.port = directory, free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -284,7 +284,7 @@ def download_drops(root: Path) -> list[tuple[str, str]]:
 def check_outage_then_retry(outage: dict, run, plain_rerun: bool = True) -> None:
     """`run(extra_args)` runs the curate command (in-process or as a Ray job); the server goes down after
     OUTAGE_AFTER images, the run finishes with those, the server comes back, --retry-failed keeps every URL."""
-    from curation import accounting
+    from curation.pipeline import accounting
 
     root = outage["root"]
     outage["server"].up(budget=OUTAGE_AFTER)
@@ -333,7 +333,7 @@ def test_transient_reasons_are_the_ones_a_retry_can_change():
 
 
 def test_unfinished_run_is_named_by_funnel_and_report(outage, capsys):
-    from curation.cli import main as lvd
+    from pipelines.lvd import main as lvd
     from pipelines.curate import main
 
     outage["server"].up()
@@ -398,7 +398,7 @@ def test_walkthrough_readme_cluster_recipe_outage_and_retry(outage):
     import subprocess
     import tempfile
 
-    from curation.local_cluster import _node_args, free_port, stop_cluster_processes
+    from curation.cluster.local_cluster import _node_args, free_port, stop_cluster_processes
 
     lines = readme_cluster_recipe()
     submit = next(line for line in lines if line.startswith("ray job submit"))
@@ -487,7 +487,7 @@ def test_a_retry_killed_midway_is_finished_by_the_next_plain_run(outage):
     import subprocess
     import sys
 
-    from curation import accounting
+    from curation.pipeline import accounting
     from pipelines.curate import main
 
     args = ["--config", str(outage["config"]), "--local", "--no-progress"]

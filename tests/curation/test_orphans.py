@@ -1,4 +1,4 @@
-"""The decode workers of sscd and embed (DataLoader worker processes of curation.describe, the one decode pipeline
+"""The decode workers of sscd and embed (DataLoader worker processes of curation.models.describe, the one decode pipeline
 both stages use) die with their driver: a kill -9 of the driver leaves no child behind, even while a worker is
 blocked reading an image (where torch's own check, run between two fetches, never looks)."""
 
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 DRIVER = """
 import sys, time
 import torch
-from curation.describe import make_loader
+from curation.models.describe import make_loader
 from curation.models.embedder import PixelEmbedder
 
 def blocked_samples():  # a sample source stuck like a read from a stalled filesystem

@@ -10,15 +10,15 @@ import textwrap
 from pathlib import Path
 
 from curation.config import load_config
-from curation.runner import run_pipeline
-from curation.workers import loader_workers, usable_cpus
+from curation.pipeline.runner import run_pipeline
+from curation.cluster.workers import loader_workers, usable_cpus
 from tests.curation.fakerun import make_run, random_images
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_faiss_loader_lines_silenced_under_info_logging():
-    code = ("import logging; logging.basicConfig(level=logging.INFO); import curation.knn; import faiss; "
+    code = ("import logging; logging.basicConfig(level=logging.INFO); import curation.engine.knn; import faiss; "
             "logging.getLogger('lvd').info('still logging')")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -80,7 +80,7 @@ def test_ray_job_upload_skips_git_and_venv():
     for rel in (".git", ".venv", ".git/objects/pack/pack-1.pack", ".venv/lib/python3.11/site-packages/torch/lib/libtorch.so",
                 "demo-run/run/download/00000.tar"):
         assert excluded(rel), rel
-    for rel in ("curation/runner.py", "pipelines/curate.py", "pipelines/configs/demo.yaml", "schemas/tables.py"):
+    for rel in ("curation/pipeline/runner.py", "pipelines/curate.py", "pipelines/configs/demo.yaml", "schemas/tables.py"):
         assert not excluded(rel), rel
 
 
@@ -102,7 +102,7 @@ def test_report_component_plot_logs_nothing(tmp_path, caplog):
 
 
 def test_ray_job_client_keeps_the_jobs_log_and_one_line_each_for_submission_and_end():
-    from curation.local_cluster import quiet_job_line
+    from curation.cluster.local_cluster import quiet_job_line
 
     raw = [
         "2026-12-07 11:02:58,751\tINFO cli.py:42 -- Job submission server address: http://127.0.0.1:36001",

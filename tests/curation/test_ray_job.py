@@ -10,8 +10,8 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
-from curation import accounting
-from curation.local_cluster import LocalRayHead
+from curation.pipeline import accounting
+from curation.cluster.local_cluster import LocalRayHead
 from tests.curation.conftest import base_config, later_stages
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.config import load_config
-from curation.runner import run_pipeline
-from curation.storage import write_table
+from curation.pipeline.runner import run_pipeline
+from curation.pipeline.storage import write_table
 from tests.curation.chromium import dump_dom, screenshot
 from tests.curation.fakerun import corpus_pool, make_run
 
@@ -92,7 +92,7 @@ def test_report_renders_in_chromium(report_run, tmp_path):
 
 
 def test_lvd_report_command(report_run, capsys):
-    from curation.cli import main
+    from pipelines.lvd import main
 
     (report_run / "stats" / "report.html").unlink()
     assert main(["report", str(report_run)]) == 0

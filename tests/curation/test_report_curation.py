@@ -11,11 +11,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from curation.layout import RunLayout
+from curation.pipeline.layout import RunLayout
 from curation.report import eval_set_knn, loo_knn_top1, selection_shares, write_report
-from curation.samples import iter_image_set
-from curation.storage import write_table
-from curation.vectors import descriptor_table
+from curation.data.samples import iter_image_set
+from curation.pipeline.storage import write_table
+from curation.data.vectors import descriptor_table
 
 
 def test_leave_one_out_knn_counts_each_image_against_the_others():

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from curation import accounting
+from curation.pipeline import accounting
 from curation.config import load_config
-from curation.runner import run_pipeline
+from curation.pipeline.runner import run_pipeline
 from tests.curation.conftest import base_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,13 +7,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from curation import accounting
-from curation import retrieval as R
+from curation.pipeline import accounting
+from curation.engine import retrieval as R
 from curation.config import load_config
-from curation.runner import run_pipeline
-from curation.samples import path_key
-from curation.storage import write_table
-from curation.vectors import descriptor_table
+from curation.pipeline.runner import run_pipeline
+from curation.data.samples import path_key
+from curation.pipeline.storage import write_table
+from curation.data.vectors import descriptor_table
 from schemas import validate
 from tests.tolerance import approx, assert_close
 from tests.curation.fakerun import corpus_pool, make_run, random_images

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from curation.config import ConfigError, load_config
-from curation.runner import run_pipeline
+from curation.pipeline.runner import run_pipeline
 
 
 def _cfg(tmp_path):
@@ -23,7 +23,7 @@ def _lock_file(tmp_path):
 
 
 def _hold(tmp_path, pid: int, host: str | None = None):
-    from curation.runlock import process_start
+    from curation.pipeline.runlock import process_start
 
     path = _lock_file(tmp_path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, capsys):
 
 def test_the_lock_is_held_while_the_run_works(tmp_path):
     seen = {}
-    import curation.runner as runner
+    import curation.pipeline.runner as runner
 
     original = runner.run_stage
 

@@ -1,13 +1,13 @@
-"""Where images come from (curation.samples): the keys a stage receives of a pool shard, image sets listed lazily."""
+"""Where images come from (curation.data.samples): the keys a stage receives of a pool shard, image sets listed lazily."""
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from curation import accounting
-from curation.layout import RunLayout
-from curation.samples import iter_image_set, shard_input_keys
+from curation.pipeline import accounting
+from curation.pipeline.layout import RunLayout
+from curation.data.samples import iter_image_set, shard_input_keys
 
 
 REASON = {"filter": "nsfw", "dedup": "exact_duplicate"}

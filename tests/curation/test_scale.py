@@ -7,14 +7,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from curation.components import connected_components
-from curation.distributed_kmeans import partitioned_kmeans
-from curation.distributed_knn import Placement, Workers, merge_topk, partitioned_knn
-from curation.edge_components import edge_batches, streamed_components
-from curation.knn import knn_search
-from curation.partitions import plan_keys, plan_partitions, read_partition
-from curation.vectors import load_descriptors
-from curation.synthetic_pool import planted_pool, write_shards
+from curation.engine.components import connected_components
+from curation.engine.distributed_kmeans import partitioned_kmeans
+from curation.engine.distributed_knn import Placement, Workers, merge_topk, partitioned_knn
+from curation.engine.edge_components import edge_batches, streamed_components
+from curation.engine.knn import knn_search
+from curation.engine.partitions import plan_keys, plan_partitions, read_partition
+from curation.data.vectors import load_descriptors
+from tests.synthetic_pool import planted_pool, write_shards
 
 N, D = 6000, 64
 THRESHOLD = 0.75  # 6 standard deviations of the cosine of two random directions in 64-d: planted copies only
@@ -116,7 +116,7 @@ def test_partitioned_knn_equals_the_single_partition_search(pool, tmp_path):
 
 
 def test_ivf_partitions_report_recall_against_exact(pool, tmp_path):
-    from curation.retrieval import recall_at_k
+    from curation.engine.retrieval import recall_at_k
 
     x, _, paths = pool
     four = plan_partitions(paths, _budget_gb(N, D, 4))
@@ -231,7 +231,7 @@ def test_partitioned_kmeans_equals_the_single_partition_run(pool):
 
 @pytest.mark.parametrize("n_eval", [0, 40])
 def test_partitioned_dedup_graph_equals_the_stage_graph(pool, tmp_path, n_eval):
-    from curation.partitioned_dedup import partitioned_dedup_graph
+    from curation.engine.partitioned_dedup import partitioned_dedup_graph
     from curation.stages.dedup import dedup_graph
 
     x, group, paths = pool

@@ -8,12 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from curation import retrieval as R
-from curation.distributed_knn import Placement
-from curation.partitioned_dedup import partitioned_dedup_graph
-from curation.partitioned_pool import PartitionedPool
-from curation.partitions import plan_partitions
-from curation.synthetic_pool import planted_pool, write_shards
+from curation.engine import retrieval as R
+from curation.engine.distributed_knn import Placement
+from curation.engine.partitioned_dedup import partitioned_dedup_graph
+from curation.engine.partitioned_pool import PartitionedPool
+from curation.engine.partitions import plan_partitions
+from tests.synthetic_pool import planted_pool, write_shards
 
 N, D, SHARD = 50_000, 32, 1_250
 THRESHOLD = 0.75
@@ -76,7 +76,7 @@ def test_every_global_step_is_the_same_at_1_4_and_20_partitions(pool, tmp_path):
 def test_every_backend_gives_the_same_neighbours_bit_for_bit(pool):
     """faiss and torch matmul + top-k (here on CPU tensors; on CUDA in production), fp32 or fp16 candidate scoring:
     the rescoring makes the neighbours and similarities identical, exact twins ordered by key."""
-    from curation.knn import knn_search
+    from curation.engine.knn import knn_search
 
     x, _ = pool
     q, db = x[:300], x[:20_000]

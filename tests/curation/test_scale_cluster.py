@@ -11,12 +11,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from curation.distributed_kmeans import partitioned_kmeans
-from curation.distributed_knn import Placement, Workers, partitioned_knn
-from curation.edge_components import edge_batches, streamed_components
-from curation.local_cluster import LocalRayHead, processes_of_cluster
-from curation.partitions import plan_partitions
-from curation.synthetic_pool import planted_pool, write_shards
+from curation.engine.distributed_kmeans import partitioned_kmeans
+from curation.engine.distributed_knn import Placement, Workers, partitioned_knn
+from curation.engine.edge_components import edge_batches, streamed_components
+from curation.cluster.local_cluster import LocalRayHead, processes_of_cluster
+from curation.engine.partitions import plan_partitions
+from tests.synthetic_pool import planted_pool, write_shards
 from tests.curation.test_scale_retrieve import retrieve_run
 from tests.curation.test_scale_retrieve import three_partitions_gb
 from tests.curation.test_scale_retrieve import assert_same_sample_retrieval

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from curation import accounting
+from curation.pipeline import accounting
 from curation.config import load_config
-from curation.runner import run_pipeline
-from curation.synthetic_pool import planted_pool
-from curation.storage import write_table
-from curation.vectors import descriptor_table
+from curation.pipeline.runner import run_pipeline
+from tests.synthetic_pool import planted_pool
+from curation.pipeline.storage import write_table
+from curation.data.vectors import descriptor_table
 
 N, D, SHARD = 3000, 64, 250
 THRESHOLD = 0.75  # planted copies ~0.86-0.93; random 64-d pairs stay far below

@@ -12,11 +12,13 @@ import tempfile
 import numpy as np
 import pytest
 
-from curation import accounting, gpu
+from curation.pipeline import accounting
+
+from curation.cluster import gpu
 from curation.config import load_config
-from curation.distributed_knn import Placement, Workers
-from curation.partitions import plan_partitions
-from curation.runner import run_pipeline
+from curation.engine.distributed_knn import Placement, Workers
+from curation.engine.partitions import plan_partitions
+from curation.pipeline.runner import run_pipeline
 from tests.curation.test_scale_dedup import D, SHARD, dedup_inputs
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from curation import accounting, storage
+from curation.pipeline import accounting, storage
 from curation.config import load_config
-from curation.runner import run_pipeline
+from curation.pipeline.runner import run_pipeline
 import pyarrow.parquet as pq
 
 from tests.curation import test_scale_dedup as scale_dedup
@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 CHILD = """
 import json, sys
 from pathlib import Path
-from curation import storage
+from curation.pipeline import storage
 from curation.config import load_config
-from curation.runner import run_pipeline
+from curation.pipeline.runner import run_pipeline
 storage._crash_count = 0  # count the pipeline's commits only, as the parent does
 run_pipeline(load_config(data=json.loads(Path(sys.argv[1]).read_text())), progress=False)
 """

@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from curation import accounting
+from curation.pipeline import accounting
 from curation.config import load_config
-from curation.runner import run_pipeline
-from curation.storage import write_table
-from curation.vectors import descriptor_table
+from curation.pipeline.runner import run_pipeline
+from curation.pipeline.storage import write_table
+from curation.data.vectors import descriptor_table
 from tests.curation.fakerun import make_run, random_images
 
 N, D, SHARD = 2400, 32, 400
@@ -129,7 +129,7 @@ def test_ivf_by_partitions_measures_recall(tmp_path):
 def test_demo_corpus_retrieval_by_four_partitions_equals_the_one_partition_run(demo_corpus, tmp_path):
     """The demo corpus's pool (embed stage, pixels embedder) retrieved by >= 4 partitions: the same sample matches,
     cluster selection and balanced selection as the one-partition run, table for table."""
-    from curation.partitions import plan_partitions
+    from curation.engine.partitions import plan_partitions
     from tests.curation.fakerun import corpus_pool
 
     images, _ = corpus_pool(demo_corpus)

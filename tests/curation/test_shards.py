@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from curation.config import load_config
-from curation.runner import run_pipeline
+from curation.pipeline.runner import run_pipeline
 from schemas import validate
 from tests.tolerance import rounding_tol
 from tests.curation.fakerun import make_run, random_images
@@ -76,7 +76,7 @@ def test_shards_read_with_webdataset(shard_run):
 
 def test_shard_bytes_match_sources_and_index(shard_run):
     root = shard_run["root"]
-    from curation.storage import iter_tar_samples
+    from curation.pipeline.storage import iter_tar_samples
 
     pool = {}
     for t in sorted((root / "download").glob("*.tar")):

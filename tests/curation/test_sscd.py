@@ -11,14 +11,15 @@ import torch
 from PIL import Image
 
 from curation.config import SSCDConfig
-from curation.describe import describe
-from curation.layout import RunLayout
+from curation.models.describe import describe
+from curation.pipeline.layout import RunLayout
 from curation.models.embedder import build_copy_embedder
 from curation.models.sscd import (IMAGENET_MEAN, IMAGENET_STD, GeM, build_sscd_random, load_sscd, pixel_descriptor,
                                   sscd_transform)
-from curation import accounting
-from curation.samples import Sample, iter_tars
-from curation.vectors import load_descriptors
+from curation.pipeline import accounting
+from curation.data.samples import Sample
+from tests.sample_tars import iter_tars
+from curation.data.vectors import load_descriptors
 from schemas import validate
 from tests.tolerance import assert_close
 
@@ -176,9 +177,9 @@ def test_pixel_descriptor_quality_on_the_corpus(demo_cleaned):
 
 
 def test_loader_plan_gives_the_cpu_model_the_task_cores():
-    from curation.describe import loader_plan
+    from curation.models.describe import loader_plan
     from curation.models.embedder import CPU_BATCH
-    from curation.workers import cpu_split
+    from curation.cluster.workers import cpu_split
 
     with pytest.warns(UserWarning, match="random SSCD weights"):
         sscd = build_copy_embedder(SSCDConfig(device="cpu"))

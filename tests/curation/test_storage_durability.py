@@ -7,9 +7,9 @@ import stat
 
 import pytest
 
-from curation import storage
+from curation.pipeline import storage
 from curation.config import load_config
-from curation.runner import execute_unit
+from curation.pipeline.runner import execute_unit
 from curation.stages.base import Stage, Unit
 
 

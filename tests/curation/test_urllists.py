@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from curation.config import ConfigError
-from curation.urllists import read_url_lists
+from curation.data.urllists import read_url_lists
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,7 +77,7 @@ def test_batches_number_rows_across_files(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from curation.urllists import iter_url_batches
+    from curation.data.urllists import iter_url_batches
 
     (tmp_path / "a.csv").write_text("url\n" + "".join(f"http://h/{i}.jpg\n" for i in range(7)))
     pq.write_table(pa.table({"url": [f"http://h/p{i}.jpg" for i in range(5)]}), tmp_path / "b.parquet")

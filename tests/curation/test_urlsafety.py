@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from curation.urlsafety import Refused, UrlPolicy, build_safe_opener, safe_urlopen
+from curation.rules.urlsafety import Refused, UrlPolicy, build_safe_opener, safe_urlopen
 from tests.curation.loopback import Handler, serve, tls_cert
 
 

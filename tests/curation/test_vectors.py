@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.vectors import descriptor_table, load_descriptors, table_vectors
+from curation.data.vectors import descriptor_table, load_descriptors, table_vectors
 
 
 def _parts(n_parts=3, rows=300, dim=64):

@@ -1,10 +1,10 @@
-"""How a model stage splits a task's cores between decode workers and torch threads (curation.workers)."""
+"""How a model stage splits a task's cores between decode workers and torch threads (curation.cluster.workers)."""
 
 import os
 
 import torch
 
-from curation.workers import CORES_PER_DECODE_WORKER, cpu_split, task_cores, torch_threads
+from curation.cluster.workers import CORES_PER_DECODE_WORKER, cpu_split, task_cores, torch_threads
 
 
 def test_cpu_split_gives_the_model_the_cores_on_cpu_and_leaves_cuda_alone():

@@ -164,7 +164,7 @@ def test_loader_workers_capped_at_usable_cpus_without_changing_batches(tmp_path)
     at most the usable CPUs, and the batches are those of the requested count."""
     import warnings
 
-    from curation.workers import usable_cpus
+    from curation.cluster.workers import usable_cpus
 
     write_shards(tmp_path / "s", n_shards=2, per_shard=6)
     many = usable_cpus() + 3

@@ -312,7 +312,7 @@ def test_resume_on_one_process_continues_the_two_rank_sample_order(tmp_path):
 # ---------------------------------------------------------------------- Ray Train as a Ray job
 @pytest.mark.slow
 def test_ray_train_two_workers_via_ray_job_submit(tmp_path):
-    from curation.local_cluster import LocalRayHead
+    from curation.cluster.local_cluster import LocalRayHead
 
     data = tmp_path / "shards"
     write_shards(data, n_shards=2, per_shard=8)

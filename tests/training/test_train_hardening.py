@@ -282,7 +282,7 @@ def test_plot_draws_losses_lr_and_accuracy_and_log_states_sizes(tmp_path, caplog
     import numpy as np
     from PIL import Image
 
-    from curation.cli import main as lvd
+    from pipelines.lvd import main as lvd
 
     data = tmp_path / "shards"
     write_shards(data, n_shards=2, per_shard=8)

@@ -1,12 +1,12 @@
 """k-NN search over a partitioned database, on Ray searcher actors or in-process (DINOv2 dedup and retrieval at
 cluster scale).
 
-* :class:`PartitionWorker` holds one partition's vectors (:mod:`curation.partitions`): it searches query blocks
-  against them with :mod:`curation.knn` (candidates by ``faiss.knn`` on the held array, faiss-gpu, or torch
+* :class:`PartitionWorker` holds one partition's vectors (:mod:`curation.engine.partitions`): it searches query blocks
+  against them with :mod:`curation.engine.knn` (candidates by ``faiss.knn`` on the held array, faiss-gpu, or torch
   matmul + top-k on the device; ``ivf_flat`` / ``ivf_pq``: a FAISS IVF index of the partition; then exact
-  rescoring) and serves the Lloyd steps of :mod:`curation.distributed_kmeans`.
+  rescoring) and serves the Lloyd steps of :mod:`curation.engine.distributed_kmeans`.
 * :class:`Workers` places them: on Ray one actor per partition (one GPU each where the device setting and the
-  cluster allow, :mod:`curation.gpu`; Ray's ``memory`` resource = the worker budget; never a CPU; SPREAD over
+  cluster allow, :mod:`curation.cluster.gpu`; Ray's ``memory`` resource = the worker budget; never a CPU; SPREAD over
   nodes), at most ``searchers`` partitions at once (auto: one per GPU, else one per cluster CPU as far as cluster
   memory holds the budgets); more partitions run in *waves*.  Every wait on searchers is bounded
   (``Placement.place_timeout_s``, ``call_timeout_s``) and its error names the resources asked for.  Without Ray the
@@ -15,7 +15,7 @@ cluster scale).
   (order: similarity, then smaller global id, so the result does not depend on how the pool is partitioned).
   Each finished block is one Parquet file (written under a temporary name and renamed); a rerun skips finished
   blocks and, between waves, resumes from the last wave a block finished.  With ``edge_threshold`` each block also
-  writes the edges (query row, neighbour row, similarity) above it, for :mod:`curation.edge_components`.
+  writes the edges (query row, neighbour row, similarity) above it, for :mod:`curation.engine.edge_components`.
 
 Memory per searcher: its partition (at most a third of ``scale.worker_memory_gb``), its IVF index when asked, one
 query block and the block's scores; the driver holds one query partition and one block's results.
@@ -36,9 +36,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation import knn
-from curation.partitions import Partition, PartitionPlan, iter_query_blocks, read_partition
-from curation.storage import atomic_path
+from curation.engine import knn
+from curation.engine.partitions import Partition, PartitionPlan, iter_query_blocks, read_partition
+from curation.pipeline.storage import atomic_path
 
 SCORE_BYTES = 64 * 2**20  # k-means assigns at most this many bytes of a partition at once
 
@@ -94,7 +94,7 @@ class PartitionWorker:
                  rerank: int = 0):
         import faiss
 
-        from curation import gpu
+        from curation.cluster import gpu
 
         if threads:
             faiss.omp_set_num_threads(threads)
@@ -105,7 +105,7 @@ class PartitionWorker:
         self.ivf = None
         self.index = "exact"
         if index != "exact" and len(self.x) >= 2:
-            from curation.retrieval import build_ivf
+            from curation.engine.retrieval import build_ivf
 
             self.ivf, self.index = build_ivf(self.x, index, nlist, nprobe, pq_m, seed=seed)
         self.rerank = rerank if index == "ivf_pq" else 0
@@ -123,7 +123,7 @@ class PartitionWorker:
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of each query in this partition: (sims float32 [nq, k], global ids int64 [nq, k]), -1 padded;
-        similarities rescored exactly (:func:`curation.knn.rescore`), so they do not depend on the partitioning."""
+        similarities rescored exactly (:func:`curation.engine.knn.rescore`), so they do not depend on the partitioning."""
         n = len(self.x)
         q = np.ascontiguousarray(q, np.float32)
         if min(k, n) == 0 or len(q) == 0:
@@ -137,7 +137,7 @@ class PartitionWorker:
         ids = np.where(ids < 0, -1, ids + self.part.offset)
         return merge_topk([sims], [ids], k)
 
-    # -- Lloyd k-means (curation.distributed_kmeans) ------------------------------------------------------------
+    # -- Lloyd k-means (curation.engine.distributed_kmeans) ------------------------------------------------------------
     def _assign_chunks(self, centroids: np.ndarray, rows: np.ndarray | None
                        ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(local rows, labels, squared distances) of this partition's rows (or `rows`), chunk by chunk."""
@@ -197,12 +197,12 @@ class Placement:
 class Workers:
     """Opens PartitionWorkers for a plan, wave by wave; keeps them open across calls when one wave holds all.
 
-    On Ray each searcher asks for one GPU where the device setting and the cluster allow (:mod:`curation.gpu`),
+    On Ray each searcher asks for one GPU where the device setting and the cluster allow (:mod:`curation.cluster.gpu`),
     and for the memory budget; never for a CPU: the stage worker that drives them holds one (and no GPU), and
     several stage workers may run at once - waiting for resources they hold would deadlock."""
 
     def __init__(self, plan: PartitionPlan, placement: Placement):
-        from curation import gpu
+        from curation.cluster import gpu
 
         self.plan = plan
         self.pl = placement

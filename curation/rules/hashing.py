@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from curation.components import connected_components, first_of_equal
+from curation.engine.components import connected_components, first_of_equal
 
 #: the metadata key of hash/groups.parquet naming the hash its codes are (pca or phash), for the dedup details
 HASH_METHOD_KEY = "lvd.hash_method"

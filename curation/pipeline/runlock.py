@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from curation.config import ConfigError
-from curation.layout import RunLayout
+from curation.pipeline.layout import RunLayout
 
 
 def lock_path(root: Path) -> Path:

@@ -1,6 +1,6 @@
 """The one k-nearest-neighbour search (inner product = cosine similarity on L2-normalised vectors) of every global
 step: dedup's graph, sample retrieval, k-means assignment.  The partition searchers
-(:class:`curation.distributed_knn.PartitionWorker`) call it on the partition they hold.
+(:class:`curation.engine.distributed_knn.PartitionWorker`) call it on the partition they hold.
 
 Two steps, so the result never depends on how the database is cut or which backend found the candidates:
 
@@ -16,14 +16,14 @@ Two steps, so the result never depends on how the database is cut or which backe
 
 :func:`nearest_centroid` is k-means assignment by the same two steps (L2 distance, ties to the smaller centroid).
 All return float32 similarities and int64 row ids of shape (n_queries, k); missing columns (fewer than k rows)
-hold id -1 and similarity -inf.  The device comes from :mod:`curation.gpu`.
+hold id -1 and similarity -inf.  The device comes from :mod:`curation.cluster.gpu`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from curation import gpu
+from curation.cluster import gpu
 
 TIE_MARGIN = 8  # extra candidates per query, so a rounding-level reorder at the k-th place cannot change the result
 RESCORE_BYTES = 64 * 2**20  # float64 gathered candidates held at once while rescoring

@@ -1,10 +1,10 @@
 """Decode and describe: the one pipeline from image samples to vectors, used by the sscd and embed stages.
 
 :func:`describe` runs an embedder (:mod:`curation.models.embedder`: a retrieval model, the SSCD model or a pixel
-function) over a stream of samples (:mod:`curation.samples`: a pool shard restricted to some keys, or an anchor
+function) over a stream of samples (:mod:`curation.data.samples`: a pool shard restricted to some keys, or an anchor
 or evaluation set) and returns :class:`Described` (keys, float32 vectors, failures), sorted by key.
 
-* Each image is decoded once, by :func:`curation.images.decode_image` with the one set of limits the stage gives
+* Each image is decoded once, by :func:`curation.data.images.decode_image` with the one set of limits the stage gives
   (``max_pixels``; an animated image keeps its first frame: whether the pool holds animated images was decided by
   download), then preprocessed by the embedder.
 * Decoding and preprocessing run in ``num_workers`` DataLoader worker processes (each with one torch thread, as
@@ -16,7 +16,7 @@ or evaluation set) and returns :class:`Described` (keys, float32 vectors, failur
   vocabulary; what a failure means is the stage's decision.
 
 :func:`loader_plan` is how a stage sizes the pipeline to its task: a model on CPU gets the task's cores
-(:func:`curation.workers.cpu_split`), a pixel function keeps its decode workers; :func:`describe_in_task` runs
+(:func:`curation.cluster.workers.cpu_split`), a pixel function keeps its decode workers; :func:`describe_in_task` runs
 :func:`describe` so sized, as the sscd and embed stages do.  Results do not depend on the worker count, and on the
 batch size only through float rounding.
 """
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from curation.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
-from curation.samples import Sample
-from curation.workers import cpu_split, loader_workers, torch_threads
+from curation.data.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
+from curation.data.samples import Sample
+from curation.cluster.workers import cpu_split, loader_workers, torch_threads
 from training.worker_exit import exit_with_parent
 
 
@@ -78,7 +78,7 @@ def collate(items) -> tuple[list[str], torch.Tensor | None, list[tuple[str, str,
 
 def loader_plan(embedder, num_workers: int, batch_size: int) -> tuple[int, int | None, int]:
     """(decode workers, torch threads or None to leave them, batch size) for running ``embedder`` in a task: a
-    model on CPU gets the task's cores (:func:`curation.workers.cpu_split`) and batches of at most its
+    model on CPU gets the task's cores (:func:`curation.cluster.workers.cpu_split`) and batches of at most its
     ``cpu_max_batch``; a pixel function (no model) keeps its decode workers, since decoding is its work."""
     if not embedder.uses_model:
         return num_workers, None, batch_size

@@ -1,4 +1,4 @@
-"""`lvd`: one command for the whole tool.
+"""`lvd`: one command for the whole tool; this module owns the command table.
 
     lvd curate --config run.yaml        run the curation stages (same as pipelines/curate.py)
     lvd train --config t.yaml --data D  train DINOv2 on curated shards (same as pipelines/train.py)
@@ -18,8 +18,8 @@ def _funnel(argv) -> int:
     import argparse
     from pathlib import Path
 
-    from curation import accounting
-    from curation.layout import RunLayout
+    from curation.pipeline import accounting
+    from curation.pipeline.layout import RunLayout
 
     p = argparse.ArgumentParser(prog="lvd funnel", description="print a run's per-stage funnel and drop reasons")
     p.add_argument("run_root", type=Path)
@@ -36,23 +36,52 @@ def _funnel(argv) -> int:
     return 0
 
 
-def _lazy(module: str, func: str = "main"):
-    def run(argv):
-        import importlib
+# Each command imports its module only when it runs: `lvd --help` and `lvd funnel` stay fast, and a curation host
+# need not import torch's trainer to print a funnel.
+def _curate(argv):
+    from pipelines.curate import main as curate
 
-        return importlib.import_module(module).__getattribute__(func)(argv)
+    return curate(argv)
 
-    return run
+
+def _train(argv):
+    from training.cli import main as train
+
+    return train(argv)
+
+
+def _export(argv):
+    from training.export import main as export
+
+    return export(argv)
+
+
+def _plot(argv):
+    from training.plot import main as plot
+
+    return plot(argv)
+
+
+def _report(argv):
+    from curation.report import main as report
+
+    return report(argv)
+
+
+def _serve_demo(argv):
+    from curation.demo.server import main as serve_demo
+
+    return serve_demo(argv)
 
 
 COMMANDS = {
-    "curate": ("run the curation pipeline", _lazy("pipelines.curate")),
-    "train": ("train DINOv2 on curated shards", _lazy("training.cli")),
-    "export": ("export a trained backbone (official DINOv2 format)", _lazy("training.export")),
-    "plot": ("draw training curves to a PNG", _lazy("training.plot")),
-    "report": ("write RUN/stats/report.html", _lazy("curation.report")),
+    "curate": ("run the curation pipeline", _curate),
+    "train": ("train DINOv2 on curated shards", _train),
+    "export": ("export a trained backbone (official DINOv2 format)", _export),
+    "plot": ("draw training curves to a PNG", _plot),
+    "report": ("write RUN/stats/report.html", _report),
     "funnel": ("print a run's funnel", _funnel),
-    "serve-demo": ("generate and serve the demo corpus on 127.0.0.1", _lazy("curation.demo.server")),
+    "serve-demo": ("generate and serve the demo corpus on 127.0.0.1", _serve_demo),
 }
 
 

@@ -1,6 +1,6 @@
 """The stage runner: runs the configured stages in order, unit by unit, on Ray or in-process.
 
-* Units already done (their completion marker matches their outputs, see :mod:`curation.markers`) are skipped,
+* Units already done (their completion marker matches their outputs, see :mod:`curation.pipeline.markers`) are skipped,
   so a killed run resumes where it stopped and rerunning a finished run does nothing; a unit whose outputs were
   truncated or altered since is redone.
 * The other units run on ``StageWorker``s, each of which builds the stage and calls its ``setup()`` once: at most
@@ -25,14 +25,14 @@ from typing import Any, Callable, Sequence
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from curation import accounting, markers, retry, storage
+from curation.pipeline import accounting, markers, retry, storage
 from curation.config import ConfigError, CurateConfig, check_resume, dump_config
-from curation.layout import RunLayout
-from curation.runlock import run_root_lock
+from curation.pipeline.layout import RunLayout
+from curation.pipeline.runlock import run_root_lock
 from curation.stages import stage_class
 from curation.stages.base import Stage, Unit
-from curation.storage import clean_temporaries, crash_point, write_text
-from curation.urllists import check_inputs
+from curation.pipeline.storage import clean_temporaries, crash_point, write_text
+from curation.data.urllists import check_inputs
 
 log = logging.getLogger("lvd")
 
@@ -321,8 +321,8 @@ def run_pipeline(cfg: CurateConfig, stages: Sequence[str] | None = None, progres
                  verify: bool = False, retry_failed: bool = False) -> dict[str, Any]:
     """Run `stages` (default: the config's) in pipeline order; return per-stage summaries.  `verify`: check the
     content hash of every finished output against its marker (sizes are always checked).  `retry_failed`: fetch
-    the URLs dropped for a transient reason again and redo what depends on them (:mod:`curation.retry`)."""
-    from curation.samples import image_set_problems
+    the URLs dropped for a transient reason again and redo what depends on them (:mod:`curation.pipeline.retry`)."""
+    from curation.data.samples import image_set_problems
 
     problems = image_set_problems(cfg, list(stages) if stages else list(cfg.stages))
     if problems:  # before anything is written: an unreadable or empty image set would fail late, or select nothing

@@ -4,12 +4,12 @@ All embeddings are L2-normalised, so cosine similarity is the inner product.
 
 * :func:`search`: k nearest database vectors of each query, exact or with a FAISS IVF index (``ivf_flat`` /
   ``ivf_pq``), whose recall@k against exact search is measured on a query sample: an array is a pool of one
-  partition of the engine (:func:`curation.partitioned_pool.array_pool`), the stage's pool is searched by the same
+  partition of the engine (:func:`curation.engine.partitioned_pool.array_pool`), the stage's pool is searched by the same
   code.
 * :func:`sample_select`: DINOv2 sample-based retrieval: the k nearest pool images of each anchor; each selected
   pool image keeps its best match (highest similarity, then lower rank, then earlier anchor).
-* :func:`kmeans` / :func:`assign`: the engine's Lloyd k-means (:mod:`curation.distributed_kmeans`) of an array and
-  nearest-centroid assignment (:func:`curation.knn.nearest_centroid`).
+* :func:`kmeans` / :func:`assign`: the engine's Lloyd k-means (:mod:`curation.engine.distributed_kmeans`) of an array and
+  nearest-centroid assignment (:func:`curation.engine.knn.nearest_centroid`).
 * :func:`cluster_select`: DINOv2 cluster-based retrieval: pool clusters holding more than m anchors contribute up
   to n random pool images each; the total is capped per anchor set.
 * :func:`hierarchical_kmeans` / :func:`balanced_sample`: Vo et al. 2024 (arXiv 2405.15613): k-means level by level
@@ -82,8 +82,8 @@ def search(queries: np.ndarray, database: np.ndarray, k: int, index: str = "exac
            nprobe: int = 32, pq_m: int = 0, recall_sample: int = 1000, seed: int = 0,
            device: str = "auto", rerank: int = 4) -> SearchResult:
     """k nearest rows of the array `database` for each query, by the engine on one partition."""
-    from curation.distributed_knn import Placement
-    from curation.partitioned_pool import array_pool
+    from curation.engine.distributed_knn import Placement
+    from curation.engine.partitioned_pool import array_pool
 
     pl = Placement(device=device, index=index, nlist=nlist, nprobe=nprobe, pq_m=pq_m, rerank=rerank, seed=seed)
     with array_pool(database, placement=pl) as pool:
@@ -126,8 +126,8 @@ def sample_select(sims: np.ndarray, ids: np.ndarray):
 # ------------------------------------------------------------------------------------------------- k-means
 def kmeans(x, k: int, niter: int = 20, seed: int = 0) -> np.ndarray:
     """Lloyd k-means (L2) of the rows of an array, seeded by k-means++; k is clamped to len(x).  Returns centroids
-    [k, d] (the engine's :func:`curation.distributed_kmeans.partitioned_kmeans` on one partition)."""
-    from curation.partitioned_pool import array_pool
+    [k, d] (the engine's :func:`curation.engine.distributed_kmeans.partitioned_kmeans` on one partition)."""
+    from curation.engine.partitioned_pool import array_pool
 
     with array_pool(x) as pool:
         return pool.kmeans(k, niter, seed).centroids
@@ -135,7 +135,7 @@ def kmeans(x, k: int, niter: int = 20, seed: int = 0) -> np.ndarray:
 
 def assign(x: np.ndarray, centroids: np.ndarray, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid by L2 distance -> (labels int64, squared distances float32)."""
-    from curation.knn import nearest_centroid
+    from curation.engine.knn import nearest_centroid
 
     return nearest_centroid(x, centroids, device)
 
@@ -187,14 +187,14 @@ class Level:
 
 def hierarchical_kmeans(x, levels: list[int], resampling_steps: int = 1, resample_sizes: list[int] | None = None,
                         niter: int = 20, seed: int = 0, device: str = "auto") -> list[Level]:
-    """Level 0 clusters the points (`x`: an array, or a :class:`curation.partitioned_pool.PartitionedPool`, whose
+    """Level 0 clusters the points (`x`: an array, or a :class:`curation.engine.partitioned_pool.PartitionedPool`, whose
     partitions are never loaded whole), level l the centroids of level l-1; each level's k is clamped to its input.
 
     Resampling step (Vo et al., Alg. 1): take the s items closest to each centroid, run k-means on their union,
     reassign every item to the new centroids.  Small clusters give all their items and large ones only s, so the
     centroids spread over the data's modes instead of crowding its dense regions."""
-    from curation.distributed_knn import Placement
-    from curation.partitioned_pool import PartitionedPool, array_pool
+    from curation.engine.distributed_knn import Placement
+    from curation.engine.partitioned_pool import PartitionedPool, array_pool
 
     out: list[Level] = []
     pool = x if isinstance(x, PartitionedPool) else array_pool(x, placement=Placement(device=device))

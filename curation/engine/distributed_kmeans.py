@@ -4,8 +4,8 @@ held by partitions (one partition when it fits the budget; an array in memory is
 * **Initialisation**: k-means++ (:func:`kmeans_pp_seed`) on a uniform sample of at most 64 k rows drawn by global
   row (or by position in a row subset) with the seeded generator, so the seeds do not depend on the partitioning;
   beyond :data:`KMEANSPP_BUDGET` multiply-adds, k random rows.
-* **Lloyd steps**: every partition's worker (:class:`curation.distributed_knn.PartitionWorker`, a Ray actor or a
-  local object) assigns its rows (:func:`curation.knn.nearest_centroid`: exact distances, ties to the smaller
+* **Lloyd steps**: every partition's worker (:class:`curation.engine.distributed_knn.PartitionWorker`, a Ray actor or a
+  local object) assigns its rows (:func:`curation.engine.knn.nearest_centroid`: exact distances, ties to the smaller
   centroid) and returns per-centroid sums in fixed point (int64) and counts; the driver adds them up (integer
   addition: the same total in any grouping) and divides.  A centroid that receives no row keeps its position.  Stops
   after ``niter`` steps or when the centroids no longer move (a fixed point stays fixed, so the result is the same
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from curation.distributed_knn import FIXED_POINT, Workers
-from curation.partitions import PartitionPlan
+from curation.engine.distributed_knn import FIXED_POINT, Workers
+from curation.engine.partitions import PartitionPlan
 
 KMEANSPP_BUDGET = 2e10  # multiply-adds allowed for k-means++ seeding; beyond it, random rows
 

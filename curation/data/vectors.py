@@ -5,7 +5,7 @@ retrieve, shards, report).
   vector per key; :func:`descriptor_table` writes one, :func:`load_descriptors` / :func:`table_vectors` are the one
   reader, converting chunk by chunk to ``(keys, float32 [N, D])`` (a whole pool's vectors exceed the int32 list
   offsets that combining the chunks into one list array would need: 2**31 floats, ~4.2M x 512-d).
-(k-NN search lives in :mod:`curation.knn`, the one search of every global step.)
+(k-NN search lives in :mod:`curation.engine.knn`, the one search of every global step.)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.storage import read_table
+from curation.pipeline.storage import read_table
 
 
 def descriptor_table(keys: Sequence[str], vectors: np.ndarray, source: str) -> pa.Table:

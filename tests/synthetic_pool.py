@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from curation.storage import write_table
-from curation.vectors import descriptor_table
+from curation.pipeline.storage import write_table
+from curation.data.vectors import descriptor_table
 
 
 def planted_pool(n: int, d: int, n_sources: int, copies: int, seed: int = 0, noise: float = 0.05):

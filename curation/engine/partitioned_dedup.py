@@ -2,11 +2,11 @@
 implementation the dedup stage and :func:`curation.stages.dedup.dedup_graph` (arrays in memory) run, with the
 edges spilled per query block.
 
-* self graph: :func:`curation.distributed_knn.partitioned_knn` of the pool against itself (own match removed),
+* self graph: :func:`curation.engine.distributed_knn.partitioned_knn` of the pool against itself (own match removed),
   edges where similarity > ``threshold`` written per query block;
 * relative graph: each pool query block against the evaluation descriptors (held whole: evaluation sets are small),
   edges where similarity > ``eval_threshold`` per block, evaluation nodes numbered after the pool's;
-* components: :func:`curation.edge_components.streamed_components` over both edge sets (int64 labels, memory
+* components: :func:`curation.engine.edge_components.streamed_components` over both edge sets (int64 labels, memory
   O(nodes)).
 
 :func:`partitioned_dedup_graph` returns the graph's arrays (n x k neighbour tables, assembled from the block
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from curation.distributed_knn import KnnRun, Placement, Workers, write_block, write_edges, partitioned_knn
-from curation.edge_components import edge_batches, streamed_components
-from curation.knn import knn_search
-from curation.partitions import PartitionPlan, iter_query_blocks
+from curation.engine.distributed_knn import KnnRun, Placement, Workers, write_block, write_edges, partitioned_knn
+from curation.engine.edge_components import edge_batches, streamed_components
+from curation.engine.knn import knn_search
+from curation.engine.partitions import PartitionPlan, iter_query_blocks
 
 
 def _pool_vs_eval(pool: PartitionPlan, evals: np.ndarray, k: int, eval_threshold: float, out: Path,

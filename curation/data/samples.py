@@ -1,7 +1,7 @@
 """Where images come from, for every stage after download.
 
 * The **pool**: the run's WebDataset shards - ``filter/NNNNN.tar`` when the run filters (face-blurred, only kept
-  images), else ``download/NNNNN.tar`` (:meth:`curation.layout.RunLayout.pool_tars`) - restricted to the keys a
+  images), else ``download/NNNNN.tar`` (:meth:`curation.pipeline.layout.RunLayout.pool_tars`) - restricted to the keys a
   given stage receives (:func:`shard_input_keys`).
 * **Image sets** (anchor sets, evaluation sets): an image folder (class subfolders optional), WebDataset tar
   shards, or a Parquet file with a ``path`` column (and optional ``key``/``class`` columns).  Keys are made from
@@ -16,12 +16,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from curation.layout import RunLayout
-from curation.storage import iter_tar_samples
+from curation.pipeline.layout import RunLayout
+from curation.pipeline.storage import iter_tar_samples
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -57,12 +57,6 @@ def iter_shard_samples(tar_path: Path, keys: set[str] | None = None) -> Iterator
         data = members[ext]
         meta = json.loads(members["json"]) if "json" in members else {}
         yield Sample(key, data, meta)
-
-
-def iter_tars(tars: Iterable[Path], keys: set[str] | None = None) -> Iterator[Sample]:
-    """The samples of several tar shards, in order (restricted to `keys` when given)."""
-    for tar in tars:
-        yield from iter_shard_samples(Path(tar), keys)
 
 
 def shard_input_keys(layout: RunLayout, stage: str, shard: str) -> set[str]:

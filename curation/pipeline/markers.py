@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from curation.layout import RunLayout
-from curation.storage import file_sha256, write_json
+from curation.pipeline.layout import RunLayout
+from curation.pipeline.storage import file_sha256, write_json
 
 PLAN, FINALIZE = "_plan", "_finalize"
 #: written by the runner when a whole stage has finished (units and finalize): what "N of M stages" counts

@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.config import ConfigError
-from curation.layout import RunLayout
-from curation.storage import file_sha256, write_json
+from curation.pipeline.layout import RunLayout
+from curation.pipeline.storage import file_sha256, write_json
 
 SUFFIXES = (".parquet", ".csv", ".tsv")
 #: the longest CSV/TSV field accepted, in characters (a caption of 64 MiB is far beyond any real one; the bound

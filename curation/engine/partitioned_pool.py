@@ -4,8 +4,8 @@ hierarchical k-means (and, through the same searchers, dedup's graph).
 :func:`pool_plan` cuts the pool's per-shard vector files into partitions of ``scale.worker_memory_gb`` - one when
 it fits; :func:`array_pool` makes a pool of an array already in memory (k-means levels, tests).  Either way the same
 code runs, so the result does not depend on the budget or the number of searchers: exact k-NN rescored
-(:mod:`curation.knn`), k-means seeded by global row and summed in fixed point
-(:mod:`curation.distributed_kmeans`).  :class:`PartitionedPool` offers ``len``, rows by index, ``search`` (exact, or
+(:mod:`curation.engine.knn`), k-means seeded by global row and summed in fixed point
+(:mod:`curation.engine.distributed_kmeans`).  :class:`PartitionedPool` offers ``len``, rows by index, ``search`` (exact, or
 IVF per partition with its recall measured against exact search on a query sample) and ``kmeans``.
 """
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from curation.distributed_kmeans import KMeansResult, partitioned_kmeans, take_rows
-from curation.distributed_knn import Placement, Workers, partitioned_knn
-from curation.partitions import PartitionPlan, array_plan, plan_keys, plan_partitions
+from curation.engine.distributed_kmeans import KMeansResult, partitioned_kmeans, take_rows
+from curation.engine.distributed_knn import Placement, Workers, partitioned_knn
+from curation.engine.partitions import PartitionPlan, array_plan, plan_keys, plan_partitions
 
 
 def pool_plan(files, keys, scale) -> PartitionPlan:
@@ -83,9 +83,9 @@ class PartitionedPool:
         return take_rows(self.plan, self.workers, rows)
 
     def search(self, queries: np.ndarray, k: int, name: str, recall_sample: int = 1000, seed: int | None = None):
-        """k nearest pool rows of each query (a :class:`curation.retrieval.SearchResult`); one result file per query
+        """k nearest pool rows of each query (a :class:`curation.engine.retrieval.SearchResult`); one result file per query
         block under work_dir/<name>."""
-        from curation.retrieval import SearchResult, recall_at_k
+        from curation.engine.retrieval import SearchResult, recall_at_k
 
         k = min(int(k), len(self))
         pl = self.placement

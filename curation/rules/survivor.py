@@ -42,9 +42,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from curation.hashing import HASH_METHOD_KEY
-from curation.layout import RunLayout
-from curation.storage import read_table
+from curation.rules.hashing import HASH_METHOD_KEY
+from curation.pipeline.layout import RunLayout
+from curation.pipeline.storage import read_table
 
 FILL_STEP = 0.1  # edge-fill differences below one step (JPEG noise, natural flat edges) do not decide
 QUALITY_STEP = 10  # JPEG quality differences below one step (re-saves at close settings) do not decide

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curation.layout import RunLayout
-from curation.storage import iter_tar_members, read_table, write_table
+from curation.pipeline.layout import RunLayout
+from curation.pipeline.storage import iter_tar_members, read_table, write_table
 
 
 def scan_tar(path: str | Path) -> pa.Table:

@@ -30,9 +30,9 @@ from typing import Sequence
 
 import pyarrow.parquet as pq
 
-from curation import markers
-from curation.layout import SHARDS_META, STAGE_ORDER, RunLayout
-from curation.storage import write_json
+from curation.pipeline import markers
+from curation.pipeline.layout import SHARDS_META, STAGE_ORDER, RunLayout
+from curation.pipeline.storage import write_json
 
 #: stages whose units are the pool shards (unit id ``<shard>`` or ``pool-<shard>``), redone per retried shard
 PER_SHARD_STAGES = ("filter", "hash", "sscd", "embed")

@@ -2,7 +2,7 @@
 proportional to the number of nodes, never to the number of edges.
 
 Edges are read in batches of about ``batch_edges``; each batch is folded into the running labels with the
-vectorised hook-and-compress of :func:`curation.components.connected_components`: with ``label`` the current root
+vectorised hook-and-compress of :func:`curation.engine.components.connected_components`: with ``label`` the current root
 (smallest node) of every node, the batch's edges between roots (label[src], label[dst]) are labelled over the n
 nodes, and ``label = batch_label[label]`` composes the two.  Roots only decrease, so the result is the smallest node
 index of each component, exactly as a single call over all edges would give (independent of batch order).
@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
-from curation.components import connected_components
+from curation.engine.components import connected_components
 
 
 def edge_batches(paths: Iterable[str | Path], src_offset: int = 0, dst_offset: int = 0,

@@ -211,7 +211,7 @@ def make_detector(kind: str, face_threshold: float = 0.5) -> Detector:
         module, _, attr = kind.partition(":")
         obj = getattr(importlib.import_module(module), attr)()
         if not isinstance(obj, Detector):
-            raise TypeError(f"{kind} does not implement curation.detectors.Detector (name + detect(images))")
+            raise TypeError(f"{kind} does not implement curation.models.detectors.Detector (name + detect(images))")
         return obj
     raise ValueError(f"unknown detector {kind!r}")
 

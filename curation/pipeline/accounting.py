@@ -2,7 +2,7 @@
 
 Each stage that can drop rows writes, per unit of work, a *ledger* part (``RUN/<stage>/_ledger/<unit>.parquet``)
 with one row per key it received: kept, or dropped with a reason from :data:`schemas.DROP_REASONS` (paths:
-:class:`curation.layout.RunLayout`).  From the ledgers we derive
+:class:`curation.pipeline.layout.RunLayout`).  From the ledgers we derive
 
 * the keys a stage passes on (:func:`kept_keys`),
 * ``stats/drops.parquet`` (every dropped row of every stage) and ``stats/funnel.parquet`` (rows in / kept /
@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.layout import LEDGER_STAGES, STAGE_ORDER, RunLayout
-from curation.storage import read_tables, write_table
+from curation.pipeline.layout import LEDGER_STAGES, STAGE_ORDER, RunLayout
+from curation.pipeline.storage import read_tables, write_table
 from schemas.tables import DROP_REASONS, DROPS, LEDGER
 
 
@@ -112,7 +112,7 @@ def unfinished_line(root: Path, ignore: Sequence[str] = ()) -> str | None:
     subset of --stages), e.g. ``unfinished: 1 of 9 stages finished (download); next: filter``; None when finished."""
     import yaml
 
-    from curation import markers
+    from curation.pipeline import markers
 
     layout = RunLayout(root)
     try:
