@@ -3,7 +3,8 @@
 Dataset (built here, deterministic): scikit-learn's 1,797 8x8 digits, each pasted at a random scale (``--min-px``
 to ``--max-px``, default 14 to 32 px) and position onto a ``--size`` px (64) image of grey Gaussian noise
 (standard deviation ``--noise``, 8), in white ink (``--ink white``; ``both``: white or black at random, which the
-features learn as a shortcut). The 1,797 digits are split once: the first 1,297 give the unlabelled SSL set
+features learn as a shortcut; ``random``: a random RGB colour per digit, a shortcut that every crop of an image
+shares and DINOv2's colour jitter, hue 0.1, keeps). The 1,797 digits are split once: the first 1,297 give the unlabelled SSL set
 (``--pastes`` placements each) and the labelled k-NN train set (one more placement each), the rest the labelled
 k-NN validation set (500). Position and scale vary, so nearest neighbours on raw pixels mostly match placement,
 not the digit: raw-pixel k-NN is 0.25-0.28 at the defaults (0.37 at 56 px), and a backbone has to learn shape
@@ -45,17 +46,34 @@ from training.plot import plot_metrics, read_metrics_rows  # noqa: E402
 from training.train import train  # noqa: E402
 
 
-INKS = {"both": (255.0, 0.0), "white": (255.0,), "black": (0.0,)}
+INKS = {"both": (255.0, 0.0), "white": (255.0,), "black": (0.0,), "random": ()}
+"""``--ink``: the grey levels a digit's ink is drawn from; ``random``: a random RGB colour per image
+(``random_ink``)."""
+RANDOM_INK_MIN_CONTRAST = 64
+"""A random ink's colour differs from the background's mean grey (128) by at least this in one channel, so that
+every digit stays visible; below it a redraw."""
 AUGMENTATIONS = {"light": {"flip_p": 0.0, "color_jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": [0.0, 0.0, 0.0]},
                  "dinov2": {}}
 """``--aug``: crops settings on top of the trainer's defaults (training/config.py CropsConfig)."""
 
 
+def random_ink(rng: np.random.Generator) -> np.ndarray:
+    """A uniform random RGB colour (0-255 per channel), redrawn until one channel is at least
+    ``RANDOM_INK_MIN_CONTRAST`` away from the background's grey 128."""
+    while True:
+        rgb = rng.integers(0, 256, 3).astype(np.float64)
+        if np.abs(rgb - 128).max() >= RANDOM_INK_MIN_CONTRAST:
+            return rgb
+
+
 def paste_digit(digit: np.ndarray, size: int, rng: np.random.Generator, min_px: int, max_px: int,
-                ink: str = "both", noise: float = 48.0) -> tuple[np.ndarray, dict[str, int]]:
+                ink: str = "both", noise: float = 48.0,
+                ink_rng: np.random.Generator | None = None) -> tuple[np.ndarray, dict[str, int]]:
     """One ``size`` x ``size`` RGB uint8 image: noise, and the 8x8 digit (values 0-16) at a random scale, position
-    and ink (``both``: white or black at random, else one ink for every image); the noise is grey, standard
-    deviation ``noise``. Also returns the placement: digit size ``px``, top-left ``y``, ``x`` and ``ink`` (0-255)."""
+    and ink (``both``: white or black at random, ``random``: a random RGB colour from ``ink_rng``, else one ink for
+    every image); the noise is grey, standard deviation ``noise``. Also returns the placement: digit size ``px``,
+    top-left ``y``, ``x`` and ``ink`` (the grey level 0-255; for ``random`` the colour's octant 0-7, bit c set
+    where channel c is above 128, and ``rgb``)."""
     from PIL import Image
 
     bg = rng.normal(128, noise, (size, size, 1)).clip(0, 255).repeat(3, axis=2)
@@ -64,10 +82,16 @@ def paste_digit(digit: np.ndarray, size: int, rng: np.random.Generator, min_px: 
                        dtype=np.float64)[..., None] / 255
     y, x = rng.integers(0, size - px + 1, 2)
     inks = INKS[ink]
-    ink_value = inks[0] if rng.random() < 0.5 else inks[-1]  # drawn for every ink: the same placements
+    u = rng.random()  # drawn for every ink: the same placements whatever the ink
+    if ink == "random":  # its own generator, so the placements stay those of the other inks
+        colour = random_ink(ink_rng if ink_rng is not None else rng)
+        placement = {"ink": int(sum(1 << c for c in range(3) if colour[c] > 128)), "rgb": colour.astype(int).tolist()}
+    else:
+        colour = np.full(3, inks[0] if u < 0.5 else inks[-1])
+        placement = {"ink": int(colour[0])}
     patch = bg[y:y + px, x:x + px]
-    bg[y:y + px, x:x + px] = patch * (1 - alpha) + np.full(3, ink_value) * alpha
-    return bg.round().astype(np.uint8), {"px": px, "y": int(y), "x": int(x), "ink": int(ink_value)}
+    bg[y:y + px, x:x + px] = patch * (1 - alpha) + colour * alpha
+    return bg.round().astype(np.uint8), {"px": px, "y": int(y), "x": int(x), **placement}
 
 
 def build_dataset(root: Path, size: int = 64, train_digits: int = 1297, pastes: int = 2, min_px: int = 28,
@@ -80,6 +104,7 @@ def build_dataset(root: Path, size: int = 64, train_digits: int = 1297, pastes: 
 
     d = load_digits()
     rng = np.random.default_rng(seed)
+    ink_rng = np.random.default_rng([seed, 1])  # random-colour ink only
     perm = rng.permutation(len(d.images))
     counts = {"ssl": 0, "knn_train": 0, "knn_val": 0}
     placements = {}
@@ -91,7 +116,7 @@ def build_dataset(root: Path, size: int = 64, train_digits: int = 1297, pastes: 
             sub.mkdir(parents=True, exist_ok=True)
             path = sub / f"{i:05d}_{j}.png"
             img, placements[str(path.relative_to(root))] = paste_digit(d.images[idx], size, rng, min_px, max_px,
-                                                                       ink, noise)
+                                                                       ink, noise, ink_rng)
             Image.fromarray(img).save(path)
             counts[split] += 1
     (root / "placements.json").write_text(json.dumps(placements))
@@ -125,6 +150,15 @@ def knn_by_attribute(root: Path, size: int, backbone: torch.nn.Module, k: int = 
         out[attr] = round(knn_accuracy(feats["knn_train"], lab["knn_train"], feats["knn_val"], lab["knn_val"], k, T),
                           3)
     return out
+
+
+def binomial_z(a: float, b: float, n: int) -> float:
+    """How many standard deviations accuracy ``a`` lies above ``b``, both measured on ``n`` test images: each has
+    the binomial standard deviation sqrt(p (1 - p) / n), and the two are combined as for independent estimates,
+    sqrt(sd_a^2 + sd_b^2) (the two share the test images, whose correlation would only shrink the difference's
+    spread, so this errs on the strict side)."""
+    sd = ((a * (1 - a) + b * (1 - b)) / n) ** 0.5
+    return round((a - b) / sd, 2) if sd > 0 else float("inf") * (1 if a > b else -1 if a < b else 0)
 
 
 def recipe(root: Path, size: int, steps: int, batch: int, args: argparse.Namespace) -> dict:
@@ -182,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-scales", choices=["bench", "reference"], default="reference",
                    help="bench: global (0.5, 1), local (0.2, 0.5); reference: DINOv2's (0.32, 1) and (0.05, 0.32)")
     p.add_argument("--ink", choices=sorted(INKS), default="white",
-                   help="both: each digit in white or black ink at random; white / black: one ink for all")
+                   help="both: each digit in white or black ink at random; white / black: one ink for all; "
+                        "random: a random RGB colour per digit (a shortcut every crop of an image shares)")
     p.add_argument("--min-px", type=int, default=14, help="smallest pasted digit side (px)")
     p.add_argument("--max-px", type=int, default=32, help="largest pasted digit side (px)")
     p.add_argument("--noise", type=float, default=8.0, help="standard deviation of the grey background noise")
@@ -235,6 +270,10 @@ def run(args: argparse.Namespace) -> dict:
                        "init_knn_top1": evals[0]["knn_top1"], "trained_knn_top1": evals[-1]["knn_top1"],
                        "knn_top1_by_iteration": {e["iteration"]: round(e["knn_top1"], 3) for e in evals},
                        "recipe": recipe_flags(args),
+                       "z_trained_vs": {"raw_pixels": binomial_z(evals[-1]["knn_top1"], result["raw_pixels_knn_top1"],
+                                                                 counts["knn_val"]),
+                                        "init": binomial_z(evals[-1]["knn_top1"], evals[0]["knn_top1"],
+                                                           counts["knn_val"])},
                        "metrics": str(run_dir / "metrics.jsonl"), "loss_curves": str(run_dir / "loss_curves.png")})
     return result
 

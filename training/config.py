@@ -59,6 +59,10 @@ class ModelConfig(_Strict):
                                       "training; None: the arch's (off)")
     rope_shift: float | None = Field(None, ge=0, description="RoPE archs: coordinate shift in training (units of "
                                      "the [-1, 1] grid); None: the arch's (off)")
+    mask_token_std: float | None = Field(None, ge=0, description="init std of the iBOT mask token; None: 0.02 for "
+                                         "the RoPE archs (a zero token there can reach the heads as an exact zero "
+                                         "vector, whose L2-normalisation gradient is 1e12), 0 (the references') "
+                                         "for learned position embeddings")
 
     @model_validator(mode="before")
     @classmethod
@@ -93,7 +97,7 @@ class ModelConfig(_Strict):
         kw: dict[str, Any] = {"patch_size": self.patch_size, "drop_path_rate": self.drop_path_rate,
                               "init_values": self.layerscale}
         for k in ("ffn_layer", "num_register_tokens", "embed_dim", "depth", "num_heads", "mlp_ratio",
-                  "rope_rescale", "rope_jitter", "rope_shift"):
+                  "rope_rescale", "rope_jitter", "rope_shift", "mask_token_std"):
             v = getattr(self, k)
             if v is not None:
                 kw[k] = v

@@ -169,3 +169,32 @@ def test_learning_bench_one_ink_keeps_the_placements_and_carries_no_ink_informat
         # the digit's full-ink pixels (the brightest of an 8x8 digit reach 16) are white in the white-ink image
         assert w.max() == 255
     assert 5 < sum(inked) < 35  # "both" draws black ink for about half of the digits
+
+
+def test_learning_bench_random_ink_keeps_the_placements_and_inks_each_digit_in_a_visible_colour():
+    """``--ink random``: the placements of the other inks (its colours come from a generator of their own), each
+    digit in one RGB colour that differs from the grey background by at least the bench's contrast in a
+    channel, and the recorded octant is that colour's."""
+    from sklearn.datasets import load_digits
+
+    bench = _learning_bench()
+    digits = load_digits().images[:40]
+    ink_rng = np.random.default_rng(99)
+    white = [bench.paste_digit(d, 56, np.random.default_rng(i), 28, 48, "white") for i, d in enumerate(digits)]
+    black = [bench.paste_digit(d, 56, np.random.default_rng(i), 28, 48, "black")[0] for i, d in enumerate(digits)]
+    rand = [bench.paste_digit(d, 56, np.random.default_rng(i), 28, 48, "random", ink_rng=ink_rng)
+            for i, d in enumerate(digits)]
+    colours = set()
+    for (w, pw), b, (r, pr) in zip(white, black, rand):
+        assert {k: pr[k] for k in ("px", "y", "x")} == {k: pw[k] for k in ("px", "y", "x")}
+        rgb = np.array(pr["rgb"])
+        assert np.abs(rgb - 128).max() >= bench.RANDOM_INK_MIN_CONTRAST
+        assert pr["ink"] == sum(1 << c for c in range(3) if rgb[c] > 128)
+        # each image is background (1 - alpha) + ink alpha, rounded: white - black = 255 alpha, black = the
+        # background's share, so random = black + colour alpha; the three roundings (0.5 each, and at most 1 for
+        # colour x alpha's 1/255 error) bound the difference by 2
+        w, b, r = (a.astype(float) for a in (w, b, r))
+        alpha = (w - b) / 255
+        assert alpha.max() > 0.5 and np.abs(r - (b + alpha * rgb)).max() <= 2
+        colours.add(tuple(rgb))
+    assert len(colours) == len(digits)  # a colour per digit

@@ -63,8 +63,12 @@ class VisionTransformer(nn.Module):
         rope_jitter: float | None = None,
         rope_rescale: float | None = None,
         norm_eps: float = 1e-6,
+        mask_token_std: float | None = None,
     ):
         super().__init__()
+        if mask_token_std is not None and not (math.isfinite(mask_token_std) and mask_token_std >= 0):
+            raise ValueError(f"mask_token_std must be a finite number >= 0, got {mask_token_std}")
+        self.mask_token_std = mask_token_std
         if pos_embed_type not in ("learned", "rope"):
             raise ValueError(f"pos_embed_type must be 'learned' or 'rope', got {pos_embed_type!r}")
         if packed_attention not in (True, False, "auto"):
@@ -120,6 +124,19 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=token_std)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=token_std)
+        # The mask token: zeros in both references. With a learned position embedding a masked token is
+        # mask + position, never zero. Without one (RoPE), a masked token is exactly the zero vector; at init
+        # (zero biases) the FFN maps zero to zero, so the token stays zero through every block whose attention
+        # branch stochastic depth skipped for its image, and a shallow model skips all of them for some image
+        # every few steps (depth 2, batch 8, drop path 0.1: one image in eight per block). The iBOT head then
+        # L2-normalises an exact zero, whose gradient is 1 / eps = 1e12: the step's gradient norm explodes (and
+        # with LayerScale 1e-5 a ~1e-5 token gets LayerNorm's 1 / sqrt(eps) = 1e3 amplification). So RoPE models
+        # start their mask token at std 0.02, as their class and storage tokens; ``mask_token_std=0`` restores
+        # the references' zeros.
+        mask_std = self.mask_token_std if self.mask_token_std is not None else (0.0 if self.pos_embed is not None
+                                                                                else 0.02)
+        if mask_std > 0:
+            nn.init.normal_(self.mask_token, std=mask_std)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
