@@ -139,7 +139,7 @@ def build(out: Path, args: argparse.Namespace) -> dict:
     photos = photo_sources()
     images: list[tuple[str, Image.Image]] = [("fashion", _rgb(tx[i])) for i in pool_idx]
     makers = {"digit": drawn_digit, "noise": noise_texture, "photo": lambda r: photo_crop(photos, r)}
-    per = args.target // len(makers)
+    per = int(round(args.distractors * args.target)) // len(makers)
     for kind, make in makers.items():
         images += [(kind, make(rng)) for _ in range(per)]
     for _ in range(int(args.dup_share * len(images))):
@@ -212,7 +212,9 @@ def binomial_sd(p: float, n: int) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/curation_ablation")
-    p.add_argument("--target", type=int, default=1500, help="Fashion-MNIST images in the pool (distractors: as many)")
+    p.add_argument("--target", type=int, default=1500, help="Fashion-MNIST images in the pool")
+    p.add_argument("--distractors", type=float, default=1.0,
+                   help="distractor images per target image (split evenly over digits, noise and photo crops)")
     p.add_argument("--dup-share", type=float, default=0.1, help="planted duplicates, a share of the pool")
     p.add_argument("--anchors", type=int, default=300)
     p.add_argument("--k", type=int, default=4, help="sample retrieval: neighbours per anchor")

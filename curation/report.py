@@ -10,6 +10,8 @@ at any time (:func:`build_report` for ``lvd report``; the report stage calls :fu
   of sample-based sets, best-anchor similarity of cluster-based ones), cluster sizes (``stats/cluster_stats.parquet``);
 * what curation did (:func:`curation_section_html`): per anchor set the share of its selection from each source
   and cluster, and the embedder's leave-one-out k-NN on each labelled evaluation set;
+* a curation ablation (:func:`ablation_section_html`, when ``stats/ablation.parquet`` is there): the same training
+  recipe on the curated shards and on a random pool subset of the same size, k-NN on a labelled evaluation set;
 * image grids: ``report.grid_anchors`` random anchors of each searched set beside their ``report.grid_neighbors``
   best retrieved pool images, with similarities (pool images read by offset through :mod:`curation.data.tarindex`).
 
@@ -30,6 +32,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.pipeline.layout import RunLayout
@@ -328,6 +331,84 @@ def curation_section_html(shares, knn) -> str:
     return "\n".join(parts)
 
 
+# ------------------------------------------------------------------------------- a curation ablation's table
+#: ``stats/ablation.parquet``, written by a curation ablation (bench/curation_ablation.py) into the run whose
+#: shards it trained on: per training seed, the k-NN top-1 on the labelled evaluation set (``eval_set``,
+#: ``eval_images`` held-out images) of the teacher trained on the curated shards and of the same recipe trained
+#: on a random pool subset of the same size (``train_images``), raw pixels' k-NN, and each training set's share
+#: of the target domain.
+ABLATION = "ablation"
+ABLATION_SCHEMA = pa.schema([
+    ("seed", pa.int64()), ("eval_set", pa.string()), ("eval_images", pa.int64()), ("train_images", pa.int64()),
+    ("curated_knn_top1", pa.float64()), ("random_knn_top1", pa.float64()), ("raw_pixels_knn_top1", pa.float64()),
+    ("curated_target_share", pa.float64()), ("random_target_share", pa.float64())])
+
+
+def binomial_sd(p, n: int):
+    """The binomial standard deviation sqrt(p (1 - p) / n) of an accuracy p measured on n images."""
+    p = np.asarray(p, dtype=np.float64)
+    return np.sqrt(p * (1 - p) / n)
+
+
+def ablation_summary(runs):
+    """The ablation table: one row per seed, then the mean over seeds.  Each accuracy with its binomial standard
+    deviation on the evaluation set's images; ``difference`` = curated - random with the standard deviation of a
+    difference of two such accuracies (``difference_sd``, their binomial deviations in quadrature) and the
+    difference in those units (``z``).  The mean row's ``seed_se`` is the standard error of the mean difference
+    over seeds (their spread / sqrt(seeds), training noise the binomial deviation does not hold), and its ``z``
+    divides by both in quadrature.  ``runs``: the rows of :data:`ABLATION_SCHEMA` (a DataFrame)."""
+    import pandas as pd
+
+    runs = runs.sort_values("seed")
+    n = int(runs["eval_images"].iloc[0])
+    c, r, raw = (runs[f"{a}_knn_top1"].to_numpy(np.float64) for a in ("curated", "random", "raw_pixels"))
+    d = c - r
+    k = len(runs)
+    seed_se = float(np.std(d, ddof=1) / np.sqrt(k)) if k > 1 else float("nan")
+    rows = [(str(s), int(t), ci, ri, ri_raw, sc, sr, float("nan"))
+            for s, t, ci, ri, ri_raw, sc, sr in zip(runs["seed"], runs["train_images"], c, r, raw,
+                                                    runs["curated_target_share"], runs["random_target_share"])]
+    rows.append((f"mean of {k}", int(runs["train_images"].mean().round()), float(c.mean()), float(r.mean()),
+                 float(raw.mean()), float(runs["curated_target_share"].mean()),
+                 float(runs["random_target_share"].mean()), seed_se))
+    out = pd.DataFrame(rows, columns=["seed", "train_images", "curated", "random", "raw_pixels",
+                                      "curated_target_share", "random_target_share", "seed_se"])
+    for arm in ("curated", "random", "raw_pixels"):
+        out[f"{arm}_sd"] = binomial_sd(out[arm].to_numpy(), n)
+    out["difference"] = out["curated"] - out["random"]
+    out["difference_sd"] = np.hypot(out["curated_sd"], out["random_sd"])
+    spread = np.where(np.isnan(out["seed_se"]), 0.0, out["seed_se"])
+    out["z"] = out["difference"] / np.hypot(out["difference_sd"], spread)
+    return out[["seed", "train_images", "curated_target_share", "random_target_share", "curated", "curated_sd",
+                "random", "random_sd", "difference", "difference_sd", "seed_se", "z", "raw_pixels",
+                "raw_pixels_sd"]]
+
+
+def ablation_section_html(layout: RunLayout) -> str:
+    """The report's "Curation ablation" section, from the run's ``stats/ablation.parquet`` ("" when absent)."""
+    path = layout.stats(ABLATION)
+    if not path.exists():
+        return ""
+    from curation.storage import read_table
+
+    runs = read_table(path, ABLATION_SCHEMA).to_pandas()
+    if not len(runs):
+        return ""
+    summary = ablation_summary(runs)
+    mean = summary.iloc[-1]
+    eval_set, n = html.escape(str(runs["eval_set"].iloc[0])), int(runs["eval_images"].iloc[0])
+    verdict = ("curated beat" if mean["difference"] > 0 else "curated did not beat") + \
+        f" the random subset by {mean['difference']:+.3f} k-NN top-1, {mean['z']:.1f} standard deviations"
+    return "\n".join([
+        "<h2 id='curation-ablation'>Curation ablation</h2>",
+        f"<p>The same training recipe on this run's curated shards and on a random pool subset of the same size, "
+        f"one row per training seed: the trained teacher's weighted k-NN top-1 on the {n:,} labelled held-out "
+        f"images of evaluation set <code>{eval_set}</code>, each +- its binomial standard deviation "
+        "sqrt(p (1 - p) / n); raw pixels for reference; target share: the share of each training set from the "
+        f"target domain. Mean of the seeds: <b>{html.escape(verdict)}</b> (the mean row's z also counts the "
+        "seeds' spread).</p>", _table_html(summary)])
+
+
 # ---------------------------------------------------------------------------------------------- why: the rules
 #: per drop reason, the rule that dropped the image, in words; {section.key} is filled from the run's config
 RULES = {
@@ -573,7 +654,8 @@ def write_report(layout: RunLayout, anchor_sets=(), rep=None, seed: int = 0, eva
     curation = curation_section_html(selection_shares(layout), eval_set_knn(layout, eval_sets))
     cfg = _config_dict(layout)
     top, why = why_sections(layout, cfg, tables["drops"], rep.thumb_size if rep is not None else 80)
-    write_text(layout.report_html, page_html(str(layout.root), manifest, tables, imgs, grids, [curation], top=top,
+    sections = [curation, ablation_section_html(layout)]
+    write_text(layout.report_html, page_html(str(layout.root), manifest, tables, imgs, grids, sections, top=top,
                                              why=why))
     return layout.report_html
 

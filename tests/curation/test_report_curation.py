@@ -72,3 +72,41 @@ def test_report_shows_selection_shares_and_embedder_knn(tmp_path):
     # without labels (a flat folder) or embeddings there is no k-NN table
     assert eval_set_knn(layout, [SimpleNamespace(name="other", path=ev, format="auto")]) is None
     assert "embedder-knn" not in write_report(layout).read_text()
+
+
+def test_report_renders_an_ablation_table_with_binomial_deviations(tmp_path):
+    import math
+
+    import pandas as pd
+
+    from curation.report import ABLATION, ABLATION_SCHEMA, ablation_summary
+    from tests.tolerance import assert_close
+
+    layout = RunLayout(tmp_path / "run")
+    assert "curation-ablation" not in write_report(layout).read_text()  # no table: no section
+    n = 1000
+    runs = pd.DataFrame({"seed": [2, 0, 1], "eval_set": "fashion_test", "eval_images": n, "train_images": 650,
+                         "curated_knn_top1": [0.71, 0.70, 0.72], "random_knn_top1": [0.64, 0.60, 0.62],
+                         "raw_pixels_knn_top1": 0.78, "curated_target_share": 0.95,
+                         "random_target_share": [0.19, 0.20, 0.21]})
+    write_table(layout.stats(ABLATION), pa.Table.from_pandas(runs, preserve_index=False), ABLATION_SCHEMA)
+    s = ablation_summary(runs)
+    assert s["seed"].tolist() == ["0", "1", "2", "mean of 3"]
+    # seed 0: 0.70 +- sqrt(0.7 * 0.3 / 1000), 0.60 +- sqrt(0.6 * 0.4 / 1000), difference 0.10 +- both in quadrature
+    sd = lambda p: math.sqrt(p * (1 - p) / n)  # noqa: E731
+    first = s.iloc[0]
+    assert_close([first.curated_sd, first.random_sd, first.difference, first.difference_sd, first.z],
+                 [sd(0.7), sd(0.6), 0.1, math.hypot(sd(0.7), sd(0.6)), 0.1 / math.hypot(sd(0.7), sd(0.6))],
+                 n_terms=4, depth=4, magnitude=5.0)
+    assert math.isnan(first.seed_se)
+    # the mean: curated 0.71, random 0.62, differences 0.10, 0.10, 0.07 -> mean 0.09, sample sd sqrt(0.0003),
+    # standard error sqrt(0.0003 / 3) = 0.01; z divides by the binomial and the seed deviation in quadrature
+    mean = s.iloc[-1]
+    dsd = math.hypot(sd(0.71), sd(0.62))
+    assert_close([mean.curated, mean.random, mean.difference, mean.difference_sd, mean.seed_se, mean.z],
+                 [0.71, 0.62, 0.09, dsd, 0.01, 0.09 / math.hypot(dsd, 0.01)], n_terms=4, depth=4, magnitude=5.0)
+    page = write_report(layout).read_text()
+    section = page[page.index("id='curation-ablation'"):]
+    assert "fashion_test" in section and "1,000" in section and "mean of 3" in section
+    assert f"curated beat the random subset by +0.090 k-NN top-1, {0.09 / math.hypot(dsd, 0.01):.1f}" in section
+    assert "<td>0.710</td>" in section and f"<td>{sd(0.71):.3f}</td>" in section
