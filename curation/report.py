@@ -389,7 +389,7 @@ def ablation_section_html(layout: RunLayout) -> str:
     path = layout.stats(ABLATION)
     if not path.exists():
         return ""
-    from curation.storage import read_table
+    from curation.pipeline.storage import read_table
 
     runs = read_table(path, ABLATION_SCHEMA).to_pandas()
     if not len(runs):

@@ -20,7 +20,9 @@ The single-process checkpoint is one ``torch.save``-d dict::
 ``student``/``teacher`` are ``ModuleDict`` state dicts (``backbone.*``, ``dino_head.*``, ``ibot_head.*``); every
 saved role of training/roles.py has its own key the same way (``gram_teacher``, ``student_<name>`` /
 ``teacher_<name>`` with ``optimizer_<name>``), and ``roles`` lists the role and optimizer keys the file holds.
-Writes go to a temporary name then ``os.replace`` (atomic on POSIX); only the newest ``keep_last`` are kept.
+Writes go to a temporary name then ``os.replace`` (atomic on POSIX), made durable against a power loss by
+``curation.pipeline.storage.durable_replace`` (the files flushed before the rename, the folder's new entry after it); only
+the newest ``keep_last`` are kept.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from curation.pipeline.storage import durable_replace, fsync_path  # one durable rename for run outputs and checkpoints
 
 __all__ = ["checkpoint_dir", "save_checkpoint", "save_distributed_checkpoint", "find_latest_checkpoint",
            "load_checkpoint", "load_checkpoint_meta", "load_training_state", "rng_state", "set_rng_state",
@@ -96,6 +100,11 @@ def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
     return stale
 
 
+def _save_flushed(obj: Any, path: Path) -> None:
+    torch.save(obj, path)
+    fsync_path(path)
+
+
 def save_checkpoint(output_dir: str | os.PathLike, state: dict[str, Any], keep_last: int = 3) -> Path:
     d = checkpoint_dir(output_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -103,9 +112,7 @@ def save_checkpoint(output_dir: str | os.PathLike, state: dict[str, Any], keep_l
     path = d / f"checkpoint_{int(state['iteration']):08d}.pt"
     tmp = d / (path.name + f".tmp{os.getpid()}")
     torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    durable_replace(tmp, path)  # the file flushed, renamed, and the folder's new entry flushed (power loss)
     for old in list_checkpoints(output_dir)[:-keep_last]:
         _remove(old)
     return path
@@ -128,15 +135,15 @@ def save_distributed_checkpoint(output_dir: str | os.PathLike, app_state: dict[s
             shutil.rmtree(tmp)  # left by a killed run
         tmp.mkdir()
     dist.barrier()
-    torch.save(rng, tmp / f"rng_rank{rank}.pt")
-    dcp.save(app_state, checkpoint_id=str(tmp))
+    _save_flushed(rng, tmp / f"rng_rank{rank}.pt")
+    dcp.save(app_state, checkpoint_id=str(tmp))  # DCP's file writer flushes its own files (sync_files)
     if rank == 0:
-        torch.save({"format": FORMAT, **meta}, tmp / "meta.pt")
-    dist.barrier()  # every rank's files are written
+        _save_flushed({"format": FORMAT, **meta}, tmp / "meta.pt")
+    dist.barrier()  # every rank's files are written and flushed
     if rank == 0:
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        durable_replace(tmp, final)  # the folder's entries flushed, renamed, the parent's new entry flushed
         for old in list_checkpoints(output_dir)[:-keep_last]:
             _remove(old)
     dist.barrier()

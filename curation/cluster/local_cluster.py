@@ -83,11 +83,9 @@ def _proc_table() -> dict[int, tuple[int, str]]:
     return table
 
 
-def processes_of_cluster(marks: list[str]) -> list[int]:
-    """Pids of the Ray processes whose command line names one of `marks` (the cluster's temp dir or GCS port),
-    and all their descendants (workers rename themselves ``ray::IDLE``, so they are found through their raylet)."""
-    table = _proc_table()
-    found = {pid for pid, (_, cmd) in table.items() if pid != os.getpid() and any(m in cmd for m in marks)}
+def _with_descendants(table: dict[int, tuple[int, str]], roots: set[int]) -> set[int]:
+    """`roots` and every process below them in `table` (this process excluded)."""
+    found = set(roots)
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
@@ -97,7 +95,28 @@ def processes_of_cluster(marks: list[str]) -> list[int]:
             if child not in found and child != os.getpid():
                 found.add(child)
                 stack.append(child)
-    return sorted(found)
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids of every living process below `pid` (its children, theirs, ...), from Linux /proc."""
+    return sorted(p for p in _with_descendants(_proc_table(), {pid}) if p != pid and process_alive(p))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs: a zombie (dead, its exit status not yet collected) does not."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def processes_of_cluster(marks: list[str]) -> list[int]:
+    """Pids of the Ray processes whose command line names one of `marks` (the cluster's temp dir or GCS port),
+    and all their descendants (workers rename themselves ``ray::IDLE``, so they are found through their raylet)."""
+    table = _proc_table()
+    found = {pid for pid, (_, cmd) in table.items() if pid != os.getpid() and any(m in cmd for m in marks)}
+    return sorted(_with_descendants(table, found))
 
 
 def stop_cluster_processes(marks: list[str], grace_s: float = 10.0) -> int:
@@ -113,7 +132,7 @@ def stop_cluster_processes(marks: list[str], grace_s: float = 10.0) -> int:
             except ProcessLookupError:
                 pass
         deadline = time.time() + grace_s
-        while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+        while time.time() < deadline and any(process_alive(pid) for pid in pids):
             time.sleep(0.2)
     return len(pids)
 

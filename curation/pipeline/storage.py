@@ -60,7 +60,8 @@ def commit(tmp: Path, path: Path, record: bool = True) -> None:
         paths.append(Path(path))
 
 
-def _fsync_path(path: Path, directory: bool) -> None:
+def fsync_path(path: str | os.PathLike, directory: bool = False) -> None:
+    """Flush a file's data, or a directory's entries, to the disk."""
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
@@ -68,13 +69,15 @@ def _fsync_path(path: Path, directory: bool) -> None:
         os.close(fd)
 
 
-def durable_replace(tmp: Path, path: Path) -> None:
-    """``os.replace(tmp, path)`` that survives a power loss: the file's data is flushed before the rename and the
-    directory's new entry after it (without the second, a marker can vanish or point at a file that never
-    reached the disk, although the rename itself is atomic)."""
-    _fsync_path(Path(tmp), directory=False)
+def durable_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """``os.replace(tmp, path)`` that survives a power loss: the file's data (for a directory: its entries; the
+    caller flushes the files inside) is flushed before the rename and the parent directory's new entry after it
+    (without the second, a marker or a checkpoint can vanish or point at a file that never reached the disk,
+    although the rename itself is atomic)."""
+    tmp = Path(tmp)
+    fsync_path(tmp, directory=tmp.is_dir())
     os.replace(tmp, path)
-    _fsync_path(Path(path).parent, directory=True)
+    fsync_path(Path(path).parent, directory=True)
 
 
 def remove_own_temporaries(directory: str | os.PathLike) -> int:

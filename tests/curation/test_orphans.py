@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from curation.cluster.local_cluster import process_alive
+
 REPO = Path(__file__).resolve().parents[2]
 
 DRIVER = """
@@ -28,28 +30,17 @@ time.sleep(3600)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (dead, not yet reaped by init) is gone
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_decode_workers_die_with_a_killed_driver():
     proc = subprocess.Popen([sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         workers = [int(p) for p in proc.stdout.readline().split()]
-        assert len(workers) == 2 and all(_alive(p) for p in workers)
+        assert len(workers) == 2 and all(process_alive(p) for p in workers)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + 60  # a guard against a hang: the kernel kills them at once
-        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        while any(process_alive(p) for p in workers) and time.monotonic() < deadline:
             time.sleep(0.2)
-        left = [p for p in workers if _alive(p)]
+        left = [p for p in workers if process_alive(p)]
         for p in left:
             os.kill(p, signal.SIGKILL)
         assert not left, f"decode workers {left} outlived their killed driver"

@@ -80,8 +80,12 @@ def test_sigkill_then_resume(demo_download, tmp_path):
 
 # -- kill -9 at random points of the whole pipeline ------------------------------------------------------------
 
-# 20 seeded trials in the suite; LVD_KILL_TRIALS / LVD_KILL_SEED run more, or others
-KILL_TRIALS = int(os.environ.get("LVD_KILL_TRIALS", "20"))
+# 18 seeded trials in the suite (and one kill in each stage that starts worker processes); LVD_KILL_TRIALS /
+# LVD_KILL_SEED run more, or others
+KILL_TRIALS = int(os.environ.get("LVD_KILL_TRIALS", "18"))
+#: the stages whose units start processes (DataLoader decode workers); every other stage runs in the driver's own
+#: process and threads (img2dataset's fetch threads, FAISS/OpenMP, ONNX Runtime)
+WORKER_STAGES = ("sscd", "embed")
 KILL_SEED = int(os.environ.get("LVD_KILL_SEED", "13"))
 
 
@@ -139,12 +143,25 @@ def _small_pipeline_config(corpus: Path, tmp_path: Path) -> dict:
     return cfg
 
 
+def _without_worker_counts(files: dict) -> dict:
+    """`_run_files` with the decode worker counts left out of config.yaml (results do not depend on them)."""
+    cfg = copy.deepcopy(files["config.yaml"])
+    for section in ("sscd", "embed"):
+        cfg[section].pop("num_workers")
+    return {**files, "config.yaml": cfg}
+
+
 @pytest.mark.slow
 def test_kill9_at_random_points_resumes_to_identical_output(demo_server, demo_corpus, tmp_path):
-    """20 seeded kill points over every atomic commit and stage boundary of download..shards (so also between a
+    """18 seeded kill points over every atomic commit and stage boundary of download..shards (so also between a
     unit's last output and its completion marker, and between img2dataset consuming its input and the ledger):
-    each killed run, rerun, ends with exactly the files of an uninterrupted run."""
-    spec = {"work": str(tmp_path), "seed": KILL_SEED, "trials": KILL_TRIALS,
+    each killed run, rerun, ends with exactly the files of an uninterrupted run.
+
+    And a kill -9 in each stage that starts worker processes, while its decode workers exist (held inside their
+    first read, as on a stalled filesystem, so the kill cannot miss them): not one process below the killed
+    driver outlives it (they die with it, Linux's parent-death signal and a watch of the parent), and the rerun
+    ends with the same files."""
+    spec = {"work": str(tmp_path), "seed": KILL_SEED, "trials": KILL_TRIALS, "stage_kills": list(WORKER_STAGES),
             "config": _small_pipeline_config(demo_corpus, tmp_path)}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -166,6 +183,18 @@ def test_kill9_at_random_points_resumes_to_identical_output(demo_server, demo_co
         assert sorted(got) == sorted(reference), f"kill point {t['kill_at']}: files differ"
         differ = [k for k in reference if got[k] != reference[k]]
         assert not differ, f"kill point {t['kill_at']}: contents differ: {differ}"
+    assert [t["stage"] for t in result["stage_kills"]] == list(WORKER_STAGES)
+    reference = _without_worker_counts(reference)
+    for t in result["stage_kills"]:
+        log = Path(t["log"]).read_text()[-3000:]
+        assert t["held"], f"{t['stage']}: the run ended ({t['killed']}) before its decode workers started\n{log}"
+        assert set(t["held"]) <= set(t["descendants"]) and t["killed"] == "killed", t
+        assert not t["left"], f"{t['stage']}: processes {t['left']} outlived their killed driver"
+        assert t["resumed"] == "exit 0", f"{t['stage']}: resume {t['resumed']}\n{log}"
+        got = _without_worker_counts(_run_files(Path(t["root"])))
+        assert sorted(got) == sorted(reference), f"{t['stage']}: files differ"
+        differ = [k for k in reference if got[k] != reference[k]]
+        assert not differ, f"killed in {t['stage']}: contents differ: {differ}"
 
 
 # -- lost inputs, deleted ledgers, altered outputs ---------------------------------------------------
