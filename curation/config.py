@@ -20,9 +20,10 @@ from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_v
 
 from curation.config_base import (ConfigError, ConfigModel, Precision, apply_overrides, read_yaml_mapping,
                                   validate_config)
-from curation.layout import STAGE_ORDER
+from curation import stages as registry
 
-StageName = Literal[STAGE_ORDER]  # every stage name, in pipeline order
+#: a stage name, or the ``package.module:Class`` of a stage to add (registered, and replaced by its name)
+StageName = Annotated[str, AfterValidator(lambda entry: registry.stage_name(entry))]
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -329,7 +330,10 @@ class ReportConfig(Section):
 class CurateConfig(Section):
     run_root: LaxPath
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = Field(0, description="numpy/torch seeds take 32 bits")
-    stages: list[StageName] = Field(default_factory=lambda: list(STAGE_ORDER))
+    stages: list[StageName] = Field(
+        default_factory=lambda: list(registry.stage_order()),
+        description="the stages to run, by name (run in pipeline order); a 'package.module:Class' entry adds that "
+        "stage class (curation.stages.register_stage)")
     input: InputConfig
     ray: RayConfig = RayConfig()
     scale: ScaleConfig = ScaleConfig()
@@ -351,7 +355,8 @@ class CurateConfig(Section):
             raise ValueError("at least one stage is required")
         if len(set(stages)) != len(stages):
             raise ValueError("a stage is listed twice")
-        return sorted(stages, key=STAGE_ORDER.index)
+        order = registry.stage_order()
+        return sorted(stages, key=order.index)
 
     def image_sets(self) -> dict[str, list]:
         """The image sets the config names, in config order: ``{"eval": [EvalSetConfig...], "anchors":

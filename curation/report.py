@@ -455,13 +455,13 @@ def drop_examples_html(layout: RunLayout, drops, cfg: dict, size: int = 80) -> s
     """Per drop reason (stage order, then the largest first): the rule, and up to EXAMPLES_PER_REASON dropped
     images (smallest keys), each linked to its URL and titled with its key; a duplicate beside the image dedup
     kept instead (its survivor).  Download drops have no image: their key, URL and error stand there."""
-    from curation.layout import STAGE_ORDER
+    from curation.stages import stage_order
     from curation.tarindex import MemberReader, image_locations
 
     if drops is None or not len(drops):
         return ""
     groups = drops.groupby(["stage", "reason"]).size().reset_index(name="n")
-    groups["order"] = [STAGE_ORDER.index(s) for s in groups["stage"]]
+    groups["order"] = [stage_order().index(s) for s in groups["stage"]]
     groups = groups.sort_values(["order", "n"], ascending=[True, False])
     picked = {(r.stage, r.reason): drops[(drops["stage"] == r.stage) & (drops["reason"] == r.reason)]
               .sort_values("key").head(EXAMPLES_PER_REASON) for r in groups.itertuples()}

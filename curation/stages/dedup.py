@@ -294,8 +294,11 @@ def component_size_histogram(labels: np.ndarray, n: int) -> pa.Table:
 class DedupStage(Stage):
     name = "dedup"
     section = "dedup"
-    reads = ("ledgers", "hash.groups", "hash.parts", "sscd.descriptors", "image_sets")
-    writes = ("dedup.components", "ledgers", "stats")
+    order = 50
+    ledger = True
+    # one duplicate graph (hash groups + SSCD neighbours + evaluation images): eval_contamination takes precedence
+    # over the others whenever an image's component holds an evaluation image
+    drop_reasons = ("exact_duplicate", "near_duplicate", "copy_duplicate", "eval_contamination")
 
     def resources(self) -> dict[str, float]:
         # the worker drives the global step: its searchers hold the GPUs (one each), it holds none

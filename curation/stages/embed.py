@@ -31,8 +31,6 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curation.describe import describe_in_task
-from curation.models.embedder import build_embedder
 from curation.samples import iter_image_set, iter_shard_samples, shard_input_keys
 from curation.stages.base import Stage, Unit
 from curation.storage import write_table
@@ -53,13 +51,15 @@ def failures_table(failures: list[tuple[str, str, str]], source: str) -> pa.Tabl
 class EmbedStage(Stage):
     name = "embed"
     section = "embed"
-    reads = ("pool.shards", "ledgers", "image_sets")
-    writes = ("embed.vectors",)
+    order = 60
+    per_shard = True
 
     def resources(self) -> dict[str, float]:
         return {"num_cpus": 1, "num_gpus": gpu.worker_gpus(self.settings.device) if self.settings.model != "pixels" else 0}
 
     def setup(self) -> None:
+        from curation.models.embedder import build_embedder  # torch: loaded by the workers, not the registry
+
         self.embedder = build_embedder(self.settings)
 
     def plan(self) -> list[Unit]:
@@ -74,6 +74,8 @@ class EmbedStage(Stage):
         return units
 
     def run_unit(self, unit: Unit) -> dict:
+        from curation.describe import describe_in_task
+
         p = unit.payload
         kind, part, set_name = p["kind"], p["part"], p.get("set")
         if kind == "pool":

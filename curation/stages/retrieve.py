@@ -121,8 +121,9 @@ def retrieval_stats(sets: list[dict], summaries: list[dict], shared: pd.DataFram
 class RetrieveStage(Stage):
     name = "retrieve"
     section = "retrieve"
-    reads = ("ledgers", "embed.vectors", "image_sets")
-    writes = ("retrieve.selection", "ledgers", "stats")
+    order = 70
+    ledger = True
+    drop_reasons = ("not_selected", "embed_failed")
 
     def resources(self) -> dict[str, float]:
         # the worker drives the global steps: its searchers hold the GPUs (one each), it holds none
