@@ -252,12 +252,23 @@ class AnchorSetConfig(Section):
     name: str
     path: ExistingPath
     format: Literal["auto", "folder", "webdataset", "parquet"] = "auto"
-    method: Literal["sample", "cluster", "as_is"] = "sample"
+    method: str = Field("sample", description="how the set retrieves (curation.stages.retrieval_methods): 'sample' "
+                        "(k nearest pool images per anchor), 'cluster' (pool clusters the anchors fall in) or 'as_is' "
+                        "(the set itself, copied)")
     k: PositiveInt = 4
     clusters: PositiveInt = 100_000
     min_anchors_per_cluster: Annotated[int, Field(ge=0)] = 3
     per_cluster: PositiveInt = 10_000
     cap: PositiveInt = 1_000_000
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, m):
+        from curation.stages.retrieval_methods import anchor_set_methods
+
+        if m not in anchor_set_methods():
+            raise ValueError(f"unknown method {m!r}; an anchor set's method is one of {', '.join(anchor_set_methods())}")
+        return m
 
     @field_validator("name")
     @classmethod

@@ -97,18 +97,20 @@ class RunLayout:
         run configures none (its earlier stages ran before, under another stage list), the nearest earlier one whose
         ledger exists, else the nearest earlier one."""
         earlier = _before(ledger_stages(), stage)
-        configured = [s for s in earlier if s in self.stages]
-        written = [s for s in earlier if self.ledger_parts(s)] if not configured else []
-        chosen = configured or written or earlier
-        return chosen[-1] if chosen else None
+        return self._nearest(earlier, lambda s: bool(self.ledger_parts(s))) or (earlier[-1] if earlier else None)
 
     def pool_tar_stage(self, stage: str | None = None) -> str:
-        """The stage whose tar shards hold the pool images that ``stage`` (default: any later stage) reads:
-        the nearest earlier stage of this run that writes pool tars (``filter`` when the run filters), else the
-        first one (``download``)."""
-        before = [s for s in (pool_tar_stages() if stage is None else _before(pool_tar_stages(), stage))
-                  if s in self.stages]
-        return before[-1] if before else pool_tar_stages()[0]
+        """The stage whose tar shards hold the pool images that ``stage`` (default: any later stage) reads: the
+        nearest earlier stage of this run that writes pool tars (``filter`` when the run filters); when the run
+        configures none, the nearest earlier one whose tars exist, else the first one (``download``)."""
+        earlier = pool_tar_stages() if stage is None else _before(pool_tar_stages(), stage)
+        return self._nearest(earlier, lambda s: any((self.root / s).glob("[0-9]*.tar"))) or pool_tar_stages()[0]
+
+    def _nearest(self, earlier: list[str], written) -> str | None:
+        """The last of `earlier` this run configures; when it configures none, the last one `written` says an
+        earlier run wrote; None when neither."""
+        chosen = [s for s in earlier if s in self.stages] or [s for s in earlier if written(s)]
+        return chosen[-1] if chosen else None
 
     def pool_tar(self, shard: str, stage: str | None = None) -> Path:
         """The pool tar shard ``shard`` as ``stage`` reads it."""

@@ -188,14 +188,16 @@ def _thumb(data: bytes | None, size: int):
 def plot_grids(layout: RunLayout, anchor_sets, rep, seed: int = 0) -> list[tuple[str, str]]:
     """One PNG per searched anchor set of `anchor_sets`: sampled anchors (left column) and their best retrieved
     pool images, sized by `rep` (the report section)."""
+    from curation.stages.retrieval_methods import method
     from curation.tarindex import MemberReader, image_locations
 
     nb = _read(layout.retrieve_neighbors)
     grids = []
     for acfg in anchor_sets:
-        if acfg.method == "as_is":
+        m = method(acfg.method)
+        if not m.reads_pool:  # the set itself, nothing searched
             continue
-        if acfg.method == "sample" and nb is not None:
+        if m.neighbors and nb is not None:
             pairs = nb[nb["anchor_set"] == acfg.name].rename(columns={"pool_key": "key"})
         else:
             p = layout.retrieve_set_selection(acfg.name)

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from curation.samples import iter_image_set, iter_shard_samples, shard_input_keys
 from curation.stages.base import Stage, Unit
+from curation.stages.retrieval_methods import method
 from curation.storage import write_table
 from curation.vectors import descriptor_table
 from curation import gpu
@@ -65,7 +66,7 @@ class EmbedStage(Stage):
     def plan(self) -> list[Unit]:
         units = [Unit(f"pool-{t.stem}", {"kind": "pool", "part": t.stem}) for t in self.layout.pool_tars(self.name)]
         for a in self.image_sets["anchors"]:
-            if a.method != "as_is":
+            if method(a.method).embeds_anchors:
                 units.append(Unit(f"anchors-{a.name}", {"kind": "anchors", "set": a.name, "path": str(a.path),
                                                         "format": a.format, "part": "00000"}))
         for e in self.image_sets["eval"]:
