@@ -375,7 +375,8 @@ class CurateConfig(Section):
         return {"eval": list(self.dedup.eval_sets), "anchors": list(self.retrieve.anchor_sets)}
 
     def identity(self) -> dict[str, Any]:
-        """The part of the config that fixes a run's output: everything but run-time choices (stages, ray)."""
+        """The part of the config a resumed run must keep: everything but the run-time choices (stages, ray,
+        scale; scale changes an IVF index's approximate result, see :class:`ScaleConfig`)."""
         d = self.model_dump(mode="json")
         for k in ("stages", "ray", "scale"):
             d.pop(k)

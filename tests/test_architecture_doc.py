@@ -120,3 +120,27 @@ def test_the_check_itself_catches_a_wrong_name(tmp_path):
     assert not files_named("no_such_module.py")
     assert "threshold" in config_keys("dedup") and "threshold" not in config_keys("scale")
     assert "students" in config_keys("distill") and "students" not in config_keys("gram")
+
+
+#: the product folders whose every module the page must place
+MODULE_FOLDERS = ("curation", "curation/models", "curation/stages", "curation/stages/retrieval_methods", "training",
+                  "training/models", "schemas", "pipelines")
+
+
+def unplaced_modules(text: str) -> list[str]:
+    """Modules of MODULE_FOLDERS the page does not name in backticks: by file name (``knn.py``), or a stage module
+    by its stage name (```dedup```, the stages table)."""
+    tokens = " ".join(backticked(text))
+    out = []
+    for folder in MODULE_FOLDERS:
+        for path in sorted((ROOT / folder).glob("*.py")):
+            if path.name != "__init__.py" and not re.search(rf"\b{re.escape(path.name)}\b", tokens) \
+                    and f"`{path.stem}`" not in tokens:
+                out.append(str(path.relative_to(ROOT)))
+    return out
+
+
+def test_every_module_has_a_place_on_the_architecture_page():
+    """A new module gets its row: a module the page does not name is one a new developer cannot find."""
+    assert unplaced_modules(DOC.read_text()) == []
+    assert "curation/knn.py" in unplaced_modules(DOC.read_text().replace("knn.py", "k-NN"))  # the check can fail
