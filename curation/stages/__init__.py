@@ -66,6 +66,10 @@ def register_stage(stage: type | str) -> type:
             raise ValueError(f"stage {cls.name!r}: order {cls.order} is taken by stage {o.name!r}")
     if cls.drop_reasons and not cls.ledger:
         raise ValueError(f"stage {cls.name!r} declares drop reasons but writes no ledger")
+    from curation.config import CurateConfig
+
+    if cls.section is not None and cls.section not in CurateConfig.model_fields:
+        raise ValueError(f"stage {cls.name!r}: config section {cls.section!r} does not exist")
     _registered[cls.name] = cls
     return cls
 

@@ -36,7 +36,7 @@ component size, kept flag, reason, nearest neighbour and similarity; evaluation 
 reason, and their keys are written ``eval/<set>/<key>`` wherever they appear as a neighbour),
 ``stats/dedup_thresholds.parquet`` (how many pool images have a nearest pool / evaluation neighbour above each
 threshold of ``dedup.stats_thresholds``), ``stats/component_sizes.parquet`` (histogram), then the ledger unit
-``final`` with one row per key the filter kept.
+``final`` with one row per key the stage received (the keys the filter kept).
 """
 
 from __future__ import annotations

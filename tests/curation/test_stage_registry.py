@@ -53,12 +53,17 @@ def test_a_stage_that_takes_a_place_or_name_already_taken_is_refused(isolated_re
         order = 26
         name = "hash"
 
+    class Unconfigured(BrightnessStage):
+        order, name, section = 27, "unconfigured", "aesthetics"
+
     registry.register_stage(BrightnessStage)
     assert registry.register_stage(BrightnessStage) is BrightnessStage  # again: a no-op
     with pytest.raises(ValueError, match="order 25 is taken by stage 'brightness'"):
         registry.register_stage(Twin)
     with pytest.raises(ValueError, match="stage name 'hash' is taken"):
         registry.register_stage(Impostor)
+    with pytest.raises(ValueError, match="config section 'aesthetics' does not exist"):
+        registry.register_stage(Unconfigured)
     with pytest.raises(ConfigError, match="stages.0: .*no module 'nowhere'"):
         load_config(data={"run_root": "r", "input": {"url_list": __file__}, "stages": ["nowhere.mod:Stage"]})
 
