@@ -20,9 +20,10 @@ from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_v
 
 from curation.config_base import (ConfigError, ConfigModel, Precision, apply_overrides, read_yaml_mapping,
                                   validate_config)
-from curation.pipeline.layout import STAGE_ORDER
+from curation import stages as registry
 
-StageName = Literal[STAGE_ORDER]  # every stage name, in pipeline order
+#: a stage name, or the ``package.module:Class`` of a stage to add (registered, and replaced by its name)
+StageName = Annotated[str, AfterValidator(lambda entry: registry.stage_name(entry))]
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -251,12 +252,23 @@ class AnchorSetConfig(Section):
     name: str
     path: ExistingPath
     format: Literal["auto", "folder", "webdataset", "parquet"] = "auto"
-    method: Literal["sample", "cluster", "as_is"] = "sample"
+    method: str = Field("sample", description="how the set retrieves (curation.stages.retrieval_methods): 'sample' "
+                        "(k nearest pool images per anchor), 'cluster' (pool clusters the anchors fall in) or 'as_is' "
+                        "(the set itself, copied)")
     k: PositiveInt = 4
     clusters: PositiveInt = 100_000
     min_anchors_per_cluster: Annotated[int, Field(ge=0)] = 3
     per_cluster: PositiveInt = 10_000
     cap: PositiveInt = 1_000_000
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, m):
+        from curation.stages.retrieval_methods import anchor_set_methods
+
+        if m not in anchor_set_methods():
+            raise ValueError(f"unknown method {m!r}; an anchor set's method is one of {', '.join(anchor_set_methods())}")
+        return m
 
     @field_validator("name")
     @classmethod
@@ -329,7 +341,10 @@ class ReportConfig(Section):
 class CurateConfig(Section):
     run_root: LaxPath
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = Field(0, description="numpy/torch seeds take 32 bits")
-    stages: list[StageName] = Field(default_factory=lambda: list(STAGE_ORDER))
+    stages: list[StageName] = Field(
+        default_factory=lambda: list(registry.stage_order()),
+        description="the stages to run, by name (run in pipeline order); a 'package.module:Class' entry adds that "
+        "stage class (curation.stages.register_stage)")
     input: InputConfig
     ray: RayConfig = RayConfig()
     scale: ScaleConfig = ScaleConfig()
@@ -351,7 +366,8 @@ class CurateConfig(Section):
             raise ValueError("at least one stage is required")
         if len(set(stages)) != len(stages):
             raise ValueError("a stage is listed twice")
-        return sorted(stages, key=STAGE_ORDER.index)
+        order = registry.stage_order()
+        return sorted(stages, key=order.index)
 
     def image_sets(self) -> dict[str, list]:
         """The image sets the config names, in config order: ``{"eval": [EvalSetConfig...], "anchors":
@@ -359,7 +375,8 @@ class CurateConfig(Section):
         return {"eval": list(self.dedup.eval_sets), "anchors": list(self.retrieve.anchor_sets)}
 
     def identity(self) -> dict[str, Any]:
-        """The part of the config that fixes a run's output: everything but run-time choices (stages, ray)."""
+        """The part of the config a resumed run must keep: everything but the run-time choices (stages, ray,
+        scale; scale changes an IVF index's approximate result, see :class:`ScaleConfig`)."""
         d = self.model_dump(mode="json")
         for k in ("stages", "ray", "scale"):
             d.pop(k)

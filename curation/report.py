@@ -191,14 +191,16 @@ def _thumb(data: bytes | None, size: int):
 def plot_grids(layout: RunLayout, anchor_sets, rep, seed: int = 0) -> list[tuple[str, str]]:
     """One PNG per searched anchor set of `anchor_sets`: sampled anchors (left column) and their best retrieved
     pool images, sized by `rep` (the report section)."""
+    from curation.stages.retrieval_methods import method
     from curation.data.tarindex import MemberReader, image_locations
 
     nb = _read(layout.retrieve_neighbors)
     grids = []
     for acfg in anchor_sets:
-        if acfg.method == "as_is":
+        m = method(acfg.method)
+        if not m.reads_pool:  # the set itself, nothing searched
             continue
-        if acfg.method == "sample" and nb is not None:
+        if m.neighbors and nb is not None:
             pairs = nb[nb["anchor_set"] == acfg.name].rename(columns={"pool_key": "key"})
         else:
             p = layout.retrieve_set_selection(acfg.name)
@@ -536,13 +538,13 @@ def drop_examples_html(layout: RunLayout, drops, cfg: dict, size: int = 80) -> s
     """Per drop reason (stage order, then the largest first): the rule, and up to EXAMPLES_PER_REASON dropped
     images (smallest keys), each linked to its URL and titled with its key; a duplicate beside the image dedup
     kept instead (its survivor).  Download drops have no image: their key, URL and error stand there."""
-    from curation.pipeline.layout import STAGE_ORDER
+    from curation.stages import stage_order
     from curation.data.tarindex import MemberReader, image_locations
 
     if drops is None or not len(drops):
         return ""
     groups = drops.groupby(["stage", "reason"]).size().reset_index(name="n")
-    groups["order"] = [STAGE_ORDER.index(s) for s in groups["stage"]]
+    groups["order"] = [stage_order().index(s) for s in groups["stage"]]
     groups = groups.sort_values(["order", "n"], ascending=[True, False])
     picked = {(r.stage, r.reason): drops[(drops["stage"] == r.stage) & (drops["reason"] == r.reason)]
               .sort_values("key").head(EXAMPLES_PER_REASON) for r in groups.itertuples()}

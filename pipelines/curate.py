@@ -20,7 +20,8 @@ from curation.deps import require_dependencies  # noqa: E402 - standard library 
 
 require_dependencies()  # a job started with a Python that lacks lvd's packages: one line, not a traceback
 
-from curation.config import STAGE_ORDER, ConfigError, load_config  # noqa: E402
+from curation.config import ConfigError, load_config  # noqa: E402
+from curation.stages import stage_order  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-root", type=Path, help="override run_root (use an absolute path under ray job submit)")
     p.add_argument(
         "--stages", help=f"comma-separated subset of the config's stages to run, in pipeline order: "
-        f"{','.join(STAGE_ORDER)}",
+        f"{','.join(stage_order())}",
     )
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -92,10 +93,10 @@ def _main(argv=None) -> int:
         stages = None
         if args.stages:
             stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-            unknown = [s for s in stages if s not in STAGE_ORDER]
+            unknown = [s for s in stages if s not in stage_order()]
             if unknown:
-                raise ConfigError(f"config error: --stages: unknown stage(s) {unknown}; known: {list(STAGE_ORDER)}")
-            stages = sorted(stages, key=STAGE_ORDER.index)
+                raise ConfigError(f"config error: --stages: unknown stage(s) {unknown}; known: {list(stage_order())}")
+            stages = sorted(stages, key=stage_order().index)
     except ConfigError as err:
         print(str(err), file=sys.stderr)
         return 2

@@ -4,7 +4,8 @@ Writers call :func:`validate` (or :func:`conform`) before a table reaches disk, 
 check them against the same definitions, so a column cannot drift silently.  Nullable columns are marked as such;
 everything else must be present and non-null.
 
-Drop reasons are a closed vocabulary (:data:`DROP_REASONS`): a stage that wants a new reason adds it here first.
+Drop reasons are a closed vocabulary per stage, declared on the stage class (``Stage.drop_reasons``): a stage that
+wants a new reason adds it there first.
 """
 
 from __future__ import annotations
@@ -12,42 +13,6 @@ from __future__ import annotations
 import pyarrow as pa
 
 # ---------------------------------------------------------------------------------------------------------------
-# Drop reasons, by the stage that emits them.  The `detail` column carries the free-text specifics.
-DROP_REASONS: dict[str, tuple[str, ...]] = {
-    "download": (
-        "bad_url",  # malformed or unsupported URL (no scheme/host, not http/https)
-        "duplicate_url",  # exact repeat of an earlier row's URL; the first occurrence is kept
-        "blocked_domain",  # host (or a redirect target's host) is on the blocklist
-        "private_address",  # host resolves to a private/loopback/link-local/metadata address not allowed by config
-        "bad_redirect",  # a redirect to a non-http(s) URL (file:, ftp:, data:, gopher: ...)
-        "redirect_loop",  # a redirect back to a URL already visited in the same chain
-        "too_many_redirects",  # a redirect chain longer than the downloader follows
-        "opted_out",  # X-Robots-Tag noai / noimageai
-        "http_error",  # 4xx/5xx
-        "timeout",  # connect or read timed out, or the per-URL deadline (download.deadline_s) passed
-        "network_error",  # any other transport failure (DNS, reset...)
-        "empty",  # zero bytes
-        "too_large_file",  # more bytes than download.max_bytes
-        "undecodable",  # not an image PIL can identify
-        "truncated",  # an image whose data ends early
-        "decompression_bomb",  # declared pixel count above the limit
-        "animated",  # more than one frame
-        "unsupported_mode",  # a pixel format we cannot convert to RGB
-    ),
-    "filter": (
-        "too_small",
-        "bad_aspect",
-        "undecodable",
-        "decompression_bomb",
-        "nsfw",
-    ),
-    # one duplicate graph (hash groups + SSCD neighbours + evaluation images): eval_contamination takes precedence
-    # over the others whenever an image's component holds an evaluation image
-    "dedup": ("exact_duplicate", "near_duplicate", "copy_duplicate", "eval_contamination"),
-    "embed": ("embed_failed",),
-    "retrieve": ("not_selected", "embed_failed"),
-}
-ALL_DROP_REASONS = sorted({r for rs in DROP_REASONS.values() for r in rs})
 #: download reasons that may not repeat when the URL is fetched again (``--retry-failed``): the network or the
 #: server failed, not the content; an ``http_error`` is transient too when its status is 429 or 5xx
 TRANSIENT_REASONS = ("network_error", "timeout")

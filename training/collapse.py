@@ -1,5 +1,6 @@
 """Warn when the DINO teacher collapses (it says nothing about the image any more), from the two monitors every
-training step logs (training/objective.py ``teacher_entropies``, in nats, K = ``head.n_prototypes``):
+pretraining step logs (training/objective.py ``teacher_entropies``, in nats, K = ``head.n_prototypes``; a
+``mode: distill`` step logs none, its targets come from a frozen teacher, so this watch stays silent there):
 
 * **uniform**: the per-image entropy of the teacher's targets stays within ln(10/9) of ln K, i.e. each image's
   target spreads over more than 90% of the prototypes. Centering has removed everything the images share and

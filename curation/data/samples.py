@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.pipeline.layout import RunLayout
@@ -60,23 +61,26 @@ def iter_shard_samples(tar_path: Path, keys: set[str] | None = None) -> Iterator
 
 
 def shard_input_keys(layout: RunLayout, stage: str, shard: str) -> set[str]:
-    """The keys of pool shard `shard` that `stage` receives: the keys its input ledger stage kept, read only within
-    the key range of the shard (the keys the shard's own ledger part kept), so Parquet row-group pruning keeps this
-    cheap however large the input ledger is."""
+    """The keys of pool shard `shard` that `stage` receives (:func:`shard_input_rows`)."""
+    return set(shard_input_rows(layout, stage, shard)["key"].to_pylist())
+
+
+def shard_input_rows(layout: RunLayout, stage: str, shard: str) -> pa.Table:
+    """(key, url) of the pool images of shard `shard` that `stage` receives, sorted by key: the keys its input
+    ledger stage kept, read only within the key range of the shard (the keys the shard's own ledger part kept), so
+    Parquet row-group pruning keeps this cheap however large the input ledger is."""
     own = _kept(layout.ledger_part(layout.pool_tar_stage(stage), shard))
-    if not own:
-        return set()
-    lo, hi = min(own), max(own)
-    keys: set[str] = set()
-    for part in layout.ledger_parts(layout.input_ledger_stage(stage)):
-        keys |= _kept(part, [("key", ">=", lo), ("key", "<=", hi)])
-    return keys
+    window = [("key", ">=", min(own)), ("key", "<=", max(own)), ("kept", "=", True)] if own else None
+    parts = [pq.read_table(p, columns=["key", "url"], filters=window)
+             for p in (layout.ledger_parts(layout.input_ledger_stage(stage)) if own else [])]
+    if not parts:
+        return pa.table({"key": pa.array([], pa.string()), "url": pa.array([], pa.string())})
+    return pa.concat_tables(parts).sort_by("key")
 
 
-def _kept(ledger_part: Path, filters: list | None = None) -> set[str]:
-    """The kept keys of one ledger part (within `filters`, Parquet predicates on the key)."""
-    t = pq.read_table(ledger_part, columns=["key"], filters=[*(filters or []), ("kept", "=", True)])
-    return set(t["key"].to_pylist())
+def _kept(ledger_part: Path) -> set[str]:
+    """The kept keys of one ledger part."""
+    return set(pq.read_table(ledger_part, columns=["key"], filters=[("kept", "=", True)])["key"].to_pylist())
 
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")

@@ -1,5 +1,4 @@
-"""Vector tables and nearest-neighbour search shared by the stages that write or read vectors (sscd, dedup, embed,
-retrieve, shards, report).
+"""Vector tables shared by the stages that write or read vectors (sscd, dedup, embed, retrieve, shards, report).
 
 * Descriptor tables (schema ``descriptors``: SSCD descriptors and embeddings alike) hold one L2-normalised float32
   vector per key; :func:`descriptor_table` writes one, :func:`load_descriptors` / :func:`table_vectors` are the one

@@ -25,7 +25,7 @@ descriptor ranks it closest to its own anchor, while sibling images are differen
 of each other (a 32x32 grayscale thumbnail moves far more between siblings than under any planted edit).
 
 **Truth.** Every row says what should happen to it: ``expected_stage`` is null for a row that must survive download,
-filter and dedup, else the stage that must drop it, with ``expected_reason`` from :data:`schemas.tables.DROP_REASONS`
+filter and dedup, else the stage that must drop it, with ``expected_reason`` from :func:`curation.stages.drop_reasons`
 (exact and hash-near copies are judged by dedup too: the hash stage only links them).  Originals of duplicates come before their copies in row order, and each
 original has at most one planted copy (duplicate groups are pairs), so "keep the first" keeps the original.
 

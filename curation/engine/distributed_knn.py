@@ -421,7 +421,8 @@ class KnnRun:
     index: str
 
     def results(self) -> tuple[np.ndarray, np.ndarray]:
-        """All blocks concatenated (sims, ids): only for results that fit in memory (anchors x k)."""
+        """All blocks concatenated (sims, ids), held in memory: queries x k (retrieval's anchors; the dedup graph's
+        whole pool, n x k, which the edge files could stream instead)."""
         parts = [read_block(p) for p in self.blocks]
         parts = [p for p in parts if p[1].size]
         if not parts:

@@ -10,7 +10,9 @@ edges spilled per query block.
   O(nodes)).
 
 :func:`partitioned_dedup_graph` returns the graph's arrays (n x k neighbour tables, assembled from the block
-files); the edge files and the per-block results stay under ``work_dir`` for a stage that streams them instead.
+files, so the caller holds n x k in memory); the components are labelled from the edge files, streamed.  Both stay
+under ``work_dir`` (the dedup stage's scratch folder), so an interrupted graph resumes from its finished blocks;
+nothing reads them after the graph is built.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Accounting: every input row ends in exactly one place, a kept sample or a drop row naming stage and reason.
 
 Each stage that can drop rows writes, per unit of work, a *ledger* part (``RUN/<stage>/_ledger/<unit>.parquet``)
-with one row per key it received: kept, or dropped with a reason from :data:`schemas.DROP_REASONS` (paths:
+with one row per key it received: kept, or dropped with one of the stage's ``drop_reasons`` (paths:
 :class:`curation.pipeline.layout.RunLayout`).  From the ledgers we derive
 
 * the keys a stage passes on (:func:`kept_keys`),
@@ -21,9 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.pipeline.layout import LEDGER_STAGES, STAGE_ORDER, RunLayout
+from curation.pipeline.layout import RunLayout
+from curation.stages import drop_reasons, ledger_stages, stage_order
 from curation.pipeline.storage import read_tables, write_table
-from schemas.tables import DROP_REASONS, DROPS, LEDGER
+from schemas.tables import DROPS, LEDGER
 
 
 class AccountingError(RuntimeError):
@@ -46,7 +47,7 @@ def make_ledger(
     details: Sequence[str | None] | None = None,
 ) -> pa.Table:
     """Build a ledger table; a row whose reason is None is kept."""
-    allowed = set(DROP_REASONS[stage])
+    allowed = set(drop_reasons(stage))
     bad = {r for r in reasons if r is not None and r not in allowed}
     if bad:
         raise AccountingError(f"stage {stage!r} used reasons outside its vocabulary: {sorted(bad)}")
@@ -98,7 +99,7 @@ def kept_keys(root: Path, stage: str) -> pa.Table:
 
 def completed_ledger_stages(root: Path) -> list[str]:
     layout = RunLayout(root)
-    return [s for s in LEDGER_STAGES if layout.ledger_parts(s)]
+    return [s for s in ledger_stages() if layout.ledger_parts(s)]
 
 
 def planned_rows(root: Path) -> int | None:
@@ -116,9 +117,9 @@ def unfinished_line(root: Path, ignore: Sequence[str] = ()) -> str | None:
 
     layout = RunLayout(root)
     try:
-        stages = list(yaml.safe_load(layout.config_file.read_text()).get("stages") or STAGE_ORDER)
+        stages = list(yaml.safe_load(layout.config_file.read_text()).get("stages") or stage_order())
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
-        stages = list(STAGE_ORDER)
+        stages = list(stage_order())
     stages = [s for s in stages if s not in ignore]
     done = markers.finished_stages(root, stages)
     if len(done) == len(stages):
@@ -134,7 +135,8 @@ def check_invariants(root: Path, stages: Iterable[str] | None = None, upto: str 
     that one are checked (later ones may hold a deleted part that their own rerun will redo)."""
     stages = list(stages) if stages is not None else completed_ledger_stages(root)
     if upto is not None:
-        stages = [s for s in stages if STAGE_ORDER.index(s) <= STAGE_ORDER.index(upto)]
+        order = stage_order()
+        stages = [s for s in stages if order.index(s) <= order.index(upto)]
     prev_kept = None
     for stage in stages:
         t = read_ledger(root, stage).select(["key", "kept"])
@@ -165,10 +167,11 @@ def update_stats(root: Path) -> tuple[pa.Table, pa.Table]:
     root = Path(root)
     funnel_rows = {"order": [], "stage": [], "rows_in": [], "kept": [], "dropped": []}
     drops = []
+    order = stage_order()
     for stage in completed_ledger_stages(root):
         t = read_ledger(root, stage)
         n_kept = pc.sum(t["kept"]).as_py() or 0
-        funnel_rows["order"].append(STAGE_ORDER.index(stage))
+        funnel_rows["order"].append(order.index(stage))
         funnel_rows["stage"].append(stage)
         funnel_rows["rows_in"].append(t.num_rows)
         funnel_rows["kept"].append(n_kept)

@@ -18,7 +18,9 @@ A run root holds one folder per stage plus run-wide files::
     RUN/stats/*.parquet, RUN/stats/report.html     funnel, drops, statistics, the report
 
 Stages ask the layout for paths instead of composing them, and never list another stage's folder themselves: the
-layout resolves what a stage reads from the run's configured stage list, not from what happens to exist on disk.
+layout resolves what a stage reads (:meth:`RunLayout.input_ledger_stage`, :meth:`RunLayout.pool_tar_stage`) from
+the stages' declarations (:mod:`curation.stages`) and the run's configured stage list, not from what happens to
+exist on disk.
 """
 
 from __future__ import annotations
@@ -26,12 +28,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-#: every stage, in pipeline order
-STAGE_ORDER = ("download", "filter", "hash", "sscd", "dedup", "embed", "retrieve", "shards", "report")
-#: stages that write a ledger (a verdict per key they received)
-LEDGER_STAGES = ("download", "filter", "dedup", "retrieve")
-#: stages whose tar shards hold pool images, in order (a later one supersedes an earlier one)
-POOL_TAR_STAGES = ("download", "filter")
+from curation.stages import ledger_stages, pool_tar_stages, stage_order
+
 #: the final dataset's metadata folder (kept out of shards/, which holds tars only)
 SHARDS_META = "shards_meta"
 
@@ -39,9 +37,9 @@ SHARDS_META = "shards_meta"
 class RunLayout:
     """Paths of one run root; ``stages`` is the run's configured stage list (default: every stage)."""
 
-    def __init__(self, root: str | Path, stages: Sequence[str] = STAGE_ORDER):
+    def __init__(self, root: str | Path, stages: Sequence[str] | None = None):
         self.root = Path(root)
-        self.stages = tuple(s for s in STAGE_ORDER if s in set(stages))
+        self.stages = tuple(s for s in stage_order() if stages is None or s in set(stages))
 
     @classmethod
     def of(cls, cfg, root: str | Path | None = None) -> "RunLayout":
@@ -98,18 +96,21 @@ class RunLayout:
         """The ledger stage whose kept keys ``stage`` receives: the nearest earlier ledger stage of this run; when the
         run configures none (its earlier stages ran before, under another stage list), the nearest earlier one whose
         ledger exists, else the nearest earlier one."""
-        earlier = [s for s in LEDGER_STAGES if STAGE_ORDER.index(s) < STAGE_ORDER.index(stage)]
-        configured = [s for s in earlier if s in self.stages]
-        written = [s for s in earlier if self.ledger_parts(s)] if not configured else []
-        chosen = configured or written or earlier
-        return chosen[-1] if chosen else None
+        earlier = _before(ledger_stages(), stage)
+        return self._nearest(earlier, lambda s: bool(self.ledger_parts(s))) or (earlier[-1] if earlier else None)
 
     def pool_tar_stage(self, stage: str | None = None) -> str:
-        """The stage whose tar shards hold the pool images that ``stage`` (default: any later stage) reads:
-        ``filter`` when this run filters, else ``download``."""
-        before = [s for s in POOL_TAR_STAGES if s in self.stages
-                  and (stage is None or STAGE_ORDER.index(s) < STAGE_ORDER.index(stage))]
-        return before[-1] if before else "download"
+        """The stage whose tar shards hold the pool images that ``stage`` (default: any later stage) reads: the
+        nearest earlier stage of this run that writes pool tars (``filter`` when the run filters); when the run
+        configures none, the nearest earlier one whose tars exist, else the first one (``download``)."""
+        earlier = pool_tar_stages() if stage is None else _before(pool_tar_stages(), stage)
+        return self._nearest(earlier, lambda s: any((self.root / s).glob("[0-9]*.tar"))) or pool_tar_stages()[0]
+
+    def _nearest(self, earlier: list[str], written) -> str | None:
+        """The last of `earlier` this run configures; when it configures none, the last one `written` says an
+        earlier run wrote; None when neither."""
+        chosen = [s for s in earlier if s in self.stages] or [s for s in earlier if written(s)]
+        return chosen[-1] if chosen else None
 
     def pool_tar(self, shard: str, stage: str | None = None) -> Path:
         """The pool tar shard ``shard`` as ``stage`` reads it."""
@@ -239,3 +240,9 @@ class RunLayout:
     def shards_staging(self, set_name: str) -> Path:
         """The staging tar of an ``as_is`` anchor set's selected images (outside ``shards/``)."""
         return self.shards_meta / "_staging" / f"{set_name}.tar"
+
+
+def _before(stages: Sequence[str], stage: str) -> list[str]:
+    """The stages of `stages` that come before `stage` in the pipeline."""
+    order = stage_order()
+    return [s for s in stages if order.index(s) < order.index(stage)]

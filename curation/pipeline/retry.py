@@ -31,13 +31,9 @@ from typing import Sequence
 import pyarrow.parquet as pq
 
 from curation.pipeline import markers
-from curation.pipeline.layout import SHARDS_META, STAGE_ORDER, RunLayout
+from curation.pipeline.layout import SHARDS_META, RunLayout
+from curation.stages import per_shard_stages, stage_order
 from curation.pipeline.storage import write_json
-
-#: stages whose units are the pool shards (unit id ``<shard>`` or ``pool-<shard>``), redone per retried shard
-PER_SHARD_STAGES = ("filter", "hash", "sscd", "embed")
-#: stages that look at the whole pool at once: redone entirely after a retry changed the pool
-WHOLE_POOL_STAGES = ("dedup", "retrieve", "shards", "report")
 #: caches computed from pool tars (tar member indexes are also checked against their tar's mtime)
 POOL_CACHES = ("_tarindex",)
 
@@ -101,8 +97,10 @@ def invalidate(root: Path, shards: Sequence[str]) -> None:
     layout = RunLayout(root)
     for shard in shards:
         markers.marker_path(root, "download", shard).unlink(missing_ok=True)
-    for stage in STAGE_ORDER[STAGE_ORDER.index("download") + 1:]:
-        if stage in PER_SHARD_STAGES:
+    order = stage_order()
+    for stage in order[order.index("download") + 1:]:
+        per_shard = stage in per_shard_stages()  # the others look at the whole pool at once: redone entirely
+        if per_shard:
             units = [s for shard in shards for s in (shard, f"pool-{shard}")] + [markers.PLAN, markers.FINALIZE]
         else:
             units = [p.stem for p in layout.markers_dir(stage).glob("*.json")]
@@ -111,7 +109,7 @@ def invalidate(root: Path, shards: Sequence[str]) -> None:
             for out in markers.marked_outputs(root, stage, unit):
                 out.unlink(missing_ok=True)
             markers.marker_path(root, stage, unit).unlink(missing_ok=True)
-        if stage in WHOLE_POOL_STAGES and stage != "report":  # scratch and caches of the global steps too
+        if not per_shard and stage != "report":  # scratch and caches of the global steps too
             shutil.rmtree(layout.stage_dir(stage), ignore_errors=True)
             if stage == "shards":
                 shutil.rmtree(root / SHARDS_META, ignore_errors=True)

@@ -45,8 +45,11 @@ class StageFailed(RuntimeError):
     pass
 
 
-def build_stage(stage_name: str, cfg_json: dict, root: str) -> Stage:
-    return stage_class(stage_name)(CurateConfig.model_validate(cfg_json), Path(root))
+def build_stage(stage: str, cfg_json: dict, root: str) -> Stage:
+    """Build a stage in a worker from its name or class path (``package.module:Class``: importing it registers a
+    stage the driver registered, so the config's stage list validates here too)."""
+    cls = stage_class(stage)
+    return cls(CurateConfig.model_validate(cfg_json), Path(root))
 
 
 def execute_unit(stage: Stage, unit: Unit) -> dict[str, Any]:
@@ -70,8 +73,8 @@ class StageWorker:
     """One worker of a stage: builds the stage and runs its ``setup()`` once, then runs units one after another
     (a Ray actor on a cluster, a plain object in-process)."""
 
-    def __init__(self, stage_name: str, cfg_json: dict, root: str):
-        self.stage = build_stage(stage_name, cfg_json, root)
+    def __init__(self, stage: str, cfg_json: dict, root: str):
+        self.stage = build_stage(stage, cfg_json, root)
         self.stage.setup()
 
     def ready(self) -> bool:

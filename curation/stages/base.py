@@ -1,19 +1,25 @@
 """The stage contract: what a stage declares, and what the runner does with it.
 
-A stage declares
+A stage declares, once, on its class (the registry, :mod:`curation.stages`, derives the pipeline order, the ledger
+stages, the pool-tar stages and the drop-reason vocabulary from these):
 
-* ``name`` and ``section``: its name and the config section it is configured by.  A stage reads only its own
-  section (``self.settings``), the run-wide settings (``self.seed``, ``self.scale``, ``self.images``,
-  ``self.uses_ray()``) and the run's inputs (``self.url_lists``, ``self.image_sets``); what it needs from other
-  stages comes through the run layout (``self.layout``: every path) and their output files;
-* ``reads`` / ``writes``: the artefacts it consumes and produces (names of :data:`ARTEFACTS`, documented there);
+* ``name``, ``order`` (its place in the chain: stages run in increasing order) and ``section`` (the config section
+  it is configured by).  A stage reads only its own section (``self.settings``), the run-wide settings
+  (``self.seed``, ``self.scale``, ``self.images``, ``self.uses_ray()``) and the run's inputs (``self.url_lists``,
+  ``self.image_sets``);
+* ``ledger`` and ``drop_reasons``: it writes a ledger (a verdict per key it received), dropping keys only for these
+  reasons; ``pool_tars``: it writes tar shards of the pool images it keeps, which later stages read instead of the
+  earlier ones; ``per_shard``: its units are the pool shards;
+* its input is never another stage's name: it asks this base for it (:meth:`Stage.input_keys`,
+  :meth:`Stage.input_shards`, :meth:`Stage.input_rows`, :meth:`Stage.input_tar`), which the run layout resolves
+  from the registry and the run's stage list;
 * ``resources()``: what one worker of the stage asks the cluster for (CPUs, a GPU when it can use one);
 * ``setup()``: run once per worker before its first unit (models are loaded here, into the stage object, never
   into module globals);
 * ``plan()``: its units of work (usually one input shard each), deterministic for a config and run root;
 * ``run_unit(unit)``: one unit; outputs are written atomically (:mod:`curation.pipeline.storage`) and the runner records
   them in the unit's completion marker;
-* ``finalize()``: global work after every unit is done (grouping duplicates, retrieval), idempotent.
+* ``finalize()``: global work after every unit is done (merging per-unit outputs, hash grouping), idempotent.
 
 *Unit done* has one meaning: the unit's completion marker exists and matches its outputs
 (:mod:`curation.pipeline.markers`); the runner checks it, stages do not.  Stages do not import Ray (``uses_ray`` only asks
@@ -31,26 +37,8 @@ import pyarrow as pa
 from curation.pipeline import accounting
 from curation.config import CurateConfig
 from curation.pipeline.layout import RunLayout
-
-#: every artefact a stage reads or writes, by name -> what it is (paths: :class:`curation.pipeline.layout.RunLayout`)
-ARTEFACTS = {
-    "url_lists": "the input URL lists (Parquet/CSV/TSV/text)",
-    "download.shards": "fetched images, WebDataset tars RUN/download/<shard>.tar",
-    "download.status": "img2dataset's status row per URL, RUN/download/<shard>.parquet",
-    "filter.shards": "images that passed the filters (the pool), RUN/filter/<shard>.tar",
-    "pool.shards": "the pool's tars as the run defines them: filter.shards when the run filters, else download's",
-    "hash.parts": "per-image pixel sha256, pHash thumbnail and border fill, RUN/hash/part-<shard>.parquet",
-    "hash.groups": "exact and perceptual-hash groups, RUN/hash/groups.parquet",
-    "sscd.descriptors": "copy-detection descriptors of pool and eval images, RUN/sscd/{pool,eval/<set>}/",
-    "dedup.components": "components of the duplicate graph and their verdicts, RUN/dedup/components.parquet",
-    "embed.vectors": "retrieval embeddings of pool, anchor and eval images, RUN/embed/{pool,anchors/<set>,eval/<set>}/",
-    "retrieve.selection": "the retrieved pool images and their anchors, RUN/retrieve/{selection,neighbors}.parquet",
-    "shards.tars": "the curated dataset, RUN/shards/lvd-*.tar, with RUN/shards_meta/{index.parquet,manifest.json}",
-    "image_sets": "the anchor and evaluation image sets named in the config (folders, tars, Parquet)",
-    "ledgers": "every ledger stage's verdict per key (RUN/<stage>/_ledger/)",
-    "stats": "run statistics and the report, RUN/stats/",
-}
-
+from curation.data.samples import shard_input_rows
+from curation.stages import class_path
 
 @dataclass(frozen=True)
 class Unit:
@@ -60,11 +48,17 @@ class Unit:
 
 class Stage:
     name: ClassVar[str]
+    #: its place in the chain (stages run in increasing order; the built-in ones are 10, 20, ... 90)
+    order: ClassVar[int]
     #: the config section this stage is configured by (None: the stage has no settings of its own)
     section: ClassVar[str | None] = None
-    #: artefacts (keys of ARTEFACTS) the stage reads and writes
-    reads: ClassVar[tuple[str, ...]] = ()
-    writes: ClassVar[tuple[str, ...]] = ()
+    #: whether it writes a ledger: one verdict per key it received, kept or dropped for one of `drop_reasons`
+    ledger: ClassVar[bool] = False
+    drop_reasons: ClassVar[tuple[str, ...]] = ()
+    #: whether it writes tar shards of the pool images it keeps (later stages read those instead of earlier ones)
+    pool_tars: ClassVar[bool] = False
+    #: whether its units are the pool shards (unit id ``<shard>`` or ``pool-<shard>``)
+    per_shard: ClassVar[bool] = False
     #: CPUs one worker asks for; a stage that can use a GPU overrides resources()
     num_cpus: ClassVar[float] = 1.0
 
@@ -79,8 +73,9 @@ class Stage:
         self.url_lists = cfg.input  # the run's inputs: the URL lists (download) and the image sets
         self.in_process = cfg.ray.local
         self.image_sets = cfg.image_sets()
-        #: how the runner builds this stage in a worker (stage name, the config as JSON, run root); not for stages
-        self.worker_args = (self.name, cfg.model_dump(mode="json"), str(self.root))
+        #: how the runner builds this stage in a worker (its class path, the config as JSON, run root); not for
+        #: stages
+        self.worker_args = (class_path(type(self)), cfg.model_dump(mode="json"), str(self.root))
 
     # ------------------------------------------------------------------------------------------ the contract
     def resources(self) -> dict[str, float]:
@@ -119,3 +114,17 @@ class Stage:
             raise RuntimeError(f"stage {self.name!r} has no earlier ledger stage to take its input from")
         return accounting.kept_keys(self.root, prev)
 
+    def input_shards(self) -> list[str]:
+        """The pool shards this stage receives (ids ``NNNNN``): those the pool-tar stage it reads judged and wrote
+        a tar for."""
+        tars = self.layout.pool_tar_stage(self.name)
+        return [p.stem for p in self.layout.shard_ledger_parts(tars) if self.layout.pool_tar(p.stem, self.name).exists()]
+
+    def input_tar(self, shard: str) -> Path:
+        """The tar holding the pool images of `shard` this stage reads."""
+        return self.layout.pool_tar(shard, self.name)
+
+    def input_rows(self, shard: str) -> pa.Table:
+        """(key, url) of the pool images of `shard` this stage receives, sorted by key
+        (:func:`curation.data.samples.shard_input_rows`)."""
+        return shard_input_rows(self.layout, self.name, shard)

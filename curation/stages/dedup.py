@@ -36,7 +36,7 @@ component size, kept flag, reason, nearest neighbour and similarity; evaluation 
 reason, and their keys are written ``eval/<set>/<key>`` wherever they appear as a neighbour),
 ``stats/dedup_thresholds.parquet`` (how many pool images have a nearest pool / evaluation neighbour above each
 threshold of ``dedup.stats_thresholds``), ``stats/component_sizes.parquet`` (histogram), then the ledger unit
-``final`` with one row per key the filter kept.
+``final`` with one row per key the stage received (the keys the filter kept).
 """
 
 from __future__ import annotations
@@ -294,8 +294,11 @@ def component_size_histogram(labels: np.ndarray, n: int) -> pa.Table:
 class DedupStage(Stage):
     name = "dedup"
     section = "dedup"
-    reads = ("ledgers", "hash.groups", "hash.parts", "sscd.descriptors", "image_sets")
-    writes = ("dedup.components", "ledgers", "stats")
+    order = 50
+    ledger = True
+    # one duplicate graph (hash groups + SSCD neighbours + evaluation images): eval_contamination takes precedence
+    # over the others whenever an image's component holds an evaluation image
+    drop_reasons = ("exact_duplicate", "near_duplicate", "copy_duplicate", "eval_contamination")
 
     def resources(self) -> dict[str, float]:
         # the worker drives the global step: its searchers hold the GPUs (one each), it holds none

@@ -233,8 +233,29 @@ def _interruptible(fn, on_interrupt):
 class DownloadStage(Stage):
     name = "download"
     section = "download"
-    reads = ("url_lists",)
-    writes = ("download.shards", "download.status", "ledgers")
+    order = 10
+    ledger = True
+    drop_reasons = (
+        "bad_url",  # malformed or unsupported URL (no scheme/host, not http/https)
+        "duplicate_url",  # exact repeat of an earlier row's URL; the first occurrence is kept
+        "blocked_domain",  # host (or a redirect target's host) is on the blocklist
+        "private_address",  # host resolves to a private/loopback/link-local/metadata address not allowed by config
+        "bad_redirect",  # a redirect to a non-http(s) URL (file:, ftp:, data:, gopher: ...)
+        "redirect_loop",  # a redirect back to a URL already visited in the same chain
+        "too_many_redirects",  # a redirect chain longer than the downloader follows
+        "opted_out",  # X-Robots-Tag noai / noimageai
+        "http_error",  # 4xx/5xx
+        "timeout",  # connect or read timed out, or the per-URL deadline (download.deadline_s) passed
+        "network_error",  # any other transport failure (DNS, reset...)
+        "empty",  # zero bytes
+        "too_large_file",  # more bytes than download.max_bytes
+        "undecodable",  # not an image PIL can identify
+        "truncated",  # an image whose data ends early
+        "decompression_bomb",  # declared pixel count above the limit
+        "animated",  # more than one frame
+        "unsupported_mode",  # a pixel format we cannot convert to RGB
+    )
+    pool_tars = True
 
     # -- planning ----------------------------------------------------------------------------------------------
     def plan(self) -> list[Unit]:

@@ -31,10 +31,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curation.models.describe import describe_in_task
-from curation.models.embedder import build_embedder
 from curation.data.samples import iter_image_set, iter_shard_samples, shard_input_keys
 from curation.stages.base import Stage, Unit
+from curation.stages.retrieval_methods import method
 from curation.pipeline.storage import write_table
 from curation.data.vectors import descriptor_table
 from curation.cluster import gpu
@@ -53,19 +52,21 @@ def failures_table(failures: list[tuple[str, str, str]], source: str) -> pa.Tabl
 class EmbedStage(Stage):
     name = "embed"
     section = "embed"
-    reads = ("pool.shards", "ledgers", "image_sets")
-    writes = ("embed.vectors",)
+    order = 60
+    per_shard = True
 
     def resources(self) -> dict[str, float]:
         return {"num_cpus": 1, "num_gpus": gpu.worker_gpus(self.settings.device) if self.settings.model != "pixels" else 0}
 
     def setup(self) -> None:
+        from curation.models.embedder import build_embedder  # torch: loaded by the workers, not the registry
+
         self.embedder = build_embedder(self.settings)
 
     def plan(self) -> list[Unit]:
         units = [Unit(f"pool-{t.stem}", {"kind": "pool", "part": t.stem}) for t in self.layout.pool_tars(self.name)]
         for a in self.image_sets["anchors"]:
-            if a.method != "as_is":
+            if method(a.method).embeds_anchors:
                 units.append(Unit(f"anchors-{a.name}", {"kind": "anchors", "set": a.name, "path": str(a.path),
                                                         "format": a.format, "part": "00000"}))
         for e in self.image_sets["eval"]:
@@ -74,6 +75,8 @@ class EmbedStage(Stage):
         return units
 
     def run_unit(self, unit: Unit) -> dict:
+        from curation.models.describe import describe_in_task
+
         p = unit.payload
         kind, part, set_name = p["kind"], p["part"], p.get("set")
         if kind == "pool":

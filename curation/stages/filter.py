@@ -1,7 +1,8 @@
 """filter: download shards -> kept images, faces blurred, NSFW dropped.
 
-Units are the download shards (same ids).  A unit's input is the keys the download ledger kept for that shard
-(exactly the samples of ``download/NNNNN.tar``).  For each image, in order:
+Units are the pool shards the stage receives (:meth:`Stage.input_shards`: the download shards, same ids).  A unit's
+input is the keys its input ledger stage (download) kept for that shard (:meth:`Stage.input_rows`: exactly the
+samples of the shard's tar, ``download/NNNNN.tar``).  For each image, in order:
 
 1. decode with :func:`curation.data.images.decode_image` (bomb limit ``images.max_image_pixels``): a declared pixel
    count over the limit is ``decompression_bomb``; any other decode failure (corrupt, truncated, unsupported
@@ -28,7 +29,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import pyarrow.parquet as pq
 from PIL import Image
 
 from curation.pipeline import accounting
@@ -86,8 +86,11 @@ def filter_verdict(facts: ImageFacts, settings: FilterConfig) -> Verdict:
 class FilterStage(Stage):
     name = "filter"
     section = "filter"
-    reads = ("download.shards", "ledgers")
-    writes = ("filter.shards", "ledgers")
+    order = 20
+    ledger = True
+    drop_reasons = ("too_small", "bad_aspect", "undecodable", "decompression_bomb", "nsfw")
+    pool_tars = True
+    per_shard = True
 
     # -- detector ----------------------------------------------------------------------------------------------
     def check_detector(self) -> None:
@@ -114,12 +117,11 @@ class FilterStage(Stage):
     # -- units -------------------------------------------------------------------------------------------------
     def plan(self) -> list[Unit]:
         self.check_detector()
-        return [Unit(p.stem) for p in self.layout.shard_ledger_parts("download")
-                if self.layout.download_tar(p.stem).exists()]
+        return [Unit(shard) for shard in self.input_shards()]
 
     def run_unit(self, unit: Unit) -> dict:
-        ledger = pq.read_table(self.layout.ledger_part("download", unit.id), columns=["key", "url", "kept"])
-        urls = {k: u for k, u, kept in zip(*(ledger[c].to_pylist() for c in ("key", "url", "kept"))) if kept}
+        rows = self.input_rows(unit.id)
+        urls = dict(zip(rows["key"].to_pylist(), rows["url"].to_pylist()))
         verdicts, survivors = self._decode_and_check(unit.id, urls)
         n_blurred = self._detect_and_write(unit.id, survivors, urls, verdicts)
         keys = sorted(verdicts)
@@ -130,14 +132,14 @@ class FilterStage(Stage):
         return {"kept": kept, "dropped": len(keys) - kept, "blurred": n_blurred}
 
     def _decode_and_check(self, unit_id: str, urls: dict[str, str]) -> tuple[dict[str, Verdict], list]:
-        """Decode each input image of the download shard and judge what decoding tells; return every input key's
+        """Decode each input image of the shard and judge what decoding tells; return every input key's
         verdict so far and the survivors (key, tar members, image) for the detector.  An input key absent from the
         tar is judged too: never lost."""
         verdicts: dict[str, Verdict] = {}
         survivors = []
-        for key, members in iter_tar_samples(self.layout.download_tar(unit_id)):
+        for key, members in iter_tar_samples(self.input_tar(unit_id)):
             if key not in urls:
-                continue  # not an input of this stage (cannot happen for a consistent download)
+                continue  # not an input of this stage (cannot happen for a consistent earlier stage)
             ext = image_member(members)
             try:
                 im, _ = decode_image(members[ext] if ext else b"", self.images.max_image_pixels, drop_animated=False)

@@ -4,7 +4,8 @@ The hash stage drops nothing: its groups become edges of the one duplicate graph
 the SSCD k-NN edges, so a chain original -> hash copy -> SSCD copy stays one component and the copy's verdict
 (``exact_duplicate``, ``near_duplicate``, ``copy_duplicate`` or ``eval_contamination``) is decided there.
 
-Per unit (a filter shard, same id): decode every kept image, and write ``hash/part-NNNNN.parquet`` (schema
+Per unit (a pool shard the stage receives, same id: :meth:`Stage.input_shards`): decode every image it receives
+(:meth:`Stage.input_rows`, from the shard's pool tar), and write ``hash/part-NNNNN.parquet`` (schema
 ``hashes``): key, ``pixel_sha256`` (:func:`curation.data.images.pixel_sha256`), width, height, a grayscale
 ``thumb_side`` x ``thumb_side`` thumbnail (area-averaged, uint8), the size before download's resize, and the
 measurements of dedup's survivor rule (:func:`curation.rules.survivor.measurements`): ``border_fill`` (uniform edge fill,
@@ -34,7 +35,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from curation.config import HashConfig
@@ -82,21 +82,20 @@ def group_images(pixel_sha256: list[str], thumbs: np.ndarray, settings: HashConf
 class HashStage(Stage):
     name = "hash"
     section = "hash"
-    reads = ("filter.shards", "ledgers")
-    writes = ("hash.parts", "hash.groups")
+    order = 30
+    per_shard = True
 
     def plan(self) -> list[Unit]:
-        return [Unit(p.stem) for p in self.layout.shard_ledger_parts("filter")
-                if self.layout.filter_tar(p.stem).exists()]
+        return [Unit(shard) for shard in self.input_shards()]
 
     def run_unit(self, unit: Unit) -> dict:
-        ledger = pq.read_table(self.layout.ledger_part("filter", unit.id), columns=["key", "kept"])
-        keys = {k for k, kept in zip(ledger["key"].to_pylist(), ledger["kept"].to_pylist()) if kept}
-        rows = [self._hash_row(s) for s in iter_shard_samples(self.layout.filter_tar(unit.id), keys)]
+        keys = set(self.input_rows(unit.id)["key"].to_pylist())
+        tar = self.input_tar(unit.id)
+        rows = [self._hash_row(s) for s in iter_shard_samples(tar, keys)]
         if len(rows) != len(keys):
             missing = sorted(keys - {r["key"] for r in rows})[:5]
-            raise RuntimeError(f"hash unit {unit.id}: {len(keys) - len(rows)} kept keys missing from the "
-                               f"filter shard, e.g. {missing}")
+            raise RuntimeError(f"hash unit {unit.id}: {len(keys) - len(rows)} input keys missing from {tar}, "
+                               f"e.g. {missing}")
         table = pa.Table.from_pylist(rows, schema=pa.schema([(f.name, f.type) for f in HASHES])).sort_by("key")
         write_table(self.layout.hash_part(unit.id), table, "hashes")
         return {"hashed": table.num_rows}
@@ -115,7 +114,7 @@ class HashStage(Stage):
             return
         t = read_tables(self.layout.hash_parts(), "hashes").sort_by("key")
         if t["key"].to_pylist() != self.input_keys()["key"].to_pylist():
-            raise RuntimeError("hash: the hashed keys differ from the keys the filter kept (incomplete units?)")
+            raise RuntimeError("hash: the hashed keys differ from the keys the stage received (incomplete units?)")
         side = self.settings.thumb_side
         thumbs = np.frombuffer(b"".join(t["thumb"].to_pylist()), np.uint8).reshape(t.num_rows, side * side)
         sha = t["pixel_sha256"].to_pylist()

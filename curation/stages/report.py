@@ -8,8 +8,7 @@ from curation.stages.base import Stage, Unit
 class ReportStage(Stage):
     name = "report"
     section = "report"
-    reads = ("stats", "retrieve.selection", "pool.shards", "shards.tars", "image_sets")
-    writes = ("stats",)
+    order = 90
 
     def plan(self) -> list[Unit]:
         return [Unit("report")]

@@ -1,18 +1,12 @@
 """retrieve: choose the pool images to keep, by similarity to curated anchor sets (DINOv2 paper, sec. 3).
 
 Units, one per anchor set (``set-<name>``) plus ``set-<balanced.name>`` when ``retrieve.balanced`` is given; each
-writes ``retrieve/sets/<name>/{neighbors,selection,clusters}.parquet`` and ``summary.json`` (counts, quantiles):
-
-* ``sample``: the k nearest pool images of each anchor (exact by default, recall@k 1.0; ``ivf_flat`` / ``ivf_pq``
-  with recall@k against exact measured on ``recall_sample`` anchors; ``recall_at_k_vs_exact`` is null for the other
-  methods, which do not search k nearest neighbours);
-* ``cluster``: k-means of the pool into C clusters (C clamped to pool size / 4; cached in ``retrieve/_kmeans/`` and
-  shared by the sets that use the same C), anchors assigned to their nearest centroid, from every cluster with
-  more than m anchors up to n random pool images, at most ``cap`` per set; each selected image records its most
-  similar anchor of the set;
-* ``balanced`` (no anchors): hierarchical k-means with resampling and balanced top-down sampling to
-  ``target_size`` (:mod:`curation.engine.retrieval`);
-* ``as_is``: the anchor set itself, copied (source ``anchors/<set>``).
+runs the set's method and writes ``retrieve/sets/<name>/{neighbors,selection,clusters}.parquet`` and
+``summary.json`` (counts, quantiles).  The methods - ``sample`` (k nearest pool images per anchor), ``cluster``
+(pool k-means, clusters the anchors fall in), ``balanced`` (hierarchical k-means and balanced sampling, no anchors)
+and ``as_is`` (the anchor set itself) - are plug-ins, one module each, behind one dispatch table
+(:mod:`curation.stages.retrieval_methods`); ``recall_at_k_vs_exact`` is null for the methods that do not search k
+nearest neighbours with an index.
 
 ``finalize`` merges them: ``retrieve/neighbors.parquet``; ``retrieve/selection.parquet`` (one row per selected image,
 keeping its best match: highest similarity, ties to the set listed first); ``stats/retrieval_stats.parquet``;
@@ -37,27 +31,11 @@ import pyarrow as pa
 
 from curation.pipeline import accounting
 from curation.engine import retrieval as R
-from curation.engine.knn import knn_search
 from curation.engine.partitioned_pool import PartitionedPool
-from curation.data.samples import iter_image_set
 from curation.stages.base import Stage, Unit
+from curation.stages.retrieval_methods import Anchors, Method, Pool, Selection, method
+from curation.stages.retrieval_methods.balanced import BalancedMethod
 from curation.pipeline.storage import atomic_path, read_table, read_tables, write_json, write_table
-from curation.data.vectors import load_descriptors
-
-NO_NEIGHBORS = pa.table({"anchor_set": pa.array([], pa.string())})  # a set that searched no k nearest neighbours
-
-
-def _selection_table(rows: dict, n: int) -> pa.Table:
-    def col(name, typ):
-        v = rows.get(name)
-        return pa.array([None] * n if v is None else list(v), typ)
-
-    return pa.table({
-        "key": col("key", pa.string()), "source": col("source", pa.string()), "url": col("url", pa.string()),
-        "anchor_set": col("anchor_set", pa.string()), "anchor_key": col("anchor_key", pa.string()),
-        "rank": col("rank", pa.int32()), "similarity": col("similarity", pa.float32()),
-        "cluster": col("cluster", pa.int64()),
-    })
 
 
 def _quantiles(sims) -> dict:
@@ -118,11 +96,19 @@ def retrieval_stats(sets: list[dict], summaries: list[dict], shared: pd.DataFram
     return rows
 
 
+def set_summary(name: str, method_name: str, sel: Selection) -> dict:
+    """A set's ``summary.json``: its method, counts, the search it ran and the quantiles of its similarities."""
+    return {"anchor_set": name, "method": method_name, "recall_at_k_vs_exact": sel.recall, "index": sel.index,
+            "anchors": sel.anchors, "retrieved": sel.retrieved, **sel.details, **_quantiles(sel.similarities),
+            "selected": sel.rows.num_rows}
+
+
 class RetrieveStage(Stage):
     name = "retrieve"
     section = "retrieve"
-    reads = ("ledgers", "embed.vectors", "image_sets")
-    writes = ("retrieve.selection", "ledgers", "stats")
+    order = 70
+    ledger = True
+    drop_reasons = ("not_selected", "embed_failed")
 
     def resources(self) -> dict[str, float]:
         # the worker drives the global steps: its searchers hold the GPUs (one each), it holds none
@@ -133,92 +119,46 @@ class RetrieveStage(Stage):
         rc = self.settings
         sets = [{"name": a.name, "method": a.method} for a in rc.anchor_sets]
         if rc.balanced is not None:
-            sets.append({"name": rc.balanced.name, "method": "balanced"})
+            sets.append({"name": rc.balanced.name, "method": BalancedMethod.name})
         return sets
 
     def plan(self) -> list[Unit]:
         return [Unit(f"set-{s['name']}", s) for s in self._sets()]
 
-    # -- the pool and the anchors -------------------------------------------------------------------------------
-    def _pool(self, method: str) -> PartitionedPool:
-        """The pool of the images this stage receives, as partitions of ``scale.worker_memory_gb``; sample retrieval
-        searches with the configured index, the other methods exactly."""
-        return PartitionedPool.of_stage(self, self.layout.vectors_parts("embed", "pool"), self.input_keys()["key"],
-                                        self.settings.device, self.settings if method == "sample" else None)
-
-    def _anchor_vectors(self, name: str) -> tuple[list[str], np.ndarray]:
-        return load_descriptors(self.layout.vectors_parts("embed", "anchors", name))
-
-    # -- one anchor set ----------------------------------------------------------------------------------------
+    # -- one set ----------------------------------------------------------------------------------------------
     def run_unit(self, unit: Unit) -> dict:
-        name, method = unit.payload["name"], unit.payload["method"]
-        acfg = next((a for a in self.settings.anchor_sets if a.name == name), None)
-        summary = {"anchor_set": name, "method": method, "recall_at_k_vs_exact": None, "index": None}
-        if method == "as_is":
-            sel, neighbors, clusters, summary = self._as_is(acfg, summary)
-        else:
-            sel, neighbors, clusters, summary = self._from_pool(method, acfg, summary)
-        sims = summary.pop("sims")
-        summary.update(_quantiles(sims), selected=sel.num_rows)
+        name, m = unit.payload["name"], method(unit.payload["method"])
+        sel = self._select(m, self._anchors(m, name))
         out = self.layout.retrieve_set_dir(name)
-        if neighbors.num_rows:
-            write_table(out / "neighbors.parquet", neighbors, "neighbors")
-        if clusters is not None:
-            write_table(out / "clusters.parquet", clusters, "cluster_stats")
-        write_table(self.layout.retrieve_set_selection(name), sel, "selection")
-        write_json(out / "summary.json", summary)
-        return {"selected": sel.num_rows}
+        if sel.neighbors is not None and sel.neighbors.num_rows:
+            write_table(out / "neighbors.parquet", sel.neighbors, "neighbors")
+        if sel.clusters is not None:
+            write_table(out / "clusters.parquet", sel.clusters, "cluster_stats")
+        write_table(self.layout.retrieve_set_selection(name), sel.rows, "selection")
+        write_json(out / "summary.json", set_summary(name, m.name, sel))
+        return {"selected": sel.rows.num_rows}
 
-    def _as_is(self, acfg, summary):
-        """The anchor set itself (source ``anchors/<set>``)."""
-        keys = [s.key for s in iter_image_set(acfg.path, acfg.format)]
-        n = len(keys)
-        sel = _selection_table({"key": keys, "source": [f"anchors/{acfg.name}"] * n, "anchor_set": [acfg.name] * n,
-                                "anchor_key": keys}, n)
-        summary.update(anchors=n, retrieved=n, sims=[])
-        return sel, NO_NEIGHBORS, None, summary
-
-    def _from_pool(self, method: str, acfg, summary):
-        """(selection, neighbours, clusters, summary) of a set retrieved from the pool, by partitions."""
-        neighbors, clusters = NO_NEIGHBORS, None
-        pool = self._pool(method)
-        pkeys, pvecs, inputs = pool.keys, pool, self.input_keys()
-        urls = dict(zip(inputs["key"].to_pylist(), inputs["url"].to_pylist()))
-        try:
-            if method == "sample":
-                sel, neighbors, summary = self._sample(acfg, pkeys, pvecs, urls, summary)
-            elif method == "cluster":
-                sel, clusters, summary = self._cluster(acfg, pkeys, pvecs, urls, summary)
-            else:
-                sel, clusters, summary = self._balanced(pkeys, pvecs, urls, summary)
-        finally:
-            pool.close()
-        return sel, neighbors, clusters, summary
-
-    def _sample(self, acfg, pkeys, pvecs, urls, summary):
+    def _anchors(self, m: Method, name: str) -> Anchors:
         rc = self.settings
-        akeys, avecs = self._anchor_vectors(acfg.name)
-        res = pvecs.search(avecs, acfg.k, acfg.name, rc.recall_sample)
-        nq, k = res.ids.shape
-        ok = res.ids.reshape(-1) >= 0
-        pk = np.asarray(pkeys, dtype=object)
-        ak = np.asarray(akeys, dtype=object)
-        neighbors = pa.table({
-            "anchor_set": pa.array([acfg.name] * int(ok.sum()), pa.string()),
-            "anchor_key": pa.array(np.repeat(ak, k)[ok].tolist(), pa.string()),
-            "rank": pa.array(np.tile(np.arange(k), nq)[ok], pa.int32()),
-            "pool_key": pa.array(pk[res.ids.reshape(-1)[ok]].tolist(), pa.string()),
-            "similarity": pa.array(res.sims.reshape(-1)[ok], pa.float32()),
-        })
-        pid, aid, rank, sim = R.sample_select(res.sims, res.ids)
-        keys = pk[pid].tolist()
-        n = len(keys)
-        sel = _selection_table({"key": keys, "source": ["pool"] * n, "url": [urls.get(x) for x in keys],
-                                "anchor_set": [acfg.name] * n, "anchor_key": ak[aid].tolist(), "rank": rank,
-                                "similarity": sim}, n)
-        summary.update(anchors=len(akeys), retrieved=int(ok.sum()), sims=res.sims.reshape(-1)[ok],
-                       recall_at_k_vs_exact=res.recall, index=res.index, k=k)
-        return sel, neighbors, summary
+        config = next((a for a in rc.anchor_sets if a.name == name), None) if m.anchor_set else rc.balanced
+        files = self.layout.vectors_parts("embed", "anchors", name) if m.embeds_anchors else []
+        return Anchors(name, config, tuple(files))
+
+    def _select(self, m: Method, anchors: Anchors) -> Selection:
+        """Run method `m` on the pool this stage received (read as partitions of ``scale.worker_memory_gb``;
+        searched with the configured index by an indexed method, exactly by the others)."""
+        if not m.reads_pool:
+            return m.select(None, anchors, self.settings)
+        inputs = self.input_keys()
+        vectors = PartitionedPool.of_stage(self, self.layout.vectors_parts("embed", "pool"), inputs["key"],
+                                           self.settings.device, self.settings if m.indexed else None)
+        pool = Pool(np.asarray(vectors.keys, dtype=object), vectors,
+                    dict(zip(inputs["key"].to_pylist(), inputs["url"].to_pylist())), self.seed,
+                    lambda C: self._pool_kmeans(vectors, C))
+        try:
+            return m.select(pool, anchors, self.settings)
+        finally:
+            vectors.close()
 
     def _pool_kmeans(self, pvecs, C: int):
         """Pool k-means with C clusters, cached under retrieve/_kmeans (shared by sets with the same C)."""
@@ -234,58 +174,6 @@ class RetrieveStage(Stage):
             with open(tmp, "wb") as f:
                 np.savez(f, centroids=cents, labels=labels)
         return cents, labels
-
-    def _cluster(self, acfg, pkeys, pvecs, urls, summary):
-        rc = self.settings
-        akeys, avecs = self._anchor_vectors(acfg.name)
-        C = R.sensible_clusters(acfg.clusters, len(pvecs))
-        if len(pvecs):
-            cents, labels = self._pool_kmeans(pvecs, C)
-            alabels, _ = R.assign(avecs, cents, rc.device)
-        else:
-            C, labels, alabels = 1, np.zeros(0, np.int64), np.zeros(len(akeys), np.int64)
-        cs = R.cluster_select(labels, alabels, C, acfg.min_anchors_per_cluster, acfg.per_cluster, acfg.cap,
-                              self.seed)
-        pk = np.asarray(pkeys, dtype=object)
-        keys = pk[cs.pool_idx].tolist()
-        n = len(keys)
-        # the most similar anchor of the set, for provenance and the report's grids
-        sims, ids = knn_search(pvecs[cs.pool_idx], avecs, 1, device=rc.device) if n and len(akeys) else (None, None)
-        ak = np.asarray(akeys, dtype=object)
-        sel = _selection_table({
-            "key": keys, "source": ["pool"] * n, "url": [urls.get(x) for x in keys], "anchor_set": [acfg.name] * n,
-            "anchor_key": ak[ids[:, 0]].tolist() if ids is not None else None,
-            "similarity": sims[:, 0] if sims is not None else None, "cluster": labels[cs.pool_idx]}, n)
-        clusters = pa.table({"anchor_set": [acfg.name] * C, "cluster": np.arange(C, dtype=np.int64),
-                             "size": cs.sizes.astype(np.int64), "anchors": cs.anchors.astype(np.int64),
-                             "selected": cs.selected.astype(np.int64)})
-        summary.update(anchors=len(akeys), retrieved=n, clusters=C, sims=sims[:, 0] if sims is not None else [],
-                       index="kmeans")
-        return sel, clusters, summary
-
-    def _balanced(self, pkeys, pvecs, urls, summary):
-        rc, bc = self.settings, self.settings.balanced
-        if len(pvecs):
-            levels = R.hierarchical_kmeans(pvecs, bc.levels, bc.resampling_steps, bc.resample_sizes,
-                                           rc.kmeans_iters, self.seed, rc.device)
-            idx = R.balanced_sample(levels, bc.target_size, self.seed, bc.leaf_sampling)
-            labels = levels[0].assignment
-        else:
-            levels, idx, labels = [], np.zeros(0, np.int64), np.zeros(0, np.int64)
-        pk = np.asarray(pkeys, dtype=object)
-        keys = pk[idx].tolist()
-        n = len(keys)
-        sel = _selection_table({"key": keys, "source": ["pool"] * n, "url": [urls.get(x) for x in keys],
-                                "anchor_set": [bc.name] * n, "cluster": labels[idx]}, n)
-        top = levels[-1].centroids.shape[0] if levels else 0
-        C = len(levels[0].centroids) if levels else 0
-        clusters = pa.table({"anchor_set": [bc.name] * C, "cluster": np.arange(C, dtype=np.int64),
-                             "size": np.bincount(labels, minlength=C).astype(np.int64),
-                             "anchors": np.zeros(C, np.int64),
-                             "selected": np.bincount(labels[idx], minlength=C).astype(np.int64)})
-        summary.update(anchors=0, retrieved=n, sims=[], index="hierarchical_kmeans",
-                       levels=[len(lv.centroids) for lv in levels], top_clusters=top)
-        return sel, clusters, summary
 
     # -- merge -------------------------------------------------------------------------------------------------
     def finalize(self) -> None:

@@ -81,8 +81,7 @@ def shuffle_into_shards(sel: pa.Table, seed: int, samples_per_shard: int) -> pa.
 class ShardsStage(Stage):
     name = "shards"
     section = "shards"
-    reads = ("retrieve.selection", "pool.shards", "image_sets")
-    writes = ("shards.tars",)
+    order = 80
 
     def plan(self) -> list[Unit]:
         clean_temporaries(self.layout.shards_meta)

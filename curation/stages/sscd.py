@@ -31,14 +31,16 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from curation.models.describe import Described, describe_in_task
-from curation.models.embedder import build_copy_embedder
 from curation.data.samples import iter_image_set, iter_shard_samples, shard_input_keys
 from curation.stages.base import Stage, Unit
 from curation.pipeline.storage import write_table
 from curation.data.vectors import descriptor_table
 from curation.cluster import gpu
+
+if TYPE_CHECKING:
+    from curation.models.describe import Described
 
 log = logging.getLogger("lvd")
 
@@ -46,8 +48,8 @@ log = logging.getLogger("lvd")
 class SSCDStage(Stage):
     name = "sscd"
     section = "sscd"
-    reads = ("pool.shards", "ledgers", "image_sets")
-    writes = ("sscd.descriptors",)
+    order = 40
+    per_shard = True
 
     def resources(self) -> dict[str, float]:
         gpus = 0
@@ -56,6 +58,8 @@ class SSCDStage(Stage):
         return {"num_cpus": max(self.num_cpus, float(min(self.settings.num_workers, 4)) or 1.0), "num_gpus": gpus}
 
     def setup(self) -> None:
+        from curation.models.embedder import build_copy_embedder  # torch: loaded by the workers, not the registry
+
         self.embedder = build_copy_embedder(self.settings)
 
     def plan(self) -> list[Unit]:
@@ -91,5 +95,7 @@ class SSCDStage(Stage):
         return {"described": len(out.keys), "skipped": len(out.failures)}
 
     def _describe(self, samples) -> Described:
+        from curation.models.describe import describe_in_task
+
         return describe_in_task(self.embedder, samples, self.settings.num_workers, self.settings.batch_size,
                                 max_pixels=self.images.max_image_pixels)

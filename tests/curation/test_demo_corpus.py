@@ -24,7 +24,7 @@ from PIL import Image
 
 from curation.demo.corpus import EDITS, HASH_EDITS, MANIFEST_SCHEMA, generate_corpus, write_url_list
 from curation.demo.server import DemoServer, generate_main, main
-from schemas.tables import DROP_REASONS
+from curation.stages import drop_reasons
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,7 +86,7 @@ def test_rows_by_role_and_reason(demo_corpus):
     for r in rows:  # every expected reason is in the stage's closed vocabulary
         assert (r["expected_stage"] is None) == (r["expected_reason"] is None)
         if r["expected_stage"]:
-            assert r["expected_reason"] in DROP_REASONS[r["expected_stage"]]
+            assert r["expected_reason"] in drop_reasons(r["expected_stage"])
         assert (r["path"] is None) != (r["absolute_url"] is None)
         assert r["path"] is None or r["path"].startswith("/")
     edits = Counter(r["edit"] for r in rows if r["role"] == "near_duplicate")

@@ -301,3 +301,22 @@ def test_union_of_selections_keeps_each_images_best_match_in_memory():
     rows = retrieval_stats(sets, [{"anchors": 1, "retrieved": 2}, {}, {}], shared)
     assert [(r["unique"], r["overlap_other_sets"]) for r in rows] == [(2, 2), (3, 2), (1, 0)]
     assert rows[0]["anchors"] == 1 and rows[1]["retrieved"] == 0
+
+
+def test_every_retrieval_method_is_one_plug_in_behind_the_dispatch_table(tmp_path):
+    from curation.config import ConfigError
+    from curation.stages.retrieval_methods import METHODS, Method, anchor_set_methods, method
+
+    for name in METHODS:
+        m = method(name)
+        assert isinstance(m, Method) and m.name == name
+        assert type(m).select is not Method.select, f"{name} has its own select"
+    assert anchor_set_methods() == ("sample", "cluster", "as_is")  # balanced has its own section, no anchors
+    anchors = tmp_path / "anchors"
+    anchors.mkdir()
+    data = {"run_root": str(tmp_path / "run"), "input": {"url_list": str(anchors)},
+            "retrieve": {"anchor_sets": [{"name": "a", "path": str(anchors), "method": "balanced"}]}}
+    with pytest.raises(ConfigError, match="retrieve.anchor_sets.0.method: .*one of sample, cluster, as_is"):
+        load_config(data=data)
+    with pytest.raises(ValueError, match="unknown retrieval method 'nearest'"):
+        method("nearest")

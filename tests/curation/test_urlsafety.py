@@ -248,9 +248,9 @@ def test_percent_encoded_blocked_host_is_never_fetched(hostile):
     ],
 )
 def test_redirect_drop_reasons(hostile, path, reason):
-    from schemas.tables import DROP_REASONS
+    from curation.stages import drop_reasons
 
-    assert reason in DROP_REASONS["download"]
+    assert reason in drop_reasons("download")
     opener = build_safe_opener(UrlPolicy(allow_networks=["127.0.0.1/32"]))
     assert _reason_of(opener, f"{hostile[0]}{path}") == reason
 
