@@ -310,23 +310,38 @@ def test_altered_outputs_are_detected_and_redone(demo_download, tmp_path, capsys
 
 
 def test_ctrl_c_says_rerun_to_resume(tmp_path):
+    """SIGINT while a download is in flight, in-process: see :func:`check_ctrl_c_stops_and_resumes`."""
+    check_ctrl_c_stops_and_resumes(tmp_path, {"ray": {"local": True}})
+
+
+def check_ctrl_c_stops_and_resumes(tmp_path, run_cfg: dict, env: dict | None = None) -> None:
     """SIGINT while a download is in flight: one line "interrupted; rerun to resume", exit 130, no traceback; the
     interrupted unit is left unfinished (no marker, no ledger row: never a drop), and the rerun then finishes it.
+    `run_cfg` says where the units run (in-process, or on a Ray cluster's workers).
 
     No timing: the interrupt is sent once the server holds the request (the fetch is provably in flight), and the
-    server keeps holding it until the interrupted run has exited, so the run can only exit by abandoning the fetch.
+    server holds it until the fetching process lets go of the connection (abandoned by the interrupt, or the
+    process is gone: a Ray worker ended with the driver), so the unit can only end unfinished, or, if the fetch
+    lived on, as a drop when its read times out: the files are checked only once the fetcher has let go.
     The run starts with SIGINT ignored, as a process started from a background shell job is (a test suite run with
     `make test &`): a Ctrl-C or `kill -INT` must still stop it."""
     import http.server
+    import select
+    import socket
     import threading
 
-    asked, exited = threading.Event(), threading.Event()
+    asked, released = threading.Event(), threading.Event()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
-            asked.set()
-            if self.path == "/hold":
-                exited.wait(300)  # a guard against a hang, never the expected path
+            if self.path == "/hold" and not released.is_set():
+                asked.set()
+                # until the client closes its end (a hang guard bounds it: never the expected path)
+                readable, _, _ = select.select([self.connection], [], [], 300)
+                if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                    released.set()
+                self.close_connection = True
+                return
             self.send_response(404)
             self.end_headers()
 
@@ -340,26 +355,28 @@ def test_ctrl_c_says_rerun_to_resume(tmp_path):
         urls = tmp_path / "urls.csv"
         urls.write_text(f"url\nhttp://127.0.0.1:{port}/hold\n")
         cfg = {"run_root": str(tmp_path / "run"), "input": {"url_list": str(urls)}, "stages": ["download"],
-               "ray": {"local": True}, "download": {"allow_networks": ["127.0.0.1/32"], "timeout_s": 120}}
+               "download": {"allow_networks": ["127.0.0.1/32"], "timeout_s": 120}, **run_cfg}
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
         cmd = [sys.executable, str(REPO / "pipelines" / "curate.py"), "--config", str(tmp_path / "c.yaml"),
                "--no-progress"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         assert asked.wait(300), "the download never reached the server"
         proc.send_signal(signal.SIGINT)
         try:
             out, err = proc.communicate(timeout=240)  # hang guard: the held fetch must be abandoned
-        finally:
-            exited.set()
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
         assert proc.returncode == 130, err[-2000:]
         assert err.strip().splitlines()[-1] == "interrupted; rerun to resume" and "Traceback" not in err, err
+        assert released.wait(300), "the interrupted fetch lived on after its run exited"
         run = tmp_path / "run"
         assert not list((run / "_markers" / "download").glob("0*.json")), "the interrupted unit was marked done"
         assert not list((run / "download" / "_ledger").glob("0*.parquet")), "the interrupted fetch became a drop"
-        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert rerun.returncode == 0, rerun.stderr[-2000:]
         assert "download           1         0         1  http_error 1" in rerun.stdout
     finally:
-        exited.set()
+        released.set()
         server.shutdown()
