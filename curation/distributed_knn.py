@@ -48,6 +48,26 @@ SCORE_BYTES = 64 * 2**20  # k-means assigns at most this many bytes of a partiti
 FIXED_POINT = 2.0**30
 
 
+def fixed_point_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per-label sums of the rows of float32 `x` in fixed point: int64 [k, d] of rint(x * FIXED_POINT).
+
+    Scaling by a power of two is exact in float32 and rounding a float32 to an integer gives a float32 integer, so
+    the quantised rows are computed in float32; a float64 sum of integers stays exact (hence the same in any order)
+    while below 2**53, which a chunk of rows checks before a sparse one-hot product adds them up."""
+    from scipy.sparse import csr_matrix
+
+    n, d = x.shape
+    q = np.rint(x * np.float32(FIXED_POINT))
+    if n == 0:
+        return np.zeros((k, d), np.int64)
+    if n * max(float(q.max()), -float(q.min())) >= 2.0**53:  # too large for exact float64 sums: integer arithmetic
+        out = np.zeros((k, d), np.int64)
+        np.add.at(out, labels, q.astype(np.int64))
+        return out
+    onehot = csr_matrix((np.ones(n), (labels, np.arange(n))), shape=(k, n))
+    return np.asarray(onehot @ q, np.float64).astype(np.int64)
+
+
 def peak_rss_bytes() -> int:
     """This process's own peak resident memory (VmHWM), not a maximum inherited from a parent as ru_maxrss."""
     try:
@@ -158,10 +178,7 @@ class PartitionWorker:
         counts = np.zeros(k, np.int64)
         inertia = 0.0
         for r, labels, d2 in self._assign_chunks(centroids, rows):
-            fixed = np.rint(self.x[r].astype(np.float64) * FIXED_POINT).astype(np.int64)
-            order = np.argsort(labels, kind="stable")
-            uniq, starts = np.unique(labels[order], return_index=True)
-            sums[uniq] += np.add.reduceat(fixed[order], starts, axis=0)
+            sums += fixed_point_sums(self.x[r], labels, k)
             counts += np.bincount(labels, minlength=k)
             inertia += float(d2.astype(np.float64).sum())
         return sums, counts, inertia

@@ -151,27 +151,78 @@ def knn_search(queries, database, k: int, device: str = "auto", backend: str = "
     return rescore(q, db, cand, k)
 
 
+def _centroid_scores(x: np.ndarray, c: np.ndarray, device: str) -> np.ndarray:
+    """float32 inner products x @ c.T (BLAS on the CPU, torch matmul without TF32 on CUDA)."""
+    if not device.startswith("cuda"):
+        return x @ c.T
+    import torch
+
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            return (torch.from_numpy(x).to(device) @ torch.from_numpy(c).to(device).T).cpu().numpy()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def _exact_d2(x: np.ndarray, c64: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """float64 squared distances of each row of x to its candidate centroids (-1 = none: inf), rounded to float32."""
+    diff = x[:, None, :].astype(np.float64) - c64[np.maximum(cand, 0)]
+    return np.where(cand >= 0, np.einsum("bkd,bkd->bk", diff, diff), np.inf).astype(np.float32)
+
+
 def nearest_centroid(x, centroids, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid by L2 distance -> (labels int64, squared distances float32), ties to the smaller centroid.
 
-    Candidates: argmin |x - c|^2 = argmax (2 x.c - |c|^2), an inner-product search of [x, 1] against
-    [2c, -|c|^2]; then each candidate's distance in float64."""
+    The decision is the exact one: the float64 distance rounded to float32, ties to the smaller centroid.  A float32
+    GEMM scores every centroid (``|c|^2 - 2 x.c``; its rounding error is below ``err``, a bound from the dot
+    product's length and the norms), so a row whose best score leads the second by more than ``2 err`` has that
+    centroid as its exact nearest: only its one distance is computed in float64.  A row with several centroids
+    within ``2 err`` of its best (near ties, duplicate centroids) has all of them computed in float64.  Neither the
+    GEMM's blocking nor the batch decides anything, so the labels do not depend on how the rows are cut."""
     x, c = as_f32(x), as_f32(centroids)
-    if len(x) == 0 or len(c) == 0:
-        return np.full(len(x), -1, np.int64), np.full(len(x), np.inf, np.float32)
-    qa = np.hstack([x, np.ones((len(x), 1), np.float32)])
-    ca = np.hstack([2 * c, -(c.astype(np.float64) ** 2).sum(1, keepdims=True).astype(np.float32)])
+    n, d = x.shape
+    if n == 0 or len(c) == 0:
+        return np.full(n, -1, np.int64), np.full(n, np.inf, np.float32)
     device = gpu.resolve(device)
-    cand = candidates(qa, ca, min(len(c), 2 + TIE_MARGIN // 4), default_backend(device))
-    labels = np.empty(len(x), np.int64)
-    d2 = np.empty(len(x), np.float32)
-    step = max(1, RESCORE_BYTES // (8 * cand.shape[1] * x.shape[1]))
-    for s in range(0, len(x), step):
-        cc = cand[s:s + step]
-        diff = x[s:s + step, None, :].astype(np.float64) - c[np.maximum(cc, 0)].astype(np.float64)
-        dist = np.where(cc >= 0, np.einsum("bkd,bkd->bk", diff, diff), np.inf).astype(np.float32)
-        order = np.lexsort((np.where(cc >= 0, cc, np.iinfo(np.int64).max), dist), axis=1)[:, 0]
-        rows = np.arange(len(cc))
-        labels[s:s + step] = cc[rows, order]
-        d2[s:s + step] = dist[rows, order]
+    c64 = c.astype(np.float64)
+    cc64 = (c64 * c64).sum(1)
+    cc = cc64.astype(np.float32)
+    cmax = float(np.sqrt(cc64.max()))
+    u = 2.0**-24
+    labels = np.empty(n, np.int64)
+    d2 = np.empty(n, np.float32)
+    step = max(1, RESCORE_BYTES // (8 * max(len(c), d)))
+    for s in range(0, n, step):
+        xs = x[s:s + step]
+        a = _centroid_scores(xs, c, device)
+        a *= -2
+        a += cc
+        rows = np.arange(len(xs))
+        best = np.argmin(a, axis=1)
+        lead = a[rows, best]
+        a[rows, best] = np.inf
+        second = a.min(1)
+        a[rows, best] = lead
+        xn = np.sqrt(np.einsum("ij,ij->i", xs, xs, dtype=np.float64))
+        # GEMM error <= d u |x||c| (any summation order), |c|^2 and the subtraction one rounding each, and the float32
+        # spacing of the distance itself (two centroids closer than that round to a tie): twice all of it
+        thr = lead + (2 * 2 * (2 * d + 16) * u * (xn + cmax) ** 2).astype(np.float32)
+        amb = np.flatnonzero(second <= thr)
+        labels[s:s + len(xs)] = best
+        d2[s:s + len(xs)] = _exact_d2(xs, c64, best[:, None])[:, 0]
+        if len(amb):
+            m = a[amb] <= thr[amb, None]
+            width = int(m.sum(1).max())
+            cand = np.argsort(~m, axis=1, kind="stable")[:, :width]  # the near centroids, in index order
+            cand = np.where(np.take_along_axis(m, cand, 1), cand, -1)
+            per = max(1, RESCORE_BYTES // (8 * width * d))
+            for a0 in range(0, len(amb), per):
+                cb, rb = cand[a0:a0 + per], amb[a0:a0 + per]
+                dist = _exact_d2(xs[rb], c64, cb)
+                pick = np.lexsort((np.where(cb >= 0, cb, np.iinfo(np.int64).max), dist), axis=1)[:, 0]
+                r = np.arange(len(rb))
+                labels[s + rb] = cb[r, pick]
+                d2[s + rb] = dist[r, pick]
     return labels, d2
