@@ -40,18 +40,20 @@ def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
 
 
-def _faiss_candidates(q: np.ndarray, db: np.ndarray, k: int, query_chunk: int, gpu_index: bool) -> np.ndarray:
+def _faiss_candidates(q: np.ndarray, db: np.ndarray, k: int, query_chunk: int, gpu_index: bool
+                      ) -> tuple[np.ndarray, np.ndarray]:
     import faiss
 
+    scores = np.empty((len(q), k), np.float32)
     ids = np.empty((len(q), k), np.int64)
     for s in range(0, len(q), query_chunk):
         if gpu_index:
             res = faiss.StandardGpuResources()
-            _, i = faiss.knn_gpu(res, q[s:s + query_chunk], db, k, metric=faiss.METRIC_INNER_PRODUCT)
+            d, i = faiss.knn_gpu(res, q[s:s + query_chunk], db, k, metric=faiss.METRIC_INNER_PRODUCT)
         else:
-            _, i = faiss.knn(q[s:s + query_chunk], db, k, metric=faiss.METRIC_INNER_PRODUCT)
-        ids[s:s + len(i)] = i
-    return ids
+            d, i = faiss.knn(q[s:s + query_chunk], db, k, metric=faiss.METRIC_INNER_PRODUCT)
+        scores[s:s + len(i)], ids[s:s + len(i)] = d, i
+    return scores, ids
 
 
 def device_parts(db: np.ndarray, device: str, dtype: str = "float32", db_chunk: int = 1_048_576) -> list:
@@ -62,13 +64,14 @@ def device_parts(db: np.ndarray, device: str, dtype: str = "float32", db_chunk: 
     return [torch.from_numpy(db[s:s + db_chunk]).to(device, tdtype) for s in range(0, len(db), db_chunk)]
 
 
-def _torch_candidates(q: np.ndarray, parts: list, k: int, query_chunk: int) -> np.ndarray:
+def _torch_candidates(q: np.ndarray, parts: list, k: int, query_chunk: int) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     dev, tdtype = parts[0].device, parts[0].dtype
     offsets = np.cumsum([0] + [p.shape[0] for p in parts])
     prev_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
+    scores = np.empty((len(q), k), np.float32)
     ids = np.empty((len(q), k), np.int64)
     try:
         with torch.inference_mode():
@@ -82,18 +85,21 @@ def _torch_candidates(q: np.ndarray, parts: list, k: int, query_chunk: int) -> n
                         ps, sel = torch.topk(torch.cat([best_s, ps], 1), k, dim=1)
                         pi = torch.gather(torch.cat([best_i, pi], 1), 1, sel)
                     best_s, best_i = ps, pi
+                scores[s:s + len(qc)] = best_s.cpu().numpy()
                 ids[s:s + len(qc)] = best_i.cpu().numpy()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
-    return ids
+    return scores, ids
 
 
 def candidates(q: np.ndarray, db: np.ndarray, k: int, backend: str = "faiss", device_db: list | None = None,
-               query_chunk: int = 65_536, db_chunk: int = 1_048_576, dtype: str = "float32") -> np.ndarray:
-    """The `k` best rows of `db` per query by `backend` (ids, -1 padded; order unspecified beyond "best")."""
+               query_chunk: int = 65_536, db_chunk: int = 1_048_576, dtype: str = "float32"
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` best rows of `db` per query by `backend`: (the backend's float32 scores, ids), -1 padded; order
+    unspecified beyond "best"."""
     k = min(k, len(db))
     if k == 0 or len(q) == 0:
-        return np.full((len(q), k), -1, np.int64)
+        return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
     if backend == "faiss":
         return _faiss_candidates(q, db, k, query_chunk, gpu_index=False)
     if backend == "faiss_gpu":
@@ -103,24 +109,80 @@ def candidates(q: np.ndarray, db: np.ndarray, k: int, backend: str = "faiss", de
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def rescore(q: np.ndarray, db: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+#: unit roundoff of each scoring precision (inputs rounded to it, products summed in float32 or better)
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+def score_tolerance(q: np.ndarray, db_norm: float, dtype: str = "float32") -> np.ndarray:
+    """Per query, a bound on |backend score - exact inner product| with any database row of norm <= `db_norm`,
+    widened by the float32 spacing of the score (so that a candidate below ``floor - tol`` cannot even round to a
+    tie with ``floor``).  float32 scoring: a length-d dot product's error is below d u |q||x| in any summation
+    order; reduced precision adds the rounding of both inputs (2 u |q||x|) and sums the products in float32."""
+    d = q.shape[1]
+    u32 = 2.0**-24
+    u = UNIT_ROUNDOFF[dtype]
+    qn = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
+    per = (d + 4) * u32 + (3 * u if dtype != "float32" else 0.0)
+    return (2 * per * qn * db_norm).astype(np.float32)
+
+
+def prune(scores: np.ndarray, cand: np.ndarray, keep: int, tol: np.ndarray,
+          floor: np.ndarray | None = None) -> np.ndarray:
+    """Candidates (-1 = none) with those dropped (-1) that cannot be among the `keep` best by exact score: a
+    candidate whose score + tol lies below the `keep`-th best score - tol is beaten by `keep` others, and one below
+    `floor` (per query: the `keep`-th best exact similarity found elsewhere) cannot enter either.  `tol`: per query,
+    :func:`score_tolerance`.  Nothing that could be in the exact result is dropped, so the result is the same."""
+    s = np.where(cand >= 0, scores, -np.inf).astype(np.float32)
+    bound = np.full(len(s), -np.inf, np.float32)
+    if s.shape[1] > keep:
+        bound = np.partition(s, s.shape[1] - keep, axis=1)[:, s.shape[1] - keep] - tol
+    if floor is not None:
+        bound = np.maximum(bound, floor)
+    return np.where(s + tol[:, None] < bound[:, None], -1, cand)
+
+
+def _rescore_rows(q: np.ndarray, db: np.ndarray, c: np.ndarray, k: int, sims: np.ndarray, ids: np.ndarray) -> None:
+    """rescore() of one chunk of queries, written into sims / ids (each query's row alone decides its values)."""
+    valid = c >= 0
+    width = int(valid.sum(1).max())
+    if width < c.shape[1]:  # pruned candidates: the valid ones first, only as many columns as a row needs
+        c = np.take_along_axis(c, np.argsort(~valid, axis=1, kind="stable")[:, :width], 1)
+        valid = c >= 0
+    # float32 rows, products and sums in float64 (einsum casts in its buffer: no float64 copy of the rows)
+    sc = np.einsum("bd,bkd->bk", q, db[np.maximum(c, 0)], dtype=np.float64)
+    sc = np.where(valid, sc.astype(np.float32), -np.inf).astype(np.float32)
+    order = np.lexsort((np.where(valid, c, np.iinfo(np.int64).max), -sc), axis=1)[:, :k]
+    kk = order.shape[1]
+    sims[:, :kk] = np.take_along_axis(sc, order, 1)
+    ids[:, :kk] = np.where(np.take_along_axis(valid, order, 1), np.take_along_axis(c, order, 1), -1)
+
+
+def rescore(q: np.ndarray, db: np.ndarray, cand: np.ndarray, k: int, threads: int = 0
+            ) -> tuple[np.ndarray, np.ndarray]:
     """The k best of each query's candidate rows (-1 = none) by float64 inner product rounded to float32: (sims,
-    ids), highest first, ties to the smaller id, padded to k with (-inf, -1)."""
+    ids), highest first, ties to the smaller id, padded to k with (-inf, -1).  Chunks of queries run on `threads`
+    threads (0: as many as FAISS uses); every query's values are its own, so the threads change nothing."""
     nq = len(q)
     sims, ids = _empty(nq, k)
     if nq == 0 or cand.shape[1] == 0:
         return sims, ids
-    step = max(1, RESCORE_BYTES // (8 * cand.shape[1] * max(1, db.shape[1])))
-    big = np.iinfo(np.int64).max
-    for s in range(0, nq, step):
-        c = np.asarray(cand[s:s + step], np.int64)
-        valid = c >= 0
-        sc = np.einsum("bd,bkd->bk", q[s:s + step].astype(np.float64), db[np.maximum(c, 0)].astype(np.float64))
-        sc = np.where(valid, sc.astype(np.float32), -np.inf).astype(np.float32)
-        order = np.lexsort((np.where(valid, c, big), -sc), axis=1)[:, :k]
-        kk = order.shape[1]
-        sims[s:s + step, :kk] = np.take_along_axis(sc, order, 1)
-        ids[s:s + step, :kk] = np.where(np.take_along_axis(valid, order, 1), np.take_along_axis(c, order, 1), -1)
+    cand = np.asarray(cand, np.int64)
+    step = max(1, RESCORE_BYTES // (4 * cand.shape[1] * max(1, db.shape[1])))  # the gathered float32 rows
+    chunks = [(s, min(nq, s + step)) for s in range(0, nq, step)]
+    if not threads:
+        import faiss
+
+        threads = faiss.omp_get_max_threads()
+    work = lambda ab: _rescore_rows(q[ab[0]:ab[1]], db, cand[ab[0]:ab[1]], k, sims[ab[0]:ab[1]],  # noqa: E731
+                                    ids[ab[0]:ab[1]])
+    if threads <= 1 or len(chunks) == 1:
+        for ab in chunks:
+            work(ab)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
+            list(pool.map(work, chunks))
     return sims, ids
 
 
@@ -147,8 +209,10 @@ def knn_search(queries, database, k: int, device: str = "auto", backend: str = "
         backend = default_backend(device)
     if backend == "torch" and device_db is None and len(db):
         device_db = device_parts(db, device, dtype, db_chunk)
-    cand = candidates(q, db, k + TIE_MARGIN, backend, device_db, query_chunk, db_chunk, dtype)
-    return rescore(q, db, cand, k)
+    scores, cand = candidates(q, db, k + TIE_MARGIN, backend, device_db, query_chunk, db_chunk, dtype)
+    tol = score_tolerance(q, float(np.sqrt(np.einsum("ij,ij->i", db, db, dtype=np.float64).max())) if len(db) else 0.0,
+                          dtype)
+    return rescore(q, db, prune(scores, cand, k, tol), k)
 
 
 def _centroid_scores(x: np.ndarray, c: np.ndarray, device: str) -> np.ndarray:
@@ -211,7 +275,10 @@ def nearest_centroid(x, centroids, device: str = "auto") -> tuple[np.ndarray, np
         thr = lead + (2 * 2 * (2 * d + 16) * u * (xn + cmax) ** 2).astype(np.float32)
         amb = np.flatnonzero(second <= thr)
         labels[s:s + len(xs)] = best
-        d2[s:s + len(xs)] = _exact_d2(xs, c64, best[:, None])[:, 0]
+        diff = xs.astype(np.float64)
+        diff -= c64[best]
+        d2[s:s + len(xs)] = np.einsum("bd,bd->b", diff, diff)
+        del diff
         if len(amb):
             m = a[amb] <= thr[amb, None]
             width = int(m.sum(1).max())
