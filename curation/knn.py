@@ -14,7 +14,10 @@ Two steps, so the result never depends on how the database is cut or which backe
    smaller row.  So 1 or 16 partitions, CPU or GPU give the same neighbours and similarities, bit for bit, as long
    as the true k-th neighbour is among a backend's ``k + TIE_MARGIN`` best (rounding moves scores by ~1e-7).
 
-:func:`nearest_centroid` is k-means assignment by the same two steps (L2 distance, ties to the smaller centroid).
+Candidates whose backend score provably cannot reach the k best (:func:`prune`: a bound on the score's rounding
+error, and the k-th exact similarity found in partitions searched before) are not rescored: the result is the same.
+:func:`nearest_centroid` is k-means assignment decided the same way (one float32 GEMM and its error bound; float64
+distances for the chosen centroid and for near ties; L2, ties to the smaller centroid).
 All return float32 similarities and int64 row ids of shape (n_queries, k); missing columns (fewer than k rows)
 hold id -1 and similarity -inf.  The device comes from :mod:`curation.gpu`.
 """
