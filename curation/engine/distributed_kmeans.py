@@ -39,20 +39,25 @@ class KMeansResult:
 
 
 def kmeans_pp_seed(sample: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding of k centroids among the rows of `sample` (float64 distances).
+    """k-means++ seeding of k centroids among the rows of `sample`.
 
     Random init puts most seeds in the dense regions and leaves small, well separated modes without a centroid,
     which is exactly what balanced sampling must not miss."""
+    from threadpoolctl import threadpool_limits
+
     m, d = sample.shape
     sq = (sample * sample).sum(1)
     cents = np.empty((k, d), np.float32)
     cents[0] = sample[rng.integers(m)]
-    best = np.maximum(sq - 2 * sample @ cents[0] + cents[0] @ cents[0], 0)
-    for i in range(1, k):
-        total = best.sum()
-        j = rng.choice(m, p=best / total) if total > 0 else rng.integers(m)
-        cents[i] = sample[j]
-        best = np.minimum(best, np.maximum(sq - 2 * sample @ cents[i] + cents[i] @ cents[i], 0))
+    # k small matrix-vector products in a row: on one BLAS thread (the same sums: each output is one row's dot
+    # product), since waking the BLAS threads for each one costs more than it gains, many times more on a busy host
+    with threadpool_limits(limits=1, user_api="blas"):
+        best = np.maximum(sq - 2 * (sample @ cents[0]) + cents[0] @ cents[0], 0)  # 2 (x @ c) == (2 x) @ c, no copy
+        for i in range(1, k):
+            total = best.sum()
+            j = rng.choice(m, p=best / total) if total > 0 else rng.integers(m)
+            cents[i] = sample[j]
+            best = np.minimum(best, np.maximum(sq - 2 * (sample @ cents[i]) + cents[i] @ cents[i], 0))
     return cents
 
 

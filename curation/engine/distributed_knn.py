@@ -48,6 +48,26 @@ SCORE_BYTES = 64 * 2**20  # k-means assigns at most this many bytes of a partiti
 FIXED_POINT = 2.0**30
 
 
+def fixed_point_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per-label sums of the rows of float32 `x` in fixed point: int64 [k, d] of rint(x * FIXED_POINT).
+
+    Scaling by a power of two is exact in float32 and rounding a float32 to an integer gives a float32 integer, so
+    the quantised rows are computed in float32; a float64 sum of integers stays exact (hence the same in any order)
+    while below 2**53, which a chunk of rows checks before a sparse one-hot product adds them up."""
+    from scipy.sparse import csr_matrix
+
+    n, d = x.shape
+    q = np.rint(x * np.float32(FIXED_POINT))
+    if n == 0:
+        return np.zeros((k, d), np.int64)
+    if n * max(float(q.max()), -float(q.min())) >= 2.0**53:  # too large for exact float64 sums: integer arithmetic
+        out = np.zeros((k, d), np.int64)
+        np.add.at(out, labels, q.astype(np.int64))
+        return out
+    onehot = csr_matrix((np.ones(n), (labels, np.arange(n))), shape=(k, n))
+    return np.asarray(onehot @ q, np.float64).astype(np.int64)
+
+
 def peak_rss_bytes() -> int:
     """This process's own peak resident memory (VmHWM), not a maximum inherited from a parent as ru_maxrss."""
     try:
@@ -113,6 +133,10 @@ class PartitionWorker:
             self.index += f",rerank{self.rerank}x"
         self.backend = knn.default_backend(self.device)
         self.device_db = knn.device_parts(self.x, self.device) if self.backend == "torch" and len(self.x) else None
+        # largest row norm: the scores' error bound (knn.score_tolerance) that lets search() skip rescoring
+        self.db_norm = float(np.sqrt(np.einsum("ij,ij->i", self.x, self.x, dtype=np.float64).max())) if len(
+            self.x) else 0.0
+        self.threads = threads
 
     def info(self) -> dict:
         """Where this worker runs, on which device, and its peak resident memory (VmHWM of this process)."""
@@ -121,9 +145,13 @@ class PartitionWorker:
         return {"partition": self.part.index, "rows": len(self.x), "pid": os.getpid(), "node": node,
                 "device": self.device, "peak_rss_bytes": peak_rss_bytes(), "index": self.index}
 
-    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, q: np.ndarray, k: int, floor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of each query in this partition: (sims float32 [nq, k], global ids int64 [nq, k]), -1 padded;
-        similarities rescored exactly (:func:`curation.engine.knn.rescore`), so they do not depend on the partitioning."""
+        similarities rescored exactly (:func:`curation.engine.knn.rescore`), so they do not depend on the partitioning.
+
+        `floor` (per query, the k-th best exact similarity in the partitions searched before, -inf for none): exact
+        search rescores only the candidates whose score could reach it (:func:`curation.engine.knn.prune`); what it leaves
+        out could not enter the merged top-k, so the merged result is the same."""
         n = len(self.x)
         q = np.ascontiguousarray(q, np.float32)
         if min(k, n) == 0 or len(q) == 0:
@@ -132,8 +160,9 @@ class PartitionWorker:
             # IVF ranks coarsely (PQ codes) or over probed lists only: its candidates, rescored with the vectors held
             _, cand = self.ivf.search(q, min(n, max(self.rerank, 1) * k + knn.TIE_MARGIN))
         else:
-            cand = knn.candidates(q, self.x, k + knn.TIE_MARGIN, self.backend, self.device_db)
-        sims, ids = knn.rescore(q, self.x, np.asarray(cand, np.int64), k)
+            scores, cand = knn.candidates(q, self.x, k + knn.TIE_MARGIN, self.backend, self.device_db)
+            cand = knn.prune(scores, cand, k, knn.score_tolerance(q, self.db_norm), floor)
+        sims, ids = knn.rescore(q, self.x, np.asarray(cand, np.int64), k, self.threads)
         ids = np.where(ids < 0, -1, ids + self.part.offset)
         return merge_topk([sims], [ids], k)
 
@@ -158,10 +187,7 @@ class PartitionWorker:
         counts = np.zeros(k, np.int64)
         inertia = 0.0
         for r, labels, d2 in self._assign_chunks(centroids, rows):
-            fixed = np.rint(self.x[r].astype(np.float64) * FIXED_POINT).astype(np.int64)
-            order = np.argsort(labels, kind="stable")
-            uniq, starts = np.unique(labels[order], return_index=True)
-            sums[uniq] += np.add.reduceat(fixed[order], starts, axis=0)
+            sums += fixed_point_sums(self.x[r], labels, k)
             counts += np.bincount(labels, minlength=k)
             inertia += float(d2.astype(np.float64).sum())
         return sums, counts, inertia
@@ -347,13 +373,14 @@ def _block_starts(queries, block: int) -> list[int]:
 def _search_block(workers: "Workers", handles: list, out: Path, start: int, q: np.ndarray, kk: int, w: int,
                   last: int, exclude_self: bool, edge_threshold: float | None) -> None:
     """Search one query block in wave `w`'s partitions, merge with the earlier waves' result, store it."""
-    results = workers.call(handles, "search", q, kk)
+    prev = read_block(out / _block_name(start, w - 1)) if w > 0 else None
+    floor = prev[1][:, kk - 1].copy() if prev is not None and prev[1].shape[1] >= kk else None
+    results = workers.call(handles, "search", q, kk, floor)
     sims = [r[0] for r in results]
     ids = [r[1] for r in results]
-    if w > 0:
-        _, ps, pi = read_block(out / _block_name(start, w - 1))
-        sims.append(ps)
-        ids.append(pi)
+    if prev is not None:
+        sims.append(prev[1])
+        ids.append(prev[2])
     s, i = merge_topk(sims, ids, kk)
     if w < last:
         write_block(out / _block_name(start, w), start, s, i)

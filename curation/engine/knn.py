@@ -14,7 +14,10 @@ Two steps, so the result never depends on how the database is cut or which backe
    smaller row.  So 1 or 16 partitions, CPU or GPU give the same neighbours and similarities, bit for bit, as long
    as the true k-th neighbour is among a backend's ``k + TIE_MARGIN`` best (rounding moves scores by ~1e-7).
 
-:func:`nearest_centroid` is k-means assignment by the same two steps (L2 distance, ties to the smaller centroid).
+Candidates whose backend score provably cannot reach the k best (:func:`prune`: a bound on the score's rounding
+error, and the k-th exact similarity found in partitions searched before) are not rescored: the result is the same.
+:func:`nearest_centroid` is k-means assignment decided the same way (one float32 GEMM and its error bound; float64
+distances for the chosen centroid and for near ties; L2, ties to the smaller centroid).
 All return float32 similarities and int64 row ids of shape (n_queries, k); missing columns (fewer than k rows)
 hold id -1 and similarity -inf.  The device comes from :mod:`curation.cluster.gpu`.
 """
@@ -40,18 +43,20 @@ def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
 
 
-def _faiss_candidates(q: np.ndarray, db: np.ndarray, k: int, query_chunk: int, gpu_index: bool) -> np.ndarray:
+def _faiss_candidates(q: np.ndarray, db: np.ndarray, k: int, query_chunk: int, gpu_index: bool
+                      ) -> tuple[np.ndarray, np.ndarray]:
     import faiss
 
+    scores = np.empty((len(q), k), np.float32)
     ids = np.empty((len(q), k), np.int64)
     for s in range(0, len(q), query_chunk):
         if gpu_index:
             res = faiss.StandardGpuResources()
-            _, i = faiss.knn_gpu(res, q[s:s + query_chunk], db, k, metric=faiss.METRIC_INNER_PRODUCT)
+            d, i = faiss.knn_gpu(res, q[s:s + query_chunk], db, k, metric=faiss.METRIC_INNER_PRODUCT)
         else:
-            _, i = faiss.knn(q[s:s + query_chunk], db, k, metric=faiss.METRIC_INNER_PRODUCT)
-        ids[s:s + len(i)] = i
-    return ids
+            d, i = faiss.knn(q[s:s + query_chunk], db, k, metric=faiss.METRIC_INNER_PRODUCT)
+        scores[s:s + len(i)], ids[s:s + len(i)] = d, i
+    return scores, ids
 
 
 def device_parts(db: np.ndarray, device: str, dtype: str = "float32", db_chunk: int = 1_048_576) -> list:
@@ -62,13 +67,14 @@ def device_parts(db: np.ndarray, device: str, dtype: str = "float32", db_chunk: 
     return [torch.from_numpy(db[s:s + db_chunk]).to(device, tdtype) for s in range(0, len(db), db_chunk)]
 
 
-def _torch_candidates(q: np.ndarray, parts: list, k: int, query_chunk: int) -> np.ndarray:
+def _torch_candidates(q: np.ndarray, parts: list, k: int, query_chunk: int) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     dev, tdtype = parts[0].device, parts[0].dtype
     offsets = np.cumsum([0] + [p.shape[0] for p in parts])
     prev_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
+    scores = np.empty((len(q), k), np.float32)
     ids = np.empty((len(q), k), np.int64)
     try:
         with torch.inference_mode():
@@ -82,18 +88,21 @@ def _torch_candidates(q: np.ndarray, parts: list, k: int, query_chunk: int) -> n
                         ps, sel = torch.topk(torch.cat([best_s, ps], 1), k, dim=1)
                         pi = torch.gather(torch.cat([best_i, pi], 1), 1, sel)
                     best_s, best_i = ps, pi
+                scores[s:s + len(qc)] = best_s.cpu().numpy()
                 ids[s:s + len(qc)] = best_i.cpu().numpy()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
-    return ids
+    return scores, ids
 
 
 def candidates(q: np.ndarray, db: np.ndarray, k: int, backend: str = "faiss", device_db: list | None = None,
-               query_chunk: int = 65_536, db_chunk: int = 1_048_576, dtype: str = "float32") -> np.ndarray:
-    """The `k` best rows of `db` per query by `backend` (ids, -1 padded; order unspecified beyond "best")."""
+               query_chunk: int = 65_536, db_chunk: int = 1_048_576, dtype: str = "float32"
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` best rows of `db` per query by `backend`: (the backend's float32 scores, ids), -1 padded; order
+    unspecified beyond "best"."""
     k = min(k, len(db))
     if k == 0 or len(q) == 0:
-        return np.full((len(q), k), -1, np.int64)
+        return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
     if backend == "faiss":
         return _faiss_candidates(q, db, k, query_chunk, gpu_index=False)
     if backend == "faiss_gpu":
@@ -103,24 +112,80 @@ def candidates(q: np.ndarray, db: np.ndarray, k: int, backend: str = "faiss", de
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def rescore(q: np.ndarray, db: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+#: unit roundoff of each scoring precision (inputs rounded to it, products summed in float32 or better)
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+def score_tolerance(q: np.ndarray, db_norm: float, dtype: str = "float32") -> np.ndarray:
+    """Per query, a bound on |backend score - exact inner product| with any database row of norm <= `db_norm`,
+    widened by the float32 spacing of the score (so that a candidate below ``floor - tol`` cannot even round to a
+    tie with ``floor``).  float32 scoring: a length-d dot product's error is below d u |q||x| in any summation
+    order; reduced precision adds the rounding of both inputs (2 u |q||x|) and sums the products in float32."""
+    d = q.shape[1]
+    u32 = 2.0**-24
+    u = UNIT_ROUNDOFF[dtype]
+    qn = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
+    per = (d + 4) * u32 + (3 * u if dtype != "float32" else 0.0)
+    return (2 * per * qn * db_norm).astype(np.float32)
+
+
+def prune(scores: np.ndarray, cand: np.ndarray, keep: int, tol: np.ndarray,
+          floor: np.ndarray | None = None) -> np.ndarray:
+    """Candidates (-1 = none) with those dropped (-1) that cannot be among the `keep` best by exact score: a
+    candidate whose score + tol lies below the `keep`-th best score - tol is beaten by `keep` others, and one below
+    `floor` (per query: the `keep`-th best exact similarity found elsewhere) cannot enter either.  `tol`: per query,
+    :func:`score_tolerance`.  Nothing that could be in the exact result is dropped, so the result is the same."""
+    s = np.where(cand >= 0, scores, -np.inf).astype(np.float32)
+    bound = np.full(len(s), -np.inf, np.float32)
+    if s.shape[1] > keep:
+        bound = np.partition(s, s.shape[1] - keep, axis=1)[:, s.shape[1] - keep] - tol
+    if floor is not None:
+        bound = np.maximum(bound, floor)
+    return np.where(s + tol[:, None] < bound[:, None], -1, cand)
+
+
+def _rescore_rows(q: np.ndarray, db: np.ndarray, c: np.ndarray, k: int, sims: np.ndarray, ids: np.ndarray) -> None:
+    """rescore() of one chunk of queries, written into sims / ids (each query's row alone decides its values)."""
+    valid = c >= 0
+    width = int(valid.sum(1).max())
+    if width < c.shape[1]:  # pruned candidates: the valid ones first, only as many columns as a row needs
+        c = np.take_along_axis(c, np.argsort(~valid, axis=1, kind="stable")[:, :width], 1)
+        valid = c >= 0
+    # float32 rows, products and sums in float64 (einsum casts in its buffer: no float64 copy of the rows)
+    sc = np.einsum("bd,bkd->bk", q, db[np.maximum(c, 0)], dtype=np.float64)
+    sc = np.where(valid, sc.astype(np.float32), -np.inf).astype(np.float32)
+    order = np.lexsort((np.where(valid, c, np.iinfo(np.int64).max), -sc), axis=1)[:, :k]
+    kk = order.shape[1]
+    sims[:, :kk] = np.take_along_axis(sc, order, 1)
+    ids[:, :kk] = np.where(np.take_along_axis(valid, order, 1), np.take_along_axis(c, order, 1), -1)
+
+
+def rescore(q: np.ndarray, db: np.ndarray, cand: np.ndarray, k: int, threads: int = 0
+            ) -> tuple[np.ndarray, np.ndarray]:
     """The k best of each query's candidate rows (-1 = none) by float64 inner product rounded to float32: (sims,
-    ids), highest first, ties to the smaller id, padded to k with (-inf, -1)."""
+    ids), highest first, ties to the smaller id, padded to k with (-inf, -1).  Chunks of queries run on `threads`
+    threads (0: as many as FAISS uses); every query's values are its own, so the threads change nothing."""
     nq = len(q)
     sims, ids = _empty(nq, k)
     if nq == 0 or cand.shape[1] == 0:
         return sims, ids
-    step = max(1, RESCORE_BYTES // (8 * cand.shape[1] * max(1, db.shape[1])))
-    big = np.iinfo(np.int64).max
-    for s in range(0, nq, step):
-        c = np.asarray(cand[s:s + step], np.int64)
-        valid = c >= 0
-        sc = np.einsum("bd,bkd->bk", q[s:s + step].astype(np.float64), db[np.maximum(c, 0)].astype(np.float64))
-        sc = np.where(valid, sc.astype(np.float32), -np.inf).astype(np.float32)
-        order = np.lexsort((np.where(valid, c, big), -sc), axis=1)[:, :k]
-        kk = order.shape[1]
-        sims[s:s + step, :kk] = np.take_along_axis(sc, order, 1)
-        ids[s:s + step, :kk] = np.where(np.take_along_axis(valid, order, 1), np.take_along_axis(c, order, 1), -1)
+    cand = np.asarray(cand, np.int64)
+    step = max(1, RESCORE_BYTES // (4 * cand.shape[1] * max(1, db.shape[1])))  # the gathered float32 rows
+    chunks = [(s, min(nq, s + step)) for s in range(0, nq, step)]
+    if not threads:
+        import faiss
+
+        threads = faiss.omp_get_max_threads()
+    work = lambda ab: _rescore_rows(q[ab[0]:ab[1]], db, cand[ab[0]:ab[1]], k, sims[ab[0]:ab[1]],  # noqa: E731
+                                    ids[ab[0]:ab[1]])
+    if threads <= 1 or len(chunks) == 1:
+        for ab in chunks:
+            work(ab)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
+            list(pool.map(work, chunks))
     return sims, ids
 
 
@@ -147,31 +212,87 @@ def knn_search(queries, database, k: int, device: str = "auto", backend: str = "
         backend = default_backend(device)
     if backend == "torch" and device_db is None and len(db):
         device_db = device_parts(db, device, dtype, db_chunk)
-    cand = candidates(q, db, k + TIE_MARGIN, backend, device_db, query_chunk, db_chunk, dtype)
-    return rescore(q, db, cand, k)
+    scores, cand = candidates(q, db, k + TIE_MARGIN, backend, device_db, query_chunk, db_chunk, dtype)
+    tol = score_tolerance(q, float(np.sqrt(np.einsum("ij,ij->i", db, db, dtype=np.float64).max())) if len(db) else 0.0,
+                          dtype)
+    return rescore(q, db, prune(scores, cand, k, tol), k)
+
+
+def _centroid_scores(x: np.ndarray, c: np.ndarray, device: str) -> np.ndarray:
+    """float32 inner products x @ c.T (BLAS on the CPU, torch matmul without TF32 on CUDA)."""
+    if not device.startswith("cuda"):
+        return x @ c.T
+    import torch
+
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            return (torch.from_numpy(x).to(device) @ torch.from_numpy(c).to(device).T).cpu().numpy()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def _exact_d2(x: np.ndarray, c64: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """float64 squared distances of each row of x to its candidate centroids (-1 = none: inf), rounded to float32."""
+    diff = x[:, None, :].astype(np.float64) - c64[np.maximum(cand, 0)]
+    return np.where(cand >= 0, np.einsum("bkd,bkd->bk", diff, diff), np.inf).astype(np.float32)
 
 
 def nearest_centroid(x, centroids, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid by L2 distance -> (labels int64, squared distances float32), ties to the smaller centroid.
 
-    Candidates: argmin |x - c|^2 = argmax (2 x.c - |c|^2), an inner-product search of [x, 1] against
-    [2c, -|c|^2]; then each candidate's distance in float64."""
+    The decision is the exact one: the float64 distance rounded to float32, ties to the smaller centroid.  A float32
+    GEMM scores every centroid (``|c|^2 - 2 x.c``; its rounding error is below ``err``, a bound from the dot
+    product's length and the norms), so a row whose best score leads the second by more than ``2 err`` has that
+    centroid as its exact nearest: only its one distance is computed in float64.  A row with several centroids
+    within ``2 err`` of its best (near ties, duplicate centroids) has all of them computed in float64.  Neither the
+    GEMM's blocking nor the batch decides anything, so the labels do not depend on how the rows are cut."""
     x, c = as_f32(x), as_f32(centroids)
-    if len(x) == 0 or len(c) == 0:
-        return np.full(len(x), -1, np.int64), np.full(len(x), np.inf, np.float32)
-    qa = np.hstack([x, np.ones((len(x), 1), np.float32)])
-    ca = np.hstack([2 * c, -(c.astype(np.float64) ** 2).sum(1, keepdims=True).astype(np.float32)])
+    n, d = x.shape
+    if n == 0 or len(c) == 0:
+        return np.full(n, -1, np.int64), np.full(n, np.inf, np.float32)
     device = gpu.resolve(device)
-    cand = candidates(qa, ca, min(len(c), 2 + TIE_MARGIN // 4), default_backend(device))
-    labels = np.empty(len(x), np.int64)
-    d2 = np.empty(len(x), np.float32)
-    step = max(1, RESCORE_BYTES // (8 * cand.shape[1] * x.shape[1]))
-    for s in range(0, len(x), step):
-        cc = cand[s:s + step]
-        diff = x[s:s + step, None, :].astype(np.float64) - c[np.maximum(cc, 0)].astype(np.float64)
-        dist = np.where(cc >= 0, np.einsum("bkd,bkd->bk", diff, diff), np.inf).astype(np.float32)
-        order = np.lexsort((np.where(cc >= 0, cc, np.iinfo(np.int64).max), dist), axis=1)[:, 0]
-        rows = np.arange(len(cc))
-        labels[s:s + step] = cc[rows, order]
-        d2[s:s + step] = dist[rows, order]
+    c64 = c.astype(np.float64)
+    cc64 = (c64 * c64).sum(1)
+    cc = cc64.astype(np.float32)
+    cmax = float(np.sqrt(cc64.max()))
+    u = 2.0**-24
+    labels = np.empty(n, np.int64)
+    d2 = np.empty(n, np.float32)
+    step = max(1, RESCORE_BYTES // (8 * max(len(c), d)))
+    for s in range(0, n, step):
+        xs = x[s:s + step]
+        a = _centroid_scores(xs, c, device)
+        a *= -2
+        a += cc
+        rows = np.arange(len(xs))
+        best = np.argmin(a, axis=1)
+        lead = a[rows, best]
+        a[rows, best] = np.inf
+        second = a.min(1)
+        a[rows, best] = lead
+        xn = np.sqrt(np.einsum("ij,ij->i", xs, xs, dtype=np.float64))
+        # GEMM error <= d u |x||c| (any summation order), |c|^2 and the subtraction one rounding each, and the float32
+        # spacing of the distance itself (two centroids closer than that round to a tie): twice all of it
+        thr = lead + (2 * 2 * (2 * d + 16) * u * (xn + cmax) ** 2).astype(np.float32)
+        amb = np.flatnonzero(second <= thr)
+        labels[s:s + len(xs)] = best
+        diff = xs.astype(np.float64)
+        diff -= c64[best]
+        d2[s:s + len(xs)] = np.einsum("bd,bd->b", diff, diff)
+        del diff
+        if len(amb):
+            m = a[amb] <= thr[amb, None]
+            width = int(m.sum(1).max())
+            cand = np.argsort(~m, axis=1, kind="stable")[:, :width]  # the near centroids, in index order
+            cand = np.where(np.take_along_axis(m, cand, 1), cand, -1)
+            per = max(1, RESCORE_BYTES // (8 * width * d))
+            for a0 in range(0, len(amb), per):
+                cb, rb = cand[a0:a0 + per], amb[a0:a0 + per]
+                dist = _exact_d2(xs[rb], c64, cb)
+                pick = np.lexsort((np.where(cb >= 0, cb, np.iinfo(np.int64).max), dist), axis=1)[:, 0]
+                r = np.arange(len(rb))
+                labels[s + rb] = cb[r, pick]
+                d2[s + rb] = dist[r, pick]
     return labels, d2
