@@ -266,8 +266,9 @@ class AnchorSetConfig(Section):
     def _method(cls, m):
         from curation.stages.retrieval_methods import anchor_set_methods
 
-        if m not in anchor_set_methods():
-            raise ValueError(f"unknown method {m!r}; an anchor set's method is one of {', '.join(anchor_set_methods())}")
+        known = anchor_set_methods()
+        if m not in known:
+            raise ValueError(f"unknown method {m!r}; an anchor set's method is one of {', '.join(known)}")
         return m
 
     @field_validator("name")

@@ -40,6 +40,7 @@ from curation.pipeline.layout import RunLayout
 from curation.data.samples import shard_input_rows
 from curation.stages import class_path
 
+
 @dataclass(frozen=True)
 class Unit:
     id: str
@@ -117,8 +118,8 @@ class Stage:
     def input_shards(self) -> list[str]:
         """The pool shards this stage receives (ids ``NNNNN``): those the pool-tar stage it reads judged and wrote
         a tar for."""
-        tars = self.layout.pool_tar_stage(self.name)
-        return [p.stem for p in self.layout.shard_ledger_parts(tars) if self.layout.pool_tar(p.stem, self.name).exists()]
+        parts = self.layout.shard_ledger_parts(self.layout.pool_tar_stage(self.name))
+        return [p.stem for p in parts if self.input_tar(p.stem).exists()]
 
     def input_tar(self, shard: str) -> Path:
         """The tar holding the pool images of `shard` this stage reads."""
