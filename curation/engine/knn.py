@@ -24,6 +24,8 @@ hold id -1 and similarity -inf.  The device comes from :mod:`curation.cluster.gp
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
 from curation.cluster import gpu
@@ -67,31 +69,41 @@ def device_parts(db: np.ndarray, device: str, dtype: str = "float32", db_chunk: 
     return [torch.from_numpy(db[s:s + db_chunk]).to(device, tdtype) for s in range(0, len(db), db_chunk)]
 
 
+@contextmanager
+def _float32_matmuls():
+    """torch matmuls in true float32 (TF32 off, restored after: the error bounds assume float32 rounding), without
+    autograd."""
+    import torch
+
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
 def _torch_candidates(q: np.ndarray, parts: list, k: int, query_chunk: int) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     dev, tdtype = parts[0].device, parts[0].dtype
     offsets = np.cumsum([0] + [p.shape[0] for p in parts])
-    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
     scores = np.empty((len(q), k), np.float32)
     ids = np.empty((len(q), k), np.int64)
-    try:
-        with torch.inference_mode():
-            for s in range(0, len(q), query_chunk):
-                qc = torch.from_numpy(q[s:s + query_chunk]).to(dev, tdtype)
-                best_s = best_i = None
-                for off, part in zip(offsets[:-1], parts):
-                    ps, pi = torch.topk((qc @ part.T).float(), min(k, part.shape[0]), dim=1)
-                    pi = pi + int(off)
-                    if best_s is not None:
-                        ps, sel = torch.topk(torch.cat([best_s, ps], 1), k, dim=1)
-                        pi = torch.gather(torch.cat([best_i, pi], 1), 1, sel)
-                    best_s, best_i = ps, pi
-                scores[s:s + len(qc)] = best_s.cpu().numpy()
-                ids[s:s + len(qc)] = best_i.cpu().numpy()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+    with _float32_matmuls():
+        for s in range(0, len(q), query_chunk):
+            qc = torch.from_numpy(q[s:s + query_chunk]).to(dev, tdtype)
+            best_s = best_i = None
+            for off, part in zip(offsets[:-1], parts):
+                ps, pi = torch.topk((qc @ part.T).float(), min(k, part.shape[0]), dim=1)
+                pi = pi + int(off)
+                if best_s is not None:
+                    ps, sel = torch.topk(torch.cat([best_s, ps], 1), k, dim=1)
+                    pi = torch.gather(torch.cat([best_i, pi], 1), 1, sel)
+                best_s, best_i = ps, pi
+            scores[s:s + len(qc)] = best_s.cpu().numpy()
+            ids[s:s + len(qc)] = best_i.cpu().numpy()
     return scores, ids
 
 
@@ -102,7 +114,7 @@ def candidates(q: np.ndarray, db: np.ndarray, k: int, backend: str = "faiss", de
     unspecified beyond "best"."""
     k = min(k, len(db))
     if k == 0 or len(q) == 0:
-        return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        return _empty(len(q), k)
     if backend == "faiss":
         return _faiss_candidates(q, db, k, query_chunk, gpu_index=False)
     if backend == "faiss_gpu":
@@ -224,13 +236,8 @@ def _centroid_scores(x: np.ndarray, c: np.ndarray, device: str) -> np.ndarray:
         return x @ c.T
     import torch
 
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.inference_mode():
-            return (torch.from_numpy(x).to(device) @ torch.from_numpy(c).to(device).T).cpu().numpy()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
+    with _float32_matmuls():
+        return (torch.from_numpy(x).to(device) @ torch.from_numpy(c).to(device).T).cpu().numpy()
 
 
 def _exact_d2(x: np.ndarray, c64: np.ndarray, cand: np.ndarray) -> np.ndarray:
