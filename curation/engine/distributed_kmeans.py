@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from curation.engine.distributed_knn import FIXED_POINT, Workers
+from curation.engine.distributed_knn import FIXED_POINT, Workers, inertia_from_sums
 from curation.engine.partitions import PartitionPlan
 
 KMEANSPP_BUDGET = 2e10  # multiply-adds allowed for k-means++ seeding; beyond it, random rows
@@ -114,7 +114,7 @@ def partitioned_kmeans(plan: PartitionPlan, workers: Workers, k: int, niter: int
             stats = workers.map_each("lloyd_stats", lambda p: (cents, None if local is None else local[p.index]))
             sums = sum(s[0] for s in stats)
             counts = sum(s[1] for s in stats)
-            inertia = float(sum(s[2] for s in stats))
+            inertia = inertia_from_sums(cents, sums, counts, sum(s[2] for s in stats))
             means = sums / (np.maximum(counts, 1)[:, None] * FIXED_POINT)
             new = np.where(counts[:, None] > 0, means, cents).astype(np.float32)
             moved = not np.array_equal(new, cents)

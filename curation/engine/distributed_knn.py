@@ -17,8 +17,9 @@ cluster scale).
   blocks and, between waves, resumes from the last wave a block finished.  With ``edge_threshold`` each block also
   writes the edges (query row, neighbour row, similarity) above it, for :mod:`curation.engine.edge_components`.
 
-Memory per searcher: its partition (at most a third of ``scale.worker_memory_gb``), its IVF index when asked, one
-query block and the block's scores; the driver holds one query partition and one block's results.
+Memory per searcher: its partition (at most a third of ``scale.worker_memory_gb``) and its rows' float64 squared norms
+(8 bytes a row), its IVF index when asked, one query block and the block's scores; the driver holds one query
+partition and one block's results.
 """
 
 from __future__ import annotations
@@ -48,24 +49,70 @@ SCORE_BYTES = 64 * 2**20  # k-means assigns at most this many bytes of a partiti
 FIXED_POINT = 2.0**30
 
 
-def fixed_point_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+FIXED_POINT_ROWS = 8192  # rows quantised and summed at once: a chunk's quantised copy stays in cache-sized pieces
+
+
+def fixed_point_sums(x: np.ndarray, labels: np.ndarray, k: int, threads: int = 0) -> np.ndarray:
     """Per-label sums of the rows of float32 `x` in fixed point: int64 [k, d] of rint(x * FIXED_POINT).
 
     Scaling by a power of two is exact in float32 and rounding a float32 to an integer gives a float32 integer, so
-    the quantised rows are computed in float32; a float64 sum of integers stays exact (hence the same in any order)
-    while below 2**53, which a chunk of rows checks before a sparse one-hot product adds them up."""
+    the quantised rows are computed in float32.  Chunks of FIXED_POINT_ROWS rows are added up by a sparse one-hot
+    product in float64, exact because a chunk's integer sums stay far below 2**53 (8192 x 2**30 = 2**43 for unit
+    vectors; larger values are checked and summed in integer arithmetic), then the chunks' int64 sums are added:
+    integer addition, so the chunking and the `threads` (0: as many as FAISS uses) change nothing."""
     from scipy.sparse import csr_matrix
 
     n, d = x.shape
-    q = np.rint(x * np.float32(FIXED_POINT))
+    out = np.zeros((k, d), np.int64)
     if n == 0:
-        return np.zeros((k, d), np.int64)
-    if n * max(float(q.max()), -float(q.min())) >= 2.0**53:  # too large for exact float64 sums: integer arithmetic
-        out = np.zeros((k, d), np.int64)
-        np.add.at(out, labels, q.astype(np.int64))
         return out
-    onehot = csr_matrix((np.ones(n), (labels, np.arange(n))), shape=(k, n))
-    return np.asarray(onehot @ q, np.float64).astype(np.int64)
+
+    def chunk(a: int) -> np.ndarray:
+        b = min(n, a + FIXED_POINT_ROWS)
+        q = np.multiply(x[a:b], np.float32(FIXED_POINT))
+        np.rint(q, out=q)
+        if (b - a) * max(float(q.max()), -float(q.min())) >= 2.0**53:  # too large for exact float64 sums
+            part = np.zeros((k, d), np.int64)
+            np.add.at(part, labels[a:b], q.astype(np.int64))
+            return part
+        onehot = csr_matrix((np.ones(b - a), (labels[a:b], np.arange(b - a))), shape=(k, b - a))
+        return np.asarray(onehot @ q, np.float64).astype(np.int64)
+
+    starts = range(0, n, FIXED_POINT_ROWS)
+    if not threads:
+        import faiss
+
+        threads = faiss.omp_get_max_threads()
+    if threads <= 1 or len(starts) == 1:
+        for a in starts:
+            out += chunk(a)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(threads, len(starts))) as pool:  # scipy's sparse product releases the GIL
+            for part in pool.map(chunk, starts):
+                out += part
+    return out
+
+
+def square_norms(x: np.ndarray) -> np.ndarray:
+    """float64 |row|^2 of every row of float32 `x` (each row's own dot product: the same in any batch)."""
+    return np.einsum("ij,ij->i", x, x, dtype=np.float64)
+
+
+def fixed_point_square_norms(sq: np.ndarray) -> int:
+    """Sum of the rows' squared norms `sq` (:func:`square_norms`) in fixed point (each rounded to a multiple of
+    1 / FIXED_POINT): an integer, the same however the rows are grouped."""
+    return int(np.rint(np.asarray(sq, np.float64) * FIXED_POINT).astype(np.int64).sum())
+
+
+def inertia_from_sums(centroids: np.ndarray, sums: np.ndarray, counts: np.ndarray, norms: int) -> float:
+    """Summed squared distance of the rows to their centroids, from the step's exact statistics:
+    sum |x|^2 - 2 sum_l c_l . S_l + sum_l n_l |c_l|^2 (S_l: the fixed-point sums), so it is the same at any
+    partitioning, without a distance per row."""
+    c = centroids.astype(np.float64)
+    s = sums.astype(np.float64) / FIXED_POINT
+    return float(norms / FIXED_POINT - 2 * np.einsum("kd,kd->", c, s) + counts @ np.einsum("kd,kd->k", c, c))
 
 
 def peak_rss_bytes() -> int:
@@ -80,15 +127,38 @@ def peak_rss_bytes() -> int:
 
 
 # ------------------------------------------------------------------------------------------------- merging
+def _sort_key(s: np.ndarray, i: np.ndarray) -> np.ndarray:
+    """One uint64 per (similarity, id) whose ascending order is the merge order: the float32's bits made
+    order-preserving and reversed in the high half (highest similarity first), the id in the low half (ties to the
+    smaller id; -1 = 2**32 - 1, last).  Needs ids < 2**32 - 1; -0.0 is taken as 0.0 as the float comparison does."""
+    b = (s + np.float32(0)).view(np.int32)  # + 0 turns -0.0 into 0.0
+    asc = np.where(b < 0, b ^ np.int32(0x7FFFFFFF), b).astype(np.int64)  # same order as the floats
+    hi = (np.int64(2**31 - 1) - asc).astype(np.uint64)  # reversed, in [0, 2**32)
+    lo = np.where(i < 0, np.uint64(2**32 - 1), i.astype(np.uint64))
+    return (hi << np.uint64(32)) | lo
+
+
+def _from_sort_key(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a = (np.int64(2**31 - 1) - (key >> np.uint64(32)).astype(np.int64)).astype(np.int32)
+    sims = np.where(a < 0, a ^ np.int32(0x7FFFFFFF), a).view(np.float32)
+    ids = (key & np.uint64(2**32 - 1)).astype(np.int64)
+    ids[ids == 2**32 - 1] = -1
+    return sims, ids
+
+
 def merge_topk(sims: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the k best of several candidate lists: highest similarity first, ties to the smaller id; id -1
-    (padding, similarity -inf) last.  Exact, and independent of how the candidates were split."""
+    (padding, similarity -inf) last.  Exact, and independent of how the candidates were split.  Pools below 2**32
+    rows sort one uint64 key per candidate (:func:`_sort_key`, ~4x faster than a two-key lexsort)."""
     s = np.concatenate(sims, 1)
     i = np.concatenate(ids, 1)
     s = np.where(i < 0, -np.inf, s).astype(np.float32)
-    tie = np.where(i < 0, np.iinfo(np.int64).max, i)
-    order = np.lexsort((tie, -s), axis=1)[:, :k]
-    s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+    if i.size and i.max() < 2**32 - 1:
+        s, i = _from_sort_key(np.sort(_sort_key(s, i), axis=1)[:, :k])
+    else:
+        tie = np.where(i < 0, np.iinfo(np.int64).max, i)
+        order = np.lexsort((tie, -s), axis=1)[:, :k]
+        s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
     if s.shape[1] < k:  # fewer candidates than k: pad
         pad = k - s.shape[1]
         s = np.hstack([s, np.full((len(s), pad), -np.inf, np.float32)])
@@ -133,9 +203,10 @@ class PartitionWorker:
             self.index += f",rerank{self.rerank}x"
         self.backend = knn.default_backend(self.device)
         self.device_db = knn.device_parts(self.x, self.device) if self.backend == "torch" and len(self.x) else None
-        # largest row norm: the scores' error bound (knn.score_tolerance) that lets search() skip rescoring
-        self.db_norm = float(np.sqrt(np.einsum("ij,ij->i", self.x, self.x, dtype=np.float64).max())) if len(
-            self.x) else 0.0
+        # rows' squared norms: the Lloyd steps' error bounds and inertia; the largest bounds the search scores'
+        # error (knn.score_tolerance), which lets search() skip rescoring
+        self.sq = square_norms(self.x)
+        self.db_norm = float(np.sqrt(self.sq.max())) if len(self.x) else 0.0
         self.threads = threads
 
     def info(self) -> dict:
@@ -167,30 +238,33 @@ class PartitionWorker:
         return merge_topk([sims], [ids], k)
 
     # -- Lloyd k-means (curation.engine.distributed_kmeans) ------------------------------------------------------------
-    def _assign_chunks(self, centroids: np.ndarray, rows: np.ndarray | None
-                       ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(local rows, labels, squared distances) of this partition's rows (or `rows`), chunk by chunk."""
-        rows = np.arange(len(self.x)) if rows is None else np.asarray(rows, np.int64)
-        step = max(1, SCORE_BYTES // (4 * (self.x.shape[1] + 1)))  # assignment copies a chunk with one extra column
-        for s in range(0, len(rows), step):
-            r = rows[s:s + step]
-            labels, d2 = knn.nearest_centroid(self.x[r], centroids, self.device)
+    def _assign_chunks(self, centroids: np.ndarray, rows: np.ndarray | None, distances: bool = True
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """(local rows, labels, squared distances or None) of this partition's rows (or `rows`), chunk by chunk."""
+        rows = None if rows is None else np.asarray(rows, np.int64)
+        total = len(self.x) if rows is None else len(rows)
+        step = max(1, SCORE_BYTES // (4 * (self.x.shape[1] + 1)))
+        for s in range(0, total, step):
+            r = np.arange(s, min(total, s + step)) if rows is None else rows[s:s + step]
+            xs = self.x[s:s + step] if rows is None else self.x[r]  # a view when the rows are the whole partition
+            labels, d2 = knn.nearest_centroid(xs, centroids, self.device, distances, self.sq[r])
             yield r, labels, d2
 
     def lloyd_stats(self, centroids: np.ndarray, rows: np.ndarray | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, float]:
+                    ) -> tuple[np.ndarray, np.ndarray, int]:
         """Per-centroid sums (int64, fixed point: x * FIXED_POINT rounded, so that adding partitions in any grouping
         gives the same total) and int64 counts of this partition's vectors (or local `rows`) assigned to them, and
-        the summed squared distance."""
+        the fixed-point sum of their squared norms (:func:`inertia_from_sums` makes the step's inertia of these)."""
         k, d = centroids.shape
         sums = np.zeros((k, d), np.int64)
         counts = np.zeros(k, np.int64)
-        inertia = 0.0
-        for r, labels, d2 in self._assign_chunks(centroids, rows):
-            sums += fixed_point_sums(self.x[r], labels, k)
+        norms = 0
+        for r, labels, _ in self._assign_chunks(centroids, rows, distances=False):
+            xr = self.x[r[0]:r[-1] + 1] if rows is None else self.x[r]
+            sums += fixed_point_sums(xr, labels, k, self.threads)
             counts += np.bincount(labels, minlength=k)
-            inertia += float(d2.astype(np.float64).sum())
-        return sums, counts, inertia
+            norms += fixed_point_square_norms(self.sq[r])
+        return sums, counts, norms
 
     def assign(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Nearest centroid (L2) of every row: (labels int64, squared distances float32)."""
@@ -373,17 +447,18 @@ def _block_starts(queries, block: int) -> list[int]:
 def _search_block(workers: "Workers", handles: list, out: Path, start: int, q: np.ndarray, kk: int, w: int,
                   last: int, exclude_self: bool, edge_threshold: float | None) -> None:
     """Search one query block in wave `w`'s partitions, merge with the earlier waves' result, store it."""
-    prev = read_block(out / _block_name(start, w - 1)) if w > 0 else None
-    floor = prev[1][:, kk - 1].copy() if prev is not None and prev[1].shape[1] >= kk else None
+    prev = _read_partial(out / _block_name(start, w - 1)) if w > 0 else None
+    floor = prev[0][:, kk - 1].copy() if prev is not None and prev[0].shape[1] >= kk else None
     results = workers.call(handles, "search", q, kk, floor)
     sims = [r[0] for r in results]
     ids = [r[1] for r in results]
     if prev is not None:
-        sims.append(prev[1])
-        ids.append(prev[2])
-    s, i = merge_topk(sims, ids, kk)
+        sims.append(prev[0])
+        ids.append(prev[1])
+    # one searcher's answer is already its merged top-kk
+    s, i = (sims[0], ids[0]) if len(sims) == 1 else merge_topk(sims, ids, kk)
     if w < last:
-        write_block(out / _block_name(start, w), start, s, i)
+        _write_partial(out / _block_name(start, w), s, i)
     else:
         if exclude_self:
             s, i = drop_self(s, i, start)
@@ -395,7 +470,22 @@ def _search_block(workers: "Workers", handles: list, out: Path, start: int, q: n
 
 
 def _block_name(start: int, wave: int | None = None) -> str:
-    return f"block-{start:012d}" + ("" if wave is None else f".w{wave:04d}") + ".parquet"
+    """A finished block's result (Parquet, read by the callers) or a partial one merged up to `wave` (raw arrays:
+    written and read once per wave, so their format is the fastest numpy has, uncompressed .npz)."""
+    return f"block-{start:012d}" + (".parquet" if wave is None else f".w{wave:04d}.npz")
+
+
+def _write_partial(path: Path, sims: np.ndarray, ids: np.ndarray) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, sims=sims, ids=ids)
+
+    _scratch(path, write)
+
+
+def _read_partial(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as z:
+        return z["sims"], z["ids"]
 
 
 def _scratch(path: Path, write) -> None:
@@ -485,7 +575,7 @@ def partitioned_knn(queries, db: PartitionPlan, k: int, out_dir: str | Path, *, 
     last = len(waves) - 1
     width_path = out / "waves.json"
     if not width_path.exists() or _read_json(width_path) != [len(w) for w in waves]:
-        for partial in out.glob("block-*.w*.parquet"):  # merged over other waves: not resumable here
+        for partial in out.glob("block-*.w*"):  # merged over other waves: not resumable here
             partial.unlink()
         _write_json(width_path, [len(w) for w in waves])
 

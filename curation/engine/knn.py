@@ -246,8 +246,11 @@ def _exact_d2(x: np.ndarray, c64: np.ndarray, cand: np.ndarray) -> np.ndarray:
     return np.where(cand >= 0, np.einsum("bkd,bkd->bk", diff, diff), np.inf).astype(np.float32)
 
 
-def nearest_centroid(x, centroids, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+def nearest_centroid(x, centroids, device: str = "auto", distances: bool = True, x_sq: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
     """Nearest centroid by L2 distance -> (labels int64, squared distances float32), ties to the smaller centroid.
+    ``distances=False`` (a Lloyd step, which needs only the labels): the distances are not computed (None).
+    `x_sq`: the rows' float64 squared norms when the caller keeps them (a searcher across Lloyd steps).
 
     The decision is the exact one: the float64 distance rounded to float32, ties to the smaller centroid.  A float32
     GEMM scores every centroid (``|c|^2 - 2 x.c``; its rounding error is below ``err``, a bound from the dot
@@ -263,15 +266,15 @@ def nearest_centroid(x, centroids, device: str = "auto") -> tuple[np.ndarray, np
     c64 = c.astype(np.float64)
     cc64 = (c64 * c64).sum(1)
     cc = cc64.astype(np.float32)
+    minus2c = np.ascontiguousarray(-2 * c)
     cmax = float(np.sqrt(cc64.max()))
     u = 2.0**-24
     labels = np.empty(n, np.int64)
-    d2 = np.empty(n, np.float32)
+    d2 = np.empty(n, np.float32) if distances else None
     step = max(1, RESCORE_BYTES // (8 * max(len(c), d)))
     for s in range(0, n, step):
         xs = x[s:s + step]
-        a = _centroid_scores(xs, c, device)
-        a *= -2
+        a = _centroid_scores(xs, minus2c, device)  # x . (-2 c) = -2 (x . c) exactly: scaling by 2 is exact
         a += cc
         rows = np.arange(len(xs))
         best = np.argmin(a, axis=1)
@@ -279,16 +282,17 @@ def nearest_centroid(x, centroids, device: str = "auto") -> tuple[np.ndarray, np
         a[rows, best] = np.inf
         second = a.min(1)
         a[rows, best] = lead
-        xn = np.sqrt(np.einsum("ij,ij->i", xs, xs, dtype=np.float64))
+        xn = np.sqrt(x_sq[s:s + step] if x_sq is not None else np.einsum("ij,ij->i", xs, xs, dtype=np.float64))
         # GEMM error <= d u |x||c| (any summation order), |c|^2 and the subtraction one rounding each, and the float32
         # spacing of the distance itself (two centroids closer than that round to a tie): twice all of it
         thr = lead + (2 * 2 * (2 * d + 16) * u * (xn + cmax) ** 2).astype(np.float32)
         amb = np.flatnonzero(second <= thr)
         labels[s:s + len(xs)] = best
-        diff = xs.astype(np.float64)
-        diff -= c64[best]
-        d2[s:s + len(xs)] = np.einsum("bd,bd->b", diff, diff)
-        del diff
+        if distances:
+            diff = xs.astype(np.float64)
+            diff -= c64[best]
+            d2[s:s + len(xs)] = np.einsum("bd,bd->b", diff, diff)
+            del diff
         if len(amb):
             m = a[amb] <= thr[amb, None]
             width = int(m.sum(1).max())
@@ -301,5 +305,6 @@ def nearest_centroid(x, centroids, device: str = "auto") -> tuple[np.ndarray, np
                 pick = np.lexsort((np.where(cb >= 0, cb, np.iinfo(np.int64).max), dist), axis=1)[:, 0]
                 r = np.arange(len(rb))
                 labels[s + rb] = cb[r, pick]
-                d2[s + rb] = dist[r, pick]
+                if distances:
+                    d2[s + rb] = dist[r, pick]
     return labels, d2

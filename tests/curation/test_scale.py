@@ -9,7 +9,9 @@ import pytest
 
 from curation.engine.components import connected_components
 from curation.engine.distributed_kmeans import partitioned_kmeans
-from curation.engine.distributed_knn import Placement, Workers, merge_topk, partitioned_knn
+from curation.engine.distributed_knn import (FIXED_POINT, FIXED_POINT_ROWS, Placement, Workers, fixed_point_sums,
+                                            inertia_from_sums, fixed_point_square_norms, merge_topk, square_norms,
+                                            partitioned_knn)
 from curation.engine.edge_components import edge_batches, streamed_components
 from curation.engine.knn import knn_search
 from curation.engine.partitions import plan_keys, plan_partitions, read_partition
@@ -88,6 +90,25 @@ def test_merge_is_exact_and_independent_of_the_split():
     short = merge_topk([sims[:, :2]], [ids[:, :2]], 4)
     assert (short[1][:, 2:] == -1).all() and np.isneginf(short[0][:, 2:]).all()
 
+
+
+@pytest.mark.parametrize("id_base", [0, 2**32], ids=["one-key-sort", "ids-beyond-32-bits"])
+def test_merge_orders_signs_infinities_and_padding_as_the_float_comparison(id_base):
+    """The merge sorts one integer key per candidate for pools below 2**32 rows and a two-key sort beyond: both
+    must order negative, zero (+0 and -0 alike), tied and -inf similarities and -1 padding as Python's own sort of
+    (-similarity, id) does."""
+    rng = np.random.default_rng(1)
+    values = np.array([-1.0, -0.5, -0.0, 0.0, 1e-38, 0.25, 0.25, 1.0, -np.inf], np.float32)
+    sims = rng.choice(values, (200, 16)).astype(np.float32)
+    ids = id_base + np.stack([rng.permutation(40)[:16] for _ in range(200)]).astype(np.int64)
+    pad = rng.random((200, 16)) < 0.2
+    ids[pad] = -1
+    got_s, got_i = merge_topk([sims[:, :7], sims[:, 7:]], [ids[:, :7], ids[:, 7:]], 10)
+    for r in range(200):
+        ref = sorted((-(float(s) if i >= 0 else -np.inf), i if i >= 0 else 2**70)
+                     for s, i in zip(sims[r], ids[r]))[:10]
+        assert got_i[r].tolist() == [i if i != 2**70 else -1 for _, i in ref]
+        assert got_s[r].tolist() == [-s for s, _ in ref]
 
 def test_partitioned_knn_equals_the_single_partition_search(pool, tmp_path):
     x, group, paths = pool
@@ -177,7 +198,7 @@ def test_a_killed_search_resumes_from_finished_blocks(pool, tmp_path, searchers,
         == finished  # finished blocks were not searched again
     waves = len(counting.waves)
     assert 10**6 - counting.left < waves * len(whole.blocks)
-    assert not list(out.glob("*.w*.parquet")) and not list(out.glob("*.tmp-*"))
+    assert not list(out.glob("*.w*")) and not list(out.glob("*.tmp-*"))
     assert len(again.blocks) == len(whole.blocks) == 8 and len(again.edges) == 8
     for a, b in zip(whole.blocks + whole.edges, again.blocks + again.edges):
         assert pq.read_table(a).equals(pq.read_table(b))
@@ -221,7 +242,7 @@ def test_partitioned_kmeans_equals_the_single_partition_run(pool):
     d2 = ((x[:, None, :] - b.centroids[None]) ** 2).sum(-1)
     assert (d2[np.arange(N), b.labels] <= d2.min(1) + 4 * _tol(D)).all()
     # the budget of 40 clusters is used, and the reported inertia is that of a real assignment
-    assert b.inertia > 0 and len(np.unique(b.labels)) > 30
+    assert b.inertia > 0 and len(np.unique(b.labels)) > 30 and a.inertia == b.inertia
     # training on a subset of rows (hierarchical k-means' resampling) still labels every row
     rows = np.random.default_rng(1).choice(N, 2000, replace=False)
     s = partitioned_kmeans(four, Workers(four, Placement()), 40, niter=8, seed=3, rows=rows)
@@ -278,3 +299,35 @@ def test_scale_section_validates_and_may_change_on_resume(tmp_path):
     check_resume(other, yaml.safe_dump(saved))  # a run started before the section existed resumes
     with pytest.raises(ConfigError):
         check_resume(load_config(data={**base, "seed": 1}), dump_config(cfg))
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0**12], ids=["unit-vectors", "values-too-large-for-float64-sums"])
+def test_fixed_point_sums_are_exact_whatever_the_chunks_and_threads(scale):
+    """A Lloyd step's sums are integers (rows quantised to 1 / FIXED_POINT): chunked, threaded or not, and with
+    values whose chunk sums would pass 2**53 (summed in integer arithmetic instead), they equal Python's exact
+    integer sums."""
+    rng = np.random.default_rng(4)
+    n, d, k = 2 * FIXED_POINT_ROWS + 123, 8, 5
+    x = (rng.standard_normal((n, d)) * scale).astype(np.float32)
+    labels = rng.integers(0, k, n)
+    q = [[int(v) for v in np.rint(row.astype(np.float64) * FIXED_POINT)] for row in x]
+    exact = np.zeros((k, d), object)
+    for row, lab in zip(q, labels):
+        exact[lab] += np.array(row, object)
+    for threads in (1, 3):
+        got = fixed_point_sums(x, labels, k, threads)
+        assert got.dtype == np.int64 and (got.astype(object) == exact).all()
+
+
+def test_inertia_from_the_step_statistics_is_the_summed_squared_distance():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    c = x[:7] + np.float32(0.01)
+    labels = rng.integers(0, 7, len(x))
+    direct = float(((x.astype(np.float64) - c[labels].astype(np.float64)) ** 2).sum())
+    got = inertia_from_sums(c, fixed_point_sums(x, labels, 7), np.bincount(labels, minlength=7),
+                            fixed_point_square_norms(square_norms(x)))
+    # quantisation: each of the 3000 x 16 coordinates and 3000 squared norms moves by <= 2**-31, weighted by |c| <= 2;
+    # the float64 arithmetic of the identity adds ~3000 * 4 * 2**-53
+    assert abs(got - direct) <= 3000 * (16 * 2 * 2 + 1) * 2.0**-31 + 1e-9
