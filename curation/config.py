@@ -85,8 +85,9 @@ class ScaleConfig(Section):
     Run-time choices like ``ray``: every pool runs the same partitioned engine (one partition when it fits), whose
     exact search (rescored, ties to the smaller key) and Lloyd k-means (seeded by global row, summed in fixed point)
     give identical tables at any budget and number of searchers, so they stay out of the run's identity and a run
-    may resume with other values.  (An IVF index is built per partition: its approximate neighbours do depend on
-    the partitioning.)"""
+    may resume with other values.  (IVF: one index is trained on a sample of the whole pool and every partition adds
+    its rows to a copy, so IVF-Flat gives the same neighbours at any budget too; IVF-PQ takes each partition's best
+    by PQ code, so its recall can only rise with the number of partitions.)"""
 
     worker_memory_gb: Annotated[float, Field(gt=0)] = Field(
         16.0, description="per-worker memory budget: the vectors of one partition take at most a third of it "

@@ -3,8 +3,8 @@ cluster scale).
 
 * :class:`PartitionWorker` holds one partition's vectors (:mod:`curation.engine.partitions`): it searches query blocks
   against them with :mod:`curation.engine.knn` (candidates by ``faiss.knn`` on the held array, faiss-gpu, or torch
-  matmul + top-k on the device; ``ivf_flat`` / ``ivf_pq``: a FAISS IVF index of the partition; then exact
-  rescoring) and serves the Lloyd steps of :mod:`curation.engine.distributed_kmeans`.
+  matmul + top-k on the device; ``ivf_flat`` / ``ivf_pq``: the partition's rows in a copy of the pool's IVF
+  index, :func:`shared_ivf`; then exact rescoring) and serves the Lloyd steps of :mod:`curation.engine.distributed_kmeans`.
 * :class:`Workers` places them: on Ray one actor per partition (one GPU each where the device setting and the
   cluster allow, :mod:`curation.cluster.gpu`; Ray's ``memory`` resource = the worker budget; never a CPU; SPREAD over
   nodes), at most ``searchers`` partitions at once (auto: one per GPU, else one per cluster CPU as far as cluster
@@ -181,7 +181,7 @@ class PartitionWorker:
 
     def __init__(self, part: Partition, keys_filter=None, device: str = "cpu", index: str = "exact",
                  nlist: int = 0, nprobe: int = 32, seed: int = 0, threads: int = 0, pq_m: int = 0,
-                 rerank: int = 0):
+                 rerank: int = 0, ivf_template: tuple[bytes, str] | None = None):
         import faiss
 
         from curation.cluster import gpu
@@ -194,7 +194,11 @@ class PartitionWorker:
         self.device = gpu.resolve(device, fallback=True)
         self.ivf = None
         self.index = "exact"
-        if index != "exact" and len(self.x) >= 2:
+        if index != "exact" and ivf_template is not None:  # the pool's shared lists: this partition's rows added
+            self.ivf = faiss.deserialize_index(np.frombuffer(ivf_template[0], np.uint8))
+            self.ivf.add(self.x)
+            self.index = ivf_template[1]
+        elif index != "exact" and len(self.x) >= 2:  # a partition searched alone: its own index
             from curation.engine.retrieval import build_ivf
 
             self.ivf, self.index = build_ivf(self.x, index, nlist, nprobe, pq_m, seed=seed)
@@ -278,6 +282,33 @@ class PartitionWorker:
         return self.x[np.asarray(local_rows, np.int64)]
 
 
+def shared_ivf(plan: PartitionPlan, placement: "Placement") -> tuple[bytes, str] | None:
+    """One empty IVF index (quantizer, PQ codebooks) trained on a sample of the whole pool drawn by global row with
+    the seed, serialised: every partition's searcher adds its rows to a copy, so the lists a query probes and the
+    codes it is ranked by are the pool's, not the partition's, and an IVF search gives the same candidates at any
+    budget (up to a query's quantizer scores tied within float32 rounding).  The sample is read one partition at a
+    time and holds at most ``IVF_TRAIN_MAX_ROWS`` rows."""
+    import faiss
+
+    from curation.engine.retrieval import ivf_train_rows, train_ivf
+
+    pl, n = placement, plan.rows
+    if pl.index == "exact" or n < 2:
+        return None
+    rows = ivf_train_rows(n, pl.index, plan.dim, pl.nlist, pl.pq_m, pl.seed)
+    sample = []
+    for part in plan.partitions:
+        _, x = read_partition(part, plan.keys_filter, with_keys=False)
+        if rows is None:
+            sample.append(x)
+        else:
+            lo, hi = np.searchsorted(rows, [part.offset, part.offset + part.rows])
+            sample.append(x[rows[lo:hi] - part.offset])
+        del x
+    index, desc = train_ivf(np.concatenate(sample), n, pl.index, pl.nlist, pl.nprobe, pl.pq_m, pl.seed)
+    return faiss.serialize_index(index).tobytes(), desc
+
+
 # ------------------------------------------------------------------------------------------------- placement
 @dataclass
 class Placement:
@@ -308,6 +339,7 @@ class Workers:
         self.pl = placement
         self.infos: list[dict] = []  # info() of every worker opened, for peak-memory reports
         self._held: list | None = None
+        self._ivf: tuple[bytes, str] | None = None  # the pool's IVF index, trained once (shared_ivf)
         if placement.use_ray:
             import ray
 
@@ -338,8 +370,13 @@ class Workers:
 
     def open(self, parts: list[Partition]) -> list:
         pl = self.pl
+        if pl.index != "exact" and self._ivf is None:
+            self._ivf = shared_ivf(self.plan, pl)
+        template = self._ivf
+        if self.ray is not None and template is not None:
+            template = self.ray.put(template)  # one copy in the object store for every searcher
         args = dict(keys_filter=self.plan.keys_filter, device=self.device, index=pl.index, nlist=pl.nlist,
-                    nprobe=pl.nprobe, seed=pl.seed, pq_m=pl.pq_m, rerank=pl.rerank)
+                    nprobe=pl.nprobe, seed=pl.seed, pq_m=pl.pq_m, rerank=pl.rerank, ivf_template=template)
         if self.ray is None:
             return [PartitionWorker(p, **args) for p in parts]
         actor = self.ray.remote(PartitionWorker).options(**self.resources(), scheduling_strategy="SPREAD")

@@ -6,7 +6,7 @@ it fits; :func:`array_pool` makes a pool of an array already in memory (k-means 
 code runs, so the result does not depend on the budget or the number of searchers: exact k-NN rescored
 (:mod:`curation.engine.knn`), k-means seeded by global row and summed in fixed point
 (:mod:`curation.engine.distributed_kmeans`).  :class:`PartitionedPool` offers ``len``, rows by index, ``search`` (exact, or
-IVF per partition with its recall measured against exact search on a query sample) and ``kmeans``.
+IVF with the pool's lists in every partition, its recall measured against exact search on a query sample) and ``kmeans``.
 """
 
 from __future__ import annotations

@@ -28,9 +28,14 @@ import numpy as np
 
 
 # ------------------------------------------------------------------------------------------------- search
+#: most rows an IVF index trains on (its sample is held in one process: 2 GB at 512 dims), whatever the pool's size;
+#: the automatic number of lists stays at or below this / 39 (faiss's least training points per list)
+IVF_TRAIN_MAX_ROWS = 1_000_000
+
+
 def ivf_factory(n: int, d: int, kind: str, nlist: int = 0, pq_m: int = 0) -> str:
     """The faiss index_factory string for an IVF index over n vectors of dim d."""
-    nlist = nlist or int(round(4 * math.sqrt(n)))
+    nlist = nlist or min(int(round(4 * math.sqrt(n))), IVF_TRAIN_MAX_ROWS // 39)
     nlist = max(1, min(nlist, n // 39 if n >= 39 else 1))  # faiss wants >= 39 training points per list
     if kind == "ivf_flat":
         return f"IVF{nlist},Flat"
@@ -41,24 +46,38 @@ def ivf_factory(n: int, d: int, kind: str, nlist: int = 0, pq_m: int = 0) -> str
     return f"IVF{nlist},PQ{m}x{nbits}"
 
 
-def build_ivf(database: np.ndarray, kind: str, nlist: int = 0, nprobe: int = 32, pq_m: int = 0, seed: int = 0):
+def train_ivf(train: np.ndarray, n: int, kind: str, nlist: int = 0, nprobe: int = 32, pq_m: int = 0, seed: int = 0):
+    """An empty, trained IVF index (quantizer, and PQ codebooks for ``ivf_pq``) sized for `n` vectors, trained on the
+    rows of `train`: (index, factory string).  Vectors are added to it (or to copies of it) afterwards."""
     import faiss
 
-    n, d = database.shape
+    d = train.shape[1]
     desc = ivf_factory(n, d, kind, nlist, pq_m)
     index = faiss.index_factory(d, desc, faiss.METRIC_INNER_PRODUCT)  # already the concrete class
     if hasattr(index, "do_polysemous_training"):  # faiss-cpu's default polysemous training makes PQ training ~30x slower
         index.do_polysemous_training = False
         index.polysemous_ht = 0
     ivf = faiss.extract_index_ivf(index)
-    rng = np.random.default_rng(seed)
-    train_n = min(n, max(256 * ivf.nlist, 100_000))
-    train = database if train_n >= n else database[np.sort(rng.choice(n, train_n, replace=False))]
     if hasattr(ivf, "cp"):
         ivf.cp.seed = seed
     index.train(np.ascontiguousarray(train, np.float32))
-    index.add(np.ascontiguousarray(database, np.float32))
     ivf.nprobe = min(nprobe, ivf.nlist)
+    return index, desc
+
+
+def ivf_train_rows(n: int, kind: str, d: int, nlist: int = 0, pq_m: int = 0, seed: int = 0) -> np.ndarray | None:
+    """Sorted rows (of n) an IVF index trains on: 256 per list, at least 100,000 and at most IVF_TRAIN_MAX_ROWS, drawn
+    with the seeded generator; None: every row."""
+    lists = int(ivf_factory(n, d, kind, nlist, pq_m).split(",")[0][3:])
+    train_n = min(n, max(256 * lists, 100_000), IVF_TRAIN_MAX_ROWS)
+    return None if train_n >= n else np.sort(np.random.default_rng(seed).choice(n, train_n, replace=False))
+
+
+def build_ivf(database: np.ndarray, kind: str, nlist: int = 0, nprobe: int = 32, pq_m: int = 0, seed: int = 0):
+    n, d = database.shape
+    rows = ivf_train_rows(n, kind, d, nlist, pq_m, seed)
+    index, desc = train_ivf(database if rows is None else database[rows], n, kind, nlist, nprobe, pq_m, seed)
+    index.add(np.ascontiguousarray(database, np.float32))
     return index, desc
 
 

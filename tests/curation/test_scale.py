@@ -150,6 +150,12 @@ def test_ivf_partitions_report_recall_against_exact(pool, tmp_path):
                           placement=Placement(index="ivf_flat", nlist=16, nprobe=1)).results()
     r = recall_at_k(low[1], exact[1])
     assert 0.05 < r < 1.0  # one list of 16: approximate, measurably
+    # the lists are the pool's (one quantizer trained on a sample drawn by global row), not each partition's: one
+    # partition or four, the approximate search finds the same neighbours
+    one = plan_partitions(paths, 16.0)
+    whole = partitioned_knn(one, one, 5, tmp_path / "ivf1-whole", block=2048,
+                            placement=Placement(index="ivf_flat", nlist=16, nprobe=1)).results()
+    assert np.array_equal(whole[1], low[1]) and np.array_equal(whole[0], low[0])
     # IVF-PQ: re-ranking 4 k PQ candidates with the partition's exact vectors finds more of the true neighbours
     pq_runs = {rr: partitioned_knn(four, four, 5, tmp_path / f"pq{rr}", block=2048, placement=Placement(
         index="ivf_pq", nlist=16, nprobe=16, rerank=rr)) for rr in (0, 4)}
