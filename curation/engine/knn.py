@@ -176,23 +176,39 @@ def rescore(q: np.ndarray, db: np.ndarray, cand: np.ndarray, k: int, threads: in
             ) -> tuple[np.ndarray, np.ndarray]:
     """The k best of each query's candidate rows (-1 = none) by float64 inner product rounded to float32: (sims,
     ids), highest first, ties to the smaller id, padded to k with (-inf, -1).  Chunks of queries run on `threads`
-    threads (0: as many as FAISS uses); every query's values are its own, so the threads change nothing."""
+    threads (0: as many as FAISS uses); every query's values are its own, so the threads change nothing.
+
+    Queries are taken in order of how many candidates they keep (after :func:`prune` the counts vary widely, most
+    rows keeping a few and some many), so a chunk gathers about as many rows as its queries need, not the widest
+    query's count for every one of them."""
     nq = len(q)
     sims, ids = _empty(nq, k)
     if nq == 0 or cand.shape[1] == 0:
         return sims, ids
     cand = np.asarray(cand, np.int64)
-    step = max(1, RESCORE_BYTES // (4 * cand.shape[1] * max(1, db.shape[1])))  # the gathered float32 rows
-    chunks = [(s, min(nq, s + step)) for s in range(0, nq, step)]
+    counts = (cand >= 0).sum(1)
+    order = np.argsort(-counts, kind="stable")
+    per_row = 4 * max(1, db.shape[1])  # bytes of one gathered float32 row
+    chunks, a = [], 0
+    while a < nq:  # widest first: each chunk as many queries as RESCORE_BYTES of gathered rows allows
+        step = max(1, RESCORE_BYTES // (per_row * max(1, int(counts[order[a]]))))
+        chunks.append(order[a:a + step])
+        a += step
     if not threads:
         import faiss
 
         threads = faiss.omp_get_max_threads()
-    work = lambda ab: _rescore_rows(q[ab[0]:ab[1]], db, cand[ab[0]:ab[1]], k, sims[ab[0]:ab[1]],  # noqa: E731
-                                    ids[ab[0]:ab[1]])
+
+    def work(rows: np.ndarray) -> None:
+        if counts[rows[0]] == 0:  # no candidate left: the padding stays
+            return
+        s_out, i_out = _empty(len(rows), k)
+        _rescore_rows(q[rows], db, cand[rows], k, s_out, i_out)
+        sims[rows], ids[rows] = s_out, i_out
+
     if threads <= 1 or len(chunks) == 1:
-        for ab in chunks:
-            work(ab)
+        for rows in chunks:
+            work(rows)
     else:
         from concurrent.futures import ThreadPoolExecutor
 
