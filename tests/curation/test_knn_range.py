@@ -40,8 +40,9 @@ def _pool_with_near_radius_pairs(seed: int = 0, n: int = 1500, nq: int = 80, d: 
 def _brute_force(q: np.ndarray, db: np.ndarray, radius: float):
     """One float64 dot product per pair, rounded to float32, kept when > radius; sorted by similarity, then id."""
     lims, sims, ids = [0], [], []
+    db64 = db.astype(np.float64)
     for row in q.astype(np.float64):
-        s = np.array([row @ x for x in db.astype(np.float64)]).astype(np.float32)
+        s = np.array([row @ x for x in db64]).astype(np.float32)
         hit = np.flatnonzero(s > radius)
         order = sorted(hit, key=lambda i: (-s[i], i))
         sims += [s[i] for i in order]
