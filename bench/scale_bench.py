@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curation.engine.distributed_knn import Placement, partitioned_knn, peak_rss_bytes, read_block  # noqa: E402
 from curation.engine.edge_components import edge_batches, streamed_components  # noqa: E402
-from curation.cluster.local_cluster import LocalRayHead  # noqa: E402
+from curation.cluster.local_cluster import LOOPBACK_ENV, LocalRayHead  # noqa: E402
 from curation.engine.partitions import VECTOR_SHARE, plan_partitions  # noqa: E402
 from curation.engine.retrieval import recall_at_k  # noqa: E402
 from tests.synthetic_pool import planted_pool, write_shards  # noqa: E402
@@ -289,6 +289,7 @@ def main(argv=None):
     if args.compare:
         return compare(args)
     os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.update(LOOPBACK_ENV)  # the driver, like the loopback head, keeps 127.0.0.1 as its node address
     import ray
 
     work = Path(tempfile.mkdtemp(prefix="scale-bench-"))
