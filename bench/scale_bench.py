@@ -8,7 +8,10 @@ never ``ray stop``) runs :func:`curation.engine.distributed_knn.partitioned_knn`
 ``--rows-per-partition`` vectors per partition, so partitions grow with the pool and the budget stays the same.
 One JSON line per run: seconds (search, components), partitions, waves, peak RSS of the largest searcher
 (ru_maxrss reported by the actor), of the driver, the budget, and recall@k against exact search on a query sample
-(exact runs: 1.0 by construction; IVF: measured).
+(exact runs: 1.0 by construction; IVF: measured).  ``--score-dtype float16|bfloat16`` scores exact search's
+candidates by a torch matmul in that precision: ``score_recall`` is its recall@k per partition, measured by the
+searchers on the first 64 queries of every block (``score_recall_sample`` true neighbours), and ``recall_at_k``
+that of the merged result.
 
     python bench/scale_bench.py --compare --dedup-size 20000 --dedup-dim 512
 
@@ -37,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curation.engine.distributed_knn import Placement, partitioned_knn, peak_rss_bytes, read_block  # noqa: E402
 from curation.engine.edge_components import edge_batches, streamed_components  # noqa: E402
-from curation.cluster.local_cluster import LocalRayHead  # noqa: E402
+from curation.cluster.local_cluster import LOOPBACK_ENV, LocalRayHead  # noqa: E402
 from curation.engine.partitions import VECTOR_SHARE, plan_partitions  # noqa: E402
 from curation.engine.retrieval import recall_at_k  # noqa: E402
 from tests.synthetic_pool import planted_pool, write_shards  # noqa: E402
@@ -75,7 +78,7 @@ def run_one(n: int, index: str, args, work: Path) -> dict:
     q_sample = np.load(work / "sample.npy")
     budget_gb = args.rows_per_partition * args.dim * 4 / VECTOR_SHARE / 2**30
     plan = plan_partitions(paths, budget_gb)
-    pl = Placement(use_ray=True, device="cpu", index=index, nprobe=args.nprobe)
+    pl = Placement(use_ray=True, device="cpu", index=index, nprobe=args.nprobe, score_dtype=args.score_dtype)
     out = work / f"knn-{n}-{index}"
     t0 = time.perf_counter()
     run = partitioned_knn(plan, plan, args.k, out, placement=pl, exclude_self=True, edge_threshold=args.threshold,
@@ -105,6 +108,8 @@ def run_one(n: int, index: str, args, work: Path) -> dict:
         "peak_rss_worker_mb": round(peak / 2**20, 1),
         "peak_rss_driver_mb": round(peak_rss_bytes() / 2**20, 1),
         "recall_at_k": round(recall, 4), "recall_sample": len(sample), "cpus": args.cpus,
+        "score_dtype": args.score_dtype, "score_recall": round(run.recall, 4),
+        "score_recall_sample": run.recall_sample,
     }
 
 
@@ -300,6 +305,8 @@ def main(argv=None):
     ap.add_argument("--block", type=int, default=16_384)
     ap.add_argument("--nprobe", type=int, default=32)
     ap.add_argument("--recall-sample", type=int, default=1000)
+    ap.add_argument("--score-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="exact search's candidate scoring (torch matmul below float32); its recall is reported")
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--out", type=Path, help="append the JSON lines to this file too")
     ap.add_argument("--compare", action="store_true", help="the engine against plain FAISS baselines (no Ray)")
@@ -316,6 +323,7 @@ def main(argv=None):
     if args.compare:
         return compare(args)
     os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.update(LOOPBACK_ENV)  # the driver, like the loopback head, keeps 127.0.0.1 as its node address
     import ray
 
     work = Path(tempfile.mkdtemp(prefix="scale-bench-"))

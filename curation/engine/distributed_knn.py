@@ -42,6 +42,7 @@ from curation.engine.partitions import Partition, PartitionPlan, iter_query_bloc
 from curation.pipeline.storage import atomic_path
 
 SCORE_BYTES = 64 * 2**20  # k-means assigns at most this many bytes of a partition at once
+RECALL_QUERIES = 64  # reduced-precision scoring: queries of each block whose recall is measured by an exact search
 
 
 #: k-means sums are taken in fixed point (int64 units of 2**-30): integer addition is associative, so the centroids do
@@ -181,7 +182,7 @@ class PartitionWorker:
 
     def __init__(self, part: Partition, keys_filter=None, device: str = "cpu", index: str = "exact",
                  nlist: int = 0, nprobe: int = 32, seed: int = 0, threads: int = 0, pq_m: int = 0,
-                 rerank: int = 0, ivf_template: tuple[bytes, str] | None = None):
+                 rerank: int = 0, score_dtype: str = "float32", ivf_template: tuple[bytes, str] | None = None):
         import faiss
 
         from curation.cluster import gpu
@@ -205,8 +206,12 @@ class PartitionWorker:
         self.rerank = rerank if index == "ivf_pq" else 0
         if self.rerank > 1:
             self.index += f",rerank{self.rerank}x"
-        self.backend = knn.default_backend(self.device)
-        self.device_db = knn.device_parts(self.x, self.device) if self.backend == "torch" and len(self.x) else None
+        # reduced-precision scoring (candidates only) is the torch matmul's; its recall is measured in search()
+        self.score_dtype = score_dtype
+        self.backend = knn.default_backend(self.device) if score_dtype == "float32" else "torch"
+        self.device_db = knn.device_parts(self.x, self.device, score_dtype) if self.backend == "torch" and len(
+            self.x) else None
+        self.recall_sample = self.recall_hits = 0  # true neighbours in the sampled queries, and those found
         # rows' squared norms: the Lloyd steps' error bounds and inertia; the largest bounds the search scores'
         # error (knn.score_tolerance), which lets search() skip rescoring
         self.sq = square_norms(self.x)
@@ -218,7 +223,8 @@ class PartitionWorker:
         ray = sys.modules.get("ray")  # only a Ray actor asks Ray; an in-process worker does not import it
         node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else "local"
         return {"partition": self.part.index, "rows": len(self.x), "pid": os.getpid(), "node": node,
-                "device": self.device, "peak_rss_bytes": peak_rss_bytes(), "index": self.index}
+                "device": self.device, "peak_rss_bytes": peak_rss_bytes(), "index": self.index,
+                "score_dtype": self.score_dtype, "recall_sample": self.recall_sample, "recall_hits": self.recall_hits}
 
     def search(self, q: np.ndarray, k: int, floor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of each query in this partition: (sims float32 [nq, k], global ids int64 [nq, k]), -1 padded;
@@ -235,8 +241,11 @@ class PartitionWorker:
             # IVF ranks coarsely (PQ codes) or over probed lists only: its candidates, rescored with the vectors held
             _, cand = self.ivf.search(q, min(n, max(self.rerank, 1) * k + knn.TIE_MARGIN))
         else:
-            scores, cand = knn.candidates(q, self.x, k + knn.TIE_MARGIN, self.backend, self.device_db)
-            cand = knn.prune(scores, cand, k, knn.score_tolerance(q, self.db_norm), floor)
+            scores, cand = knn.candidates(q, self.x, k + knn.TIE_MARGIN, self.backend, self.device_db,
+                                          dtype=self.score_dtype)
+            if self.score_dtype != "float32":
+                self._measure_recall(q, k, scores, cand)
+            cand = knn.prune(scores, cand, k, knn.score_tolerance(q, self.db_norm, self.score_dtype), floor)
         sims, ids = knn.rescore(q, self.x, np.asarray(cand, np.int64), k, self.threads)
         ids = np.where(ids < 0, -1, ids + self.part.offset)
         return merge_topk([sims], [ids], k)
@@ -281,6 +290,28 @@ class PartitionWorker:
     def take(self, local_rows: np.ndarray) -> np.ndarray:
         return self.x[np.asarray(local_rows, np.int64)]
 
+    # -- reduced-precision recall, range search ------------------------------------------------------------------------
+    def _measure_recall(self, q: np.ndarray, k: int, scores: np.ndarray, cand: np.ndarray) -> None:
+        """Recall@k of reduced-precision candidates in this partition, on the first RECALL_QUERIES queries of a block:
+        their exact top-k here (float32 FAISS candidates, rescored) against the top-k rescored from the candidates
+        the reduced-precision scores found.  Rescoring keeps every found neighbour exact, so a miss is a true
+        neighbour the reduced precision did not propose; summed into info() as recall_sample / recall_hits."""
+        m = min(RECALL_QUERIES, len(q))
+        qs = q[:m]
+        tol = knn.score_tolerance(qs, self.db_norm, self.score_dtype)
+        _, found = knn.rescore(qs, self.x, knn.prune(scores[:m], cand[:m], k, tol), k, self.threads)
+        _, true = knn.knn_search(qs, self.x, k, device="cpu", backend="faiss")
+        self.recall_sample += int((true >= 0).sum())
+        self.recall_hits += sum(len(np.intersect1d(t[t >= 0], f[f >= 0])) for t, f in zip(true, found))
+
+    def range_search(self, q: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every row of this partition with inner product > `radius` per query (:func:`curation.engine.knn.range_search`,
+        exact; with an IVF index its candidates, rescored: recall < 1): (lims, sims, global ids)."""
+        lims, sims, ids = knn.range_search(q, self.x, radius, device=self.device, backend=self.backend,
+                                           dtype=self.score_dtype, device_db=self.device_db, index=self.ivf,
+                                           db_norm=self.db_norm)
+        return lims, sims, ids + self.part.offset
+
 
 def shared_ivf(plan: PartitionPlan, placement: "Placement") -> tuple[bytes, str] | None:
     """One empty IVF index (quantizer, PQ codebooks) trained on a sample of the whole pool drawn by global row with
@@ -320,6 +351,7 @@ class Placement:
     nprobe: int = 32
     pq_m: int = 0
     rerank: int = 0  # ivf_pq: re-rank this many x k candidates exactly
+    score_dtype: str = "float32"  # float16 / bfloat16: torch candidate scoring, recall measured (KnnRun.recall)
     seed: int = 0
     place_timeout_s: float = 600.0  # a searcher not placed and loaded within this is an error naming its resources
     call_timeout_s: float = 6 * 3600.0  # one call on the searchers of a wave (guards against a lost actor only)
@@ -376,7 +408,8 @@ class Workers:
         if self.ray is not None and template is not None:
             template = self.ray.put(template)  # one copy in the object store for every searcher
         args = dict(keys_filter=self.plan.keys_filter, device=self.device, index=pl.index, nlist=pl.nlist,
-                    nprobe=pl.nprobe, seed=pl.seed, pq_m=pl.pq_m, rerank=pl.rerank, ivf_template=template)
+                    nprobe=pl.nprobe, seed=pl.seed, pq_m=pl.pq_m, rerank=pl.rerank, score_dtype=pl.score_dtype,
+                    ivf_template=template)
         if self.ray is None:
             return [PartitionWorker(p, **args) for p in parts]
         actor = self.ray.remote(PartitionWorker).options(**self.resources(), scheduling_strategy="SPREAD")
@@ -574,6 +607,21 @@ class KnnRun:
     worker_infos: list[dict]
     index: str
 
+    @property
+    def recall_sample(self) -> int:
+        """Reduced-precision scoring: true per-partition neighbours of the sampled queries (0 at float32)."""
+        return sum(i.get("recall_sample", 0) for i in self.worker_infos)
+
+    @property
+    def recall_hits(self) -> int:
+        """Of those, the ones the reduced-precision candidates found."""
+        return sum(i.get("recall_hits", 0) for i in self.worker_infos)
+
+    @property
+    def recall(self) -> float:
+        """recall@k of the reduced-precision path (1.0 when nothing was sampled: float32 scoring is exact)."""
+        return self.recall_hits / self.recall_sample if self.recall_sample else 1.0
+
     def results(self) -> tuple[np.ndarray, np.ndarray]:
         """All blocks concatenated (sims, ids), held in memory: queries x k (retrieval's anchors; the dedup graph's
         whole pool, n x k, which the edge files could stream instead)."""
@@ -599,7 +647,8 @@ def partitioned_knn(queries, db: PartitionPlan, k: int, out_dir: str | Path, *, 
     sig = {"db": db.signature(), "queries": queries.signature() if isinstance(queries, PartitionPlan) else
            f"array:{len(queries)}", "k": k, "exclude_self": exclude_self, "edge_threshold": edge_threshold,
            "block": block, "index": placement.index, "nlist": placement.nlist, "nprobe": placement.nprobe,
-           "pq_m": placement.pq_m, "rerank": placement.rerank, "seed": placement.seed}
+           "pq_m": placement.pq_m, "rerank": placement.rerank, "seed": placement.seed,
+           "score_dtype": placement.score_dtype}
     sig_path = out / "plan.json"
     if sig_path.exists() and _read_json(sig_path) != sig:
         shutil.rmtree(out)
@@ -645,3 +694,35 @@ def partitioned_knn(queries, db: PartitionPlan, k: int, out_dir: str | Path, *, 
 
 def _read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# ------------------------------------------------------------------------------------------------- range search
+def partitioned_range_search(queries, db: PartitionPlan, radius: float, *, placement: Placement | None = None,
+                             block: int = 65_536, workers: Workers | None = None
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every row of `db` with inner product > `radius` per query (a PartitionPlan or an array), searched in every
+    partition (:meth:`PartitionWorker.range_search`, wave by wave, query blocks of `block` rows) and merged per
+    query: (lims int64 [nq + 1], sims float32, global ids int64), highest similarity first, ties to the smaller id.
+    Exact search gives the same result whatever the partitioning; the result is held in memory (unlike
+    :func:`partitioned_knn`'s block files), so it is for queries whose neighbourhoods fit."""
+    placement = placement or Placement()
+    own = workers is None
+    workers = workers or Workers(db, placement)
+    found: dict[int, list] = {}  # block start -> its per-partition results
+    sizes: dict[int, int] = {}
+    try:
+        for w in range(len(workers.waves)):
+            with workers.opened(w) as handles:
+                for start, q in _query_blocks(queries, block):
+                    sizes[start] = len(q)
+                    found.setdefault(start, []).extend(workers.call(handles, "range_search", q, float(radius)))
+    finally:
+        if own:
+            workers.release()
+    blocks = [knn.merge_ranges(found[s], sizes[s]) for s in sorted(found)]
+    if not blocks:
+        return knn.empty_ranges(0)
+    lims = [np.zeros(1, np.int64)]
+    for b in blocks:
+        lims.append(b[0][1:] + lims[-1][-1])
+    return np.concatenate(lims), np.concatenate([b[1] for b in blocks]), np.concatenate([b[2] for b in blocks])

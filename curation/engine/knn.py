@@ -93,7 +93,7 @@ def _torch_candidates(q: np.ndarray, parts: list, k: int, query_chunk: int) -> t
     ids = np.empty((len(q), k), np.int64)
     with _float32_matmuls():
         for s in range(0, len(q), query_chunk):
-            qc = torch.from_numpy(q[s:s + query_chunk]).to(dev, tdtype)
+            qc = torch.tensor(q[s:s + query_chunk]).to(dev, tdtype)  # a copy: a block from Ray is read-only
             best_s = best_i = None
             for off, part in zip(offsets[:-1], parts):
                 ps, pi = torch.topk((qc @ part.T).float(), min(k, part.shape[0]), dim=1)
@@ -324,3 +324,131 @@ def nearest_centroid(x, centroids, device: str = "auto", distances: bool = True,
                 if distances:
                     d2[s + rb] = dist[r, pick]
     return labels, d2
+
+
+# ------------------------------------------------------------------------------------------------- range search
+RANGE_BYTES = 64 * 2**20  # float32 scores of one query chunk x database chunk held at once (torch backend)
+
+
+def empty_ranges(nq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A range-search result with no pairs for `nq` queries: (lims int64 [nq + 1], sims float32 [0], ids int64 [0])."""
+    return np.zeros(nq + 1, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64)
+
+
+def ranges_from_pairs(nq: int, rows: np.ndarray, sims: np.ndarray, ids: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query row, similarity, id) pairs in any order -> the CSR result: per query (rows lims[i]:lims[i + 1]) highest
+    similarity first, ties to the smaller id.  Only the pairs decide it, not their order or how they were found."""
+    rows, sims, ids = np.asarray(rows, np.int64), np.asarray(sims, np.float32), np.asarray(ids, np.int64)
+    order = np.lexsort((ids, -sims, rows))
+    lims = np.zeros(nq + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=nq), out=lims[1:])
+    return lims, sims[order], ids[order]
+
+
+def range_rows(lims: np.ndarray) -> np.ndarray:
+    """The query row of every pair of a CSR result."""
+    return np.repeat(np.arange(len(lims) - 1, dtype=np.int64), np.diff(lims))
+
+
+def merge_ranges(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], nq: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Several CSR results over the same `nq` queries (e.g. one per partition, global ids) -> one, sorted per query as
+    :func:`ranges_from_pairs` sorts, so the merge does not depend on how the database was cut."""
+    if not parts:
+        return empty_ranges(nq)
+    return ranges_from_pairs(nq, np.concatenate([range_rows(p[0]) for p in parts]),
+                             np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]))
+
+
+def _exact_pairs(q: np.ndarray, db: np.ndarray, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """float64 inner product of each (query row, db row) pair, rounded to float32 (the arithmetic of :func:`rescore`:
+    one dot product per pair, whatever found it), in chunks of pairs."""
+    out = np.empty(len(rows), np.float32)
+    step = max(1, RESCORE_BYTES // (8 * max(1, q.shape[1])))
+    for s in range(0, len(rows), step):
+        r, i = rows[s:s + step], ids[s:s + step]
+        out[s:s + len(r)] = np.einsum("nd,nd->n", q[r], db[i], dtype=np.float64)
+    return out
+
+
+def _range_candidates(q: np.ndarray, db: np.ndarray, lower: np.ndarray, backend: str, device_db: list | None,
+                      index, dtype: str, query_chunk: int, db_chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """(query row, db row) pairs whose backend score exceeds the query's `lower` bound (a superset of the exact
+    result when `lower` = radius - tolerance), by query chunks; an IVF `index` scans its probed lists only."""
+    rows, ids = [], []
+
+    def scan(searcher, first: int) -> None:  # a FAISS index over db[first:...]; one scalar radius per query chunk
+        for s in range(0, len(q), query_chunk):
+            lims, _, i = searcher.range_search(q[s:s + query_chunk], float(lower[s:s + query_chunk].min()))
+            rows.append(range_rows(np.asarray(lims, np.int64)) + s)
+            ids.append(np.asarray(i, np.int64) + first)
+
+    if index is not None:
+        scan(index, 0)
+    elif backend == "faiss":
+        import faiss
+
+        step = max(1, RANGE_BYTES // (4 * db.shape[1]))  # the flat index copies one database chunk at a time
+        for b in range(0, len(db), step):
+            flat = faiss.IndexFlatIP(db.shape[1])
+            flat.add(db[b:b + step])
+            scan(flat, b)
+            del flat
+    elif backend in ("torch", "faiss_gpu"):  # faiss-gpu has no flat range search: the torch matmul serves CUDA
+        import torch
+
+        parts = device_db or device_parts(db, "cpu", dtype, db_chunk)
+        dev, tdtype = parts[0].device, parts[0].dtype
+        offsets = np.cumsum([0] + [p.shape[0] for p in parts])
+        step = max(1, min(query_chunk, RANGE_BYTES // (4 * max(p.shape[0] for p in parts))))
+        with _float32_matmuls():
+            for s in range(0, len(q), step):
+                qc = torch.tensor(q[s:s + step]).to(dev, tdtype)
+                lo = torch.from_numpy(lower[s:s + step]).to(dev)[:, None]
+                for off, part in zip(offsets[:-1], parts):
+                    r, i = torch.nonzero((qc @ part.T).float() > lo, as_tuple=True)
+                    rows.append(r.cpu().numpy().astype(np.int64) + s)
+                    ids.append(i.cpu().numpy().astype(np.int64) + int(off))
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows), np.concatenate(ids)
+
+
+def range_search(queries, database, radius: float, device: str = "auto", backend: str = "auto",
+                 query_chunk: int = 65_536, db_chunk: int = 1_048_576, dtype: str = "float32",
+                 device_db: list | None = None, index=None, db_norm: float | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every database row whose inner product with a query exceeds `radius`: (lims int64 [nq + 1], sims float32,
+    ids int64), query i's pairs at lims[i]:lims[i + 1], highest similarity first, ties to the smaller id.
+
+    Exact by the two steps of :func:`knn_search`: a backend ('faiss': ``IndexFlatIP.range_search``; 'torch' (also
+    what 'faiss_gpu' uses): chunked matmul + mask, `dtype` its scoring precision) finds the pairs scoring above
+    ``radius - tol`` (:func:`score_tolerance`: no pair of the result can score lower), then each pair's similarity
+    is computed again in float64, rounded to float32 and kept when ``> radius``.  So the result does not depend on
+    the backend or on how the database is cut.  `index`: a FAISS index over these rows (IVF) that proposes the
+    pairs instead; it scans only its probed lists (PQ: approximate scores), so pairs can be missed (recall < 1),
+    but every pair returned is exact.  Memory besides the result and its candidates: faiss copies one database
+    chunk of RANGE_BYTES into a flat index at a time; torch holds one query chunk's scores (RANGE_BYTES per
+    database chunk)."""
+    q, db = as_f32(queries), as_f32(database)
+    if q.shape[1] != db.shape[1]:
+        raise ValueError(f"dimension mismatch: queries {q.shape[1]}, database {db.shape[1]}")
+    nq = len(q)
+    if nq == 0 or len(db) == 0:
+        return empty_ranges(nq)
+    device = gpu.resolve(device)
+    if backend == "auto":
+        backend = default_backend(device)
+    if backend in ("torch", "faiss_gpu") and device_db is None and index is None:
+        device_db = device_parts(db, device, dtype, db_chunk)
+    if db_norm is None:
+        db_norm = float(np.sqrt(np.einsum("ij,ij->i", db, db, dtype=np.float64).max()))
+    tol = score_tolerance(q, db_norm, dtype).astype(np.float64)
+    lower = np.nextafter((radius - tol).astype(np.float32), np.float32(-np.inf))  # rounded down, never up
+    rows, ids = _range_candidates(q, db, lower, backend, device_db, index, dtype, query_chunk, db_chunk)
+    sims = _exact_pairs(q, db, rows, ids)
+    keep = sims > radius
+    return ranges_from_pairs(nq, rows[keep], sims[keep], ids[keep])
