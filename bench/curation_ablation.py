@@ -49,6 +49,7 @@ from training.train import train  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SIZE = 32
+EVAL_SET = "fashion-mnist test"  # the k-NN's held-out images: the first --knn-val of the test split
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -205,10 +206,6 @@ def _write_folder(folder: Path, pool: dict[str, bytes], keys: list[str]) -> None
         (folder / f"{k}.jpg").write_bytes(pool[k])
 
 
-def binomial_sd(p: float, n: int) -> float:
-    return float(np.sqrt(p * (1 - p) / n)) if n else 0.0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/curation_ablation")
@@ -273,32 +270,54 @@ def run(args: argparse.Namespace) -> dict:
         result["runs"].append(row)
         print(f"[curation_ablation] seed {seed}: curated {row['curated']:.3f}, random {row['random']:.3f}",
               file=sys.stderr, flush=True)
+    result["report"] = str(write_ablation(out / "curate" / "run", result))
     result["wall_s"] = round(time.time() - t0, 1)
     return result
 
 
+def ablation_rows(result: dict) -> "pa.Table":
+    """The result's runs as the rows of ``stats/ablation.parquet`` (schema ``ablation``)."""
+    import pyarrow as pa
+
+    from schemas.tables import SCHEMAS
+
+    rows = [{"seed": r["seed"], "eval_set": EVAL_SET, "eval_images": result["knn_val"],
+             "train_images": result["curated"], "curated_knn_top1": r["curated"], "random_knn_top1": r["random"],
+             "raw_pixels_knn_top1": result["raw_pixels_knn_top1"],
+             "curated_target_share": result["fashion_share_curated"],
+             "random_target_share": r["fashion_share_random"]} for r in result["runs"]]
+    return pa.Table.from_pylist(rows, schema=SCHEMAS["ablation"])
+
+
+def write_ablation(run_root: Path, result: dict) -> Path:
+    """Write the result as ``stats/ablation.parquet`` into the curated run and render that run's report again,
+    so its page shows the ablation section; returns the page's path."""
+    from curation.pipeline.layout import RunLayout
+    from curation.pipeline.storage import write_table
+    from curation.report import ABLATION, build_report
+
+    write_table(RunLayout(run_root).stats(ABLATION), ablation_rows(result), ABLATION)
+    return build_report(run_root)
+
+
 def table(result: dict) -> str:
-    """The Markdown table of a result: one row per seed, then the means."""
+    """The Markdown table of a result: one row per seed, then the mean (the report's ablation summary)."""
+    from curation.report import ablation_summary
+
     n = result["knn_val"]
-    sd = lambda p: binomial_sd(p, n)  # noqa: E731
-    raw = result["raw_pixels_knn_top1"]
     lines = [f"pool {result['pool']} images (Fashion-MNIST share {result['fashion_share_pool']}), curated "
              f"{result['curated']} (share {result['fashion_share_curated']}); k-NN top-1 on {n} held-out images, "
-             "+- binomial standard deviation",
-             "", "| seed | curated | random subset | curated - random | raw pixels |",
-             "| --- | --- | --- | --- | --- |"]
-    for r in result["runs"]:
-        d = r["curated"] - r["random"]
-        lines.append(f"| {r['seed']} | {r['curated']:.3f} +- {sd(r['curated']):.3f} | {r['random']:.3f} +- "
-                     f"{sd(r['random']):.3f} | {d:+.3f} +- {np.hypot(sd(r['curated']), sd(r['random'])):.3f} | "
-                     f"{raw:.3f} +- {sd(raw):.3f} |")
-    if result["runs"]:
-        c = float(np.mean([r["curated"] for r in result["runs"]]))
-        u = float(np.mean([r["random"] for r in result["runs"]]))
-        k = len(result["runs"])
-        spread = float(np.std([r["curated"] - r["random"] for r in result["runs"]]))
-        lines.append(f"| mean of {k} | {c:.3f} +- {sd(c):.3f} | {u:.3f} +- {sd(u):.3f} | {c - u:+.3f} +- "
-                     f"{np.hypot(sd(c), sd(u)):.3f} (seed spread {spread:.3f}) | {raw:.3f} |")
+             "+- binomial standard deviation; mean row: z counts the seeds' standard error too",
+             "", "| seed | curated | random subset | curated - random | z | raw pixels |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    if not result["runs"]:
+        return "\n".join(lines)
+    s = ablation_summary(ablation_rows(result).to_pandas())
+    for r in s.itertuples():
+        spread = "" if np.isnan(r.seed_se) else f" (seed se {r.seed_se:.3f})"
+        lines.append(f"| {r.seed} | {r.curated:.3f} +- {r.curated_sd:.3f} | {r.random:.3f} +- {r.random_sd:.3f} | "
+                     f"{r.difference:+.3f} +- {r.difference_sd:.3f}{spread} | {r.z:.1f} | "
+                     f"{r.raw_pixels:.3f} +- {r.raw_pixels_sd:.3f} |")
     return "\n".join(lines)
 
 
