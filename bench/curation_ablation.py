@@ -1,7 +1,8 @@
 """Does curation help? The same trainer recipe on curated shards and on a random pool subset of the same size.
 
-Pool (built here, deterministic in ``--seed 0``): ``--target`` Fashion-MNIST training images (Debian
-``dataset-fashion-mnist``, /usr/share/datasets/fashion-mnist) among as many distractors again of three kinds -
+Pool (built here, deterministic in ``--data-seed``): ``--target`` Fashion-MNIST training images (Debian
+``dataset-fashion-mnist``, /usr/share/datasets/fashion-mnist) among ``--distractors`` distractors per target image
+(default 4, so a random subset is about one fifth clothes) of three kinds -
 digits drawn here (PIL text, random size, position, stroke and grey levels), noise textures (smoothed Gaussian
 noise at random scales) and crops of photographs (the Debian wallpapers when installed, else the sample photographs
 matplotlib and scikit-learn ship) - all 32 px RGB JPEG, plus ``--dup-share`` planted duplicates (exact copies and
@@ -12,10 +13,12 @@ training images.  Evaluation: ``--knn-train`` further labelled training images a
 Curation: the project's own stages on a run root (filter, hash, sscd with the pixel descriptor, dedup, embed with
 the pixel embedder, retrieve with two anchor sets over the same anchors - ``sample`` (k = ``--k``) and ``cluster``
 - and shards).  Then the learning bench's recipe (bench/learning_bench.py ``recipe`` and its flags, at 32 px with
-patch 8) trains on (a) the curated shards and (b) a random subset of the pool of the same size, for each seed of
+patch 8, DINOv2's augmentations and solarisation 0.2 as the Fashion-MNIST bench) trains on (a) the curated shards and (b) a random subset of the pool of the same size, for each seed of
 ``--seeds``.  Reported: the trained teacher's weighted k-NN top-1 (k=20, T=0.07, training/evaluate.py) on the
 held-out images for both arms, raw pixels, the binomial standard deviation sqrt(p (1 - p) / n) of each, and the
-share of Fashion-MNIST in each arm's training set.  A table on stdout, then one JSON line.
+share of Fashion-MNIST in each arm's training set.  A table on stdout, then one JSON line.  The table is also
+written as ``stats/ablation.parquet`` into the curated run (``OUT/curate/run``), whose report page
+(``stats/report.html``) is rendered again with its "Curation ablation" section.
 
     python bench/curation_ablation.py --threads 2 --out runs/curation_ablation
 """
@@ -220,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn-train", type=int, default=2000)
     p.add_argument("--knn-val", type=int, default=10000,
                    help="held-out images scored (Fashion-MNIST's test split has 10,000): the binomial sd shrinks as 1/sqrt(n)")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)

@@ -30,9 +30,9 @@ def _bench():
                                                   "(/usr/share/datasets/fashion-mnist)")
 def test_curation_ablation_runs_and_prints_its_table(tmp_path, capsys):
     bench = _bench()
-    args = ["--out", str(tmp_path / "abl"), "--target", "120", "--anchors", "30", "--knn-train", "100",
-            "--knn-val", "60", "--steps", "4", "--seeds", "0,1", "--clusters", "4", "--per-cluster", "8",
-            "--threads", "1"]
+    args = ["--out", str(tmp_path / "abl"), "--target", "120", "--distractors", "1", "--anchors", "30",
+            "--knn-train", "100", "--knn-val", "60", "--steps", "4", "--seeds", "0,1", "--clusters", "4",
+            "--per-cluster", "8", "--threads", "1"]
     assert bench.main(args) == 0
     out = capsys.readouterr().out.splitlines()
     import json
