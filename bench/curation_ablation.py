@@ -1,7 +1,8 @@
 """Does curation help? The same trainer recipe on curated shards and on a random pool subset of the same size.
 
-Pool (built here, deterministic in ``--seed 0``): ``--target`` Fashion-MNIST training images (Debian
-``dataset-fashion-mnist``, /usr/share/datasets/fashion-mnist) among as many distractors again of three kinds -
+Pool (built here, deterministic in ``--data-seed``): ``--target`` Fashion-MNIST training images (Debian
+``dataset-fashion-mnist``, /usr/share/datasets/fashion-mnist) among ``--distractors`` distractors per target image
+(default 4, so a random subset is about one fifth clothes) of three kinds -
 digits drawn here (PIL text, random size, position, stroke and grey levels), noise textures (smoothed Gaussian
 noise at random scales) and crops of photographs (the Debian wallpapers when installed, else the sample photographs
 matplotlib and scikit-learn ship) - all 32 px RGB JPEG, plus ``--dup-share`` planted duplicates (exact copies and
@@ -12,10 +13,12 @@ training images.  Evaluation: ``--knn-train`` further labelled training images a
 Curation: the project's own stages on a run root (filter, hash, sscd with the pixel descriptor, dedup, embed with
 the pixel embedder, retrieve with two anchor sets over the same anchors - ``sample`` (k = ``--k``) and ``cluster``
 - and shards).  Then the learning bench's recipe (bench/learning_bench.py ``recipe`` and its flags, at 32 px with
-patch 8) trains on (a) the curated shards and (b) a random subset of the pool of the same size, for each seed of
+patch 8, DINOv2's augmentations and solarisation 0.2 as the Fashion-MNIST bench) trains on (a) the curated shards and (b) a random subset of the pool of the same size, for each seed of
 ``--seeds``.  Reported: the trained teacher's weighted k-NN top-1 (k=20, T=0.07, training/evaluate.py) on the
 held-out images for both arms, raw pixels, the binomial standard deviation sqrt(p (1 - p) / n) of each, and the
-share of Fashion-MNIST in each arm's training set.  A table on stdout, then one JSON line.
+share of Fashion-MNIST in each arm's training set.  A table on stdout, then one JSON line.  The table is also
+written as ``stats/ablation.parquet`` into the curated run (``OUT/curate/run``), whose report page
+(``stats/report.html``) is rendered again with its "Curation ablation" section.
 
     python bench/curation_ablation.py --threads 2 --out runs/curation_ablation
 """
@@ -49,6 +52,7 @@ from training.train import train  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SIZE = 32
+EVAL_SET = "fashion-mnist test"  # the k-NN's held-out images: the first --knn-val of the test split
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -205,15 +209,11 @@ def _write_folder(folder: Path, pool: dict[str, bytes], keys: list[str]) -> None
         (folder / f"{k}.jpg").write_bytes(pool[k])
 
 
-def binomial_sd(p: float, n: int) -> float:
-    return float(np.sqrt(p * (1 - p) / n)) if n else 0.0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/curation_ablation")
-    p.add_argument("--target", type=int, default=1500, help="Fashion-MNIST images in the pool")
-    p.add_argument("--distractors", type=float, default=1.0,
+    p.add_argument("--target", type=int, default=1000, help="Fashion-MNIST images in the pool")
+    p.add_argument("--distractors", type=float, default=4.0,
                    help="distractor images per target image (split evenly over digits, noise and photo crops)")
     p.add_argument("--dup-share", type=float, default=0.1, help="planted duplicates, a share of the pool")
     p.add_argument("--anchors", type=int, default=300)
@@ -221,13 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clusters", type=int, default=40)
     p.add_argument("--per-cluster", type=int, default=40)
     p.add_argument("--knn-train", type=int, default=2000)
-    p.add_argument("--knn-val", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--knn-val", type=int, default=10000,
+                   help="held-out images scored (Fashion-MNIST's test split has 10,000): the binomial sd shrinks as 1/sqrt(n)")
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--recipe", default="--patch 8 --locals 2",
-                   help="learning bench flags on top of its defaults (the size is always 32)")
+    p.add_argument("--recipe", default="--patch 8 --locals 2 --aug dinov2 --solarize 0.2",
+                   help="learning bench flags on top of its defaults (the size is always 32); the default is the "
+                        "Fashion-MNIST bench's recipe (DINOv2's augmentations, solarisation 0.2), which moves the "
+                        "features within a few hundred iterations, where crops alone barely move them")
     return p
 
 
@@ -271,34 +274,57 @@ def run(args: argparse.Namespace) -> dict:
             row[arm] = round(_teacher_knn(run_dir, out), 4)
             shutil.rmtree(run_dir)
         result["runs"].append(row)
-        print(f"[curation_ablation] seed {seed}: curated {row['curated']:.3f}, random {row['random']:.3f}",
+        print(f"[curation_ablation] seed {seed}: curated {row['curated']:.4f}, random {row['random']:.4f} "
+              f"(raw pixels {result['raw_pixels_knn_top1']:.4f}, {time.time() - t0:.0f} s so far)",
               file=sys.stderr, flush=True)
+    result["report"] = str(write_ablation(out / "curate" / "run", result))
     result["wall_s"] = round(time.time() - t0, 1)
     return result
 
 
+def ablation_rows(result: dict) -> "pa.Table":
+    """The result's runs as the rows of ``stats/ablation.parquet`` (schema ``ablation``)."""
+    import pyarrow as pa
+
+    from schemas.tables import SCHEMAS
+
+    rows = [{"seed": r["seed"], "eval_set": EVAL_SET, "eval_images": result["knn_val"],
+             "train_images": result["curated"], "curated_knn_top1": r["curated"], "random_knn_top1": r["random"],
+             "raw_pixels_knn_top1": result["raw_pixels_knn_top1"],
+             "curated_target_share": result["fashion_share_curated"],
+             "random_target_share": r["fashion_share_random"]} for r in result["runs"]]
+    return pa.Table.from_pylist(rows, schema=SCHEMAS["ablation"])
+
+
+def write_ablation(run_root: Path, result: dict) -> Path:
+    """Write the result as ``stats/ablation.parquet`` into the curated run and render that run's report again,
+    so its page shows the ablation section; returns the page's path."""
+    from curation.pipeline.layout import RunLayout
+    from curation.pipeline.storage import write_table
+    from curation.report import ABLATION, build_report
+
+    write_table(RunLayout(run_root).stats(ABLATION), ablation_rows(result), ABLATION)
+    return build_report(run_root)
+
+
 def table(result: dict) -> str:
-    """The Markdown table of a result: one row per seed, then the means."""
+    """The Markdown table of a result: one row per seed, then the mean (the report's ablation summary)."""
+    from curation.report import ablation_summary
+
     n = result["knn_val"]
-    sd = lambda p: binomial_sd(p, n)  # noqa: E731
-    raw = result["raw_pixels_knn_top1"]
     lines = [f"pool {result['pool']} images (Fashion-MNIST share {result['fashion_share_pool']}), curated "
              f"{result['curated']} (share {result['fashion_share_curated']}); k-NN top-1 on {n} held-out images, "
-             "+- binomial standard deviation",
-             "", "| seed | curated | random subset | curated - random | raw pixels |",
-             "| --- | --- | --- | --- | --- |"]
-    for r in result["runs"]:
-        d = r["curated"] - r["random"]
-        lines.append(f"| {r['seed']} | {r['curated']:.3f} +- {sd(r['curated']):.3f} | {r['random']:.3f} +- "
-                     f"{sd(r['random']):.3f} | {d:+.3f} +- {np.hypot(sd(r['curated']), sd(r['random'])):.3f} | "
-                     f"{raw:.3f} +- {sd(raw):.3f} |")
-    if result["runs"]:
-        c = float(np.mean([r["curated"] for r in result["runs"]]))
-        u = float(np.mean([r["random"] for r in result["runs"]]))
-        k = len(result["runs"])
-        spread = float(np.std([r["curated"] - r["random"] for r in result["runs"]]))
-        lines.append(f"| mean of {k} | {c:.3f} +- {sd(c):.3f} | {u:.3f} +- {sd(u):.3f} | {c - u:+.3f} +- "
-                     f"{np.hypot(sd(c), sd(u)):.3f} (seed spread {spread:.3f}) | {raw:.3f} |")
+             "+- binomial standard deviation; mean row: z counts the seeds' standard error too",
+             "", "| seed | curated | random subset | curated - random | z | raw pixels |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    if not result["runs"]:
+        return "\n".join(lines)
+    s = ablation_summary(ablation_rows(result).to_pandas())
+    for r in s.itertuples():
+        spread = "" if np.isnan(r.seed_se) else f" (seed se {r.seed_se:.3f})"
+        lines.append(f"| {r.seed} | {r.curated:.3f} +- {r.curated_sd:.3f} | {r.random:.3f} +- {r.random_sd:.3f} | "
+                     f"{r.difference:+.3f} +- {r.difference_sd:.3f}{spread} | {r.z:.1f} | "
+                     f"{r.raw_pixels:.3f} +- {r.raw_pixels_sd:.3f} |")
     return "\n".join(lines)
 
 

@@ -32,10 +32,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.pipeline.layout import RunLayout
+from schemas.tables import SCHEMAS
 
 PLOTS = ("funnel", "drops", "components", "similarity", "clusters")
 
@@ -334,16 +334,10 @@ def curation_section_html(shares, knn) -> str:
 
 
 # ------------------------------------------------------------------------------- a curation ablation's table
-#: ``stats/ablation.parquet``, written by a curation ablation (bench/curation_ablation.py) into the run whose
-#: shards it trained on: per training seed, the k-NN top-1 on the labelled evaluation set (``eval_set``,
-#: ``eval_images`` held-out images) of the teacher trained on the curated shards and of the same recipe trained
-#: on a random pool subset of the same size (``train_images``), raw pixels' k-NN, and each training set's share
-#: of the target domain.
+#: ``stats/ablation.parquet`` (schema ``ablation`` in schemas/tables.py), written by a curation ablation
+#: (bench/curation_ablation.py :func:`write_ablation`) into the run whose shards it trained on
 ABLATION = "ablation"
-ABLATION_SCHEMA = pa.schema([
-    ("seed", pa.int64()), ("eval_set", pa.string()), ("eval_images", pa.int64()), ("train_images", pa.int64()),
-    ("curated_knn_top1", pa.float64()), ("random_knn_top1", pa.float64()), ("raw_pixels_knn_top1", pa.float64()),
-    ("curated_target_share", pa.float64()), ("random_target_share", pa.float64())])
+ABLATION_SCHEMA = SCHEMAS[ABLATION]
 
 
 def binomial_sd(p, n: int):

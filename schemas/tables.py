@@ -216,6 +216,24 @@ CLUSTER_STATS = pa.schema(
     ]
 )
 
+ABLATION = pa.schema(
+    [
+        pa.field("seed", pa.int64(), nullable=False),  # the training seed (both arms)
+        pa.field("eval_set", pa.string(), nullable=False),
+        pa.field("eval_images", pa.int64(), nullable=False),  # labelled held-out images the k-NN is scored on
+        pa.field("train_images", pa.int64(), nullable=False),  # each arm's training set (curated = random)
+        pa.field("curated_knn_top1", pa.float64(), nullable=False),
+        pa.field("random_knn_top1", pa.float64(), nullable=False),
+        pa.field("raw_pixels_knn_top1", pa.float64(), nullable=False),
+        pa.field("curated_target_share", pa.float64(), nullable=False),  # share of the target domain
+        pa.field("random_target_share", pa.float64(), nullable=False),
+    ]
+)
+"""stats/ablation.parquet, written by a curation ablation (bench/curation_ablation.py) into the run whose shards
+it trained on: per training seed, the k-NN top-1 on the labelled evaluation set of the teacher trained on the
+curated shards and of the same recipe trained on a random pool subset of the same size, raw pixels' k-NN, and
+each training set's share of the target domain."""
+
 SHARD_INDEX = pa.schema(
     [
         pa.field("shard", pa.string(), nullable=False),  # lvd-NNNNNN.tar under shards/
@@ -254,6 +272,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "selection": SELECTION,
     "retrieval_stats": RETRIEVAL_STATS,
     "cluster_stats": CLUSTER_STATS,
+    "ablation": ABLATION,
     "shard_index": SHARD_INDEX,
     "tar_index": TAR_INDEX,
 }

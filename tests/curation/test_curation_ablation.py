@@ -1,6 +1,7 @@
 """bench/curation_ablation.py at tiny settings: the pool is built with its planted kinds, the curation stages run,
-both arms train the same recipe on the same number of images, and the table is well-formed (one row per seed and
-a mean, accuracies in [0, 1] with their binomial standard deviations).  Needs Debian's dataset-fashion-mnist."""
+both arms train the same recipe on the same number of images, the table is well-formed (one row per seed and
+a mean, accuracies in [0, 1] with their binomial standard deviations), and the curated run holds the table as
+stats/ablation.parquet with its report page showing the ablation section.  Needs Debian's dataset-fashion-mnist."""
 
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ def _bench():
                                                   "(/usr/share/datasets/fashion-mnist)")
 def test_curation_ablation_runs_and_prints_its_table(tmp_path, capsys):
     bench = _bench()
-    args = ["--out", str(tmp_path / "abl"), "--target", "120", "--anchors", "30", "--knn-train", "100",
-            "--knn-val", "60", "--steps", "4", "--seeds", "0,1", "--clusters", "4", "--per-cluster", "8",
-            "--threads", "1"]
+    args = ["--out", str(tmp_path / "abl"), "--target", "120", "--distractors", "1", "--anchors", "30",
+            "--knn-train", "100", "--knn-val", "60", "--steps", "4", "--seeds", "0,1", "--clusters", "4",
+            "--per-cluster", "8", "--threads", "1"]
     assert bench.main(args) == 0
     out = capsys.readouterr().out.splitlines()
     import json
@@ -53,3 +54,17 @@ def test_curation_ablation_runs_and_prints_its_table(tmp_path, capsys):
         assert float(c) == pytest.approx(r["curated"], abs=5e-4)
         assert float(c_sd) == pytest.approx(np.sqrt(r["curated"] * (1 - r["curated"]) / n), abs=5e-4)
         assert float(u_sd) == pytest.approx(np.sqrt(r["random"] * (1 - r["random"]) / n), abs=5e-4)
+    # the curated run holds the table and its report shows it
+    from curation.pipeline.layout import RunLayout
+    from curation.pipeline.storage import read_table
+
+    run_root = tmp_path / "abl" / "curate" / "run"
+    stored = read_table(RunLayout(run_root).stats("ablation"), "ablation").to_pylist()
+    assert [r["seed"] for r in stored] == [0, 1]
+    assert all(r["eval_images"] == 60 and r["train_images"] == result["curated"] for r in stored)
+    assert [r["curated_knn_top1"] for r in stored] == [r["curated"] for r in result["runs"]]
+    assert [r["random_target_share"] for r in stored] == [r["fashion_share_random"] for r in result["runs"]]
+    page = Path(result["report"])
+    assert page == RunLayout(run_root).report_html
+    section = page.read_text()[page.read_text().index("id='curation-ablation'"):]
+    assert "fashion-mnist test" in section and "mean of 2" in section
