@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -158,7 +159,9 @@ def binomial_z(a: float, b: float, n: int) -> float:
     sqrt(sd_a^2 + sd_b^2) (the two share the test images, whose correlation would only shrink the difference's
     spread, so this errs on the strict side)."""
     sd = ((a * (1 - a) + b * (1 - b)) / n) ** 0.5
-    return round((a - b) / sd, 2) if sd > 0 else float("inf") * (1 if a > b else -1 if a < b else 0)
+    if sd > 0:
+        return round((a - b) / sd, 2)
+    return 0.0 if a == b else math.copysign(math.inf, a - b)  # both exact (0 or 1): no spread
 
 
 def recipe(root: Path, size: int, steps: int, batch: int, args: argparse.Namespace) -> dict:
