@@ -4,7 +4,8 @@ Dataset (built here, deterministic): scikit-learn's 1,797 8x8 digits, each paste
 to ``--max-px``, default 14 to 32 px) and position onto a ``--size`` px (64) image of grey Gaussian noise
 (standard deviation ``--noise``, 8), in white ink (``--ink white``; ``both``: white or black at random, which the
 features learn as a shortcut; ``random``: a random RGB colour per digit, a shortcut that every crop of an image
-shares and DINOv2's colour jitter, hue 0.1, keeps). The 1,797 digits are split once: the first 1,297 give the unlabelled SSL set
+shares and DINOv2's colour jitter, hue 0.1, keeps; ``--crops '{"channel_permute_p": 1, "channel_invert_p": 0.5}'``
+gives each crop its own channel order and inversions). The 1,797 digits are split once: the first 1,297 give the unlabelled SSL set
 (``--pastes`` placements each) and the labelled k-NN train set (one more placement each), the rest the labelled
 k-NN validation set (500). Position and scale vary, so nearest neighbours on raw pixels mostly match placement,
 not the digit: raw-pixel k-NN is 0.25-0.28 at the defaults (0.37 at 56 px), and a backbone has to learn shape
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -158,7 +160,9 @@ def binomial_z(a: float, b: float, n: int) -> float:
     sqrt(sd_a^2 + sd_b^2) (the two share the test images, whose correlation would only shrink the difference's
     spread, so this errs on the strict side)."""
     sd = ((a * (1 - a) + b * (1 - b)) / n) ** 0.5
-    return round((a - b) / sd, 2) if sd > 0 else float("inf") * (1 if a > b else -1 if a < b else 0)
+    if sd > 0:
+        return round((a - b) / sd, 2)
+    return 0.0 if a == b else math.copysign(math.inf, a - b)  # both exact (0 or 1): no spread
 
 
 def recipe(root: Path, size: int, steps: int, batch: int, args: argparse.Namespace) -> dict:

@@ -5,6 +5,9 @@ random-resized crops; horizontal flip p=0.5; colour jitter (brightness 0.4, cont
 hue 0.1, in random order as torchvision does) with p=0.8; grayscale p=0.2; Gaussian blur (kernel 9,
 sigma 0.1-2.0) with p=1.0 on global 1, 0.1 on global 2, 0.5 on local crops (the paper's intent; the reference
 code swaps them by mistake); solarize (threshold 128) p=0.2 on global 2 only; ImageNet normalisation.
+Beyond the reference, off by default: a random RGB channel order and per-channel inversion per crop
+(``channel_permute_p``, ``channel_invert_p``), for data whose crops all share one colour that would otherwise be
+the easiest thing to match them by.
 
 Every random draw comes from a ``random.Random`` passed in (or seeded per sample by the data pipeline), so
 a given (seed, sample position) always gives the same crops: this is what makes resume exact and lets the
@@ -44,6 +47,19 @@ def gaussian_blur(img: Image.Image, kernel_size: int, sigma: float) -> Image.Ima
     k1 = (k1 / k1.sum()).numpy().astype(np.float32)
     out = cv2.sepFilter2D(np.asarray(img, dtype=np.float32), -1, k1, k1, borderType=cv2.BORDER_REFLECT_101)
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), mode=img.mode)
+
+
+def recolour_channels(img: Image.Image, order: list[int] | None, invert: list[bool] | None) -> Image.Image:
+    """``img`` (RGB) with its channels taken in ``order`` (output channel i is input channel ``order[i]``) and
+    output channel i inverted (255 - v) where ``invert[i]``; ``None``: that step off. Exact on uint8."""
+    if (order is None or order == [0, 1, 2]) and not (invert and any(invert)):
+        return img
+    a = np.asarray(img)
+    if order is not None:
+        a = a[..., order]
+    if invert is not None and any(invert):
+        a = np.where(np.asarray(invert, dtype=bool), 255 - a, a)
+    return Image.fromarray(np.ascontiguousarray(a, dtype=np.uint8), mode="RGB")
 
 
 @dataclass
@@ -118,6 +134,14 @@ class MultiCropAugmentation:
         if d["blur"]:
             d["blur_sigma"] = rng.uniform(*c.blur_sigma)
         d["solarize"] = rng.random() < spec.solarize_p
+        # the channel options draw only when on, so the crops of a config without them stay DINOv2's stream
+        if c.channel_permute_p > 0:
+            order = [0, 1, 2]
+            if rng.random() < c.channel_permute_p:
+                rng.shuffle(order)
+            d["channel_order"] = order
+        if c.channel_invert_p > 0:
+            d["channel_invert"] = [rng.random() < c.channel_invert_p for _ in range(3)]
         return d
 
     def apply(self, img: Image.Image, spec: ViewSpec, d: dict[str, Any]) -> torch.Tensor:
@@ -127,6 +151,7 @@ class MultiCropAugmentation:
                               antialias=True)
         if d["flip"]:
             out = TF.hflip(out)
+        out = recolour_channels(out, d.get("channel_order"), d.get("channel_invert"))
         if d["jitter"]:
             b, ct, s, hu = d["jitter_factors"]
             for op in d["jitter_order"]:

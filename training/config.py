@@ -189,6 +189,17 @@ class CropsConfig(_Strict):
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = Field(0.2, ge=0, le=1)
+    channel_permute_p: float = Field(
+        0.0, ge=0, le=1,
+        description="per crop, with this probability, its RGB channels in a uniformly random order (not in DINOv2, "
+                    "whose colour jitter keeps an image's colour class: where every crop of an image shares one "
+                    "colour - a random ink, a tinted photo - matching crops by colour is a shortcut; a different "
+                    "channel order per crop makes the colour differ between the views). 0: off, no random draw")
+    channel_invert_p: float = Field(
+        0.0, ge=0, le=1,
+        description="per crop, each RGB channel inverted (255 - v) independently with this probability (not in "
+                    "DINOv2; with channel_permute_p it leaves a crop's colour only its distance from mid-grey per "
+                    "channel to share, and it turns light-on-dark into dark-on-light). 0: off, no random draw")
 
     @model_validator(mode="after")
     def _check(self):

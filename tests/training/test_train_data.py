@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 from lvd_train_testutils import random_image, write_shards
+from PIL import Image
+from torchvision.transforms import functional as TF
 
 from tests.tolerance import assert_close, rounding_tol
 from training.augment import AugmentConfig, MultiCropAugmentation
@@ -108,6 +110,65 @@ def test_augmentation_outputs_and_determinism():
         assert torch.equal(x, y)
     # ImageNet normalisation: values are no longer in [0, 1]
     assert float(torch.stack(a["global_crops"]).min()) < -0.5
+
+
+def _plain_crops(**kw):
+    """Crops with every DINOv2 colour, blur and flip step off, so only the options under test touch the pixels."""
+    return AugmentConfig(global_crops_size=14, local_crops_size=7, local_crops_number=4, flip_p=0.0,
+                         color_jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=0.0, **kw)
+
+
+def test_channel_options_off_draw_nothing():
+    # off (the default) they take no random draw, so every other decision stays the reference recipe's stream
+    d = MultiCropAugmentation(AugmentConfig()).draw_all(random.Random(0), 24, 20)
+    views = d["global"] + d["local"]
+    assert not any("channel_order" in v or "channel_invert" in v for v in views)
+    on = MultiCropAugmentation(AugmentConfig(channel_invert_p=0.5)).draw_all(random.Random(0), 24, 20)
+    assert on["global"][0]["crop"] == d["global"][0]["crop"]  # the first view's crop is drawn before them
+    assert on != d
+
+
+def test_channel_permutation_and_inversion_are_drawn_per_crop():
+    aug = MultiCropAugmentation(_plain_crops(channel_permute_p=1.0, channel_invert_p=0.5))
+    img = random_image(np.random.default_rng(0), 20, 24)
+    for seed in range(3):  # draw_all takes exactly the decisions __call__ takes
+        assert aug(img, rng=random.Random(seed), return_decisions=True)["decisions"] == \
+            aug.draw_all(random.Random(seed), 24, 20)
+    rng = random.Random(1)
+    n = 2000
+    orders, inverts, same_order = [], [], []
+    for _ in range(n):
+        d = aug.draw_all(rng, 24, 20)
+        views = d["global"] + d["local"]
+        orders += [tuple(v["channel_order"]) for v in views]
+        inverts += [v["channel_invert"] for v in views]
+        same_order.append(views[0]["channel_order"] == views[1]["channel_order"])
+    m = len(orders)  # 12,000 views: each of the 6 orders at 1/6 has binomial std 0.0034, 0.02 is > 5 sigma
+    assert sorted(set(orders)) == sorted({(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)})
+    for o in set(orders):
+        assert abs(orders.count(o) / m - 1 / 6) < 0.02
+    assert np.abs(np.mean(inverts, axis=0) - 0.5).max() < 0.02  # std 0.0046 per channel
+    # drawn per crop, not per image: the two global crops share an order only by chance (1/6; std 0.008)
+    assert abs(np.mean(same_order) - 1 / 6) < 0.04
+
+
+def test_channel_permutation_and_inversion_recolour_each_crop():
+    aug = MultiCropAugmentation(_plain_crops(channel_permute_p=1.0, channel_invert_p=0.5))
+    colour = np.array([200, 60, 30], dtype=np.uint8)  # one colour: any crop of it is that colour, exactly
+    img = Image.fromarray(np.broadcast_to(colour, (20, 24, 3)).copy())
+    seen = set()
+    for seed in range(4):
+        out = aug(img, rng=random.Random(seed), return_decisions=True)
+        for kind in ("global", "local"):
+            for crop, d in zip(out[f"{kind}_crops"], out["decisions"][kind]):
+                want = colour[d["channel_order"]]
+                want = np.where(d["channel_invert"], 255 - want, want).astype(np.uint8)
+                size = crop.shape[-1]
+                expected = TF.normalize(TF.to_tensor(Image.fromarray(np.broadcast_to(want, (size, size, 3)).copy())),
+                                        aug.cfg.mean, aug.cfg.std)
+                assert torch.equal(crop, expected)
+                seen.add(tuple(want))
+    assert len(seen) > 4  # the crops of the same image came out in different colours
 
 
 def _aug():

@@ -198,3 +198,12 @@ def test_learning_bench_random_ink_keeps_the_placements_and_inks_each_digit_in_a
         assert alpha.max() > 0.5 and np.abs(r - (b + alpha * rgb)).max() <= 2
         colours.add(tuple(rgb))
     assert len(colours) == len(digits)  # a colour per digit
+
+
+def test_learning_bench_z_is_the_difference_over_the_two_binomial_standard_deviations():
+    bench = _learning_bench()
+    # 0.2 and 0.1 on 500 images: sd sqrt((0.2 * 0.8 + 0.1 * 0.9) / 500) = sqrt(0.0005) = 0.02236, z = 4.472
+    assert bench.binomial_z(0.2, 0.1, 500) == 4.47
+    assert bench.binomial_z(0.1, 0.2, 500) == -4.47
+    assert bench.binomial_z(0.5, 0.5, 100) == 0.0
+    assert bench.binomial_z(1.0, 0.0, 10) == float("inf") and bench.binomial_z(0.0, 0.0, 10) == 0.0
