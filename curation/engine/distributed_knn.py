@@ -96,14 +96,9 @@ def fixed_point_sums(x: np.ndarray, labels: np.ndarray, k: int, threads: int = 0
     return out
 
 
-def square_norms(x: np.ndarray) -> np.ndarray:
-    """float64 |row|^2 of every row of float32 `x` (each row's own dot product: the same in any batch)."""
-    return np.einsum("ij,ij->i", x, x, dtype=np.float64)
-
-
 def fixed_point_square_norms(sq: np.ndarray) -> int:
-    """Sum of the rows' squared norms `sq` (:func:`square_norms`) in fixed point (each rounded to a multiple of
-    1 / FIXED_POINT): an integer, the same however the rows are grouped."""
+    """Sum of the rows' squared norms `sq` (:func:`curation.engine.knn.square_norms`) in fixed point (each rounded
+    to a multiple of 1 / FIXED_POINT): an integer, the same however the rows are grouped."""
     return int(np.rint(np.asarray(sq, np.float64) * FIXED_POINT).astype(np.int64).sum())
 
 
@@ -214,7 +209,7 @@ class PartitionWorker:
         self.recall_sample = self.recall_hits = 0  # true neighbours in the sampled queries, and those found
         # rows' squared norms: the Lloyd steps' error bounds and inertia; the largest bounds the search scores'
         # error (knn.score_tolerance), which lets search() skip rescoring
-        self.sq = square_norms(self.x)
+        self.sq = knn.square_norms(self.x)
         self.db_norm = float(np.sqrt(self.sq.max())) if len(self.x) else 0.0
         self.threads = threads
 
@@ -252,16 +247,20 @@ class PartitionWorker:
 
     # -- Lloyd k-means (curation.engine.distributed_kmeans) ------------------------------------------------------------
     def _assign_chunks(self, centroids: np.ndarray, rows: np.ndarray | None, distances: bool = True
-                       ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-        """(local rows, labels, squared distances or None) of this partition's rows (or `rows`), chunk by chunk."""
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
+        """(local rows, their vectors, their squared norms, labels, squared distances or None) of this partition's
+        rows (or `rows`), chunk by chunk; the vectors are a view when the rows are the whole partition."""
         rows = None if rows is None else np.asarray(rows, np.int64)
         total = len(self.x) if rows is None else len(rows)
         step = max(1, SCORE_BYTES // (4 * (self.x.shape[1] + 1)))
         for s in range(0, total, step):
-            r = np.arange(s, min(total, s + step)) if rows is None else rows[s:s + step]
-            xs = self.x[s:s + step] if rows is None else self.x[r]  # a view when the rows are the whole partition
-            labels, d2 = knn.nearest_centroid(xs, centroids, self.device, distances, self.sq[r])
-            yield r, labels, d2
+            if rows is None:
+                r, xs, sq = np.arange(s, min(total, s + step)), self.x[s:s + step], self.sq[s:s + step]
+            else:
+                r = rows[s:s + step]
+                xs, sq = self.x[r], self.sq[r]
+            labels, d2 = knn.nearest_centroid(xs, centroids, self.device, distances, sq)
+            yield r, xs, sq, labels, d2
 
     def lloyd_stats(self, centroids: np.ndarray, rows: np.ndarray | None = None
                     ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -272,18 +271,17 @@ class PartitionWorker:
         sums = np.zeros((k, d), np.int64)
         counts = np.zeros(k, np.int64)
         norms = 0
-        for r, labels, _ in self._assign_chunks(centroids, rows, distances=False):
-            xr = self.x[r[0]:r[-1] + 1] if rows is None else self.x[r]
-            sums += fixed_point_sums(xr, labels, k, self.threads)
+        for _, xs, sq, labels, _ in self._assign_chunks(centroids, rows, distances=False):
+            sums += fixed_point_sums(xs, labels, k, self.threads)
             counts += np.bincount(labels, minlength=k)
-            norms += fixed_point_square_norms(self.sq[r])
+            norms += fixed_point_square_norms(sq)
         return sums, counts, norms
 
     def assign(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Nearest centroid (L2) of every row: (labels int64, squared distances float32)."""
         labels = np.empty(len(self.x), np.int64)
         d2 = np.empty(len(self.x), np.float32)
-        for r, lab, dist in self._assign_chunks(centroids, None):
+        for r, _, _, lab, dist in self._assign_chunks(centroids, None):
             labels[r], d2[r] = lab, dist
         return labels, d2
 
@@ -326,7 +324,7 @@ def shared_ivf(plan: PartitionPlan, placement: "Placement") -> tuple[bytes, str]
     pl, n = placement, plan.rows
     if pl.index == "exact" or n < 2:
         return None
-    rows = ivf_train_rows(n, pl.index, plan.dim, pl.nlist, pl.pq_m, pl.seed)
+    rows = ivf_train_rows(n, pl.nlist, pl.seed)
     sample = []
     for part in plan.partitions:
         _, x = read_partition(part, plan.keys_filter, with_keys=False)
@@ -371,7 +369,7 @@ class Workers:
         self.pl = placement
         self.infos: list[dict] = []  # info() of every worker opened, for peak-memory reports
         self._held: list | None = None
-        self._ivf: tuple[bytes, str] | None = None  # the pool's IVF index, trained once (shared_ivf)
+        self._ivf = None  # the pool's IVF index (shared_ivf), trained once; on Ray its object reference
         if placement.use_ray:
             import ray
 
@@ -404,9 +402,9 @@ class Workers:
         pl = self.pl
         if pl.index != "exact" and self._ivf is None:
             self._ivf = shared_ivf(self.plan, pl)
+            if self.ray is not None and self._ivf is not None:
+                self._ivf = self.ray.put(self._ivf)  # one copy in the object store for every searcher of every wave
         template = self._ivf
-        if self.ray is not None and template is not None:
-            template = self.ray.put(template)  # one copy in the object store for every searcher
         args = dict(keys_filter=self.plan.keys_filter, device=self.device, index=pl.index, nlist=pl.nlist,
                     nprobe=pl.nprobe, seed=pl.seed, pq_m=pl.pq_m, rerank=pl.rerank, score_dtype=pl.score_dtype,
                     ivf_template=template)

@@ -41,6 +41,11 @@ def as_f32(x) -> np.ndarray:
     return x
 
 
+def square_norms(x: np.ndarray) -> np.ndarray:
+    """float64 |row|^2 of every row of float32 `x` (each row's own dot product: the same in any batch)."""
+    return np.einsum("ij,ij->i", x, x, dtype=np.float64)
+
+
 def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
 
@@ -136,7 +141,7 @@ def score_tolerance(q: np.ndarray, db_norm: float, dtype: str = "float32") -> np
     d = q.shape[1]
     u32 = 2.0**-24
     u = UNIT_ROUNDOFF[dtype]
-    qn = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
+    qn = np.sqrt(square_norms(q))
     per = (d + 4) * u32 + (3 * u if dtype != "float32" else 0.0)
     return (2 * per * qn * db_norm).astype(np.float32)
 
@@ -241,8 +246,7 @@ def knn_search(queries, database, k: int, device: str = "auto", backend: str = "
     if backend == "torch" and device_db is None and len(db):
         device_db = device_parts(db, device, dtype, db_chunk)
     scores, cand = candidates(q, db, k + TIE_MARGIN, backend, device_db, query_chunk, db_chunk, dtype)
-    tol = score_tolerance(q, float(np.sqrt(np.einsum("ij,ij->i", db, db, dtype=np.float64).max())) if len(db) else 0.0,
-                          dtype)
+    tol = score_tolerance(q, float(np.sqrt(square_norms(db).max())) if len(db) else 0.0, dtype)
     return rescore(q, db, prune(scores, cand, k, tol), k)
 
 
@@ -298,7 +302,7 @@ def nearest_centroid(x, centroids, device: str = "auto", distances: bool = True,
         a[rows, best] = np.inf
         second = a.min(1)
         a[rows, best] = lead
-        xn = np.sqrt(x_sq[s:s + step] if x_sq is not None else np.einsum("ij,ij->i", xs, xs, dtype=np.float64))
+        xn = np.sqrt(x_sq[s:s + step] if x_sq is not None else square_norms(xs))
         # GEMM error <= d u |x||c| (any summation order), |c|^2 and the subtraction one rounding each, and the float32
         # spacing of the distance itself (two centroids closer than that round to a tie): twice all of it
         thr = lead + (2 * 2 * (2 * d + 16) * u * (xn + cmax) ** 2).astype(np.float32)
@@ -445,7 +449,7 @@ def range_search(queries, database, radius: float, device: str = "auto", backend
     if backend in ("torch", "faiss_gpu") and device_db is None and index is None:
         device_db = device_parts(db, device, dtype, db_chunk)
     if db_norm is None:
-        db_norm = float(np.sqrt(np.einsum("ij,ij->i", db, db, dtype=np.float64).max()))
+        db_norm = float(np.sqrt(square_norms(db).max()))
     tol = score_tolerance(q, db_norm, dtype).astype(np.float64)
     lower = np.nextafter((radius - tol).astype(np.float32), np.float32(-np.inf))  # rounded down, never up
     rows, ids = _range_candidates(q, db, lower, backend, device_db, index, dtype, query_chunk, db_chunk)

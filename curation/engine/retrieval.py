@@ -33,10 +33,15 @@ import numpy as np
 IVF_TRAIN_MAX_ROWS = 1_000_000
 
 
+def ivf_lists(n: int, nlist: int = 0) -> int:
+    """The number of IVF lists over n vectors: `nlist`, or 4 sqrt(n) at most IVF_TRAIN_MAX_ROWS / 39."""
+    nlist = nlist or min(int(round(4 * math.sqrt(n))), IVF_TRAIN_MAX_ROWS // 39)
+    return max(1, min(nlist, n // 39 if n >= 39 else 1))  # faiss wants >= 39 training points per list
+
+
 def ivf_factory(n: int, d: int, kind: str, nlist: int = 0, pq_m: int = 0) -> str:
     """The faiss index_factory string for an IVF index over n vectors of dim d."""
-    nlist = nlist or min(int(round(4 * math.sqrt(n))), IVF_TRAIN_MAX_ROWS // 39)
-    nlist = max(1, min(nlist, n // 39 if n >= 39 else 1))  # faiss wants >= 39 training points per list
+    nlist = ivf_lists(n, nlist)
     if kind == "ivf_flat":
         return f"IVF{nlist},Flat"
     m = pq_m or max(1, d // 8)
@@ -65,17 +70,16 @@ def train_ivf(train: np.ndarray, n: int, kind: str, nlist: int = 0, nprobe: int 
     return index, desc
 
 
-def ivf_train_rows(n: int, kind: str, d: int, nlist: int = 0, pq_m: int = 0, seed: int = 0) -> np.ndarray | None:
+def ivf_train_rows(n: int, nlist: int = 0, seed: int = 0) -> np.ndarray | None:
     """Sorted rows (of n) an IVF index trains on: 256 per list, at least 100,000 and at most IVF_TRAIN_MAX_ROWS, drawn
     with the seeded generator; None: every row."""
-    lists = int(ivf_factory(n, d, kind, nlist, pq_m).split(",")[0][3:])
-    train_n = min(n, max(256 * lists, 100_000), IVF_TRAIN_MAX_ROWS)
+    train_n = min(n, max(256 * ivf_lists(n, nlist), 100_000), IVF_TRAIN_MAX_ROWS)
     return None if train_n >= n else np.sort(np.random.default_rng(seed).choice(n, train_n, replace=False))
 
 
 def build_ivf(database: np.ndarray, kind: str, nlist: int = 0, nprobe: int = 32, pq_m: int = 0, seed: int = 0):
     n, d = database.shape
-    rows = ivf_train_rows(n, kind, d, nlist, pq_m, seed)
+    rows = ivf_train_rows(n, nlist, seed)
     index, desc = train_ivf(database if rows is None else database[rows], n, kind, nlist, nprobe, pq_m, seed)
     index.add(np.ascontiguousarray(database, np.float32))
     return index, desc

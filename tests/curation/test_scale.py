@@ -10,10 +10,10 @@ import pytest
 from curation.engine.components import connected_components
 from curation.engine.distributed_kmeans import partitioned_kmeans
 from curation.engine.distributed_knn import (FIXED_POINT, FIXED_POINT_ROWS, Placement, Workers, fixed_point_sums,
-                                            inertia_from_sums, fixed_point_square_norms, merge_topk, square_norms,
+                                            inertia_from_sums, fixed_point_square_norms, merge_topk,
                                             partitioned_knn)
 from curation.engine.edge_components import edge_batches, streamed_components
-from curation.engine.knn import knn_search
+from curation.engine.knn import knn_search, square_norms
 from curation.engine.partitions import plan_keys, plan_partitions, read_partition
 from curation.data.vectors import load_descriptors
 from tests.synthetic_pool import planted_pool, write_shards
