@@ -7,7 +7,7 @@ For each pool size and index: a synthetic pool (planted copy clusters, ``--dim``
 never ``ray stop``) runs :func:`curation.engine.distributed_knn.partitioned_knn` with a fixed worker budget that holds
 ``--rows-per-partition`` vectors per partition, so partitions grow with the pool and the budget stays the same.
 One JSON line per run: seconds (search, components), partitions, waves, peak RSS of the largest searcher
-(ru_maxrss reported by the actor), of the driver, the budget, and recall@k against exact search on a query sample
+(its own VmHWM, reported by the actor), of the driver, the budget, and recall@k against exact search on a query sample
 (exact runs: 1.0 by construction; IVF: measured).  ``--score-dtype float16|bfloat16`` scores exact search's
 candidates by a torch matmul in that precision: ``score_recall`` is its recall@k per partition, measured by the
 searchers on the first 64 queries of every block (``score_recall_sample`` true neighbours), and ``recall_at_k``
