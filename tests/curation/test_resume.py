@@ -314,6 +314,34 @@ def test_ctrl_c_says_rerun_to_resume(tmp_path):
     check_ctrl_c_stops_and_resumes(tmp_path, {"ray": {"local": True}})
 
 
+@pytest.mark.slow
+def test_ctrl_c_on_a_ray_cluster_stops_and_resumes(tmp_path):
+    """SIGINT to a driver whose download runs in an actor of a running Ray head: the actor is killed with the
+    driver's interrupt (the held connection is let go, the unit stays unfinished) and the rerun on the same head
+    finishes it.  The driver gets the loopback setting the head was started with: without it Ray on Linux looks
+    for the head's GCS at the machine's own address instead of 127.0.0.1 and never connects (the download then
+    never starts)."""
+    from curation.cluster.local_cluster import LOOPBACK_ENV, LocalRayHead, processes_of_cluster, ray_env
+
+    with LocalRayHead(num_cpus=1) as head:
+        env = ray_env({"RAY_ADDRESS": head.address, **LOOPBACK_ENV})
+        check_ctrl_c_stops_and_resumes(tmp_path, {"ray": {"max_in_flight": 1}}, env)
+        marks = [head.temp_dir, f":{head.gcs_port} "]
+        deadline = time.time() + 120  # a guard against a hang: the runs' actors are killed as their drivers end
+        while time.time() < deadline and any(
+                "StageWorker" in _cmdline(p) for p in processes_of_cluster(marks)):
+            time.sleep(0.5)
+        left = [p for p in processes_of_cluster(marks) if "StageWorker" in _cmdline(p)]
+        assert not left, f"stage actors {left} outlived their drivers"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def check_ctrl_c_stops_and_resumes(tmp_path, run_cfg: dict, env: dict | None = None) -> None:
     """SIGINT while a download is in flight: one line "interrupted; rerun to resume", exit 130, no traceback; the
     interrupted unit is left unfinished (no marker, no ledger row: never a drop), and the rerun then finishes it.
