@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from curation.cluster.local_cluster import prepare_to_join
+
 from .config import TrainConfig
 from .train import train
 
@@ -51,6 +53,9 @@ def run_ray_train(cfg: TrainConfig, data: str, output: str, num_workers: int,
     if not ray.is_initialized():
         in_job = "RAY_ADDRESS" in os.environ  # set by `ray job submit` (whose working dir the workers import from)
         runtime_env = None if in_job or address else {"env_vars": {"PYTHONPATH": str(_REPO)}}
+        note = prepare_to_join(address or os.environ.get("RAY_ADDRESS"))
+        if note:
+            log.info("%s", note)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     use_gpu = cfg.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
     if not use_gpu and cfg.device == "cuda":

@@ -46,6 +46,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _answers(host: str, port: int, timeout_s: float = 2.0) -> bool:
+    """Whether something accepts a TCP connection at host:port (a refusal comes back at once on a live host)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def prepare_to_join(address: str | None) -> str | None:
+    """Call before ``ray.init(address=...)`` in a driver; returns a line to print, or None.
+
+    Ray rewrites a head address of 127.0.0.1 or localhost into this machine's own address before connecting.  A
+    head that listens on every interface (plain `ray start --head`) answers there; one bound to loopback (a
+    :class:`LocalRayHead`, or `ray start` under :data:`LOOPBACK_ENV`) does not, and ray.init then retries its
+    GCS for minutes while the head is up on 127.0.0.1.  Such a head is joined as what it is (the driver gets the
+    same loopback setting), and an address where nothing listens at all is one line instead of that wait."""
+    if not address or address == "auto" or "://" in address:
+        return None  # the running cluster Ray finds itself, or a Ray Client address: Ray's own rules apply
+    host, _, port = address.rpartition(":")
+    if host not in ("127.0.0.1", "localhost") or not port.isdigit():
+        return None  # a head on another machine: only Ray can tell whether it is up
+    from ray._private import ray_constants, services
+
+    if not ray_constants.ENABLE_RAY_CLUSTER:
+        return None  # the loopback setting is already on: Ray keeps 127.0.0.1
+    node_ip = services.node_ip_address_from_perspective()
+    if node_ip not in ("127.0.0.1", "localhost") and _answers(node_ip, int(port)):
+        return None  # a head on every interface: Ray's rewrite reaches it
+    if not _answers("127.0.0.1", int(port)):
+        from curation.config_base import ConfigError
+
+        raise ConfigError(f"config error: ray address {address}: no Ray head listens there; start one "
+                          "(ray start --head) or give the address it printed (ray.address, --ray-address or "
+                          "RAY_ADDRESS)")
+    os.environ.update(LOOPBACK_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at each address lookup, set from the environment at import
+    return f"ray: the head at {address} listens on 127.0.0.1 only; joining it as a one-machine cluster"
+
+
 def ray_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["RAY_AUTH_MODE"] = "token"

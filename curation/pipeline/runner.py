@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from curation.pipeline import accounting, markers, retry, storage
 from curation.config import ConfigError, CurateConfig, check_resume, dump_config
+from curation.cluster.local_cluster import prepare_to_join
 from curation.pipeline.layout import RunLayout
 from curation.pipeline.runlock import run_root_lock
 from curation.stages import stage_class
@@ -205,6 +206,9 @@ def make_executor(cfg: CurateConfig):
     if not ray.is_initialized():
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
         print(describe_ray_target(address), flush=True)
+        note = prepare_to_join(address)
+        if note:
+            print(note, flush=True)
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     return RayExecutor(cfg.ray.max_in_flight, cfg.ray.max_retries)
 

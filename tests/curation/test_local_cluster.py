@@ -81,3 +81,37 @@ def test_local_head_listens_on_loopback_only():
     assert found, "no listening socket found for the head's processes"
     exposed = [(pid, addr) for pid, addr in found if not (addr.startswith("127.") or addr == "::1")]
     assert not exposed, f"Ray head processes listening beyond loopback: {exposed}"
+
+
+def test_a_local_address_where_no_head_listens_is_one_line_not_minutes_of_retries(tmp_path):
+    """ray.init retries a GCS that is not there for minutes; the driver checks a 127.0.0.1 address first and says
+    in one line (exit 2, as for every config error) that no head listens there."""
+    import sys
+
+    import yaml
+
+    from curation.cluster.local_cluster import free_port
+
+    port = free_port()  # bound and released: nothing listens on it now
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url\nhttp://127.0.0.1:9/a.jpg\n")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "run_root": str(tmp_path / "run"), "input": {"url_list": str(urls)}, "stages": ["download"]}))
+    repo = Path(__file__).resolve().parents[2]
+    env = ray_env()
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(repo / "pipelines" / "curate.py"), "--config", str(tmp_path / "c.yaml"),
+                           "--ray-address", f"127.0.0.1:{port}", "--no-progress"],
+                          capture_output=True, text=True, timeout=300, env=env)  # a hang guard, not a deadline
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"config error: ray address 127.0.0.1:{port}: no Ray head listens there; start one (ray start "
+                     "--head) or give the address it printed (ray.address, --ray-address or RAY_ADDRESS)"], proc.stderr
+
+
+def test_only_local_addresses_are_checked_before_ray_init():
+    """A head on another machine, Ray Client addresses and 'auto' are left to Ray: only it can tell if they are up."""
+    from curation.cluster.local_cluster import prepare_to_join
+
+    for address in (None, "", "auto", "ray://127.0.0.1:10001", "10.1.2.3:6379", "head.example:6379"):
+        assert prepare_to_join(address) is None, address

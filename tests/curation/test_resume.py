@@ -318,13 +318,15 @@ def test_ctrl_c_says_rerun_to_resume(tmp_path):
 def test_ctrl_c_on_a_ray_cluster_stops_and_resumes(tmp_path):
     """SIGINT to a driver whose download runs in an actor of a running Ray head: the actor is killed with the
     driver's interrupt (the held connection is let go, the unit stays unfinished) and the rerun on the same head
-    finishes it.  The driver gets the loopback setting the head was started with: without it Ray on Linux looks
-    for the head's GCS at the machine's own address instead of 127.0.0.1 and never connects (the download then
-    never starts)."""
+    finishes it.  The driver is given only the head's address, as a user would: Ray on Linux rewrites 127.0.0.1 to
+    the machine's own address, where a head bound to loopback does not listen, and the runner must see that and
+    join it as a loopback head (else ray.init retries for minutes and the download never starts)."""
     from curation.cluster.local_cluster import LOOPBACK_ENV, LocalRayHead, processes_of_cluster, ray_env
 
     with LocalRayHead(num_cpus=1) as head:
-        env = ray_env({"RAY_ADDRESS": head.address, **LOOPBACK_ENV})
+        env = ray_env({"RAY_ADDRESS": head.address})
+        for name in LOOPBACK_ENV:
+            env.pop(name, None)
         check_ctrl_c_stops_and_resumes(tmp_path, {"ray": {"max_in_flight": 1}}, env)
         marks = [head.temp_dir, f":{head.gcs_port} "]
         deadline = time.time() + 120  # a guard against a hang: the runs' actors are killed as their drivers end
