@@ -65,17 +65,19 @@ def prepare_to_join(address: str | None) -> str | None:
     same loopback setting), and an address where nothing listens at all is one line instead of that wait."""
     if not address or address == "auto" or "://" in address:
         return None  # the running cluster Ray finds itself, or a Ray Client address: Ray's own rules apply
-    host, _, port = address.rpartition(":")
-    if host not in ("127.0.0.1", "localhost") or not port.isdigit():
-        return None  # a head on another machine: only Ray can tell whether it is up
     from ray._private import ray_constants, services
 
+    host, _, port_text = address.rpartition(":")
+    # services.is_localhost is the test of the rewrite itself, so this check and Ray's agree on which hosts move
+    if not services.is_localhost(host) or not port_text.isdigit():
+        return None  # a head on another machine: only Ray can tell whether it is up
     if not ray_constants.ENABLE_RAY_CLUSTER:
         return None  # the loopback setting is already on: Ray keeps 127.0.0.1
+    port = int(port_text)
     node_ip = services.node_ip_address_from_perspective()
-    if node_ip not in ("127.0.0.1", "localhost") and _answers(node_ip, int(port)):
+    if not services.is_localhost(node_ip) and _answers(node_ip, port):
         return None  # a head on every interface: Ray's rewrite reaches it
-    if not _answers("127.0.0.1", int(port)):
+    if not _answers("127.0.0.1", port):
         from curation.config_base import ConfigError
 
         raise ConfigError(f"config error: ray address {address}: no Ray head listens there; start one "

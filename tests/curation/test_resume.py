@@ -321,7 +321,11 @@ def test_ctrl_c_on_a_ray_cluster_stops_and_resumes(tmp_path):
     finishes it.  The driver is given only the head's address, as a user would: Ray on Linux rewrites 127.0.0.1 to
     the machine's own address, where a head bound to loopback does not listen, and the runner must see that and
     join it as a loopback head (else ray.init retries for minutes and the download never starts)."""
-    from curation.cluster.local_cluster import LOOPBACK_ENV, LocalRayHead, processes_of_cluster, ray_env
+    from curation.cluster.local_cluster import LOOPBACK_ENV, LocalRayHead, _proc_table, processes_of_cluster, ray_env
+
+    def stage_actors(marks: list[str]) -> list[int]:
+        table = _proc_table()
+        return [p for p in processes_of_cluster(marks) if "StageWorker" in table.get(p, (0, ""))[1]]
 
     with LocalRayHead(num_cpus=1) as head:
         env = ray_env({"RAY_ADDRESS": head.address})
@@ -330,18 +334,10 @@ def test_ctrl_c_on_a_ray_cluster_stops_and_resumes(tmp_path):
         check_ctrl_c_stops_and_resumes(tmp_path, {"ray": {"max_in_flight": 1}}, env)
         marks = [head.temp_dir, f":{head.gcs_port} "]
         deadline = time.time() + 120  # a guard against a hang: the runs' actors are killed as their drivers end
-        while time.time() < deadline and any(
-                "StageWorker" in _cmdline(p) for p in processes_of_cluster(marks)):
+        while time.time() < deadline and stage_actors(marks):
             time.sleep(0.5)
-        left = [p for p in processes_of_cluster(marks) if "StageWorker" in _cmdline(p)]
+        left = stage_actors(marks)
         assert not left, f"stage actors {left} outlived their drivers"
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def check_ctrl_c_stops_and_resumes(tmp_path, run_cfg: dict, env: dict | None = None) -> None:
