@@ -28,6 +28,13 @@ StageName = Annotated[str, AfterValidator(lambda entry: registry.stage_name(entr
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(ge=1)]
 Device = Literal["auto", "cpu", "cuda"]
+# Precision of the exact k-NN's candidate scores.  float16 / bfloat16 score with a torch matmul (tensor cores on a GPU)
+# and every candidate is rescored exactly, so a reduced precision can only lose a true neighbour that its scores did
+# not propose: the results can differ from float32's, so the choice is part of a run's identity, and its recall
+# against float32 is measured on a sample of each query block and reported.
+ScoreDtype = Literal["float32", "float16", "bfloat16"]
+SCORE_DTYPE_HELP = ("exact k-NN candidate scoring: float32 (FAISS on CPU, torch on CUDA), or float16 / bfloat16 (a "
+                    "torch matmul, for GPUs; candidates rescored exactly, recall vs float32 measured and reported)")
 
 
 def _must_exist(p: Path) -> Path:
@@ -209,6 +216,7 @@ class DedupConfig(Section):
     eval_threshold: Fraction = Field(0.45, description="relative dedup against evaluation sets")
     eval_sets: list[EvalSetConfig] = Field(default_factory=list)
     device: Device = Field("auto", description="k-NN search device: faiss on CPU, chunked torch matmul on CUDA")
+    score_dtype: ScoreDtype = Field("float32", description=SCORE_DTYPE_HELP + " (stats/dedup_search.parquet)")
     survivor: Literal["original", "resolution"] = Field(
         "original", description="the image a duplicate component keeps: 'original' = least border/padding fill, then "
         "resolution, then the SSCD medoid, then key (see curation/stages/dedup.py); 'resolution' = largest, then key")
@@ -318,6 +326,7 @@ class RetrieveConfig(Section):
     )
     kmeans_iters: PositiveInt = 20
     device: Device = "auto"
+    score_dtype: ScoreDtype = Field("float32", description=SCORE_DTYPE_HELP + " (exact search; recall_at_k_vs_exact)")
 
     @model_validator(mode="after")
     def _names(self):

@@ -10,9 +10,12 @@ edges spilled per query block.
   O(nodes)).
 
 :func:`partitioned_dedup_graph` returns the graph's arrays (n x k neighbour tables, assembled from the block
-files, so the caller holds n x k in memory); the components are labelled from the edge files, streamed.  Both stay
-under ``work_dir`` (the dedup stage's scratch folder), so an interrupted graph resumes from its finished blocks;
-nothing reads them after the graph is built.
+files, so the caller holds n x k in memory); the components are labelled from the edge files, streamed.  Block and
+edge files stay under ``work_dir`` (the dedup stage's scratch folder), so an interrupted graph resumes from its
+finished blocks; nothing reads them after the graph is built.  With a reduced score precision
+(``placement.score_dtype``), ``search_recall`` is the recall measured against float32 scoring over
+``search_recall_sample`` true neighbours of the searches on the pool's searchers (the self graph's k + 1, own match
+included, and each evaluation image's nearest pool image; 1.0 and 0 at float32).
 """
 
 from __future__ import annotations
@@ -80,4 +83,5 @@ def partitioned_dedup_graph(pool: PartitionPlan, evals: np.ndarray, k: int, thre
         esims, eids = np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
     return {"labels": labels, "self_sims": self_sims, "self_ids": self_ids, "eval_sims": esims,
             "eval_ids": eids + n, "eval_nn_sims": nn[0][:, 0], "eval_nn_ids": nn[1][:, 0],
-            "self_edge_files": self_run.edges, "eval_edge_files": eval_run.edges if eval_run else []}
+            "self_edge_files": self_run.edges, "eval_edge_files": eval_run.edges if eval_run else [],
+            "search_recall": self_run.recall, "search_recall_sample": self_run.recall_sample}

@@ -40,8 +40,11 @@ class PartitionedPool:
         self.block = block
         self.placement = placement or Placement()
         pl = self.placement
+        # exact search, k-means and rows; a reduced score precision applies to an exact index only (an IVF index's
+        # recall is measured against float32 exact search)
         self.exact = Placement(use_ray=pl.use_ray, searchers=pl.searchers, device=pl.device, seed=pl.seed,
-                               place_timeout_s=pl.place_timeout_s, call_timeout_s=pl.call_timeout_s)
+                               place_timeout_s=pl.place_timeout_s, call_timeout_s=pl.call_timeout_s,
+                               score_dtype=pl.score_dtype if pl.index == "exact" else "float32")
         self._workers: Workers | None = None
         self._keys: list[str] | None = None
 
@@ -52,8 +55,8 @@ class PartitionedPool:
         scale = stage.scale
         pl = Placement(use_ray=stage.uses_ray(), searchers=scale.searchers, device=device, seed=stage.seed)
         if search is not None:
-            pl.index, pl.nlist, pl.nprobe, pl.pq_m, pl.rerank = (search.index, search.nlist, search.nprobe,
-                                                                 search.pq_m, search.pq_rerank)
+            pl.index, pl.nlist, pl.nprobe, pl.pq_m, pl.rerank, pl.score_dtype = (
+                search.index, search.nlist, search.nprobe, search.pq_m, search.pq_rerank, search.score_dtype)
         return cls(pool_plan(files, keys, scale), stage.layout.scratch(stage.name, "partitioned"), pl,
                    scale.query_block)
 
@@ -97,8 +100,9 @@ class PartitionedPool:
         run = partitioned_knn(queries, self.plan, k, self.work_dir / name, placement=self.exact if exact else pl,
                               block=self.block, workers=self.workers if exact else None)
         sims, ids = run.results()
-        if exact:
-            return SearchResult(sims, ids, 1.0, "exact")
+        if exact:  # float32 scoring is its own reference (recall 1.0); a reduced precision measures its recall
+            dtype = self.exact.score_dtype
+            return SearchResult(sims, ids, run.recall, "exact" if dtype == "float32" else f"exact, {dtype} scores")
         rng = np.random.default_rng(pl.seed if seed is None else seed)
         sample = np.sort(rng.choice(len(queries), min(recall_sample, len(queries)), replace=False))
         ref = partitioned_knn(queries[sample], self.plan, k, self.work_dir / f"{name}-exact", placement=self.exact,

@@ -35,8 +35,9 @@ Outputs: ``dedup/components.parquet`` (schema ``components``: every pool and eva
 component size, kept flag, reason, nearest neighbour and similarity; evaluation rows have ``kept`` false and no
 reason, and their keys are written ``eval/<set>/<key>`` wherever they appear as a neighbour),
 ``stats/dedup_thresholds.parquet`` (how many pool images have a nearest pool / evaluation neighbour above each
-threshold of ``dedup.stats_thresholds``), ``stats/component_sizes.parquet`` (histogram), then the ledger unit
-``final`` with one row per key the stage received (the keys the filter kept).
+threshold of ``dedup.stats_thresholds``), ``stats/component_sizes.parquet`` (histogram), with ``dedup.score_dtype``
+float16 / bfloat16 ``stats/dedup_search.json`` (the pool searches' recall against float32 scoring), then the ledger
+unit ``final`` with one row per key the stage received (the keys the filter kept).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from curation.engine.partitioned_pool import pool_plan
 from curation.engine.partitions import array_plan, plan_keys
 from curation.stages.base import Stage, Unit
 from curation.rules.survivor import FILL_STEP, HashInfo, medoid_scores, read_hash_info, survivor_priority  # noqa: F401
-from curation.pipeline.storage import write_table
+from curation.pipeline.storage import write_json, write_table
 from curation.data.vectors import load_descriptors
 
 FINAL = "final"
@@ -330,6 +331,10 @@ class DedupStage(Stage):
         write_table(self.layout.stats("dedup_thresholds"), threshold_stats(g, n, eval_names, thresholds),
                     "dedup_thresholds")
         write_table(self.layout.stats("component_sizes"), component_size_histogram(labels, n), "component_sizes")
+        if s.score_dtype != "float32":  # what the reduced precision cost: true neighbours its scores did not propose
+            write_json(self.layout.stats_dir / "dedup_search.json",
+                       {"score_dtype": s.score_dtype, "recall_vs_float32": g["search_recall"],
+                        "neighbours_sampled": g["search_recall_sample"], "k": s.k})
         url = dict(zip(inputs["key"].to_pylist(), inputs["url"].to_pylist()))
         ledger = accounting.make_ledger(self.name, keys, [url[k] for k in keys], v.reasons, details)
         accounting.write_ledger_by_shard(self.root, self.name, ledger, self.layout.input_ledger_stage(self.name))
@@ -362,7 +367,8 @@ class DedupStage(Stage):
         """The duplicate graph by partitions of ``scale.worker_memory_gb``, on searcher actors when the run is on Ray
         (the sscd files are in key order, as the sscd stage writes them)."""
         s = self.settings
-        placement = Placement(use_ray=self.uses_ray(), device=s.device, searchers=self.scale.searchers)
+        placement = Placement(use_ray=self.uses_ray(), device=s.device, searchers=self.scale.searchers,
+                              score_dtype=s.score_dtype)
         return partitioned_dedup_graph(plan, E, s.k, s.threshold, s.eval_threshold,
                                        self.layout.scratch(self.name, "partitioned"), placement,
                                        self.scale.query_block, links=hash_links(info))

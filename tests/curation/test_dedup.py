@@ -40,7 +40,12 @@ def test_dedup_graph_components():
     assert g["self_ids"].shape == (8, 4) and not (g["self_ids"] == np.arange(8)[:, None]).any()
 
 
-def test_stage_on_hand_made_descriptors(tmp_path):
+@pytest.mark.parametrize("score_dtype", ["float32", "bfloat16"])
+def test_stage_on_hand_made_descriptors(tmp_path, score_dtype):
+    """Also with bfloat16 candidate scores: with 8 images every row is a candidate (k + 1 + the tie margin >= 8),
+    so after the exact rescoring the verdicts are float32's and the measured recall is 1."""
+    import json
+
     pool, evals = _vectors()
     root = tmp_path / "run"
     keys = [f"{i:010d}" for i in range(len(pool))]
@@ -61,7 +66,8 @@ def test_stage_on_hand_made_descriptors(tmp_path):
     write_table(root / "hash" / "part-00000.parquet", pa.table(hashes), "hashes")
     cfg = load_config(data={"run_root": str(root), "input": {"url_list": str(urls)}, "ray": {"local": True},
                             "stages": ["dedup"],
-                            "dedup": {"threshold": 0.9, "k": 4, "eval_sets": [{"name": "ev", "path": str(tmp_path)}]}})
+                            "dedup": {"threshold": 0.9, "k": 4, "eval_sets": [{"name": "ev", "path": str(tmp_path)}],
+                                      "score_dtype": score_dtype}})
     run_pipeline(cfg, progress=False)
     led = {r["key"]: r for r in accounting.read_ledger(root, "dedup").to_pylist()}
     assert [led[k]["kept"] for k in keys] == [False, False, True, True, True, False, False, True]
@@ -79,6 +85,13 @@ def test_stage_on_hand_made_descriptors(tmp_path):
     thr = pq.read_table(root / "stats" / "dedup_thresholds.parquet").to_pylist()
     ev = {r["threshold"]: r["images_above"] for r in thr if r["kind"] == "eval/ev"}
     assert ev[np.float32(0.45)] == 1
+    search = root / "stats" / "dedup_search.json"
+    if score_dtype == "float32":
+        assert not search.exists()  # float32 scoring is exact: nothing to report
+    else:  # sampled: a block's first 64 queries, so every pool row's k + 1 (own match included) and the evaluation
+        # image's nearest pool image; every one found
+        assert json.loads(search.read_text()) == {"score_dtype": "bfloat16", "recall_vs_float32": 1.0,
+                                                  "neighbours_sampled": 8 * 5 + 1, "k": 4}
     assert run_pipeline(cfg, progress=False)["dedup"]["ran"] == 0
 
 

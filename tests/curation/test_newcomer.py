@@ -1,8 +1,9 @@
 """A newcomer's own-data walkthrough: images on a local HTTP server, a CSV of URLs with captions, the pipeline
-(in-process, and as `ray job submit` to a real local Ray head), captions read back from the curated shards with the
-webdataset library and with Ray Data.  Also what `--check` says (face blurring, errors before the config); the
-README's cluster recipe run as written; an image server that goes down mid-run and `--retry-failed`; an unfinished
-run named by `lvd funnel` / `lvd report`; the report's reasons rendered in headless Chromium."""
+in-process, captions read back from the curated shards with the webdataset library and with Ray Data.  Also what
+`--check` says (face blurring, errors before the config); the README's cluster recipe run as written (`ray job
+submit` to a real local Ray head, the captions checked in its shards too); an image server that goes down mid-run
+and `--retry-failed`; an unfinished run named by `lvd funnel` / `lvd report`; the report's reasons rendered in
+headless Chromium."""
 
 from __future__ import annotations
 
@@ -140,22 +141,6 @@ def test_own_urls_walkthrough_in_process(own_urls, tmp_path):
     assert manifest["by_source"]["pool"] == pool and manifest["by_source"]["anchors/keep"] == 4
 
 
-@pytest.mark.slow
-def test_own_urls_walkthrough_via_ray_job_submit(own_urls, tmp_path):
-    """The same run as `ray job submit` to a real local Ray head (starts and stops its own head: run it alone)."""
-    from curation.cluster.local_cluster import LocalRayHead
-
-    root = tmp_path / "run"
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(own_config(own_urls, root)))
-    with LocalRayHead(num_cpus=2) as head:
-        rc, log = head.submit(["python", "pipelines/curate.py", "--config", str(path), "--no-progress"],
-                              working_dir=str(REPO), timeout=600)
-    assert rc == 0, log[-4000:]
-    assert "succeeded" in log
-    check_captions(own_urls, root)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # An image server that goes down in the middle of a run and comes back; --retry-failed; an unfinished run; the
 # cluster recipe of the README, run as written.
@@ -266,12 +251,17 @@ def outage_site(tmp_path: Path, extras: bool = False):
         server.stop()
 
 
-def curated_urls(root: Path) -> list[str]:
+def curated_captions(root: Path) -> list[tuple[str, str]]:
+    """Sorted (url, caption: the .txt member) of every pool image in the curated shards, read with webdataset."""
     import webdataset as wds
 
     tars = sorted(str(p) for p in (root / "shards").glob("*.tar"))
-    return sorted(meta["url"] for meta in wds.WebDataset(tars, shardshuffle=False).decode().to_tuple("json")
-                  for meta in meta if meta["source"] == "pool")
+    return sorted((meta["url"], txt) for txt, meta in
+                  wds.WebDataset(tars, shardshuffle=False).decode().to_tuple("txt", "json") if meta["source"] == "pool")
+
+
+def curated_urls(root: Path) -> list[str]:
+    return [url for url, _ in curated_captions(root)]
 
 
 def download_drops(root: Path) -> list[tuple[str, str]]:
@@ -392,7 +382,7 @@ def test_walkthrough_readme_cluster_recipe_outage_and_retry(outage):
     """The README's cluster recipe run line by line in bash from a shell without the venv on the PATH (ports made
     free, and a private temp dir so that only this head is stopped); a job with a Python lacking lvd's packages
     answers in one line; the image server goes down in the middle of the job and comes back; --retry-failed as a
-    second job keeps every URL."""
+    second job keeps every URL, captions included."""
     import os
     import shutil
     import subprocess
@@ -435,6 +425,8 @@ def test_walkthrough_readme_cluster_recipe_outage_and_retry(outage):
             assert "succeeded" in r.stdout
 
         check_outage_then_retry(outage, run, plain_rerun=False)
+        # the captions of urls.csv came through the Ray job into the curated shards
+        assert curated_captions(outage["root"]) == sorted((u, f"photo {i}") for i, u in enumerate(outage["urls"]))
     finally:
         stop_cluster_processes([temp, f":{gcs} "])
         shutil.rmtree(temp, ignore_errors=True)

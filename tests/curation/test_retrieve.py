@@ -147,6 +147,30 @@ def test_exact_retrieval_equals_brute_force(tmp_path):
     assert R.degenerate_sets([st]) == []  # random unit vectors: a healthy spread of similarities
 
 
+def test_reduced_precision_scores_report_the_recall_they_reach(tmp_path):
+    """retrieve.score_dtype bfloat16 (3 significant digits: neighbours 0.01 apart in similarity can swap): every
+    neighbour it returns carries its exact similarity, and the recall it reports is the share of the true top-k it
+    found (all 40 anchors are sampled: fewer than a block's 64)."""
+    import json
+
+    pool, anchors = _random_unit(3000, 24, 1), _random_unit(40, 24, 2)
+    cfg, root, keys, akeys = _embedding_run(tmp_path, pool, {"s": anchors}, {
+        "anchor_sets": [{"name": "s", "path": str(tmp_path / "s"), "method": "sample", "k": 4}],
+        "score_dtype": "bfloat16"})
+    run_pipeline(load_config(data=cfg), progress=False)
+    sims = anchors.astype(np.float64) @ pool.T.astype(np.float64)
+    true = {akeys["s"][i]: {keys[j] for j in row} for i, row in enumerate(np.argsort(-sims, axis=1)[:, :4])}
+    found = 0
+    for r in pq.read_table(root / "retrieve" / "neighbors.parquet").to_pylist():
+        i, j = akeys["s"].index(r["anchor_key"]), keys.index(r["pool_key"])
+        assert r["similarity"] == approx(sims[i, j], n_terms=24, dtype=np.float32, magnitude=1.0)  # rescored
+        found += r["pool_key"] in true[r["anchor_key"]]
+    st = pq.read_table(root / "stats" / "retrieval_stats.parquet").to_pylist()[0]
+    assert st["recall_at_k_vs_exact"] == np.float32(found / 160)
+    summary = json.loads((root / "retrieve" / "sets" / "s" / "summary.json").read_text())
+    assert summary["index"] == "exact, bfloat16 scores"
+
+
 def test_collapsed_embedder_flagged_in_log_and_report(tmp_path, capsys):
     """Every similarity ~1.0 (a collapsed or random embedder): the retrieve stage warns and the report says so."""
     from curation.report import build_report

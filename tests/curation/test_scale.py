@@ -305,6 +305,12 @@ def test_scale_section_validates_and_may_change_on_resume(tmp_path):
     check_resume(other, yaml.safe_dump(saved))  # a run started before the section existed resumes
     with pytest.raises(ConfigError):
         check_resume(load_config(data={**base, "seed": 1}), dump_config(cfg))
+    # a reduced score precision can lose neighbours, so it is what the run produces: part of its identity
+    for section in ("dedup", "retrieve"):
+        with pytest.raises(ConfigError, match="score_dtype: bfloat16"):
+            check_resume(load_config(data={**base, section: {"score_dtype": "bfloat16"}}), dump_config(cfg))
+    with pytest.raises(ConfigError, match="dedup.score_dtype"):
+        load_config(data={**base, "dedup": {"score_dtype": "int8"}})
 
 
 @pytest.mark.parametrize("scale", [1.0, 2.0**12], ids=["unit-vectors", "values-too-large-for-float64-sums"])
