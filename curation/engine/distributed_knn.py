@@ -79,21 +79,15 @@ def fixed_point_sums(x: np.ndarray, labels: np.ndarray, k: int, threads: int = 0
         onehot = csr_matrix((np.ones(b - a), (labels[a:b], np.arange(b - a))), shape=(k, b - a))
         return np.asarray(onehot @ q, np.float64).astype(np.int64)
 
-    starts = range(0, n, FIXED_POINT_ROWS)
-    if not threads:
-        import faiss
-
-        threads = faiss.omp_get_max_threads()
-    if threads <= 1 or len(starts) == 1:
-        for a in starts:
-            out += chunk(a)
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(threads, len(starts))) as pool:  # scipy's sparse product releases the GIL
-            for part in pool.map(chunk, starts):
-                out += part
+    for part in knn.in_threads(chunk, range(0, n, FIXED_POINT_ROWS), threads):  # scipy's product releases the GIL
+        out += part
     return out
+
+
+def add_lloyd_stats(a: tuple, b: tuple) -> tuple:
+    """The Lloyd statistics (fixed-point sums, counts, fixed-point norm sum) of two row sets together: integer
+    addition, so any grouping of the partitions gives the same total."""
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
 
 def fixed_point_square_norms(sq: np.ndarray) -> int:
@@ -259,7 +253,7 @@ class PartitionWorker:
             else:
                 r = rows[s:s + step]
                 xs, sq = self.x[r], self.sq[r]
-            labels, d2 = knn.nearest_centroid(xs, centroids, self.device, distances, sq)
+            labels, d2 = knn.nearest_centroid(xs, centroids, self.device, distances, sq, self.threads)
             yield r, xs, sq, labels, d2
 
     def lloyd_stats(self, centroids: np.ndarray, rows: np.ndarray | None = None
@@ -482,6 +476,29 @@ class Workers:
             with self.opened(w) as handles:
                 out += self.call_each(handles, method, [tuple(args_of(p)) for p in wave])
         return out
+
+    def reduce_each(self, method: str, args_of, add):
+        """``add``-reduced method(*args_of(partition)) over every partition: what summing map_each's list gives,
+        without holding one result per partition.  On Ray each wave's results are added pairwise by Ray tasks (a
+        tree: the partitions' results never meet in one process, only the wave's total comes here); in-process they
+        are added as they come.  `add` must be associative and commutative on the results (the Lloyd statistics are
+        integers), so the grouping changes nothing."""
+        total = None
+        for w, wave in enumerate(self.waves):
+            with self.opened(w) as handles:
+                per = [tuple(args_of(p)) for p in wave]
+                if self.ray is None:
+                    parts = (getattr(h, method)(*a) for h, a in zip(handles, per))
+                else:
+                    refs = [getattr(h, method).remote(*a) for h, a in zip(handles, per)]
+                    adder = self.ray.remote(num_cpus=0)(add)  # as the searchers: the driving worker holds the CPU
+                    while len(refs) > 1:
+                        pairs = [adder.remote(refs[i], refs[i + 1]) for i in range(0, len(refs) - 1, 2)]
+                        refs = pairs + refs[len(pairs) * 2:]
+                    parts = self._get(refs, method, handles)
+                for part in parts:
+                    total = part if total is None else add(total, part)
+        return total
 
     def release(self) -> None:
         if self._held is not None:

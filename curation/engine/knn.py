@@ -199,10 +199,6 @@ def rescore(q: np.ndarray, db: np.ndarray, cand: np.ndarray, k: int, threads: in
         step = max(1, RESCORE_BYTES // (per_row * max(1, int(counts[order[a]]))))
         chunks.append(order[a:a + step])
         a += step
-    if not threads:
-        import faiss
-
-        threads = faiss.omp_get_max_threads()
 
     def work(rows: np.ndarray) -> None:
         if counts[rows[0]] == 0:  # no candidate left: the padding stays
@@ -211,15 +207,30 @@ def rescore(q: np.ndarray, db: np.ndarray, cand: np.ndarray, k: int, threads: in
         _rescore_rows(q[rows], db, cand[rows], k, s_out, i_out)
         sims[rows], ids[rows] = s_out, i_out
 
-    if threads <= 1 or len(chunks) == 1:
-        for rows in chunks:
-            work(rows)
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
-            list(pool.map(work, chunks))
+    in_threads(work, chunks, threads)
     return sims, ids
+
+
+def in_threads(work, items, threads: int = 0, blas_threads: int | None = None) -> list:
+    """``[work(item) for item in items]``, on `threads` threads (0: as many as FAISS uses) when there are several
+    items; numpy's and scipy's loops release the GIL, so chunks of rows run side by side.  Each item's result must
+    depend on the item alone (rows written to disjoint slices, integer sums), so the threads change nothing.
+    `blas_threads`: BLAS threads per call meanwhile (1: each thread's matrix product on its own core)."""
+    items = list(items)
+    if not threads:
+        import faiss
+
+        threads = faiss.omp_get_max_threads()
+    if threads <= 1 or len(items) <= 1:
+        return [work(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import nullcontext
+
+    from threadpoolctl import threadpool_limits
+
+    limits = nullcontext() if blas_threads is None else threadpool_limits(limits=blas_threads, user_api="blas")
+    with limits, ThreadPoolExecutor(min(threads, len(items))) as pool:
+        return list(pool.map(work, items))
 
 
 def default_backend(device: str) -> str:
@@ -266,8 +277,8 @@ def _exact_d2(x: np.ndarray, c64: np.ndarray, cand: np.ndarray) -> np.ndarray:
     return np.where(cand >= 0, np.einsum("bkd,bkd->bk", diff, diff), np.inf).astype(np.float32)
 
 
-def nearest_centroid(x, centroids, device: str = "auto", distances: bool = True, x_sq: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray | None]:
+def nearest_centroid(x, centroids, device: str = "auto", distances: bool = True, x_sq: np.ndarray | None = None,
+                     threads: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """Nearest centroid by L2 distance -> (labels int64, squared distances float32), ties to the smaller centroid.
     ``distances=False`` (a Lloyd step, which needs only the labels): the distances are not computed (None).
     `x_sq`: the rows' float64 squared norms when the caller keeps them (a searcher across Lloyd steps).
@@ -292,7 +303,8 @@ def nearest_centroid(x, centroids, device: str = "auto", distances: bool = True,
     labels = np.empty(n, np.int64)
     d2 = np.empty(n, np.float32) if distances else None
     step = max(1, RESCORE_BYTES // (8 * max(len(c), d)))
-    for s in range(0, n, step):
+
+    def block(s: int) -> None:  # rows s:s + step, written to their own slices
         xs = x[s:s + step]
         a = _centroid_scores(xs, minus2c, device)  # x . (-2 c) = -2 (x . c) exactly: scaling by 2 is exact
         a += cc
@@ -327,6 +339,10 @@ def nearest_centroid(x, centroids, device: str = "auto", distances: bool = True,
                 labels[s + rb] = cb[r, pick]
                 if distances:
                     d2[s + rb] = dist[r, pick]
+
+    # blocks side by side on the CPU (one BLAS thread each: the product and the passes over the scores all run
+    # in parallel); a GPU's product is one stream
+    in_threads(block, range(0, n, step), 1 if device.startswith("cuda") else threads, blas_threads=1)
     return labels, d2
 
 

@@ -331,6 +331,33 @@ def test_fixed_point_sums_are_exact_whatever_the_chunks_and_threads(scale):
         assert got.dtype == np.int64 and (got.astype(object) == exact).all()
 
 
+def test_lloyd_statistics_reduced_over_partitions_equal_their_sum_and_the_threads_change_no_label(monkeypatch):
+    """Workers.reduce_each adds the partitions' statistics as they come (in-process; a tree of Ray tasks on a
+    cluster: the two-node test): the same integers as adding map_each's list, one result held at a time.  The
+    assignment on 3 threads (blocks side by side) labels every row as on one."""
+    from curation.engine.distributed_knn import add_lloyd_stats
+    from curation.engine.knn import nearest_centroid
+    from curation.engine.partitions import array_plan
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((5000, 16)).astype(np.float32)
+    c = x[:9].copy()
+    c[1] = c[0]  # a duplicate centroid: every row near it is a tie, decided exactly
+    with Workers(array_plan(x, 5), Placement()) as w:
+        total = w.reduce_each("lloyd_stats", lambda part: (c, None), add_lloyd_stats)
+        each = w.map("lloyd_stats", c)
+    assert len(each) == 5
+    assert np.array_equal(total[0], sum(e[0] for e in each)) and np.array_equal(total[1], sum(e[1] for e in each))
+    assert total[2] == sum(e[2] for e in each) and total[1].sum() == len(x)
+    from curation.engine import knn
+
+    monkeypatch.setattr(knn, "RESCORE_BYTES", 8 * 16 * 512)  # blocks of 512 rows: 10 of them
+    one, d1 = nearest_centroid(x, c, "cpu", threads=1)
+    many, d3 = nearest_centroid(x, c, "cpu", threads=3)
+    assert np.array_equal(one, many) and np.array_equal(d1, d3) and not (one == 1).any()
+    assert np.array_equal(np.bincount(one, minlength=9), total[1])
+
+
 def test_inertia_from_the_step_statistics_is_the_summed_squared_distance():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((3000, 16)).astype(np.float32)
