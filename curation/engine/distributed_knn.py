@@ -166,6 +166,15 @@ def drop_self(sims: np.ndarray, ids: np.ndarray, first_row: int) -> tuple[np.nda
 
 
 # ------------------------------------------------------------------------------------------------- worker
+def _widen(scores: np.ndarray, cand: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate arrays padded to `width` columns (-inf scores, -1 ids)."""
+    if scores.shape[1] >= width:
+        return scores, cand
+    pad = width - scores.shape[1]
+    return (np.pad(scores.astype(np.float32), ((0, 0), (0, pad)), constant_values=-np.inf),
+            np.pad(np.asarray(cand, np.int64), ((0, 0), (0, pad)), constant_values=-1))
+
+
 class PartitionWorker:
     """One partition in memory: k-NN search and Lloyd statistics against it (a Ray actor or a local object)."""
 
@@ -215,13 +224,17 @@ class PartitionWorker:
                 "device": self.device, "peak_rss_bytes": peak_rss_bytes(), "index": self.index,
                 "score_dtype": self.score_dtype, "recall_sample": self.recall_sample, "recall_hits": self.recall_hits}
 
-    def search(self, q: np.ndarray, k: int, floor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, q: np.ndarray, k: int, floor: np.ndarray | None = None, first: int = 0
+               ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of each query in this partition: (sims float32 [nq, k], global ids int64 [nq, k]), -1 padded;
         similarities rescored exactly (:func:`curation.engine.knn.rescore`), so they do not depend on the partitioning.
 
         `floor` (per query, the k-th best exact similarity in the partitions searched before, -inf for none): exact
         search rescores only the candidates whose score could reach it (:func:`curation.engine.knn.prune`); what it leaves
-        out could not enter the merged top-k, so the merged result is the same."""
+        out could not enter the merged top-k, so the merged result is the same.  With a floor, `first` (> 0) asks
+        the backend for that many candidates first (a partition searched after others holds few of a query's best,
+        and a shorter candidate list is cheaper to keep); a query whose worst candidate could still reach its
+        floor is searched again for all k + TIE_MARGIN, so every candidate the floor keeps is found either way."""
         n = len(self.x)
         q = np.ascontiguousarray(q, np.float32)
         if min(k, n) == 0 or len(q) == 0:
@@ -230,11 +243,21 @@ class PartitionWorker:
             # IVF ranks coarsely (PQ codes) or over probed lists only: its candidates, rescored with the vectors held
             _, cand = self.ivf.search(q, min(n, max(self.rerank, 1) * k + knn.TIE_MARGIN))
         else:
-            scores, cand = knn.candidates(q, self.x, k + knn.TIE_MARGIN, self.backend, self.device_db,
-                                          dtype=self.score_dtype)
+            want = k + knn.TIE_MARGIN
+            ask = min(want, first) if floor is not None and first > 0 else want
+            scores, cand = knn.candidates(q, self.x, ask, self.backend, self.device_db, dtype=self.score_dtype)
+            tol = knn.score_tolerance(q, self.db_norm, self.score_dtype)
+            if ask < min(want, n):
+                worst = np.where(cand >= 0, scores, np.inf).min(1)
+                more = np.flatnonzero(worst + tol >= floor)  # rows below the worst one could reach the floor
+                scores, cand = _widen(scores, cand, min(want, n))
+                if len(more):
+                    scores[more], cand[more] = _widen(*knn.candidates(q[more], self.x, want, self.backend,
+                                                                     self.device_db, dtype=self.score_dtype),
+                                                      min(want, n))
             if self.score_dtype != "float32":
                 self._measure_recall(q, k, scores, cand)
-            cand = knn.prune(scores, cand, k, knn.score_tolerance(q, self.db_norm, self.score_dtype), floor)
+            cand = knn.prune(scores, cand, k, tol, floor)
         sims, ids = knn.rescore(q, self.x, np.asarray(cand, np.int64), k, self.threads)
         ids = np.where(ids < 0, -1, ids + self.part.offset)
         return merge_topk([sims], [ids], k)
@@ -534,7 +557,7 @@ def _search_block(workers: "Workers", handles: list, out: Path, start: int, q: n
     """Search one query block in wave `w`'s partitions, merge with the earlier waves' result, store it."""
     prev = _read_partial(out / _block_name(start, w - 1)) if w > 0 else None
     floor = prev[0][:, kk - 1].copy() if prev is not None and prev[0].shape[1] >= kk else None
-    results = workers.call(handles, "search", q, kk, floor)
+    results = workers.call(handles, "search", q, kk, floor, _first_candidates(workers.waves, w, kk))
     sims = [r[0] for r in results]
     ids = [r[1] for r in results]
     if prev is not None:
@@ -552,6 +575,14 @@ def _search_block(workers: "Workers", handles: list, out: Path, start: int, q: n
         write_block(out / _block_name(start), start, s, i)
     if w > 0:
         (out / _block_name(start, w - 1)).unlink(missing_ok=True)
+
+
+def _first_candidates(waves: list[list[Partition]], w: int, kk: int) -> int:
+    """Candidates a partition of wave `w` is first asked for: twice the share of a query's top-kk it holds on
+    average (its rows over all rows searched by then), plus the tie margin; the searcher widens where needed."""
+    seen = sum(p.rows for wave in waves[:w] for p in wave)
+    rows = max((p.rows for p in waves[w]), default=0)
+    return int(np.ceil(2 * kk * rows / max(1, seen + rows))) + knn.TIE_MARGIN if w else 0
 
 
 def _block_name(start: int, wave: int | None = None) -> str:

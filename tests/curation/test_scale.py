@@ -358,6 +358,28 @@ def test_lloyd_statistics_reduced_over_partitions_equal_their_sum_and_the_thread
     assert np.array_equal(np.bincount(one, minlength=9), total[1])
 
 
+def test_a_later_wave_asked_for_fewer_candidates_first_finds_what_the_full_list_finds():
+    """A partition searched after others gets a floor (each query's k-th best so far) and is asked for `first`
+    candidates; queries whose worst candidate could still reach the floor are searched again in full.  Floors from
+    -inf (every query widened) to above every similarity (none needed) give the full search's answer."""
+    from curation.engine.distributed_knn import PartitionWorker
+    from curation.engine.partitions import array_plan
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[:200] + np.float32(0.05) * rng.standard_normal((200, 16)).astype(np.float32)
+    worker = PartitionWorker(array_plan(x, 1).partitions[0], threads=1)
+    exact = x[:200].astype(np.float64) @ x.T.astype(np.float64)
+    kth = -np.sort(-exact, axis=1)[:, 5]
+    for floor in (np.full(200, -np.inf, np.float32), kth.astype(np.float32), np.full(200, 2.0, np.float32),
+                  np.where(np.arange(200) % 2 == 0, kth, -np.inf).astype(np.float32)):
+        full = worker.search(q, 10, floor)
+        for first in (1, 4, 12):
+            got = worker.search(q, 10, floor, first)
+            assert np.array_equal(got[0], full[0]) and np.array_equal(got[1], full[1]), first
+
+
 def test_inertia_from_the_step_statistics_is_the_summed_squared_distance():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((3000, 16)).astype(np.float32)
