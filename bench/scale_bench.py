@@ -43,6 +43,7 @@ from curation.engine.edge_components import edge_batches, streamed_components  #
 from curation.cluster.local_cluster import LOOPBACK_ENV, LocalRayHead  # noqa: E402
 from curation.engine.partitions import VECTOR_SHARE, plan_partitions  # noqa: E402
 from curation.engine.retrieval import recall_at_k  # noqa: E402
+from curation.config import ScaleConfig  # noqa: E402
 from tests.synthetic_pool import planted_pool, write_shards  # noqa: E402
 
 
@@ -151,19 +152,19 @@ def _child_main(q, fn, args) -> None:
         q.put(f"{type(e).__name__}: {e}")
 
 
-def _dedup_engine(paths, n, d, k, thr, parts) -> dict:
+def _dedup_engine(paths, n, d, k, thr, parts, block) -> dict:
     from curation.engine.partitioned_dedup import partitioned_dedup_graph
 
     budget = (n // parts + 1) * d * 4 / VECTOR_SHARE / 2**30
     plan = plan_partitions(paths, budget)
     work = Path(tempfile.mkdtemp(prefix="dedup-bench-"))
     t0 = time.perf_counter()
-    g = partitioned_dedup_graph(plan, np.zeros((0, d), np.float32), k, thr, thr, work, Placement(), block=16_384)
+    g = partitioned_dedup_graph(plan, np.zeros((0, d), np.float32), k, thr, thr, work, Placement(), block=block)
     t = time.perf_counter() - t0
     shutil.rmtree(work, ignore_errors=True)
     np.save(Path(paths[0]).parent / f"labels-{parts}.npy", g["labels"])
-    return {"bench": "dedup", "impl": "engine", "partitions": len(plan.partitions), "pool": n, "dim": d, "k": k,
-            "seconds": round(t, 2), "components": int(np.unique(g["labels"]).size)}
+    return {"bench": "dedup", "impl": "engine", "partitions": len(plan.partitions), "query_block": block, "pool": n,
+            "dim": d, "k": k, "seconds": round(t, 2), "components": int(np.unique(g["labels"]).size)}
 
 
 def _dedup_plain(paths, n, d, k, thr) -> dict:
@@ -281,7 +282,7 @@ def _compare_dedup(args, work: Path, n: int, d: int) -> None:
         plain = _in_child(_dedup_plain, paths, n, d, args.k, args.threshold)
         _emit(plain, args.out)
         for parts in (1, 8):
-            row = _in_child(_dedup_engine, paths, n, d, args.k, args.threshold, parts)
+            row = _in_child(_dedup_engine, paths, n, d, args.k, args.threshold, parts, args.dedup_block)
             same = np.array_equal(np.load(work / "dedup" / f"labels-{parts}.npy"),
                                   _smallest_member_labels(np.load(work / "dedup" / "labels-plain.npy")))
             ratios[parts].append(row["seconds"] / plain["seconds"])
@@ -318,6 +319,8 @@ def main(argv=None):
     ap.add_argument("--compare", action="store_true", help="the engine against plain FAISS baselines (no Ray)")
     ap.add_argument("--dedup-size", type=int, default=100_000)
     ap.add_argument("--dedup-dim", type=int, default=512)
+    ap.add_argument("--dedup-block", type=int, default=ScaleConfig().query_block,
+                    help="--compare: the engine's query block (default: the dedup stage's, scale.query_block)")
     ap.add_argument("--kmeans-size", type=int, default=200_000)
     ap.add_argument("--kmeans-dim", type=int, default=256)
     ap.add_argument("--kmeans-k", type=int, default=1000)
