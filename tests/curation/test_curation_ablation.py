@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.debian import ensure_package
+
 REPO = Path(__file__).resolve().parents[2]
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
@@ -26,8 +28,9 @@ def _bench():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FASHION.exists(), reason="Debian's dataset-fashion-mnist is not installed "
-                                                  "(/usr/share/datasets/fashion-mnist)")
+@pytest.mark.skipif(not ensure_package("dataset-fashion-mnist", FASHION),
+                    reason="Debian's dataset-fashion-mnist is not installed (/usr/share/datasets/fashion-mnist) "
+                    "and could not be (apt-get install needs root and the Debian archive)")
 def test_curation_ablation_runs_and_prints_its_table(tmp_path, capsys):
     bench = _bench()
     args = ["--out", str(tmp_path / "abl"), "--target", "120", "--distractors", "1", "--anchors", "30",

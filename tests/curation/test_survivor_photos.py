@@ -17,8 +17,6 @@ component each), and one edit per source (pairs: the SSCD medoid ties, so the me
 from __future__ import annotations
 
 import io
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -91,10 +89,11 @@ def _source(im: Image.Image, side: int = SIDE) -> bytes:
 
 def debian_photos(limit: int = 12) -> list[bytes]:
     """Up to `limit` wallpapers (one per theme, the smallest file of each), as 320 px sources."""
+    from tests.debian import ensure_package
+
     for pkg, where in (("plasma-workspace-wallpapers", "/usr/share/wallpapers"),
                        ("mate-backgrounds", "/usr/share/backgrounds")):
-        if not Path(where).exists() and shutil.which("apt-get"):
-            subprocess.run(["apt-get", "install", "-y", "-q", pkg], capture_output=True, timeout=600)
+        ensure_package(pkg, where)
     themes: dict[str, Path] = {}
     for p in sorted(Path("/usr/share/wallpapers").glob("*/contents/images/*.jpg")) + sorted(
             Path("/usr/share/backgrounds").glob("**/*.jpg")):

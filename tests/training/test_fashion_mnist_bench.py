@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.debian import ensure_package
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 import fashion_mnist_bench as fm  # noqa: E402
@@ -38,8 +40,9 @@ def test_read_idx_reads_gzip_and_plain_and_names_a_bad_file(tmp_path):
         fm.read_idx(tmp_path / "junk")
 
 
-@pytest.mark.skipif(not (fm.DEFAULT_IDX_DIR / "t10k-images-idx3-ubyte.gz").exists(),
-                    reason="Fashion-MNIST IDX files absent (Debian: apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(not ensure_package("dataset-fashion-mnist", fm.DEFAULT_IDX_DIR / "t10k-images-idx3-ubyte.gz"),
+                    reason="Fashion-MNIST IDX files absent and not installable here (Debian: apt-get install "
+                    "dataset-fashion-mnist, as root)")
 def test_bench_builds_the_real_data_and_reports_raw_pixel_knn(tmp_path, capsys):
     assert fm.main(["--raw-only", "--out", str(tmp_path), "--ssl", "20", "--knn-train", "300", "--knn-val", "200",
                     "--threads", "1"]) == 0
