@@ -254,6 +254,42 @@ def _balanced(paths, n, d, rows_per_partition) -> dict:
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
+def _balanced_plain(paths, n, d) -> dict:
+    """The same hierarchical k-means (levels [200, 20], one resampling step, 5 iterations) and balanced sample as a
+    user would script it: the whole pool loaded into one process, faiss.Kmeans and an index search per level."""
+    import faiss
+
+    from curation.data.vectors import load_descriptors
+    from curation.engine import retrieval as R
+
+    t0 = time.perf_counter()  # from the same shard files as the engine
+    _, items = load_descriptors(paths)
+    levels = []
+    for li, k in enumerate([200, 20]):
+        k = min(k, len(items))
+
+        def fit(rows, seed):
+            km = faiss.Kmeans(d, k, niter=5, seed=seed, verbose=False, min_points_per_centroid=1,
+                              max_points_per_centroid=1 << 30)
+            km.train(np.ascontiguousarray(items[rows]))
+            d2, lab = km.index.search(items, 1)
+            return km.centroids, lab[:, 0], d2[:, 0]
+
+        cents, labels, d2 = fit(np.arange(len(items)), li)
+        s = max(2, len(items) // k // 2)  # Vo et al.'s resampling step: the s closest items of every cluster
+        order = np.lexsort((d2, labels))
+        pos = np.arange(len(order)) - np.searchsorted(labels[order], np.arange(k))[labels[order]]
+        cents, labels, d2 = fit(np.sort(order[pos < s]), 1000 + li)
+        used = np.unique(labels)
+        remap = np.full(k, -1, np.int64)
+        remap[used] = np.arange(len(used))
+        levels.append(R.Level(cents[used], remap[labels], d2))
+        items = cents[used]
+    sel = R.balanced_sample(levels, n // 10, seed=0)
+    return {"bench": "balanced", "impl": "faiss.Kmeans in memory", "pool": n, "dim": d, "selected": int(len(sel)),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
 def compare(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="scale-compare-"))
     try:
@@ -266,7 +302,12 @@ def compare(args) -> None:
             x, _ = planted_pool(m, 64, n_sources=m // 50, copies=2, seed=m)
             bpaths = write_shards(x, work / f"bal-{m}", 2_500)
             del x
-            _emit(_in_child(_balanced, bpaths, m, 64, 25_000), args.out)
+            plain = _in_child(_balanced_plain, bpaths, m, 64)
+            _emit(plain, args.out)
+            row = _in_child(_balanced, bpaths, m, 64, 25_000)
+            row.update(time_ratio_to_plain=round(row["seconds"] / plain["seconds"], 2),
+                       peak_ratio_to_plain=round(row["peak_rss_mb"] / plain["peak_rss_mb"], 2))
+            _emit(row, args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
