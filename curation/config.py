@@ -216,7 +216,7 @@ class DedupConfig(Section):
     eval_threshold: Fraction = Field(0.45, description="relative dedup against evaluation sets")
     eval_sets: list[EvalSetConfig] = Field(default_factory=list)
     device: Device = Field("auto", description="k-NN search device: faiss on CPU, chunked torch matmul on CUDA")
-    score_dtype: ScoreDtype = Field("float32", description=SCORE_DTYPE_HELP + " (stats/dedup_search.parquet)")
+    score_dtype: ScoreDtype = Field("float32", description=SCORE_DTYPE_HELP + " (stats/dedup_search.json)")
     survivor: Literal["original", "resolution"] = Field(
         "original", description="the image a duplicate component keeps: 'original' = least border/padding fill, then "
         "resolution, then the SSCD medoid, then key (see curation/stages/dedup.py); 'resolution' = largest, then key")

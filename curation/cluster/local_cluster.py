@@ -153,10 +153,11 @@ def process_alive(pid: int) -> bool:
         return False
 
 
-def processes_of_cluster(marks: list[str]) -> list[int]:
+def processes_of_cluster(marks: list[str], table: dict[int, tuple[int, str]] | None = None) -> list[int]:
     """Pids of the Ray processes whose command line names one of `marks` (the cluster's temp dir or GCS port),
-    and all their descendants (workers rename themselves ``ray::IDLE``, so they are found through their raylet)."""
-    table = _proc_table()
+    and all their descendants (workers rename themselves ``ray::IDLE``, so they are found through their raylet);
+    `table`: a process table already read (:func:`_proc_table`)."""
+    table = _proc_table() if table is None else table
     found = {pid for pid, (_, cmd) in table.items() if pid != os.getpid() and any(m in cmd for m in marks)}
     return sorted(_with_descendants(table, found))
 
@@ -174,7 +175,7 @@ def stop_cluster_processes(marks: list[str], grace_s: float = 10.0) -> int:
     on the machine, including other users' clusters and other test sessions; this stops exactly the one we
     started.  Returns how many processes were signalled."""
     table = _proc_table()
-    pids = processes_of_cluster(marks)
+    pids = processes_of_cluster(marks, table)
     rest = [pid for pid in pids if GCS_SERVER not in table.get(pid, (0, ""))[1]]
     for sig, targets in ((signal.SIGTERM, rest), (signal.SIGKILL, pids)):
         for pid in targets:

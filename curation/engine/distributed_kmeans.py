@@ -11,8 +11,8 @@ held by partitions (one partition when it fits the budget; an array in memory is
   tasks (:meth:`curation.engine.distributed_knn.Workers.reduce_each`; integer addition: the same total in any
   grouping), so the driver receives one k x d total per wave, never one per partition; it divides.  A centroid
   that receives no row keeps its position.  Stops after ``niter`` steps or when the centroids no longer move (a
-  fixed point stays fixed, so the result is the same as running every step).  Each step reads each partition once at most: while one wave holds every partition the
-  searchers keep them in memory across steps.
+  fixed point stays fixed, so the result is the same as running every step).  Each step reads each partition once
+  at most: while one wave holds every partition the searchers keep them in memory across steps.
 * ``rows``: k-means of a subset of the pool (the resampling steps of hierarchical k-means), given as global rows;
   the final assignment still labels every row.
 
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from curation.engine.distributed_knn import FIXED_POINT, Workers, add_lloyd_stats, inertia_from_sums
+from curation.engine.knn import cpu_threads
 from curation.engine.partitions import PartitionPlan
 
 KMEANSPP_BUDGET = 2e10  # multiply-adds allowed for k-means++ seeding; beyond it, random rows
@@ -77,10 +78,7 @@ def kmeans_pp_seed(sample: np.ndarray, k: int, rng: np.random.Generator, threads
         dist = np.maximum(sq[block] - 2 * (sample[block] @ c) + c @ c, 0)
         best[block] = dist if first else np.minimum(best[block], dist)
 
-    if not threads:
-        import faiss
-
-        threads = faiss.omp_get_max_threads()
+    threads = cpu_threads(threads)
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max(1, min(threads, len(blocks)))) as pool:
         def step(c: np.ndarray, first: bool) -> None:
             if len(blocks) == 1 or threads <= 1:

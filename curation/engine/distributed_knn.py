@@ -247,14 +247,14 @@ class PartitionWorker:
             ask = min(want, first) if floor is not None and first > 0 else want
             scores, cand = knn.candidates(q, self.x, ask, self.backend, self.device_db, dtype=self.score_dtype)
             tol = knn.score_tolerance(q, self.db_norm, self.score_dtype)
-            if ask < min(want, n):
+            width = min(want, n)  # what the full search returns
+            if ask < width:
                 worst = np.where(cand >= 0, scores, np.inf).min(1)
                 more = np.flatnonzero(worst + tol >= floor)  # rows below the worst one could reach the floor
-                scores, cand = _widen(scores, cand, min(want, n))
+                scores, cand = _widen(scores, cand, width)
                 if len(more):
                     scores[more], cand[more] = _widen(*knn.candidates(q[more], self.x, want, self.backend,
-                                                                     self.device_db, dtype=self.score_dtype),
-                                                      min(want, n))
+                                                                     self.device_db, dtype=self.score_dtype), width)
             if self.score_dtype != "float32":
                 self._measure_recall(q, k, scores, cand)
             cand = knn.prune(scores, cand, k, tol, floor)

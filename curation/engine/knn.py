@@ -211,16 +211,22 @@ def rescore(q: np.ndarray, db: np.ndarray, cand: np.ndarray, k: int, threads: in
     return sims, ids
 
 
+def cpu_threads(threads: int = 0) -> int:
+    """`threads`, or for 0 as many as FAISS uses (its OpenMP setting: what a searcher was limited to)."""
+    if threads:
+        return threads
+    import faiss
+
+    return faiss.omp_get_max_threads()
+
+
 def in_threads(work, items, threads: int = 0, blas_threads: int | None = None) -> list:
     """``[work(item) for item in items]``, on `threads` threads (0: as many as FAISS uses) when there are several
     items; numpy's and scipy's loops release the GIL, so chunks of rows run side by side.  Each item's result must
     depend on the item alone (rows written to disjoint slices, integer sums), so the threads change nothing.
     `blas_threads`: BLAS threads per call meanwhile (1: each thread's matrix product on its own core)."""
     items = list(items)
-    if not threads:
-        import faiss
-
-        threads = faiss.omp_get_max_threads()
+    threads = cpu_threads(threads)
     if threads <= 1 or len(items) <= 1:
         return [work(item) for item in items]
     from concurrent.futures import ThreadPoolExecutor
